@@ -1,0 +1,79 @@
+"""The one interface every algorithm implements, and the registry that names them.
+
+The driver (quantkit.pipeline) walks the model; an algorithm only sees one
+layer at a time:
+
+    observe(name, x)          x: [tokens, in_features], the layer's calibration input
+    quantize(name, w, spec)   -> QuantizedWeight (rounding algorithms: rtn, gptq)
+    free(name)                drop whatever was kept for `name`
+
+Adding an algorithm = one file with a class decorated by @register, plus one
+import line in algorithms/__init__.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from quantkit.formats import IntSpec, QuantizedWeight
+from quantkit.recipe import AlgorithmStep, Recipe, RecipeError, parse_dataclass
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """For algorithms that take no options."""
+
+
+class Algorithm:
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    needs_activations: ClassVar[bool] = False  # the driver runs calibration data only if some step needs it
+    rounds: ClassVar[bool] = True  # produces the QuantizedWeight (exactly one per recipe, last)
+
+    def __init__(self, options) -> None:
+        self.options = options
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        pass
+
+    def quantize(self, name: str, weight: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
+        raise NotImplementedError(f"{type(self).__name__} does not round weights")
+
+    def layer_report(self, name: str) -> dict:
+        """Extra per-layer facts for the quantization report (JSON-able)."""
+        return {}
+
+    def free(self, name: str) -> None:
+        pass
+
+
+ALGORITHMS: dict[str, type[Algorithm]] = {}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    if cls.name in ALGORITHMS:
+        raise RuntimeError(f"algorithm {cls.name!r} registered twice")
+    ALGORITHMS[cls.name] = cls
+    return cls
+
+
+def build(step: AlgorithmStep) -> Algorithm:
+    if step.name not in ALGORITHMS:
+        raise RecipeError(f"unknown algorithm {step.name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+    cls = ALGORITHMS[step.name]
+    return cls(parse_dataclass(cls.Options, step.kwargs(), f"algorithm {step.name!r}"))
+
+
+def build_all(recipe: Recipe) -> list[Algorithm]:
+    """The recipe's algorithms in order; exactly one rounding step, and it is last."""
+    algorithms = [build(step) for step in recipe.algorithms]
+    rounding = [a.name for a in algorithms if a.rounds]
+    if len(rounding) != 1 or not algorithms[-1].rounds:
+        raise RecipeError(
+            f"recipe {recipe.name!r}: algorithms must end with exactly one rounding step "
+            f"({', '.join(sorted(n for n, c in ALGORITHMS.items() if c.rounds))}); got {[a.name for a in algorithms]}"
+        )
+    return algorithms

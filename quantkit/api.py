@@ -1,0 +1,127 @@
+"""What the CLI and Python users call: quantize(), load(), evaluate(), inspect()."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from quantkit import __version__
+from quantkit.algorithms import build_all
+from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens
+from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint, write_checkpoint
+from quantkit.eval import perplexity
+from quantkit.models import LoadedModel, load_model
+from quantkit.pipeline import quantize_model
+from quantkit.recipe import Recipe, load_recipe
+
+DEFAULT_RECIPE = "w4a16-rtn"
+DEFAULT_EVAL_DATA = (DEFAULT_EVALUATION, SECOND_EVALUATION)
+
+
+def resolve_recipe(
+    recipe: str | os.PathLike | Recipe,
+    calib_data: str | None = None,
+    num_samples: int | None = None,
+    seqlen: int | None = None,
+) -> Recipe:
+    """Load a recipe by name or path and apply command-line calibration overrides."""
+    r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    changes = {k: v for k, v in (("data", calib_data), ("num_samples", num_samples), ("seqlen", seqlen)) if v is not None}
+    if changes:
+        r = dataclasses.replace(r, calibration=dataclasses.replace(r.calibration, **changes))
+    return r
+
+
+def quantize(
+    model: str | os.PathLike | None = None,
+    recipe: str | os.PathLike | Recipe = DEFAULT_RECIPE,
+    out: str | os.PathLike = "out",
+    force: bool = False,
+    calib_data: str | None = None,
+    num_samples: int | None = None,
+    seqlen: int | None = None,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict:
+    """Quantize `model` (the bundled default when None) with `recipe` into `out`.
+
+    Returns the quantization report (also written as quantization_report.json).
+    Nothing is written when anything fails.
+    """
+    recipe = resolve_recipe(recipe, calib_data, num_samples, seqlen)
+    algorithms = build_all(recipe)  # bad algorithm names and options fail before any work
+    check_output(out, force)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+
+    t0 = time.perf_counter()
+    loaded = load_model(model)
+    load_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    calib = None
+    if any(a.needs_activations for a in algorithms):
+        c = recipe.calibration
+        calib = calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
+    calib_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    result = quantize_model(loaded, recipe, calib, device=device, show_progress=show_progress)
+    quant_s = time.perf_counter() - t0
+    if not result.weights:
+        raise ValueError(f"recipe {recipe.name!r} selects no linear layer of {loaded.source}")
+
+    report = {
+        "quantkit_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} threads {torch.get_num_threads()}".strip(),
+        "model": loaded.source,
+        "recipe": recipe.name,
+        "scheme": recipe.scheme,
+        "calibration": dataclasses.asdict(recipe.calibration) if calib is not None else None,
+        "device": str(device),
+        "seconds": {"load": load_s, "calibration_data": calib_s, "quantize": quant_s, **{f"quantize.{k}": v for k, v in result.seconds.items()}},
+        "bytes_float": sum(r["bytes_float"] for r in result.layers),
+        "bytes_quantized": sum(r["bytes_quantized"] for r in result.layers),
+        "layers": result.layers,
+    }
+    t0 = time.perf_counter()
+    folder = write_checkpoint(out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report, force=force)
+    report["seconds"]["write"] = time.perf_counter() - t0
+    report["out"] = str(folder)
+    return report
+
+
+def load(source: str | os.PathLike | None = None, backend: str | None = None) -> LoadedModel:
+    """A quantized checkpoint (as IntWeightLinear modules) or a float model."""
+    if source is not None and is_quantized_checkpoint(Path(source).expanduser()):
+        return load_checkpoint(source, backend=backend)
+    return load_model(source)
+
+
+def evaluate(
+    source: str | os.PathLike | None = None,
+    data: tuple[str, ...] | list[str] = DEFAULT_EVAL_DATA,
+    seqlen: int = 512,
+    windows: int | None = 100,
+    batch_size: int = 4,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Perplexity of one model on each of `data`; one row per data set."""
+    loaded = load(source)
+    rows = []
+    for name in data:
+        tokens = evaluation_tokens(loaded.tokenizer, name)
+        r = perplexity(loaded.model, tokens, seqlen, windows, batch_size, show_progress=show_progress, label=f"{Path(loaded.source).name} on {name}")
+        rows.append({"model": loaded.source, "data": name, **dataclasses.asdict(r)})
+    return rows
+
+
+def inspect(path: str | os.PathLike) -> dict:
+    return checkpoint_summary(path)

@@ -1,0 +1,150 @@
+"""Write a quantized model as a compressed-tensors `pack-quantized` checkpoint.
+
+    DIR/
+      config.json                  with quantization_config (compressed-tensors)
+      model.safetensors            (or model-0000i-of-0000n.safetensors + index)
+      tokenizer files, generation_config.json
+      quantkit_recipe.yaml         the recipe that made it
+      quantization_report.json     per-layer errors, timings, sizes
+
+Per quantized linear X the state dict holds X.weight_packed (int32, packed
+along the input dim), X.weight_scale, X.weight_shape and, when asymmetric,
+X.weight_zero_point (int32, packed along the output dim), in place of X.weight.
+
+Everything is written into a hidden temporary folder beside DIR and renamed at
+the end: a failed or interrupted run leaves no half-written DIR behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from quantkit.checkpoint.config import build_quantization_config
+from quantkit.errors import OutputExistsError
+from quantkit.formats import QuantizedWeight, pack_int32
+
+RECIPE_FILE = "quantkit_recipe.yaml"
+REPORT_FILE = "quantization_report.json"
+MAX_SHARD_BYTES = 4 * 1024**3
+
+
+def check_output(out_dir: str | os.PathLike, force: bool) -> Path:
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not force:
+        raise OutputExistsError(f"output {out} already exists; pass --force (force=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output {out} exists and is not a folder")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `out_dir`, on failure it is removed."""
+    out = check_output(out_dir, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def packed_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """The on-disk tensors of one quantized linear."""
+    spec = qw.spec
+    out = {
+        f"{name}.weight_packed": pack_int32(qw.q, spec.bits, dim=1),
+        f"{name}.weight_scale": qw.scale.contiguous(),
+        f"{name}.weight_shape": torch.tensor(list(qw.q.shape), dtype=torch.int64),
+    }
+    if not spec.symmetric:
+        out[f"{name}.weight_zero_point"] = pack_int32(qw.zero_point, spec.bits, dim=0)
+    if qw.g_idx is not None:
+        out[f"{name}.weight_g_idx"] = qw.g_idx.to(torch.int32)
+    return out
+
+
+def quantized_state_dict(model: torch.nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+    skip = {f"{name}.weight" for name in weights}
+    if getattr(model.config, "tie_word_embeddings", False):
+        # tied to the input embedding: written once, re-tied by transformers at load
+        out_emb = model.get_output_embeddings()
+        skip |= {f"{n}.weight" for n, m in model.named_modules() if m is out_emb}
+    state = {k: t.detach().contiguous() for k, t in model.state_dict().items() if k not in skip}
+    for name, qw in weights.items():
+        state.update(packed_tensors(name, qw))
+    return state
+
+
+def _save_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_bytes:
+            shards.append({})
+            size = 0
+        # safetensors refuses tensors that share storage: give each its own.
+        shards[-1][key] = t.clone() if t.storage_offset() or t.untyped_storage().nbytes() != n else t
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata=meta)
+        return ["model.safetensors"]
+    names, index = [], {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, folder / fname, metadata=meta)
+        names.append(fname)
+        index.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+    return names
+
+
+def write_checkpoint(
+    out_dir: str | os.PathLike,
+    model: torch.nn.Module,
+    tokenizer,
+    weights: dict[str, QuantizedWeight],
+    recipe_yaml: str,
+    report: dict,
+    force: bool = False,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> Path:
+    """Write the checkpoint atomically and return its folder."""
+    float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in weights]
+    qconfig = build_quantization_config({n: qw.spec for n, qw in weights.items()}, float_linears)
+    with atomic_output(out_dir, force) as tmp:
+        state = quantized_state_dict(model, weights)
+        files = _save_shards(state, tmp, max_shard_bytes)
+        config = copy.deepcopy(model.config)
+        config.quantization_config = qconfig
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / RECIPE_FILE).write_text(recipe_yaml)
+        report = dict(report, files=files, bytes_on_disk=sum((tmp / f).stat().st_size for f in files))
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return Path(out_dir).expanduser().resolve()

@@ -1,0 +1,165 @@
+"""`quantkit`: thin Typer commands that parse, call quantkit.api and print.
+
+Human output (tables, progress) goes to stderr; `--json` prints one JSON
+object on stdout for scripts and CI jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize LLMs and check that quality held.")
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _run(fn, *args, **kwargs):
+    """Call the library; user-caused errors become one red line and exit 1."""
+    from quantkit.errors import QuantkitError
+
+    try:
+        return fn(*args, **kwargs)
+    except (QuantkitError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def _emit_json(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+def quantize(
+    model: Annotated[Optional[str], typer.Argument(help="HF folder, .gguf file or hub id; default: bundled SmolLM2-135M-Instruct")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe name (see `quantkit recipes`) or YAML path")] = "w4a16-rtn",
+    out: Annotated[Path, typer.Option("--out", "-o", help="output checkpoint folder")] = Path("out/quantized"),
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="bundled name, local .txt/.jsonl/.parquet or hub dataset")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="calibration samples")] = None,
+    seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="calibration sample length in tokens")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object on stdout")] = False,
+) -> None:
+    """Quantize MODEL with a recipe and write a compressed-tensors checkpoint."""
+    from quantkit import api
+
+    report = _run(api.quantize, model, recipe, out, force, calib_data, num_samples, seqlen, device)
+    if as_json:
+        _emit_json({k: v for k, v in report.items() if k != "layers"} | {"layers": len(report["layers"])})
+        return
+    s = report["seconds"]
+    table = Table(title=f"quantized with {report['recipe']} -> {report['out']}", show_header=False)
+    table.add_row("model", report["model"])
+    table.add_row("layers quantized", str(len(report["layers"])))
+    table.add_row("linear weights", f"{report['bytes_float'] / 2**20:.1f} MiB -> {report['bytes_quantized'] / 2**20:.1f} MiB")
+    worst = max(report["layers"], key=lambda r: r["weight_rel_error"])
+    mean = sum(r["weight_rel_error"] for r in report["layers"]) / len(report["layers"])
+    table.add_row("weight rel. error", f"mean {mean:.4f}, worst {worst['weight_rel_error']:.4f} ({worst['name']})")
+    table.add_row("seconds", f"load {s['load']:.1f}, quantize {s['quantize']:.1f}, write {s['write']:.1f}")
+    err.print(table)
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Optional[str], typer.Argument(help="quantized checkpoint, HF folder, .gguf or hub id; default: bundled model")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="evaluation text (repeatable); default: austen-eval and pydocs-eval")] = None,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="window length in tokens")] = 512,
+    windows: Annotated[int, typer.Option("--windows", help="number of non-overlapping windows per text (0 = all)")] = 100,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="windows per forward pass")] = 4,
+    baseline: Annotated[Optional[str], typer.Option("--baseline", help="also evaluate this model ('default' = the bundled one) for comparison")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+) -> None:
+    """Perplexity of a model or quantized checkpoint on held-out texts."""
+    from quantkit import api
+
+    datasets = tuple(data) if data else api.DEFAULT_EVAL_DATA
+    n_windows = windows if windows > 0 else None
+    rows = []
+    for source in ([baseline] if baseline else []) + [model]:
+        src = None if source == "default" else source
+        rows += _run(api.evaluate, src, datasets, seqlen, n_windows, batch_size)
+    main = [r for r in rows if r["model"] == rows[-1]["model"]]
+    if as_json:
+        first = main[0]
+        _emit_json({"model": first["model"], "data": first["data"], "perplexity": first["perplexity"], "tokens": first["tokens"],
+                    "windows": first["windows"], "seconds": first["seconds"], "results": rows})
+        return
+    table = Table(title=f"perplexity ({seqlen}-token windows)")
+    for col in ("model", "data", "perplexity", "vs baseline", "windows", "tokens", "seconds"):
+        table.add_column(col, justify="left" if col in ("model", "data") else "right")
+    base = {r["data"]: r["perplexity"] for r in rows if baseline and r["model"] == rows[0]["model"]}
+    for r in rows:
+        delta = f"{100 * (r['perplexity'] / base[r['data']] - 1):+.1f}%" if base and r in main else ""
+        table.add_row(Path(r["model"]).name, r["data"], f"{r['perplexity']:.3f}", delta, str(r["windows"]), str(r["tokens"]), f"{r['seconds']:.1f}")
+    err.print(table)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="a quantized checkpoint folder")],
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+) -> None:
+    """What is inside a checkpoint: scheme, per-layer formats, sizes, recipe."""
+    from quantkit import api
+
+    info = _run(api.inspect, path)
+    if as_json:
+        _emit_json(info)
+        return
+    report = info["report"]
+    qc = info["quantization_config"] or {}
+    head = Table(title=str(info["path"]), show_header=False)
+    head.add_row("model type", str(info["model_type"]))
+    head.add_row("format", f"{qc.get('quant_method')} / {qc.get('format')}")
+    for gname, group in (qc.get("config_groups") or {}).items():
+        w = group.get("weights") or {}
+        head.add_row(gname, f"W{w.get('num_bits')} {w.get('strategy')} group={w.get('group_size')} symmetric={w.get('symmetric')} targets={len(group.get('targets', []))}")
+    head.add_row("ignored", ", ".join(qc.get("ignore") or []) or "-")
+    if report:
+        head.add_row("recipe", f"{report.get('recipe')} ({report.get('scheme')})")
+        head.add_row("source model", str(report.get("model")))
+        head.add_row("linear weights", f"{report['bytes_float'] / 2**20:.2f} MiB -> {report['bytes_quantized'] / 2**20:.2f} MiB ({report['bytes_float'] / max(report['bytes_quantized'], 1):.2f}x)")
+        head.add_row("files", f"{', '.join(info['files'])} ({report.get('bytes_on_disk', 0) / 2**20:.1f} MiB)")
+    err.print(head)
+    if report.get("layers"):
+        layers = Table(title="layers")
+        for col in ("layer", "shape", "bits", "group", "sym", "rel. error", "bytes before", "bytes after"):
+            layers.add_column(col, justify="left" if col == "layer" else "right")
+        for r in report["layers"]:
+            layers.add_row(r["name"], "x".join(map(str, r["shape"])), str(r["bits"]), str(r["group_size"]), "y" if r["symmetric"] else "n",
+                           f"{r['weight_rel_error']:.4f}", f"{r['bytes_float']:,}", f"{r['bytes_quantized']:,}")
+        err.print(layers)
+    if info["recipe"]:
+        err.print("[bold]recipe[/]")
+        err.print(info["recipe"], highlight=False, markup=False)
+
+
+@app.command()
+def recipes() -> None:
+    """The shipped recipes, one line each."""
+    from quantkit.recipe import list_recipes
+
+    table = Table(show_header=True)
+    table.add_column("recipe")
+    table.add_column("description")
+    for name, description in list_recipes():
+        table.add_row(name, description)
+    Console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Quantized weight formats: the integer spec, qparams/RTN math, and int32 packing."""
+
+from quantkit.formats.pack import pack_int32, packed_shape, unpack_int32
+from quantkit.formats.qparams import (
+    compute_qparams,
+    default_g_idx,
+    dequantize,
+    fake_quantize,
+    group_minmax,
+    quantize,
+    quantize_rtn,
+)
+from quantkit.formats.spec import IntSpec, QuantizedWeight
+
+__all__ = [
+    "IntSpec",
+    "QuantizedWeight",
+    "compute_qparams",
+    "default_g_idx",
+    "dequantize",
+    "fake_quantize",
+    "group_minmax",
+    "pack_int32",
+    "packed_shape",
+    "quantize",
+    "quantize_rtn",
+    "unpack_int32",
+]

@@ -1,0 +1,217 @@
+"""Scales, zero points and round-to-nearest quantization for `IntSpec` formats.
+
+The conventions equal compressed-tensors' defaults, so numbers compare with
+llm-compressor's. With R = qmax - qmin (15 for 4 bits) and a group's min m and
+max M, first widened so that m <= 0 <= M (0.0 must be representable):
+
+    symmetric:   s = max(|m|, |M|) / (R / 2)          z = 0
+                 (4 bits: s = absmax / 7.5, so +absmax rounds to 8 and clamps to 7)
+    asymmetric:  s = (M - m) / R                      z = clamp(round(qmin - m / s), qmin, qmax)
+
+    quantize:    q = clamp(round(w / s + z), qmin, qmax)      (round half to even)
+    dequantize:  w' = (q - z) * s
+
+An all-zero group would give s = 0; it gets s = finfo(dtype).eps instead, so q = z
+there and w' = 0 exactly. Arithmetic runs in float32 (or wider) whatever the
+weight dtype; s is returned in the weight's dtype, z is computed from that stored
+s, and `quantize` divides by s as stored, so quantize -> save -> load -> dequantize
+is reproducible bit for bit.
+
+z is added before rounding, as compressed-tensors does; round(w/s) + z would
+differ only on exact .5 ties with an odd z. For float32 weights every result here
+equals compressed-tensors' bit for bit; for bf16/fp16 weights it does w / s in
+float32 where compressed-tensors stays in the weight dtype, so a value lying on a
+rounding boundary can land one step apart. Re-quantizing a dequantized weight
+with the same (s, z) gives the same q, except for bf16 at 8 bits asymmetric, where
+|q - z| reaches 255 and rounding (q - z) * s to bf16 can move it half a step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.formats.spec import IntSpec, QuantizedWeight
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # bf16/fp16 -> float32; float64 stays float64
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise ValueError(f"{what} {tuple(t.shape)} has {n_nan} NaN and {n_inf} Inf values")
+
+
+def default_g_idx(
+    in_features: int, group_size: int | None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """int32 [in_features]: column j belongs to group j // group_size (0 when per-channel)."""
+    if group_size is None:
+        return torch.zeros(in_features, dtype=torch.int32, device=device)
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive or None, got {group_size}")
+    return torch.arange(in_features, dtype=torch.int32, device=device) // group_size
+
+
+def group_minmax(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max of each (row, column-group) of w.
+
+    w [out, in] -> (mins, maxs), each [out, ceil(in / group_size)] in w's dtype
+    ([out, 1] when group_size is None). The last group may hold fewer than
+    group_size columns; its min/max cover only its own columns.
+    """
+    if w.ndim != 2 or not w.is_floating_point():
+        raise ValueError(f"weight must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
+    _check_finite(w, "weight")
+    out, n_in = w.shape
+    if group_size is None or group_size >= n_in:
+        return w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    if group_size <= 0:
+        raise ValueError(f"group_size must be positive or None, got {group_size}")
+    n_full = n_in // group_size
+    full = w[:, : n_full * group_size].reshape(out, n_full, group_size)  # [out, n_full, gs]
+    mins, maxs = [full.amin(dim=2)], [full.amax(dim=2)]
+    if n_in % group_size:
+        tail = w[:, n_full * group_size :]  # [out, in % gs]
+        mins.append(tail.amin(dim=1, keepdim=True))
+        maxs.append(tail.amax(dim=1, keepdim=True))
+    return torch.cat(mins, dim=1), torch.cat(maxs, dim=1)
+
+
+def compute_qparams(
+    w_min: torch.Tensor, w_max: torch.Tensor, spec: IntSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) from group mins/maxs; see the module docstring for the math.
+
+    w_min, w_max [out, n_groups] float -> scale [out, n_groups] in w_min's dtype,
+    zero_point [out, n_groups] int8 (all zeros when spec.symmetric).
+    """
+    if w_min.shape != w_max.shape:
+        raise ValueError(f"w_min {tuple(w_min.shape)} and w_max {tuple(w_max.shape)} differ in shape")
+    if not w_min.is_floating_point():
+        raise ValueError(f"w_min/w_max must be float, got {w_min.dtype}")
+    _check_finite(w_min, "w_min")
+    _check_finite(w_max, "w_max")
+    out_dtype = w_min.dtype
+    cdt = _compute_dtype(out_dtype)
+    m = w_min.to(cdt).clamp(max=0)
+    M = w_max.to(cdt).clamp(min=0)
+    q_range = spec.qmax - spec.qmin  # R = 2**bits - 1
+
+    if spec.symmetric:
+        scale = torch.maximum(m.abs(), M).div(q_range / 2)
+    else:
+        scale = (M - m).div(q_range)
+    # Store first, then guard: a tiny fp16 scale can also underflow to 0 on the cast.
+    scale = scale.to(out_dtype)
+    scale = scale.masked_fill(scale == 0, torch.finfo(out_dtype).eps)
+
+    if spec.symmetric:
+        zero_point = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
+    else:
+        # z from the stored scale, so that m itself maps to (about) qmin
+        z = torch.round(spec.qmin - m / scale.to(cdt)).clamp(spec.qmin, spec.qmax)
+        zero_point = z.to(torch.int8)
+    return scale, zero_point
+
+
+def _expand_groups(t: torch.Tensor, n_in: int, spec: IntSpec, g_idx: torch.Tensor | None) -> torch.Tensor:
+    """Per-group values t [out, n_groups] -> per-column values [out, n_in]."""
+    if g_idx is None:
+        if t.shape[1] != spec.num_groups(n_in):
+            raise ValueError(
+                f"qparams have {t.shape[1]} groups but {spec} on {n_in} columns needs {spec.num_groups(n_in)}"
+            )
+        if t.shape[1] == 1:
+            return t.expand(-1, n_in)
+        # Partial last group: repeat every group fully, then cut to n_in.
+        return t.repeat_interleave(spec.group_size, dim=1)[:, :n_in]
+    if tuple(g_idx.shape) != (n_in,):
+        raise ValueError(f"g_idx must have shape ({n_in},), got {tuple(g_idx.shape)}")
+    if g_idx.is_floating_point():
+        raise ValueError(f"g_idx must be an integer tensor, got {g_idx.dtype}")
+    if n_in and (int(g_idx.min()) < 0 or int(g_idx.max()) >= t.shape[1]):
+        raise ValueError(
+            f"g_idx values must lie in [0, {t.shape[1]}), got [{int(g_idx.min())}, {int(g_idx.max())}]"
+        )
+    return t[:, g_idx.long()]
+
+
+def _check_qparams(n_out: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    if scale.ndim != 2 or scale.shape[0] != n_out or not scale.is_floating_point():
+        raise ValueError(f"scale must be float [{n_out}, n_groups], got {scale.dtype} {tuple(scale.shape)}")
+    if zero_point.shape != scale.shape or zero_point.is_floating_point():
+        raise ValueError(
+            f"zero_point must be an integer tensor of shape {tuple(scale.shape)}, "
+            f"got {zero_point.dtype} {tuple(zero_point.shape)}"
+        )
+
+
+def quantize(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    spec: IntSpec,
+    g_idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q = clamp(round(w / s + z), qmin, qmax) with each column's group's (s, z).
+
+    w [out, in] float, scale/zero_point [out, n_groups], g_idx [in] or None
+    (column // group_size) -> q int8 [out, in]. To quantize a slice of columns
+    (GPTQ), pass the matching slice of g_idx. Rounding is half to even, applied
+    after adding z, as compressed-tensors does.
+    """
+    if w.ndim != 2 or not w.is_floating_point():
+        raise ValueError(f"weight must be a 2-D float tensor, got {w.dtype} {tuple(w.shape)}")
+    _check_finite(w, "weight")
+    _check_qparams(w.shape[0], scale, zero_point)
+    cdt = _compute_dtype(w.dtype)
+    n_in = w.shape[1]
+    s = _expand_groups(scale.to(cdt), n_in, spec, g_idx)  # [out, in], the stored scale, widened exactly
+    z = _expand_groups(zero_point.to(cdt), n_in, spec, g_idx)  # [out, in]
+    q = torch.round(w.to(cdt) / s + z).clamp_(spec.qmin, spec.qmax)
+    return q.to(torch.int8)
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    spec: IntSpec,
+    g_idx: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """w' = (q - z) * s, computed in float32 and cast to `dtype` (default: scale's dtype).
+
+    q int8 [out, in], scale/zero_point [out, n_groups] -> [out, in]. (q - z) * s is
+    exact in float32 for bf16/fp16 scales, so the result equals computing in the
+    scale's own dtype.
+    """
+    if q.ndim != 2 or q.dtype != torch.int8:
+        raise ValueError(f"q must be a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
+    _check_qparams(q.shape[0], scale, zero_point)
+    dtype = scale.dtype if dtype is None else dtype
+    cdt = _compute_dtype(scale.dtype)
+    n_in = q.shape[1]
+    s = _expand_groups(scale.to(cdt), n_in, spec, g_idx)
+    z = _expand_groups(zero_point.to(cdt), n_in, spec, g_idx)
+    return ((q.to(cdt) - z) * s).to(dtype)
+
+
+def quantize_rtn(w: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
+    """Round-to-nearest: qparams from each group's min/max, then `quantize`.
+
+    w [out, in] float -> QuantizedWeight (scale in w's dtype, g_idx None).
+    """
+    w_min, w_max = group_minmax(w, spec.group_size)  # [out, n_groups] each
+    scale, zero_point = compute_qparams(w_min, w_max, spec)
+    q = quantize(w, scale, zero_point, spec)
+    return QuantizedWeight(q=q, scale=scale, zero_point=zero_point, spec=spec)
+
+
+def fake_quantize(w: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    """dequantize(quantize_rtn(w, spec)), in w's dtype and shape [out, in]."""
+    return quantize_rtn(w, spec).dequantize(w.dtype)

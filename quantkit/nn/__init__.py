@@ -1,0 +1,3 @@
+from quantkit.nn.quant_linear import IntWeightLinear
+
+__all__ = ["IntWeightLinear"]

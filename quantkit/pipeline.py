@@ -1,0 +1,232 @@
+"""THE block-by-block driver: onload, observe, quantize, propagate.
+
+    capture the inputs of block 0 (only when some algorithm needs activations)
+    for each decoder block:
+        move it to the device
+        run the calibration batches through it with observers on its linears
+        round each targeted linear with the recipe's algorithms
+        write the dequantized weights back, so the next block is calibrated on
+        what the quantized model really produces
+        recompute the block's outputs as the next block's inputs
+        move it back
+
+Only this module walks the model; algorithms see one layer at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from quantkit.algorithms import Algorithm, build_all
+from quantkit.errors import NumericalError
+from quantkit.formats import IntSpec, QuantizedWeight, packed_shape
+from quantkit.models import LoadedModel
+from quantkit.recipe import Recipe
+
+
+@dataclass
+class QuantizationResult:
+    weights: dict[str, QuantizedWeight]  # full linear name -> its quantized weight
+    layers: list[dict]  # one report row per quantized linear
+    seconds: dict[str, float] = field(default_factory=dict)  # where the time went
+
+
+@dataclass
+class _BlockInput:
+    hidden: torch.Tensor  # [batch, seq, hidden]
+    kwargs: dict
+
+
+class _InputsCaptured(Exception):
+    """Raised by the block-0 hook to stop the forward once its inputs are saved."""
+
+
+def _to(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _block_output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def blocks_of(loaded: LoadedModel) -> torch.nn.ModuleList:
+    return loaded.model.get_submodule(loaded.family.blocks)
+
+
+@torch.inference_mode()
+def capture_block_inputs(loaded: LoadedModel, input_ids: torch.Tensor, device, batch_size: int) -> list[_BlockInput]:
+    """Run the model up to block 0 for each batch of `input_ids` [n, seq]."""
+    model, family = loaded.model, loaded.family
+    blocks = blocks_of(loaded)
+    captured: list[_BlockInput] = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.append(_BlockInput(hidden, kwargs))
+        raise _InputsCaptured
+
+    outer = [family.embed] + ([family.rotary] if family.rotary else [])
+    for name in outer:
+        model.get_submodule(name).to(device)
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                model(input_ids[start : start + batch_size].to(device), use_cache=False)
+            except _InputsCaptured:
+                pass
+    finally:
+        handle.remove()
+        for name in outer:
+            model.get_submodule(name).to("cpu")
+    return captured
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"{what} contains NaN or Inf; refusing to quantize")
+
+
+def _relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
+    w, w_hat = w.float(), w_hat.float()
+    return float((w - w_hat).norm() / w.norm().clamp_min(1e-30))
+
+
+def _packed_nbytes(qw: QuantizedWeight) -> int:
+    """Bytes on disk: packed values, scales and (asymmetric) packed zero points."""
+    out_f, in_f = qw.q.shape
+    n = 4 * math.prod(packed_shape((out_f, in_f), qw.spec.bits, 1)) + qw.scale.numel() * qw.scale.element_size()
+    if not qw.spec.symmetric:
+        n += 4 * math.prod(packed_shape(tuple(qw.zero_point.shape), qw.spec.bits, 0))
+    if qw.g_idx is not None:
+        n += 4 * in_f
+    return n
+
+
+def quantize_model(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    calibration_ids: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    show_progress: bool = True,
+) -> QuantizationResult:
+    """Quantize `loaded.model` in place (its linears end up holding the
+    dequantized weights) and return the quantized weights and a report."""
+    algorithms = build_all(recipe)
+    rounding = algorithms[-1]
+    observers = [a for a in algorithms if a.needs_activations]
+    family = loaded.family
+    blocks = blocks_of(loaded)
+    seconds = {"capture": 0.0, "forward": 0.0, "quantize": 0.0}
+    if observers and calibration_ids is None:
+        raise ValueError(f"recipe {recipe.name!r} needs calibration data ({', '.join(a.name for a in observers)})")
+
+    t0 = time.perf_counter()
+    inputs = capture_block_inputs(loaded, calibration_ids, device, batch_size) if observers else []
+    seconds["capture"] = time.perf_counter() - t0
+
+    weights: dict[str, QuantizedWeight] = {}
+    rows: list[dict] = []
+    console = Console(stderr=True)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
+        task = progress.add_task(f"quantize ({recipe.name})", total=len(blocks))
+        for i, block in enumerate(blocks):
+            prefix = f"{family.blocks}.{i}"
+            targets = _targets(block, prefix, family.linears, recipe)
+            block.to(device)
+            if observers and targets:
+                t = time.perf_counter()
+                _observe(block, inputs, targets, observers)
+                seconds["forward"] += time.perf_counter() - t
+            t = time.perf_counter()
+            for rel, name, linear, spec in targets:
+                weights[name], row = _quantize_linear(name, linear, spec, rounding, algorithms)
+                rows.append(row)
+            seconds["quantize"] += time.perf_counter() - t
+            if observers and i + 1 < len(blocks):
+                t = time.perf_counter()
+                inputs = _propagate(block, inputs)
+                seconds["forward"] += time.perf_counter() - t
+            block.to("cpu")
+            progress.advance(task)
+    return QuantizationResult(weights, rows, seconds)
+
+
+def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> list[tuple[str, str, torch.nn.Linear, IntSpec]]:
+    out = []
+    for rel in linears:
+        name = f"{prefix}.{rel}"
+        spec = recipe.spec_for(name)
+        if spec is None:
+            continue
+        linear = block.get_submodule(rel)
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"{name} is a {type(linear).__name__}, expected torch.nn.Linear")
+        out.append((rel, name, linear, spec))
+    return out
+
+
+@torch.inference_mode()
+def _observe(block, inputs: list[_BlockInput], targets, observers: list[Algorithm]) -> None:
+    def make_hook(name: str):
+        def hook(_module, args):
+            x = args[0]
+            _check_finite(x, f"the calibration input of {name}")
+            for algorithm in observers:
+                algorithm.observe(name, x.reshape(-1, x.shape[-1]))
+
+        return hook
+
+    handles = [linear.register_forward_pre_hook(make_hook(name)) for _, name, linear, _ in targets]
+    try:
+        for item in inputs:
+            block(item.hidden, **item.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def _propagate(block, inputs: list[_BlockInput]) -> list[_BlockInput]:
+    return [_BlockInput(_block_output(block(item.hidden, **item.kwargs)), item.kwargs) for item in inputs]
+
+
+@torch.inference_mode()
+def _quantize_linear(name: str, linear: torch.nn.Linear, spec: IntSpec, rounding: Algorithm, algorithms: list[Algorithm]):
+    w = linear.weight.data
+    _check_finite(w, f"the weight of {name}")
+    t = time.perf_counter()
+    qw = rounding.quantize(name, w, spec)
+    w_hat = qw.dequantize(w.dtype)
+    row = {
+        "name": name,
+        "shape": list(w.shape),
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "symmetric": spec.symmetric,
+        "algorithm": rounding.name,
+        "weight_rel_error": _relative_error(w, w_hat),
+        "bytes_float": w.numel() * w.element_size(),
+        "bytes_quantized": _packed_nbytes(qw),
+        "seconds": time.perf_counter() - t,
+    }
+    for algorithm in algorithms:
+        row.update(algorithm.layer_report(name))
+        algorithm.free(name)
+    linear.weight.data.copy_(w_hat)
+    return qw, row

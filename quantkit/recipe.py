@@ -1,0 +1,487 @@
+"""Recipes: what to quantize, how, and with which calibration data.
+
+A recipe is a YAML file under ``recipes/`` (named by its file stem, e.g.
+``w4a16-rtn``) or anywhere else (named by its path)::
+
+    name: w4a16-rtn                  # defaults to the file stem
+    description: 4-bit weights, group 128, symmetric, round-to-nearest
+    scheme: W4A16                    # preset: W2A16, W3A16, W4A16, W8A16
+    weights: {group_size: 128, symmetric: true}   # IntSpec fields over the preset
+    algorithms: [rtn]                # in order; `- gptq: {dampening: 0.01}` passes options
+    targets: [".*"]                  # regexes, re.search on the full linear name
+    ignore: [lm_head]                # regexes; ignore wins over targets
+    overrides:                       # later overrides win
+      - {pattern: "mlp\\.down_proj$", weights: {bits: 8}}
+    calibration: {data: austen, num_samples: 128, seqlen: 512, seed: 0}
+
+Every key is optional except that a recipe built from a plain dict needs a
+``name``. Unknown keys, wrong types and bad values raise :class:`RecipeError`
+naming the file, the key and the value, and listing the valid choices.
+
+:func:`parse_dataclass` is the strict parser behind this; algorithms reuse it
+for their own frozen option dataclasses (``parse_dataclass(GPTQOptions,
+step.kwargs(), "algorithm 'gptq'")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from quantkit.formats.spec import IntSpec
+
+__all__ = [
+    "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "LayerOverride",
+    "Recipe", "RecipeError", "list_recipes", "load_recipe", "parse_dataclass",
+]
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+# scheme name -> the weight spec it stands for; a recipe's `weights:` edits it.
+SCHEMES: dict[str, IntSpec] = {
+    "W2A16": IntSpec(bits=2, symmetric=True, group_size=128),
+    "W3A16": IntSpec(bits=3, symmetric=True, group_size=128),
+    "W4A16": IntSpec(bits=4, symmetric=True, group_size=128),
+    "W8A16": IntSpec(bits=8, symmetric=True, group_size=None),
+}
+
+
+class RecipeError(ValueError):
+    """A problem in a recipe that the user caused (and can fix)."""
+
+
+# --------------------------------------------------------------------------- generic parser
+
+def _child(where: str, key: str | int) -> str:
+    # "w.yaml" -> "w.yaml: weights" -> "w.yaml: weights.bits" / "w.yaml: overrides[0]"
+    if isinstance(key, int):
+        return f"{where}[{key}]"
+    return f"{where}.{key}" if ": " in where else f"{where}: {key}"
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if dataclasses.is_dataclass(tp):
+        return f"mapping with keys {', '.join(_field_names(tp))}"
+    return {bool: "bool (true or false)", float: "number"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _init_fields(obj) -> dict:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
+
+
+def _field_names(cls) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(cls) if f.init)
+
+
+def _wrong_type(value, tp, where: str) -> RecipeError:
+    return RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _convert(value, tp, where: str):
+    """Check `value` (plain YAML data) against annotation `tp`; return the typed value."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any or tp is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for alt in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, alt, where)
+            except RecipeError:
+                continue
+        raise _wrong_type(value, tp, where)
+    if origin is typing.Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise RecipeError(f"{where}: invalid value {value!r}; valid values: "
+                          + ", ".join(repr(a) for a in args))
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(value, tp, where)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], _child(where, i)) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise _wrong_type(value, tp, where)
+        return tuple(_convert(v, a, _child(where, i)) for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return parse_dataclass(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+    else:
+        raise TypeError(f"parse_dataclass cannot handle the annotation {tp!r} ({where})")
+    raise _wrong_type(value, tp, where)
+
+
+def parse_dataclass(cls, data: Mapping, where: str):
+    """Build the frozen dataclass `cls` from plain YAML data, strictly.
+
+    Unknown or missing keys, wrong types (bool is not an int; an int is a
+    float), and ValueErrors from ``cls.__post_init__`` all raise RecipeError
+    prefixed with `where` (e.g. ``"recipes/w4.yaml: weights"``).
+    """
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: expected a mapping with keys {', '.join(_field_names(cls))}, "
+                          f"got {data!r} ({type(data).__name__})")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            raise RecipeError(f"unknown key {key!r} in {where}; valid keys: "
+                              + ", ".join(sorted(fields)))
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise RecipeError(f"{where}: missing key {missing[0]!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {key: _convert(value, hints[key], _child(where, key)) for key, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # __post_init__ checks, RecipeError included
+        raise RecipeError(f"{where}: {e}") from e
+
+
+# --------------------------------------------------------------------------- recipe parts
+
+def _check_regex(pattern: str, what: str) -> None:
+    if not isinstance(pattern, str):
+        raise RecipeError(f"{what} must be a regex string, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise RecipeError(f"{what}: invalid regex {pattern!r}: {e}") from e
+
+
+def _freeze_option(key: str, value, algo: str):
+    # options travel as YAML scalars or (nested) lists; lists become tuples so a step is hashable
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze_option(key, v, algo) for v in value)
+    raise RecipeError(f"option {key!r} of algorithm {algo!r} must be a YAML scalar or list, "
+                      f"got {value!r} ({type(value).__name__})")
+
+
+def _thaw(value):
+    return [_thaw(v) for v in value] if isinstance(value, tuple) else value
+
+
+def _sorted_items(items, what: str) -> tuple[tuple[str, object], ...]:
+    pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+    keys = [k for k, _ in pairs]
+    for k in keys:
+        if not isinstance(k, str) or not k:
+            raise RecipeError(f"{what}: keys must be non-empty strings, got {k!r}")
+    dup = sorted({k for k in keys if keys.count(k) > 1})
+    if dup:
+        raise RecipeError(f"{what}: duplicate key {dup[0]!r}")
+    return tuple(sorted(pairs))
+
+
+@dataclass(frozen=True)
+class AlgorithmStep:
+    """One algorithm in the recipe's chain; YAML ``- rtn`` or ``- gptq: {dampening: 0.01}``."""
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()  # sorted (key, value); lists stored as tuples
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise RecipeError(f"algorithm name must be a non-empty identifier, got {self.name!r}")
+        what = f"options of algorithm {self.name!r}"
+        items = _sorted_items(self.options, what)
+        object.__setattr__(self, "options",
+                           tuple((k, _freeze_option(k, v, self.name)) for k, v in items))
+
+    def kwargs(self) -> dict:
+        return dict(self.options)
+
+    @classmethod
+    def from_yaml_data(cls, data, where: str) -> AlgorithmStep:
+        if isinstance(data, str):
+            return cls(data)
+        if isinstance(data, Mapping) and len(data) == 1:
+            (name, options), = data.items()
+            if options is None:
+                options = {}
+            if not isinstance(options, Mapping):
+                raise RecipeError(f"{where}: options of algorithm {name!r} must be a mapping, "
+                                  f"got {options!r}")
+            try:
+                return cls(name, options)
+            except RecipeError as e:
+                raise RecipeError(f"{where}: {e}") from e
+        raise RecipeError(f"{where}: expected an algorithm name (e.g. rtn) or a one-key mapping "
+                          f"(e.g. {{gptq: {{dampening: 0.01}}}}), got {data!r}")
+
+    def to_yaml_data(self):
+        return {self.name: {k: _thaw(v) for k, v in self.options}} if self.options else self.name
+
+
+_SPEC_FIELDS = {f.name: f for f in dataclasses.fields(IntSpec)}
+
+
+@dataclass(frozen=True)
+class LayerOverride:
+    """Replace some weight-spec fields on the linears whose full name matches `pattern`."""
+
+    pattern: str
+    weights: tuple[tuple[str, object], ...]  # sorted partial IntSpec fields
+
+    def __post_init__(self):
+        _check_regex(self.pattern, "override pattern")
+        what = f"override {self.pattern!r} weights"
+        if isinstance(self.weights, Mapping) and not self.weights:
+            raise RecipeError(f"{what}: sets no field; valid keys: {', '.join(sorted(_SPEC_FIELDS))}")
+        items = _sorted_items(self.weights, what)
+        if not items:
+            raise RecipeError(f"{what}: sets no field; valid keys: {', '.join(sorted(_SPEC_FIELDS))}")
+        hints = typing.get_type_hints(IntSpec)
+        checked = []
+        for key, value in items:
+            if key not in _SPEC_FIELDS:
+                raise RecipeError(f"unknown key {key!r} in {what}; valid keys: "
+                                  + ", ".join(sorted(_SPEC_FIELDS)))
+            checked.append((key, _convert(value, hints[key], f"{what}: {key}")))
+        object.__setattr__(self, "weights", tuple(checked))
+
+    def apply(self, spec: IntSpec) -> IntSpec:
+        return dataclasses.replace(spec, **dict(self.weights))
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    data: str = "austen"  # bundled corpus name, local path or hub dataset name
+    num_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("data must name a corpus, a path or a dataset, got ''")
+        for key in ("num_samples", "seqlen"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+
+
+# --------------------------------------------------------------------------- the recipe
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str = ""
+    scheme: str = "W4A16"
+    weights: IntSpec = IntSpec()  # SCHEMES[scheme] with the YAML `weights:` mapping applied
+    algorithms: tuple[AlgorithmStep, ...] = (AlgorithmStep("rtn"),)
+    targets: tuple[str, ...] = (r".*",)
+    ignore: tuple[str, ...] = (r"lm_head",)
+    overrides: tuple[LayerOverride, ...] = ()
+    calibration: CalibrationConfig = CalibrationConfig()
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise RecipeError(f"name must be a non-empty string, got {self.name!r}")
+        if self.scheme not in SCHEMES:
+            raise RecipeError(f"unknown scheme {self.scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+        preset_bits = SCHEMES[self.scheme].bits
+        if self.weights.bits != preset_bits:
+            fits = [s for s, spec in SCHEMES.items() if spec.bits == self.weights.bits]
+            raise RecipeError(f"weights.bits {self.weights.bits} contradicts scheme {self.scheme!r} "
+                              f"({preset_bits} bits); use scheme {' or '.join(fits) or '?'}, or "
+                              f"per-layer overrides for mixed precision")
+        if not self.algorithms:
+            raise RecipeError("algorithms must list at least one step, e.g. [rtn]")
+        if not self.targets:
+            raise RecipeError("targets must list at least one regex, e.g. ['.*']")
+        for key in ("targets", "ignore"):
+            for i, pattern in enumerate(getattr(self, key)):
+                _check_regex(pattern, f"{key}[{i}]")
+        for i, override in enumerate(self.overrides):
+            try:
+                override.apply(self.weights)
+            except ValueError as e:
+                raise RecipeError(f"overrides[{i}] ({override.pattern!r}): {e}") from e
+
+    def spec_for(self, layer_name: str) -> IntSpec | None:
+        """The weight spec for linear `layer_name` (full module name), or None to leave it float."""
+        if not any(re.search(p, layer_name) for p in self.targets):
+            return None
+        if any(re.search(p, layer_name) for p in self.ignore):
+            return None
+        spec = self.weights
+        for override in self.overrides:  # later overrides win
+            if re.search(override.pattern, layer_name):
+                spec = override.apply(spec)
+        return spec
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "scheme": self.scheme,
+            "weights": _init_fields(self.weights),  # complete, so the preset is irrelevant
+            "algorithms": [step.to_yaml_data() for step in self.algorithms],
+            "targets": list(self.targets),
+            "ignore": list(self.ignore),
+            "overrides": [{"pattern": o.pattern, "weights": dict(o.weights)} for o in self.overrides],
+            "calibration": _init_fields(self.calibration),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping, where: str = "recipe") -> Recipe:
+        if not isinstance(data, Mapping):
+            raise RecipeError(f"{where}: the top level must be a mapping, got {type(data).__name__}")
+        data = dict(data)
+        scheme = data.get("scheme", "W4A16")
+        if not isinstance(scheme, str) or scheme not in SCHEMES:
+            raise RecipeError(f"{_child(where, 'scheme')}: unknown scheme {scheme!r}; "
+                              f"valid schemes: {', '.join(SCHEMES)}")
+        if "weights" in data:
+            edits = data["weights"]
+            if isinstance(edits, IntSpec):
+                edits = _init_fields(edits)
+            if not isinstance(edits, Mapping):
+                raise _wrong_type(edits, IntSpec, _child(where, "weights"))
+            data["weights"] = {**_init_fields(SCHEMES[scheme]), **edits}
+        else:
+            data["weights"] = SCHEMES[scheme]
+        if "algorithms" in data:
+            steps = data["algorithms"]
+            if not isinstance(steps, list):
+                raise RecipeError(f"{_child(where, 'algorithms')}: expected a list such as [rtn], "
+                                  f"got {steps!r}")
+            data["algorithms"] = [AlgorithmStep.from_yaml_data(s, _child(_child(where, "algorithms"), i))
+                                  for i, s in enumerate(steps)]
+        if "overrides" in data:
+            items = data["overrides"]
+            if not isinstance(items, list):
+                raise RecipeError(f"{_child(where, 'overrides')}: expected a list of "
+                                  f"{{pattern: ..., weights: {{...}}}}, got {items!r}")
+            data["overrides"] = [_parse_override(o, _child(_child(where, "overrides"), i))
+                                 for i, o in enumerate(items)]
+        return parse_dataclass(cls, data, where)
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str = "recipe", default_name: str | None = None) -> Recipe:
+        data = _load_yaml(text, where)
+        if default_name is not None and "name" not in data:
+            data = {"name": default_name, **data}
+        return cls.from_dict(data, where)
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False,
+                         default_flow_style=None, allow_unicode=True, width=100)
+
+
+def _parse_override(data, where: str) -> LayerOverride:
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"{where}: expected {{pattern: ..., weights: {{...}}}}, got {data!r}")
+    for key in data:
+        if key not in ("pattern", "weights"):
+            raise RecipeError(f"unknown key {key!r} in {where}; valid keys: pattern, weights")
+    for key in ("pattern", "weights"):
+        if key not in data:
+            raise RecipeError(f"{where}: missing key {key!r}")
+    if not isinstance(data["weights"], Mapping):
+        raise _wrong_type(data["weights"], IntSpec, _child(where, "weights"))
+    try:
+        return LayerOverride(data["pattern"], data["weights"])
+    except RecipeError as e:
+        raise RecipeError(f"{where}: {e}") from e
+
+
+# --------------------------------------------------------------------------- YAML in/out
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys and reads 1e-3 as a float (YAML 1.2 style)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _load_yaml(text: str, where: str) -> dict:
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise RecipeError(f"{where}: invalid YAML{at}: {e.problem or e.context}") from e
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{where}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: the top level must be a mapping of recipe keys, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _shipped_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Load a shipped recipe by file stem ("w4a16-rtn") or any recipe file by path."""
+    text = str(name_or_path)
+    is_path = (isinstance(name_or_path, Path) or "/" in text or "\\" in text
+               or text.endswith((".yaml", ".yml")))
+    path = Path(name_or_path) if is_path else RECIPES_DIR / f"{text}.yaml"
+    if not path.is_file():
+        what = f"recipe file {str(path)!r} does not exist" if is_path else f"no recipe named {text!r}"
+        raise RecipeError(f"{what}; shipped recipes: {', '.join(_shipped_names()) or '(none)'}")
+    return Recipe.from_yaml(path.read_text(encoding="utf-8"), where=str(path), default_name=path.stem)
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, description) of every recipe under RECIPES_DIR, sorted by name."""
+    return sorted((r.name, r.description) for r in map(load_recipe, sorted(RECIPES_DIR.glob("*.yaml"))))
