@@ -171,12 +171,12 @@ def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> li
     out = []
     for rel in linears:
         name = f"{prefix}.{rel}"
-        spec = recipe.spec_for(name)
-        if spec is None:
-            continue
         linear = block.get_submodule(rel)
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, expected torch.nn.Linear")
+        spec = recipe.spec_for(name, linear.in_features)
+        if spec is None:
+            continue
         out.append((rel, name, linear, spec))
     return out
 

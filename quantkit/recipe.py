@@ -307,6 +307,11 @@ class Recipe:
     ignore: tuple[str, ...] = (r"lm_head",)
     overrides: tuple[LayerOverride, ...] = ()
     calibration: CalibrationConfig = CalibrationConfig()
+    # a layer whose input width is not a multiple of group_size (SmolLM2: 576 vs 128):
+    #   shrink: halve the group size until it divides (>= 16) -- loads everywhere
+    #   keep:   a partial last group -- quantkit reads it; transformers and vLLM do not
+    #   error:  refuse
+    partial_groups: typing.Literal["shrink", "keep", "error"] = "shrink"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -332,8 +337,9 @@ class Recipe:
             except ValueError as e:
                 raise RecipeError(f"overrides[{i}] ({override.pattern!r}): {e}") from e
 
-    def spec_for(self, layer_name: str) -> IntSpec | None:
-        """The weight spec for linear `layer_name` (full module name), or None to leave it float."""
+    def spec_for(self, layer_name: str, in_features: int | None = None) -> IntSpec | None:
+        """The weight spec for linear `layer_name` (full module name), or None to
+        leave it float. With `in_features`, the partial_groups policy applies."""
         if not any(re.search(p, layer_name) for p in self.targets):
             return None
         if any(re.search(p, layer_name) for p in self.ignore):
@@ -342,7 +348,20 @@ class Recipe:
         for override in self.overrides:  # later overrides win
             if re.search(override.pattern, layer_name):
                 spec = override.apply(spec)
-        return spec
+        gs = spec.group_size
+        if in_features is None or gs is None or in_features % gs == 0 or self.partial_groups == "keep":
+            return spec
+        if self.partial_groups == "shrink":
+            g = gs
+            while g >= 32 and g % 2 == 0:
+                g //= 2
+                if in_features % g == 0:
+                    return dataclasses.replace(spec, group_size=g)
+        raise RecipeError(
+            f"{layer_name}: {in_features} input features are not a multiple of group_size {gs}"
+            + (" and no smaller group size >= 16 divides them" if self.partial_groups == "shrink" else "")
+            + "; choose another group_size, or set partial_groups: keep (readable by quantkit only)"
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -355,6 +374,7 @@ class Recipe:
             "ignore": list(self.ignore),
             "overrides": [{"pattern": o.pattern, "weights": dict(o.weights)} for o in self.overrides],
             "calibration": _init_fields(self.calibration),
+            "partial_groups": self.partial_groups,
         }
 
     @classmethod

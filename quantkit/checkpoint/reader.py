@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -115,10 +116,14 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
     qconfig = raw.get("quantization_config")
     if not qconfig:
         raise CheckpointError(f"{folder} is not a quantized checkpoint (config.json has no quantization_config)")
+    # from config.json itself: transformers may fail obscurely on an unsupported model_type
+    family = family_for(SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures")))
     resolve = spec_resolver(qconfig, str(folder / "config.json"))
     state = read_state_dict(weight_files(folder))
-    config = AutoConfig.from_pretrained(folder)
-    family = family_for(config)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"cannot read the model config of {folder}: {e}") from e
     del config.quantization_config  # built as a float model; we swap the linears ourselves
     scale_dtypes = {t.dtype for k, t in state.items() if k.endswith(".weight_scale")}
     dtype = next(iter(scale_dtypes)) if len(scale_dtypes) == 1 else torch.float32

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -72,15 +73,31 @@ def _from_pretrained_args(source: str) -> tuple[str, dict]:
     return source, {}
 
 
+def _check_family_of_folder(folder: Path) -> None:
+    """Name an unsupported model_type from config.json itself: transformers
+    may fail on such a config with an obscure error before family_for can."""
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        return
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{cfg_file} is not valid JSON: {e}") from e
+    if isinstance(raw, dict) and raw.get("model_type") is not None:
+        family_for(SimpleNamespace(model_type=raw["model_type"], architectures=raw.get("architectures")))
+
+
 def load_config(source: str | os.PathLike | None):
     """The transformers config alone (cheap): lets callers check the family first."""
     from transformers import AutoConfig
 
     resolved = resolve_source(source)
     where, extra = _from_pretrained_args(resolved)
+    if not extra:
+        _check_family_of_folder(Path(where))
     try:
         return AutoConfig.from_pretrained(where, **extra)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read the model config of {resolved}: {e}") from e
 
 
