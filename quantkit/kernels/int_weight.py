@@ -28,7 +28,8 @@ class PreparedIntWeight:
                 q          int8 [N, K]
                 scale      float [N, G]
                 zero_point int8 [N, G] (zeros when symmetric)
-                g_idx      int64 [K], group of each input column
+                g_idx      int64 [K], group of each input column (act-order only;
+                           otherwise groups are runs of group_size columns)
     """
 
     backend: str
@@ -51,14 +52,6 @@ def register_backend(name: str, backend: Backend) -> None:
     BACKENDS[name] = backend
 
 
-def _group_index(spec: IntSpec, in_features: int, g_idx: torch.Tensor | None, device) -> torch.Tensor:
-    if g_idx is not None:
-        return g_idx.to(device=device, dtype=torch.int64)
-    if spec.group_size is None:
-        return torch.zeros(in_features, dtype=torch.int64, device=device)
-    return torch.arange(in_features, device=device) // spec.group_size
-
-
 def _prepare_reference(
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -68,21 +61,37 @@ def _prepare_reference(
     shape: tuple[int, int],
 ) -> PreparedIntWeight:
     n, k = shape
+    if spec.group_size is None:
+        spec = IntSpec(spec.bits, spec.symmetric, k)  # per-channel = one group of K columns
     q = unpack_int32(packed, spec.bits, (n, k), dim=1)  # int8 [N, K]
     if zero_point_packed is None:
         zp = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
     else:
         zp = unpack_int32(zero_point_packed, spec.bits, tuple(scale.shape), dim=0)
-    tensors = {"q": q, "scale": scale, "zero_point": zp, "g_idx": _group_index(spec, k, g_idx, q.device)}
+    tensors = {"q": q, "scale": scale, "zero_point": zp}
+    if g_idx is not None:  # act-order: columns are not in group order
+        tensors["g_idx"] = g_idx.to(device=q.device, dtype=torch.int64)
     return PreparedIntWeight("reference", spec, (n, k), tensors)
 
 
-def _matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None) -> torch.Tensor:
+def _dequantize_reference(w: PreparedIntWeight, dtype: torch.dtype) -> torch.Tensor:
+    """(q - z) * s as a [N, K] matrix in `dtype`."""
     t = w.tensors
-    gi = t["g_idx"]
-    # (q - z) * s, with each column k reading its group's z and s: [N, K]
-    weight = (t["q"].to(x.dtype) - t["zero_point"].to(x.dtype)[:, gi]) * t["scale"].to(x.dtype)[:, gi]
-    return torch.nn.functional.linear(x, weight, bias)
+    q, z, s = t["q"], t["zero_point"], t["scale"]
+    n, k = w.shape
+    gs = w.spec.group_size
+    if "g_idx" not in t:
+        # groups are runs of gs columns: broadcast z and s over a [N, G, gs] view
+        g = s.shape[1]
+        qg = torch.nn.functional.pad(q, (0, g * gs - k)).view(n, g, gs) if g * gs != k else q.view(n, g, gs)
+        weight = (qg.to(dtype) - z.to(dtype)[..., None]) * s.to(dtype)[..., None]
+        return weight.view(n, g * gs)[:, :k]
+    gi = t["g_idx"]  # act-order: each column k reads its group's z and s
+    return (q.to(dtype) - z.to(dtype)[:, gi]) * s.to(dtype)[:, gi]
+
+
+def _matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, _dequantize_reference(w, x.dtype), bias)
 
 
 register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device: True))

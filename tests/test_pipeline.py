@@ -1,0 +1,109 @@
+"""The block-by-block driver on a tiny random Llama."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from quantkit.algorithms import ALGORITHMS, Algorithm
+from quantkit.errors import NumericalError
+from quantkit.formats import IntSpec, QuantizedWeight, quantize_rtn
+from quantkit.models import load_model
+from quantkit.pipeline import quantize_model
+from quantkit.recipe import Recipe, RecipeError
+
+
+@dataclass(frozen=True)
+class _RecordOptions:
+    scale: float = 1.0
+
+
+class _Record(Algorithm):
+    """Test double: rounds like RTN and keeps every activation it observes."""
+
+    name = "record"
+    Options = _RecordOptions
+    needs_activations = True
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def observe(self, name, x):
+        _Record.seen.setdefault(name, []).append(x.clone())
+
+    def quantize(self, name, weight, spec) -> QuantizedWeight:
+        return quantize_rtn(weight, spec)
+
+
+@pytest.fixture
+def record_algorithm():
+    ALGORITHMS["record"] = _Record
+    _Record.seen = {}
+    yield _Record
+    del ALGORITHMS["record"]
+
+
+def _recipe(*algorithms) -> Recipe:
+    return Recipe.from_dict({"name": "t", "weights": {"group_size": 32}, "algorithms": list(algorithms)})
+
+
+def test_next_block_is_calibrated_on_the_quantized_blocks_outputs(tiny_model_dir, record_algorithm):
+    loaded = load_model(tiny_model_dir)
+    ids = torch.randint(0, 250, (6, 20), generator=torch.Generator().manual_seed(0))
+    quantize_model(loaded, _recipe("record"), ids, batch_size=4, show_progress=False)
+    seen = record_algorithm.seen
+    # 2 batches (4 + 2 samples) per linear, flattened to [tokens, in]
+    assert [x.shape for x in seen["model.layers.0.self_attn.q_proj"]] == [(80, 96), (40, 96)]
+    # The model now holds the dequantized weights: its hidden state after
+    # block 0 is what block 1 must have been calibrated on.
+    model = loaded.model
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states
+        expected_l0 = model.model.layers[0].input_layernorm(hidden[0]).reshape(-1, 96)
+        expected_l1 = model.model.layers[1].input_layernorm(hidden[1]).reshape(-1, 96)
+    torch.testing.assert_close(torch.cat(seen["model.layers.0.self_attn.q_proj"]), expected_l0)
+    torch.testing.assert_close(torch.cat(seen["model.layers.1.self_attn.q_proj"]), expected_l1, rtol=1e-4, atol=1e-4)
+    # and NOT on the float model's: the float block-0 output differs
+    float_model = load_model(tiny_model_dir).model
+    with torch.inference_mode():
+        float_l1 = float_model.model.layers[1].input_layernorm(float_model(ids, output_hidden_states=True).hidden_states[1]).reshape(-1, 96)
+    assert (float_l1 - expected_l1).abs().max() > 1e-4
+
+
+def test_rtn_needs_no_calibration_and_quantizes_every_target(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    before = loaded.model.model.layers[0].mlp.down_proj.weight.clone()
+    result = quantize_model(loaded, _recipe("rtn"), None, show_progress=False)
+    assert len(result.weights) == 14 and len(result.layers) == 14
+    after = loaded.model.model.layers[0].mlp.down_proj.weight
+    qw = result.weights["model.layers.0.mlp.down_proj"]
+    torch.testing.assert_close(after, qw.dequantize())
+    assert not torch.equal(before, after)
+    row = next(r for r in result.layers if r["name"] == "model.layers.0.mlp.down_proj")
+    assert 0 < row["weight_rel_error"] < 0.2 and row["bytes_quantized"] < row["bytes_float"] / 4
+
+
+def test_spec_per_layer_follows_overrides_and_shrinks_groups(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    recipe = Recipe.from_dict({
+        "name": "t", "weights": {"group_size": 64},
+        "overrides": [{"pattern": r"down_proj$", "weights": {"bits": 8, "group_size": None}}],
+    })
+    result = quantize_model(loaded, recipe, None, show_progress=False)
+    assert result.weights["model.layers.1.mlp.down_proj"].spec == IntSpec(8, True, None)
+    assert result.weights["model.layers.1.mlp.up_proj"].spec == IntSpec(4, True, 32)  # 96 % 64 != 0 -> 32
+
+
+def test_nan_weight_names_the_layer(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    loaded.model.model.layers[1].self_attn.v_proj.weight.data[3, 5] = float("nan")
+    with pytest.raises(NumericalError, match=r"model\.layers\.1\.self_attn\.v_proj"):
+        quantize_model(loaded, _recipe("rtn"), None, show_progress=False)
+
+
+def test_recipe_must_end_with_one_rounding_step(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    with pytest.raises(RecipeError, match="unknown algorithm 'gptqq'"):
+        quantize_model(loaded, _recipe("gptqq"), None, show_progress=False)
+    with pytest.raises(RecipeError, match="exactly one rounding step"):
+        quantize_model(loaded, _recipe("rtn", "rtn"), None, show_progress=False)
