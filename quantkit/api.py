@@ -114,6 +114,8 @@ def evaluate(
     show_progress: bool = True,
 ) -> list[dict]:
     """Perplexity of one model on each of `data`; one row per data set."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load(source)
     rows = []
     for name in data:

@@ -30,7 +30,7 @@ def _run(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (QuantkitError, ValueError, FileNotFoundError) as e:
+    except (QuantkitError, ValueError, OSError) as e:  # OSError: missing files, disk full, no permission
         _fail(str(e))
 
 

@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from transformers.utils import logging as transformers_logging
+from click.testing import Result
 from typer.testing import CliRunner
 
 from quantkit.cli import app
@@ -23,13 +25,12 @@ runner = CliRunner()
 # transformers binds its log handler to whatever sys.stderr is when it first
 # configures logging; done inside a CliRunner call, later warnings would hit that
 # closed stream and print "--- Logging error --- Traceback". Bind it here.
-transformers_logging = pytest.importorskip("transformers.utils.logging")
 transformers_logging.get_logger("transformers")
 
 
 # --------------------------------------------------------------------------- helpers
 
-def cli(*args) -> tuple[object, str]:
+def cli(*args) -> tuple[Result, str]:
     """Run `quantkit ARGS`; return the result and everything it printed."""
     result = runner.invoke(app, [str(a) for a in args])
     text = result.output  # click >= 8.2: stdout and stderr interleaved; older: mixed by default
@@ -42,7 +43,7 @@ def cli(*args) -> tuple[object, str]:
     return result, text
 
 
-def assert_clean_error(result, text: str, *fragments: str) -> str:
+def assert_clean_error(result: Result, text: str, *fragments: str) -> str:
     """Exit 1 through the CLI's own error path, one error line holding every fragment."""
     assert result.exit_code == 1, f"exit {result.exit_code}: {text}"
     # An exception escaping the command also gives exit code 1 under CliRunner;
@@ -249,7 +250,6 @@ def test_existing_output_without_force_is_untouched(tiny_model_dir, tmp_path):
     result, text = cli("quantize", tiny_model_dir, "--out", out)
     assert_clean_error(result, text, str(out), "already exists", "--force")
     assert snapshot(out) == before
-    assert_nothing_written(tmp_path / "nothing")  # no hidden folders beside it either
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
@@ -273,6 +273,60 @@ def test_failed_run_with_force_keeps_old_output(nan_model_dir, tmp_path):
     assert_clean_error(result, text, "NaN")
     assert snapshot(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_write_failure_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    """A run that fails while writing (disk full) removes its temporary folder."""
+    monkeypatch.setattr("quantkit.checkpoint.writer.save_file", _disk_full)
+    out = tmp_path / "out"
+    result, text = cli("quantize", tiny_model_dir, "--out", out)
+    assert_clean_error(result, text, "No space left on device")
+    assert_nothing_written(out)
+
+
+def test_write_failure_with_force_keeps_old_output(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("quantkit.checkpoint.writer.save_file", _disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old run")
+    before = snapshot(out)
+    result, text = cli("quantize", tiny_model_dir, "--out", out, "--force")
+    assert_clean_error(result, text, "No space left on device")
+    assert snapshot(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_failed_swap_with_force_restores_old_output(tiny_model_dir, tmp_path, monkeypatch):
+    """If the finished folder cannot be moved into place, the old output goes back."""
+    rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name.startswith(".out.tmp-"):
+            raise OSError(16, "Device or resource busy")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old run")
+    before = snapshot(out)
+    result, text = cli("quantize", tiny_model_dir, "--out", out, "--force")
+    assert_clean_error(result, text, "Device or resource busy")
+    assert snapshot(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_output_parent_is_a_file(tiny_model_dir, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("in the way")
+    out = blocker / "out"
+    result, text = cli("quantize", tiny_model_dir, "--out", out)
+    assert_clean_error(result, text, str(blocker), "not a folder")
+    assert blocker.read_text() == "in the way"
 
 
 def test_output_is_a_file(tiny_model_dir, tmp_path):
@@ -320,6 +374,11 @@ def test_eval_checkpoint_with_invalid_config_json(quantized_dir, tmp_path):
     (ckpt / "config.json").write_text('{"model_type": "llama", ')
     result, text = cli("eval", ckpt, "--seqlen", 32, "--windows", 1)
     assert_clean_error(result, text, "config.json")
+
+
+def test_eval_zero_batch_size(tiny_model_dir):
+    result, text = cli("eval", tiny_model_dir, "--batch-size", 0, "--seqlen", 32, "--windows", 1)
+    assert_clean_error(result, text, "batch_size", "0")
 
 
 # --------------------------------------------------------------------------- 10. inspect

@@ -43,6 +43,11 @@ def check_output(out_dir: str | os.PathLike, force: bool) -> Path:
         raise OutputExistsError(f"output {out} already exists; pass --force (force=True) to replace it")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output {out} exists and is not a folder")
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():  # found now, not after quantizing, when the folder cannot be made
+        raise OutputExistsError(f"cannot create output {out}: {ancestor} is a file, not a folder")
     return out
 
 
@@ -59,7 +64,11 @@ def atomic_output(out_dir: str | os.PathLike, force: bool = False) -> Iterator[P
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)  # a failed run loses nothing: the old output goes back
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(out)
