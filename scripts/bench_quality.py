@@ -1,0 +1,115 @@
+"""Perplexity and quantization time of recipes on the real model, beside float.
+
+    python scripts/bench_quality.py --recipes w4a16-rtn-g64 w4a16-rtn --windows 100
+
+For each recipe: quantize a copy of the float model (model load excluded from
+the time, and reported apart), write the checkpoint, load it back through our
+reader (the packed weights and the kernel entry point, not a fake-quantized
+copy) and evaluate it on both bundled held-out texts. Also checks that
+transformers reads the checkpoint with the same logits. Prints a table and
+writes the numbers as JSON (--json-out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens
+from quantkit.algorithms import build_all
+from quantkit.checkpoint import load_checkpoint, write_checkpoint
+from quantkit.eval import perplexity
+from quantkit.models import load_model
+from quantkit.pipeline import quantize_model
+from quantkit.recipe import load_recipe
+
+
+def hf_logits_diff(folder: Path, ours, ids: torch.Tensor) -> float | None:
+    try:
+        import compressed_tensors  # noqa: F401
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.inference_mode():
+        return float((theirs(ids).logits - ours(ids).logits).abs().max())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--recipes", nargs="+", default=["w4a16-rtn-g64"])
+    p.add_argument("--data", nargs="+", default=[DEFAULT_EVALUATION, SECOND_EVALUATION])
+    p.add_argument("--windows", type=int, default=100)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--json-out", type=Path, default=None)
+    args = p.parse_args()
+    console = Console(stderr=True)
+
+    t0 = time.perf_counter()
+    base = load_model(args.model)
+    load_s = time.perf_counter() - t0
+    tokens = {d: evaluation_tokens(base.tokenizer, d) for d in args.data}
+    probe = base.tokenizer("It is a truth universally acknowledged, that a single man", return_tensors="pt").input_ids
+
+    rows = []
+    for d in args.data:
+        r = perplexity(base.model, tokens[d], args.seqlen, args.windows, label=f"float on {d}")
+        rows.append({"model": "float", "data": d, "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds})
+
+    for name in args.recipes:
+        recipe = load_recipe(name)
+        work = copy.deepcopy(base)
+        calib = None
+        if any(a.needs_activations for a in build_all(recipe)):
+            c = recipe.calibration
+            calib = calibration_batch(base.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
+        t0 = time.perf_counter()
+        result = quantize_model(work, recipe, calib)
+        quant_s = time.perf_counter() - t0
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": result.layers})
+            write_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            ours = load_checkpoint(folder)
+            read_s = time.perf_counter() - t0
+            diff = hf_logits_diff(folder, ours.model, probe)
+            for d in args.data:
+                r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}")
+                rows.append({
+                    "model": name, "data": d, "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
+                    "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
+                    "hf_max_abs_logit_diff": diff, "group_sizes": sorted({l["group_size"] for l in result.layers}),
+                })
+        del work, ours
+
+    floats = {r["data"]: r["perplexity"] for r in rows if r["model"] == "float"}
+    table = Table(title=f"perplexity, {args.windows} x {args.seqlen}-token windows (model load {load_s:.1f} s, excluded)")
+    for col in ("model", "data", "ppl", "vs float", "quantize s", "write s", "HF max |dlogit|"):
+        table.add_column(col, justify="left" if col in ("model", "data") else "right")
+    for r in rows:
+        q = r["model"] != "float"
+        table.add_row(r["model"], r["data"], f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / floats[r['data']] - 1):+.1f}%" if q else "",
+                      f"{r['quantize_s']:.2f}" if q else "", f"{r['write_s']:.2f}" if q else "",
+                      f"{r['hf_max_abs_logit_diff']:.2e}" if q and r["hf_max_abs_logit_diff"] is not None else "")
+    Console().print(table)
+    if args.json_out:
+        meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}, {torch.get_num_threads()} threads",
+                "model": base.source, "model_load_s": load_s, "windows": args.windows, "seqlen": args.seqlen}
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
