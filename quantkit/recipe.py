@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from pathlib import Path
 import yaml
 
 from quantkit.formats.spec import IntSpec
+from quantkit.parsing import RecipeError, child_path, convert_value, init_fields, parse_dataclass, wrong_type
 
 __all__ = [
     "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "LayerOverride",
@@ -51,124 +51,6 @@ SCHEMES: dict[str, IntSpec] = {
     "W4A16": IntSpec(bits=4, symmetric=True, group_size=128),
     "W8A16": IntSpec(bits=8, symmetric=True, group_size=None),
 }
-
-
-class RecipeError(ValueError):
-    """A problem in a recipe that the user caused (and can fix)."""
-
-
-# --------------------------------------------------------------------------- generic parser
-
-def _child(where: str, key: str | int) -> str:
-    # "w.yaml" -> "w.yaml: weights" -> "w.yaml: weights.bits" / "w.yaml: overrides[0]"
-    if isinstance(key, int):
-        return f"{where}[{key}]"
-    return f"{where}.{key}" if ": " in where else f"{where}: {key}"
-
-
-def _type_name(tp) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"list of {_type_name(args[0])}"
-        return f"list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if dataclasses.is_dataclass(tp):
-        return f"mapping with keys {', '.join(_field_names(tp))}"
-    return {bool: "bool (true or false)", float: "number"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _init_fields(obj) -> dict:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
-
-
-def _field_names(cls) -> list[str]:
-    return sorted(f.name for f in dataclasses.fields(cls) if f.init)
-
-
-def _wrong_type(value, tp, where: str) -> RecipeError:
-    return RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
-def _convert(value, tp, where: str):
-    """Check `value` (plain YAML data) against annotation `tp`; return the typed value."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is typing.Any or tp is object:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for alt in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, alt, where)
-            except RecipeError:
-                continue
-        raise _wrong_type(value, tp, where)
-    if origin is typing.Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise RecipeError(f"{where}: invalid value {value!r}; valid values: "
-                          + ", ".join(repr(a) for a in args))
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _wrong_type(value, tp, where)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], _child(where, i)) for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise _wrong_type(value, tp, where)
-        return tuple(_convert(v, a, _child(where, i)) for i, (v, a) in enumerate(zip(value, args)))
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        return parse_dataclass(tp, value, where)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-    else:
-        raise TypeError(f"parse_dataclass cannot handle the annotation {tp!r} ({where})")
-    raise _wrong_type(value, tp, where)
-
-
-def parse_dataclass(cls, data: Mapping, where: str):
-    """Build the frozen dataclass `cls` from plain YAML data, strictly.
-
-    Unknown or missing keys, wrong types (bool is not an int; an int is a
-    float), and ValueErrors from ``cls.__post_init__`` all raise RecipeError
-    prefixed with `where` (e.g. ``"recipes/w4.yaml: weights"``).
-    """
-    if not isinstance(data, Mapping):
-        raise RecipeError(f"{where}: expected a mapping with keys {', '.join(_field_names(cls))}, "
-                          f"got {data!r} ({type(data).__name__})")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
-            raise RecipeError(f"unknown key {key!r} in {where}; valid keys: "
-                              + ", ".join(sorted(fields)))
-    missing = [name for name, f in fields.items() if name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise RecipeError(f"{where}: missing key {missing[0]!r}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {key: _convert(value, hints[key], _child(where, key)) for key, value in data.items()}
-    try:
-        return cls(**kwargs)
-    except ValueError as e:  # __post_init__ checks, RecipeError included
-        raise RecipeError(f"{where}: {e}") from e
 
 
 # --------------------------------------------------------------------------- recipe parts
@@ -272,7 +154,7 @@ class LayerOverride:
             if key not in _SPEC_FIELDS:
                 raise RecipeError(f"unknown key {key!r} in {what}; valid keys: "
                                   + ", ".join(sorted(_SPEC_FIELDS)))
-            checked.append((key, _convert(value, hints[key], f"{what}: {key}")))
+            checked.append((key, convert_value(value, hints[key], f"{what}: {key}")))
         object.__setattr__(self, "weights", tuple(checked))
 
     def apply(self, spec: IntSpec) -> IntSpec:
@@ -368,12 +250,12 @@ class Recipe:
             "name": self.name,
             "description": self.description,
             "scheme": self.scheme,
-            "weights": _init_fields(self.weights),  # complete, so the preset is irrelevant
+            "weights": init_fields(self.weights),  # complete, so the preset is irrelevant
             "algorithms": [step.to_yaml_data() for step in self.algorithms],
             "targets": list(self.targets),
             "ignore": list(self.ignore),
             "overrides": [{"pattern": o.pattern, "weights": dict(o.weights)} for o in self.overrides],
-            "calibration": _init_fields(self.calibration),
+            "calibration": init_fields(self.calibration),
             "partial_groups": self.partial_groups,
         }
 
@@ -384,30 +266,30 @@ class Recipe:
         data = dict(data)
         scheme = data.get("scheme", "W4A16")
         if not isinstance(scheme, str) or scheme not in SCHEMES:
-            raise RecipeError(f"{_child(where, 'scheme')}: unknown scheme {scheme!r}; "
+            raise RecipeError(f"{child_path(where, 'scheme')}: unknown scheme {scheme!r}; "
                               f"valid schemes: {', '.join(SCHEMES)}")
         if "weights" in data:
             edits = data["weights"]
             if isinstance(edits, IntSpec):
-                edits = _init_fields(edits)
+                edits = init_fields(edits)
             if not isinstance(edits, Mapping):
-                raise _wrong_type(edits, IntSpec, _child(where, "weights"))
-            data["weights"] = {**_init_fields(SCHEMES[scheme]), **edits}
+                raise wrong_type(edits, IntSpec, child_path(where, "weights"))
+            data["weights"] = {**init_fields(SCHEMES[scheme]), **edits}
         else:
             data["weights"] = SCHEMES[scheme]
         if "algorithms" in data:
             steps = data["algorithms"]
             if not isinstance(steps, list):
-                raise RecipeError(f"{_child(where, 'algorithms')}: expected a list such as [rtn], "
+                raise RecipeError(f"{child_path(where, 'algorithms')}: expected a list such as [rtn], "
                                   f"got {steps!r}")
-            data["algorithms"] = [AlgorithmStep.from_yaml_data(s, _child(_child(where, "algorithms"), i))
+            data["algorithms"] = [AlgorithmStep.from_yaml_data(s, child_path(child_path(where, "algorithms"), i))
                                   for i, s in enumerate(steps)]
         if "overrides" in data:
             items = data["overrides"]
             if not isinstance(items, list):
-                raise RecipeError(f"{_child(where, 'overrides')}: expected a list of "
+                raise RecipeError(f"{child_path(where, 'overrides')}: expected a list of "
                                   f"{{pattern: ..., weights: {{...}}}}, got {items!r}")
-            data["overrides"] = [_parse_override(o, _child(_child(where, "overrides"), i))
+            data["overrides"] = [_parse_override(o, child_path(child_path(where, "overrides"), i))
                                  for i, o in enumerate(items)]
         return parse_dataclass(cls, data, where)
 
@@ -433,7 +315,7 @@ def _parse_override(data, where: str) -> LayerOverride:
         if key not in data:
             raise RecipeError(f"{where}: missing key {key!r}")
     if not isinstance(data["weights"], Mapping):
-        raise _wrong_type(data["weights"], IntSpec, _child(where, "weights"))
+        raise wrong_type(data["weights"], IntSpec, child_path(where, "weights"))
     try:
         return LayerOverride(data["pattern"], data["weights"])
     except RecipeError as e:

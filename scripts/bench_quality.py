@@ -36,7 +36,7 @@ from quantkit.recipe import load_recipe
 
 def hf_logits_diff(folder: Path, ours, ids: torch.Tensor) -> float | None:
     try:
-        import compressed_tensors  # noqa: F401
+        import compressed_tensors  # noqa: F401  (transformers needs it for this format)
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
@@ -54,7 +54,6 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args()
-    console = Console(stderr=True)
 
     t0 = time.perf_counter()
     base = load_model(args.model)
