@@ -132,12 +132,18 @@ def inspect(
         head.add_row("files", f"{', '.join(info['files'])} ({report.get('bytes_on_disk', 0) / 2**20:.1f} MiB)")
     err.print(head)
     if report.get("layers"):
-        layers = Table(title="layers")
-        for col in ("layer", "shape", "bits", "group", "sym", "rel. error", "bytes before", "bytes after"):
-            layers.add_column(col, justify="left" if col == "layer" else "right")
+        # names relative to their common prefix (e.g. "model.layers"), to fit a terminal
+        parts = [r["name"].split(".") for r in report["layers"]]
+        common = next((i for i in range(min(map(len, parts))) if len({p[i] for p in parts}) > 1), 0)
+        prefix = ".".join(parts[0][:common])
+        title = "layers" + (f" (under {prefix})" if prefix else "") + ": weight error, KiB float -> quantized"
+        layers = Table(title=title)
+        for col in ("layer", "shape", "format", "rel. err", "KiB", "KiB q"):
+            layers.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
         for r in report["layers"]:
-            layers.add_row(r["name"], "x".join(map(str, r["shape"])), str(r["bits"]), str(r["group_size"]), "y" if r["symmetric"] else "n",
-                           f"{r['weight_rel_error']:.4f}", f"{r['bytes_float']:,}", f"{r['bytes_quantized']:,}")
+            fmt = f"W{r['bits']} " + (f"g{r['group_size']}" if r["group_size"] else "channel") + (" sym" if r["symmetric"] else " asym")
+            layers.add_row(r["name"][len(prefix) + 1 if prefix else 0 :], "x".join(map(str, r["shape"])), fmt,
+                           f"{r['weight_rel_error']:.4f}", f"{r['bytes_float'] / 1024:,.0f}", f"{r['bytes_quantized'] / 1024:,.0f}")
         err.print(layers)
     if info["recipe"]:
         err.print("[bold]recipe[/]")

@@ -152,3 +152,23 @@ def test_compressed_tensors_decompresses_our_layers_to_our_weights(tiny_model_di
         mine = module(eye).T  # x = I gives dequant(W)^T
         torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-6)
     del ct
+
+
+def test_inspect_shows_scheme_layers_sizes_and_recipe(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    out = tmp_path / "q"
+    api.quantize(tiny_model_dir, _recipe(bits=4, group_size=32), out, show_progress=False)
+    result = CliRunner().invoke(app, ["inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["quantization_config"]["format"] == "pack-quantized"
+    assert "name: test" in info["recipe"]
+    layers = info["report"]["layers"]
+    assert len(layers) == 14 and all(r["bytes_quantized"] < r["bytes_float"] for r in layers)
+    assert info["report"]["bytes_on_disk"] == (out / "model.safetensors").stat().st_size
+    human = CliRunner().invoke(app, ["inspect", str(out)])
+    assert human.exit_code == 0
+    assert "under model.layers" in human.output and "1.mlp.down_proj" in human.output and "pack-quantized" in human.output
