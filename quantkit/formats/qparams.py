@@ -118,17 +118,8 @@ def compute_qparams(
     return scale, zero_point
 
 
-def _expand_groups(t: torch.Tensor, n_in: int, spec: IntSpec, g_idx: torch.Tensor | None) -> torch.Tensor:
-    """Per-group values t [out, n_groups] -> per-column values [out, n_in]."""
-    if g_idx is None:
-        if t.shape[1] != spec.num_groups(n_in):
-            raise ValueError(
-                f"qparams have {t.shape[1]} groups but {spec} on {n_in} columns needs {spec.num_groups(n_in)}"
-            )
-        if t.shape[1] == 1:
-            return t.expand(-1, n_in)
-        # Partial last group: repeat every group fully, then cut to n_in.
-        return t.repeat_interleave(spec.group_size, dim=1)[:, :n_in]
+def _expand_groups(t: torch.Tensor, n_in: int, spec: IntSpec, g_idx: torch.Tensor) -> torch.Tensor:
+    """Per-group values t [out, n_groups] -> per-column values [out, n_in] through g_idx."""
     if tuple(g_idx.shape) != (n_in,):
         raise ValueError(f"g_idx must have shape ({n_in},), got {tuple(g_idx.shape)}")
     if g_idx.is_floating_point():
@@ -138,6 +129,20 @@ def _expand_groups(t: torch.Tensor, n_in: int, spec: IntSpec, g_idx: torch.Tenso
             f"g_idx values must lie in [0, {t.shape[1]}), got [{int(g_idx.min())}, {int(g_idx.max())}]"
         )
     return t[:, g_idx.long()]
+
+
+def _apply_grouped(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, spec: IntSpec, fn) -> torch.Tensor:
+    """fn(x_group, s, z) over contiguous column groups, without materializing
+    per-column s and z: x [out, in] is viewed (zero-padded when the last group
+    is partial) as [out, G, gs] against s, z [out, G, 1]."""
+    n_out, n_in = x.shape
+    g = s.shape[1]
+    gs = spec.group_size if spec.group_size is not None else n_in
+    if g != spec.num_groups(n_in):
+        raise ValueError(f"qparams have {g} groups but {spec} on {n_in} columns needs {spec.num_groups(n_in)}")
+    xg = torch.nn.functional.pad(x, (0, g * gs - n_in)) if g * gs != n_in else x
+    out = fn(xg.reshape(n_out, g, gs), s[..., None], z[..., None])  # [out, G, gs]
+    return out.reshape(n_out, g * gs)[:, :n_in]
 
 
 def _check_qparams(n_out: int, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
@@ -169,10 +174,15 @@ def quantize(
     _check_finite(w, "weight")
     _check_qparams(w.shape[0], scale, zero_point)
     cdt = _compute_dtype(w.dtype)
-    n_in = w.shape[1]
-    s = _expand_groups(scale.to(cdt), n_in, spec, g_idx)  # [out, in], the stored scale, widened exactly
-    z = _expand_groups(zero_point.to(cdt), n_in, spec, g_idx)  # [out, in]
-    q = torch.round(w.to(cdt) / s + z).clamp_(spec.qmin, spec.qmax)
+
+    def rounded(x, s, z):
+        return torch.round(x / s + z).clamp_(spec.qmin, spec.qmax)
+
+    if g_idx is None:  # the stored scale, widened exactly
+        q = _apply_grouped(w.to(cdt), scale.to(cdt), zero_point.to(cdt), spec, rounded)
+    else:
+        n_in = w.shape[1]
+        q = rounded(w.to(cdt), _expand_groups(scale.to(cdt), n_in, spec, g_idx), _expand_groups(zero_point.to(cdt), n_in, spec, g_idx))
     return q.to(torch.int8)
 
 
@@ -195,10 +205,16 @@ def dequantize(
     _check_qparams(q.shape[0], scale, zero_point)
     dtype = scale.dtype if dtype is None else dtype
     cdt = _compute_dtype(scale.dtype)
-    n_in = q.shape[1]
-    s = _expand_groups(scale.to(cdt), n_in, spec, g_idx)
-    z = _expand_groups(zero_point.to(cdt), n_in, spec, g_idx)
-    return ((q.to(cdt) - z) * s).to(dtype)
+
+    def scaled(x, s, z):
+        return (x - z) * s
+
+    if g_idx is None:
+        w = _apply_grouped(q.to(cdt), scale.to(cdt), zero_point.to(cdt), spec, scaled)
+    else:
+        n_in = q.shape[1]
+        w = scaled(q.to(cdt), _expand_groups(scale.to(cdt), n_in, spec, g_idx), _expand_groups(zero_point.to(cdt), n_in, spec, g_idx))
+    return w.to(dtype)
 
 
 def quantize_rtn(w: torch.Tensor, spec: IntSpec) -> QuantizedWeight:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantkit.formats import IntSpec, unpack_int32
+from quantkit.formats import IntSpec, dequantize, unpack_int32
 
 
 @dataclass
@@ -61,8 +61,6 @@ def _prepare_reference(
     shape: tuple[int, int],
 ) -> PreparedIntWeight:
     n, k = shape
-    if spec.group_size is None:
-        spec = IntSpec(spec.bits, spec.symmetric, k)  # per-channel = one group of K columns
     q = unpack_int32(packed, spec.bits, (n, k), dim=1)  # int8 [N, K]
     if zero_point_packed is None:
         zp = torch.zeros(scale.shape, dtype=torch.int8, device=scale.device)
@@ -74,24 +72,10 @@ def _prepare_reference(
     return PreparedIntWeight("reference", spec, (n, k), tensors)
 
 
-def _dequantize_reference(w: PreparedIntWeight, dtype: torch.dtype) -> torch.Tensor:
-    """(q - z) * s as a [N, K] matrix in `dtype`."""
-    t = w.tensors
-    q, z, s = t["q"], t["zero_point"], t["scale"]
-    n, k = w.shape
-    gs = w.spec.group_size
-    if "g_idx" not in t:
-        # groups are runs of gs columns: broadcast z and s over a [N, G, gs] view
-        g = s.shape[1]
-        qg = torch.nn.functional.pad(q, (0, g * gs - k)).view(n, g, gs) if g * gs != k else q.view(n, g, gs)
-        weight = (qg.to(dtype) - z.to(dtype)[..., None]) * s.to(dtype)[..., None]
-        return weight.view(n, g * gs)[:, :k]
-    gi = t["g_idx"]  # act-order: each column k reads its group's z and s
-    return (q.to(dtype) - z.to(dtype)[:, gi]) * s.to(dtype)[:, gi]
-
-
 def _matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.nn.functional.linear(x, _dequantize_reference(w, x.dtype), bias)
+    t = w.tensors
+    weight = dequantize(t["q"], t["scale"], t["zero_point"], w.spec, t.get("g_idx"), dtype=x.dtype)  # [N, K]
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device: True))
