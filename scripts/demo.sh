@@ -10,5 +10,4 @@ bash scripts/setup.sh
 . "${QUANTKIT_VENV:-.venv}/bin/activate"
 out="${OUT:-out/smollm2-w4a16-rtn}"
 quantkit quantize --recipe "${RECIPE:-w4a16-rtn}" --out "$out" --force
-quantkit inspect "$out" 2>&1 | head -n 20
 quantkit eval "$out" --baseline default --windows "${WINDOWS:-40}"
