@@ -92,7 +92,7 @@ def quantize(
         "layers": result.layers,
     }
     t0 = time.perf_counter()
-    folder = write_checkpoint(out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report, force=force)
+    folder = write_checkpoint(out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report, force=force, actorder=result.actorder)
     report["seconds"]["write"] = time.perf_counter() - t0
     report["out"] = str(folder)
     return report

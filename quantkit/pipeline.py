@@ -35,6 +35,7 @@ class QuantizationResult:
     weights: dict[str, QuantizedWeight]  # full linear name -> its quantized weight
     layers: list[dict]  # one report row per quantized linear
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
+    actorder: str | None = None  # compressed-tensors label of the rounding's column order
 
 
 @dataclass
@@ -149,25 +150,38 @@ def quantize_model(
             prefix = f"{family.blocks}.{i}"
             targets = _targets(block, prefix, family.linears, recipe)
             block.to(device)
-            if observers and targets:
+            groups = _input_groups(targets, family.shared_inputs)
+            # true-sequential: each group is observed after the groups before it
+            # were quantized, so it is calibrated on what the quantized block computes
+            stages = [[g] for g in groups] if any(a.sequential for a in observers) else [groups]
+            for stage in stages if targets else []:
+                if observers:
+                    t = time.perf_counter()
+                    _observe(block, inputs, stage, observers, stop=True)
+                    seconds["forward"] += time.perf_counter() - t
                 t = time.perf_counter()
-                _observe(block, inputs, targets, observers)
-                seconds["forward"] += time.perf_counter() - t
-            t = time.perf_counter()
-            for rel, name, linear, spec in targets:
-                weights[name], row = _quantize_linear(name, linear, spec, rounding, algorithms)
-                rows.append(row)
-            seconds["quantize"] += time.perf_counter() - t
+                for target in [member for group in stage for member in group]:
+                    weights[target.name], row = _quantize_linear(target, rounding, algorithms)
+                    rows.append(row)
+                seconds["quantize"] += time.perf_counter() - t
             if observers and i + 1 < len(blocks):
                 t = time.perf_counter()
                 inputs = _propagate(block, inputs)
                 seconds["forward"] += time.perf_counter() - t
             block.to("cpu")
             progress.advance(task)
-    return QuantizationResult(weights, rows, seconds)
+    return QuantizationResult(weights, rows, seconds, rounding.actorder())
 
 
-def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> list[tuple[str, str, torch.nn.Linear, IntSpec]]:
+@dataclass
+class _Target:
+    rel: str  # name inside the block, e.g. "self_attn.q_proj"
+    name: str  # full module name
+    linear: torch.nn.Linear
+    spec: IntSpec
+
+
+def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> list[_Target]:
     out = []
     for rel in linears:
         name = f"{prefix}.{rel}"
@@ -175,27 +189,51 @@ def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> li
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"{name} is a {type(linear).__name__}, expected torch.nn.Linear")
         spec = recipe.spec_for(name, linear.in_features)
-        if spec is None:
-            continue
-        out.append((rel, name, linear, spec))
+        if spec is not None:
+            out.append(_Target(rel, name, linear, spec))
     return out
 
 
+def _input_groups(targets: list[_Target], shared_inputs: tuple[tuple[str, ...], ...]) -> list[list[_Target]]:
+    """Targets grouped by the input they share, in execution order."""
+    groups = [[t for t in targets if t.rel in shared] for shared in shared_inputs]
+    covered = {t.rel for g in groups for t in g}
+    groups += [[t] for t in targets if t.rel not in covered]
+    return [g for g in groups if g]
+
+
+class _StopBlock(Exception):
+    """Raised by an observer hook once the inputs it needs are seen: the rest
+    of the block's forward would be wasted work."""
+
+
 @torch.inference_mode()
-def _observe(block, inputs: list[_BlockInput], targets, observers: list[Algorithm]) -> None:
-    def make_hook(name: str):
+def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], observers: list[Algorithm], stop: bool) -> None:
+    """Run the calibration batches through `block`, handing each group's input
+    to the observers; with `stop`, end each forward once the last group is seen."""
+    last = groups[-1][0].name
+
+    def make_hook(group: list[_Target]):
+        names = tuple(t.name for t in group)
+
         def hook(_module, args):
             x = args[0]
-            _check_finite(x, f"the calibration input of {name}")
+            _check_finite(x, f"the calibration input of {names[0]}")
+            x = x.reshape(-1, x.shape[-1])
             for algorithm in observers:
-                algorithm.observe(name, x.reshape(-1, x.shape[-1]))
+                algorithm.observe(names, x)
+            if stop and names[0] == last:
+                raise _StopBlock
 
         return hook
 
-    handles = [linear.register_forward_pre_hook(make_hook(name)) for _, name, linear, _ in targets]
+    handles = [g[0].linear.register_forward_pre_hook(make_hook(g)) for g in groups]
     try:
         for item in inputs:
-            block(item.hidden, **item.kwargs)
+            try:
+                block(item.hidden, **item.kwargs)
+            except _StopBlock:
+                pass
     finally:
         for h in handles:
             h.remove()
@@ -207,7 +245,8 @@ def _propagate(block, inputs: list[_BlockInput]) -> list[_BlockInput]:
 
 
 @torch.inference_mode()
-def _quantize_linear(name: str, linear: torch.nn.Linear, spec: IntSpec, rounding: Algorithm, algorithms: list[Algorithm]):
+def _quantize_linear(target: _Target, rounding: Algorithm, algorithms: list[Algorithm]):
+    name, linear, spec = target.name, target.linear, target.spec
     w = linear.weight.data
     _check_finite(w, f"the weight of {name}")
     t = time.perf_counter()

@@ -78,7 +78,7 @@ def main() -> None:
         quant_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": result.layers})
+            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": result.layers}, actorder=result.actorder)
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             ours = load_checkpoint(folder)

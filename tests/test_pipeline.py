@@ -28,8 +28,9 @@ class _Record(Algorithm):
     needs_activations = True
     seen: dict[str, list[torch.Tensor]] = {}
 
-    def observe(self, name, x):
-        _Record.seen.setdefault(name, []).append(x.clone())
+    def observe(self, names, x):
+        for name in names:
+            _Record.seen.setdefault(name, []).append(x.clone())
 
     def quantize(self, name, weight, spec) -> QuantizedWeight:
         return quantize_rtn(weight, spec)

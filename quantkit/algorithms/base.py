@@ -3,7 +3,8 @@
 The driver (quantkit.pipeline) walks the model; an algorithm only sees one
 layer at a time:
 
-    observe(name, x)          x: [tokens, in_features], the layer's calibration input
+    observe(names, x)         x: [tokens, in_features], the calibration input shared
+                              by the linears `names` (e.g. q, k and v)
     quantize(name, w, spec)   -> QuantizedWeight (rounding algorithms: rtn, gptq)
     free(name)                drop whatever was kept for `name`
 
@@ -36,11 +37,17 @@ class Algorithm:
     def __init__(self, options) -> None:
         self.options = options
 
-    def observe(self, name: str, x: torch.Tensor) -> None:
+    sequential: bool = False  # true-sequential: observe each input group after the previous ones are quantized
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
         pass
 
     def quantize(self, name: str, weight: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
         raise NotImplementedError(f"{type(self).__name__} does not round weights")
+
+    def actorder(self) -> str | None:
+        """compressed-tensors' actorder label for the checkpoint (rounding steps)."""
+        return None
 
     def layer_report(self, name: str) -> dict:
         """Extra per-layer facts for the quantization report (JSON-able)."""

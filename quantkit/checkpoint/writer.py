@@ -139,10 +139,18 @@ def write_checkpoint(
     report: dict,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
+    actorder: str | None = None,
 ) -> Path:
-    """Write the checkpoint atomically and return its folder."""
+    """Write the checkpoint atomically and return its folder.
+
+    actorder: compressed-tensors' label for how columns were ordered when
+    rounding ("weight"); weights that carry g_idx are always "group".
+    """
     float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in weights]
-    qconfig = build_quantization_config({n: qw.spec for n, qw in weights.items()}, float_linears)
+    # act-order with g_idx is compressed-tensors' actorder "group"
+    if any(qw.g_idx is not None for qw in weights.values()):
+        actorder = "group"
+    qconfig = build_quantization_config({n: qw.spec for n, qw in weights.items()}, float_linears, actorder)
     with atomic_output(out_dir, force) as tmp:
         state = quantized_state_dict(model, weights)
         files = _save_shards(state, tmp, max_shard_bytes)

@@ -1,0 +1,166 @@
+"""GPTQ as pure tensor functions (Frantar et al. 2022, arXiv:2210.17323).
+
+For a linear layer with weight W [out, in] and calibration inputs X [n, in],
+GPTQ rounds W one input column at a time, minimizing the layer-output error
+||W X^T - Q X^T||^2. Its Hessian is
+
+    H = 2/n * X^T X                                        (in x in)
+
+and after rounding column q the remaining columns F absorb the error
+(Alg. 1 of the paper, with the Cholesky form of H^-1):
+
+    err   = (w_q - quant(w_q)) / [H_F^-1]_qq
+    W_F  -= err * [H_F^-1]_{q,F}
+
+Columns are processed in blocks of B (lazy batch updates): within a block the
+update touches only the block; the rest of W is updated once per block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.formats import IntSpec, QuantizedWeight, compute_qparams, group_minmax
+
+
+def make_hessian(in_features: int, device: torch.device | str | None = None) -> torch.Tensor:
+    return torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+
+def accumulate_hessian(H: torch.Tensor, n_seen: int, x: torch.Tensor) -> int:
+    """Fold a batch x [t, in] into the running H = 2/n sum x x^T, in place.
+
+    Returns the new sample count. H stays float32 whatever x's dtype.
+    """
+    t = x.shape[0]
+    if t == 0:
+        return n_seen
+    n = n_seen + t
+    x = x.to(torch.float32)
+    H.mul_(n_seen / n)
+    H.addmm_(x.T, x, alpha=2.0 / n)
+    return n
+
+
+@dataclass
+class GPTQResult:
+    weight: QuantizedWeight
+    loss: float  # sum over columns of (w - q)^2 / [H^-1]_qq^2 / 2, the paper's objective
+    damping: float  # the dampening fraction that made H positive definite
+    dead_columns: int  # inputs that never fired (diag(H) == 0): their weights are zeroed
+
+
+def _inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; damping grows 10x until it factors."""
+    mean_diag = torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    damp = dampening
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(H + damp * mean_diag * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U, damp
+        damp *= 10
+    raise torch.linalg.LinAlgError(f"Hessian is not positive definite even with dampening {damp / 10:g}")
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: IntSpec,
+    dampening: float = 0.01,
+    block_size: int = 128,
+    actorder: str | None = None,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """GPTQ-round W [out, in] against Hessian H [in, in].
+
+    actorder (compressed-tensors semantics):
+      None     columns in their natural order
+      "group"  columns in decreasing diag(H); groups are consecutive columns in
+               that order, so the result carries g_idx
+      "weight" columns in decreasing diag(H), groups stay the natural
+               contiguous ones with qparams fixed up front (no g_idx)
+    static_groups: fix every group's qparams from the original W up front
+    (implied by actorder="weight"); otherwise a group's qparams come from its
+    columns as updated by the errors of the groups before it.
+    """
+    if actorder not in (None, "group", "weight"):
+        raise ValueError(f"actorder must be None, 'group' or 'weight', got {actorder!r}")
+    out_f, in_f = W.shape
+    store_dtype = W.dtype
+    W = W.to(torch.float32).clone()
+    H = H.to(torch.float32).clone()
+    gs = spec.group_size if spec.group_size is not None else in_f
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    def qparams(cols: torch.Tensor):  # cols [out, c] -> scale, zero_point [out, 1] (scale as stored)
+        lo, hi = cols.amin(dim=1, keepdim=True), cols.amax(dim=1, keepdim=True)
+        scale, zp = compute_qparams(lo.to(store_dtype), hi.to(store_dtype), spec)
+        return scale, zp
+
+    fixed = static_groups or actorder == "weight" or spec.group_size is None
+    if fixed:
+        mins, maxs = group_minmax(W, spec.group_size)  # natural groups of the original W
+        fixed_scale, fixed_zp = compute_qparams(mins.to(store_dtype), maxs.to(store_dtype), spec)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(in_f, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    U, damp = _inverse_cholesky(H, dampening)
+
+    Q = torch.zeros(out_f, in_f, dtype=torch.int8, device=W.device)  # in processing order
+    n_groups = spec.num_groups(in_f)
+    scales = torch.zeros(out_f, n_groups, dtype=store_dtype, device=W.device)
+    zps = torch.zeros(out_f, n_groups, dtype=torch.int8, device=W.device)
+    # group of each processed column: natural group of the original column when
+    # qparams are fixed up front, else its position in processing order // gs
+    col_group = perm // gs if fixed else torch.arange(in_f, device=W.device) // gs
+    if fixed:
+        scales.copy_(fixed_scale)
+        zps.copy_(fixed_zp)
+    s_all = scales.to(torch.float32)
+    z_all = zps.to(torch.float32)
+    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()  # [out, B], updated in place as columns are rounded
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if not fixed and col % gs == 0:
+                # this group's qparams from its columns as updated so far
+                g = col // gs
+                stop = min(col + gs, in_f)
+                group_cols = torch.cat([W1[:, i:], W[:, i2:stop]], dim=1)[:, : stop - col]
+                s, z = qparams(group_cols)
+                scales[:, g : g + 1], zps[:, g : g + 1] = s, z
+                s_all[:, g : g + 1], z_all[:, g : g + 1] = s.to(torch.float32), z.to(torch.float32)
+            g = int(col_group[col])
+            w = W1[:, i]
+            s, z = s_all[:, g], z_all[:, g]
+            q = torch.round(w / s + z).clamp_(spec.qmin, spec.qmax)
+            Q[:, col] = q.to(torch.int8)
+            dq = (q - z) * s
+            d = U1[i, i]
+            err = (w - dq) / d
+            loss += (err.double() ** 2).sum() / 2
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    q_natural = Q[:, inv].contiguous()
+    g_idx = None
+    if actorder == "group":
+        g_idx = col_group[inv].to(torch.int32)  # processed position // gs, per original column
+    qw = QuantizedWeight(q=q_natural, scale=scales, zero_point=zps, spec=spec, g_idx=g_idx)
+    return GPTQResult(weight=qw, loss=float(loss), damping=damp, dead_columns=int(dead.sum()))
