@@ -16,12 +16,14 @@ from quantkit.algorithms import build_all
 from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens
 from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint, write_checkpoint
 from quantkit.eval import perplexity
+from quantkit.eval.plots import layer_error_png
 from quantkit.models import LoadedModel, load_model
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = "w4a16-rtn"
 DEFAULT_EVAL_DATA = (DEFAULT_EVALUATION, SECOND_EVALUATION)
+ERROR_PLOT = "quantization_error.png"
 
 
 def resolve_recipe(
@@ -92,7 +94,11 @@ def quantize(
         "layers": result.layers,
     }
     t0 = time.perf_counter()
-    folder = write_checkpoint(out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report, force=force, actorder=result.actorder)
+    plot = layer_error_png(result.layers, f"{recipe.name}: per-layer error ({Path(loaded.source).name})")
+    folder = write_checkpoint(
+        out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report,
+        force=force, actorder=result.actorder, extra_files={ERROR_PLOT: plot},
+    )
     report["seconds"]["write"] = time.perf_counter() - t0
     report["out"] = str(folder)
     return report

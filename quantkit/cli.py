@@ -62,9 +62,15 @@ def quantize(
     table.add_row("model", report["model"])
     table.add_row("layers quantized", str(len(report["layers"])))
     table.add_row("linear weights", f"{report['bytes_float'] / 2**20:.1f} MiB -> {report['bytes_quantized'] / 2**20:.1f} MiB")
-    worst = max(report["layers"], key=lambda r: r["weight_rel_error"])
-    mean = sum(r["weight_rel_error"] for r in report["layers"]) / len(report["layers"])
-    table.add_row("weight rel. error", f"mean {mean:.4f}, worst {worst['weight_rel_error']:.4f} ({worst['name']})")
+    for key, label in (("weight_rel_error", "weight rel. error"), ("output_rel_error", "output rel. error")):
+        values = [r for r in report["layers"] if key in r]
+        if values:
+            worst = max(values, key=lambda r: r[key])
+            mean = sum(r[key] for r in values) / len(values)
+            table.add_row(label, f"mean {mean:.4f}, worst {worst[key]:.4f} ({worst['name']})")
+    if any(r.get("damping", 0) > 0.01 for r in report["layers"]):
+        table.add_row("extra damping", ", ".join(r["name"] for r in report["layers"] if r.get("damping", 0) > 0.01))
+    table.add_row("error plot", str(Path(report["out"]) / "quantization_error.png"))
     table.add_row("seconds", f"load {s['load']:.1f}, quantize {s['quantize']:.1f}, write {s['write']:.1f}")
     err.print(table)
 

@@ -140,11 +140,13 @@ def write_checkpoint(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     actorder: str | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write the checkpoint atomically and return its folder.
 
     actorder: compressed-tensors' label for how columns were ordered when
     rounding ("weight"); weights that carry g_idx are always "group".
+    extra_files: more files to put in the folder (name -> bytes), e.g. plots.
     """
     float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in weights]
     # act-order with g_idx is compressed-tensors' actorder "group"
@@ -162,6 +164,8 @@ def write_checkpoint(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml)
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
         report = dict(report, files=files, bytes_on_disk=sum((tmp / f).stat().st_size for f in files))
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
     return Path(out_dir).expanduser().resolve()
