@@ -68,8 +68,9 @@ def quantize(
             worst = max(values, key=lambda r: r[key])
             mean = sum(r[key] for r in values) / len(values)
             table.add_row(label, f"mean {mean:.4f}, worst {worst[key]:.4f} ({worst['name']})")
-    if any(r.get("damping", 0) > 0.01 for r in report["layers"]):
-        table.add_row("extra damping", ", ".join(r["name"] for r in report["layers"] if r.get("damping", 0) > 0.01))
+    raised = [r["name"] for r in report["layers"] if r.get("damping_raised")]
+    if raised:
+        table.add_row("damping raised", ", ".join(raised))
     table.add_row("error plot", str(Path(report["out"]) / "quantization_error.png"))
     table.add_row("seconds", f"load {s['load']:.1f}, quantize {s['quantize']:.1f}, write {s['write']:.1f}")
     err.print(table)

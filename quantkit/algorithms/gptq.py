@@ -67,6 +67,7 @@ class GPTQ(Algorithm):
         self._reports[name] = {
             "gptq_loss": result.loss,
             "damping": result.damping,
+            "damping_raised": result.damping > o.dampening,  # H was not positive definite at first
             "dead_columns": result.dead_columns,
             "output_rel_error": math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0,
         }
