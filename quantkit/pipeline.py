@@ -15,6 +15,7 @@ Only this module walks the model; algorithms see one layer at a time.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -66,9 +67,37 @@ def blocks_of(loaded: LoadedModel) -> torch.nn.ModuleList:
     return loaded.model.get_submodule(loaded.family.blocks)
 
 
+def _cast(obj, dtype: torch.dtype):
+    """Floating tensors (hidden states, rotary cos/sin, float masks) to `dtype`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _cast(v, dtype) for k, v in obj.items()}
+    return obj
+
+
+def calibration_dtype(choice: str, model_dtype: torch.dtype, device) -> torch.dtype:
+    """The dtype of the calibration forwards for a CalibrationConfig.dtype choice."""
+    if choice == "model":
+        return model_dtype
+    if choice != "auto":
+        return getattr(torch, choice)
+    if model_dtype != torch.float32:
+        return model_dtype
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    fast_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    return torch.bfloat16 if fast_bf16 else model_dtype
+
+
 @torch.inference_mode()
-def capture_block_inputs(loaded: LoadedModel, input_ids: torch.Tensor, device, batch_size: int) -> list[_BlockInput]:
-    """Run the model up to block 0 for each batch of `input_ids` [n, seq]."""
+def capture_block_inputs(
+    loaded: LoadedModel, input_ids: torch.Tensor, device, batch_size: int, dtype: torch.dtype | None = None
+) -> list[_BlockInput]:
+    """Run the model up to block 0 for each batch of `input_ids` [n, seq];
+    floating inputs are cast to `dtype` (the calibration forwards' dtype)."""
     model, family = loaded.model, loaded.family
     blocks = blocks_of(loaded)
     captured: list[_BlockInput] = []
@@ -76,6 +105,8 @@ def capture_block_inputs(loaded: LoadedModel, input_ids: torch.Tensor, device, b
     def hook(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if dtype is not None:
+            hidden, kwargs = _cast(hidden, dtype), _cast(kwargs, dtype)
         captured.append(_BlockInput(hidden, kwargs))
         raise _InputsCaptured
 
@@ -122,11 +153,14 @@ def quantize_model(
     recipe: Recipe,
     calibration_ids: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
-    batch_size: int = 8,
     show_progress: bool = True,
 ) -> QuantizationResult:
     """Quantize `loaded.model` in place (its linears end up holding the
-    dequantized weights) and return the quantized weights and a report."""
+    dequantized weights) and return the quantized weights and a report.
+
+    Calibration forwards run in recipe.calibration.dtype on a copy of each
+    block; the weights are always rounded from the model's own tensors.
+    """
     algorithms = build_all(recipe)
     rounding = algorithms[-1]
     observers = [a for a in algorithms if a.needs_activations]
@@ -136,8 +170,11 @@ def quantize_model(
     if observers and calibration_ids is None:
         raise ValueError(f"recipe {recipe.name!r} needs calibration data ({', '.join(a.name for a in observers)})")
 
+    model_dtype = next(loaded.model.parameters()).dtype
+    fwd_dtype = calibration_dtype(recipe.calibration.dtype, model_dtype, device)
     t0 = time.perf_counter()
-    inputs = capture_block_inputs(loaded, calibration_ids, device, batch_size) if observers else []
+    batch = recipe.calibration.batch_size
+    inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if observers else []
     seconds["capture"] = time.perf_counter() - t0
 
     weights: dict[str, QuantizedWeight] = {}
@@ -150,6 +187,8 @@ def quantize_model(
             prefix = f"{family.blocks}.{i}"
             targets = _targets(block, prefix, family.linears, recipe)
             block.to(device)
+            # the block that runs the calibration data: itself, or a copy in fwd_dtype
+            fwd = block if not observers or fwd_dtype == model_dtype else copy.deepcopy(block).to(fwd_dtype)
             groups = _input_groups(targets, family.shared_inputs)
             # true-sequential: each group is observed after the groups before it
             # were quantized, so it is calibrated on what the quantized block computes
@@ -157,17 +196,20 @@ def quantize_model(
             for stage in stages if targets else []:
                 if observers:
                     t = time.perf_counter()
-                    _observe(block, inputs, stage, observers, stop=True)
+                    _observe(fwd, inputs, stage, observers, stop=True)
                     seconds["forward"] += time.perf_counter() - t
                 t = time.perf_counter()
                 for target in [member for group in stage for member in group]:
                     weights[target.name], row = _quantize_linear(target, rounding, algorithms)
                     rows.append(row)
+                    if fwd is not block:
+                        fwd.get_submodule(target.rel).weight.data.copy_(target.linear.weight.data)
                 seconds["quantize"] += time.perf_counter() - t
             if observers and i + 1 < len(blocks):
                 t = time.perf_counter()
-                inputs = _propagate(block, inputs)
+                inputs = _propagate(fwd, inputs)
                 seconds["forward"] += time.perf_counter() - t
+            del fwd
             block.to("cpu")
             progress.advance(task)
     return QuantizationResult(weights, rows, seconds, rounding.actorder())
@@ -213,7 +255,7 @@ def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], obse
     to the observers; with `stop`, end each forward once the last group is seen."""
     last = groups[-1][0].name
 
-    def make_hook(group: list[_Target]):
+    def make_hook(group: list[_Target]):  # hooks go on `block`'s own linears (it may be a copy)
         names = tuple(t.name for t in group)
 
         def hook(_module, args):
@@ -227,7 +269,7 @@ def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], obse
 
         return hook
 
-    handles = [g[0].linear.register_forward_pre_hook(make_hook(g)) for g in groups]
+    handles = [block.get_submodule(g[0].rel).register_forward_pre_hook(make_hook(g)) for g in groups]
     try:
         for item in inputs:
             try:

@@ -167,11 +167,16 @@ class CalibrationConfig:
     num_samples: int = 128
     seqlen: int = 512
     seed: int = 0
+    # dtype of the calibration forwards (the weights are always rounded from the
+    # model's own): auto = bfloat16 where the device multiplies it fast (CUDA, or
+    # a CPU with AVX512-BF16/AMX), else the model's dtype
+    dtype: typing.Literal["auto", "model", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = 8  # calibration samples per block forward
 
     def __post_init__(self):
         if not self.data:
             raise ValueError("data must name a corpus, a path or a dataset, got ''")
-        for key in ("num_samples", "seqlen"):
+        for key in ("num_samples", "seqlen", "batch_size"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 

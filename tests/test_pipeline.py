@@ -44,14 +44,15 @@ def record_algorithm():
     del ALGORITHMS["record"]
 
 
-def _recipe(*algorithms) -> Recipe:
-    return Recipe.from_dict({"name": "t", "weights": {"group_size": 32}, "algorithms": list(algorithms)})
+def _recipe(*algorithms, dtype="model") -> Recipe:
+    return Recipe.from_dict({"name": "t", "weights": {"group_size": 32}, "algorithms": list(algorithms),
+                             "calibration": {"batch_size": 4, "dtype": dtype}})
 
 
 def test_next_block_is_calibrated_on_the_quantized_blocks_outputs(tiny_model_dir, record_algorithm):
     loaded = load_model(tiny_model_dir)
     ids = torch.randint(0, 250, (6, 20), generator=torch.Generator().manual_seed(0))
-    quantize_model(loaded, _recipe("record"), ids, batch_size=4, show_progress=False)
+    quantize_model(loaded, _recipe("record"), ids, show_progress=False)
     seen = record_algorithm.seen
     # 2 batches (4 + 2 samples) per linear, flattened to [tokens, in]
     assert [x.shape for x in seen["model.layers.0.self_attn.q_proj"]] == [(80, 96), (40, 96)]
@@ -108,3 +109,16 @@ def test_recipe_must_end_with_one_rounding_step(tiny_model_dir):
         quantize_model(loaded, _recipe("gptqq"), None, show_progress=False)
     with pytest.raises(RecipeError, match="exactly one rounding step"):
         quantize_model(loaded, _recipe("rtn", "rtn"), None, show_progress=False)
+
+
+def test_bf16_calibration_forwards_round_the_float32_weights(tiny_model_dir, record_algorithm):
+    """Calibration may run in bf16 (fast on the CPU), but the weights rounded
+    and written are the model's own float32 ones."""
+    loaded = load_model(tiny_model_dir)
+    ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(0))
+    original = loaded.model.model.layers[1].mlp.up_proj.weight.detach().clone()
+    result = quantize_model(loaded, _recipe("record", dtype="bfloat16"), ids, show_progress=False)
+    assert all(x.dtype == torch.bfloat16 for x in record_algorithm.seen["model.layers.1.mlp.up_proj"])
+    assert loaded.model.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
+    expected = quantize_rtn(original, IntSpec(4, True, 32))
+    assert torch.equal(result.weights["model.layers.1.mlp.up_proj"].q, expected.q)
