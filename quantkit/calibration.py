@@ -198,17 +198,34 @@ def load_texts(source: str, split: str = "train", text_column: str = "text") -> 
     return _hub_texts(source, split, text_column)
 
 
+_STREAMS: dict[tuple[int, str], tuple[object, torch.Tensor]] = {}  # (id(tokenizer), source) -> (tokenizer, ids)
+
+
 def _token_stream(tokenizer, source: str) -> torch.Tensor:
-    """[T] int64: the documents of ``source`` joined by DOC_SEPARATOR, tokenized once."""
+    """[T] int64: the documents of ``source`` joined by DOC_SEPARATOR, tokenized once.
+
+    The last few streams are kept (a corpus of several MB takes seconds to
+    tokenize); the entry holds the tokenizer itself, so an id is never reused.
+    """
+    key = (id(tokenizer), source)
+    hit = _STREAMS.get(key)
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
     text = DOC_SEPARATOR.join(load_texts(source))
     # verbose=False: a stream longer than model_max_length is intended here
-    enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, verbose=False)
-    return torch.tensor(enc["input_ids"], dtype=torch.long)
+    ids = tokenizer(
+        text, add_special_tokens=False, return_attention_mask=False, verbose=False
+    )["input_ids"]
+    stream = torch.tensor(ids, dtype=torch.long)
+    if len(_STREAMS) >= 4:
+        _STREAMS.pop(next(iter(_STREAMS)))
+    _STREAMS[key] = (tokenizer, stream)
+    return stream
 
 
 def evaluation_tokens(tokenizer, source: str) -> torch.Tensor:
     """[T] int64: the whole token stream of ``source``, no special tokens added."""
-    return _token_stream(tokenizer, source)
+    return _token_stream(tokenizer, source).clone()  # the cached stream stays untouched
 
 
 def calibration_batch(
