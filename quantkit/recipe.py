@@ -169,7 +169,7 @@ class CalibrationConfig:
     seed: int = 0
     # dtype of the calibration forwards (the weights are always rounded from the
     # model's own): auto = bfloat16 where the device multiplies it fast (CUDA, or
-    # a CPU with AVX512-BF16/AMX), else the model's dtype
+    # a CPU measured to run bf16 matmuls faster than float32), else the model's dtype
     dtype: typing.Literal["auto", "model", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = 8  # calibration samples per block forward
 
