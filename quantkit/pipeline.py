@@ -30,6 +30,7 @@ from quantkit.errors import NumericalError
 from quantkit.formats import IntSpec, QuantizedWeight, packed_shape
 from quantkit.models import LoadedModel
 from quantkit.recipe import Recipe
+from quantkit.replay import ReplayCache
 
 
 @dataclass
@@ -178,12 +179,14 @@ def quantize_model(
     calibration_ids: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     show_progress: bool = True,
+    replay: bool = True,
 ) -> QuantizationResult:
     """Quantize `loaded.model` in place (its linears end up holding the
     dequantized weights) and return the quantized weights and a report.
 
     Calibration forwards run in recipe.calibration.dtype on a copy of each
     block; the weights are always rounded from the model's own tensors.
+    replay=False recomputes every sub-module in every pass (same result, slower).
     """
     algorithms = build_all(recipe)
     rounding = algorithms[-1]
@@ -217,10 +220,12 @@ def quantize_model(
             # true-sequential: each group is observed after the groups before it
             # were quantized, so it is calibrated on what the quantized block computes
             stages = [[g] for g in groups] if any(a.sequential for a in observers) else [groups]
+            cache = _replay_cache(fwd, targets, family) if observers and replay else None
+            final: set[str] = set()  # target linears (relative names) already quantized
             for stage in stages if targets else []:
                 if observers:
                     t = time.perf_counter()
-                    _observe(fwd, inputs, stage, observers, stop=True)
+                    _observe(fwd, inputs, stage, observers, cache, final)
                     seconds["forward"] += time.perf_counter() - t
                 t = time.perf_counter()
                 for target in [member for group in stage for member in group]:
@@ -228,10 +233,11 @@ def quantize_model(
                     rows.append(row)
                     if fwd is not block:
                         fwd.get_submodule(target.rel).weight.data.copy_(target.linear.weight.data)
+                    final.add(target.rel)
                 seconds["quantize"] += time.perf_counter() - t
             if observers and i + 1 < len(blocks):
                 t = time.perf_counter()
-                inputs = _propagate(fwd, inputs)
+                inputs = _propagate(fwd, inputs, cache, final)
                 seconds["forward"] += time.perf_counter() - t
             del fwd
             block.to("cpu")
@@ -273,10 +279,42 @@ class _StopBlock(Exception):
     of the block's forward would be wasted work."""
 
 
+def _replay_cache(block, targets: list[_Target], family) -> ReplayCache:
+    """Candidates: every target linear, and the family's containers (self_attn, mlp)."""
+    members = {t.rel: {t.rel} for t in targets}
+    for container in family.replay_modules:
+        inside = {t.rel for t in targets if t.rel.startswith(container + ".")}
+        if inside:
+            members[container] = inside
+    return ReplayCache(block, members)
+
+
+def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, final: set[str], keep: bool) -> list[_BlockInput]:
+    """One pass of the calibration batches through `block`; outputs kept when `keep`."""
+    outputs = []
+    if replay is not None:
+        replay.start_pass(final)
+    try:
+        for b, item in enumerate(inputs):
+            if replay is not None:
+                replay.batch = b
+            try:
+                out = block(item.hidden, **item.kwargs)
+                if keep:
+                    outputs.append(_BlockInput(_block_output(out), item.kwargs))
+            except _StopBlock:
+                pass
+    finally:
+        if replay is not None:
+            replay.end_pass(len(inputs))
+    return outputs
+
+
 @torch.inference_mode()
-def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], observers: list[Algorithm], stop: bool) -> None:
+def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], observers: list[Algorithm],
+             replay: ReplayCache | None, final: set[str]) -> None:
     """Run the calibration batches through `block`, handing each group's input
-    to the observers; with `stop`, end each forward once the last group is seen."""
+    to the observers; each forward ends once the last group's input is seen."""
     last = groups[-1][0].name
 
     def make_hook(group: list[_Target]):  # hooks go on `block`'s own linears (it may be a copy)
@@ -288,26 +326,22 @@ def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], obse
             x = x.reshape(-1, x.shape[-1])
             for algorithm in observers:
                 algorithm.observe(names, x)
-            if stop and names[0] == last:
+            if names[0] == last:
                 raise _StopBlock
 
         return hook
 
     handles = [block.get_submodule(g[0].rel).register_forward_pre_hook(make_hook(g)) for g in groups]
     try:
-        for item in inputs:
-            try:
-                block(item.hidden, **item.kwargs)
-            except _StopBlock:
-                pass
+        _run_batches(block, inputs, replay, final, keep=False)
     finally:
         for h in handles:
             h.remove()
 
 
 @torch.inference_mode()
-def _propagate(block, inputs: list[_BlockInput]) -> list[_BlockInput]:
-    return [_BlockInput(_block_output(block(item.hidden, **item.kwargs)), item.kwargs) for item in inputs]
+def _propagate(block, inputs: list[_BlockInput], replay: ReplayCache | None, final: set[str]) -> list[_BlockInput]:
+    return _run_batches(block, inputs, replay, final, keep=True)
 
 
 @torch.inference_mode()

@@ -122,3 +122,44 @@ def test_bf16_calibration_forwards_round_the_float32_weights(tiny_model_dir, rec
     assert loaded.model.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
     expected = quantize_rtn(original, IntSpec(4, True, 32))
     assert torch.equal(result.weights["model.layers.1.mlp.up_proj"].q, expected.q)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_replaying_finished_submodules_changes_nothing(tiny_model_dir, sequential):
+    """The replay cache skips recomputation of sub-modules whose weights are
+    final; the quantized weights and the propagated inputs must be identical."""
+    ids = torch.randint(0, 250, (6, 24), generator=torch.Generator().manual_seed(3))
+    recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": [{"gptq": {"true_sequential": sequential}}],
+                               "calibration": {"batch_size": 4, "dtype": "model"}})
+    results = []
+    for replay in (True, False):
+        loaded = load_model(tiny_model_dir)
+        results.append(quantize_model(loaded, recipe, ids, show_progress=False, replay=replay))
+    fast, slow = results
+    assert fast.weights.keys() == slow.weights.keys()
+    for name in fast.weights:
+        assert torch.equal(fast.weights[name].q, slow.weights[name].q), name
+        assert torch.equal(fast.weights[name].scale, slow.weights[name].scale), name
+
+
+def test_replay_computes_each_linear_about_once(tiny_model_dir, monkeypatch):
+    ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
+    recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
+                               "calibration": {"batch_size": 2, "dtype": "model"}})
+    calls = {"n": 0}
+    original = torch.nn.Linear.forward
+
+    def counting(self, x):
+        calls["n"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    counts = {}
+    for replay in (True, False):
+        calls["n"] = 0
+        quantize_model(load_model(tiny_model_dir), recipe, ids, show_progress=False, replay=replay)
+        counts[replay] = calls["n"]
+    # 2 batches: 7 linears each, about once per block (2 blocks) with replay,
+    # plus block 0's inputs capture runs through no linear at all
+    assert counts[True] <= 2 * 2 * 7
+    assert counts[False] >= 2 * counts[True]

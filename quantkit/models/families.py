@@ -35,6 +35,8 @@ class Family:
     # linears that see the same input, so one observation serves all of them
     shared_inputs: tuple[tuple[str, ...], ...]
     mappings: tuple[Mapping, ...]
+    # sub-modules whose output the driver may compute once and replay (quantkit.replay)
+    replay_modules: tuple[str, ...] = ()
     # vLLM fuses these; they must share one quantization scheme there
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
@@ -68,6 +70,7 @@ LLAMA = Family(
         Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         Mapping("mlp.up_proj", ("mlp.down_proj",)),
     ),
+    replay_modules=("self_attn", "mlp"),
     fused=(
         ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),

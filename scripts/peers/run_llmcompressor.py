@@ -1,0 +1,79 @@
+"""llm-compressor's GPTQModifier (or QuantizationModifier, RTN) on the shared GPTQ-benchmark inputs.
+
+Run with the llm-compressor venv (scripts/peers/setup_peers.sh):
+
+    /tmp/peer-llmc/bin/python scripts/peers/run_llmcompressor.py --inputs runs/gptq-bench --bits 4 --group-size 64
+    /tmp/peer-llmc/bin/python scripts/peers/run_llmcompressor.py --algo rtn ...
+
+Loads the float folder in float32 (not timed), times `oneshot(...)` (its data
+loader over the given ids, the sequential pipeline's tracing, calibration,
+GPTQ and freezing), then scores the quantized model oneshot returns, as it is,
+on the shared windows. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import time
+
+import torch
+from bench_common import calibration_dicts, emit, load_inputs, peak_rss_mb, perplexity, runner_args
+
+
+def scheme(bits: int, group_size: int, symmetric: bool) -> dict:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
+def main() -> None:
+    p = runner_args(__doc__)
+    p.add_argument("--algo", choices=["gptq", "rtn"], default="gptq")
+    args = p.parse_args()
+
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from transformers import AutoModelForCausalLM
+
+    manifest, calib, evals = load_inputs(args.inputs, args.calib_samples, args.windows)
+    model = AutoModelForCausalLM.from_pretrained(args.inputs / manifest["model_dir"], dtype=torch.float32).eval()
+    config = scheme(args.bits, args.group_size, not args.asym)
+    if args.algo == "gptq":
+        # actorder=None: its default is "static" activation ordering
+        modifier = GPTQModifier(config_groups=config, ignore=["lm_head"], dampening_frac=0.01, actorder=None, block_size=128)
+        rows = calibration_dicts(calib)
+        data = Dataset.from_dict({k: [r[k][0].tolist() for r in rows] for k in ("input_ids", "attention_mask")})
+        kwargs = dict(dataset=data, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+                      shuffle_calibration_samples=False, batch_size=1)
+    else:
+        modifier = QuantizationModifier(config_groups=config, ignore=["lm_head"])
+        kwargs = {}
+    rss_loaded = peak_rss_mb()
+
+    t0 = time.perf_counter()
+    model = oneshot(model=model, recipe=[modifier], **kwargs)
+    quantize_s = time.perf_counter() - t0
+    rss = peak_rss_mb()
+
+    model.eval()
+    ppl = {name: perplexity(model, w, args.batch_size) for name, w in evals.items()}
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    emit({
+        "tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"), "algorithm": args.algo,
+        "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
+        "quantize_s": quantize_s, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
+        "calib_samples": calib.shape[0] if args.algo == "gptq" else 0, "windows": next(iter(evals.values())).shape[0],
+        "dtype": dtype,
+        "notes": (f"{type(modifier).__name__}(ignore=[lm_head]"
+                  + (", dampening_frac=0.01, actorder=None, block_size=128); sequential pipeline, batch 1, no shuffle"
+                     if args.algo == "gptq" else "); data-free")
+                  + "; quantize_s = oneshot() (model load excluded); evaluated: the fake-quantized model oneshot returns"
+                  + f"; compressed-tensors {importlib.metadata.version('compressed-tensors')}, "
+                  + f"transformers {importlib.metadata.version('transformers')}"),
+    })
+
+
+if __name__ == "__main__":
+    main()
