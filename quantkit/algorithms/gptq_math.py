@@ -18,6 +18,7 @@ update touches only the block; the rest of W is updated once per block.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,16 @@ class GPTQResult:
     loss: float  # sum over columns of (w - q)^2 / [H^-1]_qq^2 / 2, the paper's objective
     damping: float  # the dampening fraction that made H positive definite
     dead_columns: int  # inputs that never fired (diag(H) == 0): their weights are zeroed
+
+
+@contextlib.contextmanager
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -129,32 +140,34 @@ def gptq_quantize(
     z_all = zps.to(torch.float32)
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
 
+    groups = col_group.tolist()
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = W[:, i1:i2].clone()  # [out, B], updated in place as columns are rounded
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if not fixed and col % gs == 0:
-                # this group's qparams from its columns as updated so far
-                g = col // gs
-                stop = min(col + gs, in_f)
-                group_cols = torch.cat([W1[:, i:], W[:, i2:stop]], dim=1)[:, : stop - col]
-                s, z = qparams(group_cols)
-                scales[:, g : g + 1], zps[:, g : g + 1] = s, z
-                s_all[:, g : g + 1], z_all[:, g : g + 1] = s.to(torch.float32), z.to(torch.float32)
-            g = int(col_group[col])
-            w = W1[:, i]
-            s, z = s_all[:, g], z_all[:, g]
-            q = torch.round(w / s + z).clamp_(spec.qmin, spec.qmax)
-            Q[:, col] = q.to(torch.int8)
-            dq = (q - z) * s
-            d = U1[i, i]
-            err = (w - dq) / d
-            loss += (err.double() ** 2).sum() / 2
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
+        with _single_thread():  # [out]-sized ops: threads only add hand-off latency
+            for i in range(i2 - i1):
+                col = i1 + i
+                if not fixed and col % gs == 0:
+                    # this group's qparams from its columns as updated so far
+                    g = col // gs
+                    stop = min(col + gs, in_f)
+                    group_cols = torch.cat([W1[:, i:], W[:, i2:stop]], dim=1)[:, : stop - col]
+                    s, z = qparams(group_cols)
+                    scales[:, g : g + 1], zps[:, g : g + 1] = s, z
+                    s_all[:, g : g + 1], z_all[:, g : g + 1] = s.to(torch.float32), z.to(torch.float32)
+                g = groups[col]
+                w = W1[:, i]
+                s, z = s_all[:, g], z_all[:, g]
+                q = torch.round(w / s + z).clamp_(spec.qmin, spec.qmax)
+                Q1[:, i] = q
+                err = (w - (q - z) * s) / U1[i, i]
+                W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
+                Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.int8)
+        loss += (Err1.double() ** 2).sum() / 2
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     inv = torch.argsort(perm)
