@@ -221,8 +221,9 @@ def compare(args) -> list[dict]:
     for label, cmd, env in jobs:
         r = _run_locked(cmd, env)
         r.setdefault("tool", label)
-        r.update({"run_id": run_id, "inputs": str(inputs), "calib_samples": samples if label != "float" else None,
-                  "windows": windows, "machine": r.get("machine") or machine()})
+        r.update({"run_id": run_id, "inputs": str(inputs), "machine": r.get("machine") or machine()})
+        r.setdefault("calib_samples", samples if label != "float" else None)
+        r.setdefault("windows", windows)
         with open(inputs / "results.jsonl", "a") as f:
             f.write(json.dumps(r) + "\n")
         results.append(r)
