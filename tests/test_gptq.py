@@ -124,3 +124,20 @@ def test_transformers_reads_an_act_order_weight_checkpoint(tiny_model_dir, tmp_p
         a = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
         b = load_checkpoint(out).model(ids).logits
     assert (a - b).abs().max().item() < 1e-4
+
+
+def test_nan_activation_stops_with_the_layer_named_and_nothing_written(tiny_model_dir, tmp_path):
+    from conftest import make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from quantkit.errors import NumericalError
+
+    src = make_tiny_model(tmp_path / "nan-act")
+    model = AutoModelForCausalLM.from_pretrained(src)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:] = float("nan")  # every token embeds to NaN
+    model.save_pretrained(src)
+    out = tmp_path / "q"
+    with pytest.raises(NumericalError, match=r"calibration input of model\.layers\.0\.self_attn\.q_proj"):
+        api.quantize(src, _gptq_recipe(), out, show_progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))

@@ -126,7 +126,6 @@ def gptq_quantize(
     W, H = W[:, perm], H[perm][:, perm]
     U, damp = _inverse_cholesky(H, dampening)
 
-    Q = torch.zeros(out_f, in_f, dtype=torch.int8, device=W.device)  # in processing order
     n_groups = spec.num_groups(in_f)
     scales = torch.zeros(out_f, n_groups, dtype=store_dtype, device=W.device)
     zps = torch.zeros(out_f, n_groups, dtype=torch.int8, device=W.device)
@@ -141,9 +140,13 @@ def gptq_quantize(
     loss = torch.zeros((), dtype=torch.float64, device=W.device)
 
     groups = col_group.tolist()
+    # Work on W^T [in, out]: a column of W is then a contiguous row, so the
+    # per-column reads, writes and rank-1 updates touch memory in order.
+    Wt = W.T.contiguous()
+    Qt = torch.zeros(in_f, out_f, dtype=torch.int8, device=W.device)  # in processing order
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()  # [out, B], updated in place as columns are rounded
+        W1 = Wt[i1:i2].clone()  # [B, out], updated in place as columns are rounded
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
@@ -154,22 +157,23 @@ def gptq_quantize(
                     # this group's qparams from its columns as updated so far
                     g = col // gs
                     stop = min(col + gs, in_f)
-                    group_cols = torch.cat([W1[:, i:], W[:, i2:stop]], dim=1)[:, : stop - col]
-                    s, z = qparams(group_cols)
+                    group_cols = torch.cat([W1[i:], Wt[i2:stop]], dim=0)[: stop - col]
+                    s, z = qparams(group_cols.T)
                     scales[:, g : g + 1], zps[:, g : g + 1] = s, z
                     s_all[:, g : g + 1], z_all[:, g : g + 1] = s.to(torch.float32), z.to(torch.float32)
                 g = groups[col]
-                w = W1[:, i]
+                w = W1[i]
                 s, z = s_all[:, g], z_all[:, g]
                 q = torch.round(w / s + z).clamp_(spec.qmin, spec.qmax)
-                Q1[:, i] = q
+                Q1[i] = q
                 err = (w - (q - z) * s) / U1[i, i]
-                W1[:, i:].sub_(err[:, None] * U1[i, i:][None, :])
-                Err1[:, i] = err
-        Q[:, i1:i2] = Q1.to(torch.int8)
+                W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # W1[k] -= U1[i, k] * err for k >= i
+                Err1[i] = err
+        Qt[i1:i2] = Q1.to(torch.int8)
         loss += (Err1.double() ** 2).sum() / 2
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+        Wt[i2:] -= U[i1:i2, i2:].T @ Err1
 
+    Q = Qt.T
     inv = torch.argsort(perm)
     q_natural = Q[:, inv].contiguous()
     g_idx = None
