@@ -136,9 +136,9 @@ def run_ours(args) -> dict:
     loaded = load_model(args.inputs / manifest["model_dir"], dtype="float32")
     rss_loaded = peak_rss_mb()
 
-    t0 = time.perf_counter()
+    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     result = quantize_model(loaded, recipe, calib, show_progress=False)
-    quantize_s = time.perf_counter() - t0
+    quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     rss = peak_rss_mb()
 
     ppl = {name: perplexity(loaded.model, w.flatten(), w.shape[1], None, args.batch_size, show_progress=False).perplexity
@@ -149,7 +149,7 @@ def run_ours(args) -> dict:
     bits, group, sym = schemes[0]
     return {"tool": "quantkit", "version": _quantkit_version(), "recipe": recipe.name,
             "algorithms": [s.name for s in recipe.algorithms], "bits": bits, "group_size": group, "symmetric": sym,
-            "quantize_s": quantize_s, "quantize_breakdown_s": result.seconds, "peak_rss_mb": rss,
+            "quantize_s": quantize_s, "quantize_cpu_s": quantize_cpu_s, "loadavg_1m_before": load0, "quantize_breakdown_s": result.seconds, "peak_rss_mb": rss,
             "rss_after_load_mb": rss_loaded, "ppl": ppl, "calib_samples": calib.shape[0], "windows": _n(evals),
             "dtype": "float32", "layers": len(result.layers), "notes": "; ".join(notes)}
 
@@ -250,19 +250,19 @@ def print_table(results: list[dict], what: str) -> None:
 
     machines = sorted({r["machine"] for r in results if r.get("machine")})
     table = Table(title=f"GPTQ side by side, float32 CPU, {what}\n{' | '.join(machines)}")
-    for col in ("tool", "scheme", *(f"ppl {s}" for s in EVAL_SETS), "quantize s", "peak MB"):
-        table.add_column(col, justify="left" if col in ("tool", "scheme") else "right")
+    for col in ("tool", "version", "scheme", *(f"ppl {s}" for s in EVAL_SETS), "quantize s", "cpu s", "peak MB"):
+        table.add_column(col, justify="left" if col in ("tool", "version", "scheme") else "right")
     for r in sorted(results, key=lambda r: r.get("tool") != "float"):
         if "error" in r:
-            table.add_row(r["tool"], "[red]failed[/red]", r["error"], "", "", "")
+            table.add_row(r["tool"], "", "[red]failed[/red]", r["error"], "", "", "", "")
             continue
-        name = f"{r['tool']} {r.get('version', '')}".strip() + (f" ({r['recipe']})" if r.get("recipe") else "")
-        name += f" [{r['algorithm']}]" if r.get("algorithm") else ""
+        name = r["tool"] + (f" {r['recipe']}" if r.get("recipe") else f" {r['algorithm']}" if r.get("algorithm") else "")
         scheme = "" if r["bits"] is None else f"W{r['bits']} g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
         ppl = [f"{r['ppl'][s]:.2f}" for s in EVAL_SETS]
         qs = "" if r.get("quantize_s") is None else f"{r['quantize_s']:.1f}"
-        table.add_row(name, scheme, *ppl, qs, f"{r['peak_rss_mb']:.0f}")
-    Console().print(table)
+        cpu = "" if r.get("quantize_cpu_s") is None else f"{r['quantize_cpu_s']:.0f}"
+        table.add_row(name, r.get("version", ""), scheme, *ppl, qs, cpu, f"{r['peak_rss_mb']:.0f}")
+    Console(width=None if sys.stdout.isatty() else 130).print(table)
 
 
 # --------------------------------------------------------------------------- CLI

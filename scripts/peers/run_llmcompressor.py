@@ -14,6 +14,7 @@ on the shared windows. Prints one JSON line.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import time
 
 import torch
@@ -52,24 +53,27 @@ def main() -> None:
         kwargs = {}
     rss_loaded = peak_rss_mb()
 
-    t0 = time.perf_counter()
+    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     model = oneshot(model=model, recipe=[modifier], **kwargs)
-    quantize_s = time.perf_counter() - t0
+    quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     rss = peak_rss_mb()
 
     model.eval()
     ppl = {name: perplexity(model, w, args.batch_size) for name, w in evals.items()}
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    scale_dtypes = sorted({str(t.dtype).removeprefix("torch.") for n, t in model.named_parameters() if n.endswith("weight_scale")})
+    n_quantized = sum(1 for n, _ in model.named_parameters() if n.endswith("weight_scale"))
     emit({
         "tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"), "algorithm": args.algo,
         "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
-        "quantize_s": quantize_s, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
+        "quantize_s": quantize_s, "quantize_cpu_s": quantize_cpu_s, "loadavg_1m_before": load0, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
         "calib_samples": calib.shape[0] if args.algo == "gptq" else 0, "windows": next(iter(evals.values())).shape[0],
-        "dtype": dtype,
+        "dtype": dtype, "quantized_modules": n_quantized,
         "notes": (f"{type(modifier).__name__}(ignore=[lm_head]"
                   + (", dampening_frac=0.01, actorder=None, block_size=128); sequential pipeline, batch 1, no shuffle"
                      if args.algo == "gptq" else "); data-free")
                   + "; quantize_s = oneshot() (model load excluded); evaluated: the fake-quantized model oneshot returns"
+                  + f" ({n_quantized} linears with weight_scale {', '.join(scale_dtypes)}, first parameter {dtype})"
                   + f"; compressed-tensors {importlib.metadata.version('compressed-tensors')}, "
                   + f"transformers {importlib.metadata.version('transformers')}"),
     })
