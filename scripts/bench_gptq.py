@@ -36,7 +36,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts" / "peers"))
-from bench_common import EVAL_SETS, emit, load_inputs, machine, parse_result, peak_rss_mb, runner_args  # noqa: E402
+from bench_common import EVAL_SETS, cpu_clock, emit, load_inputs, machine, parse_result, peak_rss_mb, runner_args, timing  # noqa: E402
 
 LOCK = "/tmp/quantkit-cpu.lock"
 DEFAULT_INPUTS = Path("runs/gptq-bench")
@@ -136,9 +136,9 @@ def run_ours(args) -> dict:
     loaded = load_model(args.inputs / manifest["model_dir"], dtype="float32")
     rss_loaded = peak_rss_mb()
 
-    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    start = cpu_clock()
     result = quantize_model(loaded, recipe, calib, show_progress=False)
-    quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    timed = timing(start, cpu_clock())
     rss = peak_rss_mb()
 
     ppl = {name: perplexity(loaded.model, w.flatten(), w.shape[1], None, args.batch_size, show_progress=False).perplexity
@@ -149,7 +149,7 @@ def run_ours(args) -> dict:
     bits, group, sym = schemes[0]
     return {"tool": "quantkit", "version": _quantkit_version(), "recipe": recipe.name,
             "algorithms": [s.name for s in recipe.algorithms], "bits": bits, "group_size": group, "symmetric": sym,
-            "quantize_s": quantize_s, "quantize_cpu_s": quantize_cpu_s, "loadavg_1m_before": load0, "quantize_breakdown_s": result.seconds, "peak_rss_mb": rss,
+            **timed, "quantize_breakdown_s": result.seconds, "peak_rss_mb": rss,
             "rss_after_load_mb": rss_loaded, "ppl": ppl, "calib_samples": calib.shape[0], "windows": _n(evals),
             "dtype": "float32", "layers": len(result.layers), "notes": "; ".join(notes)}
 
@@ -250,18 +250,19 @@ def print_table(results: list[dict], what: str) -> None:
 
     machines = sorted({r["machine"] for r in results if r.get("machine")})
     table = Table(title=f"GPTQ side by side, float32 CPU, {what}\n{' | '.join(machines)}")
-    for col in ("tool", "version", "scheme", *(f"ppl {s}" for s in EVAL_SETS), "quantize s", "cpu s", "peak MB"):
+    for col in ("tool", "version", "scheme", *(f"ppl {s}" for s in EVAL_SETS), "quantize s", "cpu s", "others' cpu s", "peak MB"):
         table.add_column(col, justify="left" if col in ("tool", "version", "scheme") else "right")
     for r in sorted(results, key=lambda r: r.get("tool") != "float"):
         if "error" in r:
-            table.add_row(r["tool"], "", "[red]failed[/red]", r["error"], "", "", "", "")
+            table.add_row(r["tool"], "", "[red]failed[/red]", r["error"], "", "", "", "", "")
             continue
         name = r["tool"] + (f" {r['recipe']}" if r.get("recipe") else f" {r['algorithm']}" if r.get("algorithm") else "")
         scheme = "" if r["bits"] is None else f"W{r['bits']} g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
         ppl = [f"{r['ppl'][s]:.2f}" for s in EVAL_SETS]
         qs = "" if r.get("quantize_s") is None else f"{r['quantize_s']:.1f}"
         cpu = "" if r.get("quantize_cpu_s") is None else f"{r['quantize_cpu_s']:.0f}"
-        table.add_row(name, r.get("version", ""), scheme, *ppl, qs, cpu, f"{r['peak_rss_mb']:.0f}")
+        others = "" if r.get("others_cpu_s") is None else f"{r['others_cpu_s']:.0f}"
+        table.add_row(name, r.get("version", ""), scheme, *ppl, qs, cpu, others, f"{r['peak_rss_mb']:.0f}")
     Console(width=None if sys.stdout.isatty() else 130).print(table)
 
 

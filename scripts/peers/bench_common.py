@@ -21,6 +21,7 @@ import os
 import platform
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -86,6 +87,26 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
 def peak_rss_mb() -> float:
     """The process's peak resident set so far (ru_maxrss, KiB on Linux), in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_clock() -> tuple[float, float, float]:
+    """(wall s, this process's CPU s, the whole machine's busy CPU s from /proc/stat) now."""
+    busy = float("nan")
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return time.perf_counter(), time.process_time(), busy
+
+
+def timing(start: tuple[float, float, float], end: tuple[float, float, float]) -> dict[str, float]:
+    """Wall and CPU seconds between two cpu_clock()s, and the CPU seconds other processes took
+    meanwhile (others_cpu_s > 0 means the timing shared the machine; the lock keeps out only
+    those who take it)."""
+    wall, cpu, busy = (b - a for a, b in zip(start, end))
+    return {"quantize_s": wall, "quantize_cpu_s": cpu, "others_cpu_s": max(busy - cpu, 0.0)}
 
 
 def machine() -> str:

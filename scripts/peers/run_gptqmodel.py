@@ -38,7 +38,7 @@ from pathlib import Path
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # before gptqmodel is imported
 
 import torch  # noqa: E402
-from bench_common import calibration_dicts, emit, load_inputs, peak_rss_mb, perplexity, runner_args  # noqa: E402
+from bench_common import calibration_dicts, cpu_clock, emit, load_inputs, peak_rss_mb, perplexity, runner_args, timing  # noqa: E402
 
 
 def _saved_tensors(folder: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
@@ -86,9 +86,9 @@ def main() -> None:
     model = GPTQModel.load(str(args.inputs / manifest["model_dir"]), config, device="cpu", dtype=torch.float32)
     rss_loaded = peak_rss_mb()
 
-    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    start = cpu_clock()
     model.quantize(calibration_dicts(calib), batch_size=1, calibration_sort=None)  # None: keep the given order
-    quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    timed = timing(start, cpu_clock())
     rss = peak_rss_mb()
 
     with tempfile.TemporaryDirectory(prefix="gptqmodel-bench-") as tmp:
@@ -115,7 +115,7 @@ def main() -> None:
     emit({
         "tool": "gptqmodel", "version": importlib.metadata.version("gptqmodel"), "algorithm": "gptq",
         "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
-        "quantize_s": quantize_s, "quantize_cpu_s": quantize_cpu_s, "loadavg_1m_before": load0, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
+        **timed, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
         "calib_samples": calib.shape[0], "windows": next(iter(evals.values())).shape[0], "dtype": dtype,
         "save_s": save_s, "saved_dtypes": saved_dtypes, "quantized_modules": len(quantized),
         "notes": (f"QuantizeConfig(desc_act=False, act_group_aware=False, damp_percent=0.01, offload_to_disk=False), "

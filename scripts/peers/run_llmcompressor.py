@@ -14,11 +14,9 @@ on the shared windows. Prints one JSON line.
 from __future__ import annotations
 
 import importlib.metadata
-import os
-import time
 
 import torch
-from bench_common import calibration_dicts, emit, load_inputs, peak_rss_mb, perplexity, runner_args
+from bench_common import calibration_dicts, cpu_clock, emit, load_inputs, peak_rss_mb, perplexity, runner_args, timing
 
 
 def scheme(bits: int, group_size: int, symmetric: bool) -> dict:
@@ -53,9 +51,9 @@ def main() -> None:
         kwargs = {}
     rss_loaded = peak_rss_mb()
 
-    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
+    start = cpu_clock()
     model = oneshot(model=model, recipe=[modifier], **kwargs)
-    quantize_s, quantize_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    timed = timing(start, cpu_clock())
     rss = peak_rss_mb()
 
     model.eval()
@@ -66,7 +64,7 @@ def main() -> None:
     emit({
         "tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"), "algorithm": args.algo,
         "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
-        "quantize_s": quantize_s, "quantize_cpu_s": quantize_cpu_s, "loadavg_1m_before": load0, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
+        **timed, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
         "calib_samples": calib.shape[0] if args.algo == "gptq" else 0, "windows": next(iter(evals.values())).shape[0],
         "dtype": dtype, "quantized_modules": n_quantized,
         "notes": (f"{type(modifier).__name__}(ignore=[lm_head]"
