@@ -51,16 +51,6 @@ class _InputsCaptured(Exception):
     """Raised by the block-0 hook to stop the forward once its inputs are saved."""
 
 
-def _to(obj, device):
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
-
-
 def _block_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 

@@ -129,7 +129,7 @@ def run_ours(args) -> dict:
     c = manifest["calibration"]
     # the recipe's calibration settings describe the shared ids actually used
     recipe = resolve_recipe(args.recipe, calib_data=c["data"], num_samples=calib.shape[0], seqlen=calib.shape[1])
-    notes = [f"quantize_s = quantkit.pipeline.quantize_model (block-0 capture, Hessians, rounding, propagation); "
+    notes = ["quantize_s = quantkit.pipeline.quantize_model (block-0 capture, Hessians, rounding, propagation); "
              f"evaluated: the in-place fake-quantized float32 model with quantkit.eval.perplexity"]
     if recipe.calibration.seed != c["seed"]:
         notes.append(f"recipe seed {recipe.calibration.seed} ignored: the shared ids were drawn with seed {c['seed']}")
