@@ -130,7 +130,7 @@ def run_ours(args) -> dict:
     # the recipe's calibration settings describe the shared ids actually used
     recipe = resolve_recipe(args.recipe, calib_data=c["data"], num_samples=calib.shape[0], seqlen=calib.shape[1])
     notes = ["quantize_s = quantkit.pipeline.quantize_model (block-0 capture, Hessians, rounding, propagation); "
-             f"evaluated: the in-place fake-quantized float32 model with quantkit.eval.perplexity"]
+             "evaluated: the in-place fake-quantized float32 model with quantkit.eval.perplexity"]
     if recipe.calibration.seed != c["seed"]:
         notes.append(f"recipe seed {recipe.calibration.seed} ignored: the shared ids were drawn with seed {c['seed']}")
     loaded = load_model(args.inputs / manifest["model_dir"], dtype="float32")
