@@ -40,11 +40,16 @@ from bench_common import EVAL_SETS, cpu_clock, emit, load_inputs, machine, parse
 
 LOCK = "/tmp/quantkit-cpu.lock"
 DEFAULT_INPUTS = Path("runs/gptq-bench")
-# name -> (venv, runner script, extra runner args)
+# name -> (venv, runner script, extra runner args); the benchmark's settings: no act-order, dampening 0.01
 PEERS = {
     "llmcompressor": ("/tmp/peer-llmc", "run_llmcompressor.py", []),
     "llmcompressor-rtn": ("/tmp/peer-llmc", "run_llmcompressor.py", ["--algo", "rtn"]),
     "gptqmodel": ("/tmp/peer-gptqmodel", "run_gptqmodel.py", []),
+}
+# run only when named in --tools: the tools' own defaults (act-order on), as /work/shared/PEERS.md measured them
+PEER_VARIANTS = {
+    "llmcompressor-static": ("/tmp/peer-llmc", "run_llmcompressor.py", ["--actorder", "static"]),
+    "gptqmodel-defaults": ("/tmp/peer-gptqmodel", "run_gptqmodel.py", ["--tool-defaults"]),
 }
 
 
@@ -205,7 +210,7 @@ def compare(args) -> list[dict]:
         if not ours:
             print(f"no quantkit recipe for W{args.bits} g{args.group_size} (pass --ours RECIPE); ours skipped", file=sys.stderr)
         jobs += [(f"quantkit {r}", [*me, "run-ours", "--recipe", r, *common, *calib], None) for r in ours]
-    for name, (venv, script, extra) in PEERS.items():
+    for name, (venv, script, extra) in {**PEERS, **PEER_VARIANTS}.items():
         if name not in tools:
             continue
         python = Path(venv) / "bin" / "python"
@@ -286,7 +291,8 @@ def main() -> None:
 
     pc = sub.add_parser("compare", parents=[runner_args("", add_help=False)], help="run every tool and print the table")
     pc.add_argument("--ours", nargs="*", default=None, help="quantkit recipes (default: recipes/w{bits}a16-gptq*.yaml of this scheme)")
-    pc.add_argument("--tools", nargs="+", choices=["float", "ours", *PEERS], default=None, help="default: all")
+    pc.add_argument("--tools", nargs="+", choices=["float", "ours", *PEERS, *PEER_VARIANTS], default=None,
+                    help=f"default: float, ours, {', '.join(PEERS)}")
     pc.add_argument("--reprepare", action="store_true", help="write the shared inputs again")
 
     pt = sub.add_parser("table", help="print the table of results.jsonl")

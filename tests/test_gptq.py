@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantkit import api
-from quantkit.algorithms.gptq_math import accumulate_hessian, gptq_quantize, make_hessian
+from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, gptq_quantize, make_hessian
 from quantkit.checkpoint import load_checkpoint
 from quantkit.formats import IntSpec, quantize_rtn
 from quantkit.recipe import Recipe
@@ -50,6 +50,40 @@ def test_gptq_output_error_below_rtn_for_the_same_hessian(spec, actorder):
     q = result.weight.q
     assert q.dtype == torch.int8 and int(q.min()) >= spec.qmin and int(q.max()) <= spec.qmax
     assert (result.weight.g_idx is not None) == (actorder == "group")
+
+
+def test_equalize_tokens_gives_unit_rows_and_keeps_zero_rows():
+    x = torch.randn(6, 16, dtype=torch.bfloat16)
+    x[2] = 0
+    x[4] *= 1000
+    y = equalize_tokens(x)
+    assert y.dtype == torch.float32
+    norms = torch.linalg.vector_norm(y, dim=1)
+    torch.testing.assert_close(norms[[0, 1, 3, 4, 5]], torch.ones(5))
+    assert torch.all(y[2] == 0)
+    torch.testing.assert_close(y[4], x[4].float() / x[4].float().norm())  # direction kept
+
+
+def test_equalized_hessian_is_not_captured_by_massive_tokens():
+    """A few "attention sink" tokens, 300x the norm of the rest in a few
+    channels, dominate a plain Hessian: GPTQ then fits them and does little
+    for ordinary tokens. With every token weighted equally it helps ordinary
+    tokens (held-out ones, not the calibration rows) far more."""
+    W, X, _ = _layer(n=4096, seed=1)
+    g = torch.Generator().manual_seed(2)
+    sinks = torch.zeros(40, X.shape[1])
+    sinks[:, :4] = 300 * X.norm(dim=1).mean() * (1 + 0.1 * torch.randn(40, 4, generator=g))
+    calib = torch.cat([X[:2048], sinks])[torch.randperm(2088, generator=g)]
+    held_out = X[2048:]
+    spec = IntSpec(4, True, 32)
+    errors = {}
+    for name, rows in {"plain": calib, "equal": equalize_tokens(calib)}.items():
+        H = make_hessian(X.shape[1])
+        accumulate_hessian(H, 0, rows)
+        errors[name] = _output_error(held_out, W, gptq_quantize(W, H, spec).weight.dequantize())
+    rtn = _output_error(held_out, W, quantize_rtn(W, spec).dequantize())
+    assert errors["equal"] < 0.8 * errors["plain"]
+    assert errors["equal"] < 0.8 * rtn
 
 
 def test_act_order_group_g_idx_is_a_valid_grouping():

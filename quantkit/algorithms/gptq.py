@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 
 from quantkit.algorithms.base import Algorithm, register
-from quantkit.algorithms.gptq_math import accumulate_hessian, gptq_quantize, make_hessian
+from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, gptq_quantize, make_hessian
 from quantkit.errors import NumericalError
 from quantkit.formats import IntSpec, QuantizedWeight
 
@@ -21,6 +21,10 @@ class GPTQOptions:
     actorder: Literal["group", "weight"] | None = None  # compressed-tensors semantics
     static_groups: bool = False
     true_sequential: bool = True  # calibrate later sub-layers on the quantized earlier ones
+    # every calibration token weighs the same in H (rows scaled to unit norm), so
+    # attention-sink tokens with massive activations do not dominate it;
+    # false: plain GPTQ, each token weighted by its squared norm
+    equalize_tokens: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.dampening < 1:
@@ -48,6 +52,8 @@ class GPTQ(Algorithm):
             for name in names:
                 self._hessians[name] = entry
         H, count = entry
+        if self.options.equalize_tokens:
+            x = equalize_tokens(x)
         count[0] = accumulate_hessian(H, count[0], x)
 
     def quantize(self, name: str, weight: torch.Tensor, spec: IntSpec) -> QuantizedWeight:

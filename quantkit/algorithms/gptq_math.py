@@ -45,6 +45,21 @@ def accumulate_hessian(H: torch.Tensor, n_seen: int, x: torch.Tensor) -> int:
     return n
 
 
+def equalize_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Rows of x [t, in] scaled to unit norm (all-zero rows stay zero), in float32.
+
+    Plain GPTQ weighs each calibration token by its squared norm. In most LLMs
+    a few tokens (the first of every sequence, the "attention sink") carry
+    activations hundreds of times larger than the rest (Sun et al. 2024,
+    "Massive Activations in Large Language Models"); their outer products then
+    make up nearly all of H, and GPTQ fits those few tokens at the expense of
+    every other one, which generalizes badly beyond the calibration text.
+    Accumulating unit rows gives every token the same say in the Hessian.
+    """
+    x = x.to(torch.float32)
+    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 @dataclass
 class GPTQResult:
     weight: QuantizedWeight

@@ -71,17 +71,21 @@ def main() -> None:
     p = runner_args(__doc__)
     p.add_argument("--eval", choices=["float32", "auto"], default="float32",
                    help="float32: see the docstring; auto: GPTQModel.load as it comes (bfloat16 on a CPU)")
+    p.add_argument("--tool-defaults", action="store_true",
+                   help="GPTQModel's own GPTQ defaults (damp_percent 0.05, act_group_aware on), as /work/shared/PEERS.md ran it")
     args = p.parse_args()
 
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
 
     manifest, calib, evals = load_inputs(args.inputs, args.calib_samples, args.windows)
+    gptq = {} if args.tool_defaults else {
+        "act_group_aware": False,  # its default (True for GPTQ) reorders columns within groups: a form of act-order
+        "damp_percent": 0.01,  # its default is 0.05
+    }
     config = QuantizeConfig(
-        bits=args.bits, group_size=args.group_size, sym=not args.asym,
-        desc_act=False,
-        act_group_aware=False,  # its default (True for GPTQ) reorders columns within groups: a form of act-order
-        damp_percent=0.01,  # its default is 0.05
+        bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=False,
         offload_to_disk=False,  # its default writes finished layers to disk; the other tools keep them in memory
+        **gptq,
     )
     model = GPTQModel.load(str(args.inputs / manifest["model_dir"]), config, device="cpu", dtype=torch.float32)
     rss_loaded = peak_rss_mb()
@@ -113,12 +117,14 @@ def main() -> None:
     scale_dtypes = sorted({str(m.scales.dtype).removeprefix("torch.") for m in quantized if hasattr(m, "scales")})
     dtype = str(net.get_input_embeddings().weight.dtype).removeprefix("torch.")
     emit({
-        "tool": "gptqmodel", "version": importlib.metadata.version("gptqmodel"), "algorithm": "gptq",
+        "tool": "gptqmodel", "version": importlib.metadata.version("gptqmodel"),
+        "algorithm": "gptq" + (" tool-defaults" if args.tool_defaults else ""),
         "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
         **timed, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
         "calib_samples": calib.shape[0], "windows": next(iter(evals.values())).shape[0], "dtype": dtype,
         "save_s": save_s, "saved_dtypes": saved_dtypes, "quantized_modules": len(quantized),
-        "notes": (f"QuantizeConfig(desc_act=False, act_group_aware=False, damp_percent=0.01, offload_to_disk=False), "
+        "notes": (f"QuantizeConfig(desc_act=False, act_group_aware={config.act_group_aware}, damp_percent={config.damp_percent}, "
+                  f"offload_to_disk=False), "
                   f"quantize(batch_size=1, calibration_sort=None); GPTQMODEL_CPU_WORKERS={os.environ['GPTQMODEL_CPU_WORKERS']}; "
                   f"quantize_s = quantize() incl. packing (GPTQModel.load and save excluded); evaluated: the saved model, "
                   f"{how}: {len(quantized)} x {', '.join(kinds) or 'no quantized module'}, scales {', '.join(scale_dtypes)} "

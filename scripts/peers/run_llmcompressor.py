@@ -29,6 +29,8 @@ def scheme(bits: int, group_size: int, symmetric: bool) -> dict:
 def main() -> None:
     p = runner_args(__doc__)
     p.add_argument("--algo", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--actorder", choices=["none", "static", "weight", "group"], default="none",
+                   help="GPTQModifier.actorder; its own default is static (what /work/shared/PEERS.md measured)")
     args = p.parse_args()
 
     from datasets import Dataset
@@ -40,8 +42,9 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.inputs / manifest["model_dir"], dtype=torch.float32).eval()
     config = scheme(args.bits, args.group_size, not args.asym)
     if args.algo == "gptq":
-        # actorder=None: its default is "static" activation ordering
-        modifier = GPTQModifier(config_groups=config, ignore=["lm_head"], dampening_frac=0.01, actorder=None, block_size=128)
+        # actorder given explicitly: left out, it is "static" activation ordering
+        actorder = None if args.actorder == "none" else args.actorder
+        modifier = GPTQModifier(config_groups=config, ignore=["lm_head"], dampening_frac=0.01, actorder=actorder, block_size=128)
         rows = calibration_dicts(calib)
         data = Dataset.from_dict({k: [r[k][0].tolist() for r in rows] for k in ("input_ids", "attention_mask")})
         kwargs = dict(dataset=data, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
@@ -62,13 +65,14 @@ def main() -> None:
     scale_dtypes = sorted({str(t.dtype).removeprefix("torch.") for n, t in model.named_parameters() if n.endswith("weight_scale")})
     n_quantized = sum(1 for n, _ in model.named_parameters() if n.endswith("weight_scale"))
     emit({
-        "tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"), "algorithm": args.algo,
+        "tool": "llmcompressor", "version": importlib.metadata.version("llmcompressor"),
+        "algorithm": args.algo + (f" actorder={args.actorder}" if args.algo == "gptq" and args.actorder != "none" else ""),
         "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
         **timed, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
         "calib_samples": calib.shape[0] if args.algo == "gptq" else 0, "windows": next(iter(evals.values())).shape[0],
         "dtype": dtype, "quantized_modules": n_quantized,
         "notes": (f"{type(modifier).__name__}(ignore=[lm_head]"
-                  + (", dampening_frac=0.01, actorder=None, block_size=128); sequential pipeline, batch 1, no shuffle"
+                  + (f", dampening_frac=0.01, actorder={actorder}, block_size=128); sequential pipeline, batch 1, no shuffle"
                      if args.algo == "gptq" else "); data-free")
                   + "; quantize_s = oneshot() (model load excluded); evaluated: the fake-quantized model oneshot returns"
                   + f" ({n_quantized} linears with weight_scale {', '.join(scale_dtypes)}, first parameter {dtype})"
