@@ -15,6 +15,7 @@ Only this module walks the model; algorithms see one layer at a time.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -28,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from quantkit.algorithms import Algorithm, build_all
 from quantkit.errors import NumericalError
 from quantkit.formats import IntSpec, QuantizedWeight, packed_shape
+from quantkit.kernels import cpu_gemm
 from quantkit.models import LoadedModel
 from quantkit.recipe import Recipe
 from quantkit.replay import ReplayCache
@@ -283,9 +285,11 @@ def _replay_cache(block, targets: list[_Target], family) -> ReplayCache:
 def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, final: set[str], keep: bool) -> list[_BlockInput]:
     """One pass of the calibration batches through `block`; outputs kept when `keep`."""
     outputs = []
-    if replay is not None:
-        replay.start_pass(final)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_cpu_gemm_linears(block))
+        if replay is not None:  # after the gemm patch: replay restores what it shadows
+            replay.start_pass(final)
+            stack.callback(replay.end_pass, len(inputs))
         for b, item in enumerate(inputs):
             if replay is not None:
                 replay.batch = b
@@ -295,10 +299,25 @@ def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, f
                     outputs.append(_BlockInput(_block_output(out), item.kwargs))
             except _StopBlock:
                 pass
-    finally:
-        if replay is not None:
-            replay.end_pass(len(inputs))
     return outputs
+
+
+@contextlib.contextmanager
+def _cpu_gemm_linears(block: torch.nn.Module):
+    """The block's linears multiply through quantkit.kernels.cpu_gemm while
+    inside (its measured-faster BLAS for float32 on a CPU); as they were after."""
+    linears = [m for m in block.modules() if type(m) is torch.nn.Linear
+               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+    if not linears or cpu_gemm.backend() == "torch":
+        yield
+        return
+    for m in linears:
+        m.forward = functools.partial(cpu_gemm.linear, weight=m.weight, bias=m.bias)
+    try:
+        yield
+    finally:
+        for m in linears:
+            m.__dict__.pop("forward", None)
 
 
 @torch.inference_mode()

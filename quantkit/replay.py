@@ -16,7 +16,17 @@ linears inside each.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+def _restore_forward(module: torch.nn.Module, previous) -> None:
+    """Put back the instance-level forward a module had before (none: the class's)."""
+    if previous is None:
+        module.__dict__.pop("forward", None)
+    else:
+        module.forward = previous
 
 
 class ReplayCache:
@@ -35,8 +45,8 @@ class ReplayCache:
         for name, linears in self.members.items():
             module = self.block.get_submodule(name)
             if name in self.outputs:
+                self._undo.append(functools.partial(_restore_forward, module, module.__dict__.get("forward")))
                 module.forward = self._replayer(name)  # instance attribute shadows the class method
-                self._undo.append(lambda m=module: m.__dict__.pop("forward", None))
             elif linears <= final:
                 self._recording[name] = []
                 handle = module.register_forward_hook(self._recorder(name))

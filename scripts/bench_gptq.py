@@ -24,6 +24,7 @@ quantization (so it includes the loaded model).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -127,6 +128,7 @@ def run_float(args) -> dict:
 def run_ours(args) -> dict:
     from quantkit.api import resolve_recipe
     from quantkit.eval import perplexity
+    from quantkit.formats import IntSpec
     from quantkit.models import load_model
     from quantkit.pipeline import quantize_model
 
@@ -136,6 +138,11 @@ def run_ours(args) -> dict:
     recipe = resolve_recipe(args.recipe, calib_data=c["data"], num_samples=calib.shape[0], seqlen=calib.shape[1])
     notes = ["quantize_s = quantkit.pipeline.quantize_model (block-0 capture, Hessians, rounding, propagation); "
              "evaluated: the in-place fake-quantized float32 model with quantkit.eval.perplexity"]
+    # the compared scheme, whatever the recipe's own (the peers get the same --bits/--group-size/--asym)
+    scheme = IntSpec(args.bits, not args.asym, args.group_size)
+    if recipe.weights != scheme or recipe.scheme != f"W{args.bits}A16":
+        notes.append(f"recipe weights {recipe.weights} replaced by the compared scheme {scheme}")
+        recipe = dataclasses.replace(recipe, scheme=f"W{args.bits}A16", weights=scheme)
     if recipe.calibration.seed != c["seed"]:
         notes.append(f"recipe seed {recipe.calibration.seed} ignored: the shared ids were drawn with seed {c['seed']}")
     loaded = load_model(args.inputs / manifest["model_dir"], dtype="float32")
@@ -202,14 +209,14 @@ def compare(args) -> list[dict]:
     samples = args.calib_samples or manifest["calibration"]["num_samples"]
 
     tools = args.tools or ["float", "ours", *PEERS]
-    ours = args.ours if args.ours is not None else _default_ours(args.bits, args.group_size, not args.asym)
+    ours = args.ours if args.ours is not None else _default_ours(args.bits)
     jobs: list[tuple[str, list[str], dict | None]] = []
     if "float" in tools:
         jobs.append(("float", [*me, "float", *common], None))
     if "ours" in tools:
         if not ours:
-            print(f"no quantkit recipe for W{args.bits} g{args.group_size} (pass --ours RECIPE); ours skipped", file=sys.stderr)
-        jobs += [(f"quantkit {r}", [*me, "run-ours", "--recipe", r, *common, *calib], None) for r in ours]
+            print(f"no quantkit GPTQ recipe for W{args.bits} (pass --ours RECIPE); ours skipped", file=sys.stderr)
+        jobs += [(f"quantkit {r}", [*me, "run-ours", "--recipe", r, *common, *calib, *scheme], None) for r in ours]
     for name, (venv, script, extra) in {**PEERS, **PEER_VARIANTS}.items():
         if name not in tools:
             continue
@@ -237,16 +244,11 @@ def compare(args) -> list[dict]:
     return results
 
 
-def _default_ours(bits: int, group: int, symmetric: bool) -> list[str]:
-    """Shipped GPTQ recipes whose weight spec is the compared scheme."""
-    from quantkit.recipe import RECIPES_DIR, load_recipe
+def _default_ours(bits: int) -> list[str]:
+    """Shipped GPTQ recipes of this bit width (run-ours gives them the compared group size and symmetry)."""
+    from quantkit.recipe import RECIPES_DIR
 
-    found = []
-    for path in sorted(RECIPES_DIR.glob(f"w{bits}a16-gptq*.yaml")):
-        spec = load_recipe(path.stem).spec_for("model.layers.0.mlp.down_proj", 1536)
-        if spec is not None and (spec.bits, spec.group_size, spec.symmetric) == (bits, group, symmetric):
-            found.append(path.stem)
-    return found
+    return [path.stem for path in sorted(RECIPES_DIR.glob(f"w{bits}a16-gptq*.yaml"))]
 
 
 def print_table(results: list[dict], what: str) -> None:
