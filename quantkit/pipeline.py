@@ -279,7 +279,7 @@ def _replay_cache(block, targets: list[_Target], family) -> ReplayCache:
         inside = {t.rel for t in targets if t.rel.startswith(container + ".")}
         if inside:
             members[container] = inside
-    return ReplayCache(block, members)
+    return ReplayCache(block, members, dict(family.replay_tails))
 
 
 def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, final: set[str], keep: bool) -> list[_BlockInput]:
@@ -326,6 +326,9 @@ def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], obse
     """Run the calibration batches through `block`, handing each group's input
     to the observers; each forward ends once the last group's input is seen."""
     last = groups[-1][0].name
+    # end the forward at the last group's input, or, where the replay cache can
+    # then rebuild the module around it from its recorded input, after that module
+    stop_after = replay.stop_after(groups[-1][0].rel, final) if replay is not None else None
 
     def make_hook(group: list[_Target]):  # hooks go on `block`'s own linears (it may be a copy)
         names = tuple(t.name for t in group)
@@ -336,12 +339,17 @@ def _observe(block, inputs: list[_BlockInput], groups: list[list[_Target]], obse
             x = x.reshape(-1, x.shape[-1])
             for algorithm in observers:
                 algorithm.observe(names, x)
-            if names[0] == last:
+            if names[0] == last and stop_after is None:
                 raise _StopBlock
 
         return hook
 
+    def stop(*_):
+        raise _StopBlock
+
     handles = [block.get_submodule(g[0].rel).register_forward_pre_hook(make_hook(g)) for g in groups]
+    if stop_after is not None:
+        handles.append(block.get_submodule(stop_after).register_forward_hook(stop))
     try:
         _run_batches(block, inputs, replay, final, keep=False)
     finally:

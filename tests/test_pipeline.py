@@ -160,10 +160,29 @@ def test_replay_computes_each_linear_about_once(tiny_model_dir, monkeypatch):
         calls["n"] = 0
         quantize_model(load_model(tiny_model_dir), recipe, ids, show_progress=False, replay=replay)
         counts[replay] = calls["n"]
-    # 2 batches: 7 linears each, about once per block (2 blocks) with replay,
-    # plus block 0's inputs capture runs through no linear at all
-    assert counts[True] <= 2 * 2 * 7
+    # 2 batches x 2 blocks: each of the 7 linears once, o_proj twice (in float
+    # while the attention output is recorded, then rounded to rebuild it);
+    # block 0's inputs capture runs through no linear at all
+    assert counts[True] <= 2 * 2 * 8
     assert counts[False] >= 2 * counts[True]
+
+
+def test_replay_runs_attention_once_per_batch(tiny_model_dir, monkeypatch):
+    ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
+    recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
+                               "calibration": {"batch_size": 2, "dtype": "model"}})
+    calls = {"n": 0}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    loaded = load_model(tiny_model_dir)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    quantize_model(loaded, recipe, ids, show_progress=False)
+    assert calls["n"] == 2 * 2  # 2 batches x 2 blocks
 
 
 def test_cpu_gemm_backends_round_alike_and_leave_the_linears_as_they_were(tiny_model_dir, monkeypatch):

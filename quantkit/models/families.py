@@ -37,6 +37,11 @@ class Family:
     mappings: tuple[Mapping, ...]
     # sub-modules whose output the driver may compute once and replay (quantkit.replay)
     replay_modules: tuple[str, ...] = ()
+    # (module, linear): the module's (first) output is exactly that linear applied
+    # to its input, so once the rest of the module is final the driver can record
+    # the linear's input and rebuild the module's output after rounding it,
+    # instead of running the module again (for attention: the attention itself)
+    replay_tails: tuple[tuple[str, str], ...] = ()
     # vLLM fuses these; they must share one quantization scheme there
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
@@ -71,6 +76,7 @@ LLAMA = Family(
         Mapping("mlp.up_proj", ("mlp.down_proj",)),
     ),
     replay_modules=("self_attn", "mlp"),
+    replay_tails=(("self_attn", "self_attn.o_proj"),),
     fused=(
         ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
