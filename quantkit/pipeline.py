@@ -273,12 +273,11 @@ class _StopBlock(Exception):
 
 
 def _replay_cache(block, targets: list[_Target], family) -> ReplayCache:
-    """Candidates: every target linear, and the family's containers (self_attn, mlp)."""
+    """Candidates: every target linear, and the family's replay modules (norms,
+    self_attn, mlp), each with the target linears its output depends on."""
     members = {t.rel: {t.rel} for t in targets}
-    for container in family.replay_modules:
-        inside = {t.rel for t in targets if t.rel.startswith(container + ".")}
-        if inside:
-            members[container] = inside
+    for module, prefixes in family.replay_modules:
+        members[module] = {t.rel for t in targets if t.rel.startswith(prefixes)} if prefixes else set()
     return ReplayCache(block, members, dict(family.replay_tails))
 
 

@@ -44,8 +44,9 @@ def _with_first(shell, first: torch.Tensor):
 class ReplayCache:
     def __init__(self, block: torch.nn.Module, members: dict[str, set[str]], tails: dict[str, str] | None = None) -> None:
         """members: candidate module (name relative to `block`) -> the target
-        linears inside it (itself, for a linear). tails: module -> its tail
-        linear (a target linear inside it)."""
+        linears whose rounding its output depends on (itself, for a linear;
+        none for a norm of the block's input). tails: module -> its tail linear
+        (one of its members)."""
         self.block = block
         self.members = members
         self.tails = {m: t for m, t in (tails or {}).items() if m in members and t in members[m]}

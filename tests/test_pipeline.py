@@ -167,7 +167,7 @@ def test_replay_computes_each_linear_about_once(tiny_model_dir, monkeypatch):
     assert counts[False] >= 2 * counts[True]
 
 
-def test_replay_runs_attention_once_per_batch(tiny_model_dir, monkeypatch):
+def test_replay_runs_attention_and_norms_once_per_batch(tiny_model_dir, monkeypatch):
     ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
     recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
                                "calibration": {"batch_size": 2, "dtype": "model"}})
@@ -181,8 +181,18 @@ def test_replay_runs_attention_once_per_batch(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
     loaded = load_model(tiny_model_dir)
     assert loaded.model.config._attn_implementation == "sdpa"
+    norm_class = type(loaded.model.model.layers[0].input_layernorm)
+    norms = {"n": 0}
+    norm_forward = norm_class.forward
+
+    def counting_norm(self, x):
+        norms["n"] += 1
+        return norm_forward(self, x)
+
+    monkeypatch.setattr(norm_class, "forward", counting_norm)
     quantize_model(loaded, recipe, ids, show_progress=False)
     assert calls["n"] == 2 * 2  # 2 batches x 2 blocks
+    assert norms["n"] == 2 * 2 * 2  # and the block's two norms
 
 
 def test_cpu_gemm_backends_round_alike_and_leave_the_linears_as_they_were(tiny_model_dir, monkeypatch):

@@ -35,8 +35,10 @@ class Family:
     # linears that see the same input, so one observation serves all of them
     shared_inputs: tuple[tuple[str, ...], ...]
     mappings: tuple[Mapping, ...]
-    # sub-modules whose output the driver may compute once and replay (quantkit.replay)
-    replay_modules: tuple[str, ...] = ()
+    # sub-modules whose output the driver may compute once and replay
+    # (quantkit.replay), each with the prefixes of the linears its output
+    # depends on: once those are rounded, its output is final
+    replay_modules: tuple[tuple[str, tuple[str, ...]], ...] = ()
     # (module, linear): the module's (first) output is exactly that linear applied
     # to its input, so once the rest of the module is final the driver can record
     # the linear's input and rebuild the module's output after rounding it,
@@ -75,7 +77,12 @@ LLAMA = Family(
         Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         Mapping("mlp.up_proj", ("mlp.down_proj",)),
     ),
-    replay_modules=("self_attn", "mlp"),
+    replay_modules=(
+        ("input_layernorm", ()),  # depends on the block's input only
+        ("self_attn", ("self_attn.",)),
+        ("post_attention_layernorm", ("self_attn.",)),
+        ("mlp", ("self_attn.", "mlp.")),
+    ),
     replay_tails=(("self_attn", "self_attn.o_proj"),),
     fused=(
         ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
