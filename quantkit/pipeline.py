@@ -221,12 +221,13 @@ def quantize_model(
                     _observe(fwd, inputs, stage, observers, cache, final)
                     seconds["forward"] += time.perf_counter() - t
                 t = time.perf_counter()
-                for target in [member for group in stage for member in group]:
-                    weights[target.name], row = _quantize_linear(target, rounding, algorithms)
-                    rows.append(row)
-                    if fwd is not block:
-                        fwd.get_submodule(target.rel).weight.data.copy_(target.linear.weight.data)
-                    final.add(target.rel)
+                for group in stage:
+                    for target, (qw, row) in zip(group, _quantize_group(group, rounding, algorithms)):
+                        weights[target.name] = qw
+                        rows.append(row)
+                        if fwd is not block:
+                            fwd.get_submodule(target.rel).weight.data.copy_(target.linear.weight.data)
+                        final.add(target.rel)
                 seconds["quantize"] += time.perf_counter() - t
             if observers and i + 1 < len(blocks):
                 t = time.perf_counter()
@@ -362,27 +363,33 @@ def _propagate(block, inputs: list[_BlockInput], replay: ReplayCache | None, fin
 
 
 @torch.inference_mode()
-def _quantize_linear(target: _Target, rounding: Algorithm, algorithms: list[Algorithm]):
-    name, linear, spec = target.name, target.linear, target.spec
-    w = linear.weight.data
-    _check_finite(w, f"the weight of {name}")
+def _quantize_group(group: list[_Target], rounding: Algorithm, algorithms: list[Algorithm]) -> list[tuple[QuantizedWeight, dict]]:
+    """Round the linears of one input group (one call: an algorithm may solve
+    them together) and write the dequantized weights back; one report row each."""
+    for target in group:
+        _check_finite(target.linear.weight.data, f"the weight of {target.name}")
     t = time.perf_counter()
-    qw = rounding.quantize(name, w, spec)
-    w_hat = qw.dequantize(w.dtype)
-    row = {
-        "name": name,
-        "shape": list(w.shape),
-        "bits": spec.bits,
-        "group_size": spec.group_size,
-        "symmetric": spec.symmetric,
-        "algorithm": rounding.name,
-        "weight_rel_error": _relative_error(w, w_hat),
-        "bytes_float": w.numel() * w.element_size(),
-        "bytes_quantized": _packed_nbytes(qw),
-        "seconds": time.perf_counter() - t,
-    }
-    for algorithm in algorithms:
-        row.update(algorithm.layer_report(name))
-        algorithm.free(name)
-    linear.weight.data.copy_(w_hat)
-    return qw, row
+    qws = rounding.quantize_group([t.name for t in group], [t.linear.weight.data for t in group], [t.spec for t in group])
+    seconds = (time.perf_counter() - t) / len(group)  # a joint solve's time, shared out
+    results = []
+    for target, qw in zip(group, qws):
+        w, spec = target.linear.weight.data, target.spec
+        w_hat = qw.dequantize(w.dtype)
+        row = {
+            "name": target.name,
+            "shape": list(w.shape),
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "symmetric": spec.symmetric,
+            "algorithm": rounding.name,
+            "weight_rel_error": _relative_error(w, w_hat),
+            "bytes_float": w.numel() * w.element_size(),
+            "bytes_quantized": _packed_nbytes(qw),
+            "seconds": seconds,
+        }
+        for algorithm in algorithms:
+            row.update(algorithm.layer_report(target.name))
+            algorithm.free(target.name)
+        w.copy_(w_hat)
+        results.append((qw, row))
+    return results

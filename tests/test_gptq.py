@@ -86,6 +86,30 @@ def test_equalized_hessian_is_not_captured_by_massive_tokens():
     assert errors["equal"] < 0.8 * rtn
 
 
+@pytest.mark.parametrize("actorder", [None, "weight", "group"])
+def test_linears_sharing_a_hessian_are_solved_together_as_if_alone(actorder):
+    """q/k/v share their input: one stacked solve must give each linear what
+    its own solve gives (GPTQ's rows are independent given H)."""
+    from quantkit.algorithms.gptq import GPTQ, GPTQOptions
+
+    _, X, _ = _layer(seed=3)
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(n, X.shape[1], generator=g) for n in (48, 16, 16)]
+    names = ["q", "k", "v"]
+    spec = IntSpec(4, True, 32)
+    algorithm = GPTQ(GPTQOptions(actorder=actorder))
+    algorithm.observe(tuple(names), X)
+    H = algorithm._hessians["q"][0].clone()
+    together = algorithm.quantize_group(names, weights, [spec] * 3)
+    for name, w, qw in zip(names, weights, together):
+        alone = gptq_quantize(w, H, spec, actorder=actorder)
+        assert torch.equal(qw.q, alone.weight.q), name
+        assert torch.equal(qw.scale, alone.weight.scale), name
+        assert algorithm.layer_report(name)["gptq_loss"] == pytest.approx(alone.loss, rel=1e-6)
+        if actorder == "group":
+            assert torch.equal(qw.g_idx, alone.weight.g_idx)
+
+
 def test_act_order_group_g_idx_is_a_valid_grouping():
     W, _, H = _layer()
     spec = IntSpec(4, True, 32)

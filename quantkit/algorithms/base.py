@@ -45,6 +45,11 @@ class Algorithm:
     def quantize(self, name: str, weight: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
         raise NotImplementedError(f"{type(self).__name__} does not round weights")
 
+    def quantize_group(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]) -> list[QuantizedWeight]:
+        """Round linears that share one input (q/k/v; gate/up), in order.
+        An algorithm that can do them together (one solve) overrides this."""
+        return [self.quantize(n, w, s) for n, w, s in zip(names, weights, specs)]
+
     def actorder(self) -> str | None:
         """compressed-tensors' actorder label for the checkpoint (rounding steps)."""
         return None

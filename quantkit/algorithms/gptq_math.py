@@ -62,7 +62,8 @@ def equalize_tokens(x: torch.Tensor) -> torch.Tensor:
 @dataclass
 class GPTQResult:
     weight: QuantizedWeight
-    loss: float  # sum over columns of (w - q)^2 / [H^-1]_qq^2 / 2, the paper's objective
+    row_loss: torch.Tensor  # [out] float64: per output row, sum over columns of (w - q)^2 / [H^-1]_qq^2 / 2
+    loss: float  # row_loss summed: the paper's objective
     damping: float  # the dampening fraction that made H positive definite
     dead_columns: int  # inputs that never fired (diag(H) == 0): their weights are zeroed
 
@@ -151,7 +152,7 @@ def gptq_quantize(
         zps.copy_(fixed_zp)
     s_all = scales.to(torch.float32)
     z_all = zps.to(torch.float32)
-    loss = torch.zeros((), dtype=torch.float64, device=W.device)
+    row_loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
 
     groups = col_group.tolist()
     # Work on W^T [in, out]: a column of W is then a contiguous row, so the
@@ -184,7 +185,7 @@ def gptq_quantize(
                 W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # W1[k] -= U1[i, k] * err for k >= i
                 Err1[i] = err
         Qt[i1:i2] = Q1.to(torch.int8)
-        loss += (Err1.double() ** 2).sum() / 2
+        row_loss += (Err1.double() ** 2).sum(dim=0) / 2
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
 
     Q = Qt.T
@@ -194,4 +195,4 @@ def gptq_quantize(
     if actorder == "group":
         g_idx = col_group[inv].to(torch.int32)  # processed position // gs, per original column
     qw = QuantizedWeight(q=q_natural, scale=scales, zero_point=zps, spec=spec, g_idx=g_idx)
-    return GPTQResult(weight=qw, loss=float(loss), damping=damp, dead_columns=int(dead.sum()))
+    return GPTQResult(weight=qw, row_loss=row_loss, loss=float(row_loss.sum()), damping=damp, dead_columns=int(dead.sum()))
