@@ -150,11 +150,14 @@ def gptq_quantize(
     if fixed:
         scales.copy_(fixed_scale)
         zps.copy_(fixed_zp)
-    s_all = scales.to(torch.float32)
-    z_all = zps.to(torch.float32)
+    # working copies of the qparams, one contiguous row per group
+    s_rows = scales.T.to(torch.float32).contiguous()  # [n_groups, out]
+    z_rows = zps.T.to(torch.float32).contiguous()
+    symmetric = spec.symmetric
     row_loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
 
     groups = col_group.tolist()
+    diag = torch.diagonal(U).tolist()
     # Work on W^T [in, out]: a column of W is then a contiguous row, so the
     # per-column reads, writes and rank-1 updates touch memory in order.
     Wt = W.T.contiguous()
@@ -173,17 +176,23 @@ def gptq_quantize(
                     g = col // gs
                     stop = min(col + gs, in_f)
                     group_cols = torch.cat([W1[i:], Wt[i2:stop]], dim=0)[: stop - col]
-                    s, z = qparams(group_cols.T)
-                    scales[:, g : g + 1], zps[:, g : g + 1] = s, z
-                    s_all[:, g : g + 1], z_all[:, g : g + 1] = s.to(torch.float32), z.to(torch.float32)
+                    sc, zp = qparams(group_cols.T)
+                    scales[:, g : g + 1], zps[:, g : g + 1] = sc, zp
+                    s_rows[g], z_rows[g] = sc[:, 0], zp[:, 0]
                 g = groups[col]
-                w = W1[i]
-                s, z = s_all[:, g], z_all[:, g]
-                q = torch.round(w / s + z).clamp_(spec.qmin, spec.qmax)
-                Q1[i] = q
-                err = (w - (q - z) * s) / U1[i, i]
-                W1[i:].addr_(U1[i, i:], err, alpha=-1.0)  # W1[k] -= U1[i, k] * err for k >= i
-                Err1[i] = err
+                w, q, err = W1[i], Q1[i], Err1[i]
+                s, z = s_rows[g], z_rows[g]
+                # q = clamp(round(w / s + z)); err = (w - (q - z) * s) / U[col, col], in place
+                torch.div(w, s, out=q)
+                if not symmetric:
+                    q.add_(z)
+                q.round_().clamp_(spec.qmin, spec.qmax)
+                if symmetric:
+                    torch.mul(q, s, out=err)
+                else:
+                    torch.sub(q, z, out=err).mul_(s)
+                torch.sub(w, err, out=err).div_(diag[col])
+                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)  # W1[k] -= U1[i, k] * err for k > i
         Qt[i1:i2] = Q1.to(torch.int8)
         row_loss += (Err1.double() ** 2).sum(dim=0) / 2
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
