@@ -1,0 +1,141 @@
+"""AWQ as pure tensor functions (Lin et al. 2023, arXiv:2306.00978).
+
+AWQ protects the weights that meet large activations by scaling input
+channels before rounding: for linears W_i fed by one input x,
+
+    y = W_i x = (W_i diag(s)) (diag(s)^-1 x)
+
+so W_i diag(s) is what gets rounded, and diag(s)^-1 is folded into the op that
+produced x (a norm's weight, or the rows of a previous linear), leaving the
+float function unchanged. s comes from the per-channel activation magnitude
+m_x (and, with duo scaling, the weights' magnitude m_w):
+
+    s = m_x^a / m_w^(1 - a)     (duo)        s = m_x^a     (plain)
+
+normalized to sqrt(max s * min s) = 1, with a chosen on a grid in [0, 1) to
+minimize the linears' output error over the calibration tokens. Then each
+group's clipping range is shrunk on a grid, again minimizing output error.
+
+Output errors come from the Hessian H = 2/n X^T X the driver accumulates
+anyway (GPTQ's), not from re-running forwards:
+
+    sum over tokens of ||dW x||^2  =  n/2 * tr(dW H dW^T)
+
+which makes each grid point one [out, in] x [in, in] product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.formats import IntSpec, compute_qparams, dequantize, group_minmax, quantize
+
+
+def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per output row: dW_r H dW_r^T, for dW [out, in], H [in, in] -> [out]."""
+    return ((dW @ H) * dW).sum(dim=1)
+
+
+def fake_quantize_grouped(W: torch.Tensor, spec: IntSpec, w_min: torch.Tensor | None = None,
+                          w_max: torch.Tensor | None = None) -> torch.Tensor:
+    """Round W [out, in] to `spec` and back; group ranges from W unless given ([out, n_groups])."""
+    if w_min is None or w_max is None:
+        w_min, w_max = group_minmax(W, spec.group_size)
+    scale, zp = compute_qparams(w_min, w_max, spec)
+    return dequantize(quantize(W, scale, zp, spec), scale, zp, spec, dtype=W.dtype)
+
+
+def candidate_scales(x_mag: torch.Tensor, w_mag: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """Per-input-channel scales for one grid point; w_mag None = plain AWQ."""
+    tiny = 1e-4
+    s = x_mag.clamp_min(tiny).pow(alpha)
+    if w_mag is not None:
+        s = s / w_mag.clamp_min(tiny).pow(1 - alpha)
+    s = s.clamp_min(tiny)
+    return s / torch.sqrt(s.max() * s.min())
+
+
+def weight_magnitude(weights: list[torch.Tensor], spec: IntSpec) -> torch.Tensor:
+    """Mean over output rows of |w| relative to its group's max |w|, per input channel."""
+    parts = []
+    for W in weights:
+        lo, hi = group_minmax(W.abs(), spec.group_size)
+        gs = spec.group_size or W.shape[1]
+        per_col = torch.repeat_interleave(hi, gs, dim=1)[:, : W.shape[1]]
+        parts.append(W.abs() / per_col.clamp_min(1e-12))
+    return torch.cat(parts).mean(dim=0)
+
+
+@dataclass
+class ScaleSearch:
+    scales: torch.Tensor  # [in] float32; all ones when no grid point beat plain rounding
+    alpha: float | None  # the chosen exponent (None: plain rounding won)
+    error: float  # relative output error at the chosen scales
+    error_rtn: float  # relative output error of plain rounding (s = 1)
+
+
+def search_scales(weights: list[torch.Tensor], H: torch.Tensor, x_mag: torch.Tensor, spec: IntSpec,
+                  grid: int = 20, duo_scaling: bool = True) -> ScaleSearch:
+    """The grid search over alpha for linears sharing one input (and H)."""
+    Ws = [W.to(torch.float32) for W in weights]
+    H = H.to(torch.float32)
+    total = sum(float(output_error(W, H).sum()) for W in Ws) or 1.0
+    w_mag = weight_magnitude(Ws, spec) if duo_scaling else None
+
+    def error(s: torch.Tensor) -> float:
+        return sum(float(output_error(W - fake_quantize_grouped(W * s, spec) / s, H).sum()) for W in Ws) / total
+
+    ones = torch.ones_like(x_mag, dtype=torch.float32)
+    best = (error(ones), None, ones)
+    rtn = best[0]
+    for k in range(grid):
+        alpha = k / grid
+        s = candidate_scales(x_mag.to(torch.float32), w_mag, alpha)
+        e = error(s)
+        if e < best[0]:
+            best = (e, alpha, s)
+    e, alpha, s = best
+    return ScaleSearch(scales=s, alpha=alpha, error=max(e, 0.0) ** 0.5, error_rtn=max(rtn, 0.0) ** 0.5)
+
+
+def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,
+                max_shrink: float = 0.5) -> tuple[torch.Tensor, float]:
+    """Shrink each (row, group)'s range on a grid to minimize that group's
+    output error (dW_g H_gg dW_g^T; cross-group terms left out, as AWQ does).
+
+    Returns W clamped to the chosen ranges (so any rounding that takes its
+    ranges from the weights uses them) and the mean shrink factor.
+    """
+    if spec.group_size is None:
+        bounds = [(0, W.shape[1])]
+    else:
+        bounds = [(c, min(c + spec.group_size, W.shape[1])) for c in range(0, W.shape[1], spec.group_size)]
+    Wf = W.to(torch.float32)
+    H = H.to(torch.float32)
+    out = Wf.clone()
+    one_group = IntSpec(spec.bits, spec.symmetric, None)
+    ratios = [1 - max_shrink * k / grid for k in range(grid)]  # 1.0 down to (1 - max_shrink)
+    shrink_sum = 0.0
+    for c0, c1 in bounds:
+        Wg, Hg = Wf[:, c0:c1], H[c0:c1, c0:c1]
+        lo, hi = Wg.amin(dim=1, keepdim=True), Wg.amax(dim=1, keepdim=True)
+        best_err = torch.full((W.shape[0],), float("inf"), device=W.device)
+        best_r = torch.ones(W.shape[0], device=W.device)
+        for r in ratios:
+            deq = fake_quantize_grouped(Wg.clamp(lo * r, hi * r), one_group, lo * r, hi * r)
+            err = output_error(Wg - deq, Hg)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_r = torch.where(better, torch.full_like(best_r, r), best_r)
+        r = best_r[:, None]
+        out[:, c0:c1] = Wg.clamp(lo * r, hi * r)
+        shrink_sum += float(best_r.mean()) * (c1 - c0)
+    return out.to(W.dtype), shrink_sum / W.shape[1]
+
+
+def scale_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """H of the scaled input x / s: diag(1/s) H diag(1/s)."""
+    inv = 1.0 / s.to(H.dtype)
+    return H * inv[:, None] * inv[None, :]
