@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from quantkit.algorithms import Algorithm, build_all
+from quantkit.algorithms.awq_math import fold_into_previous, scale_columns
 from quantkit.errors import NumericalError
 from quantkit.formats import IntSpec, QuantizedWeight, packed_shape
 from quantkit.kernels import cpu_gemm
@@ -183,18 +184,21 @@ def quantize_model(
     """
     algorithms = build_all(recipe)
     rounding = algorithms[-1]
-    observers = [a for a in algorithms if a.needs_activations]
+    transforms = [a for a in algorithms if a.transforms]  # observe the float block, change it
+    observers = [a for a in algorithms if a.needs_activations and not a.transforms]  # observe, then round
+    needs_data = bool(transforms or observers)
     family = loaded.family
     blocks = blocks_of(loaded)
-    seconds = {"capture": 0.0, "forward": 0.0, "quantize": 0.0}
-    if observers and calibration_ids is None:
-        raise ValueError(f"recipe {recipe.name!r} needs calibration data ({', '.join(a.name for a in observers)})")
+    seconds = {"capture": 0.0, "forward": 0.0, "transform": 0.0, "quantize": 0.0}
+    if needs_data and calibration_ids is None:
+        users = [a.name for a in algorithms if a.needs_activations]
+        raise ValueError(f"recipe {recipe.name!r} needs calibration data ({', '.join(users)})")
 
     model_dtype = next(loaded.model.parameters()).dtype
-    fwd_dtype = calibration_dtype(recipe.calibration.dtype, model_dtype, device) if observers else model_dtype
+    fwd_dtype = calibration_dtype(recipe.calibration.dtype, model_dtype, device) if needs_data else model_dtype
     t0 = time.perf_counter()
     batch = recipe.calibration.batch_size
-    inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if observers else []
+    inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if needs_data else []
     seconds["capture"] = time.perf_counter() - t0
 
     weights: dict[str, QuantizedWeight] = {}
@@ -208,12 +212,22 @@ def quantize_model(
             targets = _targets(block, prefix, family.linears, recipe)
             block.to(device)
             # the block that runs the calibration data: itself, or a copy in fwd_dtype
-            fwd = block if not observers or fwd_dtype == model_dtype else copy.deepcopy(block).to(fwd_dtype)
+            fwd = block if not needs_data or fwd_dtype == model_dtype else copy.deepcopy(block).to(fwd_dtype)
             groups = _input_groups(targets, family.shared_inputs)
+            if transforms and targets:
+                t = time.perf_counter()
+                _observe(fwd, inputs, groups, transforms, None, set())  # the float block, every group in one pass
+                seconds["forward"] += time.perf_counter() - t
+                t = time.perf_counter()
+                _apply_transforms(block, targets, family, transforms)
+                if fwd is not block:
+                    for p_fwd, p in zip(fwd.parameters(), block.parameters(), strict=True):
+                        p_fwd.data.copy_(p.data)
+                seconds["transform"] += time.perf_counter() - t
             # true-sequential: each group is observed after the groups before it
             # were quantized, so it is calibrated on what the quantized block computes
             stages = [[g] for g in groups] if any(a.sequential for a in observers) else [groups]
-            cache = _replay_cache(fwd, targets, family) if observers and replay else None
+            cache = _replay_cache(fwd, targets, family) if needs_data and replay else None
             final: set[str] = set()  # target linears (relative names) already quantized
             for stage in stages if targets else []:
                 if observers:
@@ -229,7 +243,7 @@ def quantize_model(
                             fwd.get_submodule(target.rel).weight.data.copy_(target.linear.weight.data)
                         final.add(target.rel)
                 seconds["quantize"] += time.perf_counter() - t
-            if observers and i + 1 < len(blocks):
+            if needs_data and i + 1 < len(blocks):
                 t = time.perf_counter()
                 inputs = _propagate(fwd, inputs, cache, final)
                 seconds["forward"] += time.perf_counter() - t
@@ -237,6 +251,45 @@ def quantize_model(
             block.to("cpu")
             progress.advance(task)
     return QuantizationResult(weights, rows, seconds, rounding.actorder())
+
+
+def _apply_transforms(block, targets: list["_Target"], family, transforms: list[Algorithm]) -> None:
+    """Scale each family mapping the transforms can fold (previous op / s,
+    linears' columns * s), then clip; a mapping that cannot apply is recorded
+    in the report with the reason, never silently dropped."""
+    by_rel = {t.rel: t for t in targets}
+    for algorithm in transforms:
+        for mapping in family.mappings:
+            members = [by_rel[rel] for rel in mapping.linears if rel in by_rel]
+            names = [m.name for m in members]
+            missing = [rel for rel in mapping.linears if rel not in by_rel]
+            if missing:
+                algorithm.skip(names, f"{', '.join(missing)} not quantized")
+                continue
+            prev = block.get_submodule(mapping.prev)
+            width = members[0].linear.in_features
+            if isinstance(prev, torch.nn.Linear):
+                weight, bias = prev.weight.data, None if prev.bias is None else prev.bias.data
+                if prev.out_features != width:
+                    algorithm.skip(names, f"{mapping.prev} has {prev.out_features} outputs, its linears take {width} inputs "
+                                          f"(grouped-query attention)")
+                    continue
+            else:
+                weight, bias = getattr(prev, "weight", None), getattr(prev, "bias", None)
+                if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
+                    algorithm.skip(names, f"{mapping.prev} ({type(prev).__name__}) has no per-channel weight of width {width}")
+                    continue
+                weight, bias = weight.data, None if bias is None else bias.data
+            found = algorithm.search_scales(names, [m.linear.weight.data for m in members], [m.spec for m in members])
+            if found.alpha is None:
+                continue  # plain rounding beat every scaling: nothing to fold
+            fold_into_previous(weight, bias, found.scales)
+            for m in members:
+                scale_columns(m.linear.weight.data, found.scales)
+            algorithm.scaled(names, found.scales)
+        for t in targets:
+            if t.rel not in family.score_linears:
+                t.linear.weight.data.copy_(algorithm.clip(t.name, t.linear.weight.data, t.spec))
 
 
 @dataclass

@@ -57,10 +57,10 @@ def candidate_scales(x_mag: torch.Tensor, w_mag: torch.Tensor | None, alpha: flo
     return s / torch.sqrt(s.max() * s.min())
 
 
-def weight_magnitude(weights: list[torch.Tensor], spec: IntSpec) -> torch.Tensor:
+def weight_magnitude(weights: list[torch.Tensor], specs: list[IntSpec]) -> torch.Tensor:
     """Mean over output rows of |w| relative to its group's max |w|, per input channel."""
     parts = []
-    for W in weights:
+    for W, spec in zip(weights, specs):
         lo, hi = group_minmax(W.abs(), spec.group_size)
         gs = spec.group_size or W.shape[1]
         per_col = torch.repeat_interleave(hi, gs, dim=1)[:, : W.shape[1]]
@@ -76,16 +76,19 @@ class ScaleSearch:
     error_rtn: float  # relative output error of plain rounding (s = 1)
 
 
-def search_scales(weights: list[torch.Tensor], H: torch.Tensor, x_mag: torch.Tensor, spec: IntSpec,
+def search_scales(weights: list[torch.Tensor], H: torch.Tensor, x_mag: torch.Tensor, specs: IntSpec | list[IntSpec],
                   grid: int = 20, duo_scaling: bool = True) -> ScaleSearch:
-    """The grid search over alpha for linears sharing one input (and H)."""
+    """The grid search over alpha for linears sharing one input (and H);
+    `specs`: one per weight, or one for all."""
     Ws = [W.to(torch.float32) for W in weights]
+    specs = specs if isinstance(specs, list) else [specs] * len(Ws)
     H = H.to(torch.float32)
     total = sum(float(output_error(W, H).sum()) for W in Ws) or 1.0
-    w_mag = weight_magnitude(Ws, spec) if duo_scaling else None
+    w_mag = weight_magnitude(Ws, specs) if duo_scaling else None
 
     def error(s: torch.Tensor) -> float:
-        return sum(float(output_error(W - fake_quantize_grouped(W * s, spec) / s, H).sum()) for W in Ws) / total
+        return sum(float(output_error(W - fake_quantize_grouped(W * s, spec) / s, H).sum())
+                   for W, spec in zip(Ws, specs)) / total
 
     ones = torch.ones_like(x_mag, dtype=torch.float32)
     best = (error(ones), None, ones)
@@ -133,6 +136,24 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,
         out[:, c0:c1] = Wg.clamp(lo * r, hi * r)
         shrink_sum += float(best_r.mean()) * (c1 - c0)
     return out.to(W.dtype), shrink_sum / W.shape[1]
+
+
+def fold_into_previous(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor) -> None:
+    """Divide the op before by s, in place: a norm's weight [in] elementwise, a
+    linear's weight [in, k] row by row; its bias [in] likewise."""
+    s = s.to(weight.device)
+    inv = (1.0 / s).to(torch.float32)
+    if weight.ndim == 1:
+        weight.copy_((weight.to(torch.float32) * inv).to(weight.dtype))
+    else:
+        weight.copy_((weight.to(torch.float32) * inv[:, None]).to(weight.dtype))
+    if bias is not None:
+        bias.copy_((bias.to(torch.float32) * inv).to(bias.dtype))
+
+
+def scale_columns(weight: torch.Tensor, s: torch.Tensor) -> None:
+    """Multiply a linear's input columns by s, in place (weight [out, in])."""
+    weight.copy_((weight.to(torch.float32) * s.to(weight.device)[None, :]).to(weight.dtype))
 
 
 def scale_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

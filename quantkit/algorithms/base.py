@@ -33,6 +33,9 @@ class Algorithm:
     Options: ClassVar[type] = NoOptions
     needs_activations: ClassVar[bool] = False  # the driver runs calibration data only if some step needs it
     rounds: ClassVar[bool] = True  # produces the QuantizedWeight (exactly one per recipe, last)
+    # transforms the float block before rounding (AWQ: scales folded into the
+    # op before, clipping); observes the float block in a pass of its own
+    transforms: ClassVar[bool] = False
 
     def __init__(self, options) -> None:
         self.options = options
@@ -49,6 +52,22 @@ class Algorithm:
         """Round linears that share one input (q/k/v; gate/up), in order.
         An algorithm that can do them together (one solve) overrides this."""
         return [self.quantize(n, w, s) for n, w, s in zip(names, weights, specs)]
+
+    # -- the transform interface (transforms = True), called by the driver per block
+    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]):
+        """Per-input-channel scales for linears sharing one input: an object with
+        .scales [in] and .alpha (None: leave them unscaled)."""
+        raise NotImplementedError(f"{type(self).__name__} does not search scales")
+
+    def scaled(self, names: list[str], s: torch.Tensor) -> None:
+        """The driver folded s into the op before these linears and their columns."""
+
+    def skip(self, names: list[str], reason: str) -> None:
+        """A mapping over these linears could not be applied (recorded in the report)."""
+
+    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+        """The weight with clipped ranges (as it is, by default)."""
+        return weight
 
     def actorder(self) -> str | None:
         """compressed-tensors' actorder label for the checkpoint (rounding steps)."""

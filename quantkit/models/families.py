@@ -44,6 +44,9 @@ class Family:
     # the linear's input and rebuild the module's output after rounding it,
     # instead of running the module again (for attention: the attention itself)
     replay_tails: tuple[tuple[str, str], ...] = ()
+    # linears whose outputs form attention scores (through a softmax): searches
+    # that minimize a linear's own output error (AWQ's clipping) leave them be
+    score_linears: tuple[str, ...] = ()
     # vLLM fuses these; they must share one quantization scheme there
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
@@ -84,6 +87,7 @@ LLAMA = Family(
         ("mlp", ("self_attn.", "mlp.")),
     ),
     replay_tails=(("self_attn", "self_attn.o_proj"),),
+    score_linears=("self_attn.q_proj", "self_attn.k_proj"),
     fused=(
         ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
         ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
