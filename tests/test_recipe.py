@@ -11,7 +11,7 @@ from quantkit.recipe import (
     list_recipes, load_recipe, parse_dataclass,
 )
 
-SHIPPED = ["w3a16-gptq", "w3a16-gptq-actorder", "w3a16-rtn", "w4a16-gptq", "w4a16-gptq-actorder",
+SHIPPED = ["w3a16-gptq", "w3a16-gptq-actorder", "w3a16-rtn", "w4a16-awq", "w4a16-awq-gptq", "w4a16-gptq", "w4a16-gptq-actorder",
            "w4a16-rtn", "w4a16-rtn-asym", "w4a16-rtn-g64", "w8a16-rtn"]
 
 
