@@ -131,5 +131,16 @@ def evaluate(
     return rows
 
 
+def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "awq", force: bool = False) -> Path:
+    """Write the quantized checkpoint `src` in another engine's layout (`awq`: AWQ GEMM)."""
+    from quantkit.checkpoint.awq_export import export_awq
+
+    exporters = {"awq": export_awq}
+    if fmt not in exporters:
+        raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(exporters)}")
+    check_output(out, force)  # before loading anything
+    return exporters[fmt](src, out, force)
+
+
 def inspect(path: str | os.PathLike) -> dict:
     return checkpoint_summary(path)

@@ -112,6 +112,20 @@ def eval_(
 
 
 @app.command()
+def export(
+    src: Annotated[Path, typer.Argument(help="a quantized checkpoint folder (quantkit quantize's output)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output folder")],
+    fmt: Annotated[str, typer.Option("--format", help="awq: AWQ GEMM layout (qweight/qzeros/scales)")] = "awq",
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
+) -> None:
+    """Write a quantized checkpoint in another engine's layout."""
+    from quantkit import api
+
+    path = _run(api.export, src, out, fmt, force)
+    err.print(f"wrote {path} ({fmt})")
+
+
+@app.command()
 def inspect(
     path: Annotated[Path, typer.Argument(help="a quantized checkpoint folder")],
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,

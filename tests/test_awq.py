@@ -145,3 +145,60 @@ def test_awq_needs_calibration_data(tiny_model_dir):
     recipe = Recipe.from_dict({"name": "t", "algorithms": ["awq", "rtn"]})
     with pytest.raises(ValueError, match="calibration data"):
         quantize_model(load_model(tiny_model_dir), recipe, None, show_progress=False)
+
+
+# --------------------------------------------------------------------------- AWQ GEMM export
+
+from quantkit.checkpoint.awq_export import AWQ_ORDER, pack_awq  # noqa: E402
+from quantkit.errors import CheckpointError  # noqa: E402
+
+
+def _unpack_awq(words: torch.Tensor) -> torch.Tensor:
+    """Written from the layout's description, independently of pack_awq."""
+    fields = [(words.to(torch.int64) >> (4 * i)) & 0xF for i in range(8)]  # field i holds column 8c + ORDER[i]
+    out = torch.zeros(words.shape[0], words.shape[1] * 8, dtype=torch.int64)
+    for i, column in enumerate(AWQ_ORDER):
+        out[:, column::8] = fields[i]
+    return out
+
+
+def test_pack_awq_interleaves_eight_values_per_word():
+    v = torch.arange(16).reshape(1, 16) % 16
+    words = pack_awq(v)
+    assert words.dtype == torch.int32 and words.shape == (1, 2)
+    assert int(words[0, 0]) & 0xF == 0 and (int(words[0, 0]) >> 4) & 0xF == 2  # fields 0, 1 = columns 0, 2
+    assert torch.equal(_unpack_awq(words), v)
+    with pytest.raises(ValueError):
+        pack_awq(torch.full((1, 8), 16))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_export_dequantizes_to_the_same_weights(tiny_model_dir, tmp_path, symmetric):
+    from safetensors.torch import load_file
+
+    recipe = Recipe.from_dict({"name": "t", "weights": {"group_size": 32, "symmetric": symmetric}, "algorithms": ["rtn"]})
+    src, dst = tmp_path / "ct", tmp_path / "awq"
+    api.quantize(tiny_model_dir, recipe, src, show_progress=False)
+    api.export(src, dst, "awq")
+    cfg = __import__("json").loads((dst / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "awq" and cfg["version"] == "gemm" and cfg["group_size"] == 32
+    state = load_file(dst / "model.safetensors")
+    ours = load_checkpoint(src).model
+    name = "model.layers.1.mlp.down_proj"
+    module = ours.get_submodule(name)
+    expected = module(torch.eye(module.in_features)).T  # dequantized weight [out, in] via our kernel
+    q = _unpack_awq(state[f"{name}.qweight"])  # [in, out]
+    z = _unpack_awq(state[f"{name}.qzeros"])  # [in / g, out]
+    s = state[f"{name}.scales"].float()  # [in / g, out]
+    w = ((q - z.repeat_interleave(32, dim=0)) * s.repeat_interleave(32, dim=0)).T
+    torch.testing.assert_close(w, expected.float(), rtol=1e-3, atol=1e-4)  # scales go to float16
+    if symmetric:
+        assert torch.all(z == 8)
+
+
+def test_awq_export_refuses_what_awq_cannot_hold(tiny_model_dir, tmp_path):
+    recipe = Recipe.from_dict({"name": "t", "scheme": "W8A16", "weights": {"group_size": 32}, "algorithms": ["rtn"]})
+    api.quantize(tiny_model_dir, recipe, tmp_path / "w8", show_progress=False)
+    with pytest.raises(CheckpointError, match="4-bit"):
+        api.export(tmp_path / "w8", tmp_path / "awq", "awq")
+    assert not (tmp_path / "awq").exists()  # nothing half-written

@@ -392,3 +392,14 @@ def test_inspect_missing_folder(tmp_path):
 def test_inspect_folder_without_config(tmp_path):
     result, text = cli("inspect", tmp_path)
     assert_clean_error(result, text, "config.json")
+
+
+def test_export_of_what_awq_cannot_hold_is_one_clean_error(tiny_model_dir, tmp_path):
+    w8 = tmp_path / "w8"
+    result, text = cli("quantize", tiny_model_dir, "--recipe", "w8a16-rtn", "--out", w8)
+    assert result.exit_code == 0, text
+    out = tmp_path / "awq"
+    assert_clean_error(*cli("export", w8, "--format", "awq", "--out", out), "4-bit")
+    assert_nothing_written(out)
+    assert_clean_error(*cli("export", w8, "--format", "gguf", "--out", out), "unknown export format")
+    assert_clean_error(*cli("export", tmp_path / "missing", "--out", out), "missing")
