@@ -51,6 +51,7 @@ PEERS = {
 PEER_VARIANTS = {
     "llmcompressor-static": ("/tmp/peer-llmc", "run_llmcompressor.py", ["--actorder", "static"]),
     "gptqmodel-defaults": ("/tmp/peer-gptqmodel", "run_gptqmodel.py", ["--tool-defaults"]),
+    "llmcompressor-awq": ("/tmp/peer-llmc", "run_llmcompressor.py", ["--algo", "awq"]),
 }
 
 

@@ -1,9 +1,14 @@
-"""llm-compressor's GPTQModifier (or QuantizationModifier, RTN) on the shared GPTQ-benchmark inputs.
+"""llm-compressor's GPTQModifier (or QuantizationModifier: RTN; AWQModifier + QuantizationModifier: AWQ) on the shared benchmark inputs.
 
 Run with the llm-compressor venv (scripts/peers/setup_peers.sh):
 
     /tmp/peer-llmc/bin/python scripts/peers/run_llmcompressor.py --inputs runs/gptq-bench --bits 4 --group-size 64
     /tmp/peer-llmc/bin/python scripts/peers/run_llmcompressor.py --algo rtn ...
+    /tmp/peer-llmc/bin/python scripts/peers/run_llmcompressor.py --algo awq --asym ...
+
+AWQ on a CPU-only machine: llm-compressor 0.14 pins its cached activations
+(`IntermediatesCache.pin_memory`), which fails without an accelerator; this
+runner makes that call a no-op (pinning only speeds up host-to-device copies).
 
 Loads the float folder in float32 (not timed), times `oneshot(...)` (its data
 loader over the given ids, the sequential pipeline's tracing, calibration,
@@ -28,7 +33,7 @@ def scheme(bits: int, group_size: int, symmetric: bool) -> dict:
 
 def main() -> None:
     p = runner_args(__doc__)
-    p.add_argument("--algo", choices=["gptq", "rtn"], default="gptq")
+    p.add_argument("--algo", choices=["gptq", "rtn", "awq"], default="gptq")
     p.add_argument("--actorder", choices=["none", "static", "weight", "group"], default="none",
                    help="GPTQModifier.actorder; its own default is static (what /work/shared/PEERS.md measured)")
     args = p.parse_args()
@@ -49,13 +54,23 @@ def main() -> None:
         data = Dataset.from_dict({k: [r[k][0].tolist() for r in rows] for k in ("input_ids", "attention_mask")})
         kwargs = dict(dataset=data, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
                       shuffle_calibration_samples=False, batch_size=1)
+    elif args.algo == "awq":
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *a, **k: None  # no accelerator here (see the docstring)
+        modifier = [AWQModifier(duo_scaling=True), QuantizationModifier(config_groups=config, ignore=["lm_head"])]
+        rows = calibration_dicts(calib)
+        data = Dataset.from_dict({k: [r[k][0].tolist() for r in rows] for k in ("input_ids", "attention_mask")})
+        kwargs = dict(dataset=data, num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+                      shuffle_calibration_samples=False, batch_size=1)
     else:
         modifier = QuantizationModifier(config_groups=config, ignore=["lm_head"])
         kwargs = {}
     rss_loaded = peak_rss_mb()
 
     start = cpu_clock()
-    model = oneshot(model=model, recipe=[modifier], **kwargs)
+    model = oneshot(model=model, recipe=modifier if isinstance(modifier, list) else [modifier], **kwargs)
     timed = timing(start, cpu_clock())
     rss = peak_rss_mb()
 
@@ -69,11 +84,13 @@ def main() -> None:
         "algorithm": args.algo + (f" actorder={args.actorder}" if args.algo == "gptq" and args.actorder != "none" else ""),
         "bits": args.bits, "group_size": args.group_size, "symmetric": not args.asym,
         **timed, "peak_rss_mb": rss, "rss_after_load_mb": rss_loaded, "ppl": ppl,
-        "calib_samples": calib.shape[0] if args.algo == "gptq" else 0, "windows": next(iter(evals.values())).shape[0],
+        "calib_samples": calib.shape[0] if args.algo != "rtn" else 0, "windows": next(iter(evals.values())).shape[0],
         "dtype": dtype, "quantized_modules": n_quantized,
-        "notes": (f"{type(modifier).__name__}(ignore=[lm_head]"
-                  + (f", dampening_frac=0.01, actorder={actorder}, block_size=128); sequential pipeline, batch 1, no shuffle"
-                     if args.algo == "gptq" else "); data-free")
+        "notes": ({"gptq": f"GPTQModifier(ignore=[lm_head], dampening_frac=0.01, actorder={args.actorder}, block_size=128); "
+                           "sequential pipeline, batch 1, no shuffle",
+                   "awq": "AWQModifier(duo_scaling=True) + QuantizationModifier(ignore=[lm_head]); IntermediatesCache.pin_memory "
+                          "made a no-op (CPU only); sequential pipeline, batch 1, no shuffle",
+                   "rtn": "QuantizationModifier(ignore=[lm_head]); data-free"}[args.algo]
                   + "; quantize_s = oneshot() (model load excluded); evaluated: the fake-quantized model oneshot returns"
                   + f" ({n_quantized} linears with weight_scale {', '.join(scale_dtypes)}, first parameter {dtype})"
                   + f"; compressed-tensors {importlib.metadata.version('compressed-tensors')}, "
