@@ -68,6 +68,11 @@ def quantize(
             worst = max(values, key=lambda r: r[key])
             mean = sum(r[key] for r in values) / len(values)
             table.add_row(label, f"mean {mean:.4f}, worst {worst[key]:.4f} ({worst['name']})")
+    awq = [r for r in report["layers"] if "awq_error_unscaled" in r or "awq_skipped" in r]
+    if awq:
+        scaled = sum(1 for r in awq if r.get("awq_alpha") is not None)
+        skipped = sorted({r["awq_skipped"] for r in awq if r.get("awq_skipped")})
+        table.add_row("AWQ", f"{scaled} of {len(awq)} linears scaled" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
     raised = [r["name"] for r in report["layers"] if r.get("damping_raised")]
     if raised:
         table.add_row("damping raised", ", ".join(raised))
