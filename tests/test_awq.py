@@ -202,3 +202,15 @@ def test_awq_export_refuses_what_awq_cannot_hold(tiny_model_dir, tmp_path):
     with pytest.raises(CheckpointError, match="4-bit"):
         api.export(tmp_path / "w8", tmp_path / "awq", "awq")
     assert not (tmp_path / "awq").exists()  # nothing half-written
+
+
+def test_quantize_cli_summarizes_awq(tiny_model_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "--recipe", "w4a16-awq", "--out", str(tmp_path / "o"),
+                                      "--num-samples", "4", "--seqlen", "32"])
+    text = result.output + (getattr(result, "stderr", "") or "")
+    assert result.exit_code == 0, text
+    assert "AWQ" in text and "grouped-query" in text
