@@ -30,7 +30,6 @@ from quantkit.algorithms import Algorithm, build_all
 from quantkit.algorithms.awq_math import fold_into_previous, scale_columns
 from quantkit.errors import NumericalError
 from quantkit.formats import IntSpec, QuantizedWeight, packed_shape
-from quantkit.kernels import cpu_gemm
 from quantkit.models import LoadedModel
 from quantkit.recipe import Recipe
 from quantkit.replay import ReplayCache
@@ -339,8 +338,7 @@ def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, f
     """One pass of the calibration batches through `block`; outputs kept when `keep`."""
     outputs = []
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_cpu_gemm_linears(block))
-        if replay is not None:  # after the gemm patch: replay restores what it shadows
+        if replay is not None:
             replay.start_pass(final)
             stack.callback(replay.end_pass, len(inputs))
         for b, item in enumerate(inputs):
@@ -353,24 +351,6 @@ def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, f
             except _StopBlock:
                 pass
     return outputs
-
-
-@contextlib.contextmanager
-def _cpu_gemm_linears(block: torch.nn.Module):
-    """The block's linears multiply through quantkit.kernels.cpu_gemm while
-    inside (its measured-faster BLAS for float32 on a CPU); as they were after."""
-    linears = [m for m in block.modules() if type(m) is torch.nn.Linear
-               and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    if not linears or cpu_gemm.backend() == "torch":
-        yield
-        return
-    for m in linears:
-        m.forward = functools.partial(cpu_gemm.linear, weight=m.weight, bias=m.bias)
-    try:
-        yield
-    finally:
-        for m in linears:
-            m.__dict__.pop("forward", None)
 
 
 @torch.inference_mode()

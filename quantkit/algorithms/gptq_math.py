@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.formats import IntSpec, QuantizedWeight, compute_qparams, group_minmax
-from quantkit.kernels import cpu_gemm
 
 
 def make_hessian(in_features: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -40,7 +39,9 @@ def accumulate_hessian(H: torch.Tensor, n_seen: int, x: torch.Tensor) -> int:
     if t == 0:
         return n_seen
     n = n_seen + t
-    cpu_gemm.add_gram_(H, x.to(torch.float32), alpha=2.0 / n, beta=n_seen / n)
+    x = x.to(torch.float32)
+    H.mul_(n_seen / n)
+    H.addmm_(x.T, x, alpha=2.0 / n)
     return n
 
 
