@@ -172,14 +172,15 @@ def quantize_model(
     calibration_ids: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     show_progress: bool = True,
-    replay: bool = True,
+    replay: bool | None = None,
 ) -> QuantizationResult:
     """Quantize `loaded.model` in place (its linears end up holding the
     dequantized weights) and return the quantized weights and a report.
 
     Calibration forwards run in recipe.calibration.dtype on a copy of each
     block; the weights are always rounded from the model's own tensors.
-    replay=False recomputes every sub-module in every pass (same result, slower).
+    replay=False recomputes every sub-module in every pass (same result, slower,
+    less memory); None follows recipe.calibration.replay.
     """
     algorithms = build_all(recipe)
     rounding = algorithms[-1]
@@ -226,7 +227,8 @@ def quantize_model(
             # true-sequential: each group is observed after the groups before it
             # were quantized, so it is calibrated on what the quantized block computes
             stages = [[g] for g in groups] if any(a.sequential for a in observers) else [groups]
-            cache = _replay_cache(fwd, targets, family) if needs_data and replay else None
+            use_replay = recipe.calibration.replay if replay is None else replay
+            cache = _replay_cache(fwd, targets, family) if needs_data and use_replay else None
             final: set[str] = set()  # target linears (relative names) already quantized
             for stage in stages if targets else []:
                 if observers:

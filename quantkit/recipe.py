@@ -172,6 +172,10 @@ class CalibrationConfig:
     # a CPU measured to run bf16 matmuls faster than float32), else the model's dtype
     dtype: typing.Literal["auto", "model", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = 8  # calibration samples per block forward
+    # keep each finished sub-module's outputs (norms, attention, linears) for the
+    # later passes over a block instead of recomputing them: faster, at the cost
+    # of about a dozen activation-sized buffers per block; false when memory is short
+    replay: bool = True
 
     def __post_init__(self):
         if not self.data:

@@ -142,6 +142,23 @@ def test_replaying_finished_submodules_changes_nothing(tiny_model_dir, sequentia
         assert torch.equal(fast.weights[name].scale, slow.weights[name].scale), name
 
 
+def test_recipe_can_turn_replay_off(tiny_model_dir, monkeypatch):
+    calls = {"n": 0}
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
+    recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
+                               "calibration": {"batch_size": 2, "dtype": "model", "replay": False}})
+    quantize_model(load_model(tiny_model_dir), recipe, ids, show_progress=False)
+    # per batch: the o, gate/up and down passes, plus the outputs of block 0 (the last block's are not needed)
+    assert calls["n"] == 2 * (4 + 3)
+
+
 def test_replay_computes_each_linear_about_once(tiny_model_dir, monkeypatch):
     ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
     recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
