@@ -109,33 +109,42 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,
     output error (dW_g H_gg dW_g^T; cross-group terms left out, as AWQ does).
 
     Returns W clamped to the chosen ranges (so any rounding that takes its
-    ranges from the weights uses them) and the mean shrink factor.
+    ranges from the weights uses them) and the mean shrink factor. All whole
+    groups are searched at once (one batched product per grid point); a
+    partial last group on its own.
     """
-    if spec.group_size is None:
-        bounds = [(0, W.shape[1])]
-    else:
-        bounds = [(c, min(c + spec.group_size, W.shape[1])) for c in range(0, W.shape[1], spec.group_size)]
+    out_f, in_f = W.shape
+    gs = spec.group_size or in_f
     Wf = W.to(torch.float32)
     H = H.to(torch.float32)
-    out = Wf.clone()
     one_group = IntSpec(spec.bits, spec.symmetric, None)
     ratios = [1 - max_shrink * k / grid for k in range(grid)]  # 1.0 down to (1 - max_shrink)
+    full = in_f // gs
+    spans = ([(0, full * gs, full)] if full else []) + ([(full * gs, in_f, 1)] if in_f % gs else [])
+    out = Wf.clone()
     shrink_sum = 0.0
-    for c0, c1 in bounds:
-        Wg, Hg = Wf[:, c0:c1], H[c0:c1, c0:c1]
-        lo, hi = Wg.amin(dim=1, keepdim=True), Wg.amax(dim=1, keepdim=True)
-        best_err = torch.full((W.shape[0],), float("inf"), device=W.device)
-        best_r = torch.ones(W.shape[0], device=W.device)
+    for c0, c1, n_groups in spans:
+        width = (c1 - c0) // n_groups
+        Wg = Wf[:, c0:c1].reshape(out_f, n_groups, width)  # [out, G, gs]
+        Hb = torch.stack([H[c0 + g * width : c0 + (g + 1) * width, c0 + g * width : c0 + (g + 1) * width]
+                          for g in range(n_groups)])  # [G, gs, gs]
+        lo, hi = Wg.amin(dim=2), Wg.amax(dim=2)  # [out, G]
+        best_err = torch.full((out_f, n_groups), float("inf"), device=W.device)
+        best_r = torch.ones(out_f, n_groups, device=W.device)
         for r in ratios:
-            deq = fake_quantize_grouped(Wg.clamp(lo * r, hi * r), one_group, lo * r, hi * r)
-            err = output_error(Wg - deq, Hg)
+            scale, zp = compute_qparams(lo * r, hi * r, one_group)
+            s3, z3 = scale[..., None], zp.to(torch.float32)[..., None]
+            clipped = Wg.clamp(lo[..., None] * r, hi[..., None] * r)
+            deq = (torch.round(clipped / s3 + z3).clamp_(one_group.qmin, one_group.qmax) - z3) * s3
+            d = (Wg - deq).transpose(0, 1)  # [G, out, gs]
+            err = (torch.bmm(d, Hb) * d).sum(dim=2).T  # [out, G]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_r = torch.where(better, torch.full_like(best_r, r), best_r)
-        r = best_r[:, None]
-        out[:, c0:c1] = Wg.clamp(lo * r, hi * r)
-        shrink_sum += float(best_r.mean()) * (c1 - c0)
-    return out.to(W.dtype), shrink_sum / W.shape[1]
+        r3 = best_r[..., None]
+        out[:, c0:c1] = Wg.clamp(lo[..., None] * r3, hi[..., None] * r3).reshape(out_f, c1 - c0)
+        shrink_sum += float(best_r.sum()) * width
+    return out.to(W.dtype), shrink_sum / (in_f * out_f)
 
 
 def fold_into_previous(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor) -> None:
