@@ -15,7 +15,6 @@ Only this module walks the model; algorithms see one layer at a time.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
@@ -339,10 +338,9 @@ def _replay_cache(block, targets: list[_Target], family) -> ReplayCache:
 def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, final: set[str], keep: bool) -> list[_BlockInput]:
     """One pass of the calibration batches through `block`; outputs kept when `keep`."""
     outputs = []
-    with contextlib.ExitStack() as stack:
-        if replay is not None:
-            replay.start_pass(final)
-            stack.callback(replay.end_pass, len(inputs))
+    if replay is not None:
+        replay.start_pass(final)
+    try:
         for b, item in enumerate(inputs):
             if replay is not None:
                 replay.batch = b
@@ -352,6 +350,9 @@ def _run_batches(block, inputs: list[_BlockInput], replay: ReplayCache | None, f
                     outputs.append(_BlockInput(_block_output(out), item.kwargs))
             except _StopBlock:
                 pass
+    finally:
+        if replay is not None:
+            replay.end_pass(len(inputs))
     return outputs
 
 

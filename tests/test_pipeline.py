@@ -142,15 +142,21 @@ def test_replaying_finished_submodules_changes_nothing(tiny_model_dir, sequentia
         assert torch.equal(fast.weights[name].scale, slow.weights[name].scale), name
 
 
-def test_recipe_can_turn_replay_off(tiny_model_dir, monkeypatch):
+def _count_calls(monkeypatch, owner, attr: str) -> dict:
+    """Replace owner.attr with a wrapper counting its calls; returns {"n": count}."""
     calls = {"n": 0}
-    original = torch.nn.functional.scaled_dot_product_attention
+    original = getattr(owner, attr)
 
     def counting(*args, **kwargs):
         calls["n"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(owner, attr, counting)
+    return calls
+
+
+def test_recipe_can_turn_replay_off(tiny_model_dir, monkeypatch):
+    calls = _count_calls(monkeypatch, torch.nn.functional, "scaled_dot_product_attention")
     ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
     recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
                                "calibration": {"batch_size": 2, "dtype": "model", "replay": False}})
@@ -163,14 +169,7 @@ def test_replay_computes_each_linear_about_once(tiny_model_dir, monkeypatch):
     ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
     recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
                                "calibration": {"batch_size": 2, "dtype": "model"}})
-    calls = {"n": 0}
-    original = torch.nn.Linear.forward
-
-    def counting(self, x):
-        calls["n"] += 1
-        return original(self, x)
-
-    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    calls = _count_calls(monkeypatch, torch.nn.Linear, "forward")
     counts = {}
     for replay in (True, False):
         calls["n"] = 0
@@ -187,25 +186,10 @@ def test_replay_runs_attention_and_norms_once_per_batch(tiny_model_dir, monkeypa
     ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
     recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
                                "calibration": {"batch_size": 2, "dtype": "model"}})
-    calls = {"n": 0}
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    calls = _count_calls(monkeypatch, torch.nn.functional, "scaled_dot_product_attention")
     loaded = load_model(tiny_model_dir)
     assert loaded.model.config._attn_implementation == "sdpa"
-    norm_class = type(loaded.model.model.layers[0].input_layernorm)
-    norms = {"n": 0}
-    norm_forward = norm_class.forward
-
-    def counting_norm(self, x):
-        norms["n"] += 1
-        return norm_forward(self, x)
-
-    monkeypatch.setattr(norm_class, "forward", counting_norm)
+    norms = _count_calls(monkeypatch, type(loaded.model.model.layers[0].input_layernorm), "forward")
     quantize_model(loaded, recipe, ids, show_progress=False)
     assert calls["n"] == 2 * 2  # 2 batches x 2 blocks
     assert norms["n"] == 2 * 2 * 2  # and the block's two norms
