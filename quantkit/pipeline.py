@@ -218,7 +218,7 @@ def quantize_model(
                 _observe(fwd, inputs, groups, transforms, None, set())  # the float block, every group in one pass
                 seconds["forward"] += time.perf_counter() - t
                 t = time.perf_counter()
-                _apply_transforms(block, targets, family, transforms)
+                _apply_transforms(block, targets, family, transforms, rounding)
                 if fwd is not block:
                     for p_fwd, p in zip(fwd.parameters(), block.parameters(), strict=True):
                         p_fwd.data.copy_(p.data)
@@ -253,11 +253,13 @@ def quantize_model(
     return QuantizationResult(weights, rows, seconds, rounding.actorder())
 
 
-def _apply_transforms(block, targets: list["_Target"], family, transforms: list[Algorithm]) -> None:
+def _apply_transforms(block, targets: list["_Target"], family, transforms: list[Algorithm], rounding: Algorithm) -> None:
     """Scale each family mapping the transforms can fold (previous op / s,
     linears' columns * s), then clip; a mapping that cannot apply is recorded
-    in the report with the reason, never silently dropped."""
+    in the report with the reason, never silently dropped. A rounding with
+    error feedback (GPTQ) confirms the transforms' choices by trial rounding."""
     by_rel = {t.rel: t for t in targets}
+    rounder = rounding.trial_round if rounding.error_feedback else None
     for algorithm in transforms:
         for mapping in family.mappings:
             members = [by_rel[rel] for rel in mapping.linears if rel in by_rel]
@@ -280,7 +282,7 @@ def _apply_transforms(block, targets: list["_Target"], family, transforms: list[
                     algorithm.skip(names, f"{mapping.prev} ({type(prev).__name__}) has no per-channel weight of width {width}")
                     continue
                 weight, bias = weight.data, None if bias is None else bias.data
-            found = algorithm.search_scales(names, [m.linear.weight.data for m in members], [m.spec for m in members])
+            found = algorithm.search_scales(names, [m.linear.weight.data for m in members], [m.spec for m in members], rounder)
             if found.alpha is None:
                 continue  # plain rounding beat every scaling: nothing to fold
             fold_into_previous(weight, bias, found.scales)
@@ -289,7 +291,7 @@ def _apply_transforms(block, targets: list["_Target"], family, transforms: list[
             algorithm.scaled(names, found.scales)
         for t in targets:
             if t.rel not in family.score_linears:
-                t.linear.weight.data.copy_(algorithm.clip(t.name, t.linear.weight.data, t.spec))
+                t.linear.weight.data.copy_(algorithm.clip(t.name, t.linear.weight.data, t.spec, rounder))
 
 
 @dataclass

@@ -34,7 +34,7 @@ def test_scale_search_beats_plain_rounding_where_channels_are_salient():
     weights = [torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g)]
     spec = IntSpec(4, True, 32)
     found = search_scales(weights, H, x_mag, spec)
-    assert found.alpha is not None and found.error < 0.9 * found.error_rtn
+    assert found.alpha is not None and found.error < 0.9 * found.error_unscaled
     s = found.scales
     for W in weights:  # the reported error is what the scaled rounding really does on the tokens
         awq = fake_quantize_grouped(W * s, spec) / s
@@ -47,7 +47,7 @@ def test_scale_search_never_does_worse_than_plain_rounding():
     H = make_hessian(64)
     accumulate_hessian(H, 0, X)
     found = search_scales([torch.randn(16, 64, generator=g)], H, X.abs().mean(0), IntSpec(4, False, 32))
-    assert found.error <= found.error_rtn
+    assert found.error <= found.error_unscaled
     if found.alpha is None:
         assert torch.all(found.scales == 1)
 
@@ -73,6 +73,43 @@ def test_output_error_and_scaled_hessian_agree_with_the_tokens():
     torch.testing.assert_close(scale_hessian(H, s), Hs, rtol=1e-4, atol=1e-4)
 
 
+def test_a_rounder_confirms_the_scales_and_the_clip():
+    """Under GPTQ the choices are scored by GPTQ itself: never worse than GPTQ
+    on the unscaled / unclipped weights, and the reported errors are GPTQ's."""
+    from quantkit.algorithms.awq import AWQ, AWQOptions
+    from quantkit.algorithms.gptq import GPTQ, GPTQOptions
+    from quantkit.algorithms.gptq_math import gptq_quantize
+
+    X, H, x_mag = _inputs(seed=6)
+    g = torch.Generator().manual_seed(7)
+    weights = [torch.randn(64, 128, generator=g), torch.randn(32, 128, generator=g)]
+    spec = IntSpec(4, False, 32)
+    gptq = GPTQ(GPTQOptions(actorder="weight"))
+    calls = []
+
+    def rounder(ws, h, specs):
+        calls.append(len(ws))
+        return gptq.trial_round(ws, h, specs)
+
+    found = search_scales(weights, H, x_mag, spec, rounder=rounder, confirm=2)
+    assert len(calls) == 3  # unscaled + the two best grid points
+    assert found.error <= found.error_unscaled
+    W = torch.cat(weights)  # the unscaled error is what plain GPTQ does
+    plain = gptq_quantize(W, H, spec, 0.01, 128, "weight").weight.dequantize(torch.float32)
+    expect = (float(output_error(W - plain, H).sum()) / float(output_error(W, H).sum())) ** 0.5
+    assert abs(found.error_unscaled - expect) < 1e-5
+
+    awq = AWQ(AWQOptions())
+    awq.observe(("w",), X)
+    Wc = torch.randn(48, 128, generator=g)
+    Wc[:, 7] *= 6
+    H_awq = awq._stats["w"][0]
+    kept = awq.clip("w", Wc, spec, gptq.trial_round)
+    err = [float(output_error(Wc - q, H_awq).sum()) for q in gptq.trial_round([Wc, kept], H_awq, [spec, spec])]
+    assert err[1] <= err[0]
+    assert (awq.layer_report("w")["awq_clip_shrink"] == 1.0) == torch.equal(kept, Wc)
+
+
 # --------------------------------------------------------------------------- in the driver
 
 import types  # noqa: E402
@@ -81,6 +118,7 @@ import pytest  # noqa: E402
 
 from quantkit import api  # noqa: E402
 from quantkit.algorithms.awq import AWQ, AWQOptions  # noqa: E402
+from quantkit.algorithms.rtn import RTN  # noqa: E402
 from quantkit.checkpoint import load_checkpoint  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
 from quantkit.pipeline import _apply_transforms, _input_groups, _observe, _targets, capture_block_inputs, quantize_model  # noqa: E402
@@ -90,7 +128,7 @@ from quantkit.recipe import Recipe  # noqa: E402
 class _FixedScales(AWQ):
     """AWQ whose scale search returns fixed random scales: every mapping gets folded."""
 
-    def search_scales(self, names, weights, specs):
+    def search_scales(self, names, weights, specs, rounder=None):
         s = torch.rand(weights[0].shape[1], generator=torch.Generator().manual_seed(len(names))) * 3 + 0.2
         return types.SimpleNamespace(scales=s, alpha=0.5)
 
@@ -108,7 +146,7 @@ def test_scaling_then_folding_leaves_the_float_block_unchanged(tiny_model_dir):
     awq = _FixedScales(AWQOptions(clip=False))
     _observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [awq], None, set())
     q_before = block.self_attn.q_proj.weight.detach().clone()
-    _apply_transforms(block, targets, loaded.family, [awq])
+    _apply_transforms(block, targets, loaded.family, [awq], RTN(RTN.Options()))
     assert not torch.equal(block.self_attn.q_proj.weight, q_before)  # scaled for real
     with torch.inference_mode():
         after = block(inputs[0].hidden, **inputs[0].kwargs)

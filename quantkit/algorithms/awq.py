@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algorithms.awq_math import ScaleSearch, scale_hessian, search_clip, search_scales
+from quantkit.algorithms.awq_math import Rounder, ScaleSearch, output_error, scale_hessian, search_clip, search_scales
 from quantkit.algorithms.base import Algorithm, register
 from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, make_hessian
 from quantkit.formats import IntSpec
@@ -66,15 +66,16 @@ class AWQ(Algorithm):
             raise RuntimeError(f"AWQ saw no calibration input for {name}")
         return self._stats[name]
 
-    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]) -> ScaleSearch:
+    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec],
+                      rounder: Rounder | None = None) -> ScaleSearch:
         H, n, abs_sum = self._entry(names[0])
         x_mag = (abs_sum / max(n, 1)).to(torch.float32)
-        found = search_scales(weights, H, x_mag, specs, self.options.grid, self.options.duo_scaling)
+        found = search_scales(weights, H, x_mag, specs, self.options.grid, self.options.duo_scaling, rounder)
         for name in names:
             self._reports.setdefault(name, {}).update({
-                "awq_alpha": found.alpha,  # None: plain rounding beat every scaling
+                "awq_alpha": found.alpha,  # None: the unscaled weights rounded best
                 "awq_error": found.error,
-                "awq_error_unscaled": found.error_rtn,
+                "awq_error_unscaled": found.error_unscaled,
             })
         return found
 
@@ -87,12 +88,21 @@ class AWQ(Algorithm):
         for name in names:
             self._reports.setdefault(name, {})["awq_skipped"] = reason
 
-    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec, rounder: Rounder | None = None) -> torch.Tensor:
+        """The clip search (scored with round-to-nearest); with `rounder`, the
+        clipped weight is kept only if that rounding does better with it."""
         if not self.options.clip:
             return weight
         H = self._entry(name)[0]
         clipped, shrink = search_clip(weight, H, spec, self.options.clip_grid, self.options.max_shrink)
-        self._reports.setdefault(name, {})["awq_clip_shrink"] = shrink
+        report = self._reports.setdefault(name, {})
+        if rounder is not None:
+            W = weight.to(torch.float32)
+            plain, tried = rounder([W, clipped.to(torch.float32)], H, [spec, spec])  # one solve for both
+            if float(output_error(W - tried, H).sum()) >= float(output_error(W - plain, H).sum()):
+                report["awq_clip_shrink"] = 1.0  # the rounding did better unclipped
+                return weight
+        report["awq_clip_shrink"] = shrink
         return clipped
 
     def layer_report(self, name: str) -> dict:

@@ -26,6 +26,7 @@ which makes each grid point one [out, in] x [in, in] product.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,39 +77,52 @@ def weight_magnitude(weights: list[torch.Tensor], specs: list[IntSpec]) -> torch
     return torch.cat(parts).mean(dim=0)
 
 
+Rounder = Callable[[list[torch.Tensor], torch.Tensor, list[IntSpec]], list[torch.Tensor]]
+"""(weights sharing one input, that input's Hessian, specs) -> the dequantized weights a rounding makes."""
+
+
 @dataclass
 class ScaleSearch:
     scales: torch.Tensor  # [in] float32; all ones when no grid point beat plain rounding
-    alpha: float | None  # the chosen exponent (None: plain rounding won)
+    alpha: float | None  # the chosen exponent (None: unscaled won)
     error: float  # relative output error at the chosen scales
-    error_rtn: float  # relative output error of plain rounding (s = 1)
+    error_unscaled: float  # relative output error of the same rounding without scales (s = 1)
 
 
 def search_scales(weights: list[torch.Tensor], H: torch.Tensor, x_mag: torch.Tensor, specs: IntSpec | list[IntSpec],
-                  grid: int = 20, duo_scaling: bool = True) -> ScaleSearch:
+                  grid: int = 20, duo_scaling: bool = True, rounder: Rounder | None = None,
+                  confirm: int = 2) -> ScaleSearch:
     """The grid search over alpha for linears sharing one input (and H);
-    `specs`: one per weight, or one for all."""
+    `specs`: one per weight, or one for all.
+
+    Every grid point is scored with round-to-nearest (cheap: one broadcast and
+    one product). A rounding that compensates errors (GPTQ) can make a
+    different choice best, so with `rounder` the unscaled weights and the
+    `confirm` best grid points are rounded by it and the lowest error wins:
+    scaling is kept only where it helps the rounding that will actually run.
+    """
     Ws = [W.to(torch.float32) for W in weights]
     specs = specs if isinstance(specs, list) else [specs] * len(Ws)
     H = H.to(torch.float32)
     total = sum(float(output_error(W, H).sum()) for W in Ws) or 1.0
     w_mag = weight_magnitude(Ws, specs) if duo_scaling else None
 
-    def error(s: torch.Tensor) -> float:
-        return sum(float(output_error(W - fake_quantize_grouped(W * s, spec) / s, H).sum())
-                   for W, spec in zip(Ws, specs)) / total
+    def error(rounded: list[torch.Tensor], s: torch.Tensor) -> float:
+        return sum(float(output_error(W - q / s, H).sum()) for W, q in zip(Ws, rounded)) / total
+
+    def rtn_error(s: torch.Tensor) -> float:
+        return error([fake_quantize_grouped(W * s, spec) for W, spec in zip(Ws, specs)], s)
 
     ones = torch.ones_like(x_mag, dtype=torch.float32)
-    best = (error(ones), None, ones)
-    rtn = best[0]
+    scored = [(rtn_error(ones), None, ones)]
     for k in range(grid):
-        alpha = k / grid
-        s = candidate_scales(x_mag.to(torch.float32), w_mag, alpha)
-        e = error(s)
-        if e < best[0]:
-            best = (e, alpha, s)
-    e, alpha, s = best
-    return ScaleSearch(scales=s, alpha=alpha, error=max(e, 0.0) ** 0.5, error_rtn=max(rtn, 0.0) ** 0.5)
+        s = candidate_scales(x_mag.to(torch.float32), w_mag, k / grid)
+        scored.append((rtn_error(s), k / grid, s))
+    if rounder is not None:
+        shortlist = [scored[0], *sorted(scored[1:], key=lambda c: c[0])[:confirm]]
+        scored = [(error(rounder([W * s for W in Ws], scale_hessian(H, s), specs), s), alpha, s) for _, alpha, s in shortlist]
+    e, alpha, s = min(scored, key=lambda c: c[0])  # the first of equals: unscaled wins ties
+    return ScaleSearch(scales=s, alpha=alpha, error=max(e, 0.0) ** 0.5, error_unscaled=max(scored[0][0], 0.0) ** 0.5)
 
 
 def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,

@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from quantkit.formats import IntSpec, QuantizedWeight
+from quantkit.formats import IntSpec, QuantizedWeight, fake_quantize
 from quantkit.recipe import AlgorithmStep, Recipe, RecipeError, parse_dataclass
 
 
@@ -36,6 +36,10 @@ class Algorithm:
     # transforms the float block before rounding (AWQ: scales folded into the
     # op before, clipping); observes the float block in a pass of its own
     transforms: ClassVar[bool] = False
+    # the rounding compensates errors across columns (GPTQ), so what it makes of
+    # a weight differs from round-to-nearest: transforms then confirm their
+    # choices with trial_round instead of trusting a round-to-nearest score
+    error_feedback: ClassVar[bool] = False
 
     def __init__(self, options) -> None:
         self.options = options
@@ -53,10 +57,16 @@ class Algorithm:
         An algorithm that can do them together (one solve) overrides this."""
         return [self.quantize(n, w, s) for n, w, s in zip(names, weights, specs)]
 
+    def trial_round(self, weights: list[torch.Tensor], H: torch.Tensor, specs: list[IntSpec]) -> list[torch.Tensor]:
+        """What this rounding would make of linears sharing one input with
+        Hessian H: the dequantized float32 weights, nothing stored."""
+        return [fake_quantize(w.to(torch.float32), spec) for w, spec in zip(weights, specs)]
+
     # -- the transform interface (transforms = True), called by the driver per block
-    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]):
+    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec], rounder=None):
         """Per-input-channel scales for linears sharing one input: an object with
-        .scales [in] and .alpha (None: leave them unscaled)."""
+        .scales [in] and .alpha (None: leave them unscaled). rounder: the
+        recipe's trial_round when it has error feedback, else None."""
         raise NotImplementedError(f"{type(self).__name__} does not search scales")
 
     def scaled(self, names: list[str], s: torch.Tensor) -> None:
@@ -65,7 +75,7 @@ class Algorithm:
     def skip(self, names: list[str], reason: str) -> None:
         """A mapping over these linears could not be applied (recorded in the report)."""
 
-    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec, rounder=None) -> torch.Tensor:
         """The weight with clipped ranges (as it is, by default)."""
         return weight
 

@@ -38,6 +38,7 @@ class GPTQ(Algorithm):
     name = "gptq"
     Options = GPTQOptions
     needs_activations = True
+    error_feedback = True
 
     def __init__(self, options: GPTQOptions) -> None:
         super().__init__(options)
@@ -103,6 +104,21 @@ class GPTQ(Algorithm):
                 "dead_columns": result.dead_columns,
                 "output_rel_error": math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0,
             }
+
+    def trial_round(self, weights: list[torch.Tensor], H: torch.Tensor, specs: list[IntSpec]) -> list[torch.Tensor]:
+        """GPTQ against the given H (one solve per spec; rows are independent)."""
+        o = self.options
+        out: list[torch.Tensor | None] = [None] * len(weights)
+        for spec in dict.fromkeys(specs):
+            idx = [i for i, s in enumerate(specs) if s == spec]
+            W = torch.cat([weights[i] for i in idx])
+            try:
+                deq = gptq_quantize(W, H, spec, o.dampening, o.block_size, o.actorder, o.static_groups).weight.dequantize(torch.float32)
+            except torch.linalg.LinAlgError as e:
+                raise NumericalError(f"GPTQ trial rounding failed: {e}") from e
+            for i, part in zip(idx, deq.split([weights[i].shape[0] for i in idx])):
+                out[i] = part
+        return out
 
     def actorder(self) -> str | None:
         return self.options.actorder
