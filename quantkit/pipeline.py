@@ -19,6 +19,7 @@ import copy
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -206,6 +207,8 @@ def quantize_model(
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
         task = progress.add_task(f"quantize ({recipe.name})", total=len(blocks))
+        # the transforms' searches take most of a block's time: a bar of their own, per mapping
+        steps = progress.add_task("", total=1, visible=False)
         for i, block in enumerate(blocks):
             prefix = f"{family.blocks}.{i}"
             targets = _targets(block, prefix, family.linears, recipe)
@@ -218,7 +221,13 @@ def quantize_model(
                 _observe(fwd, inputs, groups, transforms, None, set())  # the float block, every group in one pass
                 seconds["forward"] += time.perf_counter() - t
                 t = time.perf_counter()
-                _apply_transforms(block, targets, family, transforms, rounding)
+                n_steps = len(transforms) * (len(family.mappings) + 1)
+                progress.reset(steps, total=n_steps, description=f"  block {i}: transforms", visible=True)
+
+                def step(what: str) -> None:
+                    progress.update(steps, advance=1, description=f"  block {i}: {what}")
+
+                _apply_transforms(block, targets, family, transforms, rounding, step)
                 if fwd is not block:
                     for p_fwd, p in zip(fwd.parameters(), block.parameters(), strict=True):
                         p_fwd.data.copy_(p.data)
@@ -253,45 +262,53 @@ def quantize_model(
     return QuantizationResult(weights, rows, seconds, rounding.actorder())
 
 
-def _apply_transforms(block, targets: list["_Target"], family, transforms: list[Algorithm], rounding: Algorithm) -> None:
+def _apply_transforms(block, targets: list["_Target"], family, transforms: list[Algorithm], rounding: Algorithm,
+                      step: Callable[[str], None] = lambda what: None) -> None:
     """Scale each family mapping the transforms can fold (previous op / s,
     linears' columns * s), then clip; a mapping that cannot apply is recorded
     in the report with the reason, never silently dropped. A rounding with
-    error feedback (GPTQ) confirms the transforms' choices by trial rounding."""
+    error feedback (GPTQ) confirms the transforms' choices by trial rounding.
+    step(what) is called after each mapping and after the clipping."""
     by_rel = {t.rel: t for t in targets}
     rounder = rounding.trial_round if rounding.error_feedback else None
     for algorithm in transforms:
         for mapping in family.mappings:
-            members = [by_rel[rel] for rel in mapping.linears if rel in by_rel]
-            names = [m.name for m in members]
-            missing = [rel for rel in mapping.linears if rel not in by_rel]
-            if missing:
-                algorithm.skip(names, f"{', '.join(missing)} not quantized")
-                continue
-            prev = block.get_submodule(mapping.prev)
-            width = members[0].linear.in_features
-            if isinstance(prev, torch.nn.Linear):
-                weight, bias = prev.weight.data, None if prev.bias is None else prev.bias.data
-                if prev.out_features != width:
-                    algorithm.skip(names, f"{mapping.prev} has {prev.out_features} outputs, its linears take {width} inputs "
-                                          f"(grouped-query attention)")
-                    continue
-            else:
-                weight, bias = getattr(prev, "weight", None), getattr(prev, "bias", None)
-                if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
-                    algorithm.skip(names, f"{mapping.prev} ({type(prev).__name__}) has no per-channel weight of width {width}")
-                    continue
-                weight, bias = weight.data, None if bias is None else bias.data
-            found = algorithm.search_scales(names, [m.linear.weight.data for m in members], [m.spec for m in members], rounder)
-            if found.alpha is None:
-                continue  # plain rounding beat every scaling: nothing to fold
-            fold_into_previous(weight, bias, found.scales)
-            for m in members:
-                scale_columns(m.linear.weight.data, found.scales)
-            algorithm.scaled(names, found.scales)
+            _scale_mapping(block, mapping, by_rel, algorithm, rounder)
+            step(f"{algorithm.name} {mapping.prev} -> {', '.join(rel.rsplit('.', 1)[-1] for rel in mapping.linears)}")
         for t in targets:
             if t.rel not in family.score_linears:
                 t.linear.weight.data.copy_(algorithm.clip(t.name, t.linear.weight.data, t.spec, rounder))
+        step(f"{algorithm.name} clipping")
+
+
+def _scale_mapping(block, mapping, by_rel: dict[str, "_Target"], algorithm: Algorithm, rounder) -> None:
+    members = [by_rel[rel] for rel in mapping.linears if rel in by_rel]
+    names = [m.name for m in members]
+    missing = [rel for rel in mapping.linears if rel not in by_rel]
+    if missing:
+        algorithm.skip(names, f"{', '.join(missing)} not quantized")
+        return
+    prev = block.get_submodule(mapping.prev)
+    width = members[0].linear.in_features
+    if isinstance(prev, torch.nn.Linear):
+        weight, bias = prev.weight.data, None if prev.bias is None else prev.bias.data
+        if prev.out_features != width:
+            algorithm.skip(names, f"{mapping.prev} has {prev.out_features} outputs, its linears take {width} inputs "
+                                  f"(grouped-query attention)")
+            return
+    else:
+        weight, bias = getattr(prev, "weight", None), getattr(prev, "bias", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
+            algorithm.skip(names, f"{mapping.prev} ({type(prev).__name__}) has no per-channel weight of width {width}")
+            return
+        weight, bias = weight.data, None if bias is None else bias.data
+    found = algorithm.search_scales(names, [m.linear.weight.data for m in members], [m.spec for m in members], rounder)
+    if found.alpha is None:
+        return  # the unscaled weights rounded best: nothing to fold
+    fold_into_previous(weight, bias, found.scales)
+    for m in members:
+        scale_columns(m.linear.weight.data, found.scales)
+    algorithm.scaled(names, found.scales)
 
 
 @dataclass

@@ -144,17 +144,28 @@ def run_ours(args) -> dict:
     if recipe.weights != scheme or recipe.scheme != f"W{args.bits}A16":
         notes.append(f"recipe weights {recipe.weights} replaced by the compared scheme {scheme}")
         recipe = dataclasses.replace(recipe, scheme=f"W{args.bits}A16", weights=scheme)
+    if args.calib_dtype and args.calib_dtype != recipe.calibration.dtype:
+        notes.append(f"calibration forwards in {args.calib_dtype} (recipe: {recipe.calibration.dtype})")
+        recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, dtype=args.calib_dtype))
     if recipe.calibration.seed != c["seed"]:
         notes.append(f"recipe seed {recipe.calibration.seed} ignored: the shared ids were drawn with seed {c['seed']}")
-    loaded = load_model(args.inputs / manifest["model_dir"], dtype="float32")
+    # --model: the same float weights from another file (the GGUF the shared folder was written from, on a GPU machine)
+    loaded = load_model(args.model or args.inputs / manifest["model_dir"], dtype="float32")
     rss_loaded = peak_rss_mb()
 
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     start = cpu_clock()
-    result = quantize_model(loaded, recipe, calib, show_progress=False)
+    result = quantize_model(loaded, recipe, calib, device=args.device, show_progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+        notes.append(f"on {torch.cuda.get_device_name()}; calibration forwards {recipe.calibration.dtype} (auto: bfloat16 on CUDA)")
     timed = timing(start, cpu_clock())
     rss = peak_rss_mb()
 
-    ppl = {name: perplexity(loaded.model, w.flatten(), w.shape[1], None, args.batch_size, show_progress=False).perplexity
+    loaded.model.to(args.device)
+    ppl = {name: perplexity(loaded.model, w.flatten(), w.shape[1], None, args.batch_size, args.device, show_progress=False).perplexity
            for name, w in evals.items()}
     schemes = sorted({(r["bits"], r["group_size"], r["symmetric"]) for r in result.layers}, key=str)
     if len(schemes) != 1:
@@ -291,6 +302,10 @@ def main() -> None:
     sub.add_parser("float", parents=[runner_args("", add_help=False)], help="perplexity of the float model (one JSON line)")
     po = sub.add_parser("run-ours", parents=[runner_args("", add_help=False)], help="quantize with quantkit (one JSON line)")
     po.add_argument("--recipe", required=True, help="a name under recipes/ or a YAML path")
+    po.add_argument("--device", default="cpu", help="where the blocks are quantized and the model evaluated")
+    po.add_argument("--calib-dtype", default=None, choices=["auto", "model", "float32", "bfloat16", "float16"],
+                    help="the calibration forwards' dtype (default: the recipe's)")
+    po.add_argument("--model", default=None, help="load the float model from here instead of the shared folder's copy")
 
     pc = sub.add_parser("compare", parents=[runner_args("", add_help=False)], help="run every tool and print the table")
     pc.add_argument("--ours", nargs="*", default=None, help="quantkit recipes (default: recipes/w{bits}a16-gptq*.yaml of this scheme)")

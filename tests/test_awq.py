@@ -146,7 +146,9 @@ def test_scaling_then_folding_leaves_the_float_block_unchanged(tiny_model_dir):
     awq = _FixedScales(AWQOptions(clip=False))
     _observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [awq], None, set())
     q_before = block.self_attn.q_proj.weight.detach().clone()
-    _apply_transforms(block, targets, loaded.family, [awq], RTN(RTN.Options()))
+    steps: list[str] = []  # what the per-mapping progress bar shows
+    _apply_transforms(block, targets, loaded.family, [awq], RTN(RTN.Options()), steps.append)
+    assert len(steps) == len(loaded.family.mappings) + 1 and steps[-1] == "awq clipping"
     assert not torch.equal(block.self_attn.q_proj.weight, q_before)  # scaled for real
     with torch.inference_mode():
         after = block(inputs[0].hidden, **inputs[0].kwargs)

@@ -57,7 +57,7 @@ class AWQ(Algorithm):
             entry = [make_hessian(x.shape[-1], x.device), 0, torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)]
             for name in names:
                 self._stats[name] = entry
-        entry[2] += x.to(torch.float32).abs().sum(dim=0, dtype=torch.float64)
+        entry[2] += x.to(torch.float32).abs().sum(dim=0).to(torch.float64)  # float32 within a batch, float64 across
         rows = equalize_tokens(x) if self.options.equalize_tokens else x
         entry[1] = accumulate_hessian(entry[0], entry[1], rows)
 

@@ -76,7 +76,7 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4) -> float:
     quantkit/eval/perplexity.py; each window scored on its own, logits compared in float32."""
     total = 0.0
     for i in range(0, windows.shape[0], batch_size):
-        ids = windows[i : i + batch_size]  # [b, seqlen]
+        ids = windows[i : i + batch_size].to(next(model.parameters()).device)  # [b, seqlen]
         logits = model(input_ids=ids, use_cache=False).logits  # [b, seqlen, vocab]
         total += float(torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
@@ -118,7 +118,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads{gpu}"
 
 
 def emit(result: dict) -> None:

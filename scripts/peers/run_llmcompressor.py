@@ -31,9 +31,25 @@ def scheme(bits: int, group_size: int, symmetric: bool) -> dict:
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
+@torch.no_grad()
+def bake_fake_quantized(model) -> int:
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    n = 0
+    for module in model.modules():
+        scheme_ = getattr(module, "quantization_scheme", None)
+        if scheme_ is None or scheme_.weights is None or not hasattr(module, "weight_scale"):
+            continue
+        zp = getattr(module, "weight_zero_point", None)
+        module.weight.data.copy_(fake_quantize(module.weight, module.weight_scale, zp, scheme_.weights))
+        n += 1
+    return n
+
+
 def main() -> None:
     p = runner_args(__doc__)
     p.add_argument("--algo", choices=["gptq", "rtn", "awq"], default="gptq")
+    p.add_argument("--model", default=None, help="load the float model from this folder instead of the shared folder's copy")
     p.add_argument("--actorder", choices=["none", "static", "weight", "group"], default="none",
                    help="GPTQModifier.actorder; its own default is static (what /work/shared/PEERS.md measured)")
     args = p.parse_args()
@@ -44,7 +60,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     manifest, calib, evals = load_inputs(args.inputs, args.calib_samples, args.windows)
-    model = AutoModelForCausalLM.from_pretrained(args.inputs / manifest["model_dir"], dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model or args.inputs / manifest["model_dir"], dtype=torch.float32).eval()
     config = scheme(args.bits, args.group_size, not args.asym)
     if args.algo == "gptq":
         # actorder given explicitly: left out, it is "static" activation ordering
@@ -58,7 +74,8 @@ def main() -> None:
         from llmcompressor.modifiers.transform.awq import AWQModifier
         from llmcompressor.pipelines.cache import IntermediatesCache
 
-        IntermediatesCache.pin_memory = lambda self, *a, **k: None  # no accelerator here (see the docstring)
+        if not torch.cuda.is_available():
+            IntermediatesCache.pin_memory = lambda self, *a, **k: None  # no accelerator here (see the docstring)
         modifier = [AWQModifier(duo_scaling=True), QuantizationModifier(config_groups=config, ignore=["lm_head"])]
         rows = calibration_dicts(calib)
         data = Dataset.from_dict({k: [r[k][0].tolist() for r in rows] for k in ("input_ids", "attention_mask")})
@@ -71,10 +88,18 @@ def main() -> None:
 
     start = cpu_clock()
     model = oneshot(model=model, recipe=modifier if isinstance(modifier, list) else [modifier], **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     timed = timing(start, cpu_clock())
     rss = peak_rss_mb()
 
     model.eval()
+    if torch.cuda.is_available():  # llm-compressor onloads each layer to the GPU itself; the evaluation runs there too
+        model.to("cuda")
+    # write the fake-quantized weights from llm-compressor's own scales / zero points into the linears: on the GPU
+    # the model oneshot returned scored exactly as the float one (its forward-time quantization was not active).
+    # Idempotent where it was: weights already on the grid round to themselves.
+    baked = bake_fake_quantized(model)
     ppl = {name: perplexity(model, w, args.batch_size) for name, w in evals.items()}
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     scale_dtypes = sorted({str(t.dtype).removeprefix("torch.") for n, t in model.named_parameters() if n.endswith("weight_scale")})
@@ -88,11 +113,13 @@ def main() -> None:
         "dtype": dtype, "quantized_modules": n_quantized,
         "notes": ({"gptq": f"GPTQModifier(ignore=[lm_head], dampening_frac=0.01, actorder={args.actorder}, block_size=128); "
                            "sequential pipeline, batch 1, no shuffle",
-                   "awq": "AWQModifier(duo_scaling=True) + QuantizationModifier(ignore=[lm_head]); IntermediatesCache.pin_memory "
-                          "made a no-op (CPU only); sequential pipeline, batch 1, no shuffle",
+                   "awq": "AWQModifier(duo_scaling=True) + QuantizationModifier(ignore=[lm_head]); "
+                          + ("" if torch.cuda.is_available() else "IntermediatesCache.pin_memory made a no-op (CPU only); ")
+                          + "sequential pipeline, batch 1, no shuffle",
                    "rtn": "QuantizationModifier(ignore=[lm_head]); data-free"}[args.algo]
                   + "; quantize_s = oneshot() (model load excluded); evaluated: the fake-quantized model oneshot returns"
-                  + f" ({n_quantized} linears with weight_scale {', '.join(scale_dtypes)}, first parameter {dtype})"
+                  + f" ({n_quantized} linears with weight_scale {', '.join(scale_dtypes)}, first parameter {dtype};"
+                  + f" {baked} weights replaced by their fake-quantized values from those scales and zero points)"
                   + f"; compressed-tensors {importlib.metadata.version('compressed-tensors')}, "
                   + f"transformers {importlib.metadata.version('transformers')}"),
     })
