@@ -72,7 +72,9 @@ def quantize(
     if awq:
         scaled = sum(1 for r in awq if r.get("awq_alpha") is not None)
         skipped = sorted({r["awq_skipped"] for r in awq if r.get("awq_skipped")})
-        table.add_row("AWQ", f"{scaled} of {len(awq)} linears scaled" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+        clipped = sum(1 for r in awq if r.get("awq_clip_shrink", 1.0) < 1.0)
+        table.add_row("AWQ", f"{scaled} of {len(awq)} linears scaled, {clipped} clipped"
+                             + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
     raised = [r["name"] for r in report["layers"] if r.get("damping_raised")]
     if raised:
         table.add_row("damping raised", ", ".join(raised))

@@ -171,11 +171,17 @@ def run_ours(args) -> dict:
     if len(schemes) != 1:
         notes.append(f"mixed schemes {schemes}; reported the first")
     bits, group, sym = schemes[0]
+    awq = {}
+    if any("awq_clip_shrink" in r or "awq_alpha" in r for r in result.layers):  # what AWQ kept (under GPTQ: what GPTQ accepted)
+        awq = {"awq_scaled_linears": sum(1 for r in result.layers if r.get("awq_alpha") is not None),
+               "awq_searched_linears": sum(1 for r in result.layers if "awq_alpha" in r),
+               "awq_clipped_linears": sum(1 for r in result.layers if r.get("awq_clip_shrink", 1.0) < 1.0),
+               "awq_clip_searched_linears": sum(1 for r in result.layers if "awq_clip_shrink" in r)}
     return {"tool": "quantkit", "version": _quantkit_version(), "recipe": recipe.name,
             "algorithms": [s.name for s in recipe.algorithms], "bits": bits, "group_size": group, "symmetric": sym,
             **timed, "quantize_breakdown_s": result.seconds, "peak_rss_mb": rss,
             "rss_after_load_mb": rss_loaded, "ppl": ppl, "calib_samples": calib.shape[0], "windows": _n(evals),
-            "dtype": "float32", "layers": len(result.layers), "notes": "; ".join(notes)}
+            "dtype": "float32", "layers": len(result.layers), **awq, "notes": "; ".join(notes)}
 
 
 def _quantkit_version() -> str:

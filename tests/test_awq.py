@@ -173,6 +173,22 @@ def test_awq_stacks_with_rounding_and_reports_each_layer(tiny_model_dir, tmp_pat
     assert loaded.model(torch.randint(0, 250, (1, 8))).logits.isfinite().all()
 
 
+@pytest.mark.parametrize("bits,symmetric,group_size", [(3, True, None), (4, True, 48), (3, False, 16)])
+def test_awq_takes_any_width_symmetry_and_group_size(tiny_model_dir, bits, symmetric, group_size):
+    """Per-channel, a group size that leaves a partial last group (down_proj: 160 = 3 x 48 + 16), 3 and 4 bits:
+    the transformed model still computes, and AWQ's choices are recorded for every linear."""
+    recipe = Recipe.from_dict({"name": "awq-any", "scheme": f"W{bits}A16",
+                               "weights": {"bits": bits, "group_size": group_size, "symmetric": symmetric},
+                               "partial_groups": "keep",
+                               "algorithms": ["awq", "rtn"], "calibration": {"num_samples": 4, "seqlen": 32}})
+    loaded = load_model(tiny_model_dir)
+    ids = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(1))
+    result = quantize_model(loaded, recipe, ids, show_progress=False)
+    assert {(r["bits"], r["symmetric"], r["group_size"]) for r in result.layers} == {(bits, symmetric, group_size)}
+    assert all("awq_error" in r or "awq_skipped" in r for r in result.layers)
+    assert loaded.model(ids[:1]).logits.isfinite().all()
+
+
 def test_awq_alone_is_not_a_recipe():
     from quantkit.algorithms import build_all
     from quantkit.recipe import RecipeError
