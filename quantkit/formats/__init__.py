@@ -1,5 +1,7 @@
-"""Quantized weight formats: the integer spec, qparams/RTN math, and int32 packing."""
+"""Quantized formats: the integer weight spec, qparams/RTN math, int32 packing, and
+activation quantization (`quantkit.formats.activation`: int8 / FP8, per token or static)."""
 
+from quantkit.formats.activation import ActSpec
 from quantkit.formats.pack import pack_int32, packed_shape, unpack_int32
 from quantkit.formats.qparams import (
     compute_qparams,
@@ -13,6 +15,7 @@ from quantkit.formats.qparams import (
 from quantkit.formats.spec import IntSpec, QuantizedWeight
 
 __all__ = [
+    "ActSpec",
     "IntSpec",
     "QuantizedWeight",
     "compute_qparams",

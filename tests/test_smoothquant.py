@@ -1,0 +1,134 @@
+"""Activation quantization (int8 / FP8, per token or static) and SmoothQuant's smoothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.algorithms.smoothquant import SmoothQuant, SmoothQuantOptions, outlier_ratio, smoothing_scales
+from quantkit.formats.activation import (
+    FP8_E4M3_MAX,
+    ActSpec,
+    dynamic_scales,
+    fake_quantize,
+    quantize,
+    saturated_fraction,
+    scale_for,
+)
+
+
+@pytest.mark.parametrize("kind,bound", [("int8", 0.5 / 127.5), ("fp8", 2.0**-4)])
+def test_per_token_fake_quantization_error_is_within_half_a_step(kind, bound):
+    x = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 64)[:, None]
+    spec = ActSpec(kind, dynamic=True)
+    xq = fake_quantize(x, spec)
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    # int8: half a step of absmax / 127.5; fp8 (3 mantissa bits): relative 2^-4 of each value, plus subnormals
+    err = (xq - x).abs()
+    limit = bound * absmax if kind == "int8" else bound * x.abs() + absmax / FP8_E4M3_MAX * 2.0**-9
+    assert torch.all(err <= limit * (1 + 1e-4))
+    assert torch.equal(xq.abs().amax(dim=1, keepdim=True) > 0, absmax > 0)
+
+
+def test_fp8_is_torchs_e4m3_cast_and_int8_is_round_half_even():
+    x = torch.tensor([[0.1, -3.0, 447.0, 500.0, -1000.0, 2.5]])
+    s = torch.tensor(1.0)
+    q8 = quantize(x, s, ActSpec("fp8"))
+    assert q8.dtype == torch.float8_e4m3fn
+    assert torch.equal(q8.to(torch.float32), x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float32))
+    qi = quantize(x, s, ActSpec("int8"))
+    assert qi.dtype == torch.int8 and qi.tolist() == [[0, -3, 127, 127, -128, 2]]  # 2.5 -> 2: ties to even
+
+
+def test_zeros_nan_and_static_scales():
+    spec = ActSpec("int8")
+    x = torch.zeros(3, 8)
+    assert torch.equal(fake_quantize(x, spec), x)  # a zero row: eps scale, exact zeros
+    with pytest.raises(ValueError, match="NaN"):
+        dynamic_scales(torch.tensor([[1.0, float("nan")]]), spec)
+    static = ActSpec("fp8", dynamic=False)
+    with pytest.raises(ValueError, match="calibrated scale"):
+        fake_quantize(torch.ones(2, 2), static)
+    s = scale_for(torch.tensor(4.0), static)  # calibrated on |x| <= 4
+    y = torch.tensor([[1.0, 8.0, -2.0, 16.0]])
+    assert saturated_fraction(y, s, static) == 0.5
+    assert fake_quantize(y, static, s).tolist() == [[1.0, 4.0, -2.0, 4.0]]  # beyond the calibrated range: clamped
+    with pytest.raises(ValueError):
+        ActSpec("int4")
+
+
+def test_smoothing_scales_follow_the_formula_and_leave_dead_channels_alone():
+    a = torch.tensor([4.0, 1.0, 0.0, 9.0])
+    W1 = torch.tensor([[1.0, -4.0, 2.0, 0.0], [0.5, 1.0, -1.0, 0.0]])
+    W2 = torch.tensor([[-2.0, 1.0, 1.0, 0.0]])
+    s = smoothing_scales(a, [W1, W2], alpha=0.5)
+    expect = torch.tensor([(4.0 ** 0.5) / (2.0 ** 0.5), 1.0 / 2.0, 1.0, 1.0])  # max |W| over both: 2, 4; dead: 1
+    torch.testing.assert_close(s, expect)
+    a = torch.tensor([100.0, 1.0, 1.0, 1.0])  # one outlier channel, even weights: alpha 0.5 takes its square root
+    s = smoothing_scales(a, [torch.ones(3, 4)], alpha=0.5)
+    assert outlier_ratio(a) == 100.0 and abs(outlier_ratio(a / s) - 10.0) < 1e-5
+
+
+# --------------------------------------------------------------------------- in the driver
+
+from quantkit.algorithms.rtn import RTN  # noqa: E402
+from quantkit.models import load_model  # noqa: E402
+from quantkit.pipeline import _apply_transforms, _input_groups, _observe, _targets, capture_block_inputs  # noqa: E402
+from quantkit.recipe import Recipe  # noqa: E402
+
+
+def _qkv_input(block, hidden):
+    seen = {}
+    handle = block.self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach().clone()))
+    with torch.inference_mode():
+        out = block(hidden[0].hidden, **hidden[0].kwargs)
+    handle.remove()
+    return (out[0] if isinstance(out, tuple) else out), seen["x"].flatten(0, -2)
+
+
+def test_smoothing_keeps_the_float_block_and_flattens_an_injected_outlier(tiny_model_dir):
+    """Inject an outlier channel the function-preserving way (norm weight x 60, the q/k/v
+    columns / 60), then smooth: the float block is unchanged, the outlier ratio of the
+    q/k/v input drops, and per-token int8 quantization of that input gets more accurate."""
+    loaded = load_model(tiny_model_dir)
+    ids = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(loaded, ids, "cpu", 4)
+    block = loaded.model.model.layers[0]
+    with torch.no_grad():
+        block.input_layernorm.weight[5] *= 60
+        for lin in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+            lin.weight[:, 5] /= 60
+    before, x_before = _qkv_input(block, inputs)
+
+    recipe = Recipe.from_dict({"name": "t", "scheme": "W8A16", "weights": {"bits": 8, "group_size": None},
+                               "algorithms": ["smoothquant", "rtn"]})
+    targets = _targets(block, "model.layers.0", loaded.family.linears, recipe)
+    sq = SmoothQuant(SmoothQuantOptions(alpha=0.5))
+    _observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [sq], None, set())
+    _apply_transforms(block, targets, loaded.family, [sq], RTN(RTN.Options()))
+    after, x_after = _qkv_input(block, inputs)
+
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    report = sq.layer_report("model.layers.0.self_attn.q_proj")
+    assert report["act_outlier_ratio"] > 20 > report["act_outlier_ratio_smoothed"]
+    assert "grouped-query" in sq.layer_report("model.layers.0.self_attn.o_proj")["smooth_skipped"]
+
+    def int8_output_error(x, W):  # what per-token int8 inputs do to the q projection
+        return float(((fake_quantize(x, ActSpec("int8")) - x) @ W.T).norm() / (x @ W.T).norm())
+
+    W_after = block.self_attn.q_proj.weight.detach()
+    s = (x_before[0] / x_after[0]).nan_to_num(1.0)  # the smoothing the driver folded, per channel
+    assert int8_output_error(x_after, W_after) < 0.5 * int8_output_error(x_before, W_after / s)
+
+
+def test_smoothquant_then_rounding_writes_a_checkpoint(tiny_model_dir, tmp_path):
+    from quantkit import api
+    from quantkit.checkpoint import load_checkpoint
+
+    recipe = Recipe.from_dict({"name": "sq-rtn", "scheme": "W8A16", "weights": {"bits": 8, "group_size": None},
+                               "algorithms": [{"smoothquant": {"alpha": 0.6}}, "rtn"],
+                               "calibration": {"num_samples": 4, "seqlen": 32}})
+    report = api.quantize(tiny_model_dir, recipe, tmp_path / "ckpt", show_progress=False)
+    rows = {r["name"]: r for r in report["layers"]}
+    assert all(r.get("smooth_alpha") == 0.6 or "smooth_skipped" in r for r in rows.values())
+    assert load_checkpoint(tmp_path / "ckpt").model(torch.randint(0, 250, (1, 8))).logits.isfinite().all()
