@@ -96,10 +96,14 @@ def main() -> None:
     p.add_argument("--inputs", type=Path, default=Path("runs/gptq-bench"))
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--windows", type=int, default=20)
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--alpha", type=lambda v: v if v == "search" else float(v), default=0.5,
+                   help="SmoothQuant's migration strength, or 'search' (per mapping, scored with int8 activations)")
+    p.add_argument("--smooth-only", action="store_true", help="only the SmoothQuant rows (no outlier statistics)")
     args = p.parse_args()
     _, calib, evals = load_inputs(args.inputs, args.calib_samples, args.windows)
 
+    if args.smooth_only:
+        return run_rows(args, calib, evals, [("int8", ActSpec("int8", True), True), ("int8", ActSpec("int8", False), True)])
     # 1. the outliers: per-channel max |x| of every linear input, max / median over channels
     loaded = load_model(args.inputs / "model", dtype="float32")
     stats = input_absmax(loaded.model, calib, per_channel=True)
@@ -110,14 +114,18 @@ def main() -> None:
     print(json.dumps({"outlier_ratio_max_over_median": outliers}), flush=True)
     del loaded
 
-    rows = []
-    for weights, acts, smooth in [
+    run_rows(args, calib, evals, [
         (None, None, False),
         ("int8", None, False),
         ("int8", ActSpec("int8", True), False), ("int8", ActSpec("int8", True), True),
         ("int8", ActSpec("int8", False), False), ("int8", ActSpec("int8", False), True),
         ("fp8", ActSpec("fp8", True), False), ("fp8", ActSpec("fp8", False), False),
-    ]:
+    ])
+
+
+def run_rows(args, calib, evals, variants) -> None:
+    rows = []
+    for weights, acts, smooth in variants:
         r = variant(args, calib, evals, weights, acts, smooth)
         rows.append(r)
         print(json.dumps(r), flush=True)

@@ -132,3 +132,39 @@ def test_smoothquant_then_rounding_writes_a_checkpoint(tiny_model_dir, tmp_path)
     rows = {r["name"]: r for r in report["layers"]}
     assert all(r.get("smooth_alpha") == 0.6 or "smooth_skipped" in r for r in rows.values())
     assert load_checkpoint(tmp_path / "ckpt").model(torch.randint(0, 250, (1, 8))).logits.isfinite().all()
+
+
+def test_alpha_search_never_does_worse_than_no_smoothing_or_a_fixed_alpha():
+    from quantkit.algorithms.smoothquant import search_alpha
+    from quantkit.formats import IntSpec
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 64, generator=g)
+    x[:, 3] *= 80  # an outlier channel
+    W = torch.randn(48, 64, generator=g)
+    spec = IntSpec(8, True, None)
+    alpha, s, err, plain = search_alpha(x, x.abs().amax(0), [W], [spec], ActSpec("int8"), grid=10)
+    assert err <= plain and alpha in [k / 10 for k in range(11)]
+    fixed = smoothing_scales(x.abs().amax(0), [W], 0.5)
+    xq = fake_quantize(x / fixed, ActSpec("int8"))
+    from quantkit.algorithms.awq_math import fake_quantize_grouped
+
+    err_fixed = float((xq @ fake_quantize_grouped(W * fixed, spec).T - x @ W.T).norm() / (x @ W.T).norm())
+    assert err <= err_fixed + 1e-7 and err < 0.5 * plain
+
+
+def test_alpha_search_in_a_recipe(tiny_model_dir, tmp_path):
+    from quantkit import api
+
+    recipe = Recipe.from_dict({"name": "sq-search", "scheme": "W8A16", "weights": {"bits": 8, "group_size": None},
+                               "algorithms": [{"smoothquant": {"alpha": "search", "sample_tokens": 64}}, "rtn"],
+                               "calibration": {"num_samples": 4, "seqlen": 32}})
+    report = api.quantize(tiny_model_dir, recipe, tmp_path / "ckpt", show_progress=False)
+    searched = [r for r in report["layers"] if "smooth_error" in r]
+    assert searched and all(r["smooth_error"] <= r["smooth_error_unsmoothed"] for r in searched)
+    from quantkit.algorithms import build_all
+    from quantkit.recipe import RecipeError
+
+    for bad in ("best", 2.0):
+        with pytest.raises(RecipeError, match="alpha"):
+            build_all(Recipe.from_dict({"name": "x", "algorithms": [{"smoothquant": {"alpha": bad}}, "rtn"]}))

@@ -20,11 +20,14 @@ s_j = 1: there is nothing to balance, and a zero scale could not be folded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
+from quantkit.algorithms.awq_math import fake_quantize_grouped
 from quantkit.algorithms.base import Algorithm, register
 from quantkit.formats import IntSpec
+from quantkit.formats.activation import ActSpec, fake_quantize
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -47,6 +50,33 @@ def outlier_ratio(absmax: torch.Tensor) -> float:
     return float(absmax.max()) / median if median > 0 else float("inf")
 
 
+def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], specs: list[IntSpec],
+                 act: ActSpec, grid: int = 10) -> tuple[float, torch.Tensor, float, float]:
+    """The alpha in {0, 1/grid, ..., 1} whose smoothing gives the smallest output error
+    of the quantized product Q(x / s) Q(W diag(s))^T against x W^T, on the sample
+    tokens x [n, in] (activations per `act`, dynamic per token; weights per their spec).
+    Returns (alpha, s, its relative error, the error without smoothing)."""
+    x = x.to(torch.float32)
+    Ws = [W.detach().to(torch.float32) for W in weights]
+    refs = [x @ W.T for W in Ws]
+    total = sum(float(r.pow(2).sum()) for r in refs) or 1.0
+
+    def error(s: torch.Tensor) -> float:
+        xq = fake_quantize(x / s, ActSpec(act.type, dynamic=True))
+        return sum(float((xq @ fake_quantize_grouped(W * s, spec).T - r).pow(2).sum())
+                   for W, spec, r in zip(Ws, specs, refs)) / total
+
+    plain = error(torch.ones_like(act_absmax, dtype=torch.float32))
+    best = None
+    for k in range(grid + 1):
+        alpha = k / grid
+        s = smoothing_scales(act_absmax, Ws, alpha)
+        e = error(s)
+        if best is None or e < best[2]:
+            best = (alpha, s, e)
+    return best[0], best[1], best[2] ** 0.5, plain ** 0.5
+
+
 @dataclass
 class Smoothing:
     scales: torch.Tensor
@@ -55,11 +85,19 @@ class Smoothing:
 
 @dataclass(frozen=True)
 class SmoothQuantOptions:
-    alpha: float = 0.5  # migration strength in [0, 1]
+    # migration strength in [0, 1], or "search": per mapping, the grid point whose
+    # quantized product (activations per `activations`) errs least on sample tokens
+    alpha: float | Literal["search"] = 0.5
+    activations: Literal["int8", "fp8"] = "int8"  # the activation type the search scores with
+    sample_tokens: int = 1024  # calibration tokens kept per input for the search
+    grid: int = 10
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.alpha != "search" and (isinstance(self.alpha, (bool, str)) or not 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1] or 'search', got {self.alpha!r}")
+        ActSpec(self.activations)  # raises on an unknown type
+        if self.sample_tokens < 1 or self.grid < 1:
+            raise ValueError(f"sample_tokens and grid must be >= 1, got {self.sample_tokens}, {self.grid}")
 
 
 @register
@@ -73,6 +111,7 @@ class SmoothQuant(Algorithm):
     def __init__(self, options: SmoothQuantOptions) -> None:
         super().__init__(options)
         self._absmax: dict[str, list[torch.Tensor]] = {}  # name -> [per-channel max |x|], shared by one input's linears
+        self._samples: dict[str, list[torch.Tensor]] = {}  # name -> sample tokens (alpha search), shared likewise
         self._reports: dict[str, dict] = {}
 
     def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
@@ -81,28 +120,43 @@ class SmoothQuant(Algorithm):
             raise ValueError(f"SmoothQuant: the calibration input of {names[0]} is not finite")
         entry = self._absmax.get(names[0])
         if entry is None:
-            entry = [batch_max]
+            entry, samples = [batch_max], []
             for name in names:
-                self._absmax[name] = entry
+                self._absmax[name], self._samples[name] = entry, samples
         else:
             torch.maximum(entry[0], batch_max, out=entry[0])
+        if self.options.alpha == "search":  # evenly spaced rows of each batch, up to the budget
+            samples = self._samples[names[0]]
+            have = sum(t.shape[0] for t in samples)
+            if have < self.options.sample_tokens:
+                rows = x.detach().flatten(0, -2)
+                step = max(1, rows.shape[0] // max(1, self.options.sample_tokens // 8))
+                samples.append(rows[::step][: self.options.sample_tokens - have].to(torch.float32).clone())
 
     def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec], rounder=None) -> Smoothing:
         if names[0] not in self._absmax:
             raise RuntimeError(f"SmoothQuant saw no calibration input for {names[0]}")
         absmax = self._absmax[names[0]][0]
-        s = smoothing_scales(absmax, weights, self.options.alpha)
+        extra = {}
+        if self.options.alpha == "search":
+            x = torch.cat(self._samples[names[0]])
+            alpha, s, err, plain = search_alpha(x, absmax, weights, specs, ActSpec(self.options.activations), self.options.grid)
+            extra = {"smooth_error": err, "smooth_error_unsmoothed": plain}
+        else:
+            alpha, s = self.options.alpha, smoothing_scales(absmax, weights, self.options.alpha)
         for name in names:
             self._reports.setdefault(name, {}).update({
-                "smooth_alpha": self.options.alpha,
+                "smooth_alpha": alpha, **extra,
                 "act_outlier_ratio": outlier_ratio(absmax),  # before smoothing
                 "act_outlier_ratio_smoothed": outlier_ratio(absmax / s),
             })
-        return Smoothing(scales=s, alpha=self.options.alpha)
+        return Smoothing(scales=s, alpha=alpha)
 
     def scaled(self, names: list[str], s: torch.Tensor) -> None:
         entry = self._absmax[names[0]]
         entry[0] = entry[0] / s.to(entry[0].device)
+        samples = self._samples[names[0]]
+        samples[:] = [t / s.to(t.device) for t in samples]
 
     def skip(self, names: list[str], reason: str) -> None:
         for name in names:
@@ -113,4 +167,5 @@ class SmoothQuant(Algorithm):
 
     def free(self, name: str) -> None:
         self._absmax.pop(name, None)
+        self._samples.pop(name, None)
         self._reports.pop(name, None)
