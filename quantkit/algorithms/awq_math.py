@@ -48,12 +48,15 @@ def fake_quantize_grouped(W: torch.Tensor, spec: IntSpec, w_min: torch.Tensor | 
     out_f, in_f = W.shape
     gs = spec.group_size or in_f
     if W.dtype == torch.float32 and scale.dtype == torch.float32 and in_f % gs == 0:
-        # whole groups: the same arithmetic as formats.quantize/dequantize, one broadcast, no checks
-        Wg = W.reshape(out_f, in_f // gs, gs)
-        s3, z3 = scale[..., None], zp.to(torch.float32)[..., None]
-        q = torch.round(Wg / s3 + z3).clamp_(spec.qmin, spec.qmax)
-        return ((q - z3) * s3).reshape(out_f, in_f)
+        return _round_trip(W.reshape(out_f, in_f // gs, gs), scale, zp, spec).reshape(out_f, in_f)
     return dequantize(quantize(W, scale, zp, spec), scale, zp, spec, dtype=W.dtype)
+
+
+def _round_trip(Wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+    """Whole groups Wg [out, G, gs] (float32) quantized and dequantized with per-group
+    scale / zero point [out, G]: formats.quantize/dequantize's arithmetic, one broadcast, no checks."""
+    s3, z3 = scale[..., None], zp.to(torch.float32)[..., None]
+    return (torch.round(Wg / s3 + z3).clamp_(spec.qmin, spec.qmax) - z3) * s3
 
 
 def candidate_scales(x_mag: torch.Tensor, w_mag: torch.Tensor | None, alpha: float) -> torch.Tensor:
@@ -155,9 +158,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,
         best_r = torch.ones(out_f, n_groups, device=W.device)
         for r in ratios:
             scale, zp = compute_qparams(lo * r, hi * r, one_group)
-            s3, z3 = scale[..., None], zp.to(torch.float32)[..., None]
-            clipped = Wg.clamp(lo[..., None] * r, hi[..., None] * r)
-            deq = (torch.round(clipped / s3 + z3).clamp_(one_group.qmin, one_group.qmax) - z3) * s3
+            deq = _round_trip(Wg.clamp(lo[..., None] * r, hi[..., None] * r), scale, zp, one_group)
             d = (Wg - deq).transpose(0, 1)  # [G, out, gs]
             err = (torch.bmm(d, Hb) * d).sum(dim=2).T  # [out, G]
             better = err < best_err
