@@ -18,7 +18,7 @@ from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_c
 from quantkit.eval import perplexity
 from quantkit.eval.plots import layer_error_png
 from quantkit.models import LoadedModel, load_model
-from quantkit.pipeline import quantize_model
+from quantkit.pipeline import needs_calibration, quantize_model
 from quantkit.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = "w4a16-rtn"
@@ -68,7 +68,7 @@ def quantize(
 
     t0 = time.perf_counter()
     calib = None
-    if any(a.needs_activations for a in algorithms):
+    if needs_calibration(recipe, algorithms):
         c = recipe.calibration
         calib = calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
     calib_s = time.perf_counter() - t0
@@ -86,6 +86,7 @@ def quantize(
         "model": loaded.source,
         "recipe": recipe.name,
         "scheme": recipe.scheme,
+        "activations": None if recipe.activations is None else dataclasses.asdict(recipe.activations),
         "calibration": dataclasses.asdict(recipe.calibration) if calib is not None else None,
         "device": str(device),
         "seconds": {"load": load_s, "calibration_data": calib_s, "quantize": quant_s, **{f"quantize.{k}": v for k, v in result.seconds.items()}},
@@ -98,6 +99,7 @@ def quantize(
     folder = write_checkpoint(
         out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report,
         force=force, actorder=result.actorder, extra_files={ERROR_PLOT: plot},
+        activations=result.activations, input_scales=result.input_scales,
     )
     report["seconds"]["write"] = time.perf_counter() - t0
     report["out"] = str(folder)

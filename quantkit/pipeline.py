@@ -5,8 +5,9 @@
         move it to the device
         run the calibration batches through it with observers on its linears
         round each targeted linear with the recipe's algorithms
-        write the dequantized weights back, so the next block is calibrated on
-        what the quantized model really produces
+        write the dequantized weights back (and, W8A8, quantize the linear's
+        inputs from then on), so the next block is calibrated on what the
+        quantized model really produces
         recompute the block's outputs as the next block's inputs
         move it back
 
@@ -29,7 +30,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from quantkit.algorithms import Algorithm, build_all
 from quantkit.algorithms.awq_math import fold_into_previous, scale_columns
 from quantkit.errors import NumericalError
-from quantkit.formats import IntSpec, QuantizedWeight, packed_shape
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, packed_shape
+from quantkit.formats.activation import fake_quantize as fake_quantize_input
+from quantkit.formats.activation import scale_for
 from quantkit.models import LoadedModel
 from quantkit.recipe import Recipe
 from quantkit.replay import ReplayCache
@@ -41,6 +44,8 @@ class QuantizationResult:
     layers: list[dict]  # one report row per quantized linear
     seconds: dict[str, float] = field(default_factory=dict)  # where the time went
     actorder: str | None = None  # compressed-tensors label of the rounding's column order
+    activations: ActSpec | None = None  # W8A8: how the quantized linears' inputs are quantized
+    input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static activations: name -> scale [1]
 
 
 @dataclass
@@ -155,15 +160,42 @@ def _relative_error(w: torch.Tensor, w_hat: torch.Tensor) -> float:
     return float((w - w_hat).norm() / w.norm().clamp_min(1e-30))
 
 
+class _InputRange:
+    """Observer of the static activation scales: max |x| of each linear's
+    calibration input (one value per input group, shared by its linears)."""
+
+    needs_activations = True
+    sequential = False
+
+    def __init__(self) -> None:
+        self.absmax: dict[str, torch.Tensor] = {}
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        m = x.detach().abs().amax().to(torch.float32)
+        seen = self.absmax.get(names[0])
+        value = m if seen is None else torch.maximum(seen, m)
+        for name in names:
+            self.absmax[name] = value
+
+
 def _packed_nbytes(qw: QuantizedWeight) -> int:
     """Bytes on disk: packed values, scales and (asymmetric) packed zero points."""
     out_f, in_f = qw.q.shape
+    if isinstance(qw.spec, FloatSpec):
+        return qw.q.numel() + qw.scale.numel() * qw.scale.element_size()  # one byte per value
     n = 4 * math.prod(packed_shape((out_f, in_f), qw.spec.bits, 1)) + qw.scale.numel() * qw.scale.element_size()
     if not qw.spec.symmetric:
         n += 4 * math.prod(packed_shape(tuple(qw.zero_point.shape), qw.spec.bits, 0))
     if qw.g_idx is not None:
         n += 4 * in_f
     return n
+
+
+def needs_calibration(recipe: Recipe, algorithms: list[Algorithm]) -> bool:
+    """Whether quantizing with `recipe` runs calibration data: an algorithm
+    observes activations, or static activation scales are calibrated."""
+    static = recipe.activations is not None and not recipe.activations.dynamic
+    return static or any(a.needs_activations for a in algorithms)
 
 
 def quantize_model(
@@ -186,12 +218,16 @@ def quantize_model(
     rounding = algorithms[-1]
     transforms = [a for a in algorithms if a.transforms]  # observe the float block, change it
     observers = [a for a in algorithms if a.needs_activations and not a.transforms]  # observe, then round
+    act = recipe.activations
+    input_range = _InputRange() if act is not None and not act.dynamic else None
+    if input_range is not None:  # static activation scales come from the calibration inputs
+        observers.append(input_range)
     needs_data = bool(transforms or observers)
     family = loaded.family
     blocks = blocks_of(loaded)
     seconds = {"capture": 0.0, "forward": 0.0, "transform": 0.0, "quantize": 0.0}
     if needs_data and calibration_ids is None:
-        users = [a.name for a in algorithms if a.needs_activations]
+        users = [a.name for a in algorithms if a.needs_activations] + (["static activations"] if input_range else [])
         raise ValueError(f"recipe {recipe.name!r} needs calibration data ({', '.join(users)})")
 
     model_dtype = next(loaded.model.parameters()).dtype
@@ -202,6 +238,7 @@ def quantize_model(
     seconds["capture"] = time.perf_counter() - t0
 
     weights: dict[str, QuantizedWeight] = {}
+    input_scales: dict[str, torch.Tensor] = {}
     rows: list[dict] = []
     console = Console(stderr=True)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -238,6 +275,7 @@ def quantize_model(
             use_replay = recipe.calibration.replay if replay is None else replay
             cache = _replay_cache(fwd, targets, family) if needs_data and use_replay else None
             final: set[str] = set()  # target linears (relative names) already quantized
+            act_hooks = []  # W8A8: a quantized linear's input is quantized from then on
             for stage in stages if targets else []:
                 if observers:
                     t = time.perf_counter()
@@ -247,6 +285,13 @@ def quantize_model(
                 for group in stage:
                     for target, (qw, row) in zip(group, _quantize_group(group, rounding, algorithms)):
                         weights[target.name] = qw
+                        if act is not None:
+                            scale = None
+                            if input_range is not None:
+                                scale = input_scales[target.name] = _static_scale(input_range, target.name, act)
+                            row.update(_act_report(act, scale, input_range, target.name))
+                            act_hooks.append(fwd.get_submodule(target.rel).register_forward_pre_hook(
+                                _input_quantizer(act, scale)))
                         rows.append(row)
                         if fwd is not block:
                             fwd.get_submodule(target.rel).weight.data.copy_(target.linear.weight.data)
@@ -256,10 +301,38 @@ def quantize_model(
                 t = time.perf_counter()
                 inputs = _propagate(fwd, inputs, cache, final)
                 seconds["forward"] += time.perf_counter() - t
+            for h in act_hooks:
+                h.remove()
             del fwd
             block.to("cpu")
             progress.advance(task)
-    return QuantizationResult(weights, rows, seconds, rounding.actorder())
+    return QuantizationResult(weights, rows, seconds, rounding.actorder(), act, input_scales)
+
+
+def _static_scale(observed: _InputRange, name: str, act: ActSpec) -> torch.Tensor:
+    """The per-tensor input scale [1] (float32) from the calibration inputs' max |x|."""
+    if name not in observed.absmax:
+        raise RuntimeError(f"no calibration input reached {name}: cannot calibrate its static activation scale")
+    absmax = observed.absmax[name]
+    if not torch.isfinite(absmax):
+        raise NumericalError(f"the calibration inputs of {name} are not finite")
+    return scale_for(absmax, act).reshape(1).cpu()
+
+
+def _act_report(act: ActSpec, scale: torch.Tensor | None, observed: _InputRange | None, name: str) -> dict:
+    row = {"activations": f"{act.type} {'dynamic per-token' if act.dynamic else 'static per-tensor'}"}
+    if scale is not None:
+        row |= {"input_scale": float(scale), "input_absmax": float(observed.absmax[name])}
+    return row
+
+
+def _input_quantizer(act: ActSpec, scale: torch.Tensor | None):
+    """A forward pre-hook quantizing a linear's input as the checkpoint's kernel will."""
+
+    def hook(_module, args):
+        return (fake_quantize_input(args[0], act, scale), *args[1:])
+
+    return hook
 
 
 def _apply_transforms(block, targets: list["_Target"], family, transforms: list[Algorithm], rounding: Algorithm,
@@ -442,6 +515,8 @@ def _quantize_group(group: list[_Target], rounding: Algorithm, algorithms: list[
             "bytes_quantized": _packed_nbytes(qw),
             "seconds": seconds,
         }
+        if isinstance(spec, FloatSpec):
+            row["weight_type"] = f"fp8 e4m3 per-{spec.strategy}"
         for algorithm in algorithms:
             row.update(algorithm.layer_report(target.name))
             algorithm.free(target.name)

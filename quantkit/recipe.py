@@ -5,8 +5,9 @@ A recipe is a YAML file under ``recipes/`` (named by its file stem, e.g.
 
     name: w4a16-rtn                  # defaults to the file stem
     description: 4-bit weights, group 128, symmetric, round-to-nearest
-    scheme: W4A16                    # preset: W2A16, W3A16, W4A16, W8A16
-    weights: {group_size: 128, symmetric: true}   # IntSpec fields over the preset
+    scheme: W4A16                    # preset: W2A16, W3A16, W4A16, W8A16, W8A8-INT8, W8A8-FP8
+    weights: {group_size: 128, symmetric: true}   # IntSpec (FloatSpec for FP8) fields over the preset
+    activations: {dynamic: true}     # W8A8 schemes only: ActSpec fields over the preset
     algorithms: [rtn]                # in order; `- gptq: {dampening: 0.01}` passes options
     targets: [".*"]                  # regexes, re.search on the full linear name
     ignore: [lm_head]                # regexes; ignore wins over targets
@@ -34,22 +35,33 @@ from pathlib import Path
 
 import yaml
 
-from quantkit.formats.spec import IntSpec
+from quantkit.formats.activation import ActSpec
+from quantkit.formats.spec import FloatSpec, IntSpec
 from quantkit.parsing import RecipeError, child_path, convert_value, init_fields, parse_dataclass, wrong_type
 
 __all__ = [
-    "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "LayerOverride",
+    "ACTIVATIONS", "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "LayerOverride",
     "Recipe", "RecipeError", "list_recipes", "load_recipe", "parse_dataclass",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 # scheme name -> the weight spec it stands for; a recipe's `weights:` edits it.
-SCHEMES: dict[str, IntSpec] = {
+SCHEMES: dict[str, IntSpec | FloatSpec] = {
     "W2A16": IntSpec(bits=2, symmetric=True, group_size=128),
     "W3A16": IntSpec(bits=3, symmetric=True, group_size=128),
     "W4A16": IntSpec(bits=4, symmetric=True, group_size=128),
     "W8A16": IntSpec(bits=8, symmetric=True, group_size=None),
+    # W8A8: the int8 / FP8 tensor-core matmuls take per-channel (or per-tensor)
+    # symmetric weights and per-token (dynamic) or per-tensor (static) inputs
+    "W8A8-INT8": IntSpec(bits=8, symmetric=True, group_size=None),
+    "W8A8-FP8": FloatSpec("channel"),
+}
+# scheme name -> how the linears' inputs are quantized (None: kept in 16 bits);
+# a recipe's `activations:` edits it
+ACTIVATIONS: dict[str, ActSpec | None] = {
+    "W8A8-INT8": ActSpec("int8", dynamic=True),
+    "W8A8-FP8": ActSpec("fp8", dynamic=True),
 }
 
 
@@ -192,7 +204,8 @@ class Recipe:
     name: str
     description: str = ""
     scheme: str = "W4A16"
-    weights: IntSpec = IntSpec()  # SCHEMES[scheme] with the YAML `weights:` mapping applied
+    weights: IntSpec | FloatSpec = IntSpec()  # SCHEMES[scheme] with the YAML `weights:` mapping applied
+    activations: ActSpec | None = None  # ACTIVATIONS[scheme] with the YAML `activations:` mapping applied
     algorithms: tuple[AlgorithmStep, ...] = (AlgorithmStep("rtn"),)
     targets: tuple[str, ...] = (r".*",)
     ignore: tuple[str, ...] = (r"lm_head",)
@@ -209,7 +222,15 @@ class Recipe:
             raise RecipeError(f"name must be a non-empty string, got {self.name!r}")
         if self.scheme not in SCHEMES:
             raise RecipeError(f"unknown scheme {self.scheme!r}; valid schemes: {', '.join(SCHEMES)}")
-        preset_bits = SCHEMES[self.scheme].bits
+        preset, act_preset = SCHEMES[self.scheme], ACTIVATIONS.get(self.scheme)
+        if type(self.weights) is not type(preset):
+            raise RecipeError(f"scheme {self.scheme!r} takes {type(preset).__name__} weights, got {self.weights}")
+        if act_preset is None and self.activations is not None:
+            raise RecipeError(f"scheme {self.scheme!r} keeps activations in 16 bits; for quantized activations "
+                              f"use scheme {' or '.join(ACTIVATIONS)}")
+        if act_preset is not None:
+            self._check_w8a8(act_preset)
+        preset_bits = preset.bits
         if self.weights.bits != preset_bits:
             fits = [s for s, spec in SCHEMES.items() if spec.bits == self.weights.bits]
             raise RecipeError(f"weights.bits {self.weights.bits} contradicts scheme {self.scheme!r} "
@@ -225,10 +246,24 @@ class Recipe:
         for i, override in enumerate(self.overrides):
             try:
                 override.apply(self.weights)
-            except ValueError as e:
+            except (ValueError, TypeError) as e:
                 raise RecipeError(f"overrides[{i}] ({override.pattern!r}): {e}") from e
 
-    def spec_for(self, layer_name: str, in_features: int | None = None) -> IntSpec | None:
+    def _check_w8a8(self, act_preset: ActSpec) -> None:
+        if self.activations is None:
+            raise RecipeError(f"scheme {self.scheme!r} quantizes activations: `activations` must be a mapping "
+                              f"such as {{dynamic: true}}, not null")
+        if self.activations.type != act_preset.type:
+            raise RecipeError(f"scheme {self.scheme!r} takes {act_preset.type} activations, got {self.activations.type}")
+        if isinstance(self.weights, IntSpec) and (self.weights.group_size is not None or not self.weights.symmetric):
+            raise RecipeError(f"scheme {self.scheme!r} takes per-channel symmetric int8 weights (what int8 "
+                              f"tensor-core matmuls and compressed-tensors' int-quantized format take): set "
+                              f"weights.group_size: null and weights.symmetric: true")
+        if self.overrides:
+            raise RecipeError(f"scheme {self.scheme!r}: per-layer overrides are for weight-only schemes; "
+                              f"keep a layer in 16 bits with `ignore`")
+
+    def spec_for(self, layer_name: str, in_features: int | None = None) -> IntSpec | FloatSpec | None:
         """The weight spec for linear `layer_name` (full module name), or None to
         leave it float. With `in_features`, the partial_groups policy applies."""
         if not any(re.search(p, layer_name) for p in self.targets):
@@ -260,6 +295,7 @@ class Recipe:
             "description": self.description,
             "scheme": self.scheme,
             "weights": init_fields(self.weights),  # complete, so the preset is irrelevant
+            **({"activations": init_fields(self.activations)} if self.activations is not None else {}),
             "algorithms": [step.to_yaml_data() for step in self.algorithms],
             "targets": list(self.targets),
             "ignore": list(self.ignore),
@@ -277,15 +313,31 @@ class Recipe:
         if not isinstance(scheme, str) or scheme not in SCHEMES:
             raise RecipeError(f"{child_path(where, 'scheme')}: unknown scheme {scheme!r}; "
                               f"valid schemes: {', '.join(SCHEMES)}")
+        preset = SCHEMES[scheme]
         if "weights" in data:
             edits = data["weights"]
-            if isinstance(edits, IntSpec):
+            if isinstance(edits, (IntSpec, FloatSpec)):
                 edits = init_fields(edits)
             if not isinstance(edits, Mapping):
-                raise wrong_type(edits, IntSpec, child_path(where, "weights"))
-            data["weights"] = {**init_fields(SCHEMES[scheme]), **edits}
+                raise wrong_type(edits, type(preset), child_path(where, "weights"))
+            data["weights"] = parse_dataclass(type(preset), {**init_fields(preset), **edits}, child_path(where, "weights"))
         else:
-            data["weights"] = SCHEMES[scheme]
+            data["weights"] = preset
+        act_preset = ACTIVATIONS.get(scheme)
+        if "activations" in data:
+            edits = data["activations"]
+            if isinstance(edits, ActSpec):
+                edits = init_fields(edits)
+            if edits is not None and act_preset is None:
+                raise RecipeError(f"{child_path(where, 'activations')}: scheme {scheme!r} keeps activations in "
+                                  f"16 bits; for quantized activations use scheme {' or '.join(ACTIVATIONS)}")
+            if edits is not None and not isinstance(edits, Mapping):
+                raise wrong_type(edits, ActSpec, child_path(where, "activations"))
+            if edits is not None:
+                data["activations"] = parse_dataclass(ActSpec, {**init_fields(act_preset), **edits},
+                                                      child_path(where, "activations"))
+        else:
+            data["activations"] = act_preset
         if "algorithms" in data:
             steps = data["algorithms"]
             if not isinstance(steps, list):

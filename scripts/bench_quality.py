@@ -30,7 +30,7 @@ from quantkit.algorithms import build_all
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
 from quantkit.eval import perplexity
 from quantkit.models import load_model
-from quantkit.pipeline import quantize_model
+from quantkit.pipeline import needs_calibration, quantize_model
 from quantkit.recipe import load_recipe
 
 
@@ -70,7 +70,7 @@ def main() -> None:
         recipe = load_recipe(name)
         work = copy.deepcopy(base)
         calib = None
-        if any(a.needs_activations for a in build_all(recipe)):
+        if needs_calibration(recipe, build_all(recipe)):
             c = recipe.calibration
             calib = calibration_batch(base.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
         t0 = time.perf_counter()
@@ -78,7 +78,8 @@ def main() -> None:
         quant_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": result.layers}, actorder=result.actorder)
+            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": result.layers}, actorder=result.actorder,
+                                      activations=result.activations, input_scales=result.input_scales)
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             ours = load_checkpoint(folder)

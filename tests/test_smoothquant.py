@@ -100,10 +100,10 @@ def test_smoothing_keeps_the_float_block_and_flattens_an_injected_outlier(tiny_m
             lin.weight[:, 5] /= 60
     before, x_before = _qkv_input(block, inputs)
 
-    recipe = Recipe.from_dict({"name": "t", "scheme": "W8A16", "weights": {"bits": 8, "group_size": None},
-                               "algorithms": ["smoothquant", "rtn"]})
+    recipe = Recipe.from_dict({"name": "t", "scheme": "W8A8-INT8", "algorithms": ["smoothquant", "rtn"]})
     targets = _targets(block, "model.layers.0", loaded.family.linears, recipe)
     sq = SmoothQuant(SmoothQuantOptions(alpha=0.5))
+    sq.activations = recipe.activations
     _observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [sq], None, set())
     _apply_transforms(block, targets, loaded.family, [sq], RTN(RTN.Options()))
     after, x_after = _qkv_input(block, inputs)
@@ -125,13 +125,22 @@ def test_smoothquant_then_rounding_writes_a_checkpoint(tiny_model_dir, tmp_path)
     from quantkit import api
     from quantkit.checkpoint import load_checkpoint
 
-    recipe = Recipe.from_dict({"name": "sq-rtn", "scheme": "W8A16", "weights": {"bits": 8, "group_size": None},
+    recipe = Recipe.from_dict({"name": "sq-rtn", "scheme": "W8A8-INT8",
                                "algorithms": [{"smoothquant": {"alpha": 0.6}}, "rtn"],
                                "calibration": {"num_samples": 4, "seqlen": 32}})
     report = api.quantize(tiny_model_dir, recipe, tmp_path / "ckpt", show_progress=False)
     rows = {r["name"]: r for r in report["layers"]}
     assert all(r.get("smooth_alpha") == 0.6 or "smooth_skipped" in r for r in rows.values())
+    assert all(r["activations"] == "int8 dynamic per-token" for r in rows.values())
     assert load_checkpoint(tmp_path / "ckpt").model(torch.randint(0, 250, (1, 8))).logits.isfinite().all()
+
+
+def test_smoothquant_needs_quantized_activations():
+    from quantkit.algorithms import build_all
+    from quantkit.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="16 bits.*W8A8"):
+        build_all(Recipe.from_dict({"name": "x", "scheme": "W8A16", "algorithms": ["smoothquant", "rtn"]}))
 
 
 def test_alpha_search_never_does_worse_than_no_smoothing_or_a_fixed_alpha():
@@ -156,12 +165,13 @@ def test_alpha_search_never_does_worse_than_no_smoothing_or_a_fixed_alpha():
 def test_alpha_search_in_a_recipe(tiny_model_dir, tmp_path):
     from quantkit import api
 
-    recipe = Recipe.from_dict({"name": "sq-search", "scheme": "W8A16", "weights": {"bits": 8, "group_size": None},
-                               "algorithms": [{"smoothquant": {"alpha": "search", "sample_tokens": 64}}, "rtn"],
-                               "calibration": {"num_samples": 4, "seqlen": 32}})
-    report = api.quantize(tiny_model_dir, recipe, tmp_path / "ckpt", show_progress=False)
-    searched = [r for r in report["layers"] if "smooth_error" in r]
-    assert searched and all(r["smooth_error"] <= r["smooth_error_unsmoothed"] for r in searched)
+    for scheme, acts in (("W8A8-INT8", {"dynamic": False}), ("W8A8-FP8", {"dynamic": True})):
+        recipe = Recipe.from_dict({"name": "sq-search", "scheme": scheme, "activations": acts,
+                                   "algorithms": [{"smoothquant": {"alpha": "search", "sample_tokens": 64}}, "rtn"],
+                                   "calibration": {"num_samples": 4, "seqlen": 32}})
+        report = api.quantize(tiny_model_dir, recipe, tmp_path / scheme, show_progress=False)
+        searched = [r for r in report["layers"] if "smooth_error" in r]
+        assert searched and all(r["smooth_error"] <= r["smooth_error_unsmoothed"] for r in searched)
     from quantkit.algorithms import build_all
     from quantkit.recipe import RecipeError
 

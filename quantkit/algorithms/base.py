@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from quantkit.formats import IntSpec, QuantizedWeight, fake_quantize
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, fake_quantize
 from quantkit.recipe import AlgorithmStep, Recipe, RecipeError, parse_dataclass
 
 
@@ -40,6 +40,10 @@ class Algorithm:
     # a weight differs from round-to-nearest: transforms then confirm their
     # choices with trial_round instead of trusting a round-to-nearest score
     error_feedback: ClassVar[bool] = False
+    float_weights: ClassVar[bool] = False  # handles FP8 (FloatSpec) weights
+    needs_quantized_inputs: ClassVar[bool] = False  # only meaningful for W8A8 schemes (SmoothQuant)
+    # the recipe's input quantization (W8A8), set by build_all; None = 16-bit inputs
+    activations: ActSpec | None = None
 
     def __init__(self, options) -> None:
         self.options = options
@@ -111,6 +115,16 @@ def build(step: AlgorithmStep) -> Algorithm:
 def build_all(recipe: Recipe) -> list[Algorithm]:
     """The recipe's algorithms in order; exactly one rounding step, and it is last."""
     algorithms = [build(step) for step in recipe.algorithms]
+    for a in algorithms:
+        a.activations = recipe.activations
+        if isinstance(recipe.weights, FloatSpec) and not a.float_weights:
+            fits = sorted(n for n, c in ALGORITHMS.items() if c.float_weights)
+            raise RecipeError(f"recipe {recipe.name!r}: algorithm {a.name!r} rounds integer weights only; "
+                              f"FP8 weights ({recipe.scheme}) take {', '.join(fits)}")
+        if a.needs_quantized_inputs and recipe.activations is None:
+            raise RecipeError(f"recipe {recipe.name!r}: {a.name} balances activation outliers for quantized "
+                              f"activations, and scheme {recipe.scheme!r} keeps them in 16 bits; use a W8A8 "
+                              f"scheme, or awq for weight-only schemes")
     rounding = [a.name for a in algorithms if a.rounds]
     if len(rounding) != 1 or not algorithms[-1].rounds:
         raise RecipeError(

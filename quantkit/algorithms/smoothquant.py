@@ -26,8 +26,9 @@ import torch
 
 from quantkit.algorithms.awq_math import fake_quantize_grouped
 from quantkit.algorithms.base import Algorithm, register
-from quantkit.formats import IntSpec
-from quantkit.formats.activation import ActSpec, fake_quantize
+from quantkit.formats import FloatSpec, IntSpec
+from quantkit.formats import fake_quantize as fake_quantize_weight
+from quantkit.formats.activation import ActSpec, fake_quantize, scale_for
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -50,20 +51,27 @@ def outlier_ratio(absmax: torch.Tensor) -> float:
     return float(absmax.max()) / median if median > 0 else float("inf")
 
 
-def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], specs: list[IntSpec],
+def _fake_quantize_weight(W: torch.Tensor, spec: IntSpec | FloatSpec) -> torch.Tensor:
+    return fake_quantize_grouped(W, spec) if isinstance(spec, IntSpec) else fake_quantize_weight(W, spec)
+
+
+def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], specs: list[IntSpec | FloatSpec],
                  act: ActSpec, grid: int = 10) -> tuple[float, torch.Tensor, float, float]:
     """The alpha in {0, 1/grid, ..., 1} whose smoothing gives the smallest output error
     of the quantized product Q(x / s) Q(W diag(s))^T against x W^T, on the sample
-    tokens x [n, in] (activations per `act`, dynamic per token; weights per their spec).
-    Returns (alpha, s, its relative error, the error without smoothing)."""
+    tokens x [n, in]: activations per `act` (dynamic: per token; static: one scale
+    from the calibration maxima, max_j act_absmax_j / s_j, as the driver will set
+    it), weights per their spec. Returns (alpha, s, its relative error, the error
+    without smoothing)."""
     x = x.to(torch.float32)
     Ws = [W.detach().to(torch.float32) for W in weights]
     refs = [x @ W.T for W in Ws]
     total = sum(float(r.pow(2).sum()) for r in refs) or 1.0
 
     def error(s: torch.Tensor) -> float:
-        xq = fake_quantize(x / s, ActSpec(act.type, dynamic=True))
-        return sum(float((xq @ fake_quantize_grouped(W * s, spec).T - r).pow(2).sum())
+        static = None if act.dynamic else scale_for((act_absmax.to(torch.float32) / s).amax(), act)
+        xq = fake_quantize(x / s, act, static)
+        return sum(float((xq @ _fake_quantize_weight(W * s, spec).T - r).pow(2).sum())
                    for W, spec, r in zip(Ws, specs, refs)) / total
 
     plain = error(torch.ones_like(act_absmax, dtype=torch.float32))
@@ -86,16 +94,14 @@ class Smoothing:
 @dataclass(frozen=True)
 class SmoothQuantOptions:
     # migration strength in [0, 1], or "search": per mapping, the grid point whose
-    # quantized product (activations per `activations`) errs least on sample tokens
+    # quantized product (inputs quantized as the recipe's scheme says) errs least on sample tokens
     alpha: float | Literal["search"] = 0.5
-    activations: Literal["int8", "fp8"] = "int8"  # the activation type the search scores with
     sample_tokens: int = 1024  # calibration tokens kept per input for the search
     grid: int = 10
 
     def __post_init__(self) -> None:
         if self.alpha != "search" and (isinstance(self.alpha, (bool, str)) or not 0.0 <= self.alpha <= 1.0):
             raise ValueError(f"alpha must be in [0, 1] or 'search', got {self.alpha!r}")
-        ActSpec(self.activations)  # raises on an unknown type
         if self.sample_tokens < 1 or self.grid < 1:
             raise ValueError(f"sample_tokens and grid must be >= 1, got {self.sample_tokens}, {self.grid}")
 
@@ -107,6 +113,8 @@ class SmoothQuant(Algorithm):
     needs_activations = True
     rounds = False
     transforms = True
+    float_weights = True
+    needs_quantized_inputs = True
 
     def __init__(self, options: SmoothQuantOptions) -> None:
         super().__init__(options)
@@ -140,7 +148,7 @@ class SmoothQuant(Algorithm):
         extra = {}
         if self.options.alpha == "search":
             x = torch.cat(self._samples[names[0]])
-            alpha, s, err, plain = search_alpha(x, absmax, weights, specs, ActSpec(self.options.activations), self.options.grid)
+            alpha, s, err, plain = search_alpha(x, absmax, weights, specs, self.activations, self.options.grid)
             extra = {"smooth_error": err, "smooth_error_unsmoothed": plain}
         else:
             alpha, s = self.options.alpha, smoothing_scales(absmax, weights, self.options.alpha)

@@ -1,4 +1,5 @@
-"""Read a quantkit (compressed-tensors pack-quantized) checkpoint into IntWeightLinear modules."""
+"""Read a quantkit (compressed-tensors) checkpoint: pack-quantized layers become
+IntWeightLinear, int-quantized / float-quantized (W8A8) ones W8A8Linear."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from quantkit.checkpoint.config import spec_resolver
 from quantkit.checkpoint.writer import RECIPE_FILE, REPORT_FILE
 from quantkit.errors import CheckpointError
 from quantkit.models import LoadedModel, family_for
-from quantkit.nn import IntWeightLinear
+from quantkit.nn import IntWeightLinear, W8A8Linear
 
 
 def read_config(path: str | os.PathLike) -> dict:
@@ -85,9 +86,16 @@ def _replace_linears(model: torch.nn.Module, resolve, state: dict[str, torch.Ten
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear):
             continue
-        spec = resolve(name, [c.__name__ for c in type(module).__mro__])
-        if spec is None:
+        scheme = resolve(name, [c.__name__ for c in type(module).__mro__])
+        if scheme is None:
             continue
+        parent_name, _, child = name.rpartition(".")
+        if scheme.activations is not None:
+            qlinear = _w8a8_linear(name, module, scheme, state)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
+            count += 1
+            continue
+        spec = scheme.weights
         if f"{name}.weight_packed" not in state:
             raise CheckpointError(f"checkpoint has no {name}.weight_packed although its quantization_config targets {name}")
         shape = tuple(state[f"{name}.weight_shape"].tolist())
@@ -101,14 +109,29 @@ def _replace_linears(model: torch.nn.Module, resolve, state: dict[str, torch.Ten
             dtype=state[f"{name}.weight_scale"].dtype,
             has_g_idx=f"{name}.weight_g_idx" in state,
         )
-        parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
         count += 1
     return count
 
 
+def _w8a8_linear(name: str, module: torch.nn.Linear, scheme, state: dict[str, torch.Tensor]) -> W8A8Linear:
+    weight = state.get(f"{name}.weight")
+    if weight is None or f"{name}.weight_scale" not in state:
+        raise CheckpointError(f"checkpoint has no {name}.weight / weight_scale although its quantization_config targets {name}")
+    if tuple(weight.shape) != (module.out_features, module.in_features):
+        raise CheckpointError(f"{name}.weight has shape {tuple(weight.shape)}, the model config says {(module.out_features, module.in_features)}")
+    want = torch.float8_e4m3fn if scheme.activations.type == "fp8" else torch.int8
+    if weight.dtype != want:
+        raise CheckpointError(f"{name}.weight is {weight.dtype}; {scheme.format} stores {want}")
+    if not scheme.activations.dynamic and f"{name}.input_scale" not in state:
+        raise CheckpointError(f"checkpoint has no {name}.input_scale although its activations are static")
+    scale = state[f"{name}.weight_scale"]
+    return W8A8Linear(module.in_features, module.out_features, scheme.weights, scheme.activations,
+                      bias=module.bias is not None, dtype=scale.dtype)
+
+
 def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """A quantized checkpoint as a model whose targeted linears are IntWeightLinear."""
+    """A quantized checkpoint as a model whose targeted linears are IntWeightLinear / W8A8Linear."""
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(path).expanduser().resolve()
@@ -141,7 +164,7 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
         model.tie_weights()
     model.to(device).eval().requires_grad_(False)
     for module in model.modules():
-        if isinstance(module, IntWeightLinear):
+        if isinstance(module, (IntWeightLinear, W8A8Linear)):
             module.prepare(backend)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

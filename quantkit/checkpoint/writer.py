@@ -1,4 +1,4 @@
-"""Write a quantized model as a compressed-tensors `pack-quantized` checkpoint.
+"""Write a quantized model as a compressed-tensors checkpoint.
 
     DIR/
       config.json                  with quantization_config (compressed-tensors)
@@ -7,9 +7,13 @@
       quantkit_recipe.yaml         the recipe that made it
       quantization_report.json     per-layer errors, timings, sizes
 
-Per quantized linear X the state dict holds X.weight_packed (int32, packed
-along the input dim), X.weight_scale, X.weight_shape and, when asymmetric,
-X.weight_zero_point (int32, packed along the output dim), in place of X.weight.
+Per quantized linear X the state dict holds, in place of the float X.weight:
+  pack-quantized (weight-only): X.weight_packed (int32, packed along the input
+    dim), X.weight_scale, X.weight_shape and, when asymmetric,
+    X.weight_zero_point (int32, packed along the output dim);
+  int-quantized / float-quantized (W8A8): X.weight (int8 / float8_e4m3fn),
+    X.weight_scale ([out, 1] per channel, [1] per tensor) and, for static
+    activations, X.input_scale ([1]).
 
 Everything is written into a hidden temporary folder beside DIR and renamed at
 the end: a failed or interrupted run leaves no half-written DIR behind.
@@ -30,7 +34,7 @@ from safetensors.torch import save_file
 
 from quantkit.checkpoint.config import build_quantization_config
 from quantkit.errors import OutputExistsError
-from quantkit.formats import QuantizedWeight, pack_int32
+from quantkit.formats import ActSpec, FloatSpec, QuantizedWeight, pack_int32
 
 RECIPE_FILE = "quantkit_recipe.yaml"
 REPORT_FILE = "quantization_report.json"
@@ -77,9 +81,19 @@ def atomic_output(out_dir: str | os.PathLike, force: bool = False) -> Iterator[P
         raise
 
 
-def packed_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """The on-disk tensors of one quantized linear."""
+def packed_tensors(name: str, qw: QuantizedWeight, activations: ActSpec | None = None,
+                   input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The on-disk tensors of one quantized linear (W8A8 when `activations` is given)."""
     spec = qw.spec
+    if activations is not None:
+        per_tensor = isinstance(spec, FloatSpec) and spec.strategy == "tensor"
+        out = {f"{name}.weight": qw.q.contiguous(),
+               f"{name}.weight_scale": qw.scale.reshape(1) if per_tensor else qw.scale.contiguous()}
+        if not activations.dynamic:
+            if input_scale is None:
+                raise ValueError(f"{name}: static activations need a calibrated input_scale")
+            out[f"{name}.input_scale"] = input_scale.reshape(1).to(qw.scale.dtype)
+        return out
     out = {
         f"{name}.weight_packed": pack_int32(qw.q, spec.bits, dim=1),
         f"{name}.weight_scale": qw.scale.contiguous(),
@@ -92,7 +106,8 @@ def packed_tensors(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
     return out
 
 
-def quantized_state_dict(model: torch.nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def quantized_state_dict(model: torch.nn.Module, weights: dict[str, QuantizedWeight], activations: ActSpec | None = None,
+                         input_scales: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     skip = {f"{name}.weight" for name in weights}
     if getattr(model.config, "tie_word_embeddings", False):
         # tied to the input embedding: written once, re-tied by transformers at load
@@ -100,7 +115,7 @@ def quantized_state_dict(model: torch.nn.Module, weights: dict[str, QuantizedWei
         skip |= {f"{n}.weight" for n, m in model.named_modules() if m is out_emb}
     state = {k: t.detach().contiguous() for k, t in model.state_dict().items() if k not in skip}
     for name, qw in weights.items():
-        state.update(packed_tensors(name, qw))
+        state.update(packed_tensors(name, qw, activations, (input_scales or {}).get(name)))
     return state
 
 
@@ -141,20 +156,24 @@ def write_checkpoint(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     actorder: str | None = None,
     extra_files: dict[str, bytes] | None = None,
+    activations: ActSpec | None = None,
+    input_scales: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint atomically and return its folder.
 
     actorder: compressed-tensors' label for how columns were ordered when
     rounding ("weight"); weights that carry g_idx are always "group".
     extra_files: more files to put in the folder (name -> bytes), e.g. plots.
+    activations: the W8A8 input quantization (None: weight-only); input_scales:
+    linear name -> calibrated per-tensor scale, for static activations.
     """
     float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in weights]
     # act-order with g_idx is compressed-tensors' actorder "group"
     if any(qw.g_idx is not None for qw in weights.values()):
         actorder = "group"
-    qconfig = build_quantization_config({n: qw.spec for n, qw in weights.items()}, float_linears, actorder)
+    qconfig = build_quantization_config({n: qw.spec for n, qw in weights.items()}, float_linears, actorder, activations)
     with atomic_output(out_dir, force) as tmp:
-        state = quantized_state_dict(model, weights)
+        state = quantized_state_dict(model, weights, activations, input_scales)
         files = _save_shards(state, tmp, max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = qconfig

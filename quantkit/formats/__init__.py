@@ -1,5 +1,6 @@
 """Quantized formats: the integer weight spec, qparams/RTN math, int32 packing, and
-activation quantization (`quantkit.formats.activation`: int8 / FP8, per token or static)."""
+activation quantization (`quantkit.formats.activation`: int8 / FP8, per token or static)
+and FP8 weights (`quantkit.formats.fp8`)."""
 
 from quantkit.formats.activation import ActSpec
 from quantkit.formats.pack import pack_int32, packed_shape, unpack_int32
@@ -12,10 +13,11 @@ from quantkit.formats.qparams import (
     quantize,
     quantize_rtn,
 )
-from quantkit.formats.spec import IntSpec, QuantizedWeight
+from quantkit.formats.spec import FloatSpec, IntSpec, QuantizedWeight, WeightSpec
 
 __all__ = [
     "ActSpec",
+    "FloatSpec",
     "IntSpec",
     "QuantizedWeight",
     "compute_qparams",
@@ -28,4 +30,5 @@ __all__ = [
     "quantize",
     "quantize_rtn",
     "unpack_int32",
+    "WeightSpec",
 ]

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.formats.spec import IntSpec, QuantizedWeight
+from quantkit.formats.spec import FloatSpec, IntSpec, QuantizedWeight
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -218,17 +218,23 @@ def dequantize(
     return w.to(dtype)
 
 
-def quantize_rtn(w: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
+def quantize_rtn(w: torch.Tensor, spec: IntSpec | FloatSpec) -> QuantizedWeight:
     """Round-to-nearest: qparams from each group's min/max, then `quantize`.
 
     w [out, in] float -> QuantizedWeight (scale in w's dtype, g_idx None).
+    A FloatSpec rounds to FP8 (quantkit.formats.fp8).
     """
+    if isinstance(spec, FloatSpec):
+        from quantkit.formats.fp8 import quantize_fp8  # fp8 imports activation, which is standalone
+
+        _check_finite(w, "weight")
+        return quantize_fp8(w, spec)
     w_min, w_max = group_minmax(w, spec.group_size)  # [out, n_groups] each
     scale, zero_point = compute_qparams(w_min, w_max, spec)
     q = quantize(w, scale, zero_point, spec)
     return QuantizedWeight(q=q, scale=scale, zero_point=zero_point, spec=spec)
 
 
-def fake_quantize(w: torch.Tensor, spec: IntSpec) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, spec: IntSpec | FloatSpec) -> torch.Tensor:
     """dequantize(quantize_rtn(w, spec)), in w's dtype and shape [out, in]."""
     return quantize_rtn(w, spec).dequantize(w.dtype)

@@ -1,3 +1,3 @@
-from quantkit.nn.quant_linear import IntWeightLinear
+from quantkit.nn.quant_linear import IntWeightLinear, W8A8Linear
 
-__all__ = ["IntWeightLinear"]
+__all__ = ["IntWeightLinear", "W8A8Linear"]

@@ -1,12 +1,12 @@
-"""Linear layers whose weights stay quantized; forward calls one kernel entry point."""
+"""Linear layers whose weights (and, W8A8, inputs) stay quantized; forward calls one kernel entry point."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from quantkit.formats import IntSpec, packed_shape
-from quantkit.kernels import PreparedIntWeight, int_weight_matmul, prepare_int_weight, select_backend
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, packed_shape
+from quantkit.kernels import PreparedIntWeight, PreparedW8A8, int_weight_matmul, prepare_int_weight, prepare_w8a8, select_backend, w8a8_matmul
 
 
 class IntWeightLinear(nn.Module):
@@ -74,3 +74,64 @@ class IntWeightLinear(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"in={self.in_features}, out={self.out_features}, bits={s.bits}, group={s.group_size}, symmetric={s.symmetric}"
+
+
+class W8A8Linear(nn.Module):
+    """y = Q(x) @ Q(W)^T * s_x * s_w + b, compressed-tensors' int-quantized / float-quantized layout.
+
+    Buffers carry the checkpoint's names:
+      weight        int8 | float8_e4m3fn [N, K]
+      weight_scale  float [N, 1] (per channel) or [1] (per tensor)
+      input_scale   float [1]                (static activations only)
+
+    With `track_saturation` on (static activations), forward counts the input
+    values beyond the calibrated range (clamped by the quantizer) in
+    `saturated` / `seen`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weights: IntSpec | FloatSpec,
+        act: ActSpec,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.spec, self.act = in_features, out_features, weights, act
+        kw = {"device": device}
+        wdtype = torch.float8_e4m3fn if isinstance(weights, FloatSpec) else torch.int8
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=wdtype, **kw))
+        per_tensor = isinstance(weights, FloatSpec) and weights.strategy == "tensor"
+        self.register_buffer("weight_scale", torch.ones((1,) if per_tensor else (out_features, 1), dtype=dtype, **kw))
+        if not act.dynamic:
+            self.register_buffer("input_scale", torch.ones(1, dtype=dtype, **kw))
+        else:
+            self.input_scale = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw), requires_grad=False) if bias else None
+        self.track_saturation = False
+        self.saturated = self.seen = 0
+        self._prepared: PreparedW8A8 | None = None
+
+    def prepare(self, backend: str | None = None) -> None:
+        self._prepared = prepare_w8a8(self.weight, self.weight_scale, self.input_scale, self.spec, self.act, backend)
+
+    def _apply(self, fn, recurse=True):
+        self._prepared = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._prepared is None:
+            self.prepare()
+        if self.track_saturation and self.input_scale is not None:
+            limit = self.input_scale.float() * self.act.half_range
+            self.saturated = self.saturated + (x.abs() > limit).sum()
+            self.seen += x.numel()
+        return w8a8_matmul(x, self._prepared, self.bias)
+
+    def extra_repr(self) -> str:
+        w = "fp8 " + self.spec.strategy if isinstance(self.spec, FloatSpec) else "int8 channel"
+        a = f"{self.act.type} {'dynamic per-token' if self.act.dynamic else 'static per-tensor'}"
+        return f"in={self.in_features}, out={self.out_features}, weights={w}, inputs={a}"
