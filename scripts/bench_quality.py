@@ -6,7 +6,8 @@ For each recipe: quantize a copy of the float model (model load excluded from
 the time, and reported apart), write the checkpoint, load it back through our
 reader (the packed weights and the kernel entry point, not a fake-quantized
 copy) and evaluate it on both bundled held-out texts. Also checks that
-transformers reads the checkpoint with the same logits. Prints a table and
+transformers reads the checkpoint and computes the same (per layer, and
+perplexity on the first --hf-windows windows). Prints a table and
 writes the numbers as JSON (--json-out).
 """
 
@@ -34,15 +35,41 @@ from quantkit.pipeline import needs_calibration, quantize_model
 from quantkit.recipe import load_recipe
 
 
-def hf_logits_diff(folder: Path, ours, ids: torch.Tensor) -> float | None:
+def hf_check(folder: Path, ours, ids: torch.Tensor, tokens: torch.Tensor, seqlen: int, windows: int) -> dict | None:
+    """Does transformers (+ compressed-tensors) compute what our reader computes?
+
+    Per layer: every quantized linear's output in transformers' forward against
+    our module run on the very same input (max difference relative to the
+    output's max). End to end: the max logit difference and both perplexities on
+    the first `windows` windows. A quantized model is not a continuous function
+    (a rounding flips when an input moves by one ulp), so the two forwards'
+    summation orders alone can move single logits visibly: the per-layer check
+    and the perplexities are what say the formats agree.
+    """
     try:
         import compressed_tensors  # noqa: F401  (transformers needs it for this format)
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    theirs = AutoModelForCausalLM.from_pretrained(folder).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=next(ours.parameters()).dtype).eval()
+    mine = {n: m for n, m in ours.named_modules() if hasattr(m, "prepare")}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep(name):
+        def hook(_module, args, out):
+            seen.setdefault(name, (args[0].detach(), out.detach()))
+        return hook
+
+    handles = [theirs.get_submodule(n).register_forward_hook(keep(n)) for n in mine]
     with torch.inference_mode():
-        return float((theirs(ids).logits - ours(ids).logits).abs().max())
+        logit_diff = float((theirs(ids).logits - ours(ids).logits).abs().max())
+        layer_diff = max(float((mine[n](x) - y).abs().max() / y.abs().max().clamp_min(1e-30)) for n, (x, y) in seen.items())
+    for h in handles:
+        h.remove()
+    r_ours = perplexity(ours, tokens, seqlen, windows, show_progress=False)
+    r_theirs = perplexity(theirs, tokens, seqlen, windows, show_progress=False)
+    return {"layers_checked": len(seen), "max_layer_rel_diff": layer_diff, "max_abs_logit_diff": logit_diff,
+            "windows": windows, "ppl_ours": r_ours.perplexity, "ppl_transformers": r_theirs.perplexity}
 
 
 def main() -> None:
@@ -52,6 +79,7 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=[DEFAULT_EVALUATION, SECOND_EVALUATION])
     p.add_argument("--windows", type=int, default=100)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--hf-windows", type=int, default=10, help="windows of the first text for the transformers round trip (0: skip)")
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args()
 
@@ -84,25 +112,26 @@ def main() -> None:
             t0 = time.perf_counter()
             ours = load_checkpoint(folder)
             read_s = time.perf_counter() - t0
-            diff = hf_logits_diff(folder, ours.model, probe)
+            hf = hf_check(folder, ours.model, probe, tokens[args.data[0]], args.seqlen, args.hf_windows) if args.hf_windows else None
             for d in args.data:
                 r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}")
                 rows.append({
                     "model": name, "data": d, "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
                     "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
-                    "hf_max_abs_logit_diff": diff, "group_sizes": sorted({l["group_size"] for l in result.layers}),
+                    "transformers": hf, "group_sizes": sorted({str(l["group_size"]) for l in result.layers}),
                 })
         del work, ours
 
     floats = {r["data"]: r["perplexity"] for r in rows if r["model"] == "float"}
     table = Table(title=f"perplexity, {args.windows} x {args.seqlen}-token windows (model load {load_s:.1f} s, excluded)")
-    for col in ("model", "data", "ppl", "vs float", "quantize s", "write s", "HF max |dlogit|"):
+    for col in ("model", "data", "ppl", "vs float", "quantize s", "write s", "HF layer diff", "HF ppl (ours)"):
         table.add_column(col, justify="left" if col in ("model", "data") else "right")
     for r in rows:
         q = r["model"] != "float"
         table.add_row(r["model"], r["data"], f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / floats[r['data']] - 1):+.1f}%" if q else "",
                       f"{r['quantize_s']:.2f}" if q else "", f"{r['write_s']:.2f}" if q else "",
-                      f"{r['hf_max_abs_logit_diff']:.2e}" if q and r["hf_max_abs_logit_diff"] is not None else "")
+                      f"{hf['max_layer_rel_diff']:.1e}" if (hf := r.get("transformers")) else "",
+                      f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf else "")
     Console().print(table)
     if args.json_out:
         meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}, {torch.get_num_threads()} threads",

@@ -11,7 +11,7 @@ import torch
 from quantkit.algorithms.base import Algorithm, register
 from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, gptq_quantize, make_hessian
 from quantkit.errors import NumericalError
-from quantkit.formats import IntSpec, QuantizedWeight
+from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class GPTQOptions:
 @register
 class GPTQ(Algorithm):
     name = "gptq"
+    float_weights = True
     Options = GPTQOptions
     needs_activations = True
     error_feedback = True
@@ -71,6 +72,8 @@ class GPTQ(Algorithm):
             if name not in self._hessians:
                 raise RuntimeError(f"GPTQ saw no calibration input for {name}")
             key = (id(self._hessians[name][0]), spec, weight.shape[1], weight.dtype, weight.device)
+            if isinstance(spec, FloatSpec) and spec.strategy == "tensor":
+                key += (name,)  # one scale per linear: stacked rows would share it
             batches.setdefault(key, []).append(i)
         for members in batches.values():
             self._solve([names[i] for i in members], [weights[i] for i in members], specs[members[0]], out)
@@ -109,8 +112,11 @@ class GPTQ(Algorithm):
         """GPTQ against the given H (one solve per spec; rows are independent)."""
         o = self.options
         out: list[torch.Tensor | None] = [None] * len(weights)
-        for spec in dict.fromkeys(specs):
-            idx = [i for i, s in enumerate(specs) if s == spec]
+        # one solve per spec; a per-tensor FP8 scale belongs to one linear, so those solve alone
+        keys = [(s, i if isinstance(s, FloatSpec) and s.strategy == "tensor" else None) for i, s in enumerate(specs)]
+        for key in dict.fromkeys(keys):
+            idx = [i for i, k in enumerate(keys) if k == key]
+            spec = key[0]
             W = torch.cat([weights[i] for i in idx])
             try:
                 deq = gptq_quantize(W, H, spec, o.dampening, o.block_size, o.actorder, o.static_groups).weight.dequantize(torch.float32)

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.formats import IntSpec, QuantizedWeight, compute_qparams, group_minmax
+from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, compute_qparams, group_minmax
+from quantkit.formats.activation import FP8_E4M3_MAX
+from quantkit.formats.fp8 import fp8_scale
 
 
 def make_hessian(in_features: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -98,13 +100,16 @@ def _inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 6) -> 
 def gptq_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
-    spec: IntSpec,
+    spec: IntSpec | FloatSpec,
     dampening: float = 0.01,
     block_size: int = 128,
     actorder: str | None = None,
     static_groups: bool = False,
 ) -> GPTQResult:
     """GPTQ-round W [out, in] against Hessian H [in, in].
+
+    A FloatSpec rounds each column to FP8 (E4M3) on the per-row or per-tensor
+    scale of the original W, fixed up front; the error feedback is the same.
 
     actorder (compressed-tensors semantics):
       None     columns in their natural order
@@ -133,8 +138,12 @@ def gptq_quantize(
         scale, zp = compute_qparams(lo.to(store_dtype), hi.to(store_dtype), spec)
         return scale, zp
 
+    fp8 = isinstance(spec, FloatSpec)
     fixed = static_groups or actorder == "weight" or spec.group_size is None
-    if fixed:
+    if fp8:
+        fixed_scale = fp8_scale(W.to(store_dtype), spec).expand(out_f, 1)
+        fixed_zp = torch.zeros(out_f, 1, dtype=torch.int8, device=W.device)
+    elif fixed:
         mins, maxs = group_minmax(W, spec.group_size)  # natural groups of the original W
         fixed_scale, fixed_zp = compute_qparams(mins.to(store_dtype), maxs.to(store_dtype), spec)
 
@@ -162,7 +171,8 @@ def gptq_quantize(
     # Work on W^T [in, out]: a column of W is then a contiguous row, so the
     # per-column reads, writes and rank-1 updates touch memory in order.
     Wt = W.T.contiguous()
-    Qt = torch.zeros(in_f, out_f, dtype=torch.int8, device=W.device)  # in processing order
+    # in processing order; FP8 values are kept as float32 (exact) until the end
+    Qt = torch.zeros(in_f, out_f, dtype=torch.float32 if fp8 else torch.int8, device=W.device)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = Wt[i1:i2].clone()  # [B, out], updated in place as columns are rounded
@@ -187,14 +197,17 @@ def gptq_quantize(
                 torch.div(w, s, out=q)
                 if not symmetric:
                     q.add_(z)
-                q.round_().clamp_(spec.qmin, spec.qmax)
+                if fp8:
+                    q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).copy_(q.to(torch.float8_e4m3fn))
+                else:
+                    q.round_().clamp_(spec.qmin, spec.qmax)
                 if symmetric:
                     torch.mul(q, s, out=err)
                 else:
                     torch.sub(q, z, out=err).mul_(s)
                 torch.sub(w, err, out=err).div_(diag[col])
                 W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)  # W1[k] -= U1[i, k] * err for k > i
-        Qt[i1:i2] = Q1.to(torch.int8)
+        Qt[i1:i2] = Q1.to(Qt.dtype)
         row_loss += (Err1.double() ** 2).sum(dim=0) / 2
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
 
@@ -202,6 +215,11 @@ def gptq_quantize(
     inv = torch.argsort(perm)
     q_natural = Q[:, inv].contiguous()
     g_idx = None
+    if fp8:  # one scale per row or tensor: the column order needs no record
+        scale = scales[:1] if spec.strategy == "tensor" else scales
+        qw = QuantizedWeight(q=q_natural.to(torch.float8_e4m3fn), scale=scale.contiguous(),
+                             zero_point=torch.zeros(scale.shape, dtype=torch.int8, device=W.device), spec=spec)
+        return GPTQResult(weight=qw, row_loss=row_loss, loss=float(row_loss.sum()), damping=damp, dead_columns=int(dead.sum()))
     if actorder == "group":
         g_idx = col_group[inv].to(torch.int32)  # processed position // gs, per original column
     qw = QuantizedWeight(q=q_natural, scale=scales, zero_point=zps, spec=spec, g_idx=g_idx)

@@ -1,0 +1,290 @@
+"""W8A8 (int8 and FP8 E4M3): FP8 weights, the W8A8 kernel entry point, the
+driver's static input scales, and int-quantized / float-quantized checkpoints
+read back by us and by transformers + compressed-tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quantkit import api
+from quantkit.checkpoint import load_checkpoint
+from quantkit.errors import CheckpointError
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, quantize_rtn
+from quantkit.formats.activation import fake_quantize as fake_quantize_input
+from quantkit.kernels import prepare_w8a8, w8a8_matmul
+from quantkit.nn import W8A8Linear
+from quantkit.recipe import Recipe, RecipeError, load_recipe
+
+IDS = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(1))
+
+# scheme, weights edits, activations edits
+SCHEMES = {
+    "int8-dynamic": ("W8A8-INT8", {}, {"dynamic": True}),
+    "int8-static": ("W8A8-INT8", {}, {"dynamic": False}),
+    "fp8-dynamic": ("W8A8-FP8", {"strategy": "channel"}, {"dynamic": True}),
+    "fp8-static-tensor": ("W8A8-FP8", {"strategy": "tensor"}, {"dynamic": False}),
+}
+
+
+def _recipe(key: str, algorithms=("rtn",), **extra) -> Recipe:
+    scheme, weights, acts = SCHEMES[key]
+    return Recipe.from_dict({"name": key, "scheme": scheme, "weights": weights, "activations": acts,
+                             "algorithms": list(algorithms), "calibration": {"num_samples": 8, "seqlen": 32}, **extra})
+
+
+# ----------------------------------------------------------------- FP8 weights
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_fp8_weights_are_the_e4m3_cast_of_w_over_the_absmax_scale(strategy):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 40, generator=g) * torch.logspace(-2, 1, 24)[:, None]
+    w[3] = 0.0  # a dead row quantizes to exact zeros
+    qw = quantize_rtn(w, FloatSpec(strategy))
+    assert qw.q.dtype == torch.float8_e4m3fn and qw.scale.shape == ((24, 1) if strategy == "channel" else (1, 1))
+    absmax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().amax().reshape(1, 1)
+    torch.testing.assert_close(qw.scale[absmax > 0], (absmax / 448)[absmax > 0])
+    assert torch.equal(qw.q.float(), (w / qw.scale).to(torch.float8_e4m3fn).float())
+    assert qw.q.float().abs().max() == 448  # the largest value of each scale's range is exact
+    deq = qw.dequantize()
+    assert torch.equal(deq[3], torch.zeros(40))
+    live = w.abs() > absmax * 2**-6  # normal E4M3 range: 3 mantissa bits -> relative error <= 2^-4
+    assert ((deq - w).abs() <= w.abs() * 2**-4 + 1e-12)[live].all()
+
+
+def test_fp8_weights_reject_nan():
+    w = torch.randn(4, 8)
+    w[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        quantize_rtn(w, FloatSpec())
+
+
+# ----------------------------------------------------------------- the kernel entry point
+
+def _prepared(w: torch.Tensor, key: str, x_calib: torch.Tensor | None = None):
+    _, weights, acts = SCHEMES[key]
+    spec = FloatSpec(**weights) if key.startswith("fp8") else IntSpec(8, True, None)
+    act = ActSpec("fp8" if key.startswith("fp8") else "int8", acts["dynamic"])
+    qw = quantize_rtn(w, spec)
+    input_scale = None if act.dynamic else (x_calib.abs().amax() / act.half_range).reshape(1)
+    return qw, act, input_scale, prepare_w8a8(qw.q, qw.scale, input_scale, spec, act)
+
+
+@pytest.mark.parametrize("key", SCHEMES)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_reference_kernel_is_quantized_input_times_dequantized_weight(key, m):
+    g = torch.Generator().manual_seed(m)
+    w, x, bias = torch.randn(48, 64, generator=g), torch.randn(3, m, 64, generator=g), torch.randn(48, generator=g)
+    x[..., 7] *= 30  # an outlier channel
+    qw, act, input_scale, prepared = _prepared(w, key, x)
+    y = w8a8_matmul(x, prepared, bias)
+    expected = fake_quantize_input(x, act, input_scale) @ qw.dequantize().T + bias
+    assert y.shape == (3, m, 48)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+    # and it is a quantization: not the float product
+    assert (y - (x @ w.T + bias)).abs().max() > 1e-3
+
+
+def test_int8_reference_accumulates_exact_integers():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(16, 256, generator=g), torch.randn(4, 256, generator=g)
+    qw, act, _, prepared = _prepared(w, "int8-dynamic")
+    sx = x.abs().amax(dim=1, keepdim=True) / 127.5
+    xq = torch.round(x / sx).clamp(-128, 127).to(torch.int8)
+    exact = torch._int_mm(xq, qw.q.T.contiguous()).double() * sx.double() * qw.scale.double().T
+    torch.testing.assert_close(w8a8_matmul(x, prepared).double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_static_inputs_saturate_and_are_counted():
+    layer = W8A8Linear(8, 4, FloatSpec("tensor"), ActSpec("fp8", dynamic=False))
+    layer.weight.copy_(torch.ones(4, 8).to(torch.float8_e4m3fn))
+    layer.input_scale.fill_(1.0 / 448)  # representable range: |x| <= 1
+    layer.track_saturation = True
+    x = torch.tensor([[0.5, -2.0, 0.25, 3.0, 0.0, 0.0, 0.0, 0.0]])
+    y = layer(x)
+    torch.testing.assert_close(y, torch.full((1, 4), 0.5 - 1.0 + 0.25 + 1.0))  # -2 -> -1, 3 -> 1
+    assert int(layer.saturated) == 2 and layer.seen == 8
+
+
+def test_kernel_refuses_bad_inputs_with_readable_errors():
+    w = torch.randn(16, 32)
+    qw, act, _, prepared = _prepared(w, "int8-dynamic")
+    with pytest.raises(ValueError, match="31"):
+        w8a8_matmul(torch.randn(2, 31), prepared)
+    with pytest.raises(ValueError, match="NaN"):
+        w8a8_matmul(torch.tensor([[float("nan")] * 32]), prepared)
+    with pytest.raises(ValueError, match="needs input_scale"):
+        prepare_w8a8(qw.q, qw.scale, None, qw.spec, ActSpec("int8", dynamic=False))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        prepare_w8a8(qw.q, qw.scale, None, FloatSpec(), ActSpec("fp8"))
+    with pytest.raises(ValueError, match="weight_scale"):
+        prepare_w8a8(qw.q, torch.ones(3, 1), None, qw.spec, act)
+    _, _, scale, static = _prepared(w, "int8-static", torch.randn(4, 32))
+    with pytest.raises(ValueError, match="NaN"):
+        w8a8_matmul(torch.tensor([[float("nan")] * 32]), static)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("key", SCHEMES)
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_torch_tensor_core_backend_matches_the_reference(key, m):
+    from quantkit.kernels.w8a8 import BACKENDS
+
+    if key.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    g = torch.Generator().manual_seed(m)
+    w, x = torch.randn(96, 128, generator=g), torch.randn(m, 128, generator=g)
+    qw, act, input_scale, ref = _prepared(w, key, x)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    fast = prepare_w8a8(cuda(qw.q), cuda(qw.scale), cuda(input_scale), qw.spec, act, backend="torch")
+    assert fast.backend == "torch" and "torch" in BACKENDS
+    xb = x.cuda().to(torch.bfloat16)
+    y_ref = w8a8_matmul(xb.float().cpu(), ref)
+    y = w8a8_matmul(xb, fast).float().cpu()
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)  # bf16 output
+
+
+# ----------------------------------------------------------------- recipes
+
+def test_shipped_w8a8_recipes():
+    assert load_recipe("w8a8-int8-dynamic").activations == ActSpec("int8", True)
+    assert load_recipe("w8a8-fp8-dynamic").weights == FloatSpec("channel")
+    static = load_recipe("w8a8-fp8-static")
+    assert static.weights == FloatSpec("tensor") and static.activations == ActSpec("fp8", False)
+    sq = load_recipe("w8a8-int8-smoothquant")
+    assert [s.name for s in sq.algorithms][0] == "smoothquant" and sq.scheme == "W8A8-INT8"
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"scheme": "W4A16", "activations": {"dynamic": True}}, "keeps activations in 16 bits"),
+    ({"scheme": "W8A8-INT8", "activations": {"type": "fp8"}}, "takes int8 activations"),
+    ({"scheme": "W8A8-INT8", "weights": {"group_size": 128}}, "per-channel symmetric"),
+    ({"scheme": "W8A8-FP8", "weights": {"strategy": "block"}}, "strategy"),
+    ({"scheme": "W8A8-FP8", "activations": {"dynamic": "yes"}}, "dynamic"),
+    ({"scheme": "W8A8-INT8", "activations": None}, "not null"),
+    ({"scheme": "W8A8-INT8", "overrides": [{"pattern": "down", "weights": {"bits": 4}}]}, "overrides"),
+])
+def test_bad_w8a8_recipes_are_refused(bad, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_dict({"name": "bad", **bad})
+
+
+def test_integer_only_algorithms_refuse_fp8_weights():
+    from quantkit.algorithms import build_all
+
+    with pytest.raises(RecipeError, match="awq.*integer weights only"):
+        build_all(_recipe("fp8-dynamic", algorithms=["awq", "rtn"]))
+
+
+@pytest.mark.parametrize("strategy", ["channel", "tensor"])
+def test_gptq_rounds_fp8_weights_with_error_feedback(strategy):
+    """With H = I (uncorrelated inputs) GPTQ has nothing to feed back and equals
+    round-to-nearest; with correlated inputs it lowers the output error."""
+    from quantkit.algorithms.gptq_math import gptq_quantize
+
+    g = torch.Generator().manual_seed(0)
+    spec = FloatSpec(strategy)
+    W = torch.randn(32, 64, generator=g)
+    rtn = quantize_rtn(W, spec)
+    same = gptq_quantize(W, torch.eye(64), spec).weight
+    assert same.q.dtype == torch.float8_e4m3fn and torch.equal(same.q.float(), rtn.q.float())
+    torch.testing.assert_close(same.scale, rtn.scale)
+    X = torch.randn(2048, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.1 * torch.randn(2048, 64, generator=g)
+    H = 2 * X.T @ X / X.shape[0]
+    qw = gptq_quantize(W, H, spec).weight
+    err = lambda q: float((X @ (q.dequantize() - W).T).norm())  # noqa: E731
+    assert err(qw) < 0.7 * err(rtn)
+
+
+# ----------------------------------------------------------------- driver and checkpoints
+
+def test_static_input_scale_is_the_calibration_maximum(tiny_model_dir, tmp_path):
+    """The first linears of block 0 see the embeddings through the first norm,
+    whatever was quantized: their input_scale is max |x| / 127.5 exactly."""
+    from quantkit.calibration import calibration_batch
+    from quantkit.models import load_model
+
+    recipe = _recipe("int8-static")
+    report = api.quantize(tiny_model_dir, recipe, tmp_path / "q", show_progress=False)
+    loaded = load_model(tiny_model_dir)
+    c = recipe.calibration
+    ids = calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
+    seen = []
+    loaded.model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].abs().amax()))
+    with torch.inference_mode():
+        loaded.model(ids, use_cache=False)
+    absmax = max(seen)
+    rows = {r["name"]: r for r in report["layers"]}
+    row = rows["model.layers.0.self_attn.q_proj"]
+    assert row["input_absmax"] == pytest.approx(float(absmax), rel=1e-6)
+    assert row["input_scale"] == pytest.approx(float(absmax) / 127.5, rel=1e-6)
+    assert all(r["activations"] == "int8 static per-tensor" and r["input_scale"] > 0 for r in rows.values())
+    ours = load_checkpoint(tmp_path / "q")
+    q = ours.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, W8A8Linear) and float(q.input_scale) == pytest.approx(row["input_scale"], rel=1e-6)
+
+
+@pytest.mark.parametrize("key", SCHEMES)
+def test_checkpoint_format_and_transformers_round_trip(tiny_model_dir, tmp_path, key):
+    """compressed-tensors validates the config; transformers (+ compressed-tensors)
+    computes every quantized linear as our reader does, and the same logits."""
+    ct = pytest.importorskip("compressed_tensors.quantization")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    api.quantize(tiny_model_dir, _recipe(key), out, show_progress=False)
+    raw = json.loads((out / "config.json").read_text())["quantization_config"]
+    cfg = ct.QuantizationConfig.model_validate(raw)
+    fp8 = key.startswith("fp8")
+    assert cfg.format == ("float-quantized" if fp8 else "int-quantized")
+    group = cfg.config_groups["group_0"]
+    assert group.input_activations.dynamic == SCHEMES[key][2]["dynamic"]
+    state = load_file(out / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj"
+    assert state[f"{name}.weight"].dtype == (torch.float8_e4m3fn if fp8 else torch.int8)
+    assert state[f"{name}.weight_scale"].shape == ((1,) if key.endswith("tensor") else (96, 1))
+    assert (f"{name}.input_scale" in state) == (not SCHEMES[key][2]["dynamic"])
+
+    ours = load_checkpoint(out)
+    assert sum(isinstance(m, W8A8Linear) for m in ours.model.modules()) == 14
+    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    seen = {}
+    for n, m in ours.model.named_modules():
+        if isinstance(m, W8A8Linear):
+            theirs.get_submodule(n).register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, (a[0], o)) and None)
+    with torch.inference_mode():
+        a, b = theirs(IDS).logits, ours.model(IDS).logits
+        for n, (x, y) in seen.items():  # the same input: the same output
+            torch.testing.assert_close(ours.model.get_submodule(n)(x), y, rtol=1e-5, atol=1e-5)
+    assert len(seen) == 14
+    # end to end: equal up to a rounding flipped by float summation order
+    from quantkit.models import load_model
+
+    with torch.inference_mode():
+        f = load_model(tiny_model_dir).model(IDS).logits
+    assert (a - b).abs().max() < 0.2 * (f - b).abs().max()
+
+
+def test_w8a8_checkpoint_missing_input_scale_is_a_clear_error(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "q"
+    api.quantize(tiny_model_dir, _recipe("fp8-static-tensor"), out, show_progress=False)
+    state = load_file(out / "model.safetensors")
+    del state["model.layers.0.self_attn.k_proj.input_scale"]
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="k_proj.input_scale"):
+        load_checkpoint(out)
+
+
+def test_smoothquant_then_gptq_on_w8a8(tiny_model_dir, tmp_path):
+    recipe = _recipe("int8-dynamic", algorithms=[{"smoothquant": {"alpha": 0.5}}, {"gptq": {"dampening": 0.01}}])
+    report = api.quantize(tiny_model_dir, recipe, tmp_path / "q", show_progress=False)
+    rows = report["layers"]
+    assert all(r["algorithm"] == "gptq" for r in rows)
+    assert sum(r.get("smooth_alpha") == 0.5 for r in rows) >= 10  # all but the GQA-skipped o_proj
+    logits = load_checkpoint(tmp_path / "q").model(IDS).logits
+    assert logits.isfinite().all()
