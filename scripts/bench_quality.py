@@ -79,6 +79,9 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=[DEFAULT_EVALUATION, SECOND_EVALUATION])
     p.add_argument("--windows", type=int, default=100)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--device", default="cpu", help="quantize and evaluate here (cuda: W8A8 layers run torch._int_mm / _scaled_mm)")
+    p.add_argument("--backends", nargs="+", default=["auto"],
+                   help="kernel backends to evaluate each checkpoint with (auto = the fastest available; reference = the torch twin)")
     p.add_argument("--hf-windows", type=int, default=10, help="windows of the first text for the transformers round trip (0: skip)")
     p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args()
@@ -91,7 +94,9 @@ def main() -> None:
 
     rows = []
     for d in args.data:
-        r = perplexity(base.model, tokens[d], args.seqlen, args.windows, label=f"float on {d}")
+        base.model.to(args.device)
+        r = perplexity(base.model, tokens[d], args.seqlen, args.windows, label=f"float on {d}", device=args.device)
+        base.model.to("cpu")
         rows.append({"model": "float", "data": d, "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds})
 
     for name in args.recipes:
@@ -102,7 +107,7 @@ def main() -> None:
             c = recipe.calibration
             calib = calibration_batch(base.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
         t0 = time.perf_counter()
-        result = quantize_model(work, recipe, calib)
+        result = quantize_model(work, recipe, calib, device=args.device)
         quant_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
@@ -113,13 +118,17 @@ def main() -> None:
             ours = load_checkpoint(folder)
             read_s = time.perf_counter() - t0
             hf = hf_check(folder, ours.model, probe, tokens[args.data[0]], args.seqlen, args.hf_windows) if args.hf_windows else None
-            for d in args.data:
-                r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}")
-                rows.append({
-                    "model": name, "data": d, "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
-                    "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
-                    "transformers": hf, "group_sizes": sorted({str(l["group_size"]) for l in result.layers}),
-                })
+            for backend in args.backends:
+                ours = load_checkpoint(folder, backend=None if backend == "auto" else backend, device=args.device)
+                used = sorted({m._prepared.backend for m in ours.model.modules() if getattr(m, "_prepared", None) is not None})
+                for d in args.data:
+                    r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}", device=args.device)
+                    rows.append({
+                        "model": name if len(args.backends) == 1 else f"{name} [{backend}]", "backend": used, "data": d,
+                        "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
+                        "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
+                        "transformers": hf, "group_sizes": sorted({str(g["group_size"]) for g in result.layers}),
+                    })
         del work, ours
 
     floats = {r["data"]: r["perplexity"] for r in rows if r["model"] == "float"}
@@ -134,7 +143,8 @@ def main() -> None:
                       f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf else "")
     Console().print(table)
     if args.json_out:
-        meta = {"date": datetime.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor()} torch {torch.__version__}, {torch.get_num_threads()} threads",
+        meta = {"date": datetime.date.today().isoformat(), "machine": (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} {platform.processor()}")
+                + f" torch {torch.__version__}, {torch.get_num_threads()} threads", "device": args.device,
                 "model": base.source, "model_load_s": load_s, "windows": args.windows, "seqlen": args.seqlen}
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
