@@ -11,7 +11,8 @@ mkdir -p ~/qk
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader | tee "$out/gpu.txt"
 if [ "$mode" = kernels ]; then
     cp gpu/gguf.part.aa ~/qk/
-    python3 -m pytest -q -p no:cacheprovider tests/test_w8a8.py tests/test_kernels.py 2>&1 | tail -15 | tee "$out/pytest.txt"
+    python3 -m pytest -q -p no:cacheprovider tests/test_w8a8.py tests/test_kernels.py > "$out/pytest.txt" 2>&1 || true
+    tail -3 "$out/pytest.txt"
     PYTHONPATH=. python3 scripts/bench_w8a8_kernels.py --json-out "$out/w8a8_kernels.json" 2>&1 | tee "$out/kernels.txt"
 else
     shift
