@@ -152,7 +152,7 @@ def test_alpha_search_never_does_worse_than_no_smoothing_or_a_fixed_alpha():
     x[:, 3] *= 80  # an outlier channel
     W = torch.randn(48, 64, generator=g)
     spec = IntSpec(8, True, None)
-    alpha, s, err, plain = search_alpha(x, x.abs().amax(0), [W], [spec], ActSpec("int8"), grid=10)
+    alpha, s, err, plain = search_alpha(x, x.abs().amax(0), [W], [spec], ActSpec("int8"), grid=10, equalize=False)
     assert err <= plain and alpha in [k / 10 for k in range(11)]
     fixed = smoothing_scales(x.abs().amax(0), [W], 0.5)
     xq = fake_quantize(x / fixed, ActSpec("int8"))
@@ -160,6 +160,32 @@ def test_alpha_search_never_does_worse_than_no_smoothing_or_a_fixed_alpha():
 
     err_fixed = float((xq @ fake_quantize_grouped(W * fixed, spec).T - x @ W.T).norm() / (x @ W.T).norm())
     assert err <= err_fixed + 1e-7 and err < 0.5 * plain
+
+
+def test_alpha_search_weighs_every_token_alike_and_may_choose_no_smoothing():
+    """A few huge tokens (attention sinks) must not decide alpha alone; and where
+    smoothing only hurts, the search folds nothing (alpha None, s = 1)."""
+    from quantkit.algorithms.smoothquant import search_alpha
+    from quantkit.formats import IntSpec
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 64, generator=g)
+    x[:, 3] *= 40
+    x[:4] *= 500  # sink tokens
+    W = torch.randn(48, 64, generator=g)
+    spec = IntSpec(8, True, None)
+    from quantkit.algorithms.awq_math import fake_quantize_grouped
+
+    def per_token(s):  # squared output error of each token relative to its own output
+        y = fake_quantize(x / s, ActSpec("int8")) @ fake_quantize_grouped(W * s, spec).T
+        return ((y - x @ W.T).norm(dim=1) / (x @ W.T).norm(dim=1)).pow(2)
+
+    _, s_eq, _, _ = search_alpha(x, x.abs().amax(0), [W], [spec], ActSpec("int8"), equalize=True)
+    _, s_raw, _, _ = search_alpha(x, x.abs().amax(0), [W], [spec], ActSpec("int8"), equalize=False)
+    assert per_token(s_eq).mean() <= per_token(s_raw).mean() + 1e-9
+    flat = torch.randn(256, 64, generator=g)  # no outliers, 8-bit weights: nothing to gain
+    alpha, s, err, plain = search_alpha(flat, flat.abs().amax(0), [W], [IntSpec(2, True, None)], ActSpec("int8"))
+    assert err <= plain and (alpha is not None or torch.equal(s, torch.ones(64)))
 
 
 def test_alpha_search_in_a_recipe(tiny_model_dir, tmp_path):

@@ -56,31 +56,37 @@ def _fake_quantize_weight(W: torch.Tensor, spec: IntSpec | FloatSpec) -> torch.T
 
 
 def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], specs: list[IntSpec | FloatSpec],
-                 act: ActSpec, grid: int = 10) -> tuple[float, torch.Tensor, float, float]:
-    """The alpha in {0, 1/grid, ..., 1} whose smoothing gives the smallest output error
+                 act: ActSpec, grid: int = 10, equalize: bool = True) -> tuple[float, torch.Tensor, float, float]:
+    """The alpha in {0, 1/grid, ..., 1} (or None: no smoothing) whose smoothing gives the smallest output error
     of the quantized product Q(x / s) Q(W diag(s))^T against x W^T, on the sample
     tokens x [n, in]: activations per `act` (dynamic: per token; static: one scale
     from the calibration maxima, max_j act_absmax_j / s_j, as the driver will set
-    it), weights per their spec. Returns (alpha, s, its relative error, the error
-    without smoothing)."""
+    it), weights per their spec. equalize: each token's error counts relative to
+    its own output norm (every token has the same say, as GPTQ's equalize_tokens;
+    otherwise the few attention-sink tokens with massive activations decide).
+    Returns (alpha, s, its relative error, the error without smoothing)."""
     x = x.to(torch.float32)
     Ws = [W.detach().to(torch.float32) for W in weights]
     refs = [x @ W.T for W in Ws]
-    total = sum(float(r.pow(2).sum()) for r in refs) or 1.0
+    norms = sum(r.pow(2).sum(dim=1) for r in refs)  # [tokens]: squared output norm of each token
+    weight = 1.0 / norms.clamp_min(torch.finfo(torch.float32).tiny) if equalize else torch.ones_like(norms)
+    weight = weight * (norms > 0)
+    total = float((norms * weight).sum()) or 1.0
 
     def error(s: torch.Tensor) -> float:
         static = None if act.dynamic else scale_for((act_absmax.to(torch.float32) / s).amax(), act)
         xq = fake_quantize(x / s, act, static)
-        return sum(float((xq @ _fake_quantize_weight(W * s, spec).T - r).pow(2).sum())
+        return sum(float(((xq @ _fake_quantize_weight(W * s, spec).T - r).pow(2).sum(dim=1) * weight).sum())
                    for W, spec, r in zip(Ws, specs, refs)) / total
 
-    plain = error(torch.ones_like(act_absmax, dtype=torch.float32))
-    best = None
+    ones = torch.ones_like(act_absmax, dtype=torch.float32)
+    plain = error(ones)
+    best = (None, ones, plain)  # no smoothing is a candidate too: the search never does worse
     for k in range(grid + 1):
         alpha = k / grid
         s = smoothing_scales(act_absmax, Ws, alpha)
         e = error(s)
-        if best is None or e < best[2]:
+        if e < best[2]:
             best = (alpha, s, e)
     return best[0], best[1], best[2] ** 0.5, plain ** 0.5
 
@@ -88,7 +94,7 @@ def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.
 @dataclass
 class Smoothing:
     scales: torch.Tensor
-    alpha: float  # never None: smoothing always applies (the driver folds it)
+    alpha: float | None  # None: the search found no smoothing better than none (nothing to fold)
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,7 @@ class SmoothQuantOptions:
     alpha: float | Literal["search"] = 0.5
     sample_tokens: int = 1024  # calibration tokens kept per input for the search
     grid: int = 10
+    equalize_tokens: bool = True  # the search weighs every token's error by its own output norm
 
     def __post_init__(self) -> None:
         if self.alpha != "search" and (isinstance(self.alpha, (bool, str)) or not 0.0 <= self.alpha <= 1.0):
@@ -148,7 +155,8 @@ class SmoothQuant(Algorithm):
         extra = {}
         if self.options.alpha == "search":
             x = torch.cat(self._samples[names[0]])
-            alpha, s, err, plain = search_alpha(x, absmax, weights, specs, self.activations, self.options.grid)
+            alpha, s, err, plain = search_alpha(x, absmax, weights, specs, self.activations, self.options.grid,
+                                                self.options.equalize_tokens)
             extra = {"smooth_error": err, "smooth_error_unsmoothed": plain}
         else:
             alpha, s = self.options.alpha, smoothing_scales(absmax, weights, self.options.alpha)
