@@ -20,6 +20,6 @@ else
     cat ~/qk/gguf.part.aa ~/qk/gguf.part.ab > ~/qk/model.gguf
     echo "$(cat gpu/gguf.sha256)  $HOME/qk/model.gguf" | sha256sum -c -
     python3 -c "import gguf" 2>/dev/null || python3 -m pip install -q --no-deps gpu/gguf-*.whl
-    PYTHONPATH=. python3 scripts/bench_quality.py --model ~/qk/model.gguf --device cuda --backends auto reference \
+    PYTHONPATH=. python3 scripts/bench_quality.py --model ~/qk/model.gguf --device cuda --backends ${BACKENDS:-auto reference} \
         --hf-windows 0 --windows 100 --recipes "$@" --json-out "$out/w8a8_quality.json" 2>"$out/quality.err" | tail -40
 fi
