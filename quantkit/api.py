@@ -125,11 +125,20 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     loaded = load(source)
+    static = [m for m in loaded.model.modules() if getattr(m, "input_scale", None) is not None]
     rows = []
     for name in data:
+        for m in static:  # count the inputs that saturate at their calibrated static scale
+            m.track_saturation, m.saturated, m.seen = True, 0, 0
         tokens = evaluation_tokens(loaded.tokenizer, name)
         r = perplexity(loaded.model, tokens, seqlen, windows, batch_size, show_progress=show_progress, label=f"{Path(loaded.source).name} on {name}")
-        rows.append({"model": loaded.source, "data": name, **dataclasses.asdict(r)})
+        row = {"model": loaded.source, "data": name, **dataclasses.asdict(r)}
+        if static:
+            row["input_saturated_fraction"] = sum(int(m.saturated) for m in static) / max(1, sum(m.seen for m in static))
+            row["input_saturated_layers"] = sum(int(m.saturated) > 0 for m in static)
+        rows.append(row)
+    for m in static:
+        m.track_saturation = False
     return rows
 
 

@@ -75,6 +75,17 @@ def quantize(
         clipped = sum(1 for r in awq if r.get("awq_clip_shrink", 1.0) < 1.0)
         table.add_row("AWQ", f"{scaled} of {len(awq)} linears scaled, {clipped} clipped"
                              + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+    acts = report.get("activations")
+    if acts:
+        table.add_row("inputs", f"{acts['type']} " + ("dynamic per-token" if acts["dynamic"] else "static per-tensor (calibrated)"))
+    smooth = [r for r in report["layers"] if "act_outlier_ratio" in r or "smooth_skipped" in r]
+    if smooth:
+        done = [r for r in smooth if r.get("smooth_alpha") is not None]
+        skipped = sorted({r["smooth_skipped"] for r in smooth if r.get("smooth_skipped")})
+        worst = max((r["act_outlier_ratio"] for r in smooth if "act_outlier_ratio" in r), default=0.0)
+        worst_after = max((r["act_outlier_ratio_smoothed"] for r in smooth if "act_outlier_ratio_smoothed" in r), default=0.0)
+        table.add_row("SmoothQuant", f"{len(done)} of {len(smooth)} linears smoothed; worst input outlier ratio "
+                                     f"{worst:.0f} -> {worst_after:.0f}" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
     raised = [r["name"] for r in report["layers"] if r.get("damping_raised")]
     if raised:
         table.add_row("damping raised", ", ".join(raised))
@@ -116,6 +127,10 @@ def eval_(
         delta = f"{100 * (r['perplexity'] / base[r['data']] - 1):+.1f}%" if base and r in main else ""
         table.add_row(Path(r["model"]).name, r["data"], f"{r['perplexity']:.3f}", delta, str(r["windows"]), str(r["tokens"]), f"{r['seconds']:.1f}")
     err.print(table)
+    for r in rows:
+        if r.get("input_saturated_fraction"):
+            err.print(f"{Path(r['model']).name} on {r['data']}: {100 * r['input_saturated_fraction']:.4f}% of the inputs of "
+                      f"{r['input_saturated_layers']} static-scale layers saturated (clamped at their calibrated range)")
 
 
 @app.command()
@@ -151,7 +166,10 @@ def inspect(
     head.add_row("format", f"{qc.get('quant_method')} / {qc.get('format')}")
     for gname, group in (qc.get("config_groups") or {}).items():
         w = group.get("weights") or {}
-        head.add_row(gname, f"W{w.get('num_bits')} {w.get('strategy')} group={w.get('group_size')} symmetric={w.get('symmetric')} targets={len(group.get('targets', []))}")
+        a = group.get("input_activations") or {}
+        inputs = f"; inputs {a.get('type')}{a.get('num_bits')} {'dynamic' if a.get('dynamic') else 'static'} per-{a.get('strategy')}" if a else ""
+        head.add_row(gname, f"W{w.get('num_bits')} {w.get('type', 'int')} {w.get('strategy')} group={w.get('group_size')} "
+                            f"symmetric={w.get('symmetric')} targets={len(group.get('targets', []))}{inputs}")
     head.add_row("ignored", ", ".join(qc.get("ignore") or []) or "-")
     if report:
         head.add_row("recipe", f"{report.get('recipe')} ({report.get('scheme')})")
@@ -169,7 +187,8 @@ def inspect(
         for col in ("layer", "shape", "format", "rel. err", "KiB", "KiB q"):
             layers.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
         for r in report["layers"]:
-            fmt = f"W{r['bits']} " + (f"g{r['group_size']}" if r["group_size"] else "channel") + (" sym" if r["symmetric"] else " asym")
+            fmt = r.get("weight_type") or (f"W{r['bits']} " + (f"g{r['group_size']}" if r["group_size"] else "channel")
+                                           + (" sym" if r["symmetric"] else " asym"))
             layers.add_row(r["name"][len(prefix) + 1 if prefix else 0 :], "x".join(map(str, r["shape"])), fmt,
                            f"{r['weight_rel_error']:.4f}", f"{r['bytes_float'] / 1024:,.0f}", f"{r['bytes_quantized'] / 1024:,.0f}")
         err.print(layers)

@@ -295,3 +295,27 @@ def test_smoothquant_then_gptq_on_w8a8(tiny_model_dir, tmp_path):
     assert sum(r.get("smooth_alpha") == 0.5 for r in rows) >= 10  # all but the GQA-skipped o_proj
     logits = load_checkpoint(tmp_path / "q").model(IDS).logits
     assert logits.isfinite().all()
+
+
+def test_cli_quantize_inspect_and_eval_a_static_w8a8_checkpoint(tiny_model_dir, tmp_path):
+    """The CLI says how inputs are quantized and what SmoothQuant did; eval counts
+    the inputs that saturate at their calibrated static scales."""
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe("int8-static", algorithms=[{"smoothquant": {"alpha": 0.5}}, "rtn"]).to_yaml())
+    out = tmp_path / "o"
+    result = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "--recipe", str(recipe), "--out", str(out)])
+    text = result.output + (getattr(result, "stderr", "") or "")
+    assert result.exit_code == 0, text
+    assert "static per-tensor" in text and "SmoothQuant" in text and "grouped-query" in text
+    result = CliRunner().invoke(app, ["inspect", str(out)])
+    flat = " ".join(result.output.split())  # the table wraps long cells
+    assert result.exit_code == 0 and "int-quantized" in flat and "static" in flat, result.output
+    # a text unlike the calibration data: some inputs exceed the calibrated range
+    result = CliRunner().invoke(app, ["eval", str(out), "--data", "pydocs-eval", "--windows", "2", "--seqlen", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)["results"][0]
+    assert 0.0 <= row["input_saturated_fraction"] < 0.5 and row["perplexity"] > 1
