@@ -137,6 +137,8 @@ def spec_resolver(qconfig: dict, where: str):
         raise CheckpointError(f"{where}: quant_method {qconfig.get('quant_method')!r} is not supported (compressed-tensors)")
     supported = ", ".join(FORMATS.values())
     top = qconfig.get("format")
+    if top not in (*FORMATS.values(), "mixed-precision"):  # mixed-precision: each group names its own
+        raise CheckpointError(f"{where}: format {top!r} is not supported (supported: {supported})")
     groups = []
     for gname, group in (qconfig.get("config_groups") or {}).items():
         at = f"{where}: {gname}"
