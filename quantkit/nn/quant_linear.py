@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, packed_shape
+from quantkit.formats.activation import FP8_E4M3_MAX
 from quantkit.kernels import PreparedIntWeight, PreparedW8A8, int_weight_matmul, prepare_int_weight, prepare_w8a8, select_backend, w8a8_matmul
 
 
@@ -126,7 +127,7 @@ class W8A8Linear(nn.Module):
         if self._prepared is None:
             self.prepare()
         if self.track_saturation and self.input_scale is not None:
-            limit = self.input_scale.float() * self.act.half_range
+            limit = self.input_scale.float() * (FP8_E4M3_MAX if self.act.type == "fp8" else 127.0)  # the largest value kept
             self.saturated = self.saturated + (x.abs() > limit).sum()
             self.seen += x.numel()
         return w8a8_matmul(x, self._prepared, self.bias)
