@@ -319,3 +319,58 @@ def test_cli_quantize_inspect_and_eval_a_static_w8a8_checkpoint(tiny_model_dir, 
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)["results"][0]
     assert 0.0 <= row["input_saturated_fraction"] < 0.5 and row["perplexity"] > 1
+
+
+# ----------------------------------------------------------------- CUDA sources
+
+def test_every_cuda_source_compiles_to_ptx(tmp_path):
+    """A kernel that does not compile cannot land (runs where nvcc exists)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not installed")
+    sources = sorted((Path(__file__).resolve().parents[1] / "csrc").glob("*.cu"))
+    assert sources
+    for src in sources:
+        out = tmp_path / f"{src.stem}.ptx"
+        r = subprocess.run([nvcc, "--ptx", "-std=c++17", "-arch=sm_90", str(src), "-o", str(out)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{src.name}:\n{r.stderr}"
+        assert out.stat().st_size > 0
+
+
+def _cuda_kernels_available() -> bool:
+    from quantkit.kernels import cuda
+
+    return cuda.available()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_quantize_rows_kernel_is_bit_exact_with_torch(dtype, kind):
+    if not _cuda_kernels_available():
+        pytest.skip("CuPy not installed")
+    from quantkit.formats.activation import dynamic_scales, quantize
+    from quantkit.kernels.w8a8 import quantize_rows_cuda
+
+    act = ActSpec(kind)
+    for m, k in [(1, 1), (3, 7), (5, 33), (17, 576), (64, 1536), (2, 4097), (300, 96)]:
+        x = torch.randn(m, k, device="cuda", dtype=dtype) * torch.logspace(-3, 2, m, device="cuda", dtype=dtype)[:, None]
+        x[0, k // 2] = 0 if k == 1 else x[0, k // 2] * 50  # an outlier (or an all-zero row)
+        q, s = quantize_rows_cuda(x, act)
+        s_ref = dynamic_scales(x, act)
+        q_ref = quantize(x, s_ref, act)
+        assert torch.equal(s, s_ref), (m, k)
+        assert torch.equal(q.view(torch.int8), q_ref.view(torch.int8)), (m, k)
+    strided = torch.randn(8, 256, device="cuda", dtype=dtype)[:, :200]  # rows with a stride > K
+    q, s = quantize_rows_cuda(strided, act)
+    assert torch.equal(q.view(torch.int8), quantize(strided, dynamic_scales(strided, act), act).view(torch.int8))
+    nan = torch.ones(2, 64, device="cuda", dtype=dtype)
+    nan[1, 3] = float("nan")
+    _, s = quantize_rows_cuda(nan, act)
+    assert torch.isfinite(s[0]).all() and torch.isnan(s[1]).all()  # carried into that row's output
+    with pytest.raises(ValueError, match="float64"):
+        quantize_rows_cuda(torch.ones(2, 8, device="cuda", dtype=torch.float64), act)

@@ -10,6 +10,8 @@ integer-weight kernel (kernels.int_weight):
     torch       CUDA only: torch._int_mm (int8 x int8 -> int32) and
                 torch._scaled_mm (FP8 x FP8 with row-wise scales) on the tensor
                 cores: the baselines the CUDA kernels of csrc/ have to beat.
+                Dynamic inputs are quantized by csrc/quantize_rows.cu (one
+                kernel) where CuPy is installed, else by torch ops.
 
 Weights: q int8 or float8_e4m3fn [N, K] with one scale per output row (or one
 for the tensor); inputs: per-token scales computed at run time (dynamic), or
@@ -107,8 +109,13 @@ def _matmul_torch(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None) -
     n, k = w.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    sx = _input_scales(x2, w, check=False)  # no device sync: a NaN token gets a NaN output row
-    xq = quantize(x2, sx, w.act)
+    from quantkit.kernels import cuda
+
+    if w.act.dynamic and cuda.available() and x2.dtype in _SUFFIX:  # one fused kernel instead of ~8 torch ops
+        xq, sx = quantize_rows_cuda(x2 if x2.stride(1) == 1 else x2.contiguous(), w.act)
+    else:
+        sx = _input_scales(x2, w, check=False)  # no device sync: a NaN token gets a NaN output row
+        xq = quantize(x2, sx, w.act)
     if w.act.type == "int8":
         if m <= 16:  # _int_mm takes more than 16 rows: pad with zero rows
             xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
@@ -187,3 +194,32 @@ def w8a8_matmul(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None = No
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {w.shape[1]}")
     return BACKENDS[w.backend].matmul(x, w, bias)
+
+
+# ----------------------------------------------------------------- CUDA (csrc/quantize_rows.cu)
+
+_SUFFIX = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def quantize_rows_cuda(x2: torch.Tensor, act: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of x2 [M, K] (float32 / float16 / bfloat16, CUDA, unit
+    stride along K) in one kernel: (q [M, K] int8 | float8_e4m3fn, scales [M, 1] float32).
+    Bit for bit what formats.activation.dynamic_scales + quantize give on the same GPU."""
+    import numpy as np
+
+    from quantkit.kernels import cuda
+
+    if x2.dtype not in _SUFFIX:
+        raise ValueError(f"quantize_rows_cuda takes float32, float16 or bfloat16 inputs, got {x2.dtype}")
+    if x2.ndim != 2 or x2.stride(1) != 1:
+        raise ValueError(f"quantize_rows_cuda takes a 2-D input with unit stride along K, got shape {tuple(x2.shape)}, "
+                         f"strides {x2.stride()}")
+    m, k = x2.shape
+    q = torch.empty(m, k, dtype=torch.int8 if act.type == "int8" else torch.float8_e4m3fn, device=x2.device)
+    scales = torch.empty(m, 1, dtype=torch.float32, device=x2.device)
+    if m:
+        threads = min(1024, max(32, 1 << (max(k, 1) - 1).bit_length() >> 2))  # ~4 values per thread
+        threads = (threads + 31) // 32 * 32
+        cuda.launch(f"quantize_rows_{act.type}_{_SUFFIX[x2.dtype]}", "quantize_rows", (m,), (threads,),
+                    (x2, np.int64(x2.stride(0)), q, scales, np.int32(k)))
+    return q, scales
