@@ -49,7 +49,8 @@ __device__ float row_absmax(const T* row, int K) {
 template <typename T>
 __device__ void quantize_row_int8(const T* x, long ld, signed char* q, float* scale, int K) {
     const T* row = x + (long)blockIdx.x * ld;
-    float s = fmaxf(row_absmax(row, K) * (1.0f / 127.5f), 1.1920928955078125e-07f);
+    float s = row_absmax(row, K) * (1.0f / 127.5f);
+    s = s < 1.1920928955078125e-07f ? 1.1920928955078125e-07f : s;  // NaN stays NaN (fmaxf would drop it)
     if (threadIdx.x == 0) scale[blockIdx.x] = s;
     signed char* out = q + (long)blockIdx.x * K;
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
@@ -61,7 +62,8 @@ __device__ void quantize_row_int8(const T* x, long ld, signed char* q, float* sc
 template <typename T>
 __device__ void quantize_row_fp8(const T* x, long ld, __nv_fp8_e4m3* q, float* scale, int K) {
     const T* row = x + (long)blockIdx.x * ld;
-    float s = fmaxf(row_absmax(row, K) * (1.0f / 448.0f), 1.1920928955078125e-07f);
+    float s = row_absmax(row, K) * (1.0f / 448.0f);
+    s = s < 1.1920928955078125e-07f ? 1.1920928955078125e-07f : s;  // NaN stays NaN (fmaxf would drop it)
     if (threadIdx.x == 0) scale[blockIdx.x] = s;
     __nv_fp8_e4m3* out = q + (long)blockIdx.x * K;
     for (int k = threadIdx.x; k < K; k += blockDim.x) {

@@ -40,12 +40,38 @@ def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tup
     """Launch `kernel_name` of csrc/<module_name>.cu on PyTorch's current stream.
     Tensor arguments are passed as device pointers; ints as 64-bit (long) or
     32-bit (int) per the kernel's signature, given here as numpy scalars."""
+    kernel = _function(module_name, kernel_name)
+    with _stream(torch.cuda.current_stream().cuda_stream):
+        kernel(grid, block, tuple(_arg(a) for a in args))
+
+
+@functools.cache
+def _function(module_name: str, kernel_name: str):
+    return module(module_name).get_function(kernel_name)
+
+
+@functools.cache
+def _stream(handle: int):
+    """CuPy's view of a CUDA stream PyTorch owns (one object per stream, reused)."""
     import cupy
 
-    kernel = module(module_name).get_function(kernel_name)
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
-    with stream:
-        kernel(grid, block, tuple(_arg(a) for a in args))
+    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+    if from_external is not None:
+        try:
+            return from_external(_TorchStream(handle))
+        except (TypeError, AttributeError):
+            pass
+    return cupy.cuda.ExternalStream(handle)
+
+
+class _TorchStream:
+    """The CUDA stream protocol (__cuda_stream__) over a raw stream handle."""
+
+    def __init__(self, handle: int) -> None:
+        self.handle = handle
+
+    def __cuda_stream__(self):
+        return (0, self.handle)
 
 
 def _arg(a):
