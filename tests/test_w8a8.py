@@ -374,3 +374,24 @@ def test_quantize_rows_kernel_is_bit_exact_with_torch(dtype, kind):
     assert torch.isfinite(s[0]).all() and torch.isnan(s[1]).all()  # carried into that row's output
     with pytest.raises(ValueError, match="float64"):
         quantize_rows_cuda(torch.ones(2, 8, device="cuda", dtype=torch.float64), act)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_int8_scale_epilogue_kernel_is_bit_exact_with_torch(dtype):
+    if not _cuda_kernels_available():
+        pytest.skip("CuPy not installed")
+    from quantkit.kernels.w8a8 import scale_epilogue_cuda
+
+    for m, n in [(1, 8), (17, 96), (5, 4097), (300, 576)]:
+        acc = torch.randint(-2**20, 2**20, (m + 3, n), device="cuda", dtype=torch.int32)[:m]  # a row-strided view
+        sx = torch.rand(m, 1, device="cuda") * 1e-2
+        sw = torch.rand(1, n, device="cuda") * 1e-3
+        for bias in (None, torch.randn(n, device="cuda", dtype=dtype)):
+            y = scale_epilogue_cuda(acc, sx, sw, bias, dtype)
+            ref = acc.to(torch.float32) * sx * sw
+            if bias is not None:
+                ref = ref + bias.to(torch.float32)
+            assert torch.equal(y, ref.to(dtype)), (m, n, bias is None)
+    with pytest.raises(ValueError, match="int32"):
+        scale_epilogue_cuda(torch.ones(2, 8, device="cuda"), sx[:2], sw[:, :8], None, dtype)

@@ -120,10 +120,13 @@ def _matmul_torch(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None) -
         if m <= 16:  # _int_mm takes more than 16 rows: pad with zero rows
             xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
         acc = torch._int_mm(xq, t["q_t"])[:m]
-        y = acc.to(torch.float32) * sx * t["scale"]
-        if bias is not None:
-            y = y + bias.to(torch.float32)
-        y = y.to(x.dtype)
+        if cuda.available() and x.dtype in _SUFFIX:  # one pass over the output instead of four
+            y = scale_epilogue_cuda(acc, sx.expand(m, 1), t["scale"], bias, x.dtype)
+        else:
+            y = acc.to(torch.float32) * sx * t["scale"]
+            if bias is not None:
+                y = y + bias.to(torch.float32)
+            y = y.to(x.dtype)
     else:
         sa = sx.expand(m, 1).contiguous() if sx.numel() == 1 else sx
         out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
@@ -223,3 +226,28 @@ def quantize_rows_cuda(x2: torch.Tensor, act: ActSpec) -> tuple[torch.Tensor, to
         cuda.launch(f"quantize_rows_{act.type}_{_SUFFIX[x2.dtype]}", "quantize_rows", (m,), (threads,),
                     (x2, np.int64(x2.stride(0)), q, scales, np.int32(k)))
     return q, scales
+
+
+def scale_epilogue_cuda(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """dtype(float(acc) * sx * sw (+ bias)) in one kernel: acc int32 [M, N] (unit stride
+    along N), sx [M, 1] and sw [1, N] float32 scales, bias [N] or None. Bit for bit the
+    torch ops' result (float32 products in that order, round-to-nearest-even cast)."""
+    import numpy as np
+
+    from quantkit.kernels import cuda
+
+    if acc.dtype != torch.int32 or acc.ndim != 2 or acc.stride(1) != 1:
+        raise ValueError(f"acc must be a 2-D int32 tensor with unit stride along N, got {acc.dtype} {tuple(acc.shape)}")
+    if dtype not in _SUFFIX:
+        raise ValueError(f"scale_epilogue_cuda writes float32, float16 or bfloat16, got {dtype}")
+    m, n = acc.shape
+    sx = sx.reshape(m).to(torch.float32).contiguous()
+    sw = sw.reshape(n).to(torch.float32).contiguous()
+    out = torch.empty(m, n, dtype=dtype, device=acc.device)
+    b = bias.to(torch.float32).contiguous() if bias is not None else sw  # any valid pointer when unused
+    if m * n:
+        blocks = min((m * n + 255) // 256, 65535)
+        cuda.launch(f"scale_epilogue_{_SUFFIX[dtype]}", "scale_epilogue", (blocks,), (256,),
+                    (acc, np.int64(acc.stride(0)), sx, sw, b, np.int32(bias is not None), out, np.int32(m), np.int32(n)))
+    return out
