@@ -17,9 +17,10 @@ __device__ void epilogue(const int* acc, long lda, const float* sx, const float*
     long total = (long)M * N;
     for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         int m = (int)(i / N), n = (int)(i % N);
-        float v = (float)acc[(long)m * lda + n] * sx[m];
-        v = v * sw[n];
-        if (has_bias) v = v + bias[n];
+        // __fmul_rn / __fadd_rn: never contracted into an FMA, as torch's separate ops are not
+        float v = __fmul_rn(__int2float_rn(acc[(long)m * lda + n]), sx[m]);
+        v = __fmul_rn(v, sw[n]);
+        if (has_bias) v = __fadd_rn(v, bias[n]);
         store(out + i, v);
     }
 }
