@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.formats import IntSpec, dequantize, unpack_int32
+from quantkit.kernels.registry import choose_backend
 
 
 @dataclass
@@ -84,16 +85,8 @@ register_backend("reference", Backend(_prepare_reference, _matmul_reference, lam
 def select_backend(device: torch.device | str, override: str | None = None) -> str:
     """The fastest backend available on `device`, or `override` when given."""
     device = torch.device(device)
-    if override is not None:
-        if override not in BACKENDS:
-            raise ValueError(f"unknown kernel backend {override!r}; available: {', '.join(BACKENDS)}")
-        if not BACKENDS[override].available(device):
-            raise ValueError(f"kernel backend {override!r} is not available on {device}")
-        return override
-    for name in ("cuda", "reference"):
-        if name in BACKENDS and BACKENDS[name].available(device):
-            return name
-    return "reference"
+    return choose_backend(BACKENDS, ("cuda", "reference"), lambda b: b.available(device), override, "kernel",
+                          f"kernel backend {override!r} is not available on {device}")
 
 
 def prepare_int_weight(

@@ -27,6 +27,7 @@ import torch
 
 from quantkit.formats.activation import ActSpec, dynamic_scales, quantize
 from quantkit.formats.spec import FloatSpec, IntSpec
+from quantkit.kernels.registry import choose_backend
 
 
 @dataclass
@@ -145,16 +146,8 @@ register_backend("torch", Backend(_prepare_torch, _matmul_torch, _torch_availabl
 def select_backend(device: torch.device | str, w: PreparedW8A8, override: str | None = None) -> str:
     """The fastest backend that takes `w` on `device`, or `override` when given."""
     device = torch.device(device)
-    if override is not None:
-        if override not in BACKENDS:
-            raise ValueError(f"unknown W8A8 kernel backend {override!r}; available: {', '.join(BACKENDS)}")
-        if not BACKENDS[override].available(device, w):
-            raise ValueError(f"W8A8 kernel backend {override!r} does not take a {w.shape} {w.act.type} weight on {device}")
-        return override
-    for name in ("cuda", "torch"):
-        if name in BACKENDS and BACKENDS[name].available(device, w):
-            return name
-    return "reference"
+    return choose_backend(BACKENDS, ("cuda", "torch"), lambda b: b.available(device, w), override, "W8A8 kernel",
+                          f"W8A8 kernel backend {override!r} does not take a {w.shape} {w.act.type} weight on {device}")
 
 
 def prepare_w8a8(
