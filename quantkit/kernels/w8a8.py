@@ -23,10 +23,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from quantkit.formats.activation import ActSpec, dynamic_scales, quantize
 from quantkit.formats.spec import FloatSpec, IntSpec
+from quantkit.kernels import cuda
 from quantkit.kernels.registry import choose_backend
 
 
@@ -110,8 +112,6 @@ def _matmul_torch(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None) -
     n, k = w.shape
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
-    from quantkit.kernels import cuda
-
     if w.act.dynamic and cuda.available() and x2.dtype in _SUFFIX:  # one fused kernel instead of ~8 torch ops
         xq, sx = quantize_rows_cuda(x2 if x2.stride(1) == 1 else x2.contiguous(), w.act)
     else:
@@ -201,10 +201,6 @@ def quantize_rows_cuda(x2: torch.Tensor, act: ActSpec) -> tuple[torch.Tensor, to
     """Per-token quantization of x2 [M, K] (float32 / float16 / bfloat16, CUDA, unit
     stride along K) in one kernel: (q [M, K] int8 | float8_e4m3fn, scales [M, 1] float32).
     Bit for bit what formats.activation.dynamic_scales + quantize give on the same GPU."""
-    import numpy as np
-
-    from quantkit.kernels import cuda
-
     if x2.dtype not in _SUFFIX:
         raise ValueError(f"quantize_rows_cuda takes float32, float16 or bfloat16 inputs, got {x2.dtype}")
     if x2.ndim != 2 or x2.stride(1) != 1:
@@ -226,10 +222,6 @@ def scale_epilogue_cuda(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, b
     """dtype(float(acc) * sx * sw (+ bias)) in one kernel: acc int32 [M, N] (unit stride
     along N), sx [M, 1] and sw [1, N] float32 scales, bias [N] or None. Bit for bit the
     torch ops' result (float32 products in that order, round-to-nearest-even cast)."""
-    import numpy as np
-
-    from quantkit.kernels import cuda
-
     if acc.dtype != torch.int32 or acc.ndim != 2 or acc.stride(1) != 1:
         raise ValueError(f"acc must be a 2-D int32 tensor with unit stride along N, got {acc.dtype} {tuple(acc.shape)}")
     if dtype not in _SUFFIX:
