@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.formats import IntSpec, compute_qparams, dequantize, group_minmax, quantize
+from quantkit.formats import FloatSpec, IntSpec, compute_qparams, dequantize, fake_quantize, group_minmax, quantize
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -39,9 +39,12 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return ((dW @ H) * dW).sum(dim=1)
 
 
-def fake_quantize_grouped(W: torch.Tensor, spec: IntSpec, w_min: torch.Tensor | None = None,
+def fake_quantize_grouped(W: torch.Tensor, spec: IntSpec | FloatSpec, w_min: torch.Tensor | None = None,
                           w_max: torch.Tensor | None = None) -> torch.Tensor:
-    """Round W [out, in] to `spec` and back; group ranges from W unless given ([out, n_groups])."""
+    """Round W [out, in] to `spec` and back; group ranges from W unless given ([out, n_groups]).
+    A FloatSpec (FP8) rounds on its row or tensor absmax scale (ranges not taken)."""
+    if isinstance(spec, FloatSpec):
+        return fake_quantize(W, spec)
     if w_min is None or w_max is None:
         w_min, w_max = group_minmax(W, spec.group_size)
     scale, zp = compute_qparams(w_min, w_max, spec)

@@ -27,7 +27,6 @@ import torch
 from quantkit.algorithms.awq_math import fake_quantize_grouped
 from quantkit.algorithms.base import Algorithm, register
 from quantkit.formats import FloatSpec, IntSpec
-from quantkit.formats import fake_quantize as fake_quantize_weight
 from quantkit.formats.activation import ActSpec, fake_quantize, scale_for
 
 
@@ -51,12 +50,8 @@ def outlier_ratio(absmax: torch.Tensor) -> float:
     return float(absmax.max()) / median if median > 0 else float("inf")
 
 
-def _fake_quantize_weight(W: torch.Tensor, spec: IntSpec | FloatSpec) -> torch.Tensor:
-    return fake_quantize_grouped(W, spec) if isinstance(spec, IntSpec) else fake_quantize_weight(W, spec)
-
-
 def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], specs: list[IntSpec | FloatSpec],
-                 act: ActSpec, grid: int = 10, equalize: bool = True) -> tuple[float, torch.Tensor, float, float]:
+                 act: ActSpec, grid: int = 10, equalize: bool = True) -> tuple[float | None, torch.Tensor, float, float]:
     """The alpha in {0, 1/grid, ..., 1} (or None: no smoothing) whose smoothing gives the smallest output error
     of the quantized product Q(x / s) Q(W diag(s))^T against x W^T, on the sample
     tokens x [n, in]: activations per `act` (dynamic: per token; static: one scale
@@ -76,7 +71,7 @@ def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.
     def error(s: torch.Tensor) -> float:
         static = None if act.dynamic else scale_for((act_absmax.to(torch.float32) / s).amax(), act)
         xq = fake_quantize(x / s, act, static)
-        return sum(float(((xq @ _fake_quantize_weight(W * s, spec).T - r).pow(2).sum(dim=1) * weight).sum())
+        return sum(float(((xq @ fake_quantize_grouped(W * s, spec).T - r).pow(2).sum(dim=1) * weight).sum())
                    for W, spec, r in zip(Ws, specs, refs)) / total
 
     ones = torch.ones_like(act_absmax, dtype=torch.float32)
