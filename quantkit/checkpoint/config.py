@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-
 from dataclasses import dataclass
 
 from quantkit.errors import CheckpointError

@@ -89,29 +89,27 @@ def _replace_linears(model: torch.nn.Module, resolve, state: dict[str, torch.Ten
         scheme = resolve(name, [c.__name__ for c in type(module).__mro__])
         if scheme is None:
             continue
+        make = _w8a8_linear if scheme.activations is not None else _int_weight_linear
         parent_name, _, child = name.rpartition(".")
-        if scheme.activations is not None:
-            qlinear = _w8a8_linear(name, module, scheme, state)
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
-            count += 1
-            continue
-        spec = scheme.weights
-        if f"{name}.weight_packed" not in state:
-            raise CheckpointError(f"checkpoint has no {name}.weight_packed although its quantization_config targets {name}")
-        shape = tuple(state[f"{name}.weight_shape"].tolist())
-        if shape != (module.out_features, module.in_features):
-            raise CheckpointError(f"{name}.weight_shape is {shape}, the model config says {(module.out_features, module.in_features)}")
-        qlinear = IntWeightLinear(
-            module.in_features,
-            module.out_features,
-            spec,
-            bias=module.bias is not None,
-            dtype=state[f"{name}.weight_scale"].dtype,
-            has_g_idx=f"{name}.weight_g_idx" in state,
-        )
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, qlinear)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, make(name, module, scheme, state))
         count += 1
     return count
+
+
+def _int_weight_linear(name: str, module: torch.nn.Linear, scheme, state: dict[str, torch.Tensor]) -> IntWeightLinear:
+    if f"{name}.weight_packed" not in state:
+        raise CheckpointError(f"checkpoint has no {name}.weight_packed although its quantization_config targets {name}")
+    shape = tuple(state[f"{name}.weight_shape"].tolist())
+    if shape != (module.out_features, module.in_features):
+        raise CheckpointError(f"{name}.weight_shape is {shape}, the model config says {(module.out_features, module.in_features)}")
+    return IntWeightLinear(
+        module.in_features,
+        module.out_features,
+        scheme.weights,
+        bias=module.bias is not None,
+        dtype=state[f"{name}.weight_scale"].dtype,
+        has_g_idx=f"{name}.weight_g_idx" in state,
+    )
 
 
 def _w8a8_linear(name: str, module: torch.nn.Linear, scheme, state: dict[str, torch.Tensor]) -> W8A8Linear:
