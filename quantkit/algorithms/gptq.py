@@ -11,7 +11,7 @@ import torch
 from quantkit.algorithms.base import Algorithm, register
 from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, gptq_quantize, make_hessian
 from quantkit.errors import NumericalError
-from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight
+from quantkit.formats import IntSpec, QuantizedWeight, per_tensor
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class GPTQ(Algorithm):
             if name not in self._hessians:
                 raise RuntimeError(f"GPTQ saw no calibration input for {name}")
             key = (id(self._hessians[name][0]), spec, weight.shape[1], weight.dtype, weight.device)
-            if isinstance(spec, FloatSpec) and spec.strategy == "tensor":
+            if per_tensor(spec):
                 key += (name,)  # one scale per linear: stacked rows would share it
             batches.setdefault(key, []).append(i)
         for members in batches.values():
@@ -113,7 +113,7 @@ class GPTQ(Algorithm):
         o = self.options
         out: list[torch.Tensor | None] = [None] * len(weights)
         # one solve per spec; a per-tensor FP8 scale belongs to one linear, so those solve alone
-        keys = [(s, i if isinstance(s, FloatSpec) and s.strategy == "tensor" else None) for i, s in enumerate(specs)]
+        keys = [(s, i if per_tensor(s) else None) for i, s in enumerate(specs)]
         for key in dict.fromkeys(keys):
             idx = [i for i, k in enumerate(keys) if k == key]
             spec = key[0]

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, compute_qparams, group_minmax
+from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, compute_qparams, group_minmax, per_tensor
 from quantkit.formats.activation import FP8_E4M3_MAX
 from quantkit.formats.fp8 import fp8_scale
 
@@ -216,7 +216,7 @@ def gptq_quantize(
     q_natural = Q[:, inv].contiguous()
     g_idx = None
     if fp8:  # one scale per row or tensor: the column order needs no record
-        scale = scales[:1] if spec.strategy == "tensor" else scales
+        scale = scales[:1] if per_tensor(spec) else scales
         qw = QuantizedWeight(q=q_natural.to(torch.float8_e4m3fn), scale=scale.contiguous(),
                              zero_point=torch.zeros(scale.shape, dtype=torch.int8, device=W.device), spec=spec)
         return GPTQResult(weight=qw, row_loss=row_loss, loss=float(row_loss.sum()), damping=damp, dead_columns=int(dead.sum()))

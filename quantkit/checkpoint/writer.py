@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from quantkit.checkpoint.config import build_quantization_config
 from quantkit.errors import OutputExistsError
-from quantkit.formats import ActSpec, FloatSpec, QuantizedWeight, pack_int32
+from quantkit.formats import ActSpec, QuantizedWeight, pack_int32, per_tensor
 
 RECIPE_FILE = "quantkit_recipe.yaml"
 REPORT_FILE = "quantization_report.json"
@@ -86,9 +86,8 @@ def packed_tensors(name: str, qw: QuantizedWeight, activations: ActSpec | None =
     """The on-disk tensors of one quantized linear (W8A8 when `activations` is given)."""
     spec = qw.spec
     if activations is not None:
-        per_tensor = isinstance(spec, FloatSpec) and spec.strategy == "tensor"
         out = {f"{name}.weight": qw.q.contiguous(),
-               f"{name}.weight_scale": qw.scale.reshape(1) if per_tensor else qw.scale.contiguous()}
+               f"{name}.weight_scale": qw.scale.reshape(1) if per_tensor(spec) else qw.scale.contiguous()}
         if not activations.dynamic:
             if input_scale is None:
                 raise ValueError(f"{name}: static activations need a calibrated input_scale")

@@ -13,7 +13,7 @@ from quantkit.formats.qparams import (
     quantize,
     quantize_rtn,
 )
-from quantkit.formats.spec import FloatSpec, IntSpec, QuantizedWeight, WeightSpec
+from quantkit.formats.spec import FloatSpec, IntSpec, QuantizedWeight, WeightSpec, per_tensor
 
 __all__ = [
     "ActSpec",
@@ -27,6 +27,7 @@ __all__ = [
     "group_minmax",
     "pack_int32",
     "packed_shape",
+    "per_tensor",
     "quantize",
     "quantize_rtn",
     "unpack_int32",

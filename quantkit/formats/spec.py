@@ -96,6 +96,11 @@ class FloatSpec:
 WeightSpec = IntSpec | FloatSpec
 
 
+def per_tensor(spec: IntSpec | FloatSpec) -> bool:
+    """One scale for the whole weight (FP8 strategy "tensor"); integer specs never are."""
+    return isinstance(spec, FloatSpec) and spec.strategy == "tensor"
+
+
 @dataclass
 class QuantizedWeight:
     """A weight quantized under `spec`; `dequantize()` gives (q - z) * s.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.formats import ActSpec, FloatSpec, IntSpec, packed_shape
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, packed_shape, per_tensor
 from quantkit.formats.activation import FP8_E4M3_MAX
 from quantkit.kernels import PreparedIntWeight, PreparedW8A8, int_weight_matmul, prepare_int_weight, prepare_w8a8, select_backend, w8a8_matmul
 
@@ -105,8 +105,7 @@ class W8A8Linear(nn.Module):
         kw = {"device": device}
         wdtype = torch.float8_e4m3fn if isinstance(weights, FloatSpec) else torch.int8
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=wdtype, **kw))
-        per_tensor = isinstance(weights, FloatSpec) and weights.strategy == "tensor"
-        self.register_buffer("weight_scale", torch.ones((1,) if per_tensor else (out_features, 1), dtype=dtype, **kw))
+        self.register_buffer("weight_scale", torch.ones((1,) if per_tensor(weights) else (out_features, 1), dtype=dtype, **kw))
         if not act.dynamic:
             self.register_buffer("input_scale", torch.ones(1, dtype=dtype, **kw))
         else:
