@@ -395,3 +395,10 @@ def test_int8_scale_epilogue_kernel_is_bit_exact_with_torch(dtype):
             assert torch.equal(y, ref.to(dtype)), (m, n, bias is None)
     with pytest.raises(ValueError, match="int32"):
         scale_epilogue_cuda(torch.ones(2, 8, device="cuda"), sx[:2], sw[:, :8], None, dtype)
+
+
+def test_refused_w8a8_recipe_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(RecipeError, match="integer weights only"):
+        api.quantize(tiny_model_dir, _recipe("fp8-static-tensor", algorithms=["awq", "rtn"]), out, show_progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
