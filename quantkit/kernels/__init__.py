@@ -6,6 +6,7 @@ from quantkit.kernels.int_weight import (
     register_backend,
     select_backend,
 )
+from quantkit.kernels import int_weight_cuda  # noqa: F401  (registers the "cuda" backend)
 from quantkit.kernels.w8a8 import PreparedW8A8, prepare_w8a8, w8a8_matmul
 
 __all__ = [

@@ -36,13 +36,15 @@ def module(name: str):
                           name_expressions=None)
 
 
-def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple) -> None:
+def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
+           shared_mem: int = 0) -> None:
     """Launch `kernel_name` of csrc/<module_name>.cu on PyTorch's current stream.
     Tensor arguments are passed as device pointers; ints as 64-bit (long) or
-    32-bit (int) per the kernel's signature, given here as numpy scalars."""
+    32-bit (int) per the kernel's signature, given here as numpy scalars;
+    `shared_mem`: bytes of dynamic shared memory (at most 48 KB)."""
     kernel = _function(module_name, kernel_name)
     with _stream(torch.cuda.current_stream().cuda_stream):
-        kernel(grid, block, tuple(_arg(a) for a in args))
+        kernel(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
 
 
 @functools.cache

@@ -43,7 +43,7 @@ class PreparedIntWeight:
 class Backend:
     prepare: Callable[..., PreparedIntWeight]
     matmul: Callable[[torch.Tensor, PreparedIntWeight, torch.Tensor | None], torch.Tensor]
-    available: Callable[[torch.device], bool]
+    available: Callable[[torch.device, IntSpec], bool]  # can it run this format on this device
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -79,14 +79,16 @@ def _matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor 
     return torch.nn.functional.linear(x, weight, bias)
 
 
-register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device: True))
+register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device, spec: True))
 
 
-def select_backend(device: torch.device | str, override: str | None = None) -> str:
-    """The fastest backend available on `device`, or `override` when given."""
+def select_backend(device: torch.device | str, override: str | None = None, spec: IntSpec | None = None) -> str:
+    """The fastest backend available on `device` (for weights of `spec`, when given),
+    or `override` when given."""
     device = torch.device(device)
-    return choose_backend(BACKENDS, ("cuda", "reference"), lambda b: b.available(device), override, "kernel",
-                          f"kernel backend {override!r} is not available on {device}")
+    spec = spec or IntSpec()
+    return choose_backend(BACKENDS, ("cuda", "reference"), lambda b: b.available(device, spec), override, "kernel",
+                          f"kernel backend {override!r} is not available on {device} for {spec}")
 
 
 def prepare_int_weight(

@@ -1,0 +1,141 @@
+"""The CUDA integer-weight kernel (csrc/int_weight_mma.cu) against the reference twin.
+
+The layout test runs everywhere (it decodes the repacked words the way the kernel's
+mma fragments read them); the kernel tests need a CUDA GPU and CuPy and skip
+cleanly without them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.formats import IntSpec, pack_int32, quantize_rtn
+from quantkit.kernels import cuda, int_weight_matmul, prepare_int_weight, select_backend
+from quantkit.kernels.int_weight_cuda import repack, unsupported
+
+gpu = pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and CuPy")
+
+
+def _decode(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned values [32 RB, 32 KS] from the kernel's words, through the A-fragment
+    rules the .cu documents: register r of tile (rt, h) holds rows g + 8 (r & 1),
+    columns 2t + 8 (r >> 1) (lower half) and + 1 (upper half)."""
+    rb, ks = words.shape[:2]
+    u = torch.full((rb * 32, ks * 32), -1, dtype=torch.int64)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for rt in range(2):
+            for h in range(2):
+                for r in range(4):
+                    if bits == 4:
+                        word = w[:, :, 0, lane, rt * 2 + h] >> (4 * r)
+                        lo, hi = word & 0xF, (word >> 16) & 0xF
+                    else:
+                        word = w[:, :, rt, lane, h * 2 + (r >> 1)] >> (8 * (r & 1))
+                        lo, hi = word & 0xFF, (word >> 16) & 0xFF
+                    row = rt * 16 + g + 8 * (r & 1)
+                    col = h * 16 + 2 * t + 8 * (r >> 1)
+                    u.view(rb, 32, ks, 32)[:, row, :, col] = lo
+                    u.view(rb, 32, ks, 32)[:, row, :, col + 1] = hi
+    return u
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("n,k", [(32, 64), (50, 100), (96, 32)])
+def test_repacked_words_hold_each_value_where_the_kernel_reads_it(bits, n, k):
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8)
+    u = _decode(repack(q, bits), bits)
+    assert (u >= 0).all(), "some position of the padded weight was never written"
+    torch.testing.assert_close(u[:n, :k], q.to(torch.int64) + (1 << (bits - 1)), rtol=0, atol=0)
+    assert (u[n:] == 0).all() and (u[:, k:] == 0).all()
+
+
+def test_unsupported_formats_fall_back_to_the_reference():
+    assert unsupported(IntSpec(3, True, 128)) and unsupported(IntSpec(4, True, 16))
+    assert unsupported(IntSpec(4, False, 64)) is None and unsupported(IntSpec(8, True, None)) is None
+    assert select_backend("cpu", spec=IntSpec(4, True, 128)) == "reference"
+
+
+# ---- on the GPU ------------------------------------------------------------------------------
+
+M_VALUES = [1, 2, 3, 4, 8, 12, 16, 24, 32, 48, 64, 118, 128, 256, 1024]
+SPECS = [IntSpec(4, True, 128), IntSpec(4, False, 128), IntSpec(4, True, 32), IntSpec(4, False, 64), IntSpec(4, True, 256),
+         IntSpec(4, True, None), IntSpec(8, True, 128), IntSpec(8, False, 32), IntSpec(8, True, None)]
+
+
+def _weights(n, k, spec, dtype, act_order=False, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g)
+    qw = quantize_rtn(w, spec)
+    qw.scale = qw.scale.to(dtype)
+    if act_order:
+        perm = torch.randperm(k, device="cuda", generator=g)
+        groups = torch.arange(k, device="cuda") // (spec.group_size or k)
+        qw.q, qw.g_idx = qw.q[:, perm].contiguous(), groups[perm].to(torch.int32)
+    zp = None if spec.symmetric else pack_int32(qw.zero_point, spec.bits, dim=0)
+    args = (pack_int32(qw.q, spec.bits, 1), qw.scale, zp, qw.g_idx, spec, (n, k))
+    return prepare_int_weight(*args, backend="cuda"), prepare_int_weight(*args, backend="reference")
+
+
+def _rel_err(y, ref):
+    assert torch.isfinite(y).all()
+    return float((y.float() - ref.float()).norm() / ref.float().norm())
+
+
+@gpu
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_batch_size_matches_the_reference(m, dtype):
+    cu, ref = _weights(1056, 4096, IntSpec(4, True, 128), dtype, seed=m)
+    x = torch.randn(m, 4096, device="cuda", dtype=dtype)
+    bias = torch.randn(1056, device="cuda", dtype=dtype)
+    y = int_weight_matmul(x, cu, bias)
+    assert y.shape == (m, 1056) and y.dtype == dtype
+    assert _rel_err(y, int_weight_matmul(x, ref, bias)) < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+@gpu
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("n,k", [(4096, 4096), (200, 4160), (33, 96), (1000, 1000), (64, 11008)])
+@pytest.mark.parametrize("m", [1, 5, 16, 37, 300])
+def test_every_format_and_awkward_shapes(spec, n, k, m):
+    cu, ref = _weights(n, k, spec, torch.float16, seed=n + k + m)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    assert _rel_err(int_weight_matmul(x, cu), int_weight_matmul(x, ref)) < 2e-3
+
+
+@gpu
+@pytest.mark.parametrize("spec", [IntSpec(4, True, 128), IntSpec(4, False, 32), IntSpec(8, False, 64)], ids=str)
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_act_order_matches_the_reference(spec, m):
+    cu, ref = _weights(512, 1024, spec, torch.bfloat16, act_order=True, seed=m)
+    x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+    assert _rel_err(int_weight_matmul(x, cu), int_weight_matmul(x, ref)) < 1e-2
+
+
+@gpu
+def test_leading_dims_strided_input_and_repeat_calls_are_stable():
+    cu, ref = _weights(768, 2048, IntSpec(4, False, 128), torch.float16, seed=7)
+    base = torch.randn(3, 5, 4096, device="cuda", dtype=torch.float16)
+    x = base[..., 1:2049]  # strided, misaligned start
+    y1, y2 = int_weight_matmul(x, cu), int_weight_matmul(x, cu)
+    assert y1.shape == (3, 5, 768)
+    assert torch.equal(y1, y2), "the split-K sum must be deterministic"
+    assert _rel_err(y1, int_weight_matmul(x.contiguous(), ref)) < 2e-3
+
+
+@gpu
+def test_dense_and_mma_paths_agree_and_bad_inputs_raise():
+    from quantkit.kernels.int_weight_cuda import _matmul
+
+    cu, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16, seed=3)
+    x = torch.randn(40, 512, device="cuda", dtype=torch.float16)
+    assert _rel_err(_matmul(x, cu, None, path="mma"), _matmul(x, cu, None, path="dense")) < 2e-3
+    with pytest.raises(ValueError, match="511"):
+        int_weight_matmul(x[:, :511], cu)
+    with pytest.raises(ValueError, match="float32"):
+        int_weight_matmul(x.float(), cu)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        _weights(64, 64, IntSpec(4, True, 16), torch.float16)
