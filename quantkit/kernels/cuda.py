@@ -48,6 +48,15 @@ def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tup
 
 
 @functools.cache
+def resident_blocks(kernel_name: str, module_name: str, threads: int, shared_mem: int) -> int:
+    """How many blocks of this launch shape one multiprocessor holds at once (CUDA's occupancy calculator)."""
+    from cupy_backends.cuda.api import driver
+
+    kernel = _function(module_name, kernel_name)  # a cupy RawKernel; its CUDA function is .kernel
+    return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, threads, shared_mem))
+
+
+@functools.cache
 def _function(module_name: str, kernel_name: str):
     return module(module_name).get_function(kernel_name)
 

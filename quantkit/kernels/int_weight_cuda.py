@@ -29,7 +29,7 @@ from quantkit.kernels import cuda
 from quantkit.kernels.int_weight import Backend, PreparedIntWeight, register_backend
 
 DENSE_MIN_M = 256  # from this many tokens on, dequantize + cuBLAS (scripts/bench_kernels.py measures the crossover)
-BLOCKS_PER_SM = 4  # K is split across blocks until the grid has this many blocks per multiprocessor
+MIN_STEPS_PER_WARP = 4  # K splits never leave a warp fewer 32-column units than this
 WARPS = 8  # per block, as in the .cu
 SMEM_BUDGET = 47104  # as in the .cu
 _DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16"}
@@ -172,6 +172,20 @@ def _ring_bytes(bits: int, asym: bool) -> int:
     return WARPS * stages * 32 * lane_bytes
 
 
+def _splits(tiles: int, ks: int, slots: int) -> int:
+    """How many blocks share one tile's K: the fewest that fill the GPU's resident block
+    slots in whole waves to 90% (blocks are equal, so a part-filled last wave idles the
+    rest), else the best filling, with at least MIN_STEPS_PER_WARP column units per warp."""
+    most = max(1, ks // (MIN_STEPS_PER_WARP * WARPS))
+
+    def filled(s: int) -> float:
+        blocks = tiles * s
+        return blocks / (math.ceil(blocks / slots) * slots)
+
+    good = [s for s in range(1, most + 1) if filled(s) >= 0.9]
+    return good[0] if good else max(range(1, most + 1), key=lambda s: (filled(s), -s))
+
+
 def _fragment_x(x2: torch.Tensor, perm: torch.Tensor | None, ks: int, nt: int, zchunks: int) -> torch.Tensor:
     """x [M, K] -> the mma B-fragment order the kernel reads for more than 8 tokens
     (permute_x in the .cu; gathers act-order columns on the way)."""
@@ -218,21 +232,21 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
             x2 = x2.clone(memory_format=torch.contiguous_format)
     else:
         xf = _fragment_x(x2, perm, ks, nt, zchunks)
+    name = f"int_weight_mma_{_DTYPES[x.dtype]}_b{w.spec.bits}_{'asym' if zeros is not None else 'sym'}_nt{nt}"
+    smem = _ring_bytes(w.spec.bits, zeros is not None)
     tiles = rb * zchunks
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    splits = 1
-    if tiles < BLOCKS_PER_SM * sms:
-        splits = min(math.ceil(BLOCKS_PER_SM * sms / tiles), max(1, ks // (2 * WARPS)))
-    per_split = -(-ks // splits)
+    slots = torch.cuda.get_device_properties(x.device).multi_processor_count * cuda.resident_blocks(
+        name, "int_weight_mma", 32 * WARPS, smem)
+    per_split = -(-ks // _splits(tiles, ks, slots))
     splits = -(-ks // per_split)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = torch.empty(splits, m, rb * 32, dtype=torch.float32, device=x.device) if splits > 1 else None
     counters = _tile_counters(x.device, tiles)
-    name = f"int_weight_mma_{_DTYPES[x.dtype]}_b{w.spec.bits}_{'asym' if zeros is not None else 'sym'}_nt{nt}"
     cuda.launch(name, "int_weight_mma", (rb, splits, zchunks), (32 * WARPS,),
                 (x2, _null(xf), words, scales, _null(zeros), _null(b), y, _null(ws), counters, np.int32(m), np.int32(n),
                  np.int32(ks * 32), np.int32(x2.stride(0)), np.int32(n), np.int32(int(w.tensors["group_steps"])),
-                 np.int32(per_split)), shared_mem=_ring_bytes(w.spec.bits, zeros is not None))
+                 np.int32(per_split)),
+                shared_mem=smem)
     return y.reshape(*lead, n)
 
 
