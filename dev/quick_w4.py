@@ -1,0 +1,50 @@
+"""Dev aid: quick timing of the W4A16 CUDA path vs fp16 on the big shapes (graph-timed, rotating weights)."""
+import statistics, sys, torch
+from quantkit.formats import IntSpec, pack_int32
+from quantkit.kernels import prepare_int_weight, int_weight_matmul
+from quantkit.kernels import int_weight_cuda as iwc
+
+def graph_us(fn, sets, calls=40):
+    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(3): fn(i % sets)
+    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls): fn(i % sets)
+    for _ in range(3): g.replay()
+    ts = []
+    for _ in range(15):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1000 / calls)
+    return statistics.median(ts)
+
+dev = "cuda"; dt = torch.float16
+shapes = [(28672, 8192), (8192, 28672), (4096, 4096)]
+ms = [int(a) for a in sys.argv[1:]] or [1, 16, 64, 128, 256, 1024]
+bw_src = torch.empty(1 << 30, dtype=torch.uint8, device=dev); bw_dst = torch.empty_like(bw_src)
+t = graph_us(lambda i: bw_dst.copy_(bw_src), 1, 10); copy_bw = 2 * (1 << 30) / t / 1e3
+print(f"{torch.cuda.get_device_name()} copy {copy_bw:.0f} GB/s sms={torch.cuda.get_device_properties(0).multi_processor_count}")
+del bw_src, bw_dst
+for n, k in shapes:
+    sets = 3
+    spec = IntSpec(4, True, 128)
+    ws16 = [torch.randn(n, k, device=dev, dtype=dt) * 0.02 for _ in range(sets)]
+    pw = []
+    for i in range(sets):
+        q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=dev)
+        sc = (torch.rand(n, k // 128, device=dev) * 0.01 + 0.001).to(dt)
+        pw.append(prepare_int_weight(pack_int32(q, 4, 1), sc, None, None, spec, (n, k), backend="cuda"))
+    ref = prepare_int_weight(pack_int32(q, 4, 1), sc, None, None, spec, (n, k), backend="reference")
+    wbytes = n * k / 2 + n * k // 128 * 2
+    for m in ms:
+        xs = [torch.randn(m, k, device=dev, dtype=dt) for _ in range(sets)]
+        err = float((int_weight_matmul(xs[-1], pw[-1]).float() - int_weight_matmul(xs[-1], ref).float()).norm() / int_weight_matmul(xs[-1], ref).float().norm())
+        t16 = graph_us(lambda i: torch.nn.functional.linear(xs[i], ws16[i]), sets)
+        row = f"{n}x{k} M={m:5d} fp16 {t16:8.1f}us"
+        for path in ("mma", "dense"):
+            if path == "mma" and m > 256: continue
+            tq = graph_us(lambda i: iwc._matmul(xs[i], pw[i], None, path=path), sets)
+            row += f" | {path} {tq:8.1f}us x{t16/tq:5.2f} {wbytes/tq/1e3:6.0f}GB/s"
+        print(row + f" | err {err:.1e}", flush=True)
+    del ws16, pw, ref, xs; torch.cuda.empty_cache()
