@@ -127,6 +127,15 @@ def test_leading_dims_strided_input_and_repeat_calls_are_stable():
 
 
 @gpu
+def test_cuda_backend_is_chosen_only_for_half_precision():
+    spec = IntSpec(4, True, 128)
+    assert select_backend("cuda", spec=spec, dtype=torch.float16) == "cuda"
+    assert select_backend("cuda", spec=spec, dtype=torch.float32) == "reference"
+    with pytest.raises(ValueError, match="float32"):
+        select_backend("cuda", "cuda", spec=spec, dtype=torch.float32)
+
+
+@gpu
 def test_dense_and_mma_paths_agree_and_bad_inputs_raise():
     from quantkit.kernels.int_weight_cuda import _matmul
 

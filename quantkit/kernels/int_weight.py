@@ -43,7 +43,8 @@ class PreparedIntWeight:
 class Backend:
     prepare: Callable[..., PreparedIntWeight]
     matmul: Callable[[torch.Tensor, PreparedIntWeight, torch.Tensor | None], torch.Tensor]
-    available: Callable[[torch.device, IntSpec], bool]  # can it run this format on this device
+    # can it run weights of this format, in this compute dtype (None: not known yet), on this device
+    available: Callable[[torch.device, IntSpec, torch.dtype | None], bool]
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -79,16 +80,18 @@ def _matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor 
     return torch.nn.functional.linear(x, weight, bias)
 
 
-register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device, spec: True))
+register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device, spec, dtype: True))
 
 
-def select_backend(device: torch.device | str, override: str | None = None, spec: IntSpec | None = None) -> str:
-    """The fastest backend available on `device` (for weights of `spec`, when given),
-    or `override` when given."""
+def select_backend(device: torch.device | str, override: str | None = None, spec: IntSpec | None = None,
+                   dtype: torch.dtype | None = None) -> str:
+    """The fastest backend available on `device` (for weights of `spec` computed in
+    `dtype`, when given), or `override` when given."""
     device = torch.device(device)
     spec = spec or IntSpec()
-    return choose_backend(BACKENDS, ("cuda", "reference"), lambda b: b.available(device, spec), override, "kernel",
-                          f"kernel backend {override!r} is not available on {device} for {spec}")
+    return choose_backend(BACKENDS, ("cuda", "reference"), lambda b: b.available(device, spec, dtype), override, "kernel",
+                          f"kernel backend {override!r} is not available on {device} for {spec}"
+                          + (f" in {dtype}" if dtype is not None else ""))
 
 
 def prepare_int_weight(

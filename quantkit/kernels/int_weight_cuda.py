@@ -186,6 +186,12 @@ def _splits(tiles: int, ks: int, slots: int) -> int:
     return good[0] if good else max(range(1, most + 1), key=lambda s: (filled(s), -s))
 
 
+def _gather_pad(x2: torch.Tensor, perm: torch.Tensor | None, kp: int) -> torch.Tensor:
+    """x's columns in the weight's (act-order-sorted) order, zero-padded to the kernel's kp columns."""
+    x2 = x2 if perm is None else x2[:, perm]
+    return torch.nn.functional.pad(x2, (0, kp - x2.shape[1])) if kp != x2.shape[1] else x2
+
+
 def _fragment_x(x2: torch.Tensor, perm: torch.Tensor | None, ks: int, nt: int, zchunks: int) -> torch.Tensor:
     """x [M, K] -> the mma B-fragment order the kernel reads for more than 8 tokens
     (permute_x in the .cu; gathers act-order columns on the way)."""
@@ -216,9 +222,8 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     perm = w.tensors.get("perm")
     b = None if bias is None else bias.to(x.dtype).contiguous()
     if (path or ("dense" if m >= DENSE_MIN_M else "mma")) == "dense":
-        x2 = x2 if perm is None else x2[:, perm]
-        x2 = torch.nn.functional.pad(x2, (0, ks * 32 - k)) if ks * 32 != k else x2
         weight = dequantize_dense(w, x.dtype)[:n]
+        x2 = _gather_pad(x2, perm, ks * 32)
         return torch.nn.functional.linear(x2, weight, b).reshape(*lead, n)
 
     scales, zeros = _tables(w, x.dtype)
@@ -226,8 +231,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     zchunks = -(-m // (8 * nt))
     if nt == 1:  # rows read in place: gather, pad and align only when needed
         xf = None
-        x2 = x2 if perm is None else x2[:, perm]
-        x2 = torch.nn.functional.pad(x2, (0, ks * 32 - k)) if ks * 32 != k else x2
+        x2 = _gather_pad(x2, perm, ks * 32)
         if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.clone(memory_format=torch.contiguous_format)
     else:
@@ -250,5 +254,11 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     return y.reshape(*lead, n)
 
 
-register_backend("cuda", Backend(_prepare, _matmul, lambda device, spec: device.type == "cuda" and cuda.available()
-                                 and unsupported(spec) is None))
+def _available(device: torch.device, spec: IntSpec, dtype: torch.dtype | None) -> bool:
+    """A CUDA GPU with CuPy, a format the kernel takes, and half precision (it computes in
+    fp16 / bf16: a float32 model keeps the reference twin)."""
+    return (device.type == "cuda" and cuda.available() and unsupported(spec) is None
+            and (dtype is None or dtype in _DTYPES))
+
+
+register_backend("cuda", Backend(_prepare, _matmul, _available))

@@ -52,9 +52,7 @@ class IntWeightLinear(nn.Module):
 
     def prepare(self, backend: str | None = None) -> None:
         """Repack the on-disk tensors into the kernel's layout (once, after loading)."""
-        if backend is None:  # the CUDA kernel computes in half precision; a float32 checkpoint keeps the reference
-            half = self.weight_scale.dtype in (torch.float16, torch.bfloat16)
-            backend = select_backend(self.weight_packed.device, spec=self.spec) if half else "reference"
+        backend = backend or select_backend(self.weight_packed.device, spec=self.spec, dtype=self.weight_scale.dtype)
         self._prepared = prepare_int_weight(
             self.weight_packed,
             self.weight_scale,
