@@ -4,26 +4,40 @@
 //
 // The product is computed transposed, y^T = W x^T: 16 weight rows are the mma's
 // A operand (dequantized in registers straight from the packed words) and 8 tokens
-// its B operand, so a decode step (M = 1..8) wastes no weight bandwidth; M > 8
-// takes NT = 2, 4, 8 tiles of 8 tokens, M > 8 * NT more blocks along grid.z.
+// its B operand, so a decode step (M = 1..8) wastes no weight bandwidth.
+//
+// Three kernels:
+//   int_weight_gemv_*  decode and small batches (NT = 1 or 2 tiles of 8 tokens):
+//                      each warp streams steps of 4 column units straight into
+//                      registers, D steps ahead; the scale multiplies the float32
+//                      partial sum of a scale set (SPS sets per step) after the mma,
+//                      so dequantization is only q - z, exact in half precision.
+//   int_weight_mma_*   more tokens (NT = 1..8): a cp.async ring per warp, one unit
+//                      per step, (q - z) * s rounded once in half precision.
+//   int_weight_dequant_*  the dense [Np, Kp] weight for cuBLAS (large M).
 //
 // Weight layout (built at load time by quantkit.kernels.int_weight_cuda.repack):
-//   the weight, padded to Np = 32 * RB rows and Kp = 32 * KS columns, is cut into
-//   units of 32 rows x 32 columns, stored unit (rb, ks) at ((rb * KS + ks) * PARTS)
-//   uint4 * 32 lanes, PARTS = BITS / 4. Lane l = 4 g + t holds, for each of the
-//   unit's four 16 x 16 mma tiles (rt = row half, h = column half), the eight
-//   values an mma A fragment needs: rows g and g + 8, columns 2t, 2t + 1, 2t + 8,
-//   2t + 9 of the tile, as unsigned u = q + 2^(b-1):
-//     4-bit: word rt * 2 + h; nibble r + 4c is row g + 8 (r & 1), column
+//   the weight, padded to Np = 32 * RB rows and Kp = 128 * NS columns (NS steps of
+//   U = 4 units), is cut into units of 32 rows x 32 columns, unit (rb, ks) at
+//   ((rb * KS + ks) * PARTS) uint4 * 32 lanes, KS = 4 NS, PARTS = BITS / 4.
+//   Inside a unit the columns are permuted so that the mma B fragment of lane
+//   l = 4 g + t is x[token g, 8 t .. 8 t + 7] of the unit, one 16-byte load:
+//   fragment column 16 h + 8 hc + 2 t + c (tile half h, register half hc, element c)
+//   is physical column 8 t + 4 h + 2 hc + c. The lane holds, for each of the unit's
+//   four 16 x 16 mma tiles (rt = row half, h), the eight values an A fragment needs
+//   (rows g and g + 8, fragment columns 2t, 2t + 1, 2t + 8, 2t + 9) as unsigned
+//   u = q + 2^(b-1):
+//     4-bit: word rt * 2 + h; nibble r + 4c is row g + 8 (r & 1), fragment column
 //            2t + c + 8 (r >> 1)  -> (w >> 4r) & 0x000f000f is A register r.
-//     8-bit: part rt, words h * 2 + hc; byte hr + 2c is row g + 8 hr, column
-//            2t + c + 8 hc       -> (w >> 8 hr) & 0x00ff00ff is A register 2 hc + hr.
-//   scales (and zeros): [G, RB, 8, 4], entry [grp, rb, g, j] for row 32 rb + g + 8 j.
-//   A zero is stored as BASE + u_z (u_z = z + 2^(b-1)), BASE the magic offset below,
-//   so that (BASE + u) - (BASE + u_z) = q - z exactly and one multiply by the scale
-//   rounds (q - z) * s once, as the reference does.
+//     8-bit: part rt, words h * 2 + hc; byte hr + 2c is row g + 8 hr, fragment
+//            column 2t + c + 8 hc  -> (w >> 8 hr) & 0x00ff00ff is A register 2 hc + hr.
+//   scales (and zeros): [RB, TR, SPS, 8, 4]: row (s >> sshift) of step s, set j of
+//   the step (SPS = 1: one set for the step's 4 units; SPS = 4: one per unit),
+//   entry [g, i] for weight row 32 rb + g + 8 i. A zero is stored as BASE + u_z
+//   (u_z = z + 2^(b-1)), BASE the magic offset below, so (BASE + u) - (BASE + u_z)
+//   = q - z exactly.
 //
-// K splits: blockIdx.y takes `steps_per_split` of the KS column units; when
+// K splits: blockIdx.y takes `steps_per_split` steps (gemv) or units (mma); when
 // gridDim.y > 1 each block writes float32 partial sums to `ws` [S, M, Np] and the
 // last block of a tile to finish (a counter per tile, reset by that block) adds the
 // S partials in order and writes y: deterministic, one launch.
@@ -36,69 +50,119 @@ template <typename T> struct Pair;
 template <> struct Pair<__half> { typedef __half2 type; };
 template <> struct Pair<__nv_bfloat16> { typedef __nv_bfloat162 type; };
 
+// (w & mask) | magic in one LOP3 (C++ & and | with two immediates compile to two).
+template <u32 MASK, u32 MAGIC>
+__device__ __forceinline__ u32 and_or(u32 w) {
+    u32 r;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(w), "n"(MASK), "n"(MAGIC));
+    return r;
+}
+
 // (BASE + u) as a pair of T from the masked bits: the "magic number" conversion
 // for fp16 (1024 + u, exact for u < 1024) and 4-bit bf16 (128 + u); 8-bit bf16
-// (128 + u would not be exact) converts through float instead.
+// (128 + u would not be exact) builds 2^23 + u in float32 instead.
 template <typename T, int BITS> struct Magic;
 template <int BITS> struct Magic<__half, BITS> {
     static constexpr float base = 1024.0f;
-    __device__ static __forceinline__ u32 pair(u32 w, u32 mask) { return (w & mask) | 0x64006400u; }
+    template <u32 MASK> __device__ static __forceinline__ u32 pair(u32 w) { return and_or<MASK, 0x64006400u>(w); }
 };
 template <> struct Magic<__nv_bfloat16, 4> {
     static constexpr float base = 128.0f;
-    __device__ static __forceinline__ u32 pair(u32 w, u32 mask) { return (w & mask) | 0x43004300u; }
+    template <u32 MASK> __device__ static __forceinline__ u32 pair(u32 w) { return and_or<MASK, 0x43004300u>(w); }
 };
 template <> struct Magic<__nv_bfloat16, 8> {
     static constexpr float base = 0.0f;
-    __device__ static __forceinline__ u32 pair(u32 w, u32 mask) {
-        __nv_bfloat162 v = __floats2bfloat162_rn((float)(w & 0xffu), (float)((w >> 16) & 0xffu));
+    template <u32 MASK> __device__ static __forceinline__ u32 pair(u32 w) {  // MASK is 0x00ff00ff
+        const float lo = __uint_as_float(0x4b000000u | (w & 0xffu)) - 8388608.0f;
+        const float hi = __uint_as_float(0x4b000000u | ((w >> 16) & 0xffu)) - 8388608.0f;
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // exact: integers below 256
         return *reinterpret_cast<u32*>(&v);
     }
 };
 
 template <typename T>
-__device__ __forceinline__ u32 sub_mul(u32 v, typename Pair<T>::type z, typename Pair<T>::type s) {
+__device__ __forceinline__ typename Pair<T>::type as_pair(u32 v) { return *reinterpret_cast<typename Pair<T>::type*>(&v); }
+template <typename T>
+__device__ __forceinline__ u32 as_u32(typename Pair<T>::type v) { return *reinterpret_cast<u32*>(&v); }
+
+// The A registers of one unit, a[rt][h][r], as (q - z) (SCALE = false: exact
+// integers) or (q - z) * s rounded once (SCALE = true). z[i], s[i]: row g + 8 i.
+template <typename T, int BITS, bool SCALE> struct Unit {
     typedef typename Pair<T>::type T2;
-    T2 r = __hmul2(__hsub2(*reinterpret_cast<T2*>(&v), z), s);
-    return *reinterpret_cast<u32*>(&r);
-}
-
-// The four A registers of one 16 x 16 tile. z0/s0: row g, z1/s1: row g + 8.
-template <typename T, int BITS>
-__device__ __forceinline__ void dequant_tile(const u32* w, u32 a[4], typename Pair<T>::type z0, typename Pair<T>::type z1,
-                                             typename Pair<T>::type s0, typename Pair<T>::type s1) {
-    if (BITS == 4) {
-        const u32 m = 0x000f000fu;
-        a[0] = sub_mul<T>(Magic<T, BITS>::pair(w[0], m), z0, s0);
-        a[1] = sub_mul<T>(Magic<T, BITS>::pair(w[0] >> 4, m), z1, s1);
-        a[2] = sub_mul<T>(Magic<T, BITS>::pair(w[0] >> 8, m), z0, s0);
-        a[3] = sub_mul<T>(Magic<T, BITS>::pair(w[0] >> 12, m), z1, s1);
-    } else {
-        const u32 m = 0x00ff00ffu;
-        a[0] = sub_mul<T>(Magic<T, BITS>::pair(w[0], m), z0, s0);
-        a[1] = sub_mul<T>(Magic<T, BITS>::pair(w[0] >> 8, m), z1, s1);
-        a[2] = sub_mul<T>(Magic<T, BITS>::pair(w[1], m), z0, s0);
-        a[3] = sub_mul<T>(Magic<T, BITS>::pair(w[1] >> 8, m), z1, s1);
+    __device__ static __forceinline__ u32 finish(u32 v, T2 z, T2 s) {
+        T2 r = __hsub2(as_pair<T>(v), z);
+        if (SCALE) r = __hmul2(r, s);
+        return as_u32<T>(r);
     }
-}
+    __device__ static __forceinline__ void dequant(const uint4* q, u32 a[2][2][4], const T2 z[4], const T2 s[4]) {
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const T2 z0 = z[2 * rt], z1 = z[2 * rt + 1], s0 = s[2 * rt], s1 = s[2 * rt + 1];
+                if (BITS == 4) {
+                    const u32 w = reinterpret_cast<const u32*>(q)[rt * 2 + h];
+                    typedef Magic<T, BITS> C;
+                    a[rt][h][0] = finish(C::template pair<0x000f000fu>(w), z0, s0);
+                    a[rt][h][1] = finish(C::template pair<0x000f000fu>(w >> 4), z1, s1);
+                    a[rt][h][2] = finish(C::template pair<0x000f000fu>(w >> 8), z0, s0);
+                    a[rt][h][3] = finish(C::template pair<0x000f000fu>(w >> 12), z1, s1);
+                } else {
+                    const u32* w = reinterpret_cast<const u32*>(&q[rt]) + h * 2;
+                    typedef Magic<T, BITS> C;
+                    a[rt][h][0] = finish(C::template pair<0x00ff00ffu>(w[0]), z0, s0);
+                    a[rt][h][1] = finish(C::template pair<0x00ff00ffu>(w[0] >> 8), z1, s1);
+                    a[rt][h][2] = finish(C::template pair<0x00ff00ffu>(w[1]), z0, s0);
+                    a[rt][h][3] = finish(C::template pair<0x00ff00ffu>(w[1] >> 8), z1, s1);
+                }
+            }
+    }
+};
 
-template <typename T> __device__ __forceinline__ void mma(float c[4], const u32 a[4], const u32 b[2]);
-template <> __device__ __forceinline__ void mma<__half>(float c[4], const u32 a[4], const u32 b[2]) {
+// fp16 4-bit: the odd nibbles are converted in place (1024 + 16 u, Marlin's trick)
+// and brought down by one fma, exact: (1024 + 16 u) / 16 - (64 + u_z) = u - u_z.
+template <bool SCALE> struct Unit<__half, 4, SCALE> {
+    __device__ static __forceinline__ void dequant(const uint4* q, u32 a[2][2][4], const __half2 z[4], const __half2 s[4]) {
+        const __half2 sixteenth = __float2half2_rn(0.0625f), k960 = __float2half2_rn(960.0f);
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt) {
+            const __half2 z0 = z[2 * rt], nz1 = __hsub2(k960, z[2 * rt + 1]);  // -(64 + u_z)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const u32 w = reinterpret_cast<const u32*>(q)[rt * 2 + h];
+#pragma unroll
+                for (int hc = 0; hc < 2; ++hc) {
+                    const u32 v = w >> (8 * hc);
+                    __half2 lo = __hsub2(as_pair<__half>(and_or<0x000f000fu, 0x64006400u>(v)), z0);
+                    __half2 hi = __hfma2(as_pair<__half>(and_or<0x00f000f0u, 0x64006400u>(v)), sixteenth, nz1);
+                    if (SCALE) {
+                        lo = __hmul2(lo, s[2 * rt]);
+                        hi = __hmul2(hi, s[2 * rt + 1]);
+                    }
+                    a[rt][h][2 * hc] = as_u32<__half>(lo);
+                    a[rt][h][2 * hc + 1] = as_u32<__half>(hi);
+                }
+            }
+        }
+    }
+};
+
+template <typename T> __device__ __forceinline__ void mma(float c[4], const u32 a[4], u32 b0, u32 b1);
+template <> __device__ __forceinline__ void mma<__half>(float c[4], const u32 a[4], u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float c[4], const u32 a[4], const u32 b[2]) {
+template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float c[4], const u32 a[4], u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Weights are read once: keep them out of L1 (x and the scales live there).
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
 
@@ -117,7 +181,8 @@ template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-constexpr int WARPS = 8;
+constexpr int WARPS = 8;            // mma kernel (the gemv kernel takes its warp count as a template argument)
+constexpr int U = 4;                // column units per step (scale-table granularity)
 constexpr int SMEM_BUDGET = 47104;  // bytes of dynamic shared memory per block (under the 48 KB default)
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -129,6 +194,266 @@ __device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
+// The warps' partial tiles summed (through `red`, >= W * 8 * 32 floats of shared
+// memory) and written: y directly, or with K splits the float32 partials to ws and
+// the last block of the tile adds them in split order.
+template <typename T, int NT, int W>
+__device__ void write_tile(float acc[2][NT][4], float* red_, const T* __restrict__ bias, T* __restrict__ y,
+                           float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int ldy, int rb, int m0) {
+    float (*red)[8][32] = reinterpret_cast<float (*)[8][32]>(red_);  // [W][8][32]
+    __shared__ u32 is_last;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int Np = gridDim.x * 32, splits = gridDim.y, split = blockIdx.y;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) red[warp][rt * 4 + i][lane] = acc[rt][nt][i];
+        __syncthreads();
+        for (int item = threadIdx.x; item < 8 * 32; item += W * 32) {  // 8 accumulators x 32 lanes
+            const int c = item >> 5, ln = item & 31;
+            float v = 0.0f;
+#pragma unroll
+            for (int wi = 0; wi < W; ++wi) v += red[wi][c][ln];
+            const int rt = c >> 2, i = c & 3;
+            const int n = rb * 32 + rt * 16 + (ln >> 2) + (i >= 2 ? 8 : 0);
+            const int m = m0 + nt * 8 + 2 * (ln & 3) + (i & 1);
+            if (m < M) {
+                if (splits == 1) {
+                    if (n < N) y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+                } else {
+                    ws[((size_t)split * M + m) * Np + n] = v;
+                }
+            }
+        }
+        __syncthreads();
+    }
+    if (splits == 1) return;
+
+    __threadfence();
+    __syncthreads();
+    u32* counter = counters + (size_t)blockIdx.z * gridDim.x + rb;
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    for (int item = threadIdx.x; item < NT * 8 * 32; item += blockDim.x) {
+        const int m = m0 + item / 32, n = rb * 32 + item % 32;
+        if (m >= M || n >= N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < splits; ++s) v += __ldcg(ws + ((size_t)s * M + m) * Np + n);
+        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+    }
+    if (threadIdx.x == 0) *counter = 0u;
+}
+
+// x chunk of one lane for one unit: x[row, col .. col + 7] (16 bytes), zero past M or K.
+__device__ __forceinline__ uint4 load_x(const void* row_base, bool row_ok, int col, int K, int elem_bytes) {
+    if (row_ok && col < K) return __ldg(reinterpret_cast<const uint4*>(reinterpret_cast<const char*>(row_base) + (size_t)col * elem_bytes));
+    return make_uint4(0u, 0u, 0u, 0u);
+}
+
+// ---- decode kernel ---------------------------------------------------------------------------
+// Stream-K over warps: the RB * NS steps (row block rb, step s; a step is 4 units, 128
+// columns) form one sequence in memory order, and warp `wid` of the persistent grid
+// takes the contiguous run [wid * per, (wid + 1) * per): its weights are one
+// contiguous stream, loaded D steps ahead into registers. Every warp is busy from
+// launch to end (no waves, no block-wide barriers); a run may cross row blocks.
+// Per scale set (SPS per step) the tensor cores sum (q - z) x in float32 and the
+// float32 scale multiplies that sum (EPI; EPI = false applies it while dequantizing).
+// A row block's partial sums from the `count` warps whose runs touch it go to ws
+// [RB, cmax, M, 32] and the last of them to finish (a counter per row block) adds
+// them in warp order: deterministic. A row block inside one run is written directly.
+// One warp's share of row block rb is in ws; the last of the `count` warps to arrive
+// adds the shares in warp order and writes y (out of line: the decode loop stays small).
+template <typename T>
+__device__ __noinline__ void add_partials(float* ws, u32* counters, const T* bias, T* y, int rb, int count, int cmax,
+                                          int M, int N, int ldy) {
+    const int lane = threadIdx.x & 31;
+    __threadfence();
+    u32 ticket = 0;
+    if (lane == 0) ticket = atomicAdd(counters + rb, 1u);
+    ticket = __shfl_sync(0xffffffffu, ticket, 0);
+    if (ticket != (u32)(count - 1)) return;
+    __threadfence();
+    if (lane == 0) counters[rb] = 0u;
+    const int n = rb * 32 + lane;
+    if (n >= N) return;
+    for (int m = 0; m < M; ++m) {
+        float v = 0.0f;
+        for (int c = 0; c < count; ++c) v += __ldcg(ws + (((size_t)rb * cmax + c) * M + m) * 32 + lane);
+        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+    }
+}
+
+template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP>
+__device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
+                                const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                                float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int RB,
+                                int ldx, int ldy, int tr, int sshift, int per, int cmax) {
+    typedef typename Pair<T>::type T2;
+    constexpr int PARTS = BITS / 4;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wid = blockIdx.x * W + (threadIdx.x >> 5);
+    const int total = RB * NS, begin = wid * per, end = min(total, begin + per);
+    if (begin >= end) return;
+
+    const T* xr[NT];
+    bool xok[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int m = nt * 8 + g;
+        xok[nt] = m < M;
+        xr[nt] = x + (size_t)(xok[nt] ? m : 0) * ldx;
+    }
+    const T sym_zero = from_float<T>(Magic<T, BITS>::base + (float)(1 << (BITS - 1)));
+
+    struct Buf {
+        uint4 q[U][PARTS];
+        uint4 xv[XP ? NT : 1][U];  // XP: x loaded with the weights, else when the step is computed
+        uint2 sc[SPS], zp[SPS];
+        int rb, s;
+    };
+    auto load_xs = [&](uint4 (*xv)[U], int s) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int u = 0; u < U; ++u) xv[nt][u] = load_x(xr[nt], xok[nt], s * 128 + u * 32 + 8 * t, K, sizeof(T));
+    };
+    // The load cursor walks the run in order: step (lrb, ls) at wp.
+    int lrb = begin / NS, ls = begin - lrb * NS;
+    const uint4* wp = w + (size_t)begin * U * PARTS * 32 + lane;
+    auto load = [&](Buf& b) {
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int pt = 0; pt < PARTS; ++pt) b.q[u][pt] = load_stream(wp + (u * PARTS + pt) * 32);
+        if (XP) load_xs(b.xv, ls);
+        const size_t sidx = ((size_t)lrb * tr + (ls >> sshift)) * SPS * 32 + g * 4;
+#pragma unroll
+        for (int j = 0; j < SPS; ++j) {
+            b.sc[j] = __ldg(reinterpret_cast<const uint2*>(scales + sidx + j * 32));
+            if (ASYM) b.zp[j] = __ldg(reinterpret_cast<const uint2*>(zeros + sidx + j * 32));
+        }
+        b.rb = lrb;
+        b.s = ls;
+        wp += U * PARTS * 32;
+        if (++ls == NS) {
+            ls = 0;
+            ++lrb;
+        }
+    };
+
+    float acc[2][NT][4];
+    auto clear = [&]() {
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) acc[rt][nt][i] = 0.0f;
+    };
+    clear();
+
+    auto compute = [&](const Buf& b) {
+        uint4 xs[NT][U];
+        if (XP) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int u = 0; u < U; ++u) xs[nt][u] = b.xv[XP ? nt : 0][u];
+        } else {
+            load_xs(xs, b.s);
+        }
+        float part[2][NT][4];
+        T2 z2[4], s2[4];
+        float sf[4];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int j = SPS == 1 ? 0 : u;
+            if (u == 0 || SPS > 1) {
+                const T* s4 = reinterpret_cast<const T*>(&b.sc[j]);
+                const T* z4 = reinterpret_cast<const T*>(&b.zp[j]);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    z2[i] = splat<T>(ASYM ? z4[i] : sym_zero);
+                    s2[i] = splat<T>(s4[i]);
+                    sf[i] = to_float<T>(s4[i]);
+                }
+#pragma unroll
+                for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) part[rt][nt][i] = 0.0f;
+            }
+            u32 a[2][2][4];
+            Unit<T, BITS, !EPI>::dequant(b.q[u], a, z2, s2);
+#pragma unroll
+            for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt) {
+                    const uint4 xv = xs[nt][u];
+                    mma<T>(EPI ? part[rt][nt] : acc[rt][nt], a[rt][0], xv.x, xv.y);
+                    mma<T>(EPI ? part[rt][nt] : acc[rt][nt], a[rt][1], xv.z, xv.w);
+                }
+            if (EPI && (u == U - 1 || SPS > 1)) {
+#pragma unroll
+                for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) acc[rt][nt][i] = fmaf(sf[2 * rt + (i >> 1)], part[rt][nt][i], acc[rt][nt][i]);
+            }
+        }
+    };
+
+    // acc holds this warp's part of row block rb: write it (alone) or add it through ws.
+    auto flush = [&](int rb) {
+        const int first = rb * NS / per, count = ((rb + 1) * NS - 1) / per - first + 1;
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int m = nt * 8 + 2 * t + (i & 1), r = rt * 16 + g + 8 * (i >> 1), n = rb * 32 + r;
+                    if (m >= M) continue;
+                    if (count > 1) {
+                        ws[(((size_t)rb * cmax + wid - first) * M + m) * 32 + r] = acc[rt][nt][i];
+                    } else if (n < N) {
+                        const float v = acc[rt][nt][i];
+                        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+                    }
+                }
+        if (count > 1) add_partials(ws, counters, bias, y, rb, count, cmax, M, N, ldy);
+    };
+
+    const int n = end - begin;
+    Buf buf[D];
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+        if (d < n) load(buf[d]);
+    int rb = begin / NS;
+    for (int i = 0; i < n; i += D) {
+#pragma unroll
+        for (int d = 0; d < D; ++d) {
+            if (i + d < n) {
+                if (buf[d].rb != rb) {
+                    flush(rb);
+                    clear();
+                    rb = buf[d].rb;
+                }
+                compute(buf[d]);
+                if (i + d + D < n) load(buf[d]);
+            }
+        }
+    }
+    flush(rb);
+}
+
+// ---- batch kernel ----------------------------------------------------------------------------
 // Pipeline depth: each warp streams its own column units through a ring of STAGES
 // slots (weights, scales, zeros of one unit), STAGES - 1 of them in flight.
 template <int BITS, bool ASYM> struct Ring {
@@ -138,18 +463,16 @@ template <int BITS, bool ASYM> struct Ring {
     static constexpr int BYTES = WARPS * STAGES * 32 * LANE_BYTES;
 };
 
-// x: NT == 1 reads the rows straight from x (row stride ldx, columns padded to Kp);
-// NT > 1 reads xf, x permuted by permute_x into the mma B-fragment order:
-// [Z, KS, NT, 32 lanes, 4 words], word 2h + r of lane 4g + t = x[m, 32 ks + 16 h + 8 r + 2t .. +1].
+// x rows are read in place (16 bytes per lane and unit, see the layout above).
 template <typename T, int BITS, int NT, bool ASYM>
-__device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict__ xf, const uint4* __restrict__ w,
-                               const T* __restrict__ scales, const T* __restrict__ zeros, const T* __restrict__ bias,
-                               T* __restrict__ y, float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int Kp,
-                               int ldx, int ldy, int group_steps, int steps_per_split) {
+__device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
+                               const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                               float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int ldx,
+                               int ldy, int tr, int sshift, int sps, int steps_per_split) {
     typedef typename Pair<T>::type T2;
     typedef Ring<BITS, ASYM> R;
     constexpr int PARTS = R::PARTS, STAGES = R::STAGES;
-    const int KS = Kp / 32, RB = gridDim.x;
+    const int KS = NS * U;
     const int rb = blockIdx.x, split = blockIdx.y, m0 = blockIdx.z * NT * 8;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int k_begin = split * steps_per_split, k_end = min(KS, k_begin + steps_per_split);
@@ -159,9 +482,16 @@ __device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict_
     uint2* sring = reinterpret_cast<uint2*>(smem + WARPS * STAGES * PARTS * 32) + warp * STAGES * 32;  // [STAGES][32]
     uint2* zring = sring + WARPS * STAGES * 32;
 
-    const T* xrow = (NT == 1 && m0 + g < M) ? x + (size_t)(m0 + g) * ldx + 2 * t : nullptr;
-    const uint4* xfp = xf + (size_t)blockIdx.z * KS * NT * 32 + lane;
+    const T* xr[NT];
+    bool xok[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int m = m0 + nt * 8 + g;
+        xok[nt] = m < M;
+        xr[nt] = x + (size_t)(xok[nt] ? m : 0) * ldx;
+    }
     const uint4* wp = w + (size_t)rb * KS * PARTS * 32 + lane;
+    const size_t trow = (size_t)rb * tr * sps * 32 + g * 4;
     const T sym_zero = from_float<T>(Magic<T, BITS>::base + (float)(1 << (BITS - 1)));
 
     const int first = k_begin + warp;
@@ -171,7 +501,7 @@ __device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict_
             const int ks = first + i * WARPS, slot = i % STAGES;
 #pragma unroll
             for (int p = 0; p < PARTS; ++p) cp_async16(&wring[(slot * PARTS + p) * 32 + lane], wp + ((size_t)ks * PARTS + p) * 32);
-            const size_t sidx = (((size_t)(ks / group_steps) * RB + rb) * 8 + g) * 4;
+            const size_t sidx = trow + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
             cp_async8(&sring[slot * 32 + lane], scales + sidx);
             if (ASYM) cp_async8(&zring[slot * 32 + lane], zeros + sidx);
         }
@@ -191,27 +521,9 @@ __device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict_
     for (int i = 0; i < steps; ++i) {
         issue(i + STAGES - 1);
         const int ks = first + i * WARPS, slot = i % STAGES;
-        u32 b[NT][2][2];
-        if (NT == 1) {
+        uint4 xv[NT];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                if (xrow != nullptr) {
-                    b[0][h][0] = __ldg(reinterpret_cast<const u32*>(xrow + ks * 32 + h * 16));
-                    b[0][h][1] = __ldg(reinterpret_cast<const u32*>(xrow + ks * 32 + h * 16 + 8));
-                } else {
-                    b[0][h][0] = b[0][h][1] = 0u;
-                }
-            }
-        } else {
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const uint4 v = __ldg(xfp + ((size_t)ks * NT + nt) * 32);
-                b[nt][0][0] = v.x;
-                b[nt][0][1] = v.y;
-                b[nt][1][0] = v.z;
-                b[nt][1][1] = v.w;
-            }
-        }
+        for (int nt = 0; nt < NT; ++nt) xv[nt] = load_x(xr[nt], xok[nt], ks * 32 + 8 * t, K, sizeof(T));
         cp_async_wait<STAGES - 1>();  // this lane's copies of step i have landed (each lane reads only its own)
         uint4 q[PARTS];
 #pragma unroll
@@ -220,102 +532,37 @@ __device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict_
         const uint2 zp = ASYM ? zring[slot * 32 + lane] : make_uint2(0u, 0u);
         const T* s4 = reinterpret_cast<const T*>(&sc);
         const T* z4 = reinterpret_cast<const T*>(&zp);
+        T2 z2[4], s2[4];
 #pragma unroll
-        for (int rt = 0; rt < 2; ++rt) {
-            const T2 s0 = splat<T>(s4[2 * rt]), s1 = splat<T>(s4[2 * rt + 1]);
-            const T2 z0 = splat<T>(ASYM ? z4[2 * rt] : sym_zero), z1 = splat<T>(ASYM ? z4[2 * rt + 1] : sym_zero);
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const u32* words = reinterpret_cast<const u32*>(&q[PARTS == 1 ? 0 : rt]);
-                u32 a[4];
-                dequant_tile<T, BITS>(words + (PARTS == 1 ? rt * 2 + h : h * 2), a, z0, z1, s0, s1);
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) mma<T>(acc[rt][nt], a, b[nt][h]);
-            }
+        for (int j = 0; j < 4; ++j) {
+            z2[j] = splat<T>(ASYM ? z4[j] : sym_zero);
+            s2[j] = splat<T>(s4[j]);
         }
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the ring is reused below
-
-    // Sum the warps' partial tiles, 8 accumulators (one token tile) per round.
-    float (*red)[8][32] = reinterpret_cast<float (*)[8][32]>(smem);  // [WARPS][8][32]
-    __shared__ u32 is_last;
-    const int Np = RB * 32, splits = gridDim.y;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+        u32 a[2][2][4];
+        Unit<T, BITS, true>::dequant(q, a, z2, s2);
 #pragma unroll
         for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) red[warp][rt * 4 + i][lane] = acc[rt][nt][i];
-        __syncthreads();
-        {
-            const int c = threadIdx.x >> 5, ln = threadIdx.x & 31;  // 256 threads: 8 accumulators x 32 lanes
-            float v = 0.0f;
-#pragma unroll
-            for (int wi = 0; wi < WARPS; ++wi) v += red[wi][c][ln];
-            const int rt = c >> 2, i = c & 3;
-            const int n = rb * 32 + rt * 16 + (ln >> 2) + (i >= 2 ? 8 : 0);
-            const int m = m0 + nt * 8 + 2 * (ln & 3) + (i & 1);
-            if (m < M) {
-                if (splits == 1) {
-                    if (n < N) y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
-                } else {
-                    ws[((size_t)split * M + m) * Np + n] = v;
-                }
+            for (int nt = 0; nt < NT; ++nt) {
+                mma<T>(acc[rt][nt], a[rt][0], xv[nt].x, xv[nt].y);
+                mma<T>(acc[rt][nt], a[rt][1], xv[nt].z, xv[nt].w);
             }
-        }
-        __syncthreads();
     }
-    if (splits == 1) return;
-
-    // Split K: the last block of this tile adds the partials in split order.
-    __threadfence();
-    __syncthreads();
-    u32* counter = counters + (size_t)blockIdx.z * RB + rb;
-    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    for (int item = threadIdx.x; item < NT * 8 * 32; item += blockDim.x) {
-        const int m = m0 + item / 32, n = rb * 32 + item % 32;
-        if (m >= M || n >= N) continue;
-        float v = 0.0f;
-        for (int s = 0; s < splits; ++s) v += __ldcg(ws + ((size_t)s * M + m) * Np + n);
-        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
-    }
-    if (threadIdx.x == 0) *counter = 0u;
-}
-
-// x [M, K] (row stride ldx, columns gathered through perm when given) -> xf, the
-// B-fragment order int_weight_mma reads for NT > 1 (zeros past M and K).
-template <typename T>
-__device__ void permute_x(const T* __restrict__ x, const long long* __restrict__ perm, T* __restrict__ xf, int M, int K,
-                          long long ldx, int KS, int NT, size_t total_words) {
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= total_words) return;
-    const int j = idx & 3, lane = (idx >> 2) & 31;
-    const size_t rest = idx >> 7;  // (z * KS + ks) * NT + nt
-    const int nt = rest % NT, ks = (rest / NT) % KS, z = rest / ((size_t)NT * KS);
-    const int m = (z * NT + nt) * 8 + (lane >> 2);
-    const int col = ks * 32 + (j >> 1) * 16 + (j & 1) * 8 + 2 * (lane & 3);
-    T v[2];
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-        const int k = col + c;
-        v[c] = (m < M && k < K) ? x[(size_t)m * ldx + (perm != nullptr ? perm[k] : k)] : from_float<T>(0.0f);
-    }
-    xf[2 * idx] = v[0];
-    xf[2 * idx + 1] = v[1];
+    cp_async_wait<0>();
+    __syncthreads();  // the ring is reused below
+    write_tile<T, NT, WARPS>(acc, reinterpret_cast<float*>(smem), bias, y, ws, counters, M, N, ldy, rb, m0);
 }
 
 // W dequantized to a dense T [Np, Kp] (row stride Kp): one warp per 32 x 32 unit,
 // staged through shared memory so that each row goes out in 16-byte stores.
 template <typename T, int BITS, bool ASYM>
 __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restrict__ scales,
-                                   const T* __restrict__ zeros, T* __restrict__ out, int RB, int KS, int group_steps) {
+                                   const T* __restrict__ zeros, T* __restrict__ out, int RB, int NS, int tr, int sshift,
+                                   int sps) {
     typedef typename Pair<T>::type T2;
     constexpr int PARTS = BITS / 4, ROW = 20;  // u32 per staged row: 16 + 4 of padding (banks)
     __shared__ __align__(16) u32 tile[WARPS][32 * ROW];
+    const int KS = NS * U;
     const int warp = threadIdx.x >> 5;
     const size_t unit = (size_t)blockIdx.x * WARPS + warp;
     if (unit >= (size_t)RB * KS) return;
@@ -323,26 +570,24 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     uint4 q[PARTS];
 #pragma unroll
     for (int p = 0; p < PARTS; ++p) q[p] = load_stream(w + (unit * PARTS + p) * 32 + lane);
-    const size_t sidx = (((size_t)(ks / group_steps) * RB + rb) * 8 + g) * 4;
-    const T* s4 = scales + sidx;
+    const size_t sidx = (size_t)rb * tr * sps * 32 + g * 4 + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
     const T sym_zero = from_float<T>(Magic<T, BITS>::base + (float)(1 << (BITS - 1)));
+    T2 z2[4], s2[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        s2[j] = splat<T>(scales[sidx + j]);
+        z2[j] = splat<T>(ASYM ? zeros[sidx + j] : sym_zero);
+    }
+    u32 a[2][2][4];
+    Unit<T, BITS, true>::dequant(q, a, z2, s2);
     u32* my = tile[warp];
 #pragma unroll
-    for (int rt = 0; rt < 2; ++rt) {
-        const T2 s0 = splat<T>(s4[2 * rt]), s1 = splat<T>(s4[2 * rt + 1]);
-        const T2 z0 = splat<T>(ASYM ? zeros[sidx + 2 * rt] : sym_zero), z1 = splat<T>(ASYM ? zeros[sidx + 2 * rt + 1] : sym_zero);
+    for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const u32* words = reinterpret_cast<const u32*>(&q[PARTS == 1 ? 0 : rt]);
-            u32 a[4];
-            dequant_tile<T, BITS>(words + (PARTS == 1 ? rt * 2 + h : h * 2), a, z0, z1, s0, s1);
-            const int row = rt * 16 + g, pair = h * 8 + t;
-            my[row * ROW + pair] = a[0];
-            my[(row + 8) * ROW + pair] = a[1];
-            my[row * ROW + pair + 4] = a[2];
-            my[(row + 8) * ROW + pair + 4] = a[3];
-        }
-    }
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int r = 0; r < 4; ++r)  // rows g + 8 (r & 1), physical column pair 4 t + 2 h + (r >> 1)
+                my[(rt * 16 + g + 8 * (r & 1)) * ROW + 4 * t + 2 * h + (r >> 1)] = a[rt][h][r];
     __syncwarp();
     const size_t Kp = (size_t)KS * 32;
 #pragma unroll
@@ -353,12 +598,28 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     }
 }
 
-#define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                       \
-    extern "C" __global__ void __launch_bounds__(256) NAME(                                                       \
-        const T* x, const uint4* xf, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y,        \
-        float* ws, u32* counters, int M, int N, int Kp, int ldx, int ldy, int group_steps, int steps_per_split) { \
-        int_weight_mma<T, BITS, NT, ASYM>(x, xf, w, scales, zeros, bias, y, ws, counters, M, N, Kp, ldx, ldy,     \
-                                          group_steps, steps_per_split);                                          \
+#define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB)                                               \
+    extern "C" __global__ void __launch_bounds__(W * 32, MB)                                                        \
+        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB(                          \
+            const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws,            \
+            u32* counters, int M, int N, int K, int NS, int RB, int ldx, int ldy, int tr, int sshift, int per,      \
+            int cmax) {                                                                                             \
+        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP>(x, w, scales, zeros, bias, y, ws, counters, M, N, K,  \
+                                                               NS, RB, ldx, ldy, tr, sshift, per, cmax);            \
+    }
+// The production decode configuration (quantkit.kernels.int_weight_cuda.GEMV picks it).
+#define GEMV_ALL(SUFFIX, T, BITS, ASYM)                  \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 4, 1, 2, 8, 0, 2) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 1, 1, 2, 8, 0, 2) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 4, 1, 2, 8, 0, 2)
+
+#define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                            \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \
+        const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,    \
+        int M, int N, int K, int NS, int ldx, int ldy, int tr, int sshift, int sps, int steps_per_split) {             \
+        int_weight_mma<T, BITS, NT, ASYM>(x, w, scales, zeros, bias, y, ws, counters, M, N, K, NS, ldx, ldy, tr,       \
+                                          sshift, sps, steps_per_split);                                               \
     }
 #define MMA_NTS(SUFFIX, T, BITS, ASYM)                                   \
     MMA_KERNEL(int_weight_mma_##SUFFIX##_nt1, T, BITS, 1, ASYM)          \
@@ -367,18 +628,11 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     MMA_KERNEL(int_weight_mma_##SUFFIX##_nt8, T, BITS, 8, ASYM)
 #define DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) int_weight_dequant_##SUFFIX(                                \
-        const uint4* w, const T* scales, const T* zeros, T* out, int RB, int KS, int group_steps) {               \
-        int_weight_dequant<T, BITS, ASYM>(w, scales, zeros, out, RB, KS, group_steps);                            \
+        const uint4* w, const T* scales, const T* zeros, T* out, int RB, int NS, int tr, int sshift, int sps) {   \
+        int_weight_dequant<T, BITS, ASYM>(w, scales, zeros, out, RB, NS, tr, sshift, sps);                        \
     }
-#define ALL(SUFFIX, T, BITS, ASYM) MMA_NTS(SUFFIX, T, BITS, ASYM) DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
-
-#define PERMUTE_KERNEL(SUFFIX, T)                                                                                 \
-    extern "C" __global__ void permute_x_##SUFFIX(const T* x, const long long* perm, T* xf, int M, int K,           \
-                                                  long long ldx, int KS, int NT, size_t total_words) {            \
-        permute_x<T>(x, perm, xf, M, K, ldx, KS, NT, total_words);                                                \
-    }
-PERMUTE_KERNEL(f16, __half)
-PERMUTE_KERNEL(bf16, __nv_bfloat16)
+#define ALL(SUFFIX, T, BITS, ASYM) \
+    GEMV_ALL(SUFFIX, T, BITS, ASYM) MMA_NTS(SUFFIX, T, BITS, ASYM) DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
 
 ALL(f16_b4_sym, __half, 4, false)
 ALL(f16_b4_asym, __half, 4, true)
@@ -388,3 +642,7 @@ ALL(bf16_b4_sym, __nv_bfloat16, 4, false)
 ALL(bf16_b4_asym, __nv_bfloat16, 4, true)
 ALL(bf16_b8_sym, __nv_bfloat16, 8, false)
 ALL(bf16_b8_asym, __nv_bfloat16, 8, true)
+
+// Variants of the decode kernel kept for dev/quick_w4.py (fp16, 4-bit, symmetric; csrc/NOTES.md has their timings).
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 1, 1)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2)

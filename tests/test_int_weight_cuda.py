@@ -12,7 +12,7 @@ import torch
 
 from quantkit.formats import IntSpec, pack_int32, quantize_rtn
 from quantkit.kernels import cuda, int_weight_matmul, prepare_int_weight, select_backend
-from quantkit.kernels.int_weight_cuda import repack, unsupported
+from quantkit.kernels.int_weight_cuda import _geometry, _lane_table, _unit_groups, repack, unsupported
 
 gpu = pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and CuPy")
 
@@ -20,7 +20,8 @@ gpu = pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and CuPy
 def _decode(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned values [32 RB, 32 KS] from the kernel's words, through the A-fragment
     rules the .cu documents: register r of tile (rt, h) holds rows g + 8 (r & 1),
-    columns 2t + 8 (r >> 1) (lower half) and + 1 (upper half)."""
+    fragment columns 2t + 8 (r >> 1) (lower half) and + 1 (upper half), which are
+    physical columns 8t + 4h + 2 (r >> 1) (+ 1)."""
     rb, ks = words.shape[:2]
     u = torch.full((rb * 32, ks * 32), -1, dtype=torch.int64)
     w = words.to(torch.int64) & 0xFFFFFFFF
@@ -36,20 +37,58 @@ def _decode(words: torch.Tensor, bits: int) -> torch.Tensor:
                         word = w[:, :, rt, lane, h * 2 + (r >> 1)] >> (8 * (r & 1))
                         lo, hi = word & 0xFF, (word >> 16) & 0xFF
                     row = rt * 16 + g + 8 * (r & 1)
-                    col = h * 16 + 2 * t + 8 * (r >> 1)
+                    col = 8 * t + 4 * h + 2 * (r >> 1)
                     u.view(rb, 32, ks, 32)[:, row, :, col] = lo
                     u.view(rb, 32, ks, 32)[:, row, :, col + 1] = hi
     return u
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n,k", [(32, 64), (50, 100), (96, 32)])
+@pytest.mark.parametrize("n,k", [(32, 64), (50, 100), (96, 32), (40, 300)])
 def test_repacked_words_hold_each_value_where_the_kernel_reads_it(bits, n, k):
     q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8)
     u = _decode(repack(q, bits), bits)
     assert (u >= 0).all(), "some position of the padded weight was never written"
     torch.testing.assert_close(u[:n, :k], q.to(torch.int64) + (1 << (bits - 1)), rtol=0, atol=0)
     assert (u[n:] == 0).all() and (u[:, k:] == 0).all()
+
+
+@pytest.mark.parametrize("spec,k,act_order", [
+    (IntSpec(4, True, 128), 1000, False), (IntSpec(4, True, 32), 96, False), (IntSpec(4, False, 64), 4160, False),
+    (IntSpec(8, True, 256), 2048, False), (IntSpec(4, True, 384), 3072, False), (IntSpec(4, True, None), 576, False),
+    (IntSpec(4, True, 96), 960, False), (IntSpec(4, True, 128), 1024, True), (IntSpec(8, False, 32), 512, True)])
+def test_scale_tables_give_every_weight_its_own_group(spec, k, act_order):
+    """Decode the words and the [RB, TR, SPS, 8, 4] tables the way the kernels index them
+    (step s = unit // 4 reads table row s >> sshift, set unit % 4 when SPS = 4) and
+    compare with the reference dequantization (q - z) * s of the same weight."""
+    n, bits = 70, spec.bits
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8)
+    groups = -(-k // (spec.group_size or k))
+    scale = torch.rand(n, groups) + 0.5
+    zero = torch.randint(-2, 3, (n, groups))
+    col_group = torch.arange(k) // (spec.group_size or k)
+    g_idx = None
+    if act_order:
+        perm = torch.randperm(k)
+        q, col_group = q[:, perm], col_group[perm]
+        g_idx = col_group
+    ref = (q.float() - zero.float().gather(1, col_group.expand(n, k))) * scale.gather(1, col_group.expand(n, k))
+    order = torch.argsort(col_group, stable=True) if act_order else torch.arange(k)
+
+    rows, sps, sshift = _geometry(_unit_groups(spec, g_idx, k, "cpu"))
+    rb = -(-n // 32)
+    s_tab = _lane_table(scale, rows, rb, torch.float32)  # [RB, TR, SPS, 8, 4]
+    z_tab = _lane_table(zero.float(), rows, rb, torch.float32)
+    u = _decode(repack(q[:, order], bits), bits)[:n, :]
+    unit = torch.arange(u.shape[1]) // 32
+    row_of = (unit // 4) >> sshift
+    set_of = (unit % 4) if sps == 4 else torch.zeros_like(unit)
+    r = torch.arange(n)
+    idx = ((r // 32)[:, None], row_of[None], set_of[None], (r % 8)[:, None], ((r % 32) // 8)[:, None])
+    s_w, z_w = s_tab[idx], z_tab[idx]
+    got = (u.float() - (1 << (bits - 1)) - z_w) * s_w
+    torch.testing.assert_close(got[:, :k], ref[:, order], rtol=0, atol=0)
+    assert sps == (1 if spec.group_size is None or spec.group_size % 128 == 0 else 4)
 
 
 def test_unsupported_formats_fall_back_to_the_reference():

@@ -4,10 +4,13 @@ y [M, N] = x [M, K] @ dequant(W)^T (+ bias) for 4- and 8-bit weights, symmetric
 or asymmetric, any group size that is a multiple of 32 (or one group per row),
 act-order (`g_idx`) included, x in float16 or bfloat16 on a CUDA GPU.
 
-Two paths, by the number of tokens M:
-  M <= DENSE_MIN_M - 1:  the tensor-core kernel, weights dequantized in registers
-                         (decode and small batches: the bound is reading the
-                         packed weights once).
+Three paths, by the number of tokens M:
+  M <= GEMV_MAX_M:       the decode kernel: weights stream straight into registers,
+                         dequantized to exact q - z, the tensor cores sum 128
+                         columns at a time and the scale multiplies those float32
+                         sums (the bound is reading the packed weights once).
+  M < DENSE_MIN_M:       the batch kernel: a cp.async ring per warp, weights
+                         dequantized to (q - z) * s in half precision.
   M >= DENSE_MIN_M:      the weight is dequantized to a dense [N, K] matrix by one
                          kernel and multiplied by cuBLAS (large batches are
                          compute-bound; cuBLAS's Hopper matmul is the faster one).
@@ -29,8 +32,15 @@ from quantkit.kernels import cuda
 from quantkit.kernels.int_weight import Backend, PreparedIntWeight, register_backend
 
 DENSE_MIN_M = 256  # from this many tokens on, dequantize + cuBLAS (scripts/bench_kernels.py measures the crossover)
-MIN_STEPS_PER_WARP = 4  # K splits never leave a warp fewer 32-column units than this
-WARPS = 8  # per block, as in the .cu
+GEMV_MAX_M = 16  # up to this many tokens, the decode (gemv) kernel ...
+GEMV_MIN_STEPS_9_16 = 8  # ... for 9-16 tokens only where each warp gets this many steps (else the row-block
+#                          fix-up, M partial sums per warp, costs more than the mma kernel)
+GEMV = (1, 2, 8, 0, 2)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead, warps,
+#                         x loaded ahead, least resident blocks); csrc/NOTES.md has the variants' timings
+GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
+MIN_STEPS_PER_WARP = 4  # ... nor an mma-kernel warp fewer 32-column units than this
+WARPS = 8  # per block of the mma and dequant kernels, as in the .cu
+U = 4  # column units per step, as in the .cu
 SMEM_BUDGET = 47104  # as in the .cu
 _DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
@@ -60,44 +70,63 @@ def _words(fields: torch.Tensor, bits: int) -> torch.Tensor:
 
 def repack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Signed values int8 [N, K] -> the kernel's words, int32 [RB, KS, PARTS, 32 lanes, 4]
-    (N padded to 32 * RB, K to 32 * KS; padding is 0 and never reaches an output)."""
+    (N padded to 32 * RB, K to 128 * NS = 32 * KS; padding is 0 and never reaches an output)."""
     n, k = q.shape
-    rb, ks = -(-n // 32), -(-k // 32)
+    rb, ks = -(-n // 32), -(-k // (32 * U)) * U
     u = torch.zeros(rb * 32, ks * 32, dtype=torch.uint8, device=q.device)
     u[:n, :k] = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-    # row = 32 rb + 16 rt + 8 hr + g, column = 32 ks + 16 h + 8 hc + 2 t + c
-    u = u.view(rb, 2, 2, 8, ks, 2, 2, 4, 2)  # rb rt hr g | ks h hc t c
+    # row = 32 rb + 16 rt + 8 hr + g, physical column = 32 ks + 8 t + 4 h + 2 hc + c
+    u = u.view(rb, 2, 2, 8, ks, 4, 2, 2, 2)  # rb rt hr g | ks t h hc c
     if bits == 4:  # word rt*2 + h, nibble c*4 + hc*2 + hr
-        fields = u.permute(0, 4, 3, 7, 1, 5, 8, 6, 2).reshape(rb, ks, 1, 32, 4, 8)
+        fields = u.permute(0, 4, 3, 5, 1, 6, 8, 7, 2).reshape(rb, ks, 1, 32, 4, 8)
     else:  # part rt, word h*2 + hc, byte c*2 + hr
-        fields = u.permute(0, 4, 1, 3, 7, 5, 6, 8, 2).reshape(rb, ks, 2, 32, 4, 4)
+        fields = u.permute(0, 4, 1, 3, 5, 6, 7, 8, 2).reshape(rb, ks, 2, 32, 4, 4)
     return _words(fields, bits).contiguous()
 
 
-def _lane_table(values: torch.Tensor, step_group: torch.Tensor | None, rb: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-group values [N, G] (float) -> dtype [G', RB, 8, 4], entry [grp, rb, g, j] for
-    row 32 rb + g + 8 j; with `step_group`, one entry per 32-column step instead."""
-    n = values.shape[0]
-    if step_group is not None:
-        values = values[:, step_group]
-    table = torch.zeros(values.shape[1], rb * 32, dtype=dtype, device=values.device)
-    table[:, :n] = values.t().to(dtype)
-    return table.view(-1, rb, 4, 8).transpose(2, 3).contiguous()
-
-
-def _step_groups(spec: IntSpec, g_idx: torch.Tensor | None, k: int) -> tuple[torch.Tensor | None, int]:
-    """How the kernel finds the group of its 32-column step ks: (None, steps) when it
-    is ks // steps, else (the group of each step, 1). Raises ValueError when a step
-    would straddle two groups."""
+def _unit_groups(spec: IntSpec, g_idx: torch.Tensor | None, k: int, device) -> torch.Tensor:
+    """The group of each 32-column unit (act-order: of the sorted columns), padding units
+    included (they repeat the last group). Raises ValueError when a unit would straddle
+    two groups."""
     ks = -(-k // 32)
     if g_idx is None:
-        return None, (ks if spec.group_size is None else spec.group_size // 32)
-    groups = torch.sort(g_idx.to(torch.int64)).values
-    padded = torch.cat([groups, groups[-1:].expand(ks * 32 - k)]).view(ks, 32)
-    if not bool((padded == padded[:, :1]).all()):
-        raise ValueError("the CUDA kernel needs each run of 32 act-order-sorted columns to share one group; "
-                         "this g_idx mixes groups within 32 columns")
-    return padded[:, 0].contiguous(), 1
+        steps = ks if spec.group_size is None else spec.group_size // 32
+        groups = torch.arange(ks, device=device) // steps
+    else:
+        cols = torch.sort(g_idx.to(torch.int64)).values
+        padded = torch.cat([cols, cols[-1:].expand(ks * 32 - k)]).view(ks, 32)
+        if not bool((padded == padded[:, :1]).all()):
+            raise ValueError("the CUDA kernel needs each run of 32 act-order-sorted columns to share one group; "
+                             "this g_idx mixes groups within 32 columns")
+        groups = padded[:, 0]
+    ksp = -(-ks // U) * U
+    return torch.cat([groups, groups[-1:].expand(ksp - ks)]).contiguous()
+
+
+def _geometry(unit_group: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """How the kernels find a step's scales: (the group of each table row and set
+    [TR, SPS], SPS, sshift), step s reading row s >> sshift. SPS = 1 when the 4 units
+    of every step share a group, else 4; sshift is the largest shift that keeps
+    every step on its own group's row (31 for one group in all)."""
+    sets = unit_group.view(-1, U)
+    sps = 1 if bool((sets == sets[:, :1]).all()) else U
+    sets = sets[:, :sps]
+    if bool((sets == sets[:1]).all()):
+        return sets[:1], sps, 31
+    steps = torch.arange(sets.shape[0], device=sets.device)
+    shift = 0
+    while (1 << (shift + 1)) < sets.shape[0] and bool((sets == sets[(steps >> (shift + 1)) << (shift + 1)]).all()):
+        shift += 1
+    return sets[:: 1 << shift].contiguous(), sps, shift
+
+
+def _lane_table(values: torch.Tensor, rows: torch.Tensor, rb: int, dtype: torch.dtype) -> torch.Tensor:
+    """Per-group values [N, G] (float) -> dtype [RB, TR, SPS, 8, 4], entry [.., g, i] the value
+    for row 32 rb + g + 8 i in the group rows[TR, SPS] names."""
+    n = values.shape[0]
+    table = torch.zeros(rb * 32, *rows.shape, dtype=dtype, device=values.device)
+    table[:n] = values[:, rows].to(dtype)
+    return table.view(rb, 4, 8, *rows.shape).permute(0, 3, 4, 2, 1).contiguous()
 
 
 def _prepare(packed, scale, zero_point_packed, g_idx, spec: IntSpec, shape: tuple[int, int]) -> PreparedIntWeight:
@@ -112,10 +141,9 @@ def _prepare(packed, scale, zero_point_packed, g_idx, spec: IntSpec, shape: tupl
     if g_idx is not None:
         perm = torch.argsort(g_idx.to(torch.int64), stable=True)
         q = q[:, perm]
-    step_group, group_steps = _step_groups(spec, g_idx, k)
-    tensors = {"words": repack(q, spec.bits), "scale": scale, "group_steps": torch.tensor(group_steps)}
-    if step_group is not None:
-        tensors["step_group"] = step_group
+    rows, sps, sshift = _geometry(_unit_groups(spec, g_idx, k, packed.device))
+    tensors = {"words": repack(q, spec.bits), "scale": scale, "table_rows": rows,
+               "table_shape": torch.tensor([sps, sshift])}
     if perm is not None:
         tensors["perm"] = perm
     if zero_point_packed is not None:
@@ -129,12 +157,18 @@ def _tables(w: PreparedIntWeight, dtype: torch.dtype) -> tuple[torch.Tensor, tor
     key = _DTYPES[dtype]
     if f"scales_{key}" not in t:
         rb = t["words"].shape[0]
-        step_group = t.get("step_group")
-        t[f"scales_{key}"] = _lane_table(t["scale"].float(), step_group, rb, dtype)
+        rows = t["table_rows"]
+        t[f"scales_{key}"] = _lane_table(t["scale"].float(), rows, rb, dtype)
         if "zero_point" in t:
             zeros = t["zero_point"].float() + (1 << (w.spec.bits - 1)) + _magic_base(dtype, w.spec.bits)
-            t[f"zeros_{key}"] = _lane_table(zeros, step_group, rb, dtype)
+            t[f"zeros_{key}"] = _lane_table(zeros, rows, rb, dtype)
     return t[f"scales_{key}"], t.get(f"zeros_{key}")
+
+
+def _table_args(w: PreparedIntWeight) -> tuple[np.int32, np.int32, np.int32]:
+    """(TR, sshift, SPS) as the kernels take them."""
+    sps, sshift = (int(v) for v in w.tensors["table_shape"])
+    return np.int32(w.tensors["table_rows"].shape[0]), np.int32(sshift), np.int32(sps)
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -152,16 +186,20 @@ def _null(t: torch.Tensor | None):
     return np.uint64(0) if t is None else t
 
 
+def _suffix(w: PreparedIntWeight, dtype: torch.dtype) -> str:
+    return f"{_DTYPES[dtype]}_b{w.spec.bits}_{'asym' if 'zero_point' in w.tensors else 'sym'}"
+
+
 def dequantize_dense(w: PreparedIntWeight, dtype: torch.dtype) -> torch.Tensor:
-    """The whole weight as dtype [Np, Kp] (padded; rows past N and columns past K are junk-free zeros or
-    finite values), by csrc/int_weight_mma.cu's dequant kernel."""
+    """The whole weight as dtype [Np, Kp] (padded; rows past N and columns past K hold finite
+    values that meet only zero-padded x), by csrc/int_weight_mma.cu's dequant kernel."""
     words = w.tensors["words"]
     rb, ks = words.shape[:2]
     scales, zeros = _tables(w, dtype)
+    tr, sshift, sps = _table_args(w)
     out = torch.empty(rb * 32, ks * 32, dtype=dtype, device=words.device)
-    name = f"int_weight_dequant_{_DTYPES[dtype]}_b{w.spec.bits}_{'asym' if zeros is not None else 'sym'}"
-    cuda.launch(name, "int_weight_mma", (-(-rb * ks // WARPS),), (32 * WARPS,),
-                (words, scales, _null(zeros), out, np.int32(rb), np.int32(ks), np.int32(int(w.tensors["group_steps"]))))
+    cuda.launch(f"int_weight_dequant_{_suffix(w, dtype)}", "int_weight_mma", (-(-rb * ks // WARPS),),
+                (32 * WARPS,), (words, scales, _null(zeros), out, np.int32(rb), np.int32(ks // U), tr, sshift, sps))
     return out
 
 
@@ -172,11 +210,12 @@ def _ring_bytes(bits: int, asym: bool) -> int:
     return WARPS * stages * 32 * lane_bytes
 
 
-def _splits(tiles: int, ks: int, slots: int) -> int:
-    """How many blocks share one tile's K: the fewest that fill the GPU's resident block
-    slots in whole waves to 90% (blocks are equal, so a part-filled last wave idles the
-    rest), else the best filling, with at least MIN_STEPS_PER_WARP column units per warp."""
-    most = max(1, ks // (MIN_STEPS_PER_WARP * WARPS))
+def _splits(tiles: int, work: int, slots: int, least: int) -> int:
+    """How many blocks of the mma kernel share one tile's K (`work` units): the fewest that
+    fill the GPU's resident block slots in whole waves to 90% (blocks are equal, so a
+    part-filled last wave idles the rest), else the best filling, each block keeping at
+    least `least` units."""
+    most = max(1, work // least)
 
     def filled(s: int) -> float:
         blocks = tiles * s
@@ -187,25 +226,52 @@ def _splits(tiles: int, ks: int, slots: int) -> int:
 
 
 def _gather_pad(x2: torch.Tensor, perm: torch.Tensor | None, kp: int) -> torch.Tensor:
-    """x's columns in the weight's (act-order-sorted) order, zero-padded to the kernel's kp columns."""
+    """x's columns in the weight's (act-order-sorted) order, zero-padded to kp columns."""
     x2 = x2 if perm is None else x2[:, perm]
     return torch.nn.functional.pad(x2, (0, kp - x2.shape[1])) if kp != x2.shape[1] else x2
 
 
-def _fragment_x(x2: torch.Tensor, perm: torch.Tensor | None, ks: int, nt: int, zchunks: int) -> torch.Tensor:
-    """x [M, K] -> the mma B-fragment order the kernel reads for more than 8 tokens
-    (permute_x in the .cu; gathers act-order columns on the way)."""
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    words = zchunks * ks * nt * 32 * 4
-    xf = torch.empty(2 * words, dtype=x2.dtype, device=x2.device)
-    cuda.launch(f"permute_x_{_DTYPES[x2.dtype]}", "int_weight_mma", (-(-words // 256),), (256,),
-                (x2, _null(perm), xf, np.int32(x2.shape[0]), np.int32(x2.shape[1]), np.int64(x2.stride(0)),
-                 np.int32(ks), np.int32(nt), np.uint64(words)))
-    return xf
+def _rows_in_place(x2: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """x as the kernels read it in place: act-order columns gathered, columns padded to a
+    multiple of 8, rows 16-byte aligned with unit column stride (copied only when needed)."""
+    x2 = _gather_pad(x2, perm, -(-x2.shape[1] // 8) * 8)
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    return x2
 
 
-def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None) -> torch.Tensor:
+def _launch_blocks(name: str, threads: int, smem: int, device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count * cuda.resident_blocks(
+        name, "int_weight_mma", threads, smem)
+
+
+def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...]) -> str:
+    epi, depth, warps, xp, mb = variant
+    sps = int(w.tensors["table_shape"][0])
+    return f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}_b{mb}"
+
+
+def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device) -> int:
+    """Steps per warp of the decode kernel: the RB * NS steps spread over every warp the GPU holds at once."""
+    rb, ks = w.tensors["words"].shape[:2]
+    return max(GEMV_MIN_STEPS_PER_WARP, -(-rb * (ks // U) // (warps * _launch_blocks(name, 32 * warps, 0, device))))
+
+
+def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
+    if m >= DENSE_MIN_M:
+        return "dense"
+    if m > GEMV_MAX_M:
+        return "mma"
+    if m <= 8:
+        return "gemv"
+    name = _gemv_name(w, dtype, m, GEMV)
+    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_9_16 else "mma"
+
+
+def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
+            variant: tuple[int, ...] = GEMV) -> torch.Tensor:
+    """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the gemv kernel's
+    (EPI, D, W, XP, MB), for benchmarks of the instantiated alternatives (see GEMV)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
@@ -221,35 +287,46 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     rb, ks = words.shape[:2]
     perm = w.tensors.get("perm")
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    if (path or ("dense" if m >= DENSE_MIN_M else "mma")) == "dense":
+    path = path or _path(m, w, x.dtype, x.device)
+    if path == "dense":
         weight = dequantize_dense(w, x.dtype)[:n]
         x2 = _gather_pad(x2, perm, ks * 32)
         return torch.nn.functional.linear(x2, weight, b).reshape(*lead, n)
 
     scales, zeros = _tables(w, x.dtype)
-    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    zchunks = -(-m // (8 * nt))
-    if nt == 1:  # rows read in place: gather, pad and align only when needed
-        xf = None
-        x2 = _gather_pad(x2, perm, ks * 32)
-        if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-            x2 = x2.clone(memory_format=torch.contiguous_format)
-    else:
-        xf = _fragment_x(x2, perm, ks, nt, zchunks)
-    name = f"int_weight_mma_{_DTYPES[x.dtype]}_b{w.spec.bits}_{'asym' if zeros is not None else 'sym'}_nt{nt}"
-    smem = _ring_bytes(w.spec.bits, zeros is not None)
-    tiles = rb * zchunks
-    slots = torch.cuda.get_device_properties(x.device).multi_processor_count * cuda.resident_blocks(
-        name, "int_weight_mma", 32 * WARPS, smem)
-    per_split = -(-ks // _splits(tiles, ks, slots))
-    splits = -(-ks // per_split)
+    tr, sshift, sps = _table_args(w)
+    x2 = _rows_in_place(x2, perm)
+    suffix = _suffix(w, x.dtype)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    counters = _tile_counters(x.device, rb)
+    common = (x2, words, scales, _null(zeros), _null(b), y)
+    if path == "gemv":
+        if m > 16:
+            raise ValueError(f"the gemv kernel takes at most 16 tokens, got {m}")
+        warps = variant[2]
+        name = _gemv_name(w, x.dtype, m, variant)
+        ns = ks // U
+        total = rb * ns
+        per = _gemv_per(w, name, warps, x.device)
+        cmax = (ns - 1) // per + 2
+        ws = torch.empty(rb * cmax * m * 32, dtype=torch.float32, device=x.device) if per % ns else None
+        cuda.launch(name, "int_weight_mma", (-(-total // (per * warps)),), (32 * warps,),
+                    (*common, _null(ws), counters, np.int32(m), np.int32(n), np.int32(x2.shape[1]), np.int32(ns),
+                     np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax)))
+        return y.reshape(*lead, n)
+
+    nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
+    name = f"int_weight_mma_{suffix}_nt{nt}"
+    smem = _ring_bytes(w.spec.bits, zeros is not None)
+    zchunks = -(-m // (8 * nt))
+    tiles = rb * zchunks
+    per_split = -(-ks // _splits(tiles, ks, _launch_blocks(name, 32 * WARPS, smem, x.device),
+                                 WARPS * MIN_STEPS_PER_WARP))
+    splits = -(-ks // per_split)
     ws = torch.empty(splits, m, rb * 32, dtype=torch.float32, device=x.device) if splits > 1 else None
-    counters = _tile_counters(x.device, tiles)
     cuda.launch(name, "int_weight_mma", (rb, splits, zchunks), (32 * WARPS,),
-                (x2, _null(xf), words, scales, _null(zeros), _null(b), y, _null(ws), counters, np.int32(m), np.int32(n),
-                 np.int32(ks * 32), np.int32(x2.stride(0)), np.int32(n), np.int32(int(w.tensors["group_steps"])),
-                 np.int32(per_split)),
+                (*common, _null(ws), _tile_counters(x.device, tiles), np.int32(m), np.int32(n), np.int32(x2.shape[1]),
+                 np.int32(ks // U), np.int32(x2.stride(0)), np.int32(n), tr, sshift, sps, np.int32(per_split)),
                 shared_mem=smem)
     return y.reshape(*lead, n)
 
