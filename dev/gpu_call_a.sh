@@ -17,7 +17,7 @@ for _ in range(3): int_weight_matmul(x, w)
 torch.cuda.synchronize()
 PY
 if command -v ncu >/dev/null; then
-  timeout 120 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis -k regex:int_weight_mma -s 2 -c 1 python /tmp/one.py > $OUT/ncu.txt 2>&1
+  timeout 120 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section MemoryWorkloadAnalysis -k regex:int_weight_gemv -s 2 -c 1 python /tmp/one.py > $OUT/ncu.txt 2>&1
   grep -E "Duration|DRAM Throughput|Memory Throughput|Achieved Occupancy|Theoretical Occupancy|Registers|Stall|Warp Cycles Per Issued|Issue Slot|Block Limit" $OUT/ncu.txt | head -30
 else echo "no ncu"; fi
 timeout 420 python scripts/bench_kernels.py --json-out $OUT/kernels.json > $OUT/kernels.txt 2>&1; echo rc=$?

@@ -3,9 +3,10 @@ against the same checkpoint through the reference twin (same GPU, same dtype).
 
 Quantizes the model with a recipe (RTN by default), writes and reads the
 checkpoint, casts it to float16, then for each backend: logits of prompts of
-1, 12 and 48 tokens (the tensor-core kernel's decode and small-batch paths) and
-perplexity on the evaluation split in windows of 64 tokens one at a time (M = 64,
-tensor-core path) and of 512 tokens four at a time (M = 2048: dequantize + cuBLAS).
+1, 12 and 48 tokens (the decode kernel at 1; the batch kernel at 48, and at 12 for
+matrices too small to give every decode warp 8 steps) and perplexity on the evaluation
+split in windows of 64 tokens one at a time (M = 64, batch kernel) and of 512 tokens
+four at a time (M = 2048: dequantize + cuBLAS).
 
     python scripts/check_cuda_e2e.py --model ~/qk/model.gguf --recipe recipes/w4a16-rtn.yaml --json-out $OUT/e2e.json
 """
