@@ -38,7 +38,7 @@ GEMV_MIN_STEPS_9_16 = 8  # ... for 9-16 tokens only where each warp gets this ma
 GEMV = (1, 2, 8, 0, 2)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead, warps,
 #                         x loaded ahead, least resident blocks); csrc/NOTES.md has the variants' timings
 GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
-MIN_STEPS_PER_WARP = 4  # ... nor an mma-kernel warp fewer 32-column units than this
+MIN_STEPS_PER_WARP = 4  # K splits never leave a batch-kernel warp fewer 32-column units than this
 WARPS = 8  # per block of the mma and dequant kernels, as in the .cu
 U = 4  # column units per step, as in the .cu
 SMEM_BUDGET = 47104  # as in the .cu
