@@ -181,6 +181,36 @@ template <typename T> __device__ __forceinline__ float to_float(T v);
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+template <int NT> __device__ __forceinline__ void zero_tiles(float c[2][NT][4]) {
+#pragma unroll
+    for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) c[rt][nt][i] = 0.0f;
+}
+
+// One unit's four A tiles times one token tile's x chunk (B fragments of both column
+// halves): c0 += rows 0-15, c1 += rows 16-31.
+template <typename T>
+__device__ __forceinline__ void mma_unit(float c0[4], float c1[4], const u32 a[2][2][4], uint4 xv) {
+    mma<T>(c0, a[0][0], xv.x, xv.y);
+    mma<T>(c0, a[0][1], xv.z, xv.w);
+    mma<T>(c1, a[1][0], xv.x, xv.y);
+    mma<T>(c1, a[1][1], xv.z, xv.w);
+}
+
+// A lane's four scale (and zero) entries, rows g + 8 i, as pairs for the dequantizer.
+template <typename T, bool ASYM>
+__device__ __forceinline__ void lane_pairs(const T* s4, const T* z4, T sym_zero, typename Pair<T>::type s2[4],
+                                           typename Pair<T>::type z2[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        s2[i] = splat<T>(s4[i]);
+        z2[i] = splat<T>(ASYM ? z4[i] : sym_zero);
+    }
+}
+
 constexpr int WARPS = 8;            // mma kernel (the gemv kernel takes its warp count as a template argument)
 constexpr int U = 4;                // column units per step (scale-table granularity)
 constexpr int SMEM_BUDGET = 47104;  // bytes of dynamic shared memory per block (under the 48 KB default)
@@ -346,15 +376,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     };
 
     float acc[2][NT][4];
-    auto clear = [&]() {
-#pragma unroll
-        for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) acc[rt][nt][i] = 0.0f;
-    };
-    clear();
+    zero_tiles<NT>(acc);
 
     auto compute = [&](const Buf& b) {
         uint4 xs[NT][U];
@@ -375,29 +397,16 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
             if (u == 0 || SPS > 1) {
                 const T* s4 = reinterpret_cast<const T*>(&b.sc[j]);
                 const T* z4 = reinterpret_cast<const T*>(&b.zp[j]);
+                lane_pairs<T, ASYM>(s4, z4, sym_zero, s2, z2);
 #pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    z2[i] = splat<T>(ASYM ? z4[i] : sym_zero);
-                    s2[i] = splat<T>(s4[i]);
-                    sf[i] = to_float<T>(s4[i]);
-                }
-#pragma unroll
-                for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) part[rt][nt][i] = 0.0f;
+                for (int i = 0; i < 4; ++i) sf[i] = to_float<T>(s4[i]);
+                zero_tiles<NT>(part);
             }
             u32 a[2][2][4];
             Unit<T, BITS, !EPI>::dequant(b.q[u], a, z2, s2);
+            float (*c)[NT][4] = EPI ? part : acc;
 #pragma unroll
-            for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-                for (int nt = 0; nt < NT; ++nt) {
-                    const uint4 xv = xs[nt][u];
-                    mma<T>(EPI ? part[rt][nt] : acc[rt][nt], a[rt][0], xv.x, xv.y);
-                    mma<T>(EPI ? part[rt][nt] : acc[rt][nt], a[rt][1], xv.z, xv.w);
-                }
+            for (int nt = 0; nt < NT; ++nt) mma_unit<T>(c[0][nt], c[1][nt], a, xs[nt][u]);
             if (EPI && (u == U - 1 || SPS > 1)) {
 #pragma unroll
                 for (int rt = 0; rt < 2; ++rt)
@@ -442,7 +451,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
             if (i + d < n) {
                 if (buf[d].rb != rb) {
                     flush(rb);
-                    clear();
+                    zero_tiles<NT>(acc);
                     rb = buf[d].rb;
                 }
                 compute(buf[d]);
@@ -509,12 +518,7 @@ __device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict_
     };
 
     float acc[2][NT][4];
-#pragma unroll
-    for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) acc[rt][nt][i] = 0.0f;
+    zero_tiles<NT>(acc);
 
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) issue(s);
@@ -533,20 +537,11 @@ __device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict_
         const T* s4 = reinterpret_cast<const T*>(&sc);
         const T* z4 = reinterpret_cast<const T*>(&zp);
         T2 z2[4], s2[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            z2[j] = splat<T>(ASYM ? z4[j] : sym_zero);
-            s2[j] = splat<T>(s4[j]);
-        }
+        lane_pairs<T, ASYM>(s4, z4, sym_zero, s2, z2);
         u32 a[2][2][4];
         Unit<T, BITS, true>::dequant(q, a, z2, s2);
 #pragma unroll
-        for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                mma<T>(acc[rt][nt], a[rt][0], xv[nt].x, xv[nt].y);
-                mma<T>(acc[rt][nt], a[rt][1], xv[nt].z, xv[nt].w);
-            }
+        for (int nt = 0; nt < NT; ++nt) mma_unit<T>(acc[0][nt], acc[1][nt], a, xv[nt]);
     }
     cp_async_wait<0>();
     __syncthreads();  // the ring is reused below
@@ -573,11 +568,7 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     const size_t sidx = (size_t)rb * tr * sps * 32 + g * 4 + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
     const T sym_zero = from_float<T>(Magic<T, BITS>::base + (float)(1 << (BITS - 1)));
     T2 z2[4], s2[4];
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        s2[j] = splat<T>(scales[sidx + j]);
-        z2[j] = splat<T>(ASYM ? zeros[sidx + j] : sym_zero);
-    }
+    lane_pairs<T, ASYM>(scales + sidx, ASYM ? zeros + sidx : nullptr, sym_zero, s2, z2);
     u32 a[2][2][4];
     Unit<T, BITS, true>::dequant(q, a, z2, s2);
     u32* my = tile[warp];

@@ -10,19 +10,7 @@ cuobjdump -sass -fun int_weight_mma_f16_b4_sym_nt1 $OUT/iw.cubin > $OUT/sass_mma
 for f in gemv mma; do echo "$f: $(grep -cE '^\s+/\*[0-9a-f]+\*/' $OUT/sass_$f.txt) instr, HMMA $(grep -c HMMA $OUT/sass_$f.txt), LDG $(grep -c LDG $OUT/sass_$f.txt), LOP3 $(grep -c LOP3 $OUT/sass_$f.txt), HFMA2/HADD2/HMUL2 $(grep -cE 'HFMA2|HADD2|HMUL2' $OUT/sass_$f.txt)"; done
 timeout 200 python dev/quick_w4.py "${@:-1}" 2>&1 | tail -20
 timeout 200 python -m pytest -x -q tests/test_int_weight_cuda.py 2>&1 | tail -6
-cat > /tmp/one.py <<'PY'
-import torch
-from quantkit.formats import IntSpec, pack_int32
-from quantkit.kernels import prepare_int_weight, int_weight_matmul
-n, k = 28672, 8192
-q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device="cuda")
-sc = (torch.rand(n, k // 128, device="cuda") * 0.01 + 0.001).half()
-w = prepare_int_weight(pack_int32(q, 4, 1), sc, None, None, IntSpec(4, True, 128), (n, k), backend="cuda")
-x = torch.randn(1, k, device="cuda", dtype=torch.half)
-for _ in range(3): int_weight_matmul(x, w)
-torch.cuda.synchronize()
-PY
 if [ -n "$NCU" ] && command -v ncu >/dev/null; then
-  timeout 150 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats -k regex:int_weight_gemv -s 2 -c 1 python /tmp/one.py > $OUT/ncu.txt 2>&1
+  timeout 150 ncu --section SpeedOfLight --section Occupancy --section WarpStateStats --section LaunchStats -k regex:int_weight_gemv -s 2 -c 1 python dev/profile_m1.py > $OUT/ncu.txt 2>&1
   grep -E "Duration|DRAM Throughput|Compute \(SM\)|Achieved Occupancy|Theoretical Occupancy|Registers|Warp Cycles Per Issued|Issue Slot|Block Limit|Grid Size|Stall" $OUT/ncu.txt | head -24
 fi

@@ -181,6 +181,8 @@ def test_dense_and_mma_paths_agree_and_bad_inputs_raise():
     cu, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16, seed=3)
     x = torch.randn(40, 512, device="cuda", dtype=torch.float16)
     assert _rel_err(_matmul(x, cu, None, path="mma"), _matmul(x, cu, None, path="dense")) < 2e-3
+    with pytest.raises(ValueError, match="40"):
+        _matmul(x, cu, None, path="gemv")  # the decode kernel takes at most 16 tokens
     with pytest.raises(ValueError, match="511"):
         int_weight_matmul(x[:, :511], cu)
     with pytest.raises(ValueError, match="float32"):
