@@ -214,6 +214,7 @@ __device__ __forceinline__ void lane_pairs(const T* s4, const T* z4, T sym_zero,
 constexpr int WARPS = 8;            // mma kernel (the gemv kernel takes its warp count as a template argument)
 constexpr int U = 4;                // column units per step (scale-table granularity)
 constexpr int SMEM_BUDGET = 47104;  // bytes of dynamic shared memory per block (under the 48 KB default)
+constexpr int SHARED_X_BUDGET = 98304;  // the shared-x batch kernel's (opted in above 48 KB)
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem));
@@ -548,6 +549,144 @@ __device__ void int_weight_mma(const T* __restrict__ x, const uint4* __restrict_
     write_tile<T, NT, WARPS>(acc, reinterpret_cast<float*>(smem), bias, y, ws, counters, M, N, ldy, rb, m0);
 }
 
+// ---- batch kernel, shared x -------------------------------------------------------------------
+// A block holds WARPS row blocks (warp w: row block WARPS * blockIdx.y + w) and one tile of
+// NT * 8 tokens (blockIdx.x, fastest, so the blocks that share a row block's weights run
+// together and meet them in L2). All warps walk the same units of the block's K range:
+// one unit's x tile is copied once into shared memory for the whole block (the batch
+// kernel above reads it from L2 once per row block, which bounds it at M = 64). Each
+// stage of the ring holds one unit: every warp's weights, scales (and zeros), and the
+// block's x tile [NT * 8 tokens][32 columns] (64-byte rows: the eight lanes of one
+// 16-byte load phase read two rows, all 32 banks).
+template <int BITS, bool ASYM, int NT> struct SharedRing {
+    static constexpr int PARTS = BITS / 4;
+    static constexpr int LANE_BYTES = 16 * PARTS + 8 + (ASYM ? 8 : 0);
+    static constexpr int X_BYTES = NT * 8 * 64;
+    static constexpr int STAGE_BYTES = WARPS * 32 * LANE_BYTES + X_BYTES;
+    static constexpr int FIT = SHARED_X_BUDGET / STAGE_BYTES;
+    static constexpr int STAGES = FIT < 6 ? FIT : 6;
+    static constexpr int BYTES = STAGES * STAGE_BYTES;
+};
+
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem),
+                 "r"(bytes));
+}
+
+template <typename T, int BITS, int NT, bool ASYM>
+__device__ void int_weight_batch(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
+                                 const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                                 float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int RB,
+                                 int ldx, int ldy, int tr, int sshift, int sps, int units_per_split) {
+    typedef typename Pair<T>::type T2;
+    typedef SharedRing<BITS, ASYM, NT> R;
+    constexpr int PARTS = R::PARTS, STAGES = R::STAGES;
+    static_assert(STAGES >= 2, "shared-memory budget too small for two stages");
+    const int KS = NS * U;
+    const int m0 = blockIdx.x * NT * 8, split = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int rb = blockIdx.y * WARPS + warp;
+    const bool live = rb < RB;  // a warp past the last row block still copies x and meets every barrier
+    const int k_begin = split * units_per_split, steps = min(KS, k_begin + units_per_split) - k_begin;
+
+    extern __shared__ uint4 smem[];
+    auto stage = [&](int slot) { return reinterpret_cast<char*>(smem) + slot * R::STAGE_BYTES; };
+    // stage layout: weights [WARPS][PARTS][32] uint4, scales [WARPS][32] uint2, zeros [WARPS][32] uint2, x tile
+    constexpr int W_OFF = 0, S_OFF = WARPS * PARTS * 32 * 16, Z_OFF = S_OFF + WARPS * 32 * 8,
+                  X_OFF = Z_OFF + (ASYM ? WARPS * 32 * 8 : 0);
+
+    // x copy: thread i < NT * 32 copies 16 bytes, row i / 4 of the tile, columns 8 (i % 4) .. + 7
+    const int xrow = threadIdx.x >> 2, xch = threadIdx.x & 3;
+    const bool xcopier = threadIdx.x < NT * 32, xrow_ok = m0 + xrow < M;
+    const T* xsrc = x + (size_t)(xrow_ok ? m0 + xrow : 0) * ldx + xch * 8;
+    const uint4* wp = w + (size_t)(live ? rb : 0) * KS * PARTS * 32 + lane;
+    const size_t trow = (size_t)(live ? rb : 0) * tr * sps * 32 + g * 4;
+    const T sym_zero = from_float<T>(Magic<T, BITS>::base + (float)(1 << (BITS - 1)));
+
+    auto issue = [&](int i) {
+        if (i < steps) {
+            const int ks = k_begin + i;
+            char* st = stage(i % STAGES);
+            if (live) {
+                uint4* wr = reinterpret_cast<uint4*>(st + W_OFF) + warp * PARTS * 32 + lane;
+#pragma unroll
+                for (int p = 0; p < PARTS; ++p) cp_async16(wr + p * 32, wp + ((size_t)ks * PARTS + p) * 32);
+                const size_t sidx = trow + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
+                cp_async8(reinterpret_cast<uint2*>(st + S_OFF) + warp * 32 + lane, scales + sidx);
+                if (ASYM) cp_async8(reinterpret_cast<uint2*>(st + Z_OFF) + warp * 32 + lane, zeros + sidx);
+            }
+            if (xcopier) {
+                const int col = ks * 32 + xch * 8;
+                cp_async16_zfill(st + X_OFF + xrow * 64 + xch * 16, xsrc + (col < K ? ks * 32 : 0),
+                                 xrow_ok && col < K ? 16 : 0);
+            }
+        }
+        cp_async_commit();  // an empty group keeps the wait count uniform
+    };
+
+    float acc[2][NT][4];
+    zero_tiles<NT>(acc);
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) issue(s);
+    for (int i = 0; i < steps; ++i) {
+        cp_async_wait<STAGES - 2>();  // this thread's copies of unit i have landed ...
+        __syncthreads();              // ... and everyone's; the slot refilled next was read by all in step i - 1
+        issue(i + STAGES - 1);
+        if (!live) continue;
+        const char* st = stage(i % STAGES);
+        uint4 q[PARTS];
+#pragma unroll
+        for (int p = 0; p < PARTS; ++p) q[p] = reinterpret_cast<const uint4*>(st + W_OFF)[(warp * PARTS + p) * 32 + lane];
+        const uint2 sc = reinterpret_cast<const uint2*>(st + S_OFF)[warp * 32 + lane];
+        const uint2 zp = ASYM ? reinterpret_cast<const uint2*>(st + Z_OFF)[warp * 32 + lane] : make_uint2(0u, 0u);
+        T2 z2[4], s2[4];
+        lane_pairs<T, ASYM>(reinterpret_cast<const T*>(&sc), reinterpret_cast<const T*>(&zp), sym_zero, s2, z2);
+        u32 a[2][2][4];
+        Unit<T, BITS, true>::dequant(q, a, z2, s2);
+        const uint4* xs = reinterpret_cast<const uint4*>(st + X_OFF);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mma_unit<T>(acc[0][nt], acc[1][nt], a, xs[(nt * 8 + g) * 4 + t]);
+    }
+    cp_async_wait<0>();
+
+    // accumulator (rt, nt, i) of lane (g, t): row n = 32 rb + 16 rt + g + 8 (i >> 1), token m = m0 + 8 nt + 2 t + (i & 1)
+    const int Np = RB * 32, splits = gridDim.z;
+    if (live) {
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int n = rb * 32 + rt * 16 + g + 8 * (i >> 1), m = m0 + nt * 8 + 2 * t + (i & 1);
+                    if (m >= M) continue;
+                    const float v = acc[rt][nt][i];
+                    if (splits > 1) ws[((size_t)split * M + m) * Np + n] = v;
+                    else if (n < N) y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+                }
+    }
+    if (splits == 1) return;
+
+    // K splits: the last block of this tile to finish adds the partials in split order
+    __shared__ u32 is_last;
+    __threadfence();
+    __syncthreads();
+    u32* counter = counters + (size_t)blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int n0 = blockIdx.y * WARPS * 32;
+    for (int item = threadIdx.x; item < NT * 8 * WARPS * 32; item += blockDim.x) {
+        const int m = m0 + item / (WARPS * 32), n = n0 + item % (WARPS * 32);
+        if (m >= M || n >= N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < splits; ++s) v += __ldcg(ws + ((size_t)s * M + m) * Np + n);
+        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+    }
+    if (threadIdx.x == 0) *counter = 0u;
+}
+
 // W dequantized to a dense T [Np, Kp] (row stride Kp): one warp per 32 x 32 unit,
 // staged through shared memory so that each row goes out in 16-byte stores.
 template <typename T, int BITS, bool ASYM>
@@ -617,13 +756,24 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     MMA_KERNEL(int_weight_mma_##SUFFIX##_nt2, T, BITS, 2, ASYM)          \
     MMA_KERNEL(int_weight_mma_##SUFFIX##_nt4, T, BITS, 4, ASYM)          \
     MMA_KERNEL(int_weight_mma_##SUFFIX##_nt8, T, BITS, 8, ASYM)
+#define BATCH_KERNEL(NAME, T, BITS, NT, ASYM)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \
+        const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,    \
+        int M, int N, int K, int NS, int RB, int ldx, int ldy, int tr, int sshift, int sps, int units_per_split) {     \
+        int_weight_batch<T, BITS, NT, ASYM>(x, w, scales, zeros, bias, y, ws, counters, M, N, K, NS, RB, ldx, ldy, tr,  \
+                                            sshift, sps, units_per_split);                                             \
+    }
+#define BATCH_NTS(SUFFIX, T, BITS, ASYM)                                 \
+    BATCH_KERNEL(int_weight_batch_##SUFFIX##_nt2, T, BITS, 2, ASYM)      \
+    BATCH_KERNEL(int_weight_batch_##SUFFIX##_nt4, T, BITS, 4, ASYM)      \
+    BATCH_KERNEL(int_weight_batch_##SUFFIX##_nt8, T, BITS, 8, ASYM)
 #define DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) int_weight_dequant_##SUFFIX(                                \
         const uint4* w, const T* scales, const T* zeros, T* out, int RB, int NS, int tr, int sshift, int sps) {   \
         int_weight_dequant<T, BITS, ASYM>(w, scales, zeros, out, RB, NS, tr, sshift, sps);                        \
     }
 #define ALL(SUFFIX, T, BITS, ASYM) \
-    GEMV_ALL(SUFFIX, T, BITS, ASYM) MMA_NTS(SUFFIX, T, BITS, ASYM) DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
+    GEMV_ALL(SUFFIX, T, BITS, ASYM) MMA_NTS(SUFFIX, T, BITS, ASYM) BATCH_NTS(SUFFIX, T, BITS, ASYM) DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
 
 ALL(f16_b4_sym, __half, 4, false)
 ALL(f16_b4_asym, __half, 4, true)

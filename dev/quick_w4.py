@@ -7,7 +7,7 @@ from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import prepare_int_weight, int_weight_matmul
 from quantkit.kernels import int_weight_cuda as iwc
 
-VARIANTS = {1: [(1, 2, 8, 0, 2), (1, 2, 8, 1, 1), (1, 3, 8, 0, 2)], 2: [(1, 2, 8, 0, 2)]}
+VARIANTS = {1: [(1, 2, 8, 0, 2)], 2: [(1, 2, 8, 0, 2)]}
 
 def graph_us(fn, sets, calls=40):
     s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
@@ -25,7 +25,7 @@ def graph_us(fn, sets, calls=40):
     return statistics.median(ts)
 
 dev = "cuda"; dt = torch.float16
-shapes = [(28672, 8192), (8192, 28672), (4096, 4096)]
+shapes = [(28672, 8192), (8192, 28672), (11008, 4096), (4096, 4096)]
 ms = [int(a) for a in sys.argv[1:]] or [1, 16, 64, 256, 1024]
 bw_src = torch.empty(1 << 30, dtype=torch.uint8, device=dev); bw_dst = torch.empty_like(bw_src)
 t = graph_us(lambda i: bw_dst.copy_(bw_src), 1, 10); copy_bw = 2 * (1 << 30) / t / 1e3
@@ -50,8 +50,8 @@ for n, k in shapes:
         runs = []
         if m <= 16:
             runs += [("g" + "".join(map(str, v[1:])), dict(path="gemv", variant=v)) for v in VARIANTS[1 if m <= 8 else 2]]
-        if m < 256:
-            runs.append(("mma", dict(path="mma")))
+        if m > 1:
+            runs += [("v1", dict(path="mma_v1")), ("mma", dict(path="mma"))]
         if m >= 64:
             runs.append(("dense", dict(path="dense")))
         for label, kw in runs:
