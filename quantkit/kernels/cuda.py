@@ -64,8 +64,9 @@ def _function(module_name: str, kernel_name: str):
 
 
 def _allow_shared(kernel, shared_mem: int) -> None:
-    """Opt the kernel in to `shared_mem` bytes of dynamic shared memory (CUDA caps it at 48 KB unless asked)."""
-    if shared_mem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < shared_mem:
+    """Opt the kernel in to `shared_mem` bytes of dynamic shared memory (CUDA caps static + dynamic at 48 KB
+    unless asked)."""
+    if shared_mem and kernel.max_dynamic_shared_size_bytes < shared_mem:
         kernel.max_dynamic_shared_size_bytes = shared_mem
 
 
