@@ -573,6 +573,52 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, i
                  "r"(bytes));
 }
 
+// The batch kernels' results: warp's row block rb, tokens m0 .. m0 + 8 NT - 1. One K split
+// writes y; with K splits each block writes its float32 partials to ws [S, M, Np] and the
+// last block of the tile (a counter per tile) adds them in split order: deterministic.
+template <typename T, int NT>
+__device__ void store_rows(const float acc[2][NT][4], bool live, int rb, const T* __restrict__ bias, T* __restrict__ y,
+                           float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int RB, int ldy, int m0,
+                           int split) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // accumulator (rt, nt, i) of lane (g, t): row n = 32 rb + 16 rt + g + 8 (i >> 1), token m = m0 + 8 nt + 2 t + (i & 1)
+    const int Np = RB * 32, splits = gridDim.z;
+    if (live) {
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const int n = rb * 32 + rt * 16 + g + 8 * (i >> 1), m = m0 + nt * 8 + 2 * t + (i & 1);
+                    if (m >= M) continue;
+                    const float v = acc[rt][nt][i];
+                    if (splits > 1) ws[((size_t)split * M + m) * Np + n] = v;
+                    else if (n < N) y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+                }
+    }
+    if (splits == 1) return;
+
+    // K splits: the last block of this tile to finish adds the partials in split order
+    __shared__ u32 is_last;
+    __threadfence();
+    __syncthreads();
+    u32* counter = counters + (size_t)blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int n0 = blockIdx.y * WARPS * 32;
+    for (int item = threadIdx.x; item < NT * 8 * WARPS * 32; item += blockDim.x) {
+        const int m = m0 + item / (WARPS * 32), n = n0 + item % (WARPS * 32);
+        if (m >= M || n >= N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < splits; ++s) v += __ldcg(ws + ((size_t)s * M + m) * Np + n);
+        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+    }
+    if (threadIdx.x == 0) *counter = 0u;
+}
+
 template <typename T, int BITS, int NT, bool ASYM>
 __device__ void int_weight_batch(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
                                  const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
@@ -649,42 +695,198 @@ __device__ void int_weight_batch(const T* __restrict__ x, const uint4* __restric
     }
     cp_async_wait<0>();
 
-    // accumulator (rt, nt, i) of lane (g, t): row n = 32 rb + 16 rt + g + 8 (i >> 1), token m = m0 + 8 nt + 2 t + (i & 1)
-    const int Np = RB * 32, splits = gridDim.z;
-    if (live) {
+    store_rows<T, NT>(acc, live, rb, bias, y, ws, counters, M, N, RB, ldy, m0, split);
+}
+
+// ---- wgmma batch kernel (sm_90a) -------------------------------------------------------------
+// The shared-x kernel's data flow, with Hopper's asynchronous warpgroup mma: each warp
+// dequantizes its unit into registers (the A operand, the same fragment layout as
+// mma.m16n8k16's), the block's x tile is the B operand in shared memory, and one
+// m64nNk16 per row half and column half covers the warpgroup's 4 row blocks x NT * 8
+// tokens. The tensor cores work on unit i while the warps fetch and dequantize unit i + 1.
+// x goes into shared memory in fragment column order as wgmma's K-major no-swizzle
+// layout: core matrix (token group j, 8-column chunk kc) of a unit is 128 contiguous bytes
+// (8 tokens x 16 bytes) at 512 j + 128 kc. Fragment column 16 h + 8 hc + 2 t + c is
+// physical column 8 t + 4 h + 2 hc + c, so each 16-byte piece of an x row scatters as
+// four 4-byte copies.
+template <typename T> struct IsHalf { static constexpr bool value = false; };
+template <> struct IsHalf<__half> { static constexpr bool value = true; };
+template <int NT> struct Wgmma;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <> struct Wgmma<2> {
+#define WGMMA_N16(TYPE)                                                                     \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " {"                \
+                 "%0,%1,%2,%3,%4,%5,%6,%7"  \
+                 "}, {%8,%9,%10,%11}, %12, p, 1, 1, 0;\n}\n"                                         \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)                          \
+                 : "memory")
+    template <typename T> __device__ static __forceinline__ void run(float* d, const u32 a[4], unsigned long long desc) {
+        if constexpr (IsHalf<T>::value) WGMMA_N16("f16");
+        else WGMMA_N16("bf16");
+    }
+#undef WGMMA_N16
+};
+template <> struct Wgmma<4> {
+#define WGMMA_N32(TYPE)                                                                     \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " {"                \
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"  \
+                 "}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"                                         \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)                          \
+                 : "memory")
+    template <typename T> __device__ static __forceinline__ void run(float* d, const u32 a[4], unsigned long long desc) {
+        if constexpr (IsHalf<T>::value) WGMMA_N32("f16");
+        else WGMMA_N32("bf16");
+    }
+#undef WGMMA_N32
+};
+template <> struct Wgmma<8> {
+#define WGMMA_N64(TYPE)                                                                     \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " {"                \
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"  \
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"  \
+                 "}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"                                         \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)                          \
+                 : "memory")
+    template <typename T> __device__ static __forceinline__ void run(float* d, const u32 a[4], unsigned long long desc) {
+        if constexpr (IsHalf<T>::value) WGMMA_N64("f16");
+        else WGMMA_N64("bf16");
+    }
+#undef WGMMA_N64
+};
+template <> struct Wgmma<16> {
+#define WGMMA_N128(TYPE)                                                                     \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                \
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"  \
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"  \
+                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"  \
+                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"  \
+                 "}, {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"                                         \
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),  \
+                     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),  \
+                     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),  \
+                     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),  \
+                     "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),  \
+                     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),  \
+                     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),  \
+                     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])  \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc)                          \
+                 : "memory")
+    template <typename T> __device__ static __forceinline__ void run(float* d, const u32 a[4], unsigned long long desc) {
+        if constexpr (IsHalf<T>::value) WGMMA_N128("f16");
+        else WGMMA_N128("bf16");
+    }
+#undef WGMMA_N128
+};
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
+
+// The B descriptor of one column half: K-major, no swizzle, LBO (next 8 columns) 128 bytes,
+// SBO (next 8 tokens) 512 bytes.
+__device__ __forceinline__ unsigned long long x_desc(const void* tile) {
+    const unsigned long long addr = (u32)__cvta_generic_to_shared(tile);
+    return ((addr & 0x3ffff) >> 4) | ((unsigned long long)(128 >> 4) << 16) | ((unsigned long long)(512 >> 4) << 32);
+}
+
+__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem),
+                 "r"(bytes));
+}
+
+template <typename T, int BITS, int NT, bool ASYM>
+__device__ void int_weight_wgmma(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
+                                 const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                                 float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int RB,
+                                 int ldx, int ldy, int tr, int sshift, int sps, int units_per_split) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    typedef typename Pair<T>::type T2;
+    typedef SharedRing<BITS, ASYM, NT> R;
+    constexpr int PARTS = R::PARTS, STAGES = R::STAGES;
+    static_assert(STAGES >= 3, "shared-memory budget too small for three stages");
+    const int KS = NS * U;
+    const int m0 = blockIdx.x * NT * 8, split = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
+    const int rb_own = blockIdx.y * WARPS + warp;
+    const bool live = rb_own < RB;  // a warp past the last row block computes on row block RB - 1 and stores nothing
+    const int rb = live ? rb_own : RB - 1;
+    const int k_begin = split * units_per_split, steps = min(KS, k_begin + units_per_split) - k_begin;
+
+    extern __shared__ uint4 smem[];
+    auto stage = [&](int slot) { return reinterpret_cast<char*>(smem) + slot * R::STAGE_BYTES; };
+    constexpr int W_OFF = 0, S_OFF = WARPS * PARTS * 32 * 16, Z_OFF = S_OFF + WARPS * 32 * 8,
+                  X_OFF = Z_OFF + (ASYM ? WARPS * 32 * 8 : 0);
+    static_assert(X_OFF % 128 == 0, "wgmma core matrices need 16-byte (here 128-byte) alignment");
+
+    const uint4* wp = w + (size_t)rb * KS * PARTS * 32 + lane;
+    const size_t trow = (size_t)rb * tr * sps * 32 + g * 4;
+    const T sym_zero = from_float<T>(Magic<T, BITS>::base + (float)(1 << (BITS - 1)));
+
+    auto issue = [&](int i) {
+        if (i < steps) {
+            const int ks = k_begin + i;
+            char* st = stage(i % STAGES);
+            uint4* wr = reinterpret_cast<uint4*>(st + W_OFF) + warp * PARTS * 32 + lane;
+#pragma unroll
+            for (int p = 0; p < PARTS; ++p) cp_async16(wr + p * 32, wp + ((size_t)ks * PARTS + p) * 32);
+            const size_t sidx = trow + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
+            cp_async8(reinterpret_cast<uint2*>(st + S_OFF) + warp * 32 + lane, scales + sidx);
+            if (ASYM) cp_async8(reinterpret_cast<uint2*>(st + Z_OFF) + warp * 32 + lane, zeros + sidx);
+            // x: NT * 8 tokens x 4 physical 8-column chunks x 4 pieces of 4 bytes
+            for (int c = threadIdx.x; c < NT * 8 * 16; c += WARPS * 32) {
+                const int row = c >> 4, tq = (c >> 2) & 3, piece = c & 3;  // piece = 2 h + hc
+                const int col = ks * 32 + 8 * tq + 2 * piece, m = m0 + row;
+                const bool ok = m < M && col < K;
+                cp_async4_zfill(st + X_OFF + (row >> 3) * 512 + piece * 128 + (row & 7) * 16 + 4 * tq,
+                                x + (ok ? (size_t)m * ldx + col : 0), ok ? 4 : 0);
+            }
+        }
+        cp_async_commit();
+    };
+
+    float acc[2][NT][4];
+    zero_tiles<NT>(acc);
+#pragma unroll
+    for (int s = 0; s < STAGES - 2; ++s) issue(s);
+    for (int i = 0; i < steps; ++i) {
+        cp_async_wait<STAGES - 3>();  // this thread's copies of unit i have landed ...
+        fence_async_shared();         // ... are visible to the tensor cores' (async) reads ...
+        __syncthreads();              // ... and everyone's; unit i - 2's wgmma finished in every warp
+        issue(i + STAGES - 2);        // into unit i - 2's slot
+        const char* st = stage(i % STAGES);
+        uint4 q[PARTS];
+#pragma unroll
+        for (int p = 0; p < PARTS; ++p) q[p] = reinterpret_cast<const uint4*>(st + W_OFF)[(warp * PARTS + p) * 32 + lane];
+        const uint2 sc = reinterpret_cast<const uint2*>(st + S_OFF)[warp * 32 + lane];
+        const uint2 zp = ASYM ? reinterpret_cast<const uint2*>(st + Z_OFF)[warp * 32 + lane] : make_uint2(0u, 0u);
+        T2 z2[4], s2[4];
+        lane_pairs<T, ASYM>(reinterpret_cast<const T*>(&sc), reinterpret_cast<const T*>(&zp), sym_zero, s2, z2);
+        u32 a[2][2][4];
+        Unit<T, BITS, true>::dequant(q, a, z2, s2);
+        wgmma_fence();
 #pragma unroll
         for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const int n = rb * 32 + rt * 16 + g + 8 * (i >> 1), m = m0 + nt * 8 + 2 * t + (i & 1);
-                    if (m >= M) continue;
-                    const float v = acc[rt][nt][i];
-                    if (splits > 1) ws[((size_t)split * M + m) * Np + n] = v;
-                    else if (n < N) y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
-                }
+            for (int h = 0; h < 2; ++h) Wgmma<NT>::template run<T>(&acc[rt][0][0], a[rt][h], x_desc(st + X_OFF + h * 256));
+        wgmma_commit();
+        wgmma_wait<1>();
     }
-    if (splits == 1) return;
-
-    // K splits: the last block of this tile to finish adds the partials in split order
-    __shared__ u32 is_last;
-    __threadfence();
-    __syncthreads();
-    u32* counter = counters + (size_t)blockIdx.y * gridDim.x + blockIdx.x;
-    if (threadIdx.x == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
-    __syncthreads();
-    if (!is_last) return;
-    __threadfence();
-    const int n0 = blockIdx.y * WARPS * 32;
-    for (int item = threadIdx.x; item < NT * 8 * WARPS * 32; item += blockDim.x) {
-        const int m = m0 + item / (WARPS * 32), n = n0 + item % (WARPS * 32);
-        if (m >= M || n >= N) continue;
-        float v = 0.0f;
-        for (int s = 0; s < splits; ++s) v += __ldcg(ws + ((size_t)s * M + m) * Np + n);
-        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
-    }
-    if (threadIdx.x == 0) *counter = 0u;
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+    store_rows<T, NT>(acc, live, rb, bias, y, ws, counters, M, N, RB, ldy, m0, split);
+#endif
 }
 
 // W dequantized to a dense T [Np, Kp] (row stride Kp): one warp per 32 x 32 unit,
@@ -767,13 +969,26 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     BATCH_KERNEL(int_weight_batch_##SUFFIX##_nt2, T, BITS, 2, ASYM)      \
     BATCH_KERNEL(int_weight_batch_##SUFFIX##_nt4, T, BITS, 4, ASYM)      \
     BATCH_KERNEL(int_weight_batch_##SUFFIX##_nt8, T, BITS, 8, ASYM)
+#define WGMMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                          \
+    extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \
+        const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,    \
+        int M, int N, int K, int NS, int RB, int ldx, int ldy, int tr, int sshift, int sps, int units_per_split) {     \
+        int_weight_wgmma<T, BITS, NT, ASYM>(x, w, scales, zeros, bias, y, ws, counters, M, N, K, NS, RB, ldx, ldy, tr,  \
+                                            sshift, sps, units_per_split);                                             \
+    }
+#define WGMMA_NTS(SUFFIX, T, BITS, ASYM)                                 \
+    WGMMA_KERNEL(int_weight_wgmma_##SUFFIX##_nt2, T, BITS, 2, ASYM)      \
+    WGMMA_KERNEL(int_weight_wgmma_##SUFFIX##_nt4, T, BITS, 4, ASYM)      \
+    WGMMA_KERNEL(int_weight_wgmma_##SUFFIX##_nt8, T, BITS, 8, ASYM)      \
+    WGMMA_KERNEL(int_weight_wgmma_##SUFFIX##_nt16, T, BITS, 16, ASYM)
 #define DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)                                                                     \
     extern "C" __global__ void __launch_bounds__(256) int_weight_dequant_##SUFFIX(                                \
         const uint4* w, const T* scales, const T* zeros, T* out, int RB, int NS, int tr, int sshift, int sps) {   \
         int_weight_dequant<T, BITS, ASYM>(w, scales, zeros, out, RB, NS, tr, sshift, sps);                        \
     }
 #define ALL(SUFFIX, T, BITS, ASYM) \
-    GEMV_ALL(SUFFIX, T, BITS, ASYM) MMA_NTS(SUFFIX, T, BITS, ASYM) BATCH_NTS(SUFFIX, T, BITS, ASYM) DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
+    GEMV_ALL(SUFFIX, T, BITS, ASYM) MMA_NTS(SUFFIX, T, BITS, ASYM) BATCH_NTS(SUFFIX, T, BITS, ASYM) WGMMA_NTS(SUFFIX, T, BITS, ASYM) \
+    DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
 
 ALL(f16_b4_sym, __half, 4, false)
 ALL(f16_b4_asym, __half, 4, true)

@@ -213,7 +213,7 @@ def _ring_bytes(bits: int, asym: bool) -> int:
 
 
 def _shared_ring_bytes(bits: int, asym: bool, nt: int) -> int:
-    """Dynamic shared memory of the shared-x batch kernel (SharedRing in the .cu)."""
+    """Dynamic shared memory of the shared-x batch kernels, mma and wgmma (SharedRing in the .cu)."""
     stage = WARPS * 32 * (16 * (bits // 4) + 8 + (8 if asym else 0)) + nt * 8 * 64
     return min(6, SHARED_X_BUDGET // stage) * stage
 
@@ -265,15 +265,20 @@ def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device)
     return max(GEMV_MIN_STEPS_PER_WARP, -(-rb * (ks // U) // (warps * _launch_blocks(name, 32 * warps, 0, device))))
 
 
+def _batch_path(device: torch.device) -> str:
+    """The batch kernel for this GPU: Hopper's asynchronous warpgroup mma where there is one."""
+    return "wgmma" if torch.cuda.get_device_capability(device) == (9, 0) else "mma"
+
+
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
     if m >= DENSE_MIN_M:
         return "dense"
     if m > GEMV_MAX_M:
-        return "mma"
+        return _batch_path(device)
     if m <= 8:
         return "gemv"
     name = _gemv_name(w, dtype, m, GEMV)
-    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_9_16 else "mma"
+    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_9_16 else _batch_path(device)
 
 
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
@@ -325,8 +330,9 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
 
     if path == "mma_v1":
         return _matmul_v1(m, w, common, scales, zeros, tr, sshift, sps, x2, x.device).reshape(*lead, n)
-    nt = 2 if m <= 16 else 4 if m <= 32 else 8
-    name = f"int_weight_batch_{suffix}_nt{nt}"
+    wgmma = path == "wgmma"
+    nt = 2 if m <= 16 else 4 if m <= 32 else 8 if m <= 64 or not wgmma else 16
+    name = f"int_weight_{'wgmma' if wgmma else 'batch'}_{suffix}_nt{nt}"
     smem = _shared_ring_bytes(w.spec.bits, zeros is not None, nt)
     zchunks = -(-m // (8 * nt))
     rbb = -(-rb // WARPS)
