@@ -51,7 +51,7 @@ for n, k in shapes:
         if m <= 16:
             runs += [("g" + "".join(map(str, v[1:])), dict(path="gemv", variant=v)) for v in VARIANTS[1 if m <= 8 else 2]]
         if m > 1:
-            runs += [("v1", dict(path="mma_v1")), ("mma", dict(path="mma")), ("wg", dict(path="wgmma"))]
+            runs.append(("mma", dict(path="mma")))
         if m >= 64:
             runs.append(("dense", dict(path="dense")))
         for label, kw in runs:

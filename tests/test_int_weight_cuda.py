@@ -155,25 +155,6 @@ def test_act_order_matches_the_reference(spec, m):
 
 
 @gpu
-@pytest.mark.parametrize("path", ["mma", "wgmma"])
-@pytest.mark.parametrize("spec", SPECS, ids=str)
-@pytest.mark.parametrize("m", [3, 16, 24, 64, 118, 256])
-def test_each_batch_kernel_takes_every_format(path, spec, m):
-    """The batch kernels on their own, whatever M the automatic choice would give them: the
-    shared-x mma.sync kernel everywhere, the wgmma one on Hopper (sm_90a)."""
-    from quantkit.kernels.int_weight_cuda import _matmul
-
-    if path == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("wgmma needs an sm_90 GPU")
-    dtype = torch.bfloat16 if m in (3, 118) else torch.float16
-    cu, ref = _weights(200, 4160, spec, dtype, act_order=m == 24, seed=m + spec.bits)
-    x = torch.randn(m, 4160, device="cuda", dtype=dtype)
-    bias = torch.randn(200, device="cuda", dtype=dtype)
-    err = _rel_err(_matmul(x, cu, bias, path=path), int_weight_matmul(x, ref, bias))
-    assert err < (2e-3 if dtype == torch.float16 else 1e-2)
-
-
-@gpu
 def test_leading_dims_strided_input_and_repeat_calls_are_stable():
     cu, ref = _weights(768, 2048, IntSpec(4, False, 128), torch.float16, seed=7)
     base = torch.randn(3, 5, 4096, device="cuda", dtype=torch.float16)

@@ -32,8 +32,7 @@ def module(name: str):
 
     source = (CSRC / f"{name}.cu").read_text()
     major, minor = torch.cuda.get_device_capability()
-    arch = f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")  # sm_90a: Hopper's wgmma
-    return cupy.RawModule(code=source, options=("--std=c++17", f"--gpu-architecture={arch}"),
+    return cupy.RawModule(code=source, options=("--std=c++17", f"--gpu-architecture=sm_{major}{minor}"),
                           name_expressions=None)
 
 

@@ -39,11 +39,9 @@ GEMV = (1, 2, 8, 0, 2)  # the decode kernel instantiated for every format: (scal
 #                         x loaded ahead, least resident blocks); csrc/NOTES.md has the variants' timings
 GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
 MIN_STEPS_PER_WARP = 4  # K splits never leave a batch-kernel warp fewer 32-column units than this
-MIN_UNITS_PER_SPLIT = 16  # nor a shared-x batch block (each of its warps walks all of them)
 WARPS = 8  # per block of the mma and dequant kernels, as in the .cu
 U = 4  # column units per step, as in the .cu
 SMEM_BUDGET = 47104  # as in the .cu
-SHARED_X_BUDGET = 98304  # as in the .cu
 _DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -212,12 +210,6 @@ def _ring_bytes(bits: int, asym: bool) -> int:
     return WARPS * stages * 32 * lane_bytes
 
 
-def _shared_ring_bytes(bits: int, asym: bool, nt: int) -> int:
-    """Dynamic shared memory of the shared-x batch kernels, mma and wgmma (SharedRing in the .cu)."""
-    stage = WARPS * 32 * (16 * (bits // 4) + 8 + (8 if asym else 0)) + nt * 8 * 64
-    return min(6, SHARED_X_BUDGET // stage) * stage
-
-
 def _splits(tiles: int, work: int, slots: int, least: int) -> int:
     """How many blocks of the mma kernel share one tile's K (`work` units): the fewest that
     fill the GPU's resident block slots in whole waves to 90% (blocks are equal, so a
@@ -265,20 +257,15 @@ def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device)
     return max(GEMV_MIN_STEPS_PER_WARP, -(-rb * (ks // U) // (warps * _launch_blocks(name, 32 * warps, 0, device))))
 
 
-def _batch_path(device: torch.device) -> str:
-    """The batch kernel for this GPU: Hopper's asynchronous warpgroup mma where there is one."""
-    return "wgmma" if torch.cuda.get_device_capability(device) == (9, 0) else "mma"
-
-
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
     if m >= DENSE_MIN_M:
         return "dense"
     if m > GEMV_MAX_M:
-        return _batch_path(device)
+        return "mma"
     if m <= 8:
         return "gemv"
     name = _gemv_name(w, dtype, m, GEMV)
-    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_9_16 else _batch_path(device)
+    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_9_16 else "mma"
 
 
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
@@ -328,43 +315,20 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
                      np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax)))
         return y.reshape(*lead, n)
 
-    if path == "mma_v1":
-        return _matmul_v1(m, w, common, scales, zeros, tr, sshift, sps, x2, x.device).reshape(*lead, n)
-    wgmma = path == "wgmma"
-    nt = 2 if m <= 16 else 4 if m <= 32 else 8 if m <= 64 or not wgmma else 16
-    name = f"int_weight_{'wgmma' if wgmma else 'batch'}_{suffix}_nt{nt}"
-    smem = _shared_ring_bytes(w.spec.bits, zeros is not None, nt)
-    zchunks = -(-m // (8 * nt))
-    rbb = -(-rb // WARPS)
-    tiles = rbb * zchunks
-    per_split = -(-ks // _splits(tiles, ks, _launch_blocks(name, 32 * WARPS, smem, x.device), MIN_UNITS_PER_SPLIT))
-    splits = -(-ks // per_split)
-    ws = torch.empty(splits, m, rb * 32, dtype=torch.float32, device=x.device) if splits > 1 else None
-    cuda.launch(name, "int_weight_mma", (zchunks, rbb, splits), (32 * WARPS,),
-                (*common, _null(ws), _tile_counters(x.device, tiles), np.int32(m), np.int32(n), np.int32(x2.shape[1]),
-                 np.int32(ks // U), np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, sps,
-                 np.int32(per_split)), shared_mem=smem)
-    return y.reshape(*lead, n)
-
-
-def _matmul_v1(m, w, common, scales, zeros, tr, sshift, sps, x2, device):
-    words = w.tensors["words"]
-    rb, ks = words.shape[:2]
-    n = w.shape[0]
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    name = f"int_weight_mma_{_suffix(w, x2.dtype)}_nt{nt}"
+    name = f"int_weight_mma_{suffix}_nt{nt}"
     smem = _ring_bytes(w.spec.bits, zeros is not None)
     zchunks = -(-m // (8 * nt))
     tiles = rb * zchunks
-    per_split = -(-ks // _splits(tiles, ks, _launch_blocks(name, 32 * WARPS, smem, device),
+    per_split = -(-ks // _splits(tiles, ks, _launch_blocks(name, 32 * WARPS, smem, x.device),
                                  WARPS * MIN_STEPS_PER_WARP))
     splits = -(-ks // per_split)
-    ws = torch.empty(splits, m, rb * 32, dtype=torch.float32, device=device) if splits > 1 else None
+    ws = torch.empty(splits, m, rb * 32, dtype=torch.float32, device=x.device) if splits > 1 else None
     cuda.launch(name, "int_weight_mma", (rb, splits, zchunks), (32 * WARPS,),
-                (*common, _null(ws), _tile_counters(device, tiles), np.int32(m), np.int32(n), np.int32(x2.shape[1]),
+                (*common, _null(ws), _tile_counters(x.device, tiles), np.int32(m), np.int32(n), np.int32(x2.shape[1]),
                  np.int32(ks // U), np.int32(x2.stride(0)), np.int32(n), tr, sshift, sps, np.int32(per_split)),
                 shared_mem=smem)
-    return common[-1]
+    return y.reshape(*lead, n)
 
 
 def _available(device: torch.device, spec: IntSpec, dtype: torch.dtype | None) -> bool:
