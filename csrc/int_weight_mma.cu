@@ -317,20 +317,17 @@ __device__ __noinline__ void add_partials(float* ws, u32* counters, const T* bia
     }
 }
 
-template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP, bool G>
+template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP>
 __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
                                 const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                                 float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int RB,
                                 int ldx, int ldy, int tr, int sshift, int per, int cmax) {
     typedef typename Pair<T>::type T2;
     constexpr int PARTS = BITS / 4;
-    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
-    // G: the sequence is over groups of W row blocks (RB a multiple of W) and a block takes one run,
-    // warp w row block W * group + w, so the block's warps walk the same columns and share x in L1.
-    const int run = G ? blockIdx.x : blockIdx.x * W + warp;
-    const int total = (G ? RB / W : RB) * NS, begin = run * per, end = min(total, begin + per);
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wid = blockIdx.x * W + (threadIdx.x >> 5);
+    const int total = RB * NS, begin = wid * per, end = min(total, begin + per);
     if (begin >= end) return;
-    auto row_block = [&](int seq_rb) { return G ? seq_rb * W + warp : seq_rb; };
 
     const T* xr[NT];
     bool xok[NT];
@@ -354,28 +351,27 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
 #pragma unroll
             for (int u = 0; u < U; ++u) xv[nt][u] = load_x(xr[nt], xok[nt], s * 128 + u * 32 + 8 * t, K, sizeof(T));
     };
-    // The load cursor walks the run in order: step (lrb, ls) of the sequence, weights at wp.
+    // The load cursor walks the run in order: step (lrb, ls) at wp.
     int lrb = begin / NS, ls = begin - lrb * NS;
-    const uint4* wp = w + ((size_t)row_block(lrb) * NS + ls) * U * PARTS * 32 + lane;
+    const uint4* wp = w + (size_t)begin * U * PARTS * 32 + lane;
     auto load = [&](Buf& b) {
 #pragma unroll
         for (int u = 0; u < U; ++u)
 #pragma unroll
             for (int pt = 0; pt < PARTS; ++pt) b.q[u][pt] = load_stream(wp + (u * PARTS + pt) * 32);
         if (XP) load_xs(b.xv, ls);
-        const size_t sidx = ((size_t)row_block(lrb) * tr + (ls >> sshift)) * SPS * 32 + g * 4;
+        const size_t sidx = ((size_t)lrb * tr + (ls >> sshift)) * SPS * 32 + g * 4;
 #pragma unroll
         for (int j = 0; j < SPS; ++j) {
             b.sc[j] = __ldg(reinterpret_cast<const uint2*>(scales + sidx + j * 32));
             if (ASYM) b.zp[j] = __ldg(reinterpret_cast<const uint2*>(zeros + sidx + j * 32));
         }
-        b.rb = row_block(lrb);
+        b.rb = lrb;
         b.s = ls;
         wp += U * PARTS * 32;
         if (++ls == NS) {
             ls = 0;
             ++lrb;
-            if (G) wp += (size_t)(W - 1) * NS * U * PARTS * 32;  // the next group's row block of this warp
         }
     };
 
@@ -424,7 +420,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
 
     // acc holds this warp's part of row block rb: write it (alone) or add it through ws.
     auto flush = [&](int rb) {
-        const int srb = G ? rb / W : rb, first = srb * NS / per, count = ((srb + 1) * NS - 1) / per - first + 1;
+        const int first = rb * NS / per, count = ((rb + 1) * NS - 1) / per - first + 1;
 #pragma unroll
         for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
@@ -434,7 +430,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
                     const int m = nt * 8 + 2 * t + (i & 1), r = rt * 16 + g + 8 * (i >> 1), n = rb * 32 + r;
                     if (m >= M) continue;
                     if (count > 1) {
-                        ws[(((size_t)rb * cmax + run - first) * M + m) * 32 + r] = acc[rt][nt][i];
+                        ws[(((size_t)rb * cmax + wid - first) * M + m) * 32 + r] = acc[rt][nt][i];
                     } else if (n < N) {
                         const float v = acc[rt][nt][i];
                         y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
@@ -448,7 +444,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
 #pragma unroll
     for (int d = 0; d < D; ++d)
         if (d < n) load(buf[d]);
-    int rb = row_block(begin / NS);
+    int rb = begin / NS;
     for (int i = 0; i < n; i += D) {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
@@ -593,21 +589,21 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     }
 }
 
-#define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, G)                                            \
+#define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB)                                               \
     extern "C" __global__ void __launch_bounds__(W * 32, MB)                                                        \
-        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB##_g##G(                   \
+        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB(                          \
             const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws,            \
             u32* counters, int M, int N, int K, int NS, int RB, int ldx, int ldy, int tr, int sshift, int per,      \
             int cmax) {                                                                                             \
-        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP, G>(x, w, scales, zeros, bias, y, ws, counters, M, N, \
-                                                                  K, NS, RB, ldx, ldy, tr, sshift, per, cmax);      \
+        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP>(x, w, scales, zeros, bias, y, ws, counters, M, N, K,  \
+                                                               NS, RB, ldx, ldy, tr, sshift, per, cmax);            \
     }
 // The production decode configuration (quantkit.kernels.int_weight_cuda.GEMV picks it).
-#define GEMV_ALL(SUFFIX, T, BITS, ASYM)                     \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 0) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 4, 1, 2, 8, 0, 2, 0) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 1, 1, 2, 8, 0, 2, 0) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 4, 1, 2, 8, 0, 2, 0)
+#define GEMV_ALL(SUFFIX, T, BITS, ASYM)                  \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 4, 1, 2, 8, 0, 2) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 1, 1, 2, 8, 0, 2) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 4, 1, 2, 8, 0, 2)
 
 #define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \
@@ -638,8 +634,6 @@ ALL(bf16_b4_asym, __nv_bfloat16, 4, true)
 ALL(bf16_b8_sym, __nv_bfloat16, 8, false)
 ALL(bf16_b8_asym, __nv_bfloat16, 8, true)
 
-// Variants of the decode kernel kept for dev/quick_w4.py (fp16, 4-bit, symmetric, one scale set per step;
-// csrc/NOTES.md has their timings): row-block groups sharing x (G), fewer warps per block.
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 0, 2, 1)
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 2, 1, 1, 2, 8, 0, 2, 1)
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 2, 1, 1, 2, 4, 0, 4, 1)
+// Variants of the decode kernel kept for dev/quick_w4.py (fp16, 4-bit, symmetric; csrc/NOTES.md has their timings).
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 1, 1)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2)

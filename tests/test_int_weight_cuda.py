@@ -155,24 +155,6 @@ def test_act_order_matches_the_reference(spec, m):
 
 
 @gpu
-@pytest.mark.parametrize("variant", [(1, 2, 8, 0, 2, 1), (1, 2, 4, 0, 4, 1)])
-@pytest.mark.parametrize("m", [1, 5, 8, 9, 16])
-def test_grouped_decode_kernel_matches_the_reference(variant, m):
-    """The decode kernel's row-block groups (a block's warps walk the same columns): runs that
-    start and end inside a group, partial sums added across blocks."""
-    from quantkit.kernels.int_weight_cuda import _matmul
-
-    if m <= 8 and variant[2] == 4:
-        pytest.skip("instantiated for 9-16 tokens only")
-    cu, ref = _weights(4096, 3072, IntSpec(4, True, 128), torch.float16, seed=m)
-    x = torch.randn(m, 3072, device="cuda", dtype=torch.float16)
-    bias = torch.randn(4096, device="cuda", dtype=torch.float16)
-    y = _matmul(x, cu, bias, path="gemv", variant=variant)
-    assert _rel_err(y, int_weight_matmul(x, ref, bias)) < 2e-3
-    assert torch.equal(y, _matmul(x, cu, bias, path="gemv", variant=variant))
-
-
-@gpu
 def test_leading_dims_strided_input_and_repeat_calls_are_stable():
     cu, ref = _weights(768, 2048, IntSpec(4, False, 128), torch.float16, seed=7)
     base = torch.randn(3, 5, 4096, device="cuda", dtype=torch.float16)

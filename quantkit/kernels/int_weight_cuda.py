@@ -35,8 +35,8 @@ DENSE_MIN_M = 256  # from this many tokens on, dequantize + cuBLAS (scripts/benc
 GEMV_MAX_M = 16  # up to this many tokens, the decode (gemv) kernel ...
 GEMV_MIN_STEPS_9_16 = 8  # ... for 9-16 tokens only where each warp gets this many steps (else the row-block
 #                          fix-up, M partial sums per warp, costs more than the mma kernel)
-GEMV = (1, 2, 8, 0, 2, 0)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead, warps,
-#                            x loaded ahead, least resident blocks, row-block groups); csrc/NOTES.md has the variants' timings
+GEMV = (1, 2, 8, 0, 2)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead, warps,
+#                         x loaded ahead, least resident blocks); csrc/NOTES.md has the variants' timings
 GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
 MIN_STEPS_PER_WARP = 4  # K splits never leave a batch-kernel warp fewer 32-column units than this
 WARPS = 8  # per block of the mma and dequant kernels, as in the .cu
@@ -246,21 +246,15 @@ def _launch_blocks(name: str, threads: int, smem: int, device: torch.device) -> 
 
 
 def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...]) -> str:
-    epi, depth, warps, xp, mb, grouped = variant
+    epi, depth, warps, xp, mb = variant
     sps = int(w.tensors["table_shape"][0])
-    return (f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}"
-            f"_b{mb}_g{grouped}")
+    return f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}_b{mb}"
 
 
-def _gemv_runs(w: PreparedIntWeight, name: str, variant: tuple[int, ...], device: torch.device) -> tuple[int, int]:
-    """(steps per run, runs) of the decode kernel: the sequence of RB * NS steps (grouped: RB / W groups
-    of W row blocks x NS steps, one run per block) spread over every warp (block) the GPU holds at once."""
-    warps, grouped = variant[2], variant[5]
+def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device) -> int:
+    """Steps per warp of the decode kernel: the RB * NS steps spread over every warp the GPU holds at once."""
     rb, ks = w.tensors["words"].shape[:2]
-    total = (rb // warps if grouped else rb) * (ks // U)
-    slots = _launch_blocks(name, 32 * warps, 0, device) * (1 if grouped else warps)
-    per = max(GEMV_MIN_STEPS_PER_WARP, -(-total // slots))
-    return per, -(-total // per)
+    return max(GEMV_MIN_STEPS_PER_WARP, -(-rb * (ks // U) // (warps * _launch_blocks(name, 32 * warps, 0, device))))
 
 
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
@@ -271,13 +265,13 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
     if m <= 8:
         return "gemv"
     name = _gemv_name(w, dtype, m, GEMV)
-    return "gemv" if _gemv_runs(w, name, GEMV, device)[0] >= GEMV_MIN_STEPS_9_16 else "mma"
+    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_9_16 else "mma"
 
 
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
             variant: tuple[int, ...] = GEMV) -> torch.Tensor:
     """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the gemv kernel's
-    (EPI, D, W, XP, MB, G), for benchmarks of the instantiated alternatives (see GEMV)."""
+    (EPI, D, W, XP, MB), for benchmarks of the instantiated alternatives (see GEMV)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
@@ -309,15 +303,14 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     if path == "gemv":
         if m > 16:
             raise ValueError(f"the gemv kernel takes at most 16 tokens, got {m}")
-        warps, grouped = variant[2], variant[5]
-        if grouped and rb % warps:
-            raise ValueError(f"the grouped decode kernel needs the row blocks ({rb}) in groups of {warps}")
+        warps = variant[2]
         name = _gemv_name(w, x.dtype, m, variant)
         ns = ks // U
-        per, runs = _gemv_runs(w, name, variant, x.device)
+        total = rb * ns
+        per = _gemv_per(w, name, warps, x.device)
         cmax = (ns - 1) // per + 2
         ws = torch.empty(rb * cmax * m * 32, dtype=torch.float32, device=x.device) if per % ns else None
-        cuda.launch(name, "int_weight_mma", (runs if grouped else -(-runs // warps),), (32 * warps,),
+        cuda.launch(name, "int_weight_mma", (-(-total // (per * warps)),), (32 * warps,),
                     (*common, _null(ws), counters, np.int32(m), np.int32(n), np.int32(x2.shape[1]), np.int32(ns),
                      np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax)))
         return y.reshape(*lead, n)
