@@ -142,6 +142,51 @@ def evaluate(
     return rows
 
 
+def speed(
+    source: str | os.PathLike | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8, 64),
+    prompt_len: int = 128,
+    output_len: int = 128,
+    speculative: str = "none",
+    num_draft: int = 4,
+    draft: str | os.PathLike | None = None,
+    device: str | None = None,
+    dtype: str = "float16",
+    cuda_graphs: bool = True,
+    text: str = DEFAULT_EVALUATION,
+    progress=None,
+) -> list[dict]:
+    """Latency and throughput through quantkit's engine (quantkit.engine.speed), one row per batch size.
+    device None: the GPU when there is one. dtype: the activations' (and float weights') dtype."""
+    from quantkit.engine.config import EngineConfig
+    from quantkit.engine.speed import Case, measure
+    from quantkit.models.loader import DTYPES
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+    cases = [Case(b, prompt_len, output_len) for b in batch_sizes]  # validates before loading anything
+    config = EngineConfig(speculative=speculative, num_draft=num_draft, cuda_graphs=cuda_graphs)
+    if speculative == "draft" and draft is None:
+        raise ValueError("--speculative draft needs --draft MODEL")
+
+    def on(model_source):
+        loaded = load(model_source)
+        loaded.model.to(device=device, dtype=DTYPES[dtype])
+        return loaded
+
+    target = on(source)
+    drafter = on(draft) if speculative == "draft" else None
+    tokens = evaluation_tokens(target.tokenizer, text).tolist()
+    rows = measure(target, tokens, cases, config, draft=drafter, progress=progress)
+    for r in rows:
+        r.update(model=target.source, device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                 dtype=dtype, draft=drafter.source if drafter else None)
+    return rows
+
+
 def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "awq", force: bool = False) -> Path:
     """Write the quantized checkpoint `src` in another engine's layout (`awq`: AWQ GEMM)."""
     from quantkit.checkpoint.awq_export import export_awq

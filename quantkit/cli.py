@@ -103,9 +103,21 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", help="windows per forward pass")] = 4,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="also evaluate this model ('default' = the bundled one) for comparison")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+    speed: Annotated[bool, typer.Option("--speed", help="measure latency and throughput through the engine instead")] = False,
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="--speed: comma-separated batch sizes")] = "1,8,64",
+    prompt_len: Annotated[int, typer.Option("--prompt-len", help="--speed: prompt tokens")] = 128,
+    output_len: Annotated[int, typer.Option("--output-len", help="--speed: generated tokens")] = 128,
+    speculative: Annotated[str, typer.Option("--speculative", help="--speed: none, ngram (prompt lookup) or draft")] = "none",
+    draft: Annotated[Optional[str], typer.Option("--draft", help="--speed: the draft model for --speculative draft")] = None,
+    num_draft: Annotated[int, typer.Option("--num-draft", help="--speed: draft tokens per step")] = 4,
+    device: Annotated[Optional[str], typer.Option("--device", help="--speed: cuda or cpu (default: cuda when present)")] = None,
 ) -> None:
-    """Perplexity of a model or quantized checkpoint on held-out texts."""
+    """Perplexity of a model or quantized checkpoint on held-out texts (or, with --speed, its speed)."""
     from quantkit import api
+
+    if speed:
+        _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, as_json)
+        return
 
     datasets = tuple(data) if data else api.DEFAULT_EVAL_DATA
     n_windows = windows if windows > 0 else None
@@ -131,6 +143,39 @@ def eval_(
         if r.get("input_saturated_fraction"):
             err.print(f"{Path(r['model']).name} on {r['data']}: {100 * r['input_saturated_fraction']:.4f}% of the inputs of "
                       f"{r['input_saturated_layers']} static-scale layers saturated (clamped at their calibrated range)")
+
+
+def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, as_json) -> None:
+    from quantkit import api
+
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(","))
+    except ValueError:
+        _fail(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}")
+    with err.status("measuring speed") as status:
+        rows = _run(api.speed, None if model == "default" else model, sizes, prompt_len, output_len, speculative,
+                    num_draft, draft, device, progress=lambda c: status.update(f"batch {c.batch}, {c.prompt} + {c.output} tokens"))
+    if as_json:
+        _emit_json({"model": rows[0]["model"], "device": rows[0]["device"], "results": rows})
+        return
+    spec = speculative != "none"
+    table = Table(title=f"{Path(rows[0]['model']).name} on {rows[0]['device']} ({rows[0]['dtype']}), "
+                        f"{prompt_len} + {output_len} tokens" + (f", speculative {speculative} k={num_draft}" if spec else ""))
+    cols = ["batch", "tokens/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "TPOT ms"]
+    cols += ["accepted", "tokens/verify"] if spec else []
+    cols += ["KV unused", "KV blocks peak/pool", "preempted"]
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        cells = [str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['ttft_ms_p50']:.1f}", f"{r['itl_ms_p50']:.2f}",
+                 f"{r['itl_ms_p99']:.2f}", f"{r['tpot_ms_mean']:.2f}"]
+        if spec:
+            cells += [f"{100 * r['acceptance_rate']:.1f}%", f"{r['tokens_per_verify']:.2f}"]
+        unused = r["kv_unused_fraction"]
+        cells += ["-" if unused is None else f"{100 * unused:.1f}%", f"{r['kv_blocks_allocated_peak']}/{r['kv_blocks_total']}",
+                  str(r["preemptions"])]
+        table.add_row(*cells)
+    err.print(table)
 
 
 @app.command()

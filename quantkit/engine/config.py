@@ -1,0 +1,42 @@
+"""Engine settings, checked once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SPECULATIVE = ("none", "ngram", "draft")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """block_size: tokens per KV block. kv_blocks: size of the KV pool; None sizes it from
+    kv_memory_fraction of the GPU memory left after loading (CPU: enough for max_num_seqs
+    sequences of max_model_len). speculative: "ngram" (prompt lookup) or "draft" (a second,
+    smaller or quantized model) proposing num_draft tokens per step."""
+
+    block_size: int = 16
+    kv_blocks: int | None = None
+    kv_memory_fraction: float = 0.5
+    max_num_seqs: int = 64
+    max_batched_tokens: int = 4096
+    max_model_len: int = 2048
+    cuda_graphs: bool = True
+    speculative: str = "none"
+    num_draft: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_batched_tokens", "max_model_len", "num_draft"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise ValueError(f"kv_blocks must be at least 1, got {self.kv_blocks}")
+        if not 0.0 < self.kv_memory_fraction <= 0.95:
+            raise ValueError(f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}")
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"unknown speculative mode {self.speculative!r}; valid: {', '.join(SPECULATIVE)}")
+
+    @property
+    def lookahead(self) -> int:
+        """Extra KV slots a decode step needs per sequence (the draft tokens it verifies)."""
+        return 0 if self.speculative == "none" else self.num_draft

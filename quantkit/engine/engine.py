@@ -1,0 +1,221 @@
+"""The engine loop: schedule, run the model (and a draft), sample, account.
+
+    engine = Engine(target, EngineConfig(speculative="ngram"))
+    done = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=32))
+
+Each step is either a prefill (new or preempted sequences) or a decode of every running
+sequence; with speculative decoding a decode step proposes k tokens per sequence (prompt
+lookup, or k steps of a draft model sharing the block tables) and verifies them in one
+target forward of 1 + k tokens per sequence, keeping the accepted prefix plus one token
+(quantkit.engine.sampler.rejection_sample: the outputs follow the target distribution).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from quantkit.engine.block_manager import BlockManager
+from quantkit.engine.config import EngineConfig
+from quantkit.engine.runner import ModelRunner, PrefillChunk, Shape
+from quantkit.engine.sampler import probs, propose_ngram, rejection_sample, sample
+from quantkit.engine.scheduler import Scheduler
+from quantkit.engine.sequence import SamplingParams, Sequence
+from quantkit.models.loader import LoadedModel
+
+
+@dataclass
+class Stats:
+    steps_prefill: int = 0
+    steps_decode: int = 0
+    proposed: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens accepted
+    verify_rows: int = 0  # sequence-steps of speculative verification
+    emitted: int = 0  # tokens those steps emitted
+    kv_used: list[int] = field(default_factory=list)  # per decode step: positions holding live tokens
+    kv_allocated: list[int] = field(default_factory=list)  # per decode step: positions in used blocks
+
+
+def kv_blocks_for(config: EngineConfig, shapes: list[Shape], dtype: torch.dtype, device: torch.device) -> int:
+    """The KV pool's size in blocks: config.kv_blocks, else a fraction of the free GPU memory
+    (on the CPU: max_num_seqs sequences of max_model_len)."""
+    if config.kv_blocks is not None:
+        return config.kv_blocks
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        per_block = config.block_size * sum(s.kv_bytes_per_slot(dtype) for s in shapes)
+        return max(1, int(free * config.kv_memory_fraction) // per_block)
+    return config.max_num_seqs * -(-config.max_model_len // config.block_size)
+
+
+class Engine:
+    def __init__(self, target: LoadedModel, config: EngineConfig = EngineConfig(), draft: LoadedModel | None = None):
+        if config.speculative == "draft" and draft is None:
+            raise ValueError('speculative="draft" needs a draft model')
+        if draft is not None and draft.model.config.vocab_size != target.model.config.vocab_size:
+            raise ValueError(f"the draft's vocabulary ({draft.model.config.vocab_size}) differs from the target's "
+                             f"({target.model.config.vocab_size})")
+        self.config = config
+        device = target.model.get_submodule(target.family.embed).weight.device
+        dtype = target.model.get_submodule(target.family.embed).weight.dtype
+        models = [target] + ([draft] if config.speculative == "draft" else [])
+        blocks = kv_blocks_for(config, [Shape.of(m.model.config) for m in models], dtype, device)
+        slots = (blocks + 1) * config.block_size  # one spare block: the scratch slot padding rows write to
+        self.blocks = BlockManager(blocks, config.block_size)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.lookahead)
+        self.runner = ModelRunner(target.model, target.family, slots)
+        self.draft = ModelRunner(draft.model, draft.family, slots) if config.speculative == "draft" else None
+        self.device = device
+        self.scratch = blocks * config.block_size
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.stats = Stats()
+        self._decode = {id(self.runner): self.runner.decode}
+        if self.draft is not None:
+            self._decode[id(self.draft)] = self.draft.decode
+        if config.cuda_graphs and device.type == "cuda":
+            from quantkit.engine.graphs import GraphedDecode
+
+            contexts = tuple(c for c in (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if c < config.max_model_len)
+            contexts += (config.max_model_len + config.lookahead + 1,)
+            for r in [self.runner] + ([self.draft] if self.draft is not None else []):
+                self._decode[id(r)] = GraphedDecode(r, self.scratch, contexts)
+
+    # ---- public --------------------------------------------------------------------------------
+    def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        if len(prompt) + params.max_tokens > self.config.max_model_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                             f"max_model_len ({self.config.max_model_len})")
+        seq = Sequence(list(prompt), params)
+        seq.arrival = time.perf_counter()
+        self.scheduler.add(seq)
+        return seq
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Run the prompts to completion; the sequences in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.add(p, sp) for p, sp in zip(prompts, plist)]
+        while self.scheduler.has_work():
+            self.step()
+        return seqs
+
+    def step(self) -> list[Sequence]:
+        """One scheduler step; returns the sequences that finished in it."""
+        batch, is_prefill = self.scheduler.schedule()
+        if not batch:
+            return []
+        if is_prefill:
+            self._prefill(batch)
+        elif self.config.speculative == "none":
+            self._decode_step(batch)
+        else:
+            self._speculative_step(batch)
+        return self.scheduler.finish_step(batch)
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def _temperatures(self, batch: list[Sequence]) -> torch.Tensor:
+        return torch.tensor([s.params.temperature for s in batch], dtype=torch.float32, device=self.device)
+
+    def _append(self, seq: Sequence, tokens: list[int], now: float) -> None:
+        """Append generated tokens up to max_tokens and the first stop token; K/V is now in the
+        cache for every position but the last."""
+        for t in tokens:
+            if seq.is_done():
+                break
+            seq.token_ids.append(int(t))
+            seq.token_times.append(now)
+        seq.num_cached = len(seq) - 1
+
+    def _prefill(self, batch: list[Sequence]) -> None:
+        self.stats.steps_prefill += 1
+        chunks = [PrefillChunk(tokens=s.token_ids[s.num_cached:], start=s.num_cached,
+                               slots=[self.blocks.slot(s, p) for p in range(s.num_cached, len(s))],
+                               context_slots=[self.blocks.slot(s, p) for p in range(len(s))]) for s in batch]
+        logits = self.runner.prefill(chunks)
+        if self.draft is not None:
+            self.draft.prefill(chunks)
+        tokens = sample(probs(logits, self._temperatures(batch)), self.generator).tolist()
+        now = time.perf_counter()
+        for s, t in zip(batch, tokens):
+            self._append(s, [t], now)
+
+    def _inputs(self, batch: list[Sequence], first: list[int], count: int):
+        """Decode inputs for `count` positions per sequence starting at first[i]: tokens are
+        filled by the caller; positions, slots [B, count] and the context slots [B, C]."""
+        bs = self.config.block_size
+        positions = torch.tensor([[f + j for j in range(count)] for f in first])
+        slots = torch.tensor([[self.blocks.slot(s, f + j) for j in range(count)] for s, f in zip(batch, first)])
+        width = max(len(s.block_table) for s in batch)
+        table = torch.tensor([s.block_table + [s.block_table[-1]] * (width - len(s.block_table)) for s in batch])
+        context = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(batch), -1)
+        c = int(positions.max()) + 1
+        dev = self.device
+        return positions.to(dev), slots.to(dev), context[:, :c].to(dev)
+
+    def _run(self, runner: ModelRunner, tokens: torch.Tensor, positions, slots, context) -> torch.Tensor:
+        return self._decode[id(runner)](tokens.to(self.device), positions, slots, context)
+
+    def _decode_step(self, batch: list[Sequence]) -> None:
+        self.stats.steps_decode += 1
+        self._account_kv()
+        positions, slots, context = self._inputs(batch, [len(s) - 1 for s in batch], 1)
+        tokens = torch.tensor([[s.last_token] for s in batch])
+        logits = self._run(self.runner, tokens, positions, slots, context)[:, 0]
+        new = sample(probs(logits, self._temperatures(batch)), self.generator).tolist()
+        now = time.perf_counter()
+        for s, t in zip(batch, new):
+            self._append(s, [t], now)
+
+    def _speculative_step(self, batch: list[Sequence]) -> None:
+        self.stats.steps_decode += 1
+        self._account_kv()
+        k = self.config.num_draft
+        temps = self._temperatures(batch)
+        if self.draft is None:
+            drafts = []
+            for s in batch:  # prompt lookup; a short proposal is padded (any token is a valid guess)
+                d = propose_ngram(s.token_ids, k)
+                drafts.append(d + [s.last_token] * (k - len(d)))
+            draft_tokens, draft_p = torch.tensor(drafts, device=self.device), None
+        else:
+            draft_tokens, draft_p = self._draft(batch, temps, k)
+        first = [len(s) - 1 for s in batch]
+        positions, slots, context = self._inputs(batch, first, k + 1)
+        tokens = torch.cat([torch.tensor([[s.last_token] for s in batch], device=self.device), draft_tokens], dim=1)
+        logits = self._run(self.runner, tokens, positions, slots, context)  # [B, k + 1, V]
+        out, emitted = rejection_sample(probs(logits, temps), draft_p, draft_tokens, self.generator)
+        out, emitted = out.tolist(), emitted.tolist()
+        now = time.perf_counter()
+        for s, row, n in zip(batch, out, emitted):
+            before = len(s)
+            self._append(s, row[:n], now)
+            self.blocks.truncate(s, len(s))
+            self.stats.proposed += k
+            self.stats.accepted += n - 1
+            self.stats.verify_rows += 1
+            self.stats.emitted += len(s) - before
+
+    def _draft(self, batch: list[Sequence], temps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k draft tokens per sequence from the draft model and the distributions they were
+        drawn from. Its first step re-reads the last two tokens: when the previous step accepted
+        every draft, the draft model never saw the last one."""
+        positions, slots, context = self._inputs(batch, [len(s) - 2 for s in batch], 2)  # len >= 2 after prefill
+        tokens = torch.tensor([s.token_ids[-2:] for s in batch])
+        logits = self._run(self.draft, tokens, positions, slots, context)[:, 1]
+        ps, ds = [], []
+        for i in range(k):
+            p = probs(logits, temps)
+            d = sample(p, self.generator)
+            ps.append(p)
+            ds.append(d)
+            if i + 1 == k:
+                break
+            positions, slots, context = self._inputs(batch, [len(s) + i for s in batch], 1)
+            logits = self._run(self.draft, d[:, None], positions, slots, context)[:, 0]
+        return torch.stack(ds, dim=1), torch.stack(ps, dim=1)
+
+    def _account_kv(self) -> None:
+        used, allocated = self.scheduler.kv_usage()
+        self.stats.kv_used.append(used)
+        self.stats.kv_allocated.append(allocated)

@@ -1,0 +1,168 @@
+"""The model's forward over a paged KV cache (Llama family: RoPE, RMSNorm, GQA, tied embeddings).
+
+The runner borrows the loaded transformers model's modules (embedding, norms, the linears,
+which are nn.Linear for a float model or quantkit's quantized modules for a checkpoint, the
+MLP and the rotary embedding) and replaces only attention: K/V go to a cache of flat slots
+[num_blocks * block_size], a sequence's position p living in slot
+block_table[p // block_size] * block_size + p % block_size (quantkit.engine.block_manager).
+
+Two entry points:
+  prefill(chunks)  new tokens of several sequences, each attending to its cached prefix and
+                   causally to itself; the linears see all tokens at once, attention runs per
+                   sequence. Returns the logits of each sequence's last token.
+  decode(...)      S tokens for each of B sequences (S = 1, or 1 + k draft tokens to verify),
+                   fixed shapes so that CUDA graphs can capture it. Returns logits [B, S, V].
+Attention reads K/V through the block tables (gathered, then torch's scaled_dot_product_attention):
+the torch reference of paged attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quantkit.models.families import Family
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
+                   config.vocab_size)
+
+    def kv_bytes_per_slot(self, dtype: torch.dtype) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class PrefillChunk:
+    """One sequence's part of a prefill: tokens at positions start .. start + len(tokens) - 1,
+    their cache slots, and the slots of the whole context 0 .. start + len(tokens) - 1."""
+
+    tokens: list[int]
+    start: int
+    slots: list[int]
+    context_slots: list[int]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, dtype: torch.dtype | None = None):
+        self.model = model
+        self.config = model.config
+        self.shape = Shape.of(self.config)
+        self.embed = model.get_submodule(family.embed)
+        self.blocks = list(model.get_submodule(family.blocks))
+        self.norm = model.get_submodule(family.final_norm)
+        self.lm_head = model.get_submodule(family.lm_head)
+        self.rotary = model.get_submodule(family.rotary)
+        weight = self.embed.weight
+        self.device, self.dtype = weight.device, dtype or weight.dtype
+        s = self.shape
+        # cache[layer] = (K, V), each [num_slots, kv_heads, head_dim]
+        self.cache = [(torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype),
+                       torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype))
+                      for _ in range(s.layers)]
+        self.scale = s.head_dim ** -0.5
+
+    # ---- the per-layer pieces ------------------------------------------------------------------
+    def _qkv(self, attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """h [T, hidden] -> q [T, heads, D], k / v [T, kv_heads, D], RoPE applied to q and k."""
+        s = self.shape
+        q = attn.q_proj(h).view(-1, s.heads, s.head_dim)
+        k = attn.k_proj(h).view(-1, s.kv_heads, s.head_dim)
+        v = attn.v_proj(h).view(-1, s.kv_heads, s.head_dim)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """x [T, hidden] at positions [T]; attend(layer, q, k, v) -> [T, heads * D] after writing k, v."""
+        cos, sin = self.rotary(x[None], positions[None])
+        cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        for i, block in enumerate(self.blocks):
+            h = block.input_layernorm(x)
+            q, k, v = self._qkv(block.self_attn, h, cos, sin)
+            x = x + block.self_attn.o_proj(attend(i, q, k, v))
+            x = x + block.mlp(block.post_attention_layernorm(x))
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x)).float()
+
+    # ---- prefill -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """Logits [len(chunks), V] of each chunk's last token."""
+        dev = self.device
+        tokens = torch.tensor([t for c in chunks for t in c.tokens], device=dev)
+        positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.tokens))], device=dev)
+        slots = torch.tensor([sl for c in chunks for sl in c.slots], device=dev)
+        ctx = [torch.tensor(c.context_slots, device=dev) for c in chunks]
+        bounds = torch.tensor([0] + [len(c.tokens) for c in chunks]).cumsum(0).tolist()
+        masks = [self._prefix_causal_mask(len(c.tokens), c.start) for c in chunks]
+
+        def attend(layer: int, q, k, v):
+            kc, vc = self.cache[layer]
+            kc[slots], vc[slots] = k, v
+            out = []
+            for j, c in enumerate(chunks):
+                qj = q[bounds[j]:bounds[j + 1]].transpose(0, 1)[None]  # [1, heads, Lq, D]
+                kj, vj = kc[ctx[j]].transpose(0, 1)[None], vc[ctx[j]].transpose(0, 1)[None]  # [1, kv_heads, Lk, D]
+                o = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=masks[j], scale=self.scale, enable_gqa=True)
+                out.append(o[0].transpose(0, 1).reshape(-1, self.shape.heads * self.shape.head_dim))
+            return torch.cat(out)
+
+        x = self._layers(self.embed(tokens).to(self.dtype), positions, attend)
+        last = torch.tensor(bounds[1:], device=dev) - 1
+        return self._logits(x[last])
+
+    def _prefix_causal_mask(self, lq: int, start: int) -> torch.Tensor | None:
+        """Query i (position start + i) sees keys 0 .. start + i: [Lq, start + Lq] bool."""
+        if lq == 1:
+            return None
+        i = torch.arange(lq, device=self.device)[:, None]
+        j = torch.arange(start + lq, device=self.device)[None, :]
+        return j <= start + i
+
+    # ---- decode / verify -----------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+               context_slots: torch.Tensor) -> torch.Tensor:
+        """tokens, positions, slots [B, S] (a padding row: slots of a scratch slot, positions 0);
+        context_slots [B, C]: the slots of positions 0 .. C - 1 of each sequence (C covers the
+        longest, entries past a sequence's length point anywhere). Returns logits [B, S, V]."""
+        b, s_len = tokens.shape
+        c = context_slots.shape[1]
+        # query i of row b (position positions[b, i]) sees key positions 0 .. positions[b, i]
+        mask = torch.arange(c, device=self.device)[None, None, :] <= positions[:, :, None]  # [B, S, C]
+        mask = mask[:, None]  # [B, 1, S, C]
+        flat_slots = slots.reshape(-1)
+
+        def attend(layer: int, q, k, v):
+            kc, vc = self.cache[layer]
+            kc[flat_slots], vc[flat_slots] = k, v
+            kb = kc[context_slots].transpose(1, 2)  # [B, kv_heads, C, D]
+            vb = vc[context_slots].transpose(1, 2)
+            qb = q.view(b, s_len, self.shape.heads, -1).transpose(1, 2)  # [B, heads, S, D]
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            return o.transpose(1, 2).reshape(b * s_len, -1)
+
+        x = self._layers(self.embed(tokens.reshape(-1)).to(self.dtype), positions.reshape(-1), attend)
+        return self._logits(x).view(b, s_len, -1)

@@ -1,0 +1,128 @@
+"""The engine end to end on the CPU: greedy equals transformers' generate, speculative greedy
+equals plain greedy, preemption and prefix sharing lose nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantkit.engine.config import EngineConfig
+from quantkit.engine.engine import Engine
+from quantkit.engine.sequence import SamplingParams
+from quantkit.models.loader import load_model
+
+PROMPTS = ["It is a truth universally acknowledged, that a single man",
+           "The quick brown fox",
+           "Elizabeth looked at her sister and said",
+           "def fibonacci(n):\n    "]
+
+
+def _hf_greedy(loaded, ids: list[int], n: int) -> list[int]:
+    out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                eos_token_id=loaded.model.config.eos_token_id,
+                                pad_token_id=loaded.model.config.eos_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def _prompts(loaded) -> list[list[int]]:
+    return [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def _greedy(n: int, stop: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, stop_token_ids=(stop,))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+@pytest.mark.parametrize("config", [EngineConfig(block_size=16),
+                                    EngineConfig(block_size=4, kv_blocks=30, max_num_seqs=3),  # forces preemption
+                                    EngineConfig(block_size=1, max_batched_tokens=8)],
+                         ids=["roomy", "preempting", "one-token-blocks"])
+def test_greedy_equals_transformers_generate(tiny, config):
+    prompts = _prompts(tiny) * 2
+    expected = [_hf_greedy(tiny, p, 32) for p in prompts]
+    engine = Engine(tiny, config)
+    seqs = engine.generate(prompts, _greedy(32, tiny.model.config.eos_token_id))
+    assert [s.output_ids for s in seqs] == expected
+    assert engine.blocks.num_used == 0
+    if config.kv_blocks == 30:
+        assert sum(s.num_preemptions for s in seqs) > 0, "the small pool should have forced a preemption"
+
+
+@pytest.mark.parametrize("mode", ["ngram", "draft"])
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculative_greedy_equals_plain_greedy(tiny, tiny_model_dir, tmp_path, mode, k):
+    from conftest import make_tiny_model
+
+    prompts = [p + p[:5] for p in _prompts(tiny)]  # repeats give prompt lookup something to find
+    params = _greedy(40, tiny.model.config.eos_token_id)
+    plain = [s.output_ids for s in Engine(tiny, EngineConfig()).generate(prompts, params)]
+    draft = load_model(make_tiny_model(tmp_path / "draft", seed=1)) if mode == "draft" else None
+    engine = Engine(tiny, EngineConfig(speculative=mode, num_draft=k, block_size=4), draft=draft)
+    seqs = engine.generate(prompts, params)
+    assert [s.output_ids for s in seqs] == plain
+    assert engine.stats.verify_rows > 0 and engine.stats.proposed == engine.stats.verify_rows * k
+    assert engine.blocks.num_used == 0
+
+
+def test_a_model_drafting_for_itself_is_always_accepted(tiny):
+    prompts = _prompts(tiny)
+    engine = Engine(tiny, EngineConfig(speculative="draft", num_draft=3), draft=tiny)
+    seqs = engine.generate(prompts, SamplingParams(max_tokens=24))
+    plain = Engine(tiny, EngineConfig()).generate(prompts, SamplingParams(max_tokens=24))
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in plain]
+    assert engine.stats.accepted == engine.stats.proposed > 0
+
+
+def test_sampling_runs_and_is_reproducible(tiny):
+    prompts = _prompts(tiny)
+    params = SamplingParams(temperature=0.8, max_tokens=20)
+    runs = [[s.output_ids for s in Engine(tiny, EngineConfig(speculative=m, seed=5)).generate(prompts, params)]
+            for m in ("none", "none", "ngram")]
+    assert runs[0] == runs[1], "same seed, same outputs"
+    assert all(len(o) == 20 for r in runs for o in r)
+
+
+def test_prefix_sharing_hits_and_changes_nothing(tiny):
+    shared = _prompts(tiny)[0] * 3
+    prompts = [shared + [5, 6], shared + [7], shared + [8, 9, 10]]
+    params = _greedy(16, tiny.model.config.eos_token_id)
+    expected = [_hf_greedy(tiny, p, 16) for p in prompts]
+    engine = Engine(tiny, EngineConfig(block_size=4, max_num_seqs=1))  # one at a time: later ones hit the cache
+    seqs = engine.generate(prompts, params)
+    assert [s.output_ids for s in seqs] == expected
+    assert engine.blocks.hits_tokens >= 2 * (len(shared) // 4) * 4
+
+
+def test_quantized_checkpoint_runs_on_its_own_modules(tiny_model_dir, tmp_path):
+    from quantkit.api import load, quantize
+
+    quantize(str(tiny_model_dir), "w4a16-rtn", tmp_path / "w4", show_progress=False)
+    loaded = load(tmp_path / "w4")
+    prompts = _prompts(loaded)[:2]
+    expected = [_hf_greedy(loaded, p, 16) for p in prompts]
+    seqs = Engine(loaded, EngineConfig()).generate(prompts, _greedy(16, loaded.model.config.eos_token_id))
+    assert [s.output_ids for s in seqs] == expected
+
+
+def test_bad_requests_raise(tiny):
+    engine = Engine(tiny, EngineConfig(max_model_len=64))
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add(list(range(60)), SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="draft model"):
+        Engine(tiny, EngineConfig(speculative="draft"))
+    with pytest.raises(ValueError, match="speculative"):
+        EngineConfig(speculative="medusa")
+
+
+def test_real_model_greedy_equals_transformers_generate():
+    loaded = load_model(None)  # the bundled SmolLM2-135M-Instruct, float32 on the CPU
+    prompts = _prompts(loaded)[:3]
+    expected = [_hf_greedy(loaded, p, 32) for p in prompts]
+    seqs = Engine(loaded, EngineConfig()).generate(prompts, _greedy(32, loaded.model.config.eos_token_id))
+    assert [s.output_ids for s in seqs] == expected
