@@ -151,20 +151,22 @@ def speed(
     num_draft: int = 4,
     draft: str | os.PathLike | None = None,
     device: str | None = None,
-    dtype: str = "float16",
+    dtype: str | None = None,
     cuda_graphs: bool = True,
     text: str = DEFAULT_EVALUATION,
     progress=None,
 ) -> list[dict]:
     """Latency and throughput through quantkit's engine (quantkit.engine.speed), one row per batch size.
-    device None: the GPU when there is one. dtype: the activations' (and float weights') dtype."""
+    device None: the GPU when there is one. dtype: the activations' (and float weights') dtype, default
+    float16 on a GPU and float32 on the CPU."""
     from quantkit.engine.config import EngineConfig
     from quantkit.engine.speed import Case, measure
     from quantkit.models.loader import DTYPES
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
     cases = [Case(b, prompt_len, output_len) for b in batch_sizes]  # validates before loading anything

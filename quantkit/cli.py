@@ -111,12 +111,13 @@ def eval_(
     draft: Annotated[Optional[str], typer.Option("--draft", help="--speed: the draft model for --speculative draft")] = None,
     num_draft: Annotated[int, typer.Option("--num-draft", help="--speed: draft tokens per step")] = 4,
     device: Annotated[Optional[str], typer.Option("--device", help="--speed: cuda or cpu (default: cuda when present)")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="--speed: float16, bfloat16 or float32 (default: float16 on a GPU)")] = None,
 ) -> None:
     """Perplexity of a model or quantized checkpoint on held-out texts (or, with --speed, its speed)."""
     from quantkit import api
 
     if speed:
-        _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, as_json)
+        _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json)
         return
 
     datasets = tuple(data) if data else api.DEFAULT_EVAL_DATA
@@ -145,7 +146,7 @@ def eval_(
                       f"{r['input_saturated_layers']} static-scale layers saturated (clamped at their calibrated range)")
 
 
-def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, as_json) -> None:
+def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json) -> None:
     from quantkit import api
 
     try:
@@ -154,7 +155,7 @@ def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_d
         _fail(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}")
     with err.status("measuring speed") as status:
         rows = _run(api.speed, None if model == "default" else model, sizes, prompt_len, output_len, speculative,
-                    num_draft, draft, device, progress=lambda c: status.update(f"batch {c.batch}, {c.prompt} + {c.output} tokens"))
+                    num_draft, draft, device, dtype, progress=lambda c: status.update(f"batch {c.batch}, {c.prompt} + {c.output} tokens"))
     if as_json:
         _emit_json({"model": rows[0]["model"], "device": rows[0]["device"], "results": rows})
         return
