@@ -88,7 +88,7 @@ def step_times(model: LoadedModel, ks: tuple[int, ...]) -> dict:
     """Median ms of one graphed decode step at batch 1 with S = 1 + k tokens (S = 1: plain decode),
     context 256."""
     engine = Engine(model, EngineConfig(max_model_len=512, kv_blocks=64))
-    seq = engine.add(list(range(1, 257)), SamplingParams(max_tokens=1))
+    seq = engine.add(list(range(1, 257)), SamplingParams(max_tokens=64))
     engine.step()  # prefill, allocates 256 + 1 positions
     times = {}
     for k in ks:
