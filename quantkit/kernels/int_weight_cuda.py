@@ -33,9 +33,10 @@ from quantkit.kernels.int_weight import Backend, PreparedIntWeight, register_bac
 
 DENSE_MIN_M = 256  # from this many tokens on, dequantize + cuBLAS (scripts/bench_kernels.py measures the crossover)
 GEMV_MAX_M = 16  # up to this many tokens, the decode (gemv) kernel ...
-GEMV_MIN_STEPS_2_16 = 8  # ... for 2-16 tokens only where each warp gets this many steps (else the row-block
+GEMV_MIN_STEPS_5_16 = 8  # ... for 5-16 tokens only where each warp gets this many steps (else the row-block
 #                          fix-up, M partial sums per warp, costs more than the mma kernel: H200, 4096x4096 at
-#                          M=8 8.4 us mma vs 11.2 us gemv, 28672x8192 at M=8 40.5 us gemv vs 66.9 us mma)
+#                          M=8 8.5 us mma vs 11.2 us gemv, 28672x8192 at M=8 39.9 us gemv vs 67.8 us mma; at
+#                          M <= 4 the decode kernel wins everywhere: 11008x4096 at M=2 13.4 vs 17.8 us)
 GEMV = (1, 2, 8, 0, 2)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead, warps,
 #                         x loaded ahead, least resident blocks); csrc/NOTES.md has the variants' timings
 GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
@@ -263,10 +264,10 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
         return "dense"
     if m > GEMV_MAX_M:
         return "mma"
-    if m == 1:
+    if m <= 4:
         return "gemv"
     name = _gemv_name(w, dtype, m, GEMV)
-    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_2_16 else "mma"
+    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_5_16 else "mma"
 
 
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
