@@ -174,6 +174,37 @@ def spec_part(model: LoadedModel, draft: LoadedModel, tokens: list[int], out: di
                           f"(measured) -> {p['ms_per_token']:.2f} ms/token, {p['speedup']:.2f}x over plain fp16 decode")
 
 
+def w4a16_copy(loaded: LoadedModel) -> LoadedModel:
+    """The model with every block linear replaced by its W4A16 g128 RTN quantization (the draft)."""
+    spec = IntSpec(4, True, 128)
+    for block in loaded.model.model.layers:
+        for name in LLAMA.linears:
+            parent, attr = name.rsplit(".", 1)
+            owner = block.get_submodule(parent)
+            lin = getattr(owner, attr)
+            qw = quantize_rtn(lin.weight.float(), spec)
+            q = IntWeightLinear(lin.in_features, lin.out_features, spec, dtype=lin.weight.dtype, device=lin.weight.device)
+            q.weight_packed.copy_(pack_int32(qw.q, 4, 1))
+            q.weight_scale.copy_(qw.scale)
+            setattr(owner, attr, q)
+    return loaded
+
+
+def identity(model: LoadedModel, draft: LoadedModel, tokens: list[int], out: dict) -> None:
+    prompts = prompts_from_text(tokens, 8, 128)
+    params = SamplingParams(max_tokens=128)
+    plain = Engine(model, EngineConfig()).generate(prompts, params)
+    rows = []
+    for mode, k in (("ngram", 4), ("draft", 4)):
+        outs = Engine(model, EngineConfig(speculative=mode, num_draft=k), draft=draft if mode == "draft" else None
+                      ).generate(prompts, params)
+        same = sum(a.output_ids == b.output_ids for a, b in zip(outs, plain))
+        rows.append({"mode": mode, "k": k, "greedy_identical": f"{same}/{len(prompts)}"})
+        console.print(f"float32 greedy, speculative {mode} k={k}: {same}/{len(prompts)} of 128-token outputs identical "
+                      f"to plain greedy")
+    out["spec_float32_identity"] = rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="SmolLM2 (default: the bundled GGUF)")
@@ -191,20 +222,14 @@ def main() -> None:
     if "llama7b" in args.parts:
         llama_part(out)
     if "spec" in args.parts:
-        draft = load_model(args.model)
-        spec = IntSpec(4, True, 128)
-        for block in draft.model.model.layers:  # the W4A16 RTN copy as the draft
-            for name in LLAMA.linears:
-                parent, attr = name.rsplit(".", 1)
-                owner = block.get_submodule(parent)
-                lin = getattr(owner, attr)
-                qw = quantize_rtn(lin.weight.float(), spec)
-                q = IntWeightLinear(lin.in_features, lin.out_features, spec, dtype=torch.float32)
-                q.weight_packed.copy_(pack_int32(qw.q, 4, 1))
-                q.weight_scale.copy_(qw.scale)
-                setattr(owner, attr, q)
+        draft = w4a16_copy(load_model(args.model))
         draft.model.to("cuda", torch.float16)
         spec_part(model, draft, tokens, out)
+        # the same check in float32, where batched and one-token forwards round alike far more often
+        model32, draft32 = load_model(args.model), w4a16_copy(load_model(args.model))
+        model32.model.to("cuda")
+        draft32.model.to("cuda")
+        identity(model32, draft32, tokens, out)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=1, default=str))
 

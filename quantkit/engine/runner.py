@@ -12,8 +12,10 @@ Two entry points:
                    sequence. Returns the logits of each sequence's last token.
   decode(...)      S tokens for each of B sequences (S = 1, or 1 + k draft tokens to verify),
                    fixed shapes so that CUDA graphs can capture it. Returns logits [B, S, V].
-Attention reads K/V through the block tables (gathered, then torch's scaled_dot_product_attention):
-the torch reference of paged attention.
+The per-layer ops (RMSNorm with the residual add, RoPE with the cache write, paged decode
+attention, SiLU * up) are quantkit.kernels.engine_ops: fused CUDA kernels for half precision on a
+GPU, the transformers code's own torch math elsewhere. Prefill attention is torch's
+scaled_dot_product_attention over each sequence's gathered K/V.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quantkit.engine.fusion import fuse
+from quantkit.kernels import engine_ops as ops
 from quantkit.models.families import Family
 
 
@@ -56,13 +60,9 @@ class PrefillChunk:
     context_slots: list[int]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, dtype: torch.dtype | None = None):
+    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, dtype: torch.dtype | None = None,
+                 fuse_linears: bool = True):
         self.model = model
         self.config = model.config
         self.shape = Shape.of(self.config)
@@ -79,32 +79,50 @@ class ModelRunner:
                        torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype))
                       for _ in range(s.layers)]
         self.scale = s.head_dim ** -0.5
+        self.silu = getattr(self.config, "hidden_act", "silu") == "silu"
+        # per block: fused name (the family's `fused` table) -> (module, output sizes of its parts)
+        self.fused: list[dict[str, tuple[torch.nn.Module, list[int]]]] = []
+        for block in self.blocks:
+            found = {}
+            for name, part_names in family.fused:
+                parts = [block.get_submodule(n) for n in part_names]
+                module = fuse(parts) if fuse_linears else None
+                if module is not None:
+                    found[name] = (module, [p.out_features for p in parts])
+            self.fused.append(found)
 
     # ---- the per-layer pieces ------------------------------------------------------------------
-    def _qkv(self, attn, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """h [T, hidden] -> q [T, heads, D], k / v [T, kv_heads, D], RoPE applied to q and k."""
-        s = self.shape
-        q = attn.q_proj(h).view(-1, s.heads, s.head_dim)
-        k = attn.k_proj(h).view(-1, s.kv_heads, s.head_dim)
-        v = attn.v_proj(h).view(-1, s.kv_heads, s.head_dim)
-        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, D]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
-
-    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """x [T, hidden] at positions [T]; attend(layer, q, k, v) -> [T, heads * D] after writing k, v."""
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
+        """x [T, hidden] (embeddings) at positions [T]; K / V of the T tokens go to `slots`;
+        attend(layer, q [T, heads, D]) -> [T, heads * D]. Returns the final-norm output."""
         cos, sin = self.rotary(x[None], positions[None])
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        residual = None
         for i, block in enumerate(self.blocks):
-            h = block.input_layernorm(x)
-            q, k, v = self._qkv(block.self_attn, h, cos, sin)
-            x = x + block.self_attn.o_proj(attend(i, q, k, v))
-            x = x + block.mlp(block.post_attention_layernorm(x))
-        return x
+            norm = block.input_layernorm
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+            attn, fused = block.self_attn, self.fused[i]
+            if "self_attn.qkv_proj" in fused:
+                module, sizes = fused["self_attn.qkv_proj"]
+                q, k, v = module(h).split(sizes, dim=-1)  # views sharing one row stride
+            else:
+                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q = ops.rope_cache(q, k, v, cos, sin, *self.cache[i], slots)
+            x = attn.o_proj(attend(i, q))
+            norm = block.post_attention_layernorm
+            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+            mlp = block.mlp
+            if not self.silu:
+                x = mlp(h)
+            elif "mlp.gate_up_proj" in fused:
+                module, sizes = fused["mlp.gate_up_proj"]
+                x = mlp.down_proj(ops.silu_mul(*module(h).split(sizes, dim=-1)))
+            else:
+                x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.variance_epsilon)[0]
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x)).float()
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h).float()
 
     # ---- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -118,9 +136,8 @@ class ModelRunner:
         bounds = torch.tensor([0] + [len(c.tokens) for c in chunks]).cumsum(0).tolist()
         masks = [self._prefix_causal_mask(len(c.tokens), c.start) for c in chunks]
 
-        def attend(layer: int, q, k, v):
+        def attend(layer: int, q):
             kc, vc = self.cache[layer]
-            kc[slots], vc[slots] = k, v
             out = []
             for j, c in enumerate(chunks):
                 qj = q[bounds[j]:bounds[j + 1]].transpose(0, 1)[None]  # [1, heads, Lq, D]
@@ -129,9 +146,9 @@ class ModelRunner:
                 out.append(o[0].transpose(0, 1).reshape(-1, self.shape.heads * self.shape.head_dim))
             return torch.cat(out)
 
-        x = self._layers(self.embed(tokens).to(self.dtype), positions, attend)
+        h = self._layers(self.embed(tokens).to(self.dtype), positions, slots, attend)
         last = torch.tensor(bounds[1:], device=dev) - 1
-        return self._logits(x[last])
+        return self._logits(h[last])
 
     def _prefix_causal_mask(self, lq: int, start: int) -> torch.Tensor | None:
         """Query i (position start + i) sees keys 0 .. start + i: [Lq, start + Lq] bool."""
@@ -149,20 +166,11 @@ class ModelRunner:
         context_slots [B, C]: the slots of positions 0 .. C - 1 of each sequence (C covers the
         longest, entries past a sequence's length point anywhere). Returns logits [B, S, V]."""
         b, s_len = tokens.shape
-        c = context_slots.shape[1]
-        # query i of row b (position positions[b, i]) sees key positions 0 .. positions[b, i]
-        mask = torch.arange(c, device=self.device)[None, None, :] <= positions[:, :, None]  # [B, S, C]
-        mask = mask[:, None]  # [B, 1, S, C]
-        flat_slots = slots.reshape(-1)
+        flat_positions = positions.reshape(-1)
 
-        def attend(layer: int, q, k, v):
+        def attend(layer: int, q):
             kc, vc = self.cache[layer]
-            kc[flat_slots], vc[flat_slots] = k, v
-            kb = kc[context_slots].transpose(1, 2)  # [B, kv_heads, C, D]
-            vb = vc[context_slots].transpose(1, 2)
-            qb = q.view(b, s_len, self.shape.heads, -1).transpose(1, 2)  # [B, heads, S, D]
-            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=self.scale, enable_gqa=True)
-            return o.transpose(1, 2).reshape(b * s_len, -1)
+            return ops.paged_attention(q, kc, vc, context_slots, flat_positions, self.scale)
 
-        x = self._layers(self.embed(tokens.reshape(-1)).to(self.dtype), positions.reshape(-1), attend)
-        return self._logits(x).view(b, s_len, -1)
+        h = self._layers(self.embed(tokens.reshape(-1)).to(self.dtype), flat_positions, slots.reshape(-1), attend)
+        return self._logits(h).view(b, s_len, -1)

@@ -1,0 +1,192 @@
+// The engine's small per-layer ops, fused: a decode step of a 7B model at batch 1 is ~40 tiny
+// torch kernels per layer besides the linears, and their launch and memory round trips cost
+// more than the linears themselves. Each kernel reproduces the roundings of the transformers
+// Llama code it replaces (values rounded to T where that code rounds), so that the torch twins
+// in quantkit/kernels/engine_ops.py agree to the last bit up to the order of float sums.
+//
+//   add_rms_norm   h = x (+ r), rounded to T; out = w * T(h * rsqrt(mean(h^2) + eps))
+//   silu_mul       out = T(T(silu(g)) * u)
+//   rope_cache     q' = T(T(q cos) + T(rot(q) sin)), same for k; k', v written to cache slots
+//   paged_attention  out[r, h] = softmax(q k^T * scale) v over the keys 0 .. pos[r] of row r's
+//                  sequence, read through its slot list (the paged KV cache); GQA by head groups.
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+template <typename T> __device__ __forceinline__ float f(T v);
+template <> __device__ __forceinline__ float f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T to(float v);
+template <> __device__ __forceinline__ float to<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half to<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T> __device__ __forceinline__ float r(float v) { return f<T>(to<T>(v)); }  // round through T
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// One block per row. x, r, out, r_out rows of H with row strides; r may be null (first layer).
+template <typename T>
+__device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, T* out, int ldo,
+                             T* res_out, int ldro, int H) {
+    __shared__ float part[32];
+    const int row = blockIdx.x;
+    x += (size_t)row * ldx;
+    out += (size_t)row * ldo;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        float h = f<T>(x[i]);
+        if (res != nullptr) {
+            h = r<T>(h + f<T>(res[(size_t)row * ldr + i]));
+            res_out[(size_t)row * ldro + i] = to<T>(h);
+        }
+        ss += h * h;
+    }
+    ss = warp_sum(ss);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float inv = rsqrtf(part[0] / H + eps);
+    for (int i = threadIdx.x; i < H; i += blockDim.x) {
+        const float h = res != nullptr ? f<T>(res_out[(size_t)row * ldro + i]) : f<T>(x[i]);
+        out[i] = to<T>(f<T>(w[i]) * r<T>(h * inv));
+    }
+}
+
+// out[t, i] = T(T(silu(g)) * u), g and u rows with their own strides (views of one gate_up output).
+template <typename T>
+__device__ void silu_mul(const T* g, const T* u, int ld_in, T* out, int I, int rows) {
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)rows * I) return;
+    const size_t t = idx / I, i = idx % I;
+    const float gv = f<T>(g[t * ld_in + i]);
+    const float s = r<T>(gv / (1.0f + expf(-gv)));  // expf, not __expf: the same value torch computes
+    out[idx] = to<T>(s * f<T>(u[t * ld_in + i]));
+}
+
+// One thread per (token, head, i < D / 2): rotates the pair (i, i + D / 2) of q (heads < Hq) or k
+// (the next Hk heads), writes q' to q_out [T, Hq, D], k' and v to the cache at the token's slot.
+template <typename T>
+__device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const T* cos, const T* sin, int ld_cs,
+                           const long long* slots, T* q_out, T* kc, T* vc, int rows, int Hq, int Hk, int D) {
+    const int half = D / 2;
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)rows * (Hq + Hk) * half) return;
+    const int i = idx % half, head = (idx / half) % (Hq + Hk);
+    const size_t t = idx / half / (Hq + Hk);
+    const bool is_q = head < Hq;
+    const int hh = is_q ? head : head - Hq;
+    const T* src = (is_q ? q : k) + t * ld_in + (size_t)hh * D;
+    const float a = f<T>(src[i]), b = f<T>(src[i + half]);
+    const float c0 = f<T>(cos[t * ld_cs + i]), c1 = f<T>(cos[t * ld_cs + i + half]);
+    const float s0 = f<T>(sin[t * ld_cs + i]), s1 = f<T>(sin[t * ld_cs + i + half]);
+    const T lo = to<T>(r<T>(a * c0) + r<T>(-b * s0));  // rotate_half: (-x2, x1)
+    const T hi = to<T>(r<T>(b * c1) + r<T>(a * s1));
+    if (is_q) {
+        T* o = q_out + (t * Hq + hh) * D;
+        o[i] = lo;
+        o[i + half] = hi;
+    } else {
+        const size_t base = ((size_t)slots[t] * Hk + hh) * D;
+        kc[base + i] = lo;
+        kc[base + i + half] = hi;
+        const T* vs = v + t * ld_in + (size_t)hh * D;
+        vc[base + i] = vs[i];
+        vc[base + i + half] = vs[i + half];
+    }
+}
+
+// One block of NW warps per (row, q head); warp w takes keys w, w + NW, ... with an online
+// softmax (lane l holds elements l, l + 32, ... of the head, D <= 256), then the warps merge.
+// q [rows, Hq, D] contiguous; cache [slots, Hk, D]; context [B, C] slots (row's sequence =
+// row / S); pos[row] = the row's position: it sees keys 0 .. pos[row].
+template <typename T, int NW>
+__device__ void paged_attention(const T* q, const T* kc, const T* vc, const long long* context, int C,
+                                const long long* pos, T* out, int S, int Hq, int Hk, int D, float scale) {
+    constexpr int MAXE = 8;  // elements per lane: D <= 256
+    __shared__ float sm_m[NW], sm_l[NW], sm_acc[NW][256];
+    const int row = blockIdx.x / Hq, h = blockIdx.x % Hq, kvh = h / (Hq / Hk);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const long long* ctx = context + (size_t)(row / S) * C;
+    const int last = (int)pos[row];
+    float qv[MAXE], acc[MAXE];
+#pragma unroll
+    for (int e = 0; e < MAXE; ++e) {
+        const int d = lane + 32 * e;
+        qv[e] = d < D ? f<T>(q[((size_t)row * Hq + h) * D + d]) * scale : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int j = warp; j <= last; j += NW) {
+        const size_t base = ((size_t)ctx[j] * Hk + kvh) * D;
+        float dot = 0.0f;
+#pragma unroll
+        for (int e = 0; e < MAXE; ++e) {
+            const int d = lane + 32 * e;
+            if (d < D) dot += qv[e] * f<T>(kc[base + d]);
+        }
+        dot = warp_sum(dot);
+        const float m_new = fmaxf(m, dot), corr = __expf(m - m_new), p = __expf(dot - m_new);
+        l = l * corr + p;
+#pragma unroll
+        for (int e = 0; e < MAXE; ++e) {
+            const int d = lane + 32 * e;
+            if (d < D) acc[e] = acc[e] * corr + p * f<T>(vc[base + d]);
+        }
+        m = m_new;
+    }
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < MAXE; ++e) {
+        const int d = lane + 32 * e;
+        if (d < D) sm_acc[warp][d] = acc[e];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float gm = -INFINITY;
+    for (int w = 0; w < NW; ++w) gm = fmaxf(gm, sm_m[w]);
+    float gl = 0.0f;
+    for (int w = 0; w < NW; ++w) gl += sm_m[w] == -INFINITY ? 0.0f : sm_l[w] * __expf(sm_m[w] - gm);
+#pragma unroll
+    for (int e = 0; e < MAXE; ++e) {
+        const int d = lane + 32 * e;
+        if (d >= D) continue;
+        float v = 0.0f;
+        for (int w = 0; w < NW; ++w) v += sm_m[w] == -INFINITY ? 0.0f : sm_acc[w][d] * __expf(sm_m[w] - gm);
+        out[((size_t)row * Hq + h) * D + d] = to<T>(v / gl);
+    }
+}
+
+#define OPS(SUFFIX, T)                                                                                              \
+    extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, int ldx, const T* res, int ldr, const T* w,       \
+                                                     float eps, T* out, int ldo, T* res_out, int ldro, int H) {     \
+        add_rms_norm<T>(x, ldx, res, ldr, w, eps, out, ldo, res_out, ldro, H);                                      \
+    }                                                                                                               \
+    extern "C" __global__ void silu_mul_##SUFFIX(const T* g, const T* u, int ld_in, T* out, int I, int rows) {     \
+        silu_mul<T>(g, u, ld_in, out, I, rows);                                                                     \
+    }                                                                                                               \
+    extern "C" __global__ void rope_cache_##SUFFIX(const T* q, const T* k, const T* v, int ld_in, const T* cos,    \
+                                                   const T* sin, int ld_cs, const long long* slots, T* q_out, T* kc, \
+                                                   T* vc, int rows, int Hq, int Hk, int D) {                        \
+        rope_cache<T>(q, k, v, ld_in, cos, sin, ld_cs, slots, q_out, kc, vc, rows, Hq, Hk, D);                      \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX(                                    \
+        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out, int S, \
+        int Hq, int Hk, int D, float scale) {                                                                       \
+        paged_attention<T, 8>(q, kc, vc, context, C, pos, out, S, Hq, Hk, D, scale);                                \
+    }
+
+OPS(f16, __half)
+OPS(bf16, __nv_bfloat16)
+OPS(f32, float)

@@ -1,0 +1,151 @@
+"""The engine's per-layer ops: the torch twins are the transformers math (CPU, exact), the fused
+CUDA kernels match the twins (GPU, fresh random inputs, awkward sizes); fused linears equal their
+parts and leave the parts working."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from quantkit.engine.fusion import fuse
+from quantkit.formats import IntSpec, pack_int32
+from quantkit.formats.qparams import quantize_rtn
+from quantkit.kernels import engine_ops as ops
+from quantkit.nn.quant_linear import IntWeightLinear
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_rms_norm_twin_is_the_transformers_norm():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    norm.weight.data = torch.randn(96)
+    x, res = torch.randn(5, 96), torch.randn(5, 96)
+    out, h = ops.add_rms_norm(x, res, norm.weight, norm.variance_epsilon)
+    assert torch.equal(h, res + x)
+    assert torch.equal(out, norm(res + x))
+    out0, h0 = ops.add_rms_norm(x, None, norm.weight, norm.variance_epsilon)
+    assert torch.equal(out0, norm(x)) and h0 is x
+
+
+def test_rope_twin_is_the_transformers_rotation_and_fills_the_cache():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    t, hq, hk, d = 6, 4, 2, 16
+    q, k, v = torch.randn(t, hq * d), torch.randn(t, hk * d), torch.randn(t, hk * d)
+    ang = torch.randn(t, d // 2).repeat(1, 2)
+    cos, sin = ang.cos(), ang.sin()
+    kc, vc = torch.zeros(20, hk, d), torch.zeros(20, hk, d)
+    slots = torch.tensor([3, 4, 5, 11, 12, 19])
+    q_rot = ops.rope_cache(q, k, v, cos, sin, kc, vc, slots)
+    q_ref, k_ref = apply_rotary_pos_emb(q.view(1, t, hq, d).transpose(1, 2), k.view(1, t, hk, d).transpose(1, 2),
+                                        cos[None], sin[None])
+    assert torch.equal(q_rot, q_ref[0].transpose(0, 1))
+    assert torch.equal(kc[slots], k_ref[0].transpose(0, 1)) and torch.equal(vc[slots], v.view(t, hk, d))
+    assert kc[0].abs().sum() == 0, "only the given slots are written"
+
+
+def test_paged_attention_twin_equals_dense_causal_attention():
+    torch.manual_seed(0)
+    b, s, hq, hk, d, c = 2, 3, 4, 2, 8, 10
+    kc, vc = torch.randn(40, hk, d), torch.randn(40, hk, d)
+    context = torch.stack([torch.randperm(40)[:c] for _ in range(b)])  # scattered slots: the paging
+    positions = torch.tensor([[4, 5, 6], [7, 8, 9]])
+    q = torch.randn(b * s, hq, d)
+    out = ops.paged_attention(q, kc, vc, context, positions.reshape(-1), d ** -0.5)
+    for bi in range(b):
+        for si in range(s):
+            p = int(positions[bi, si])
+            keys, vals = kc[context[bi, :p + 1]], vc[context[bi, :p + 1]]  # [p + 1, Hk, D]
+            for h in range(hq):
+                w = torch.softmax(keys[:, h // 2] @ q[bi * s + si, h] * d ** -0.5, 0)
+                assert torch.allclose(out[bi * s + si, h * d:(h + 1) * d], w @ vals[:, h // 2], atol=1e-5)
+
+
+def test_fused_float_linears_equal_their_parts_and_parts_still_work():
+    parts = [nn.Linear(24, n, bias=b) for n, b in ((16, True), (8, False), (8, True))]
+    x = torch.randn(3, 24)
+    before = [p(x) for p in parts]
+    fused = fuse(parts)
+    assert torch.allclose(fused(x), torch.cat(before, -1), atol=1e-6)
+    assert all(torch.equal(p(x), y) for p, y in zip(parts, before))
+    assert parts[0].weight.data_ptr() == fused.weight.data_ptr(), "the parts are views, not copies"
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, True, 32), IntSpec(4, False, 32), IntSpec(8, False, None)], ids=str)
+def test_fused_int_linears_equal_their_parts(spec):
+    torch.manual_seed(1)
+    parts = []
+    for n in (64, 32, 32):
+        qw = quantize_rtn(torch.randn(n, 96), spec)
+        m = IntWeightLinear(96, n, spec)
+        m.weight_packed.copy_(pack_int32(qw.q, spec.bits, 1))
+        m.weight_scale.copy_(qw.scale)
+        if not spec.symmetric:
+            m.weight_zero_point.copy_(pack_int32(qw.zero_point, spec.bits, 0))
+        parts.append(m)
+    x = torch.randn(5, 96)
+    before = [p(x) for p in parts]
+    fused = fuse(parts)
+    assert torch.equal(fused(x), torch.cat(before, -1))
+    assert all(torch.equal(p(x), y) for p, y in zip(parts, before))
+
+
+def test_mixed_or_act_order_parts_are_left_alone():
+    spec = IntSpec(4, True, 32)
+    a, b = IntWeightLinear(64, 32, spec, has_g_idx=True), IntWeightLinear(64, 32, spec, has_g_idx=True)
+    b.weight_g_idx.copy_(torch.arange(64).flip(0) // 32)
+    assert fuse([a, b]) is None
+    assert fuse([nn.Linear(64, 32), IntWeightLinear(64, 32, spec)]) is None
+
+
+# ---- the fused CUDA kernels against the twins --------------------------------------------------
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,h", [(1, 576), (7, 4096), (33, 100)])
+def test_fused_rms_norm_matches_its_twin(dtype, t, h):
+    x, res, w = (torch.randn(t, h, device="cuda", dtype=dtype) for _ in range(2)), None, None
+    x, res = list(x)
+    w = torch.randn(h, device="cuda", dtype=dtype)
+    for r in (res, None):
+        out, hh = ops.add_rms_norm(x, r, w, 1e-5)
+        ref_out, ref_h = ops.add_rms_norm_reference(x, r, w, 1e-5)
+        assert torch.equal(hh, ref_h)
+        tol = 1e-2 if dtype == torch.float16 else 4e-2
+        assert torch.allclose(out.float(), ref_out.float(), rtol=tol, atol=tol)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_silu_mul_and_rope_match_their_twins(dtype):
+    t, hq, hk, d, inter = 5, 9, 3, 64, 1536
+    gu = torch.randn(t, 2 * inter, device="cuda", dtype=dtype)
+    g, u = gu.split([inter, inter], -1)
+    assert torch.equal(ops.silu_mul(g, u), torch.nn.functional.silu(g) * u)
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=dtype)
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+    ang = torch.randn(t, d // 2, device="cuda").repeat(1, 2)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    slots = torch.tensor([9, 2, 30, 31, 0], device="cuda")
+    caches = [torch.zeros(32, hk, d, device="cuda", dtype=dtype) for _ in range(4)]
+    q1 = ops.rope_cache(q, k, v, cos, sin, caches[0], caches[1], slots)
+    q2 = ops.rope_cache_reference(q, k, v, cos, sin, caches[2], caches[3], slots)
+    assert torch.equal(q1, q2) and torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,s,hq,hk,d,c", [(1, 1, 32, 32, 128, 300), (5, 3, 9, 3, 64, 77), (64, 1, 8, 2, 64, 1030)])
+def test_fused_paged_attention_matches_its_twin(dtype, b, s, hq, hk, d, c):
+    slots = b * c + 16
+    kc, vc = (torch.randn(slots, hk, d, device="cuda", dtype=dtype) for _ in range(2))
+    context = torch.stack([torch.randperm(slots, device="cuda")[:c] for _ in range(b)])
+    positions = torch.stack([torch.randint(s - 1, c - s + 1, (1,), device="cuda") + torch.arange(s, device="cuda")
+                             for _ in range(b)]).reshape(-1)
+    q = torch.randn(b * s, hq, d, device="cuda", dtype=dtype)
+    out = ops.paged_attention(q, kc, vc, context, positions, d ** -0.5)
+    ref = ops.paged_attention_reference(q, kc, vc, context, positions, d ** -0.5)
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert err < (3e-3 if dtype == torch.float16 else 2e-2)
