@@ -22,6 +22,8 @@ template <> __device__ __forceinline__ __half to<__half>(float v) { return __flo
 template <> __device__ __forceinline__ __nv_bfloat16 to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 template <typename T> __device__ __forceinline__ float r(float v) { return f<T>(to<T>(v)); }  // round through T
 
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }  // NVRTC has no INFINITY
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -124,7 +126,7 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
         qv[e] = d < D ? f<T>(q[((size_t)row * Hq + h) * D + d]) * scale : 0.0f;
         acc[e] = 0.0f;
     }
-    float m = -INFINITY, l = 0.0f;
+    float m = neg_inf(), l = 0.0f;
     for (int j = warp; j <= last; j += NW) {
         const size_t base = ((size_t)ctx[j] * Hk + kvh) * D;
         float dot = 0.0f;
@@ -154,16 +156,16 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     }
     __syncthreads();
     if (warp != 0) return;
-    float gm = -INFINITY;
+    float gm = neg_inf();
     for (int w = 0; w < NW; ++w) gm = fmaxf(gm, sm_m[w]);
     float gl = 0.0f;
-    for (int w = 0; w < NW; ++w) gl += sm_m[w] == -INFINITY ? 0.0f : sm_l[w] * __expf(sm_m[w] - gm);
+    for (int w = 0; w < NW; ++w) gl += sm_m[w] == neg_inf() ? 0.0f : sm_l[w] * __expf(sm_m[w] - gm);
 #pragma unroll
     for (int e = 0; e < MAXE; ++e) {
         const int d = lane + 32 * e;
         if (d >= D) continue;
         float v = 0.0f;
-        for (int w = 0; w < NW; ++w) v += sm_m[w] == -INFINITY ? 0.0f : sm_acc[w][d] * __expf(sm_m[w] - gm);
+        for (int w = 0; w < NW; ++w) v += sm_m[w] == neg_inf() ? 0.0f : sm_acc[w][d] * __expf(sm_m[w] - gm);
         out[((size_t)row * Hq + h) * D + d] = to<T>(v / gl);
     }
 }
