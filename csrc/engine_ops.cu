@@ -127,23 +127,37 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
         acc[e] = 0.0f;
     }
     float m = neg_inf(), l = 0.0f;
-    for (int j = warp; j <= last; j += NW) {
-        const size_t base = ((size_t)ctx[j] * Hk + kvh) * D;
-        float dot = 0.0f;
+    // KB keys per iteration, their loads issued before any is used: one memory latency per KB keys
+    constexpr int KB = 4;
+    for (int j0 = warp * KB; j0 <= last; j0 += NW * KB) {
+        float kv[KB][MAXE], vv[KB][MAXE], dot[KB];
 #pragma unroll
-        for (int e = 0; e < MAXE; ++e) {
-            const int d = lane + 32 * e;
-            if (d < D) dot += qv[e] * f<T>(kc[base + d]);
-        }
-        dot = warp_sum(dot);
-        const float m_new = fmaxf(m, dot), corr = __expf(m - m_new), p = __expf(dot - m_new);
-        l = l * corr + p;
+        for (int u = 0; u < KB; ++u) {
+            const int j = min(j0 + u, last);
+            const size_t base = ((size_t)ctx[j] * Hk + kvh) * D;
 #pragma unroll
-        for (int e = 0; e < MAXE; ++e) {
-            const int d = lane + 32 * e;
-            if (d < D) acc[e] = acc[e] * corr + p * f<T>(vc[base + d]);
+            for (int e = 0; e < MAXE; ++e) {
+                const int d = lane + 32 * e;
+                kv[u][e] = d < D ? f<T>(kc[base + d]) : 0.0f;
+                vv[u][e] = d < D ? f<T>(vc[base + d]) : 0.0f;
+            }
         }
-        m = m_new;
+#pragma unroll
+        for (int u = 0; u < KB; ++u) {
+            float s = 0.0f;
+#pragma unroll
+            for (int e = 0; e < MAXE; ++e) s += qv[e] * kv[u][e];
+            dot[u] = j0 + u <= last ? warp_sum(s) : neg_inf();
+        }
+#pragma unroll
+        for (int u = 0; u < KB; ++u) {
+            if (j0 + u > last) break;
+            const float m_new = fmaxf(m, dot[u]), corr = __expf(m - m_new), p = __expf(dot[u] - m_new);
+            l = l * corr + p;
+#pragma unroll
+            for (int e = 0; e < MAXE; ++e) acc[e] = acc[e] * corr + p * vv[u][e];
+            m = m_new;
+        }
     }
     if (lane == 0) {
         sm_m[warp] = m;
