@@ -30,7 +30,10 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// One block per row. x, r, out, r_out rows of H with row strides; r may be null (first layer).
+// One block of 1024 threads per row, H <= 8192: every element is loaded into registers up front
+// (one memory latency, not H / blockDim of them). x, r, out, r_out rows of H with row strides;
+// r may be null (first layer).
+constexpr int NORM_THREADS = 1024, NORM_MAXE = 8;
 template <typename T>
 __device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, T* out, int ldo,
                              T* res_out, int ldro, int H) {
@@ -38,28 +41,34 @@ __device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T
     const int row = blockIdx.x;
     x += (size_t)row * ldx;
     out += (size_t)row * ldo;
+    float h[NORM_MAXE];
+#pragma unroll
+    for (int e = 0; e < NORM_MAXE; ++e) {
+        const int i = threadIdx.x + e * NORM_THREADS;
+        h[e] = i < H ? f<T>(x[i]) : 0.0f;
+        if (res != nullptr && i < H) h[e] = r<T>(h[e] + f<T>(res[(size_t)row * ldr + i]));
+    }
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        float h = f<T>(x[i]);
-        if (res != nullptr) {
-            h = r<T>(h + f<T>(res[(size_t)row * ldr + i]));
-            res_out[(size_t)row * ldro + i] = to<T>(h);
-        }
-        ss += h * h;
+#pragma unroll
+    for (int e = 0; e < NORM_MAXE; ++e) {
+        const int i = threadIdx.x + e * NORM_THREADS;
+        if (i < H && res != nullptr) res_out[(size_t)row * ldro + i] = to<T>(h[e]);
+        ss += h[e] * h[e];
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
     __syncthreads();
     if (threadIdx.x < 32) {
-        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+        float v = part[threadIdx.x];
         v = warp_sum(v);
         if (threadIdx.x == 0) part[0] = v;
     }
     __syncthreads();
     const float inv = rsqrtf(part[0] / H + eps);
-    for (int i = threadIdx.x; i < H; i += blockDim.x) {
-        const float h = res != nullptr ? f<T>(res_out[(size_t)row * ldro + i]) : f<T>(x[i]);
-        out[i] = to<T>(f<T>(w[i]) * r<T>(h * inv));
+#pragma unroll
+    for (int e = 0; e < NORM_MAXE; ++e) {
+        const int i = threadIdx.x + e * NORM_THREADS;
+        if (i < H) out[i] = to<T>(f<T>(w[i]) * r<T>(h[e] * inv));
     }
 }
 
@@ -110,15 +119,19 @@ __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const 
 // softmax (lane l holds elements l, l + 32, ... of the head, D <= 256), then the warps merge.
 // q [rows, Hq, D] contiguous; cache [slots, Hk, D]; context [B, C] slots (row's sequence =
 // row / S); pos[row] = the row's position: it sees keys 0 .. pos[row].
-template <typename T, int NW>
+constexpr int ATTN_MAX_CONTEXT = 8192;
+template <typename T, int NW, int MAXE>
 __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long long* context, int C,
                                 const long long* pos, T* out, int S, int Hq, int Hk, int D, float scale) {
-    constexpr int MAXE = 8;  // elements per lane: D <= 256
+    // MAXE: elements per lane, D <= 32 MAXE
     __shared__ float sm_m[NW], sm_l[NW], sm_acc[NW][256];
+    __shared__ int sm_slot[ATTN_MAX_CONTEXT];  // the row's slot list, so a key costs one dependent load, not two
     const int row = blockIdx.x / Hq, h = blockIdx.x % Hq, kvh = h / (Hq / Hk);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long* ctx = context + (size_t)(row / S) * C;
-    const int last = (int)pos[row];
+    const int last = (int)pos[row];  // < ATTN_MAX_CONTEXT (the wrapper checks C)
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) sm_slot[j] = (int)ctx[j];
+    __syncthreads();
     float qv[MAXE], acc[MAXE];
 #pragma unroll
     for (int e = 0; e < MAXE; ++e) {
@@ -128,13 +141,13 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     }
     float m = neg_inf(), l = 0.0f;
     // KB keys per iteration, their loads issued before any is used: one memory latency per KB keys
-    constexpr int KB = 4;
+    constexpr int KB = 8;
     for (int j0 = warp * KB; j0 <= last; j0 += NW * KB) {
         float kv[KB][MAXE], vv[KB][MAXE], dot[KB];
 #pragma unroll
         for (int u = 0; u < KB; ++u) {
             const int j = min(j0 + u, last);
-            const size_t base = ((size_t)ctx[j] * Hk + kvh) * D;
+            const size_t base = ((size_t)sm_slot[j] * Hk + kvh) * D;
 #pragma unroll
             for (int e = 0; e < MAXE; ++e) {
                 const int d = lane + 32 * e;
@@ -184,8 +197,14 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     }
 }
 
+#define ATTENTION(SUFFIX, T, E)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX##_e##E(                             \
+        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out, int S, \
+        int Hq, int Hk, int D, float scale) {                                                                       \
+        paged_attention<T, 8, E>(q, kc, vc, context, C, pos, out, S, Hq, Hk, D, scale);                             \
+    }
 #define OPS(SUFFIX, T)                                                                                              \
-    extern "C" __global__ void add_rms_norm_##SUFFIX(const T* x, int ldx, const T* res, int ldr, const T* w,       \
+    extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##SUFFIX(const T* x, int ldx, const T* res, int ldr, const T* w,       \
                                                      float eps, T* out, int ldo, T* res_out, int ldro, int H) {     \
         add_rms_norm<T>(x, ldx, res, ldr, w, eps, out, ldo, res_out, ldro, H);                                      \
     }                                                                                                               \
@@ -197,11 +216,7 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
                                                    T* vc, int rows, int Hq, int Hk, int D) {                        \
         rope_cache<T>(q, k, v, ld_in, cos, sin, ld_cs, slots, q_out, kc, vc, rows, Hq, Hk, D);                      \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX(                                    \
-        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out, int S, \
-        int Hq, int Hk, int D, float scale) {                                                                       \
-        paged_attention<T, 8>(q, kc, vc, context, C, pos, out, S, Hq, Hk, D, scale);                                \
-    }
+    ATTENTION(SUFFIX, T, 2) ATTENTION(SUFFIX, T, 4) ATTENTION(SUFFIX, T, 8)
 
 OPS(f16, __half)
 OPS(bf16, __nv_bfloat16)

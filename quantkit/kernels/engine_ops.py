@@ -15,6 +15,8 @@ from quantkit.kernels import cuda
 
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _MODULE = "engine_ops"
+NORM_MAX_HIDDEN = 8192  # as in the .cu: 1024 threads x 8 registers
+ATTN_MAX_CONTEXT = 8192  # as in the .cu: the slot list in shared memory
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
@@ -32,14 +34,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual (x alone when residual is None); returns (weight * RMSNorm(h), h).
     x, residual [T, H]."""
-    if not _fused(x):
+    if not _fused(x) or x.shape[-1] > NORM_MAX_HIDDEN:
         return add_rms_norm_reference(x, residual, weight, eps)
     x = _rows(x)
     t, h = x.shape
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else x
     r = _rows(residual) if residual is not None else None
-    cuda.launch(f"add_rms_norm_{_SUFFIX[x.dtype]}", _MODULE, (t,), (256,),
+    cuda.launch(f"add_rms_norm_{_SUFFIX[x.dtype]}", _MODULE, (t,), (1024,),
                 (x, np.int32(x.stride(0)), r if r is not None else np.uint64(0), np.int32(r.stride(0) if r is not None else 0),
                  weight.to(x.dtype).contiguous(), np.float32(eps), out, np.int32(h), res_out, np.int32(h), np.int32(h)))
     return out, res_out
@@ -111,10 +113,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     b, c = context.shape
     if rows % b:
         raise ValueError(f"{rows} query rows do not split over {b} sequences")
-    if not _fused(q) or d > 256 or hq % k_cache.shape[1]:
+    if not _fused(q) or d > 256 or hq % k_cache.shape[1] or c > ATTN_MAX_CONTEXT:
         return paged_attention_reference(q, k_cache, v_cache, context, positions, scale)
     out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
-    cuda.launch(f"paged_attention_{_SUFFIX[q.dtype]}", _MODULE, (rows * hq,), (256,),
+    per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu
+    cuda.launch(f"paged_attention_{_SUFFIX[q.dtype]}_e{per_lane}", _MODULE, (rows * hq,), (256,),
                 (q.contiguous(), k_cache, v_cache, context.contiguous(), np.int32(c), positions.contiguous(), out,
                  np.int32(rows // b), np.int32(hq), np.int32(k_cache.shape[1]), np.int32(d), np.float32(scale)))
     return out.view(rows, hq * d)
