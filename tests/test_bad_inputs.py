@@ -403,3 +403,31 @@ def test_export_of_what_awq_cannot_hold_is_one_clean_error(tiny_model_dir, tmp_p
     assert_nothing_written(out)
     assert_clean_error(*cli("export", w8, "--format", "gguf", "--out", out), "unknown export format")
     assert_clean_error(*cli("export", tmp_path / "missing", "--out", out), "missing")
+
+
+# --------------------------------------------------------------------------- eval --speed
+
+def test_speed_runs_on_the_cpu_and_prints_json(tiny_model_dir):
+    result, text = cli("eval", tiny_model_dir, "--speed", "--batch-sizes", "1,3", "--prompt-len", "8",
+                       "--output-len", "5", "--device", "cpu", "--speculative", "ngram", "--json")
+    assert result.exit_code == 0, text
+    report = json.loads(result.stdout)
+    rows = report["results"]
+    assert [r["batch"] for r in rows] == [1, 3] and report["device"] == "cpu"
+    for r in rows:
+        assert r["output_tokens"] == 5 * r["batch"] and r["tokens_per_s"] > 0
+        assert r["itl_ms_p99"] >= r["itl_ms_p50"] >= 0 and r["ttft_ms_p50"] > 0
+        assert 0 <= r["acceptance_rate"] <= 1 and 1 <= r["tokens_per_verify"] <= 5
+        assert 0 <= r["kv_unused_fraction"] < 1 and r["kv_blocks_allocated_peak"] <= r["kv_blocks_total"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("--batch-sizes", "1,x"), "--batch-sizes"),
+    (("--speculative", "draft"), "--draft"),
+    (("--speculative", "medusa"), "medusa"),
+    (("--output-len", "0"), "at least 1"),
+    (("--dtype", "float8"), "float8"),
+])
+def test_speed_refuses_bad_settings(tiny_model_dir, args, fragment):
+    result, text = cli("eval", tiny_model_dir, "--speed", "--device", "cpu", *args)
+    assert_clean_error(result, text, fragment)
