@@ -68,20 +68,11 @@ def llama7b(which: str) -> LoadedModel:
             model = LlamaForCausalLM(config).eval().requires_grad_(False)
     finally:
         torch.set_default_dtype(default)
+    loaded = LoadedModel(model=model, tokenizer=None, family=LLAMA, source=f"llama-2-7b-shape-random-{which}")
     if which == "w4a16":
-        spec = IntSpec(4, True, 128)
-        for block in model.model.layers:
-            for name in LLAMA.linears:
-                parent, attr = name.rsplit(".", 1)
-                owner = block.get_submodule(parent)
-                lin = getattr(owner, attr)
-                qw = quantize_rtn(lin.weight.float(), spec)
-                q = IntWeightLinear(lin.in_features, lin.out_features, spec, dtype=torch.float16, device="cuda")
-                q.weight_packed.copy_(pack_int32(qw.q, 4, 1))
-                q.weight_scale.copy_(qw.scale.to(torch.float16))
-                setattr(owner, attr, q)
+        w4a16_copy(loaded)
         torch.cuda.empty_cache()
-    return LoadedModel(model=model, tokenizer=None, family=LLAMA, source=f"llama-2-7b-shape-random-{which}")
+    return loaded
 
 
 def step_times(model: LoadedModel, ks: tuple[int, ...]) -> dict:

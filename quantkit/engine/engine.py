@@ -199,7 +199,9 @@ class Engine:
     def _draft(self, batch: list[Sequence], temps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k draft tokens per sequence from the draft model and the distributions they were
         drawn from. Its first step re-reads the last two tokens: when the previous step accepted
-        every draft, the draft model never saw the last one."""
+        every draft, the draft model never saw the last one. (Position len - 2 may sit in a block
+        shared through a common prefix; rewriting it touches only the draft's own cache, where a
+        rounding difference can change a proposal but never an output.)"""
         positions, slots, context = self._inputs(batch, [len(s) - 2 for s in batch], 2)  # len >= 2 after prefill
         tokens = torch.tensor([s.token_ids[-2:] for s in batch])
         logits = self._run(self.draft, tokens, positions, slots, context)[:, 1]
