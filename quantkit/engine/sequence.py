@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 is greedy; generation stops after max_tokens new tokens or at a stop token."""
+    """temperature 0 is greedy; generation stops after max_tokens new tokens or at a stop token.
+    Sampling draws from the engine's one generator (EngineConfig.seed): a run is reproducible as a
+    whole, a request's tokens depend on what else ran beside it."""
 
     temperature: float = 0.0
     max_tokens: int = 32
     stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None  # per-request generator seed (sampling only)
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
