@@ -118,6 +118,17 @@ def test_bad_requests_raise(tiny):
         Engine(tiny, EngineConfig(speculative="draft"))
     with pytest.raises(ValueError, match="speculative"):
         EngineConfig(speculative="medusa")
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.add([1, tiny.model.config.vocab_size], SamplingParams(max_tokens=2))
+    assert not engine.scheduler.has_work(), "a refused request leaves nothing queued"
+
+
+def test_sliding_window_models_are_limited_to_their_window(tiny_model_dir):
+    loaded = load_model(tiny_model_dir)
+    loaded.model.config.sliding_window = 128
+    with pytest.raises(ValueError, match="sliding window of 128"):
+        Engine(loaded, EngineConfig(max_model_len=256))
+    assert Engine(loaded, EngineConfig(max_model_len=128)).generate([[1, 2]], SamplingParams(max_tokens=3))[0].num_output == 3
 
 
 def test_real_model_greedy_equals_transformers_generate():

@@ -50,6 +50,14 @@ def kv_blocks_for(config: EngineConfig, shapes: list[Shape], dtype: torch.dtype,
     return config.max_num_seqs * -(-config.max_model_len // config.block_size)
 
 
+def _attention_window(config) -> int | None:
+    """The sliding attention window a config asks for (Mistral, some Qwen2), None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
 class Engine:
     def __init__(self, target: LoadedModel, config: EngineConfig = EngineConfig(), draft: LoadedModel | None = None):
         if config.speculative == "draft" and draft is None:
@@ -58,6 +66,12 @@ class Engine:
             raise ValueError(f"the draft's vocabulary ({draft.model.config.vocab_size}) differs from the target's "
                              f"({target.model.config.vocab_size})")
         self.config = config
+        for m in [target] + ([draft] if draft is not None else []):
+            window = _attention_window(m.model.config)
+            if window is not None and config.max_model_len > window:
+                raise ValueError(f"{m.source} attends within a sliding window of {window} tokens, which this engine "
+                                 f"does not implement; set max_model_len <= {window} (got {config.max_model_len})")
+        self.vocab = target.model.config.vocab_size
         device = target.model.get_submodule(target.family.embed).weight.device
         dtype = target.model.get_submodule(target.family.embed).weight.dtype
         models = [target] + ([draft] if config.speculative == "draft" else [])
@@ -84,6 +98,9 @@ class Engine:
 
     # ---- public --------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
+        bad = [t for t in prompt if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the model's vocabulary (0 .. {self.vocab - 1})")
         if len(prompt) + params.max_tokens > self.config.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"max_model_len ({self.config.max_model_len})")
