@@ -267,6 +267,16 @@ def test_preempts_most_recent_and_requeues_it_first():
 # --- simulation ---
 
 
+def kv_usage_by_block(sched: Scheduler) -> tuple[int, int]:
+    """kv_usage the slow way: the live positions of each distinct block, a shared one counted once."""
+    bs = sched.blocks.block_size
+    filled: dict[int, int] = {}
+    for seq in sched.running:
+        for i, b in enumerate(seq.block_table):
+            filled[b] = max(filled.get(b, 0), min(bs, max(0, len(seq) - i * bs)))
+    return sum(filled.values()), sched.blocks.num_used * bs
+
+
 class FakeEngine:
     """Emulates the engine's protocol on a fake KV cache that stores, per slot, the hash
     chain of the prefix it was computed from; every read checks it."""
@@ -286,6 +296,8 @@ class FakeEngine:
         assert len(self.sched.running) <= self.sched.max_num_seqs
         assert len({s.seq_id for s in batch}) == len(batch)
         assert batch or not self.sched.running
+        if not is_prefill:  # where the engine samples kv_usage: every table covers its sequence
+            assert self.sched.kv_usage() == kv_usage_by_block(self.sched)
         if is_prefill:
             computed = sum(len(s) - s.num_cached for s in batch)
             assert computed <= self.sched.max_batched_tokens or len(batch) == 1

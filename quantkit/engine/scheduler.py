@@ -95,13 +95,14 @@ class Scheduler:
 
     def kv_usage(self) -> tuple[int, int]:
         """(positions holding live tokens, positions allocated = used blocks * block_size).
-        A block shared by several sequences counts once, as full as its fullest user."""
+        A block shared by several sequences counts once. O(running sequences): every position
+        below len(seq) is live, and shared blocks are full committed blocks, so each reference
+        beyond a block's first (references minus blocks in use; only running sequences hold
+        blocks) counts block_size positions twice."""
         bs = self.blocks.block_size
-        filled: dict[int, int] = {}
-        for seq in self.running:
-            for i, b in enumerate(seq.block_table):
-                filled[b] = max(filled.get(b, 0), min(bs, max(0, len(seq) - i * bs)))
-        return sum(filled.values()), self.blocks.num_used * bs
+        references = sum(len(seq.block_table) for seq in self.running)
+        live = sum(len(seq) for seq in self.running) - bs * (references - self.blocks.num_used)
+        return live, self.blocks.num_used * bs
 
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []
