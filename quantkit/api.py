@@ -176,7 +176,11 @@ def speed(
 
     def on(model_source):
         loaded = load(model_source)
-        loaded.model.to(device=device, dtype=DTYPES[dtype])
+        loaded.model.to(device)
+        # Module.to(dtype) would also cast FP8 weights (float8 counts as floating point): cast only the
+        # full-width float tensors (float weights, scales, norms) to the activations' dtype
+        wide = (torch.float32, torch.float16, torch.bfloat16)
+        loaded.model._apply(lambda t: t.to(DTYPES[dtype]) if t.dtype in wide else t)
         return loaded
 
     target = on(source)
