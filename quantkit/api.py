@@ -145,8 +145,8 @@ def evaluate(
 def speed(
     source: str | os.PathLike | None = None,
     batch_sizes: tuple[int, ...] = (1, 8, 64),
-    prompt_len: int = 128,
-    output_len: int = 128,
+    prompt_len: int | tuple[int, ...] = 128,
+    output_len: int | tuple[int, ...] = 128,
     speculative: str = "none",
     num_draft: int = 4,
     draft: str | os.PathLike | None = None,
@@ -156,7 +156,8 @@ def speed(
     text: str = DEFAULT_EVALUATION,
     progress=None,
 ) -> list[dict]:
-    """Latency and throughput through quantkit's engine (quantkit.engine.speed), one row per batch size.
+    """Latency and throughput through quantkit's engine (quantkit.engine.speed), one row per
+    (batch size, prompt length, output length).
     device None: the GPU when there is one. dtype: the activations' (and float weights') dtype, default
     float16 on a GPU and float32 on the CPU."""
     from quantkit.engine.config import EngineConfig
@@ -169,7 +170,9 @@ def speed(
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
-    cases = [Case(b, prompt_len, output_len) for b in batch_sizes]  # validates before loading anything
+    prompts = (prompt_len,) if isinstance(prompt_len, int) else tuple(prompt_len)
+    outputs = (output_len,) if isinstance(output_len, int) else tuple(output_len)
+    cases = [Case(b, p, o) for p in prompts for o in outputs for b in batch_sizes]  # validates before loading anything
     config = EngineConfig(speculative=speculative, num_draft=num_draft, cuda_graphs=cuda_graphs)
     if speculative == "draft" and draft is None:
         raise ValueError("--speculative draft needs --draft MODEL")

@@ -105,8 +105,8 @@ def eval_(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
     speed: Annotated[bool, typer.Option("--speed", help="measure latency and throughput through the engine instead")] = False,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="--speed: comma-separated batch sizes")] = "1,8,64",
-    prompt_len: Annotated[int, typer.Option("--prompt-len", help="--speed: prompt tokens")] = 128,
-    output_len: Annotated[int, typer.Option("--output-len", help="--speed: generated tokens")] = 128,
+    prompt_len: Annotated[str, typer.Option("--prompt-len", help="--speed: prompt tokens (comma-separated: several)")] = "128",
+    output_len: Annotated[str, typer.Option("--output-len", help="--speed: generated tokens (comma-separated: several)")] = "128",
     speculative: Annotated[str, typer.Option("--speculative", help="--speed: none, ngram (prompt lookup) or draft")] = "none",
     draft: Annotated[Optional[str], typer.Option("--draft", help="--speed: the draft model for --speculative draft")] = None,
     num_draft: Annotated[int, typer.Option("--num-draft", help="--speed: draft tokens per step")] = 4,
@@ -146,30 +146,35 @@ def eval_(
                       f"{r['input_saturated_layers']} static-scale layers saturated (clamped at their calibrated range)")
 
 
+def _ints(option: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        _fail(f"{option} must be comma-separated integers, got {text!r}")
+
+
 def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json) -> None:
     from quantkit import api
 
-    try:
-        sizes = tuple(int(b) for b in batch_sizes.split(","))
-    except ValueError:
-        _fail(f"--batch-sizes must be comma-separated integers, got {batch_sizes!r}")
+    sizes, prompts, outputs = (_ints("--batch-sizes", batch_sizes), _ints("--prompt-len", prompt_len),
+                               _ints("--output-len", output_len))
     with err.status("measuring speed") as status:
-        rows = _run(api.speed, None if model == "default" else model, sizes, prompt_len, output_len, speculative,
+        rows = _run(api.speed, None if model == "default" else model, sizes, prompts, outputs, speculative,
                     num_draft, draft, device, dtype, progress=lambda c: status.update(f"batch {c.batch}, {c.prompt} + {c.output} tokens"))
     if as_json:
         _emit_json({"model": rows[0]["model"], "device": rows[0]["device"], "results": rows})
         return
     spec = speculative != "none"
-    table = Table(title=f"{Path(rows[0]['model']).name} on {rows[0]['device']} ({rows[0]['dtype']}), "
-                        f"{prompt_len} + {output_len} tokens" + (f", speculative {speculative} k={num_draft}" if spec else ""))
-    cols = ["batch", "tokens/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "TPOT ms"]
+    table = Table(title=f"{Path(rows[0]['model']).name} on {rows[0]['device']} ({rows[0]['dtype']})"
+                        + (f", speculative {speculative} k={num_draft}" if spec else ""))
+    cols = ["batch", "prompt + output", "tokens/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "TPOT ms"]
     cols += ["accepted", "tokens/verify"] if spec else []
     cols += ["KV unused", "KV blocks peak/pool", "preempted"]
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
-        cells = [str(r["batch"]), f"{r['tokens_per_s']:.1f}", f"{r['ttft_ms_p50']:.1f}", f"{r['itl_ms_p50']:.2f}",
-                 f"{r['itl_ms_p99']:.2f}", f"{r['tpot_ms_mean']:.2f}"]
+        cells = [str(r["batch"]), f"{r['prompt']} + {r['output']}", f"{r['tokens_per_s']:.1f}", f"{r['ttft_ms_p50']:.1f}",
+                 f"{r['itl_ms_p50']:.2f}", f"{r['itl_ms_p99']:.2f}", f"{r['tpot_ms_mean']:.2f}"]
         if spec:
             cells += [f"{100 * r['acceptance_rate']:.1f}%", f"{r['tokens_per_verify']:.2f}"]
         unused = r["kv_unused_fraction"]

@@ -408,12 +408,12 @@ def test_export_of_what_awq_cannot_hold_is_one_clean_error(tiny_model_dir, tmp_p
 # --------------------------------------------------------------------------- eval --speed
 
 def test_speed_runs_on_the_cpu_and_prints_json(tiny_model_dir):
-    result, text = cli("eval", tiny_model_dir, "--speed", "--batch-sizes", "1,3", "--prompt-len", "8",
+    result, text = cli("eval", tiny_model_dir, "--speed", "--batch-sizes", "1,3", "--prompt-len", "8,20",
                        "--output-len", "5", "--device", "cpu", "--speculative", "ngram", "--json")
     assert result.exit_code == 0, text
     report = json.loads(result.stdout)
     rows = report["results"]
-    assert [r["batch"] for r in rows] == [1, 3] and report["device"] == "cpu"
+    assert [(r["batch"], r["prompt"]) for r in rows] == [(1, 8), (3, 8), (1, 20), (3, 20)] and report["device"] == "cpu"
     for r in rows:
         assert r["output_tokens"] == 5 * r["batch"] and r["tokens_per_s"] > 0
         assert r["itl_ms_p99"] >= r["itl_ms_p50"] >= 0 and r["ttft_ms_p50"] > 0
@@ -423,6 +423,7 @@ def test_speed_runs_on_the_cpu_and_prints_json(tiny_model_dir):
 
 @pytest.mark.parametrize("args,fragment", [
     (("--batch-sizes", "1,x"), "--batch-sizes"),
+    (("--prompt-len", "8,"), "--prompt-len"),
     (("--speculative", "draft"), "--draft"),
     (("--speculative", "medusa"), "medusa"),
     (("--output-len", "0"), "at least 1"),
