@@ -41,9 +41,8 @@ def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tup
     """Launch `kernel_name` of csrc/<module_name>.cu on PyTorch's current stream.
     Tensor arguments are passed as device pointers; ints as 64-bit (long) or
     32-bit (int) per the kernel's signature, given here as numpy scalars;
-    `shared_mem`: bytes of dynamic shared memory (above 48 KB the kernel is opted in)."""
+    `shared_mem`: bytes of dynamic shared memory (at most 48 KB)."""
     kernel = _function(module_name, kernel_name)
-    _allow_shared(kernel, shared_mem)
     with _stream(torch.cuda.current_stream().cuda_stream):
         kernel(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
 
@@ -54,20 +53,12 @@ def resident_blocks(kernel_name: str, module_name: str, threads: int, shared_mem
     from cupy_backends.cuda.api import driver
 
     kernel = _function(module_name, kernel_name)  # a cupy RawKernel; its CUDA function is .kernel
-    _allow_shared(kernel, shared_mem)
     return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, threads, shared_mem))
 
 
 @functools.cache
 def _function(module_name: str, kernel_name: str):
     return module(module_name).get_function(kernel_name)
-
-
-def _allow_shared(kernel, shared_mem: int) -> None:
-    """Opt the kernel in to `shared_mem` bytes of dynamic shared memory (CUDA caps static + dynamic at 48 KB
-    unless asked)."""
-    if shared_mem and kernel.max_dynamic_shared_size_bytes < shared_mem:
-        kernel.max_dynamic_shared_size_bytes = shared_mem
 
 
 @functools.cache
