@@ -85,16 +85,17 @@ class Engine:
         self.scratch = blocks * config.block_size
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.stats = Stats()
-        self._decode = {id(self.runner): self.runner.decode}
-        if self.draft is not None:
-            self._decode[id(self.draft)] = self.draft.decode
+        # the decode step of the target and the draft: graphed on a GPU
+        self.target_step = self.runner.decode
+        self.draft_step = self.draft.decode if self.draft is not None else None
         if config.cuda_graphs and device.type == "cuda":
             from quantkit.engine.graphs import GraphedDecode
 
             contexts = tuple(c for c in (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if c < config.max_model_len)
             contexts += (config.max_model_len + config.lookahead + 1,)
-            for r in [self.runner] + ([self.draft] if self.draft is not None else []):
-                self._decode[id(r)] = GraphedDecode(r, self.scratch, contexts)
+            self.target_step = GraphedDecode(self.runner, self.scratch, contexts)
+            if self.draft is not None:
+                self.draft_step = GraphedDecode(self.draft, self.scratch, contexts)
 
     # ---- public --------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -147,7 +148,6 @@ class Engine:
     def _prefill(self, batch: list[Sequence]) -> None:
         self.stats.steps_prefill += 1
         chunks = [PrefillChunk(tokens=s.token_ids[s.num_cached:], start=s.num_cached,
-                               slots=[self.blocks.slot(s, p) for p in range(s.num_cached, len(s))],
                                context_slots=[self.blocks.slot(s, p) for p in range(len(s))]) for s in batch]
         logits = self.runner.prefill(chunks)
         if self.draft is not None:
@@ -170,15 +170,15 @@ class Engine:
         dev = self.device
         return positions.to(dev), slots.to(dev), context[:, :c].to(dev)
 
-    def _run(self, runner: ModelRunner, tokens: torch.Tensor, positions, slots, context) -> torch.Tensor:
-        return self._decode[id(runner)](tokens.to(self.device), positions, slots, context)
+    def _run(self, step, tokens: torch.Tensor, positions, slots, context) -> torch.Tensor:
+        return step(tokens.to(self.device), positions, slots, context)
 
     def _decode_step(self, batch: list[Sequence]) -> None:
         self.stats.steps_decode += 1
         self._account_kv()
         positions, slots, context = self._inputs(batch, [len(s) - 1 for s in batch], 1)
         tokens = torch.tensor([[s.last_token] for s in batch])
-        logits = self._run(self.runner, tokens, positions, slots, context)[:, 0]
+        logits = self._run(self.target_step, tokens, positions, slots, context)[:, 0]
         new = sample(probs(logits, self._temperatures(batch)), self.generator).tolist()
         now = time.perf_counter()
         for s, t in zip(batch, new):
@@ -200,7 +200,7 @@ class Engine:
         first = [len(s) - 1 for s in batch]
         positions, slots, context = self._inputs(batch, first, k + 1)
         tokens = torch.cat([torch.tensor([[s.last_token] for s in batch], device=self.device), draft_tokens], dim=1)
-        logits = self._run(self.runner, tokens, positions, slots, context)  # [B, k + 1, V]
+        logits = self._run(self.target_step, tokens, positions, slots, context)  # [B, k + 1, V]
         out, emitted = rejection_sample(probs(logits, temps), draft_p, draft_tokens, self.generator)
         out, emitted = out.tolist(), emitted.tolist()
         now = time.perf_counter()
@@ -221,7 +221,7 @@ class Engine:
         rounding difference can change a proposal but never an output.)"""
         positions, slots, context = self._inputs(batch, [len(s) - 2 for s in batch], 2)  # len >= 2 after prefill
         tokens = torch.tensor([s.token_ids[-2:] for s in batch])
-        logits = self._run(self.draft, tokens, positions, slots, context)[:, 1]
+        logits = self._run(self.draft_step, tokens, positions, slots, context)[:, 1]
         ps, ds = [], []
         for i in range(k):
             p = probs(logits, temps)
@@ -231,7 +231,7 @@ class Engine:
             if i + 1 == k:
                 break
             positions, slots, context = self._inputs(batch, [len(s) + i for s in batch], 1)
-            logits = self._run(self.draft, d[:, None], positions, slots, context)[:, 0]
+            logits = self._run(self.draft_step, d[:, None], positions, slots, context)[:, 0]
         return torch.stack(ds, dim=1), torch.stack(ps, dim=1)
 
     def _account_kv(self) -> None:

@@ -1,8 +1,8 @@
 """The model's forward over a paged KV cache (Llama family: RoPE, RMSNorm, GQA, tied embeddings).
 
-The runner borrows the loaded transformers model's modules (embedding, norms, the linears,
-which are nn.Linear for a float model or quantkit's quantized modules for a checkpoint, the
-MLP and the rotary embedding) and replaces only attention: K/V go to a cache of flat slots
+The runner borrows the loaded transformers model's modules (embedding, the linears, which are
+nn.Linear for a float model or quantkit's quantized modules for a checkpoint, the norms'
+weights and the rotary embedding) and runs the layer math itself; K/V go to a cache of flat slots
 [num_blocks * block_size], a sequence's position p living in slot
 block_table[p // block_size] * block_size + p % block_size (quantkit.engine.block_manager).
 
@@ -36,14 +36,12 @@ class Shape:
     heads: int
     kv_heads: int
     head_dim: int
-    vocab: int
 
     @classmethod
     def of(cls, config) -> Shape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                   config.vocab_size)
+        return cls(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim)
 
     def kv_bytes_per_slot(self, dtype: torch.dtype) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * torch.empty((), dtype=dtype).element_size()
@@ -51,18 +49,17 @@ class Shape:
 
 @dataclass
 class PrefillChunk:
-    """One sequence's part of a prefill: tokens at positions start .. start + len(tokens) - 1,
-    their cache slots, and the slots of the whole context 0 .. start + len(tokens) - 1."""
+    """One sequence's part of a prefill: tokens at positions start .. start + len(tokens) - 1 and
+    the cache slots of the whole context 0 .. start + len(tokens) - 1 (the tokens' own are the
+    last len(tokens))."""
 
     tokens: list[int]
     start: int
-    slots: list[int]
     context_slots: list[int]
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, dtype: torch.dtype | None = None,
-                 fuse_linears: bool = True):
+    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int):
         self.model = model
         self.config = model.config
         self.shape = Shape.of(self.config)
@@ -72,7 +69,7 @@ class ModelRunner:
         self.lm_head = model.get_submodule(family.lm_head)
         self.rotary = model.get_submodule(family.rotary)
         weight = self.embed.weight
-        self.device, self.dtype = weight.device, dtype or weight.dtype
+        self.device, self.dtype = weight.device, weight.dtype
         s = self.shape
         # cache[layer] = (K, V), each [num_slots, kv_heads, head_dim]
         self.cache = [(torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype),
@@ -86,7 +83,7 @@ class ModelRunner:
             found = {}
             for name, part_names in family.fused:
                 parts = [block.get_submodule(n) for n in part_names]
-                module = fuse(parts) if fuse_linears else None
+                module = fuse(parts)
                 if module is not None:
                     found[name] = (module, [p.out_features for p in parts])
             self.fused.append(found)
@@ -131,7 +128,7 @@ class ModelRunner:
         dev = self.device
         tokens = torch.tensor([t for c in chunks for t in c.tokens], device=dev)
         positions = torch.tensor([c.start + i for c in chunks for i in range(len(c.tokens))], device=dev)
-        slots = torch.tensor([sl for c in chunks for sl in c.slots], device=dev)
+        slots = torch.tensor([sl for c in chunks for sl in c.context_slots[c.start:]], device=dev)
         ctx = [torch.tensor(c.context_slots, device=dev) for c in chunks]
         bounds = torch.tensor([0] + [len(c.tokens) for c in chunks]).cumsum(0).tolist()
         masks = [self._prefix_causal_mask(len(c.tokens), c.start) for c in chunks]

@@ -11,6 +11,7 @@ the one reported (the first pays for CUDA graph capture and kernel compilation).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -95,10 +96,10 @@ def measure(target: LoadedModel, text_tokens: list[int], cases: list[Case], conf
             progress(case)
         prompts = prompts_from_text(text_tokens, case.batch, case.prompt)
         per_seq = -(-(case.prompt + case.output + config.lookahead + 2) // config.block_size)
-        cfg = EngineConfig(**{**config.__dict__, "max_model_len": max(config.max_model_len, case.prompt + case.output + 1),
-                              "max_num_seqs": max(config.max_num_seqs, case.batch),
-                              # a pool that holds the whole batch (sized from free memory it would take most of the GPU)
-                              "kv_blocks": config.kv_blocks or case.batch * per_seq + 8})
+        cfg = dataclasses.replace(config, max_model_len=max(config.max_model_len, case.prompt + case.output + 1),
+                                  max_num_seqs=max(config.max_num_seqs, case.batch),
+                                  # a pool that holds the whole batch (sized from free memory it would take most of the GPU)
+                                  kv_blocks=config.kv_blocks or case.batch * per_seq + 8)
         engine = Engine(target, cfg, draft=draft)
         run_case(engine, prompts, case.output)  # warm-up: graphs, compilation
         engine.stats = type(engine.stats)()
