@@ -24,6 +24,15 @@ template <typename T> __device__ __forceinline__ float r(float v) { return f<T>(
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }  // NVRTC has no INFINITY
 
+// Programmatic dependent launch (quantkit.kernels.cuda.launch(dependent=True)): every kernel here
+// lets the next one launch at once and waits for the previous one before touching memory.
+__device__ __forceinline__ void pdl_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -37,6 +46,7 @@ constexpr int NORM_THREADS = 1024, NORM_MAXE = 8;
 template <typename T>
 __device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, T* out, int ldo,
                              T* res_out, int ldro, int H) {
+    pdl_start();
     __shared__ float part[32];
     const int row = blockIdx.x;
     x += (size_t)row * ldx;
@@ -75,6 +85,7 @@ __device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T
 // out[t, i] = T(T(silu(g)) * u), g and u rows with their own strides (views of one gate_up output).
 template <typename T>
 __device__ void silu_mul(const T* g, const T* u, int ld_in, T* out, int I, int rows) {
+    pdl_start();
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)rows * I) return;
     const size_t t = idx / I, i = idx % I;
@@ -88,6 +99,7 @@ __device__ void silu_mul(const T* g, const T* u, int ld_in, T* out, int I, int r
 template <typename T>
 __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const T* cos, const T* sin, int ld_cs,
                            const long long* slots, T* q_out, T* kc, T* vc, int rows, int Hq, int Hk, int D) {
+    pdl_start();
     const int half = D / 2;
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)rows * (Hq + Hk) * half) return;
@@ -123,6 +135,7 @@ constexpr int ATTN_MAX_CONTEXT = 8192;
 template <typename T, int NW, int MAXE>
 __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long long* context, int C,
                                 const long long* pos, T* out, int S, int Hq, int Hk, int D, float scale) {
+    pdl_start();
     // MAXE: elements per lane, D <= 32 MAXE
     __shared__ float sm_m[NW], sm_l[NW], sm_acc[NW][256];
     __shared__ int sm_slot[ATTN_MAX_CONTEXT];  // the row's slot list, so a key costs one dependent load, not two

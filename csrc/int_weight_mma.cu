@@ -159,6 +159,22 @@ template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float c[4], const
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Programmatic dependent launch (quantkit.kernels.cuda.launch(dependent=True)): the kernel may
+// start before the previous one on the stream has finished. pdl_wait() blocks until that one has
+// completed and its writes are visible; nothing that an earlier kernel writes may be read, and
+// nothing written, before it. pdl_trigger() lets the next kernel launch now (it waits itself).
+// Both are no-ops in a kernel launched the ordinary way.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Weights are read once: keep them out of L1 (x and the scales live there).
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     uint4 v;
@@ -327,6 +343,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wid = blockIdx.x * W + (threadIdx.x >> 5);
     const int total = RB * NS, begin = wid * per, end = min(total, begin + per);
+    pdl_trigger();
     if (begin >= end) return;
 
     const T* xr[NT];
@@ -441,9 +458,13 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
 
     const int n = end - begin;
     Buf buf[D];
+    if (XP) pdl_wait();
 #pragma unroll
     for (int d = 0; d < D; ++d)
         if (d < n) load(buf[d]);
+    // Launched early (PDL), the first D steps of weights and scales stream in while the previous
+    // kernel finishes: they are the layer's own, written before any kernel that could still run.
+    if (!XP) pdl_wait();
     int rb = begin / NS;
     for (int i = 0; i < n; i += D) {
 #pragma unroll

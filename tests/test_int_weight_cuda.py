@@ -166,6 +166,40 @@ def test_leading_dims_strided_input_and_repeat_calls_are_stable():
 
 
 @gpu
+def test_early_launched_chains_equal_ordinary_launches():
+    """Programmatic dependent launch: each kernel reads the previous one's output (norm -> decode
+    kernel -> norm -> ...), captured in a CUDA graph; bit-identical to ordinary launches."""
+    from quantkit.kernels import engine_ops
+
+    weights = [_weights(1024, 1024, IntSpec(4, True, 128), torch.float16, seed=s)[0] for s in range(4)]
+    x0 = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    norm_w = torch.rand(1024, device="cuda", dtype=torch.float16) + 0.5
+
+    def chain():
+        x, r = x0, None
+        for w in weights * 3:
+            h, r = engine_ops.add_rms_norm(x, r, norm_w, 1e-5)
+            x = int_weight_matmul(h, w)
+        return x
+
+    results = {}
+    for pdl in (False, True):
+        saved, cuda.pdl_enabled = cuda.pdl_enabled, pdl
+        try:
+            eager = chain()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            graph.replay()
+            torch.cuda.synchronize()
+            results[pdl] = (eager, out.clone())
+        finally:
+            cuda.pdl_enabled = saved
+    for y in (results[True][0], results[True][1], results[False][1]):
+        assert torch.equal(y, results[False][0])
+
+
+@gpu
 def test_cuda_backend_is_chosen_only_for_half_precision():
     spec = IntSpec(4, True, 128)
     assert select_backend("cuda", spec=spec, dtype=torch.float16) == "cuda"

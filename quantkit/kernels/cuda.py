@@ -7,12 +7,21 @@ stream with torch tensors' device pointers: no copies between the libraries.
 
 `available()` says whether this machine can run them (CuPy importable and a
 CUDA GPU present); callers fall back to the torch reference twin otherwise.
+
+Programmatic dependent launch (Hopper and later): a kernel launched with
+`dependent=True` may start while the kernel before it on the stream is still
+running, and must itself execute `griddepcontrol.wait` (pdl_wait() in the .cu)
+before it reads anything an earlier kernel writes or writes anything at all. What
+comes before the wait overlaps the previous kernel's tail: the launch itself, and
+for the decode kernel the first loads of its weights. QUANTKIT_PDL=0 turns it off.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -37,14 +46,86 @@ def module(name: str):
 
 
 def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tuple[int, ...], args: tuple,
-           shared_mem: int = 0) -> None:
+           shared_mem: int = 0, dependent: bool = False) -> None:
     """Launch `kernel_name` of csrc/<module_name>.cu on PyTorch's current stream.
     Tensor arguments are passed as device pointers; ints as 64-bit (long) or
     32-bit (int) per the kernel's signature, given here as numpy scalars;
-    `shared_mem`: bytes of dynamic shared memory (at most 48 KB)."""
+    `shared_mem`: bytes of dynamic shared memory (at most 48 KB). `dependent`:
+    the kernel waits for its predecessor itself (pdl_wait), so it may be launched
+    early (programmatic dependent launch, where the GPU has it)."""
     kernel = _function(module_name, kernel_name)
-    with _stream(torch.cuda.current_stream().cuda_stream):
+    stream = torch.cuda.current_stream().cuda_stream
+    if dependent and _pdl():
+        _launch_ex(kernel.kernel.ptr, grid, block, args, shared_mem, stream)
+        return
+    with _stream(stream):
         kernel(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
+
+
+# ---- programmatic dependent launch through the driver's cuLaunchKernelEx ----------------------------
+class _AttrValue(ctypes.Union):  # CUlaunchAttributeValue: a 64-byte union
+    _fields_ = [("pad", ctypes.c_char * 64), ("align", ctypes.c_void_p), ("flag", ctypes.c_int)]
+
+
+class _Attr(ctypes.Structure):  # CUlaunchAttribute
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _AttrValue)]
+
+
+class _Config(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_Attr)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_CTYPES = {np_name: c for np_name, c in (("uint64", ctypes.c_uint64), ("int64", ctypes.c_int64),
+                                          ("int32", ctypes.c_int32), ("uint32", ctypes.c_uint32),
+                                          ("float32", ctypes.c_float))}
+
+
+@functools.cache
+def _driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cuLaunchKernelEx.restype = ctypes.c_int
+    return lib
+
+
+pdl_enabled = os.environ.get("QUANTKIT_PDL", "1") != "0"  # benchmarks flip it to compare
+
+
+def _pdl() -> bool:
+    return pdl_enabled and _pdl_supported()
+
+
+@functools.cache
+def _pdl_supported() -> bool:
+    """Programmatic dependent launch: compute capability 9.0 or later and the driver's cuLaunchKernelEx."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        return False
+    try:
+        _driver()
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _launch_ex(function: int, grid, block, args, shared_mem: int, stream: int) -> None:
+    grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    attr = _Attr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value.flag = 1
+    config = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, stream,
+                     ctypes.pointer(attr), 1)
+    values = []
+    for a in args:
+        a = _arg(a)
+        ctype = _CTYPES.get(getattr(getattr(a, "dtype", None), "name", None))
+        if ctype is None:
+            raise TypeError(f"kernel argument {a!r}: pass tensors or numpy int32/int64/uint64/float32 scalars")
+        values.append(ctype(a.item()))
+    params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
+    err = _driver().cuLaunchKernelEx(ctypes.byref(config), function, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
 
 
 @functools.cache

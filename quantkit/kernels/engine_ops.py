@@ -43,7 +43,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     r = _rows(residual) if residual is not None else None
     cuda.launch(f"add_rms_norm_{_SUFFIX[x.dtype]}", _MODULE, (t,), (1024,),
                 (x, np.int32(x.stride(0)), r if r is not None else np.uint64(0), np.int32(r.stride(0) if r is not None else 0),
-                 weight.to(x.dtype).contiguous(), np.float32(eps), out, np.int32(h), res_out, np.int32(h), np.int32(h)))
+                 weight.to(x.dtype).contiguous(), np.float32(eps), out, np.int32(h), res_out, np.int32(h), np.int32(h)), dependent=True)
     return out, res_out
 
 
@@ -63,7 +63,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(t, i, dtype=gate.dtype, device=gate.device)
     n = t * i
     cuda.launch(f"silu_mul_{_SUFFIX[gate.dtype]}", _MODULE, (-(-n // 256),), (256,),
-                (gate, up, np.int32(gate.stride(0)), out, np.int32(i), np.int32(t)))
+                (gate, up, np.int32(gate.stride(0)), out, np.int32(i), np.int32(t)), dependent=True)
     return out
 
 
@@ -88,7 +88,7 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     n = t * (hq + hk) * (d // 2)
     cuda.launch(f"rope_cache_{_SUFFIX[q.dtype]}", _MODULE, (-(-n // 256),), (256,),
                 (q, k, v, np.int32(q.stride(0)), cos, sin, np.int32(cos.stride(0)), slots.contiguous(), q_out, k_cache,
-                 v_cache, np.int32(t), np.int32(hq), np.int32(hk), np.int32(d)))
+                 v_cache, np.int32(t), np.int32(hq), np.int32(hk), np.int32(d)), dependent=True)
     return q_out
 
 
@@ -119,7 +119,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu
     cuda.launch(f"paged_attention_{_SUFFIX[q.dtype]}_e{per_lane}", _MODULE, (rows * hq,), (256,),
                 (q.contiguous(), k_cache, v_cache, context.contiguous(), np.int32(c), positions.contiguous(), out,
-                 np.int32(rows // b), np.int32(hq), np.int32(k_cache.shape[1]), np.int32(d), np.float32(scale)))
+                 np.int32(rows // b), np.int32(hq), np.int32(k_cache.shape[1]), np.int32(d), np.float32(scale)), dependent=True)
     return out.view(rows, hq * d)
 
 

@@ -37,6 +37,7 @@ class PreparedIntWeight:
     spec: IntSpec
     shape: tuple[int, int]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    state: dict[str, object] = field(default_factory=dict, compare=False, repr=False)  # backend bookkeeping
 
 
 @dataclass(frozen=True)

@@ -312,9 +312,14 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         per = _gemv_per(w, name, warps, x.device)
         cmax = (ns - 1) // per + 2
         ws = torch.empty(rb * cmax * m * 32, dtype=torch.float32, device=x.device) if per % ns else None
+        # launched early (PDL) the kernel reads its weights and scales before waiting for the previous
+        # kernel: only once they were settled by an ordinary launch (the first, per dtype's tables)
+        settled = f"gemv_{_DTYPES[x.dtype]}"
         cuda.launch(name, "int_weight_mma", (-(-total // (per * warps)),), (32 * warps,),
                     (*common, _null(ws), counters, np.int32(m), np.int32(n), np.int32(x2.shape[1]), np.int32(ns),
-                     np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax)))
+                     np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax)),
+                    dependent=settled in w.state)
+        w.state[settled] = True
         return y.reshape(*lead, n)
 
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
