@@ -15,12 +15,11 @@ def replay_ms(engine):
     seq = engine.add(list(range(1, 257)), SamplingParams(max_tokens=64))
     engine.step()
     engine.blocks.append_slots(seq, 1)
-    args = engine._inputs([seq], [len(seq) - 1], 1)
-    tokens = torch.ones(1, 1, dtype=torch.long, device="cuda")
+    x = engine._inputs([seq], [len(seq) - 1], 1, [[1]])
     t_step = []
     for _ in range(25):
         torch.cuda.synchronize(); t0 = time.perf_counter()
-        engine._run(engine.target_step, tokens, *args)
+        engine.target_step(x)
         torch.cuda.synchronize(); t_step.append(time.perf_counter() - t0)
     graph = next(iter(engine.target_step.graphs.values()))[0]
     t_rep = []

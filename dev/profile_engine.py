@@ -1,5 +1,6 @@
-"""Dev aid: the kernels of one un-graphed decode step (batch 1, context 256) of the 7B-shaped model,
-float16 and W4A16, by total CUDA time (torch.profiler)."""
+"""Dev aid: where one graphed decode step (batch 1, context 256) of the 7B-shaped model spends its time,
+float16 and W4A16: the kernels of the graph replay in order (torch.profiler / CUPTI), their durations and
+the gaps between them, summed per kernel kind; and one layer's sequence in detail."""
 import sys, torch
 sys.path.insert(0, "scripts")
 from bench_engine import llama7b
@@ -7,24 +8,45 @@ from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
 
-for which in ("float16", "w4a16"):
+KINDS = [("int_weight_gemv", "w4 gemv"), ("gemv", "cublas gemv"), ("gemm", "cublas gemm"), ("Kernel2", "cublas"),
+         ("add_rms_norm", "rms norm"), ("rope_cache", "rope+cache"), ("paged_attention", "attention"),
+         ("silu_mul", "silu*up"), ("", "other")]
+
+for which in sys.argv[1:] or ("float16", "w4a16"):
     model = llama7b(which)
-    engine = Engine(model, EngineConfig(max_model_len=512, kv_blocks=64, cuda_graphs=False))
+    engine = Engine(model, EngineConfig(max_model_len=512, kv_blocks=64))
     seq = engine.add(list(range(1, 257)), SamplingParams(max_tokens=64))
     engine.step()
     engine.blocks.append_slots(seq, 1)
-    args = engine._inputs([seq], [len(seq) - 1], 1)
-    tokens = torch.ones(1, 1, dtype=torch.long, device="cuda")
+    x = engine._inputs([seq], [len(seq) - 1], 1, [[1]])
     for _ in range(3):
-        engine.runner.decode(tokens, *args)
+        engine.target_step(x)
+    graph = next(iter(engine.target_step.graphs.values()))[0]
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine.runner.decode(tokens, *args)
+        for _ in range(3):
+            graph.replay()
         torch.cuda.synchronize()
-    events = prof.key_averages()
-    total = sum(e.device_time_total for e in events)
-    print(f"== {which}: {total / 1e3:.2f} ms of kernel time in one step, {sum(e.count for e in events)} kernels")
-    for e in sorted(events, key=lambda e: -e.device_time_total)[:14]:
-        print(f"{e.device_time_total / 1e3:8.3f} ms {e.count:5d}x  {e.key[:90]}")
-    del engine, model
+    ks = sorted([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA], key=lambda t: t[0])
+    n = len(ks) // 3
+    ks = ks[-n:]  # the last replay
+    span = ks[-1][1] - ks[0][0]
+    busy = {}
+    prev_end = ks[0][0]
+    for a, b, name in ks:
+        kind = next(k for pat, k in KINDS if pat in name)
+        d, g = busy.get(kind, (0.0, 0.0, 0))[:2]
+        c = busy.get(kind, (0, 0, 0))[2]
+        busy[kind] = (d + (b - a), g + max(0.0, a - prev_end), c + 1)
+        prev_end = max(prev_end, b)
+    print(f"== {which}: {n} kernels, first start to last end {span / 1e3:.3f} ms")
+    print(f"{'kind':14s} {'count':>5s} {'kernel ms':>9s} {'gap before ms':>13s} {'us/call':>8s}")
+    for kind, (d, g, c) in sorted(busy.items(), key=lambda kv: -kv[1][0]):
+        print(f"{kind:14s} {c:5d} {d / 1e3:9.3f} {g / 1e3:13.3f} {d / c:8.2f}")
+    print("one layer (the 10th kernel on), start offset / duration us:")
+    base = ks[10][0]
+    for a, b, name in ks[10:22]:
+        print(f"  {a - base:8.1f} {b - a:7.1f}  {name[:70]}")
+    del engine, model, graph
     torch.cuda.empty_cache()

@@ -84,15 +84,14 @@ def step_times(model: LoadedModel, ks: tuple[int, ...]) -> dict:
     times = {}
     for k in ks:
         engine.blocks.append_slots(seq, k + 1)
-        positions, slots, context = engine._inputs([seq], [len(seq) - 1], k + 1)
-        tokens = torch.ones(1, k + 1, dtype=torch.long, device="cuda")
+        x = engine._inputs([seq], [len(seq) - 1], k + 1, [[1] * (k + 1)])
         for _ in range(3):
-            engine._run(engine.target_step, tokens, positions, slots, context)
+            engine.target_step(x, draw=False)
         ts = []
         for _ in range(20):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            engine._run(engine.target_step, tokens, positions, slots, context)
+            engine.target_step(x, draw=False)
             torch.cuda.synchronize()
             ts.append(time.perf_counter() - t0)
         times[k] = 1e3 * sorted(ts)[len(ts) // 2]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from quantkit.engine.block_manager import BlockManager
@@ -23,6 +24,7 @@ from quantkit.engine.runner import ModelRunner, PrefillChunk, Shape
 from quantkit.engine.sampler import probs, propose_ngram, rejection_sample, sample
 from quantkit.engine.scheduler import Scheduler
 from quantkit.engine.sequence import SamplingParams, Sequence
+from quantkit.engine.step import DecodeStep, GraphedDecode, StepInputs
 from quantkit.models.loader import LoadedModel
 
 
@@ -86,16 +88,14 @@ class Engine:
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.stats = Stats()
         # the decode step of the target and the draft: graphed on a GPU
-        self.target_step = self.runner.decode
-        self.draft_step = self.draft.decode if self.draft is not None else None
         if config.cuda_graphs and device.type == "cuda":
-            from quantkit.engine.graphs import GraphedDecode
-
             contexts = tuple(c for c in (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if c < config.max_model_len)
             contexts += (config.max_model_len + config.lookahead + 1,)
-            self.target_step = GraphedDecode(self.runner, self.scratch, contexts)
-            if self.draft is not None:
-                self.draft_step = GraphedDecode(self.draft, self.scratch, contexts)
+            make = lambda runner: GraphedDecode(runner, self.scratch, contexts)  # noqa: E731
+        else:
+            make = lambda runner: DecodeStep(runner, self.scratch)  # noqa: E731
+        self.target_step = make(self.runner)
+        self.draft_step = make(self.draft) if self.draft is not None else None
 
     # ---- public --------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -132,9 +132,6 @@ class Engine:
         return self.scheduler.finish_step(batch)
 
     # ---- steps ---------------------------------------------------------------------------------
-    def _temperatures(self, batch: list[Sequence]) -> torch.Tensor:
-        return torch.tensor([s.params.temperature for s in batch], dtype=torch.float32, device=self.device)
-
     def _append(self, seq: Sequence, tokens: list[int], now: float) -> None:
         """Append generated tokens up to max_tokens and the first stop token; K/V is now in the
         cache for every position but the last."""
@@ -152,34 +149,37 @@ class Engine:
         logits = self.runner.prefill(chunks)
         if self.draft is not None:
             self.draft.prefill(chunks)
-        tokens = sample(probs(logits, self._temperatures(batch)), self.generator).tolist()
+        temps = torch.tensor([s.params.temperature for s in batch], dtype=torch.float32, device=self.device)
+        tokens = sample(probs(logits, temps), self.generator).tolist()
         now = time.perf_counter()
         for s, t in zip(batch, tokens):
             self._append(s, [t], now)
 
-    def _inputs(self, batch: list[Sequence], first: list[int], count: int):
-        """Decode inputs for `count` positions per sequence starting at first[i]: tokens are
-        filled by the caller; positions, slots [B, count] and the context slots [B, C]."""
+    def _inputs(self, batch: list[Sequence], first: list[int], count: int,
+                tokens: list[list[int]] | torch.Tensor) -> StepInputs:
+        """Step inputs for `count` positions per sequence starting at first[i]."""
         bs = self.config.block_size
-        positions = torch.tensor([[f + j for j in range(count)] for f in first])
-        slots = torch.tensor([[self.blocks.slot(s, f + j) for j in range(count)] for s, f in zip(batch, first)])
-        width = max(len(s.block_table) for s in batch)
-        table = torch.tensor([s.block_table + [s.block_table[-1]] * (width - len(s.block_table)) for s in batch])
-        context = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(batch), -1)
+        positions = np.asarray(first, dtype=np.int64)[:, None] + np.arange(count)
         c = int(positions.max()) + 1
-        dev = self.device
-        return positions.to(dev), slots.to(dev), context[:, :c].to(dev)
-
-    def _run(self, step, tokens: torch.Tensor, positions, slots, context) -> torch.Tensor:
-        return step(tokens.to(self.device), positions, slots, context)
+        width = -(-c // bs)
+        for s, f in zip(batch, first):
+            if len(s.block_table) * bs < f + count:
+                raise RuntimeError(f"internal: positions up to {f + count - 1} of a sequence with "
+                                   f"{len(s.block_table)} blocks")
+        table = np.array([(s.block_table + [s.block_table[-1]] * width)[:width] for s in batch], dtype=np.int64)
+        context = (table[:, :, None] * bs + np.arange(bs)).reshape(len(batch), -1)[:, :c]
+        slots = np.take_along_axis(context, positions, axis=1)
+        temps = np.array([s.params.temperature for s in batch], dtype=np.float32)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = np.array(tokens, dtype=np.int64).reshape(len(batch), count)
+        return StepInputs(tokens, positions, slots, context, temps)
 
     def _decode_step(self, batch: list[Sequence]) -> None:
         self.stats.steps_decode += 1
         self._account_kv()
-        positions, slots, context = self._inputs(batch, [len(s) - 1 for s in batch], 1)
-        tokens = torch.tensor([[s.last_token] for s in batch])
-        logits = self._run(self.target_step, tokens, positions, slots, context)[:, 0]
-        new = sample(probs(logits, self._temperatures(batch)), self.generator).tolist()
+        x = self._inputs(batch, [len(s) - 1 for s in batch], 1, [[s.last_token] for s in batch])
+        _, new = self.target_step(x, self.generator)
+        new = new[:, 0].tolist()
         now = time.perf_counter()
         for s, t in zip(batch, new):
             self._append(s, [t], now)
@@ -188,20 +188,19 @@ class Engine:
         self.stats.steps_decode += 1
         self._account_kv()
         k = self.config.num_draft
-        temps = self._temperatures(batch)
         if self.draft is None:
             drafts = []
             for s in batch:  # prompt lookup; a short proposal is padded (any token is a valid guess)
                 d = propose_ngram(s.token_ids, k)
                 drafts.append(d + [s.last_token] * (k - len(d)))
             draft_tokens, draft_p = torch.tensor(drafts, device=self.device), None
+            tokens = [[s.last_token] + d for s, d in zip(batch, drafts)]
         else:
-            draft_tokens, draft_p = self._draft(batch, temps, k)
-        first = [len(s) - 1 for s in batch]
-        positions, slots, context = self._inputs(batch, first, k + 1)
-        tokens = torch.cat([torch.tensor([[s.last_token] for s in batch], device=self.device), draft_tokens], dim=1)
-        logits = self._run(self.target_step, tokens, positions, slots, context)  # [B, k + 1, V]
-        out, emitted = rejection_sample(probs(logits, temps), draft_p, draft_tokens, self.generator)
+            draft_tokens, draft_p = self._draft(batch, k)
+            tokens = torch.cat([torch.tensor([[s.last_token] for s in batch], device=self.device), draft_tokens], dim=1)
+        x = self._inputs(batch, [len(s) - 1 for s in batch], k + 1, tokens)
+        p, _ = self.target_step(x, draw=False)  # [B, k + 1, V]
+        out, emitted = rejection_sample(p, draft_p, draft_tokens, self.generator)
         out, emitted = out.tolist(), emitted.tolist()
         now = time.perf_counter()
         for s, row, n in zip(batch, out, emitted):
@@ -213,25 +212,21 @@ class Engine:
             self.stats.verify_rows += 1
             self.stats.emitted += len(s) - before
 
-    def _draft(self, batch: list[Sequence], temps: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _draft(self, batch: list[Sequence], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k draft tokens per sequence from the draft model and the distributions they were
         drawn from. Its first step re-reads the last two tokens: when the previous step accepted
         every draft, the draft model never saw the last one. (Position len - 2 may sit in a block
         shared through a common prefix; rewriting it touches only the draft's own cache, where a
         rounding difference can change a proposal but never an output.)"""
-        positions, slots, context = self._inputs(batch, [len(s) - 2 for s in batch], 2)  # len >= 2 after prefill
-        tokens = torch.tensor([s.token_ids[-2:] for s in batch])
-        logits = self._run(self.draft_step, tokens, positions, slots, context)[:, 1]
-        ps, ds = [], []
-        for i in range(k):
-            p = probs(logits, temps)
-            d = sample(p, self.generator)
-            ps.append(p)
-            ds.append(d)
-            if i + 1 == k:
-                break
-            positions, slots, context = self._inputs(batch, [len(s) + i for s in batch], 1)
-            logits = self._run(self.draft_step, d[:, None], positions, slots, context)[:, 0]
+        # len >= 2 after prefill
+        x = self._inputs(batch, [len(s) - 2 for s in batch], 2, [s.token_ids[-2:] for s in batch])
+        p, d = self.draft_step(x, self.generator)
+        ps, ds = [p[:, 1]], [d[:, 1]]
+        for i in range(1, k):
+            x = self._inputs(batch, [len(s) + i - 1 for s in batch], 1, ds[-1][:, None])
+            p, d = self.draft_step(x, self.generator)
+            ps.append(p[:, 0])
+            ds.append(d[:, 0])
         return torch.stack(ds, dim=1), torch.stack(ps, dim=1)
 
     def _account_kv(self) -> None:

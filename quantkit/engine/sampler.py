@@ -42,10 +42,13 @@ def sample(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.T
     it is graph-friendly and deterministic per row. p need not be normalized. A one-hot row
     gives exactly its argmax (every other ratio is 0).
     """
-    e = torch.empty_like(p, dtype=torch.float32).exponential_(generator=generator)
+    return race(p, torch.empty_like(p, dtype=torch.float32).exponential_(generator=generator))
+
+
+def race(p: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """sample()'s race with the exponentials e (the shape of p) drawn by the caller: argmax p / e."""
     # exponential_ may return 0 (-log(1 - u) at u = 0): 0 / 0 would be nan, and argmax takes nan
-    e.clamp_(min=torch.finfo(torch.float32).tiny)
-    return (p.float() / e).argmax(-1)
+    return (p.float() / e.clamp(min=torch.finfo(torch.float32).tiny)).argmax(-1)
 
 
 def rejection_sample(
