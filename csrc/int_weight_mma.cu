@@ -333,7 +333,7 @@ __device__ __noinline__ void add_partials(float* ws, u32* counters, const T* bia
     }
 }
 
-template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP>
+template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP, bool RBK>
 __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
                                 const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                                 float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int RB,
@@ -342,9 +342,11 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     constexpr int PARTS = BITS / 4;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int wid = blockIdx.x * W + (threadIdx.x >> 5);
-    const int total = RB * NS, begin = wid * per, end = min(total, begin + per);
+    // RBK: block b takes row block b, its warps `per` steps each; else the stream-K run of warp wid
+    const int begin = RBK ? blockIdx.x * NS + (threadIdx.x >> 5) * per : wid * per;
+    const int end = RBK ? min((blockIdx.x + 1) * NS, begin + per) : min(RB * NS, begin + per);
     pdl_trigger();
-    if (begin >= end) return;
+    if (!RBK && begin >= end) return;  // (RBK: every warp takes part in the block's sum)
 
     const T* xr[NT];
     bool xok[NT];
@@ -456,7 +458,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
         if (count > 1) add_partials(ws, counters, bias, y, rb, count, cmax, M, N, ldy);
     };
 
-    const int n = end - begin;
+    const int n = max(0, end - begin);
     Buf buf[D];
     if (XP) pdl_wait();
 #pragma unroll
@@ -465,7 +467,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     // Launched early (PDL), the first D steps of weights and scales stream in while the previous
     // kernel finishes: they are the layer's own, written before any kernel that could still run.
     if (!XP) pdl_wait();
-    int rb = begin / NS;
+    int rb = RBK ? (int)blockIdx.x : begin / NS;
     for (int i = 0; i < n; i += D) {
 #pragma unroll
         for (int d = 0; d < D; ++d) {
@@ -480,7 +482,12 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
             }
         }
     }
-    flush(rb);
+    if (RBK) {  // the block's W partial sums of its row block, added in warp order through shared memory
+        __shared__ float red[W * 8 * 32];
+        write_tile<T, NT, W>(acc, red, bias, y, ws, counters, M, N, ldy, rb, 0);
+    } else {
+        flush(rb);
+    }
 }
 
 // ---- batch kernel ----------------------------------------------------------------------------
@@ -610,21 +617,21 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     }
 }
 
-#define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB)                                               \
+#define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK)                                          \
     extern "C" __global__ void __launch_bounds__(W * 32, MB)                                                        \
-        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB(                          \
+        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB##_r##RBK(                 \
             const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws,            \
             u32* counters, int M, int N, int K, int NS, int RB, int ldx, int ldy, int tr, int sshift, int per,      \
             int cmax) {                                                                                             \
-        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP>(x, w, scales, zeros, bias, y, ws, counters, M, N, K,  \
-                                                               NS, RB, ldx, ldy, tr, sshift, per, cmax);            \
+        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP, RBK>(x, w, scales, zeros, bias, y, ws, counters, M, \
+                                                                    N, K, NS, RB, ldx, ldy, tr, sshift, per, cmax); \
     }
 // The production decode configuration (quantkit.kernels.int_weight_cuda.GEMV picks it).
-#define GEMV_ALL(SUFFIX, T, BITS, ASYM)                  \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 4, 1, 2, 8, 0, 2) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 1, 1, 2, 8, 0, 2) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 4, 1, 2, 8, 0, 2)
+#define GEMV_ALL(SUFFIX, T, BITS, ASYM)                     \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 0) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 4, 1, 2, 8, 0, 2, 0) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 1, 1, 2, 8, 0, 2, 0) \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 4, 1, 2, 8, 0, 2, 0)
 
 #define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \
@@ -656,5 +663,12 @@ ALL(bf16_b8_sym, __nv_bfloat16, 8, false)
 ALL(bf16_b8_asym, __nv_bfloat16, 8, true)
 
 // Variants of the decode kernel kept for dev/quick_w4.py (fp16, 4-bit, symmetric; csrc/NOTES.md has their timings).
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 1, 1)
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 1, 1, 0)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2, 0)
+// one block per row block (RBK), its warps' sums added in shared memory: no global fix-up
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 0, 2, 1)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2, 1)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 4, 8, 0, 1, 1)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 16, 0, 1, 1)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 4, 4, 0, 3, 1)
+GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 4, 0, 4, 1)

@@ -7,7 +7,7 @@ from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import prepare_int_weight, int_weight_matmul
 from quantkit.kernels import int_weight_cuda as iwc
 
-VARIANTS = {1: [(1, 2, 8, 0, 2)], 2: [(1, 2, 8, 0, 2)]}
+VARIANTS = {1: [(1, 2, 8, 0, 2, 0)], 2: [(1, 2, 8, 0, 2, 0)]}
 
 def graph_us(fn, sets, calls=40):
     s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())

@@ -1,10 +1,15 @@
-"""Dev aid: the W4A16 decode kernel (M = 1) on the 7B layer shapes, graph-timed with rotating weights
-(>= 200 MB per rotation, so L2 holds none), alone and after an RMSNorm as in the engine, with
-programmatic dependent launch off / on and several least-steps-per-warp settings."""
-import statistics, sys, torch
+"""Dev aid: decode-kernel variants (M = 1) on the 7B layer shapes, graph-timed with rotating weights
+(>= 200 MB per rotation, so L2 holds none), each launch after the small op that precedes it in the
+engine (RMSNorm before q/k/v, o and gate/up; SiLU * up before down), with programmatic dependent
+launch on. Variant = (EPI, D, W, XP, MB, RBK) as in quantkit.kernels.int_weight_cuda.GEMV."""
+import statistics, torch
 from quantkit.formats import IntSpec, pack_int32
-from quantkit.kernels import prepare_int_weight, cuda, engine_ops
+from quantkit.kernels import prepare_int_weight, engine_ops
 from quantkit.kernels import int_weight_cuda as iwc
+
+VARIANTS = [(1, 2, 8, 0, 2, 0), (1, 2, 8, 0, 2, 1), (1, 3, 8, 0, 2, 1), (1, 4, 8, 0, 1, 1), (1, 2, 16, 0, 1, 1),
+            (1, 4, 4, 0, 3, 1), (1, 2, 4, 0, 4, 1)]
+
 
 def graph_us(fn, sets, calls=40):
     s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
@@ -21,12 +26,12 @@ def graph_us(fn, sets, calls=40):
         a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1000 / calls)
     return statistics.median(ts)
 
+
 dev, dt = "cuda", torch.float16
 shapes = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
-mins = [int(a) for a in sys.argv[1:]] or [1, 2, 4, 8]
 spec = IntSpec(4, True, 128)
-print(torch.cuda.get_device_name())
-total = {}
+print(torch.cuda.get_device_name(), "| variant = (EPI, D, W, XP, MB, RBK) | us per (small op + gemv), error vs stream-K")
+best = {}
 for n, k in shapes:
     wbytes = n * k / 2 + n * k // 128 * 2
     sets = max(3, int(-(-200e6 // wbytes)))
@@ -38,19 +43,16 @@ for n, k in shapes:
     x = torch.randn(1, k, device=dev, dtype=dt)
     r = torch.randn(1, k, device=dev, dtype=dt)
     nw = torch.ones(k, device=dev, dtype=dt)
-    ref = iwc._matmul(x, pw[0], None)
-    row = f"{n}x{k} sets={sets}"
-    for mn in mins:
-        iwc.GEMV_MIN_STEPS_PER_WARP = mn
-        err = float((iwc._matmul(x, pw[0], None).float() - ref.float()).norm() / ref.float().norm())
-        for pdl in (False, True):
-            cuda.pdl_enabled = pdl
-            alone = graph_us(lambda i: iwc._matmul(x, pw[i], None), sets)
-            paired = graph_us(lambda i: iwc._matmul(engine_ops.add_rms_norm(x, r, nw, 1e-5)[0], pw[i], None), sets)
-            total[(mn, pdl)] = total.get((mn, pdl), 0.0) + paired
-            row += f" | min{mn} pdl{int(pdl)} {alone:5.1f} / +norm {paired:5.1f}"
-        row += f" e{err:.0e}"
-    print(row, flush=True)
+    gu = torch.randn(1, 2 * k, device=dev, dtype=dt)
+    pre = (lambda: engine_ops.silu_mul(gu[:, :k], gu[:, k:])) if k > 8192 else (lambda: engine_ops.add_rms_norm(x, r, nw, 1e-5)[0])
+    ref = iwc._matmul(x, pw[0], None, path="gemv", variant=VARIANTS[0]).float()
+    print(f"{n}x{k} ({wbytes / 1e6:.1f} MB, sets={sets}):", flush=True)
+    for v in VARIANTS:
+        err = float((iwc._matmul(x, pw[0], None, path="gemv", variant=v).float() - ref).norm() / ref.norm())
+        alone = graph_us(lambda i: iwc._matmul(x, pw[i], None, path="gemv", variant=v), sets)
+        paired = graph_us(lambda i: iwc._matmul(pre(), pw[i], None, path="gemv", variant=v), sets)
+        print(f"   {v}: alone {alone:6.1f}  after op {paired:6.1f}  ({wbytes / paired / 1e3:5.2f} TB/s)  err {err:.1e}", flush=True)
+        best.setdefault((n, k), []).append((paired, v))
     del pw; torch.cuda.empty_cache()
-print("per-layer sum (norm + gemv for each of the 4 shapes), us:",
-      "  ".join(f"min{mn}/pdl{int(p)} {v:.1f}" for (mn, p), v in sorted(total.items())))
+for key, rows in best.items():
+    print(key, "best:", min(rows))

@@ -37,8 +37,9 @@ GEMV_MIN_STEPS_5_16 = 8  # ... for 5-16 tokens only where each warp gets this ma
 #                          fix-up, M partial sums per warp, costs more than the mma kernel: H200, 4096x4096 at
 #                          M=8 8.5 us mma vs 11.2 us gemv, 28672x8192 at M=8 39.9 us gemv vs 67.8 us mma; at
 #                          M <= 4 the decode kernel wins everywhere: 11008x4096 at M=2 13.4 vs 17.8 us)
-GEMV = (1, 2, 8, 0, 2)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead, warps,
-#                         x loaded ahead, least resident blocks); csrc/NOTES.md has the variants' timings
+GEMV = (1, 2, 8, 0, 2, 0)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead,
+#                            warps, x loaded ahead, least resident blocks, one block per row block);
+#                            csrc/NOTES.md has the variants' timings
 GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
 MIN_STEPS_PER_WARP = 4  # K splits never leave a batch-kernel warp fewer 32-column units than this
 WARPS = 8  # per block of the mma and dequant kernels, as in the .cu
@@ -248,9 +249,10 @@ def _launch_blocks(name: str, threads: int, smem: int, device: torch.device) -> 
 
 
 def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...]) -> str:
-    epi, depth, warps, xp, mb = variant
+    epi, depth, warps, xp, mb, rbk = variant
     sps = int(w.tensors["table_shape"][0])
-    return f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}_b{mb}"
+    return (f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}"
+            f"_b{mb}_r{rbk}")
 
 
 def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device) -> int:
@@ -273,7 +275,7 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
             variant: tuple[int, ...] = GEMV) -> torch.Tensor:
     """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the gemv kernel's
-    (EPI, D, W, XP, MB), for benchmarks of the instantiated alternatives (see GEMV)."""
+    (EPI, D, W, XP, MB, RBK), for benchmarks of the instantiated alternatives (see GEMV)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
@@ -309,13 +311,17 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         name = _gemv_name(w, x.dtype, m, variant)
         ns = ks // U
         total = rb * ns
-        per = _gemv_per(w, name, warps, x.device)
-        cmax = (ns - 1) // per + 2
-        ws = torch.empty(rb * cmax * m * 32, dtype=torch.float32, device=x.device) if per % ns else None
+        if variant[5]:  # one block per row block, each warp `per` of its steps
+            per, cmax, ws, blocks = -(-ns // warps), 0, None, rb
+        else:
+            per = _gemv_per(w, name, warps, x.device)
+            cmax = (ns - 1) // per + 2
+            ws = torch.empty(rb * cmax * m * 32, dtype=torch.float32, device=x.device) if per % ns else None
+            blocks = -(-total // (per * warps))
         # launched early (PDL) the kernel reads its weights and scales before waiting for the previous
         # kernel: only once they were settled by an ordinary launch (the first, per dtype's tables)
         settled = f"gemv_{_DTYPES[x.dtype]}"
-        cuda.launch(name, "int_weight_mma", (-(-total // (per * warps)),), (32 * warps,),
+        cuda.launch(name, "int_weight_mma", (blocks,), (32 * warps,),
                     (*common, _null(ws), counters, np.int32(m), np.int32(n), np.int32(x2.shape[1]), np.int32(ns),
                      np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax)),
                     dependent=settled in w.state)
