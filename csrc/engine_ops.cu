@@ -127,23 +127,36 @@ __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const 
     }
 }
 
-// One block of NW warps per (row, q head); warp w takes keys w, w + NW, ... with an online
-// softmax (lane l holds elements l, l + 32, ... of the head, D <= 256), then the warps merge.
-// q [rows, Hq, D] contiguous; cache [slots, Hk, D]; context [B, C] slots (row's sequence =
+// One block of NW warps per (row, q head, split of KPS keys): a batch-1 decode step is Hq * splits
+// blocks, not Hq blocks each over the whole context (flash-decoding). Split sp takes the keys
+// sp KPS .. min((sp + 1) KPS, pos[row] + 1) - 1 (none when it starts past the row's position);
+// warp w takes the split's keys w KB .. w KB + KB - 1 (KB NW = KPS) with an online softmax (lane l
+// holds elements l, l + 32, ... of the head, D <= 256), then the warps merge. One split (C <= KPS): the
+// block writes out. Several: each block writes its partial (m, l, acc[D], unnormalised) to
+// ws [rows * Hq, splits, D + 2], and the last of a (row, head)'s blocks to finish merges them in
+// split order (the same bits whatever order the blocks ran in) and writes out; counters
+// [rows * Hq] count the finished blocks and are zero between launches (the last block resets its
+// own). q [rows, Hq, D] contiguous; cache [slots, Hk, D]; context [B, C] slots (row's sequence =
 // row / S); pos[row] = the row's position: it sees keys 0 .. pos[row].
-constexpr int ATTN_MAX_CONTEXT = 8192;
+constexpr int ATTN_KEYS_PER_SPLIT = 64;  // 8 warps x 8 keys: one memory latency per block
 template <typename T, int NW, int MAXE>
 __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long long* context, int C,
-                                const long long* pos, T* out, int S, int Hq, int Hk, int D, float scale) {
+                                const long long* pos, T* out, float* ws, int* counters, int S, int Hq, int Hk, int D,
+                                float scale) {
     pdl_start();
     // MAXE: elements per lane, D <= 32 MAXE
+    constexpr int KPS = ATTN_KEYS_PER_SPLIT;
     __shared__ float sm_m[NW], sm_l[NW], sm_acc[NW][256];
-    __shared__ int sm_slot[ATTN_MAX_CONTEXT];  // the row's slot list, so a key costs one dependent load, not two
+    __shared__ int sm_slot[KPS];  // the split's slot list, so a key costs one dependent load, not two
+    __shared__ int is_last;
     const int row = blockIdx.x / Hq, h = blockIdx.x % Hq, kvh = h / (Hq / Hk);
+    const int split = blockIdx.y, splits = gridDim.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const long long* ctx = context + (size_t)(row / S) * C;
-    const int last = (int)pos[row];  // < ATTN_MAX_CONTEXT (the wrapper checks C)
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) sm_slot[j] = (int)ctx[j];
+    // the split's keys first .. last: none (last < first) past the row's position, none past C (a
+    // position >= C sees the whole context, as in the torch twin)
+    const int first = split * KPS, last = min(min(first + KPS, C) - 1, (int)pos[row]);
+    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) sm_slot[j - first] = (int)ctx[j];
     __syncthreads();
     float qv[MAXE], acc[MAXE];
 #pragma unroll
@@ -155,12 +168,13 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     float m = neg_inf(), l = 0.0f;
     // KB keys per iteration, their loads issued before any is used: one memory latency per KB keys
     constexpr int KB = 8;
-    for (int j0 = warp * KB; j0 <= last; j0 += NW * KB) {
+    static_assert(KB * NW == KPS, "one iteration per warp: the split's loads all in flight at once");
+    for (int j0 = first + warp * KB; j0 <= last; j0 += NW * KB) {
         float kv[KB][MAXE], vv[KB][MAXE], dot[KB];
 #pragma unroll
         for (int u = 0; u < KB; ++u) {
             const int j = min(j0 + u, last);
-            const size_t base = ((size_t)sm_slot[j] * Hk + kvh) * D;
+            const size_t base = ((size_t)sm_slot[j - first] * Hk + kvh) * D;
 #pragma unroll
             for (int e = 0; e < MAXE; ++e) {
                 const int d = lane + 32 * e;
@@ -195,26 +209,58 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
         if (d < D) sm_acc[warp][d] = acc[e];
     }
     __syncthreads();
-    if (warp != 0) return;
+    // the warps' merge, thread d taking element d of the head (a warp with no keys: m = -inf)
+    const int d = threadIdx.x;
     float gm = neg_inf();
     for (int w = 0; w < NW; ++w) gm = fmaxf(gm, sm_m[w]);
     float gl = 0.0f;
     for (int w = 0; w < NW; ++w) gl += sm_m[w] == neg_inf() ? 0.0f : sm_l[w] * __expf(sm_m[w] - gm);
-#pragma unroll
-    for (int e = 0; e < MAXE; ++e) {
-        const int d = lane + 32 * e;
-        if (d >= D) continue;
-        float v = 0.0f;
+    float v = 0.0f;
+    if (d < D)
         for (int w = 0; w < NW; ++w) v += sm_m[w] == neg_inf() ? 0.0f : sm_acc[w][d] * __expf(sm_m[w] - gm);
-        out[((size_t)row * Hq + h) * D + d] = to<T>(v / gl);
+    T* o = out + (size_t)blockIdx.x * D;
+    if (splits == 1) {
+        if (d < D) o[d] = to<T>(v / gl);
+        return;
     }
+
+    // the split's partial (an empty split's: m = -inf, l = 0, acc = 0), then the last block to
+    // finish merges them all
+    const size_t stride = D + 2;
+    float* part = ws + (size_t)blockIdx.x * splits * stride;
+    if (d < D) part[(size_t)split * stride + 2 + d] = v;
+    if (d == 0) {
+        part[(size_t)split * stride] = gm;
+        part[(size_t)split * stride + 1] = gl;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) is_last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    // every thread merges the same m, l in split order (L2 reads: the other blocks wrote them)
+    gm = neg_inf();
+    for (int s = 0; s < splits; ++s) gm = fmaxf(gm, __ldcg(part + s * stride));
+    gl = 0.0f;
+    v = 0.0f;
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+        const float ms = __ldcg(part + s * stride);
+        if (ms == neg_inf()) continue;  // an empty split: adds nothing
+        const float c = __expf(ms - gm);
+        gl += __ldcg(part + s * stride + 1) * c;
+        if (d < D) v += __ldcg(part + s * stride + 2 + d) * c;
+    }
+    if (d < D) o[d] = to<T>(v / gl);
+    if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
 #define ATTENTION(SUFFIX, T, E)                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX##_e##E(                             \
-        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out, int S, \
-        int Hq, int Hk, int D, float scale) {                                                                       \
-        paged_attention<T, 8, E>(q, kc, vc, context, C, pos, out, S, Hq, Hk, D, scale);                             \
+        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out,        \
+        float* ws, int* counters, int S, int Hq, int Hk, int D, float scale) {                                      \
+        paged_attention<T, 8, E>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale);               \
     }
 #define OPS(SUFFIX, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##SUFFIX(const T* x, int ldx, const T* res, int ldr, const T* w,       \

@@ -627,11 +627,13 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
                                                                     N, K, NS, RB, ldx, ldy, tr, sshift, per, cmax); \
     }
 // The production decode configuration (quantkit.kernels.int_weight_cuda.GEMV picks it).
-#define GEMV_ALL(SUFFIX, T, BITS, ASYM)                     \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 0) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, 4, 1, 2, 8, 0, 2, 0) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 1, 1, 2, 8, 0, 2, 0) \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, 4, 1, 2, 8, 0, 2, 0)
+#define GEMV_SPS(SUFFIX, T, BITS, ASYM, SPS)                      \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0)  \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, SPS, 1, 2, 8, 0, 2, 0)  \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 4, 0, 4, 1)  \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 1)  \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 16, 0, 1, 1)
+#define GEMV_ALL(SUFFIX, T, BITS, ASYM) GEMV_SPS(SUFFIX, T, BITS, ASYM, 1) GEMV_SPS(SUFFIX, T, BITS, ASYM, 4)
 
 #define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \
@@ -665,10 +667,7 @@ ALL(bf16_b8_asym, __nv_bfloat16, 8, true)
 // Variants of the decode kernel kept for dev/quick_w4.py (fp16, 4-bit, symmetric; csrc/NOTES.md has their timings).
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 1, 1, 0)
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2, 0)
-// one block per row block (RBK), its warps' sums added in shared memory: no global fix-up
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 0, 2, 1)
+// one block per row block (RBK) with deeper prefetch
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2, 1)
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 4, 8, 0, 1, 1)
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 16, 0, 1, 1)
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 4, 4, 0, 3, 1)
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 4, 0, 4, 1)

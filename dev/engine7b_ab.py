@@ -1,7 +1,7 @@
 """Dev aid: the 7B-shaped engine with programmatic dependent launch off and on, one process:
 per-token time (128 + 128 tokens, batch 1), the graphed step with its input copies, and the bare
 graph replay (CUDA events), float16 and W4A16."""
-import sys, time, torch
+import os, sys, time, torch
 sys.path.insert(0, "scripts")
 from bench_engine import llama7b
 from quantkit.kernels import cuda
@@ -33,7 +33,7 @@ def replay_ms(engine):
 rows = []
 for which in sys.argv[1:] or ["float16", "w4a16"]:
     model = llama7b(which)
-    for pdl in (False, True):
+    for pdl in [m == "1" for m in os.environ.get("PDL_MODES", "0 1").split()]:
         cuda.pdl_enabled = pdl
         r = measure(model, list(range(100, 20000)), [Case(1, 128, 128)], EngineConfig())[0]
         step, rep = replay_ms(Engine(model, EngineConfig(max_model_len=512, kv_blocks=64)))
@@ -41,6 +41,6 @@ for which in sys.argv[1:] or ["float16", "w4a16"]:
         print(f"{which:8s} pdl={int(pdl)} TPOT {r['tpot_ms_mean']:.3f} ms  step+inputs {step:.3f} ms  replay {rep:.3f} ms", flush=True)
     del model
     torch.cuda.empty_cache()
-base = {w: t for w, p, t, s, r in rows if not p}
+base = {w: t for w, p, t, s, r in rows}
 for w, p, t, s, r in rows:
     print(f"| {w} | PDL {'on' if p else 'off'} | {t:.3f} | {s:.3f} | {r:.3f} | {base['float16'] / t if 'float16' in base else 0:.2f}x |")

@@ -149,3 +149,57 @@ def test_fused_paged_attention_matches_its_twin(dtype, b, s, hq, hk, d, c):
     ref = ops.paged_attention_reference(q, kc, vc, context, positions, d ** -0.5)
     err = float((out.float() - ref.float()).norm() / ref.float().norm())
     assert err < (3e-3 if dtype == torch.float16 else 2e-2)
+
+
+def _attention_case(dtype, b, s, hq, hk, d, c, positions):
+    """Random q and caches, scattered context slots; positions [B, S] -> the case's tensors."""
+    slots = b * c + 16
+    kc, vc = (torch.randn(slots, hk, d, device="cuda", dtype=dtype) for _ in range(2))
+    context = torch.stack([torch.randperm(slots, device="cuda")[:c] for _ in range(b)])
+    q = torch.randn(b * s, hq, d, device="cuda", dtype=dtype)
+    return q, kc, vc, context, torch.as_tensor(positions, device="cuda").reshape(-1)
+
+
+def test_the_split_size_is_the_kernels():
+    from quantkit.kernels.cuda import CSRC
+
+    assert f"ATTN_KEYS_PER_SPLIT = {ops.ATTN_KEYS_PER_SPLIT};" in (CSRC / "engine_ops.cu").read_text()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [80, 128, 256])
+@pytest.mark.parametrize("c", [1, 63, 64, 65, 256, 1000])
+def test_split_paged_attention_matches_its_twin(dtype, d, c):
+    # one split (C <= 64) and several, with rows at the context's end, at its start (all splits
+    # but the first empty) and between; GQA, and S > 1 tokens per sequence where C allows
+    torch.manual_seed(c)
+    s = 2 if c > 1 else 1
+    starts = [c - s, 0, int(torch.randint(0, c - s + 1, (1,))), min(c - s, 5)]
+    positions = [[p + i for i in range(s)] for p in starts]
+    q, kc, vc, context, pos = _attention_case(dtype, len(starts), s, 12, 4, d, c, positions)
+    out = ops.paged_attention(q, kc, vc, context, pos, d ** -0.5)
+    ref = ops.paged_attention_reference(q, kc, vc, context, pos, d ** -0.5)
+    assert torch.isfinite(out).all()
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert err < (3e-3 if dtype == torch.float16 else 2e-2)
+
+
+@gpu
+def test_split_paged_attention_is_deterministic_and_resets_its_counters():
+    # 16 splits per (row, head), merged in split order: the same bits whatever order the blocks
+    # finish in; the last block of each (row, head) zeroes its counter, so any later launch works
+    torch.manual_seed(0)
+    b, s, hq, hk, d, c = 8, 2, 32, 8, 128, 1000
+    starts = torch.randint(0, c - s + 1, (b,)).tolist()
+    case = _attention_case(torch.float16, b, s, hq, hk, d, c, [[p + i for i in range(s)] for p in starts])
+    first = ops.paged_attention(*case, d ** -0.5)
+    assert torch.equal(ops.paged_attention(*case, d ** -0.5), first)
+    # another row count, past the counters' first size (4096 (row, head) pairs) so they grow
+    b2 = 4096 // hq + 3
+    other = _attention_case(torch.float16, b2, 1, hq, hk, d, 300, torch.randint(0, 300, (b2, 1)))
+    out, ref = ops.paged_attention(*other, d ** -0.5).float(), ops.paged_attention_reference(*other, d ** -0.5).float()
+    assert float((out - ref).norm() / ref.norm()) < 3e-3
+    assert torch.equal(ops.paged_attention(*case, d ** -0.5), first)
+    torch.cuda.synchronize()
+    assert all(int(t.count_nonzero()) == 0 for t in ops._attn_counters[first.device])

@@ -166,6 +166,21 @@ def test_leading_dims_strided_input_and_repeat_calls_are_stable():
 
 
 @gpu
+@pytest.mark.parametrize("warps", [4, 8, 16])
+@pytest.mark.parametrize("spec", [IntSpec(4, True, 128), IntSpec(4, False, 32), IntSpec(8, True, None)], ids=str)
+@pytest.mark.parametrize("n,k", [(4096, 4096), (200, 4160), (33, 11008)])
+def test_row_block_decode_variants_match_the_reference(warps, spec, n, k):
+    """The one-block-per-row-block decode kernel (chosen by _gemv_variant for some shapes), forced."""
+    from quantkit.kernels.int_weight_cuda import ROW_BLOCK_GEMV, _matmul
+
+    cu, ref = _weights(n, k, spec, torch.float16, seed=warps + n)
+    for m in (1, 3, 4):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        y = _matmul(x, cu, None, path="gemv", variant=ROW_BLOCK_GEMV[warps])
+        assert _rel_err(y, int_weight_matmul(x, ref)) < 2e-3
+
+
+@gpu
 def test_early_launched_chains_equal_ordinary_launches():
     """Programmatic dependent launch: each kernel reads the previous one's output (norm -> decode
     kernel -> norm -> ...), captured in a CUDA graph; bit-identical to ordinary launches."""

@@ -16,7 +16,8 @@ from quantkit.kernels import cuda
 _SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
 _MODULE = "engine_ops"
 NORM_MAX_HIDDEN = 8192  # as in the .cu: 1024 threads x 8 registers
-ATTN_MAX_CONTEXT = 8192  # as in the .cu: the slot list in shared memory
+ATTN_KEYS_PER_SPLIT = 64  # as in the .cu: the keys of one attention block
+ATTN_MAX_CONTEXT = ATTN_KEYS_PER_SPLIT * 65535  # the splits are the grid's y dimension (at most 65535)
 
 
 def _fused(*tensors: torch.Tensor) -> bool:
@@ -104,11 +105,24 @@ def rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
 
 
 # ---- attention over the paged cache ------------------------------------------------------------
+_attn_counters: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def _attention_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed per-(row, head) counters of the split merge (each last block resets its own). Grown
+    ones are kept too: a CUDA graph captured earlier still holds the old pointer."""
+    held = _attn_counters.setdefault(device, [])
+    if not held or held[-1].numel() < count:
+        held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
+    return held[-1]
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: torch.Tensor,
                     positions: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B * S, Hq, D] (row b * S + s is token s of sequence b); context [B, C] int64: the cache
     slots of positions 0 .. C - 1 of each sequence; positions [B * S]: a row sees keys
-    0 .. positions[row]. Returns [B * S, Hq * D]."""
+    0 .. positions[row]. Returns [B * S, Hq * D]. The fused kernel splits the context into blocks
+    of ATTN_KEYS_PER_SPLIT keys (flash-decoding), so C is bounded only by ATTN_MAX_CONTEXT."""
     rows, hq, d = q.shape
     b, c = context.shape
     if rows % b:
@@ -117,9 +131,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return paged_attention_reference(q, k_cache, v_cache, context, positions, scale)
     out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
     per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu
-    cuda.launch(f"paged_attention_{_SUFFIX[q.dtype]}_e{per_lane}", _MODULE, (rows * hq,), (256,),
-                (q.contiguous(), k_cache, v_cache, context.contiguous(), np.int32(c), positions.contiguous(), out,
-                 np.int32(rows // b), np.int32(hq), np.int32(k_cache.shape[1]), np.int32(d), np.float32(scale)), dependent=True)
+    # from C, not from the positions: the same grid for every replay of a context bucket's CUDA graph
+    splits = max(-(-c // ATTN_KEYS_PER_SPLIT), 1)
+    ws = counters = np.uint64(0)  # one split writes out directly
+    if splits > 1:
+        ws = torch.empty(rows * hq, splits, d + 2, dtype=torch.float32, device=q.device)  # (m, l, acc[D]) per split
+        counters = _attention_counters(q.device, rows * hq)
+    cuda.launch(f"paged_attention_{_SUFFIX[q.dtype]}_e{per_lane}", _MODULE, (rows * hq, splits), (256,),
+                (q.contiguous(), k_cache, v_cache, context.contiguous(), np.int32(c), positions.contiguous(), out, ws,
+                 counters, np.int32(rows // b), np.int32(hq), np.int32(k_cache.shape[1]), np.int32(d),
+                 np.float32(scale)), dependent=True)
     return out.view(rows, hq * d)
 
 

@@ -41,6 +41,12 @@ GEMV = (1, 2, 8, 0, 2, 0)  # the decode kernel instantiated for every format: (s
 #                            warps, x loaded ahead, least resident blocks, one block per row block);
 #                            csrc/NOTES.md has the variants' timings
 GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
+# ... unless the weight has few enough 32-row blocks that one block of 4, 8 or 16 warps per row block gives the
+# GPU about this many warps; that variant adds its warps' sums in shared memory, not through a global fix-up
+# (H200, 7B shapes at M = 1 after the op before each, with PDL: 12288x4096 12.7 vs 14.7 us with 4 warps,
+# 4096x4096 7.1 vs 8.3 and 4096x11008 10.7 vs 11.9 with 16; 22016x4096 keeps stream-K, 19.3 us; dev/w4_engine_shapes.py)
+ROW_BLOCK_WARPS = 2048
+ROW_BLOCK_GEMV = {16: (1, 2, 16, 0, 1, 1), 8: (1, 2, 8, 0, 2, 1), 4: (1, 2, 4, 0, 4, 1)}
 MIN_STEPS_PER_WARP = 4  # K splits never leave a batch-kernel warp fewer 32-column units than this
 WARPS = 8  # per block of the mma and dequant kernels, as in the .cu
 U = 4  # column units per step, as in the .cu
@@ -174,15 +180,16 @@ def _table_args(w: PreparedIntWeight) -> tuple[np.int32, np.int32, np.int32]:
     return np.int32(w.tensors["table_rows"].shape[0]), np.int32(sshift), np.int32(sps)
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
+_counters: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def _tile_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed per-tile counters of the split-K fix-up (each last block resets its own)."""
-    c = _counters.get(device)
-    if c is None or c.numel() < count:
-        c = _counters[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-    return c
+    """Zeroed per-tile counters of the split-K fix-up (each last block resets its own). Grown ones
+    are kept too: a CUDA graph captured earlier still holds the old pointer."""
+    held = _counters.setdefault(device, [])
+    if not held or held[-1].numel() < count:
+        held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
+    return held[-1]
 
 
 def _null(t: torch.Tensor | None):
@@ -261,6 +268,18 @@ def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device)
     return max(GEMV_MIN_STEPS_PER_WARP, -(-rb * (ks // U) // (warps * _launch_blocks(name, 32 * warps, 0, device))))
 
 
+def _gemv_variant(w: PreparedIntWeight, m: int) -> tuple[int, ...]:
+    """The decode kernel's variant for this weight: for M <= 4, one block per row block (no global
+    fix-up) with 16, 8 or 4 warps where that gives the GPU between half of ROW_BLOCK_WARPS and
+    ROW_BLOCK_WARPS warps in all; else the stream-K kernel (GEMV)."""
+    rb = w.tensors["words"].shape[0]
+    if m <= 4:
+        for warps in (16, 8, 4):
+            if ROW_BLOCK_WARPS // 2 <= rb * warps <= ROW_BLOCK_WARPS:
+                return ROW_BLOCK_GEMV[warps]
+    return GEMV
+
+
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
     if m >= DENSE_MIN_M:
         return "dense"
@@ -273,9 +292,10 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
 
 
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
-            variant: tuple[int, ...] = GEMV) -> torch.Tensor:
+            variant: tuple[int, ...] | None = None) -> torch.Tensor:
     """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the gemv kernel's
-    (EPI, D, W, XP, MB, RBK), for benchmarks of the instantiated alternatives (see GEMV)."""
+    (EPI, D, W, XP, MB, RBK), for benchmarks of the instantiated alternatives (None: the
+    production choice, _gemv_variant)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
@@ -307,6 +327,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     if path == "gemv":
         if m > 16:
             raise ValueError(f"the gemv kernel takes at most 16 tokens, got {m}")
+        variant = variant or _gemv_variant(w, m)
         warps = variant[2]
         name = _gemv_name(w, x.dtype, m, variant)
         ns = ks // U
