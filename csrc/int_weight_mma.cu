@@ -333,11 +333,62 @@ __device__ __noinline__ void add_partials(float* ws, u32* counters, const T* bia
     }
 }
 
-template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP, bool RBK>
+// NORM (one token, M = 1): x is first put through the residual add and RMSNorm, as add_rms_norm
+// in engine_ops.cu computes it (h = T(x + res); out = T(nw * T(h * rsqrt(mean(h^2) + eps)))), by
+// every block into its shared memory (K <= the dynamic shared memory, 8 elements per thread and
+// pass), and block 0 writes h to h_out (the next residual; not when res is null). The norm's own
+// kernel, and its launch and memory round trip between two layers' linears, are gone.
+template <typename T>
+__device__ void norm_prologue(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ nw, float eps,
+                              T* __restrict__ h_out, int K, int Kp, T* xs) {
+    __shared__ float part[32];
+    float ss = 0.0f;
+    for (int i = threadIdx.x * 8; i < Kp; i += blockDim.x * 8) {
+        uint4 hv = make_uint4(0u, 0u, 0u, 0u);
+        if (i < K) {
+            hv = *reinterpret_cast<const uint4*>(x + i);
+            if (res != nullptr) {
+                const uint4 rv = *reinterpret_cast<const uint4*>(res + i);
+                T* h = reinterpret_cast<T*>(&hv);
+                const T* r = reinterpret_cast<const T*>(&rv);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) h[e] = from_float<T>(to_float<T>(h[e]) + to_float<T>(r[e]));
+                if (blockIdx.x == 0) *reinterpret_cast<uint4*>(h_out + i) = hv;
+            }
+        }
+        const T* h = reinterpret_cast<const T*>(&hv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) ss += to_float<T>(h[e]) * to_float<T>(h[e]);
+        *reinterpret_cast<uint4*>(xs + i) = hv;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    ss = 0.0f;
+    for (int wi = 0; wi < (int)(blockDim.x >> 5); ++wi) ss += part[wi];
+    const float inv = rsqrtf(ss / K + eps);
+    for (int i = threadIdx.x * 8; i < K; i += blockDim.x * 8) {
+        uint4 hv = *reinterpret_cast<const uint4*>(xs + i);
+        const uint4 wv = *reinterpret_cast<const uint4*>(nw + i);
+        T* h = reinterpret_cast<T*>(&hv);
+        const T* wn = reinterpret_cast<const T*>(&wv);
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            h[e] = from_float<T>(to_float<T>(wn[e]) * to_float<T>(from_float<T>(to_float<T>(h[e]) * inv)));
+        *reinterpret_cast<uint4*>(xs + i) = hv;
+    }
+    __syncthreads();
+}
+
+template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP, bool RBK, bool NORM>
 __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
                                 const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                                 float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int RB,
-                                int ldx, int ldy, int tr, int sshift, int per, int cmax) {
+                                int ldx, int ldy, int tr, int sshift, int per, int cmax, const T* __restrict__ res,
+                                const T* __restrict__ nw, float eps, T* __restrict__ h_out) {
+    extern __shared__ uint4 dyn_smem[];  // NORM: the normalized x, NS * 128 elements
+    T* xs = reinterpret_cast<T*>(dyn_smem);
     typedef typename Pair<T>::type T2;
     constexpr int PARTS = BITS / 4;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -346,7 +397,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     const int begin = RBK ? blockIdx.x * NS + (threadIdx.x >> 5) * per : wid * per;
     const int end = RBK ? min((blockIdx.x + 1) * NS, begin + per) : min(RB * NS, begin + per);
     pdl_trigger();
-    if (!RBK && begin >= end) return;  // (RBK: every warp takes part in the block's sum)
+    if (!RBK && !NORM && begin >= end) return;  // (RBK, NORM: every warp takes part in block-wide steps)
 
     const T* xr[NT];
     bool xok[NT];
@@ -368,7 +419,10 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int u = 0; u < U; ++u) xv[nt][u] = load_x(xr[nt], xok[nt], s * 128 + u * 32 + 8 * t, K, sizeof(T));
+            for (int u = 0; u < U; ++u)
+                xv[nt][u] = !NORM ? load_x(xr[nt], xok[nt], s * 128 + u * 32 + 8 * t, K, sizeof(T))
+                          : xok[nt] ? *reinterpret_cast<const uint4*>(xs + s * 128 + u * 32 + 8 * t)
+                                    : make_uint4(0u, 0u, 0u, 0u);
     };
     // The load cursor walks the run in order: step (lrb, ls) at wp.
     int lrb = begin / NS, ls = begin - lrb * NS;
@@ -467,6 +521,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     // Launched early (PDL), the first D steps of weights and scales stream in while the previous
     // kernel finishes: they are the layer's own, written before any kernel that could still run.
     if (!XP) pdl_wait();
+    if (NORM) norm_prologue<T>(x, res, nw, eps, h_out, K, NS * 128, xs);
     int rb = RBK ? (int)blockIdx.x : begin / NS;
     for (int i = 0; i < n; i += D) {
 #pragma unroll
@@ -485,7 +540,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     if (RBK) {  // the block's W partial sums of its row block, added in warp order through shared memory
         __shared__ float red[W * 8 * 32];
         write_tile<T, NT, W>(acc, red, bias, y, ws, counters, M, N, ldy, rb, 0);
-    } else {
+    } else if (n > 0) {  // (NORM: a warp past the end stayed for the prologue's barriers)
         flush(rb);
     }
 }
@@ -617,22 +672,29 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     }
 }
 
-#define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK)                                          \
+#define GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK, NORM)                                  \
     extern "C" __global__ void __launch_bounds__(W * 32, MB)                                                        \
-        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB##_r##RBK(                 \
+        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB##_r##RBK##_n##NORM(       \
             const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws,            \
             u32* counters, int M, int N, int K, int NS, int RB, int ldx, int ldy, int tr, int sshift, int per,      \
-            int cmax) {                                                                                             \
-        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP, RBK>(x, w, scales, zeros, bias, y, ws, counters, M, \
-                                                                    N, K, NS, RB, ldx, ldy, tr, sshift, per, cmax); \
+            int cmax, const T* res, const T* nw, float eps, T* h_out) {                                             \
+        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP, RBK, NORM>(x, w, scales, zeros, bias, y, ws,         \
+                                                                          counters, M, N, K, NS, RB, ldx, ldy, tr,  \
+                                                                          sshift, per, cmax, res, nw, eps, h_out);  \
     }
+#define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK) \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK, 0)
 // The production decode configuration (quantkit.kernels.int_weight_cuda.GEMV picks it).
-#define GEMV_SPS(SUFFIX, T, BITS, ASYM, SPS)                      \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0)  \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, SPS, 1, 2, 8, 0, 2, 0)  \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 4, 0, 4, 1)  \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 1)  \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 16, 0, 1, 1)
+#define GEMV_SPS(SUFFIX, T, BITS, ASYM, SPS)                             \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, SPS, 1, 2, 8, 0, 2, 0)         \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0, 0)    \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 4, 0, 4, 1, 0)    \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 1, 0)    \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 16, 0, 1, 1, 0)   \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0, 1)    \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 4, 0, 4, 1, 1)    \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 1, 1)    \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 16, 0, 1, 1, 1)
 #define GEMV_ALL(SUFFIX, T, BITS, ASYM) GEMV_SPS(SUFFIX, T, BITS, ASYM, 1) GEMV_SPS(SUFFIX, T, BITS, ASYM, 4)
 
 #define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                            \

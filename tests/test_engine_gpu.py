@@ -61,3 +61,27 @@ def test_half_precision_runs_and_batches_agree(tiny_model_dir):
     # the same prompt alone or beside others: the first token comes from identical prefill math
     alone = Engine(loaded, EngineConfig()).generate(prompts[:1], params)
     assert alone[0].output_ids[0] == together[0].output_ids[0]
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_quantized_decode_step_matches_transformers_forward(tiny_model_dir, tmp_path, graphs):
+    """A W4A16 checkpoint in float16, batch 1: the decode step (residual add + RMSNorm fused into
+    the decode kernel) gives the distribution transformers' forward gives on the same modules."""
+    from quantkit.api import load, quantize
+    from quantkit.nn.quant_linear import IntWeightLinear
+
+    quantize(str(tiny_model_dir), "w4a16-rtn", tmp_path / "w4", show_progress=False)
+    loaded = load(tmp_path / "w4")
+    loaded.model.to("cuda", torch.float16)
+    assert any(type(m) is IntWeightLinear for m in loaded.model.modules())
+    for prompt in _prompts(loaded):
+        engine = Engine(loaded, EngineConfig(cuda_graphs=graphs, block_size=8))
+        seq = engine.add(prompt, SamplingParams(max_tokens=4))
+        engine.step()  # prefill: the prompt's K/V cached, one token sampled
+        engine.blocks.append_slots(seq, 1)
+        x = engine._inputs([seq], [len(seq) - 1], 1, [[seq.last_token]])
+        x.temperature[:] = 1.0
+        p, _ = engine.target_step(x, draw=False)
+        with torch.no_grad():
+            logits = loaded.model(torch.tensor([seq.token_ids], device="cuda")).logits[0, -1].float()
+        assert float((p[0, 0] - torch.softmax(logits, -1)).abs().sum()) < 2e-2

@@ -181,6 +181,41 @@ def test_row_block_decode_variants_match_the_reference(warps, spec, n, k):
 
 
 @gpu
+@pytest.mark.parametrize("spec", [IntSpec(4, True, 128), IntSpec(4, False, 32), IntSpec(8, True, None)], ids=str)
+@pytest.mark.parametrize("n,k", [(4096, 4096), (12288, 4096), (200, 4160), (40, 64)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_fused_rms_norm_matmul_equals_the_two_steps(spec, n, k, with_residual):
+    """One token through residual add + RMSNorm + matmul in one launch (the row-block and stream-K
+    variants, by shape): h bit-identical to add_rms_norm's, y as close as the float sums allow."""
+    from quantkit.kernels import engine_ops
+    from quantkit.kernels.int_weight_cuda import rms_norm_matmul
+
+    cu, ref = _weights(n, k, spec, torch.float16, seed=n + k)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    r = torch.randn(1, k, device="cuda", dtype=torch.float16) if with_residual else None
+    nw = torch.rand(k, device="cuda", dtype=torch.float16) + 0.5
+    y, h = rms_norm_matmul(x, r, nw, 1e-5, cu)
+    normed, h_ref = engine_ops.add_rms_norm(x, r, nw, 1e-5)
+    assert torch.equal(h, h_ref)
+    assert _rel_err(y, int_weight_matmul(normed, ref)) < 2e-3
+    y2, _ = rms_norm_matmul(x, r, nw, 1e-5, cu)
+    assert torch.equal(y, y2)
+
+
+@gpu
+def test_fused_rms_norm_matmul_declines_what_it_cannot_take():
+    from quantkit.kernels.int_weight_cuda import rms_norm_matmul
+
+    cu, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16)
+    nw = torch.ones(512, device="cuda", dtype=torch.float16)
+    assert rms_norm_matmul(torch.randn(2, 512, device="cuda", dtype=torch.float16), None, nw, 1e-5, cu) is None
+    assert rms_norm_matmul(torch.randn(1, 512, device="cuda", dtype=torch.float32), None, nw, 1e-5, cu) is None
+    big, _ = _weights(64, 16384, IntSpec(4, True, 128), torch.float16)
+    assert rms_norm_matmul(torch.randn(1, 16384, device="cuda", dtype=torch.float16), None,
+                           torch.ones(16384, device="cuda", dtype=torch.float16), 1e-5, big) is None
+
+
+@gpu
 def test_early_launched_chains_equal_ordinary_launches():
     """Programmatic dependent launch: each kernel reads the previous one's output (norm -> decode
     kernel -> norm -> ...), captured in a CUDA graph; bit-identical to ordinary launches."""

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.engine.fusion import fuse
+from quantkit.nn.quant_linear import IntWeightLinear
 from quantkit.kernels import engine_ops as ops
 from quantkit.models.families import Family
 
@@ -56,6 +57,23 @@ class PrefillChunk:
     tokens: list[int]
     start: int
     context_slots: list[int]
+
+
+def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
+                 module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """module(RMSNorm(x + residual)) and x + residual: for one token through a quantized linear on
+    the CUDA kernel, one launch (the decode kernel normalizes its input itself), else two steps."""
+    if type(module) is IntWeightLinear and x.is_cuda and x.shape[0] == 1:
+        if module._prepared is None:
+            module.prepare()
+        if module._prepared.backend == "cuda":
+            from quantkit.kernels.int_weight_cuda import rms_norm_matmul
+
+            out = rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, module._prepared, module.bias)
+            if out is not None:
+                return out
+    h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    return module(h), residual
 
 
 class ModelRunner:
@@ -96,26 +114,26 @@ class ModelRunner:
         cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
         residual = None
         for i, block in enumerate(self.blocks):
-            norm = block.input_layernorm
-            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
             attn, fused = block.self_attn, self.fused[i]
             if "self_attn.qkv_proj" in fused:
                 module, sizes = fused["self_attn.qkv_proj"]
-                q, k, v = module(h).split(sizes, dim=-1)  # views sharing one row stride
+                qkv, residual = _norm_linear(x, residual, block.input_layernorm, module)
+                q, k, v = qkv.split(sizes, dim=-1)  # views sharing one row stride
             else:
+                norm = block.input_layernorm
+                h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
             q = ops.rope_cache(q, k, v, cos, sin, *self.cache[i], slots)
             x = attn.o_proj(attend(i, q))
+            mlp = block.mlp
+            if self.silu and "mlp.gate_up_proj" in fused:
+                module, sizes = fused["mlp.gate_up_proj"]
+                gate_up, residual = _norm_linear(x, residual, block.post_attention_layernorm, module)
+                x = mlp.down_proj(ops.silu_mul(*gate_up.split(sizes, dim=-1)))
+                continue
             norm = block.post_attention_layernorm
             h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
-            mlp = block.mlp
-            if not self.silu:
-                x = mlp(h)
-            elif "mlp.gate_up_proj" in fused:
-                module, sizes = fused["mlp.gate_up_proj"]
-                x = mlp.down_proj(ops.silu_mul(*module(h).split(sizes, dim=-1)))
-            else:
-                x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
+            x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h))) if self.silu else mlp(h)
         return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.variance_epsilon)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

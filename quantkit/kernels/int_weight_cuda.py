@@ -255,11 +255,11 @@ def _launch_blocks(name: str, threads: int, smem: int, device: torch.device) -> 
         name, "int_weight_mma", threads, smem)
 
 
-def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...]) -> str:
+def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...], norm: bool = False) -> str:
     epi, depth, warps, xp, mb, rbk = variant
     sps = int(w.tensors["table_shape"][0])
     return (f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}"
-            f"_b{mb}_r{rbk}")
+            f"_b{mb}_r{rbk}_n{int(norm)}")
 
 
 def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device) -> int:
@@ -291,8 +291,31 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
     return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_5_16 else "mma"
 
 
+NORM_MAX_K = 12288  # the fused RMSNorm keeps the normalized token in shared memory: 24 KB, beside the 16 KB of
+#                    the row-block variant's sums (48 KB in all without an opt-in)
+
+
+def rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    w: PreparedIntWeight, bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One token's residual add, RMSNorm and matmul in one decode-kernel launch:
+    h = x + residual (x when residual is None), y = RMSNorm(h) * norm_weight @ dequant(w)^T (+ bias);
+    returns (y, h), rounded as quantkit.kernels.engine_ops.add_rms_norm and then the matmul would.
+    None where the fused kernel does not apply (more than one token, act-order, K past NORM_MAX_K,
+    unaligned rows): the caller runs the two steps."""
+    k = w.shape[1]
+    kp = w.tensors["words"].shape[1] * 32
+    rows = [x] + ([residual] if residual is not None else [])
+    if (x.dtype not in _DTYPES or x.shape != (1, k) or "perm" in w.tensors or kp > NORM_MAX_K or k % 8
+            or any(t.dtype != x.dtype or t.shape != x.shape or t.stride(-1) != 1 or t.data_ptr() % 16 for t in rows)):
+        return None
+    h = torch.empty_like(x) if residual is not None else x
+    y = _matmul(x, w, bias, path="gemv", norm=(residual, norm_weight.to(x.dtype).contiguous(), float(eps), h))
+    return y, h
+
+
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
-            variant: tuple[int, ...] | None = None) -> torch.Tensor:
+            variant: tuple[int, ...] | None = None, norm: tuple | None = None) -> torch.Tensor:
     """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the gemv kernel's
     (EPI, D, W, XP, MB, RBK), for benchmarks of the instantiated alternatives (None: the
     production choice, _gemv_variant)."""
@@ -329,7 +352,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
             raise ValueError(f"the gemv kernel takes at most 16 tokens, got {m}")
         variant = variant or _gemv_variant(w, m)
         warps = variant[2]
-        name = _gemv_name(w, x.dtype, m, variant)
+        name = _gemv_name(w, x.dtype, m, variant, norm is not None)
         ns = ks // U
         total = rb * ns
         if variant[5]:  # one block per row block, each warp `per` of its steps
@@ -344,8 +367,9 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         settled = f"gemv_{_DTYPES[x.dtype]}"
         cuda.launch(name, "int_weight_mma", (blocks,), (32 * warps,),
                     (*common, _null(ws), counters, np.int32(m), np.int32(n), np.int32(x2.shape[1]), np.int32(ns),
-                     np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax)),
-                    dependent=settled in w.state)
+                     np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax),
+                     *_norm_args(norm)),
+                    shared_mem=0 if norm is None else ks * 32 * x.element_size(), dependent=settled in w.state)
         w.state[settled] = True
         return y.reshape(*lead, n)
 
@@ -363,6 +387,14 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
                  np.int32(ks // U), np.int32(x2.stride(0)), np.int32(n), tr, sshift, sps, np.int32(per_split)),
                 shared_mem=smem)
     return y.reshape(*lead, n)
+
+
+def _norm_args(norm: tuple | None) -> tuple:
+    """The decode kernel's fused-RMSNorm arguments (residual, weight, eps, h out), null when off."""
+    if norm is None:
+        return np.uint64(0), np.uint64(0), np.float32(0.0), np.uint64(0)
+    residual, weight, eps, h = norm
+    return (_null(residual), weight, np.float32(eps), h if residual is not None else np.uint64(0))
 
 
 def _available(device: torch.device, spec: IntSpec, dtype: torch.dtype | None) -> bool:
