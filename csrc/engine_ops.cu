@@ -239,18 +239,21 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     __syncthreads();
     if (!is_last) return;
     __threadfence();
-    // every thread merges the same m, l in split order (L2 reads: the other blocks wrote them)
+    // every thread merges the same m, l in split order (L2 reads: the other blocks wrote them), in
+    // one online pass without branches, so that the loads of 8 splits are in flight at once
     gm = neg_inf();
-    for (int s = 0; s < splits; ++s) gm = fmaxf(gm, __ldcg(part + s * stride));
     gl = 0.0f;
     v = 0.0f;
-#pragma unroll 4
+#pragma unroll 8
     for (int s = 0; s < splits; ++s) {
-        const float ms = __ldcg(part + s * stride);
-        if (ms == neg_inf()) continue;  // an empty split: adds nothing
-        const float c = __expf(ms - gm);
-        gl += __ldcg(part + s * stride + 1) * c;
-        if (d < D) v += __ldcg(part + s * stride + 2 + d) * c;
+        const float ms = __ldcg(part + s * stride), ls = __ldcg(part + s * stride + 1);
+        const float as = d < D ? __ldcg(part + s * stride + 2 + d) : 0.0f;
+        const float m_new = fmaxf(gm, ms);
+        const float shift = m_new == neg_inf() ? 0.0f : m_new;  // both empty so far: everything stays 0
+        const float c_old = __expf(gm - shift), c_new = __expf(ms - shift);
+        gl = gl * c_old + ls * c_new;
+        v = v * c_old + as * c_new;
+        gm = m_new;
     }
     if (d < D) o[d] = to<T>(v / gl);
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch

@@ -335,31 +335,44 @@ __device__ __noinline__ void add_partials(float* ws, u32* counters, const T* bia
 
 // NORM (one token, M = 1): x is first put through the residual add and RMSNorm, as add_rms_norm
 // in engine_ops.cu computes it (h = T(x + res); out = T(nw * T(h * rsqrt(mean(h^2) + eps)))), by
-// every block into its shared memory (K <= the dynamic shared memory, 8 elements per thread and
-// pass), and block 0 writes h to h_out (the next residual; not when res is null). The norm's own
-// kernel, and its launch and memory round trip between two layers' linears, are gone.
+// every block into its shared memory (K <= 12288), and block 0 writes h to h_out (the next
+// residual; not when res is null). The norm's own kernel, and its launch and memory round trip
+// between two layers' linears, are gone. A thread takes chunks of 8 elements, NORM_CHUNKS at a
+// time with all their loads in flight (a dependent round trip per chunk would cost more than the
+// norm kernel it replaces).
+constexpr int NORM_CHUNKS = 4;
 template <typename T>
 __device__ void norm_prologue(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ nw, float eps,
                               T* __restrict__ h_out, int K, int Kp, T* xs) {
     __shared__ float part[32];
+    const int stride = blockDim.x * 8;
     float ss = 0.0f;
-    for (int i = threadIdx.x * 8; i < Kp; i += blockDim.x * 8) {
-        uint4 hv = make_uint4(0u, 0u, 0u, 0u);
-        if (i < K) {
-            hv = *reinterpret_cast<const uint4*>(x + i);
-            if (res != nullptr) {
-                const uint4 rv = *reinterpret_cast<const uint4*>(res + i);
-                T* h = reinterpret_cast<T*>(&hv);
-                const T* r = reinterpret_cast<const T*>(&rv);
+    for (int base = threadIdx.x * 8; base < Kp; base += NORM_CHUNKS * stride) {
+        uint4 hv[NORM_CHUNKS], rv[NORM_CHUNKS];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) h[e] = from_float<T>(to_float<T>(h[e]) + to_float<T>(r[e]));
-                if (blockIdx.x == 0) *reinterpret_cast<uint4*>(h_out + i) = hv;
+        for (int c = 0; c < NORM_CHUNKS; ++c) {
+            const int i = base + c * stride;
+            hv[c] = rv[c] = make_uint4(0u, 0u, 0u, 0u);
+            if (i < K) {
+                hv[c] = *reinterpret_cast<const uint4*>(x + i);
+                if (res != nullptr) rv[c] = *reinterpret_cast<const uint4*>(res + i);
             }
         }
-        const T* h = reinterpret_cast<const T*>(&hv);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) ss += to_float<T>(h[e]) * to_float<T>(h[e]);
-        *reinterpret_cast<uint4*>(xs + i) = hv;
+        for (int c = 0; c < NORM_CHUNKS; ++c) {
+            const int i = base + c * stride;
+            if (i >= Kp) break;
+            T* h = reinterpret_cast<T*>(&hv[c]);
+            const T* r = reinterpret_cast<const T*>(&rv[c]);
+            if (res != nullptr) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) h[e] = from_float<T>(to_float<T>(h[e]) + to_float<T>(r[e]));
+                if (blockIdx.x == 0 && i < K) *reinterpret_cast<uint4*>(h_out + i) = hv[c];
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) ss += to_float<T>(h[e]) * to_float<T>(h[e]);
+            *reinterpret_cast<uint4*>(xs + i) = hv[c];
+        }
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
@@ -368,15 +381,23 @@ __device__ void norm_prologue(const T* __restrict__ x, const T* __restrict__ res
     ss = 0.0f;
     for (int wi = 0; wi < (int)(blockDim.x >> 5); ++wi) ss += part[wi];
     const float inv = rsqrtf(ss / K + eps);
-    for (int i = threadIdx.x * 8; i < K; i += blockDim.x * 8) {
-        uint4 hv = *reinterpret_cast<const uint4*>(xs + i);
-        const uint4 wv = *reinterpret_cast<const uint4*>(nw + i);
-        T* h = reinterpret_cast<T*>(&hv);
-        const T* wn = reinterpret_cast<const T*>(&wv);
+    for (int base = threadIdx.x * 8; base < K; base += NORM_CHUNKS * stride) {
+        uint4 wv[NORM_CHUNKS];
 #pragma unroll
-        for (int e = 0; e < 8; ++e)
-            h[e] = from_float<T>(to_float<T>(wn[e]) * to_float<T>(from_float<T>(to_float<T>(h[e]) * inv)));
-        *reinterpret_cast<uint4*>(xs + i) = hv;
+        for (int c = 0; c < NORM_CHUNKS; ++c)
+            if (base + c * stride < K) wv[c] = __ldg(reinterpret_cast<const uint4*>(nw + base + c * stride));
+#pragma unroll
+        for (int c = 0; c < NORM_CHUNKS; ++c) {
+            const int i = base + c * stride;
+            if (i >= K) break;
+            uint4 hv = *reinterpret_cast<const uint4*>(xs + i);
+            T* h = reinterpret_cast<T*>(&hv);
+            const T* wn = reinterpret_cast<const T*>(&wv[c]);
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                h[e] = from_float<T>(to_float<T>(wn[e]) * to_float<T>(from_float<T>(to_float<T>(h[e]) * inv)));
+            *reinterpret_cast<uint4*>(xs + i) = hv;
+        }
     }
     __syncthreads();
 }
