@@ -1,7 +1,7 @@
 """The decode step: the model forward of S tokens for each of B sequences, the distributions
 to sample from and one sampled token per position, eager or as a CUDA graph.
 
-    step = GraphedDecode(runner, scratch_slot, context_buckets)   # or DecodeStep(runner)
+    step = GraphedDecode(runner, scratch_slot, context_buckets)   # or DecodeStep(runner, scratch_slot)
     p, tokens = step(StepInputs(...), generator, draw=True)       # [B, S, V], [B, S]
 
 A step's host inputs (token ids, positions, cache slots, the context's slots, temperatures) are
