@@ -22,6 +22,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -77,9 +78,8 @@ class _Config(ctypes.Structure):  # CUlaunchConfig
 
 
 _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-_CTYPES = {np_name: c for np_name, c in (("uint64", ctypes.c_uint64), ("int64", ctypes.c_int64),
-                                          ("int32", ctypes.c_int32), ("uint32", ctypes.c_uint32),
-                                          ("float32", ctypes.c_float))}
+# numpy scalar type -> its struct code, padded to an 8-byte slot
+_FORMATS = {"uint64": "Q", "int64": "q", "int32": "ixxxx", "uint32": "Ixxxx", "float32": "fxxxx"}
 
 
 @functools.cache
@@ -109,23 +109,32 @@ def _pdl_supported() -> bool:
     return True
 
 
+@functools.cache
+def _slot_format(kind: type) -> str:
+    return _FORMATS[kind.__name__]
+
+
 def _launch_ex(function: int, grid, block, args, shared_mem: int, stream: int) -> None:
     grid, block = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
     attr = _Attr(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value.flag = 1
     config = _Config((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, stream,
                      ctypes.pointer(attr), 1)
-    values = []
-    for a in args:
-        a = _arg(a)
-        ctype = _CTYPES.get(getattr(getattr(a, "dtype", None), "name", None))
-        if ctype is None:
-            raise TypeError(f"kernel argument {a!r}: pass tensors or numpy int32/int64/uint64/float32 scalars")
-        values.append(ctype(a.item()))
-    params = (ctypes.c_void_p * len(values))(*(ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values))
+    # the arguments' values in one buffer, 8 bytes apart, and the array of pointers into it
+    # (one ctypes object per argument would cost more than the launch)
+    values = [_arg(a) for a in args]
+    try:
+        fmt = "<" + "".join([_slot_format(type(v)) for v in values])
+    except (AttributeError, KeyError):
+        raise TypeError("kernel arguments must be tensors or numpy int32/int64/uint32/uint64/float32 scalars, got "
+                        + ", ".join(type(v).__name__ for v in values)) from None
+    buf = ctypes.create_string_buffer(struct.pack(fmt, *values), 8 * len(values))
+    base = ctypes.addressof(buf)
+    params = (ctypes.c_void_p * len(values))(*range(base, base + 8 * len(values), 8))
     err = _driver().cuLaunchKernelEx(ctypes.byref(config), function, params, None)
     if err:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
+
 
 
 @functools.cache
