@@ -1,4 +1,5 @@
-"""Dev aid: the 7B-shaped engine with programmatic dependent launch off and on, one process:
+"""Dev aid: the 7B-shaped engine with programmatic dependent launch off and on (PDL_MODES) and
+asynchronous decoding off and on (ASYNC_MODES, the per-token times only), one process:
 per-token time (128 + 128 tokens, batch 1), the graphed step with its input copies, and the bare
 graph replay (CUDA events), float16 and W4A16."""
 import os, sys, time, torch
@@ -35,7 +36,9 @@ for which in sys.argv[1:] or ["float16", "w4a16"]:
     model = llama7b(which)
     for pdl in [m == "1" for m in os.environ.get("PDL_MODES", "0 1").split()]:
         cuda.pdl_enabled = pdl
-        r = measure(model, list(range(100, 20000)), [Case(1, 128, 128)], EngineConfig())[0]
+        for asy in [m == "1" for m in os.environ.get("ASYNC_MODES", "0").split()]:
+            r = measure(model, list(range(100, 20000)), [Case(1, 128, 128)], EngineConfig(async_decode=asy))[0]
+            print(f"{which:8s} pdl={int(pdl)} async={int(asy)} TPOT {r['tpot_ms_mean']:.3f} ms", flush=True)
         step, rep = replay_ms(Engine(model, EngineConfig(max_model_len=512, kv_blocks=64)))
         rows.append((which, pdl, r["tpot_ms_mean"], step, rep))
         print(f"{which:8s} pdl={int(pdl)} TPOT {r['tpot_ms_mean']:.3f} ms  step+inputs {step:.3f} ms  replay {rep:.3f} ms", flush=True)

@@ -39,8 +39,10 @@ def tiny(tiny_model_dir):
 
 @pytest.mark.parametrize("config", [EngineConfig(block_size=16),
                                     EngineConfig(block_size=4, kv_blocks=30, max_num_seqs=3),  # forces preemption
-                                    EngineConfig(block_size=1, max_batched_tokens=8)],
-                         ids=["roomy", "preempting", "one-token-blocks"])
+                                    EngineConfig(block_size=1, max_batched_tokens=8),
+                                    EngineConfig(block_size=16, async_decode=True),
+                                    EngineConfig(block_size=4, kv_blocks=30, max_num_seqs=3, async_decode=True)],
+                         ids=["roomy", "preempting", "one-token-blocks", "async", "async-preempting"])
 def test_greedy_equals_transformers_generate(tiny, config):
     prompts = _prompts(tiny) * 2
     expected = [_hf_greedy(tiny, p, 32) for p in prompts]
@@ -48,6 +50,7 @@ def test_greedy_equals_transformers_generate(tiny, config):
     seqs = engine.generate(prompts, _greedy(32, tiny.model.config.eos_token_id))
     assert [s.output_ids for s in seqs] == expected
     assert engine.blocks.num_used == 0
+    assert (engine.stats.pipelined > 0) == config.async_decode
     if config.kv_blocks == 30:
         assert sum(s.num_preemptions for s in seqs) > 0, "the small pool should have forced a preemption"
 
@@ -66,6 +69,39 @@ def test_speculative_greedy_equals_plain_greedy(tiny, tiny_model_dir, tmp_path, 
     assert [s.output_ids for s in seqs] == plain
     assert engine.stats.verify_rows > 0 and engine.stats.proposed == engine.stats.verify_rows * k
     assert engine.blocks.num_used == 0
+
+
+def test_async_decode_equals_plain_decode_with_stops_and_arrivals(tiny):
+    """Pipelined decode steps (each launched before the previous one's tokens are read) give the
+    same tokens as plain stepping: sequences stopping on a stop token mid-pipeline, reaching
+    max_tokens, arriving while a step is in flight, a pool small enough to stop the pipeline."""
+    prompts = _prompts(tiny) * 2
+    base = Engine(tiny, EngineConfig(block_size=4)).generate(prompts, SamplingParams(max_tokens=24))
+    stop = base[0].output_ids[3]  # a token greedy decoding does produce
+    params = [SamplingParams(max_tokens=m, stop_token_ids=(stop,)) for m in (5, 24, 13, 1, 24, 8, 2, 17)]
+    results = []
+    for async_decode in (False, True):
+        engine = Engine(tiny, EngineConfig(block_size=4, kv_blocks=40, max_num_seqs=3, async_decode=async_decode))
+        seqs = [engine.add(p, sp) for p, sp in zip(prompts[:4], params[:4])]
+        steps = 0
+        while engine.scheduler.has_work():
+            engine.step()
+            steps += 1
+            if steps == 3:
+                seqs += [engine.add(p, sp) for p, sp in zip(prompts[4:], params[4:])]
+        assert engine._inflight is None and engine.blocks.num_used == 0
+        assert (engine.stats.pipelined > 0) == async_decode
+        results.append([s.output_ids for s in seqs])
+    assert results[0] == results[1]
+    assert any(o and o[-1] == stop for o in results[0]), "some sequence stopped on the stop token"
+    assert all(len(o) <= sp.max_tokens and stop not in o[:-1] for o, sp in zip(results[1], params))
+
+
+def test_async_sampling_is_reproducible(tiny):
+    params = SamplingParams(temperature=0.8, max_tokens=20)
+    runs = [[s.output_ids for s in Engine(tiny, EngineConfig(seed=5, async_decode=True)).generate(_prompts(tiny), params)]
+            for _ in range(2)]
+    assert runs[0] == runs[1] and all(len(o) == 20 for o in runs[0])
 
 
 def test_a_model_drafting_for_itself_is_always_accepted(tiny):

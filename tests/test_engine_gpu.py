@@ -26,8 +26,8 @@ def _prompts(loaded):
     return [loaded.tokenizer(t)["input_ids"] for t in texts]
 
 
-@pytest.mark.parametrize("graphs", [True, False])
-def test_graphed_greedy_equals_transformers_generate(tiny_cuda, graphs):
+@pytest.mark.parametrize("graphs,async_decode", [(True, False), (False, False), (True, True)])
+def test_graphed_greedy_equals_transformers_generate(tiny_cuda, graphs, async_decode):
     eos = tiny_cuda.model.config.eos_token_id
     prompts = _prompts(tiny_cuda)
     expected = []
@@ -35,9 +35,10 @@ def test_graphed_greedy_equals_transformers_generate(tiny_cuda, graphs):
         out = tiny_cuda.model.generate(torch.tensor([p], device="cuda"), max_new_tokens=24, do_sample=False,
                                        eos_token_id=eos, pad_token_id=eos)
         expected.append(out[0, len(p):].tolist())
-    engine = Engine(tiny_cuda, EngineConfig(cuda_graphs=graphs, block_size=8))
+    engine = Engine(tiny_cuda, EngineConfig(cuda_graphs=graphs, block_size=8, async_decode=async_decode))
     seqs = engine.generate(prompts, SamplingParams(max_tokens=24, stop_token_ids=(eos,)))
     assert [s.output_ids for s in seqs] == expected
+    assert (engine.stats.pipelined > 0) == async_decode
 
 
 @pytest.mark.parametrize("mode", ["ngram", "draft"])

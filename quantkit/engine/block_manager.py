@@ -143,6 +143,10 @@ class BlockManager:
     def can_append(self, seq: Sequence, n: int = 1) -> bool:
         return self._blocks_to_append(seq, n) <= self.num_free
 
+    def can_append_all(self, seqs: list[Sequence], n: int = 1) -> bool:
+        """Whether append_slots(seq, n) succeeds for every one of seqs, one after another."""
+        return sum(self._blocks_to_append(seq, n) for seq in seqs) <= self.num_free
+
     def append_slots(self, seq: Sequence, n: int = 1) -> None:
         """Make the table cover the n positions a step writes from the last token on:
         len(seq) - 1 .. len(seq) + n - 2 (n = 1 for decode, 1 + drafts for speculation)."""

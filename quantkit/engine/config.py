@@ -12,7 +12,10 @@ class EngineConfig:
     """block_size: tokens per KV block. kv_blocks: size of the KV pool; None sizes it from
     kv_memory_fraction of the GPU memory left after loading (CPU: enough for max_num_seqs
     sequences of max_model_len). speculative: "ngram" (prompt lookup) or "draft" (a second,
-    smaller or quantized model) proposing num_draft tokens per step."""
+    smaller or quantized model) proposing num_draft tokens per step. async_decode (plain decoding
+    only): launch each decode step before the previous step's tokens reach the host, feeding it
+    those tokens on the device, so that the host's bookkeeping overlaps the GPU (quantkit.engine.
+    engine.Engine._advance). Off by default until its speed is measured on a GPU (BENCHMARKS.md)."""
 
     block_size: int = 16
     kv_blocks: int | None = None
@@ -24,6 +27,7 @@ class EngineConfig:
     speculative: str = "none"
     num_draft: int = 4
     seed: int = 0
+    async_decode: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "max_model_len", "num_draft"):

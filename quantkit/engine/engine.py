@@ -23,7 +23,7 @@ from quantkit.engine.config import EngineConfig
 from quantkit.engine.runner import ModelRunner, PrefillChunk, Shape
 from quantkit.engine.sampler import probs, propose_ngram, rejection_sample, sample
 from quantkit.engine.scheduler import Scheduler
-from quantkit.engine.sequence import SamplingParams, Sequence
+from quantkit.engine.sequence import SamplingParams, Sequence, Status
 from quantkit.engine.step import DecodeStep, GraphedDecode, StepInputs
 from quantkit.models.loader import LoadedModel
 
@@ -36,6 +36,7 @@ class Stats:
     accepted: int = 0  # draft tokens accepted
     verify_rows: int = 0  # sequence-steps of speculative verification
     emitted: int = 0  # tokens those steps emitted
+    pipelined: int = 0  # decode steps launched before the previous step's tokens were read (async_decode)
     kv_used: list[int] = field(default_factory=list)  # per decode step: positions holding live tokens
     kv_allocated: list[int] = field(default_factory=list)  # per decode step: positions in used blocks
 
@@ -58,6 +59,22 @@ def _attention_window(config) -> int | None:
     if window is None or getattr(config, "use_sliding_window", True) is False:
         return None
     return int(window)
+
+
+_PLACEHOLDER = -1  # the token of a pipelined step, until its value reaches the host
+
+
+@dataclass
+class _InFlight:
+    """A launched decode step: its sequences, the sampled tokens on the device and their host
+    copy (with the event that says it arrived). rows: the host copy's rows of these sequences
+    (None: all, in order; a subset once some sequences stopped before this step was read)."""
+
+    batch: list[Sequence]
+    tokens: torch.Tensor
+    host: torch.Tensor
+    event: torch.cuda.Event | None
+    rows: list[int] | None = None
 
 
 class Engine:
@@ -86,6 +103,7 @@ class Engine:
         self.device = device
         self.scratch = blocks * config.block_size
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self._inflight: _InFlight | None = None  # the launched decode step not yet read (async_decode)
         self.stats = Stats()
         # the decode step of the target and the draft: graphed on a GPU
         if config.cuda_graphs and device.type == "cuda":
@@ -120,15 +138,20 @@ class Engine:
 
     def step(self) -> list[Sequence]:
         """One scheduler step; returns the sequences that finished in it."""
+        if self._inflight is not None:
+            return self._advance()
         batch, is_prefill = self.scheduler.schedule()
         if not batch:
             return []
         if is_prefill:
             self._prefill(batch)
-        elif self.config.speculative == "none":
-            self._decode_step(batch)
-        else:
+        elif self.config.speculative != "none":
             self._speculative_step(batch)
+        elif self.config.async_decode:
+            self._inflight = self._launch(batch, [[s.last_token] for s in batch])
+            return self._advance()
+        else:
+            self._decode_step(batch)
         return self.scheduler.finish_step(batch)
 
     # ---- steps ---------------------------------------------------------------------------------
@@ -183,6 +206,72 @@ class Engine:
         now = time.perf_counter()
         for s, t in zip(batch, new):
             self._append(s, [t], now)
+
+    # ---- asynchronous decoding --------------------------------------------------------------
+    # Step t is launched; before its tokens are read back, step t + 1 is scheduled and launched
+    # with them as input on the device (each sequence holds a placeholder for the unknown token
+    # meanwhile); then step t's tokens are read and accounted. The host's work for one step thus
+    # runs while the GPU computes the next. Step t + 1 is launched only when it is certain to
+    # be a decode step of the same sequences that needs no preemption: nothing is waiting, no
+    # sequence reaches max_tokens with step t's token and the free blocks cover every next
+    # position. A sequence that stops on a stop token in step t has had step t + 1 computed for
+    # nothing: its token is dropped, and the K/V that step wrote went to a block it just freed,
+    # at a position no committed (shareable) block holds.
+    def _launch(self, batch: list[Sequence], tokens) -> _InFlight:
+        self.stats.steps_decode += 1
+        self._account_kv()
+        x = self._inputs(batch, [len(s) - 1 for s in batch], 1, tokens)
+        _, new = self.target_step(x, self.generator)
+        new = new[:, 0]
+        if new.is_cuda:
+            host = torch.empty(new.shape, dtype=new.dtype, pin_memory=True)
+            host.copy_(new, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = new, None
+        return _InFlight(batch, new, host, event)
+
+    def _advance(self) -> list[Sequence]:
+        cur, self._inflight = self._inflight, None
+        batch = cur.batch
+        pipelined = (not self.scheduler.waiting and len(batch) == len(self.scheduler.running)
+                     and all(s.num_output + 1 < s.params.max_tokens for s in batch))
+        if pipelined:
+            for s in batch:
+                s.token_ids.append(_PLACEHOLDER)
+                s.num_cached = len(s) - 1
+            if self.blocks.can_append_all(batch, 1):
+                following, is_prefill = self.scheduler.schedule()
+                assert not is_prefill and following == batch, "a pipelined step is the same decode batch"
+                self._inflight = self._launch(batch, cur.tokens[:, None])
+                self.stats.pipelined += 1
+            else:
+                for s in batch:
+                    s.token_ids.pop()
+                    s.num_cached = len(s) - 1
+                pipelined = False
+        if cur.event is not None:
+            cur.event.synchronize()
+        now = time.perf_counter()
+        values = cur.host.tolist()
+        if cur.rows is not None:
+            values = [values[i] for i in cur.rows]
+        for s, t in zip(batch, values):
+            if pipelined:
+                s.token_ids[-1] = int(t)
+                s.token_times.append(now)
+            else:
+                self._append(s, [t], now)
+        finished = self.scheduler.finish_step(batch)
+        if self._inflight is not None and finished:
+            # sequences that stopped in step t: step t + 1's rows for them are dropped
+            keep = [i for i, s in enumerate(batch) if s.status is not Status.FINISHED]
+            nxt = self._inflight
+            index = torch.tensor(keep, dtype=torch.long, device=nxt.tokens.device)
+            self._inflight = _InFlight([batch[i] for i in keep], nxt.tokens[index], nxt.host, nxt.event,
+                                       keep) if keep else None
+        return finished
 
     def _speculative_step(self, batch: list[Sequence]) -> None:
         self.stats.steps_decode += 1
