@@ -155,11 +155,12 @@ def speed(
     cuda_graphs: bool = True,
     text: str = DEFAULT_EVALUATION,
     progress=None,
+    async_decode: bool = False,
 ) -> list[dict]:
     """Latency and throughput through quantkit's engine (quantkit.engine.speed), one row per
     (batch size, prompt length, output length).
     device None: the GPU when there is one. dtype: the activations' (and float weights') dtype, default
-    float16 on a GPU and float32 on the CPU."""
+    float16 on a GPU and float32 on the CPU. async_decode: see quantkit.engine.config.EngineConfig."""
     from quantkit.engine.config import EngineConfig
     from quantkit.engine.speed import Case, measure
     from quantkit.models.loader import DTYPES
@@ -173,7 +174,8 @@ def speed(
     prompts = (prompt_len,) if isinstance(prompt_len, int) else tuple(prompt_len)
     outputs = (output_len,) if isinstance(output_len, int) else tuple(output_len)
     cases = [Case(b, p, o) for p in prompts for o in outputs for b in batch_sizes]  # validates before loading anything
-    config = EngineConfig(speculative=speculative, num_draft=num_draft, cuda_graphs=cuda_graphs)
+    config = EngineConfig(speculative=speculative, num_draft=num_draft, cuda_graphs=cuda_graphs,
+                          async_decode=async_decode)
     if speculative == "draft" and draft is None:
         raise ValueError("--speculative draft needs --draft MODEL")
 

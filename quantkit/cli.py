@@ -112,12 +112,14 @@ def eval_(
     num_draft: Annotated[int, typer.Option("--num-draft", help="--speed: draft tokens per step")] = 4,
     device: Annotated[Optional[str], typer.Option("--device", help="--speed: cuda or cpu (default: cuda when present)")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="--speed: float16, bfloat16 or float32 (default: float16 on a GPU)")] = None,
+    async_decode: Annotated[bool, typer.Option("--async-decode", help="--speed: launch each decode step before the previous step's tokens are read back")] = False,
 ) -> None:
     """Perplexity of a model or quantized checkpoint on held-out texts (or, with --speed, its speed)."""
     from quantkit import api
 
     if speed:
-        _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json)
+        _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json,
+               async_decode)
         return
 
     datasets = tuple(data) if data else api.DEFAULT_EVAL_DATA
@@ -153,14 +155,16 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
         _fail(f"{option} must be comma-separated integers, got {text!r}")
 
 
-def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json) -> None:
+def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json,
+           async_decode=False) -> None:
     from quantkit import api
 
     sizes, prompts, outputs = (_ints("--batch-sizes", batch_sizes), _ints("--prompt-len", prompt_len),
                                _ints("--output-len", output_len))
     with err.status("measuring speed") as status:
         rows = _run(api.speed, None if model == "default" else model, sizes, prompts, outputs, speculative,
-                    num_draft, draft, device, dtype, progress=lambda c: status.update(f"batch {c.batch}, {c.prompt} + {c.output} tokens"))
+                    num_draft, draft, device, dtype, progress=lambda c: status.update(f"batch {c.batch}, {c.prompt} + {c.output} tokens"),
+                    async_decode=async_decode)
     if as_json:
         _emit_json({"model": rows[0]["model"], "device": rows[0]["device"], "results": rows})
         return

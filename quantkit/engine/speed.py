@@ -84,6 +84,7 @@ def run_case(engine: Engine, prompts: list[list[int]], output: int) -> dict:
         "kv_blocks_allocated_peak": max(st.kv_allocated, default=0) // engine.config.block_size,
         "kv_blocks_total": engine.blocks.num_blocks,
         "preemptions": sum(s.num_preemptions for s in seqs),
+        "pipelined_steps": st.pipelined,
     }
 
 
@@ -105,7 +106,8 @@ def measure(target: LoadedModel, text_tokens: list[int], cases: list[Case], conf
         engine.stats = type(engine.stats)()
         row = run_case(engine, prompts, case.output)
         rows.append({"batch": case.batch, "prompt": case.prompt, "output": case.output,
-                     "speculative": cfg.speculative, "num_draft": cfg.num_draft if cfg.speculative != "none" else 0, **row})
+                     "speculative": cfg.speculative, "num_draft": cfg.num_draft if cfg.speculative != "none" else 0,
+                     "async_decode": cfg.async_decode, **row})
         del engine
         if target.model.device.type == "cuda":
             torch.cuda.empty_cache()
