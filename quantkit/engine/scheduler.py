@@ -128,6 +128,10 @@ class Scheduler:
         batch: list[Sequence] = []  # always running[:len(batch)]
         while len(batch) < len(self.running):
             seq = self.running[len(batch)]
+            if self.blocks.can_append(seq, n):  # the common case, checked once
+                self.blocks.append_slots(seq, n)
+                batch.append(seq)
+                continue
             while not self.blocks.can_append(seq, n) and self.running[-1] is not seq:
                 self._preempt(self.running.pop())
             if self.blocks.can_append(seq, n):
