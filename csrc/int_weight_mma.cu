@@ -705,18 +705,22 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     }
 #define GEMV_KERNEL(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK) \
     GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK, 0)
-// The production decode configuration (quantkit.kernels.int_weight_cuda.GEMV picks it).
-#define GEMV_SPS(SUFFIX, T, BITS, ASYM, SPS)                             \
-    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, SPS, 1, 2, 8, 0, 2, 0)         \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0, 0)    \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 4, 0, 4, 1, 0)    \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 1, 0)    \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 16, 0, 1, 1, 0)   \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0, 1)    \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 4, 0, 4, 1, 1)    \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 1, 1)    \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 16, 0, 1, 1, 1)
-#define GEMV_ALL(SUFFIX, T, BITS, ASYM) GEMV_SPS(SUFFIX, T, BITS, ASYM, 1) GEMV_SPS(SUFFIX, T, BITS, ASYM, 4)
+// The production decode kernels (quantkit.kernels.int_weight_cuda.GEMV and _gemv_variant pick them). Every format
+// and both scale-set layouts get the stream-K kernel for 1-8 and 9-16 tokens.
+#define GEMV_BASE(SUFFIX, T, BITS, ASYM, SPS)                         \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0)      \
+    GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, SPS, 1, 2, 8, 0, 2, 0)
+// 4-bit formats with one scale set per step (groups of 128 columns or more) also get the row-block variants and
+// the fused-RMSNorm kernels the engine uses at batch 1; instantiating them for every format and layout made the
+// module three times as long to compile.
+#define GEMV_ENGINE(SUFFIX, T, BITS, ASYM)                                \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 4, 0, 4, 1, 0)     \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 1, 0)     \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 16, 0, 1, 1, 0)    \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 0, 1)     \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 4, 0, 4, 1, 1)     \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 1, 1)     \
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 16, 0, 1, 1, 1)
 
 #define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \
@@ -735,22 +739,19 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
         const uint4* w, const T* scales, const T* zeros, T* out, int RB, int NS, int tr, int sshift, int sps) {   \
         int_weight_dequant<T, BITS, ASYM>(w, scales, zeros, out, RB, NS, tr, sshift, sps);                        \
     }
-#define ALL(SUFFIX, T, BITS, ASYM) \
-    GEMV_ALL(SUFFIX, T, BITS, ASYM) MMA_NTS(SUFFIX, T, BITS, ASYM) DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
+#define ALL(SUFFIX, T, BITS, ASYM)                                                     \
+    GEMV_BASE(SUFFIX, T, BITS, ASYM, 1) GEMV_BASE(SUFFIX, T, BITS, ASYM, 4)             \
+    MMA_NTS(SUFFIX, T, BITS, ASYM) DEQUANT_KERNEL(SUFFIX, T, BITS, ASYM)
 
-ALL(f16_b4_sym, __half, 4, false)
-ALL(f16_b4_asym, __half, 4, true)
+ALL(f16_b4_sym, __half, 4, false) GEMV_ENGINE(f16_b4_sym, __half, 4, false)
+ALL(f16_b4_asym, __half, 4, true) GEMV_ENGINE(f16_b4_asym, __half, 4, true)
 ALL(f16_b8_sym, __half, 8, false)
 ALL(f16_b8_asym, __half, 8, true)
-ALL(bf16_b4_sym, __nv_bfloat16, 4, false)
-ALL(bf16_b4_asym, __nv_bfloat16, 4, true)
+ALL(bf16_b4_sym, __nv_bfloat16, 4, false) GEMV_ENGINE(bf16_b4_sym, __nv_bfloat16, 4, false)
+ALL(bf16_b4_asym, __nv_bfloat16, 4, true) GEMV_ENGINE(bf16_b4_asym, __nv_bfloat16, 4, true)
 ALL(bf16_b8_sym, __nv_bfloat16, 8, false)
 ALL(bf16_b8_asym, __nv_bfloat16, 8, true)
 
 // Variants of the decode kernel kept for dev/quick_w4.py (fp16, 4-bit, symmetric; csrc/NOTES.md has their timings).
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 1, 1, 0)
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2, 0)
-// one block per row block (RBK) with deeper prefetch
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2, 1)
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 4, 8, 0, 1, 1)
-GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 4, 4, 0, 3, 1)

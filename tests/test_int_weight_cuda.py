@@ -165,9 +165,24 @@ def test_leading_dims_strided_input_and_repeat_calls_are_stable():
     assert _rel_err(y1, int_weight_matmul(x.contiguous(), ref)) < 2e-3
 
 
+ENGINE_SPECS = [IntSpec(4, True, 128), IntSpec(4, False, 256), IntSpec(4, True, None)]  # the row-block / fused kernels
+
+
+@gpu
+@pytest.mark.parametrize("spec", [IntSpec(4, False, 32), IntSpec(4, True, 64), IntSpec(8, True, 128)], ids=str)
+def test_formats_without_the_engine_kernels_take_the_stream_k_kernel(spec):
+    from quantkit.kernels.int_weight_cuda import GEMV, _gemv_variant, rms_norm_matmul
+
+    cu, ref = _weights(4096, 4096, spec, torch.float16)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    assert _gemv_variant(cu, 1) == GEMV
+    assert rms_norm_matmul(x, None, torch.ones(4096, device="cuda", dtype=torch.float16), 1e-5, cu) is None
+    assert _rel_err(int_weight_matmul(x, cu), int_weight_matmul(x, ref)) < 2e-3
+
+
 @gpu
 @pytest.mark.parametrize("warps", [4, 8, 16])
-@pytest.mark.parametrize("spec", [IntSpec(4, True, 128), IntSpec(4, False, 32), IntSpec(8, True, None)], ids=str)
+@pytest.mark.parametrize("spec", ENGINE_SPECS, ids=str)
 @pytest.mark.parametrize("n,k", [(4096, 4096), (200, 4160), (33, 11008)])
 def test_row_block_decode_variants_match_the_reference(warps, spec, n, k):
     """The one-block-per-row-block decode kernel (chosen by _gemv_variant for some shapes), forced."""
@@ -181,7 +196,7 @@ def test_row_block_decode_variants_match_the_reference(warps, spec, n, k):
 
 
 @gpu
-@pytest.mark.parametrize("spec", [IntSpec(4, True, 128), IntSpec(4, False, 32), IntSpec(8, True, None)], ids=str)
+@pytest.mark.parametrize("spec", ENGINE_SPECS, ids=str)
 @pytest.mark.parametrize("n,k", [(4096, 4096), (12288, 4096), (200, 4160), (40, 64)])
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_fused_rms_norm_matmul_equals_the_two_steps(spec, n, k, with_residual):

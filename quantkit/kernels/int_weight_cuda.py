@@ -268,12 +268,19 @@ def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device)
     return max(GEMV_MIN_STEPS_PER_WARP, -(-rb * (ks // U) // (warps * _launch_blocks(name, 32 * warps, 0, device))))
 
 
+def _engine_kernels(w: PreparedIntWeight) -> bool:
+    """Whether the row-block and fused-RMSNorm decode kernels are instantiated for this weight:
+    4-bit, one scale set per step (groups of 128 columns or more; GEMV_ENGINE in the .cu)."""
+    return w.spec.bits == 4 and int(w.tensors["table_shape"][0]) == 1
+
+
 def _gemv_variant(w: PreparedIntWeight, m: int) -> tuple[int, ...]:
-    """The decode kernel's variant for this weight: for M <= 4, one block per row block (no global
-    fix-up) with 16, 8 or 4 warps where that gives the GPU between half of ROW_BLOCK_WARPS and
-    ROW_BLOCK_WARPS warps in all; else the stream-K kernel (GEMV)."""
+    """The decode kernel's variant for this weight: for M <= 4 (and the formats _engine_kernels
+    names), one block per row block (no global fix-up) with 16, 8 or 4 warps where that gives the
+    GPU between half of ROW_BLOCK_WARPS and ROW_BLOCK_WARPS warps in all; else the stream-K
+    kernel (GEMV)."""
     rb = w.tensors["words"].shape[0]
-    if m <= 4:
+    if m <= 4 and _engine_kernels(w):
         for warps in (16, 8, 4):
             if ROW_BLOCK_WARPS // 2 <= rb * warps <= ROW_BLOCK_WARPS:
                 return ROW_BLOCK_GEMV[warps]
@@ -302,7 +309,10 @@ def rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     h = x + residual (x when residual is None), y = RMSNorm(h) * norm_weight @ dequant(w)^T (+ bias);
     returns (y, h), rounded as quantkit.kernels.engine_ops.add_rms_norm and then the matmul would.
     None where the fused kernel does not apply (more than one token, act-order, K past NORM_MAX_K,
-    unaligned rows): the caller runs the two steps."""
+    unaligned rows, formats without the fused kernel: see _engine_kernels): the caller runs the two
+    steps."""
+    if not _engine_kernels(w):
+        return None
     k = w.shape[1]
     kp = w.tensors["words"].shape[1] * 32
     rows = [x] + ([residual] if residual is not None else [])
