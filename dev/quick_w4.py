@@ -2,27 +2,14 @@
 
 python dev/quick_w4.py [M ...]: per shape and M, fp16 cuBLAS, then each decode-kernel variant (EPI, D, W) for
 M <= 16, the batch (mma) kernel and the dense path, with speedups and effective weight bandwidth."""
-import statistics, sys, torch
+import sys, torch
+from graph_timing import graph_us
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import prepare_int_weight, int_weight_matmul
 from quantkit.kernels import int_weight_cuda as iwc
 
 VARIANTS = {1: [(1, 2, 8, 0, 2, 0)], 2: [(1, 2, 8, 0, 2, 0)]}
 
-def graph_us(fn, sets, calls=40):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3): fn(i % sets)
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls): fn(i % sets)
-    for _ in range(3): g.replay()
-    ts = []
-    for _ in range(15):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(ts)
 
 dev = "cuda"; dt = torch.float16
 shapes = [(28672, 8192), (8192, 28672), (11008, 4096), (4096, 4096)]

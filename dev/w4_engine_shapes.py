@@ -2,29 +2,14 @@
 (>= 200 MB per rotation, so L2 holds none), each launch after the small op that precedes it in the
 engine (RMSNorm before q/k/v, o and gate/up; SiLU * up before down), with programmatic dependent
 launch on. Variant = (EPI, D, W, XP, MB, RBK) as in quantkit.kernels.int_weight_cuda.GEMV."""
-import statistics, torch
+import torch
+from graph_timing import graph_us
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import prepare_int_weight, engine_ops
 from quantkit.kernels import int_weight_cuda as iwc
 
 # the instantiated ones (the deeper-prefetch row-block variants of csrc/NOTES.md were measured and removed)
 VARIANTS = [(1, 2, 8, 0, 2, 0), (1, 2, 8, 0, 2, 1), (1, 2, 16, 0, 1, 1), (1, 2, 4, 0, 4, 1)]
-
-
-def graph_us(fn, sets, calls=40):
-    s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(3): fn(i % sets)
-    torch.cuda.current_stream().wait_stream(s); torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls): fn(i % sets)
-    for _ in range(3): g.replay()
-    ts = []
-    for _ in range(15):
-        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
-        a.record(); g.replay(); b.record(); b.synchronize(); ts.append(a.elapsed_time(b) * 1000 / calls)
-    return statistics.median(ts)
 
 
 dev, dt = "cuda", torch.float16
