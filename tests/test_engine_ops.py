@@ -11,6 +11,7 @@ from torch import nn
 from quantkit.engine.fusion import fuse
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.formats.qparams import quantize_rtn
+from quantkit.kernels import cuda
 from quantkit.kernels import engine_ops as ops
 from quantkit.nn.quant_linear import IntWeightLinear
 
@@ -202,4 +203,4 @@ def test_split_paged_attention_is_deterministic_and_resets_its_counters():
     assert float((out - ref).norm() / ref.norm()) < 3e-3
     assert torch.equal(ops.paged_attention(*case, d ** -0.5), first)
     torch.cuda.synchronize()
-    assert all(int(t.count_nonzero()) == 0 for t in ops._attn_counters[first.device])
+    assert all(int(t.count_nonzero()) == 0 for t in cuda._counters[("paged_attention", first.device)])

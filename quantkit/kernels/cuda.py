@@ -137,6 +137,19 @@ def _launch_ex(function: int, grid, block, args, shared_mem: int, stream: int) -
 
 
 
+_counters: dict[tuple[str, torch.device], list[torch.Tensor]] = {}
+
+
+def counters(owner: str, device: torch.device, count: int) -> torch.Tensor:
+    """At least `count` zeroed int32 counters through which `owner`'s kernels find the last block
+    of a split to arrive (that block resets its own, so they are zero between launches). Grown
+    arrays are kept alive: a CUDA graph captured earlier still holds the old pointer."""
+    held = _counters.setdefault((owner, device), [])
+    if not held or held[-1].numel() < count:
+        held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
+    return held[-1]
+
+
 @functools.cache
 def resident_blocks(kernel_name: str, module_name: str, threads: int, shared_mem: int) -> int:
     """How many blocks of this launch shape one multiprocessor holds at once (CUDA's occupancy calculator)."""

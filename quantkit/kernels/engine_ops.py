@@ -105,18 +105,6 @@ def rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
 
 
 # ---- attention over the paged cache ------------------------------------------------------------
-_attn_counters: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _attention_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed per-(row, head) counters of the split merge (each last block resets its own). Grown
-    ones are kept too: a CUDA graph captured earlier still holds the old pointer."""
-    held = _attn_counters.setdefault(device, [])
-    if not held or held[-1].numel() < count:
-        held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: torch.Tensor,
                     positions: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B * S, Hq, D] (row b * S + s is token s of sequence b); context [B, C] int64: the cache
@@ -136,7 +124,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ws = counters = np.uint64(0)  # one split writes out directly
     if splits > 1:
         ws = torch.empty(rows * hq, splits, d + 2, dtype=torch.float32, device=q.device)  # (m, l, acc[D]) per split
-        counters = _attention_counters(q.device, rows * hq)
+        counters = cuda.counters("paged_attention", q.device, rows * hq)
     cuda.launch(f"paged_attention_{_SUFFIX[q.dtype]}_e{per_lane}", _MODULE, (rows * hq, splits), (256,),
                 (q.contiguous(), k_cache, v_cache, context.contiguous(), np.int32(c), positions.contiguous(), out, ws,
                  counters, np.int32(rows // b), np.int32(hq), np.int32(k_cache.shape[1]), np.int32(d),

@@ -180,18 +180,6 @@ def _table_args(w: PreparedIntWeight) -> tuple[np.int32, np.int32, np.int32]:
     return np.int32(w.tensors["table_rows"].shape[0]), np.int32(sshift), np.int32(sps)
 
 
-_counters: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def _tile_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed per-tile counters of the split-K fix-up (each last block resets its own). Grown ones
-    are kept too: a CUDA graph captured earlier still holds the old pointer."""
-    held = _counters.setdefault(device, [])
-    if not held or held[-1].numel() < count:
-        held.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
-    return held[-1]
-
-
 def _null(t: torch.Tensor | None):
     return np.uint64(0) if t is None else t
 
@@ -355,7 +343,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     x2 = _rows_in_place(x2, perm)
     suffix = _suffix(w, x.dtype)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    counters = _tile_counters(x.device, rb)
+    counters = cuda.counters("int_weight", x.device, rb)
     common = (x2, words, scales, _null(zeros), _null(b), y)
     if path == "gemv":
         if m > 16:
@@ -393,7 +381,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     splits = -(-ks // per_split)
     ws = torch.empty(splits, m, rb * 32, dtype=torch.float32, device=x.device) if splits > 1 else None
     cuda.launch(name, "int_weight_mma", (rb, splits, zchunks), (32 * WARPS,),
-                (*common, _null(ws), _tile_counters(x.device, tiles), np.int32(m), np.int32(n), np.int32(x2.shape[1]),
+                (*common, _null(ws), cuda.counters("int_weight", x.device, tiles), np.int32(m), np.int32(n), np.int32(x2.shape[1]),
                  np.int32(ks // U), np.int32(x2.stride(0)), np.int32(n), tr, sshift, sps, np.int32(per_split)),
                 shared_mem=smem)
     return y.reshape(*lead, n)
