@@ -147,11 +147,9 @@ class Engine:
             self._prefill(batch)
         elif self.config.speculative != "none":
             self._speculative_step(batch)
-        elif self.config.async_decode:
+        else:
             self._inflight = self._launch(batch, [[s.last_token] for s in batch])
             return self._advance()
-        else:
-            self._decode_step(batch)
         return self.scheduler.finish_step(batch)
 
     # ---- steps ---------------------------------------------------------------------------------
@@ -197,18 +195,9 @@ class Engine:
             tokens = np.array(tokens, dtype=np.int64).reshape(len(batch), count)
         return StepInputs(tokens, positions, slots, context, temps)
 
-    def _decode_step(self, batch: list[Sequence]) -> None:
-        self.stats.steps_decode += 1
-        self._account_kv()
-        x = self._inputs(batch, [len(s) - 1 for s in batch], 1, [[s.last_token] for s in batch])
-        _, new = self.target_step(x, self.generator)
-        new = new[:, 0].tolist()
-        now = time.perf_counter()
-        for s, t in zip(batch, new):
-            self._append(s, [t], now)
-
-    # ---- asynchronous decoding --------------------------------------------------------------
-    # Step t is launched; before its tokens are read back, step t + 1 is scheduled and launched
+    # ---- decoding -----------------------------------------------------------------------------
+    # A decode step is launched (_launch), then read back and accounted (_advance). With
+    # async_decode, before step t's tokens are read back, step t + 1 is scheduled and launched
     # with them as input on the device (each sequence holds a placeholder for the unknown token
     # meanwhile); then step t's tokens are read and accounted. The host's work for one step thus
     # runs while the GPU computes the next. Step t + 1 is launched only when it is certain to
@@ -235,7 +224,8 @@ class Engine:
     def _advance(self) -> list[Sequence]:
         cur, self._inflight = self._inflight, None
         batch = cur.batch
-        pipelined = (not self.scheduler.waiting and len(batch) == len(self.scheduler.running)
+        pipelined = (self.config.async_decode and not self.scheduler.waiting
+                     and len(batch) == len(self.scheduler.running)
                      and all(s.num_output + 1 < s.params.max_tokens for s in batch))
         if pipelined:
             for s in batch:
