@@ -64,12 +64,11 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.
     """module(RMSNorm(x + residual)) and x + residual: for one token through a quantized linear on
     the CUDA kernel, one launch (the decode kernel normalizes its input itself), else two steps."""
     if type(module) is IntWeightLinear and x.is_cuda and x.shape[0] == 1:
-        if module._prepared is None:
-            module.prepare()
-        if module._prepared.backend == "cuda":
+        weight = module.prepared()
+        if weight.backend == "cuda":
             from quantkit.kernels.int_weight_cuda import rms_norm_matmul
 
-            out = rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, module._prepared, module.bias)
+            out = rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, weight, module.bias)
             if out is not None:
                 return out
     h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)

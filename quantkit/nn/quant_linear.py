@@ -67,10 +67,14 @@ class IntWeightLinear(nn.Module):
         self._prepared = None  # moved or cast: the kernel layout must be rebuilt
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepared(self) -> PreparedIntWeight:
+        """The weight in the kernel's layout, prepared on first use."""
         if self._prepared is None:
             self.prepare()
-        return int_weight_matmul(x, self._prepared, self.bias)
+        return self._prepared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int_weight_matmul(x, self.prepared(), self.bias)
 
     def extra_repr(self) -> str:
         s = self.spec
