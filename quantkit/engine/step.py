@@ -77,7 +77,7 @@ class InputBuffers:
     def fill(self, x: StepInputs) -> None:
         on_gpu = self.device.type == "cuda"
         # a fresh pinned twin per fill: PyTorch's host allocator reuses it only after its copy ran
-        host = torch.empty(self.size, dtype=torch.int64, pin_memory=on_gpu) if on_gpu else self.dev
+        host = torch.empty(self.size, dtype=torch.int64, pin_memory=True) if on_gpu else self.dev
         tokens, positions, slots, context, temperature = self._views(host.numpy(), np)
         n, s, c = x.shape
         host_tokens = isinstance(x.tokens, np.ndarray)
