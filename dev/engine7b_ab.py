@@ -31,19 +31,20 @@ def replay_ms(engine):
     return 1e3 * med(t_step), med(t_rep)
 
 
-rows = []
-for which in sys.argv[1:] or ["float16", "w4a16"]:
-    model = llama7b(which)
-    for pdl in [m == "1" for m in os.environ.get("PDL_MODES", "0 1").split()]:
-        cuda.pdl_enabled = pdl
-        for asy in [m == "1" for m in os.environ.get("ASYNC_MODES", "0").split()]:
-            r = measure(model, list(range(100, 20000)), [Case(1, 128, 128)], EngineConfig(async_decode=asy))[0]
-            print(f"{which:8s} pdl={int(pdl)} async={int(asy)} TPOT {r['tpot_ms_mean']:.3f} ms", flush=True)
-        step, rep = replay_ms(Engine(model, EngineConfig(max_model_len=512, kv_blocks=64)))
-        rows.append((which, pdl, r["tpot_ms_mean"], step, rep))
-        print(f"{which:8s} pdl={int(pdl)} TPOT {r['tpot_ms_mean']:.3f} ms  step+inputs {step:.3f} ms  replay {rep:.3f} ms", flush=True)
-    del model
-    torch.cuda.empty_cache()
-base = {w: t for w, p, t, s, r in rows}
-for w, p, t, s, r in rows:
-    print(f"| {w} | PDL {'on' if p else 'off'} | {t:.3f} | {s:.3f} | {r:.3f} | {base['float16'] / t if 'float16' in base else 0:.2f}x |")
+if __name__ == "__main__":
+    rows = []
+    for which in sys.argv[1:] or ["float16", "w4a16"]:
+        model = llama7b(which)
+        for pdl in [m == "1" for m in os.environ.get("PDL_MODES", "0 1").split()]:
+            cuda.pdl_enabled = pdl
+            for asy in [m == "1" for m in os.environ.get("ASYNC_MODES", "0").split()]:
+                r = measure(model, list(range(100, 20000)), [Case(1, 128, 128)], EngineConfig(async_decode=asy))[0]
+                print(f"{which:8s} pdl={int(pdl)} async={int(asy)} TPOT {r['tpot_ms_mean']:.3f} ms", flush=True)
+            step, rep = replay_ms(Engine(model, EngineConfig(max_model_len=512, kv_blocks=64)))
+            rows.append((which, pdl, r["tpot_ms_mean"], step, rep))
+            print(f"{which:8s} pdl={int(pdl)} TPOT {r['tpot_ms_mean']:.3f} ms  step+inputs {step:.3f} ms  replay {rep:.3f} ms", flush=True)
+        del model
+        torch.cuda.empty_cache()
+    base = {w: t for w, p, t, s, r in rows}
+    for w, p, t, s, r in rows:
+        print(f"| {w} | PDL {'on' if p else 'off'} | {t:.3f} | {s:.3f} | {r:.3f} | {base['float16'] / t if 'float16' in base else 0:.2f}x |")
