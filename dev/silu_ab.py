@@ -1,7 +1,7 @@
 """Dev aid: the decode kernel's SiLU prologue on and off (silu_mul's own kernel before the down
 projection), 7B-shaped W4A16, one process: per-token time (128 + 128, batch 1, async decoding)
 and graph replay, alternating the modes twice."""
-import sys, torch
+import sys
 sys.path.insert(0, "scripts")
 sys.path.insert(0, "dev")
 from bench_engine import llama7b
