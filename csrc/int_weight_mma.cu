@@ -333,19 +333,13 @@ __device__ __noinline__ void add_partials(float* ws, u32* counters, const T* bia
     }
 }
 
-// Prologues (one token, M = 1): the kernel's input is computed from the previous kernels' outputs by
-// every block into its shared memory (K <= 12288), so that the op's own kernel, and its launch
-// and memory round trip between two linears, are gone. A thread takes chunks of 8 elements,
-// NORM_CHUNKS at a time with all their loads in flight (a dependent round trip per chunk would
-// cost more than the kernel it replaces).
-//   PRO_NORM: the residual add and RMSNorm, as add_rms_norm in engine_ops.cu computes it
-//     (h = T(x + res); input = T(nw * T(h * rsqrt(mean(h^2) + eps)))); block 0 writes h to h_out
-//     (the next residual; not when res is null).
-//   PRO_SILU: x is the gate and res the up half of a fused gate/up output; input = T(T(silu(x)) * res)
-//     as silu_mul in engine_ops.cu rounds it, but with the fast exp and division: every block
-//     computes all K of them, and with torch's expf and IEEE division that took longer than
-//     silu_mul's own kernel (at K = 11008, 7B's down projection).
-constexpr int PRO_NORM = 1, PRO_SILU = 2;  // (0: no prologue, x read as it is)
+// NORM (one token, M = 1): x is first put through the residual add and RMSNorm, as add_rms_norm
+// in engine_ops.cu computes it (h = T(x + res); out = T(nw * T(h * rsqrt(mean(h^2) + eps)))), by
+// every block into its shared memory (K <= 12288), and block 0 writes h to h_out (the next
+// residual; not when res is null). The norm's own kernel, and its launch and memory round trip
+// between two layers' linears, are gone. A thread takes chunks of 8 elements, NORM_CHUNKS at a
+// time with all their loads in flight (a dependent round trip per chunk would cost more than the
+// norm kernel it replaces).
 constexpr int NORM_CHUNKS = 4;
 template <typename T>
 __device__ void norm_prologue(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ nw, float eps,
@@ -408,45 +402,13 @@ __device__ void norm_prologue(const T* __restrict__ x, const T* __restrict__ res
     __syncthreads();
 }
 
-template <typename T>
-__device__ void silu_prologue(const T* __restrict__ g, const T* __restrict__ u, int K, int Kp, T* xs) {
-    const int stride = blockDim.x * 8;
-    for (int base = threadIdx.x * 8; base < Kp; base += NORM_CHUNKS * stride) {
-        uint4 gv[NORM_CHUNKS], uv[NORM_CHUNKS];
-#pragma unroll
-        for (int c = 0; c < NORM_CHUNKS; ++c) {
-            const int i = base + c * stride;
-            gv[c] = uv[c] = make_uint4(0u, 0u, 0u, 0u);  // past K: silu(0) * 0 = 0
-            if (i < K) {
-                gv[c] = *reinterpret_cast<const uint4*>(g + i);
-                uv[c] = *reinterpret_cast<const uint4*>(u + i);
-            }
-        }
-#pragma unroll
-        for (int c = 0; c < NORM_CHUNKS; ++c) {
-            const int i = base + c * stride;
-            if (i >= Kp) break;
-            T* a = reinterpret_cast<T*>(&gv[c]);
-            const T* b = reinterpret_cast<const T*>(&uv[c]);
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const float gf = to_float<T>(a[e]);
-                const float s = to_float<T>(from_float<T>(__fdividef(gf, 1.0f + __expf(-gf))));
-                a[e] = from_float<T>(s * to_float<T>(b[e]));
-            }
-            *reinterpret_cast<uint4*>(xs + i) = gv[c];
-        }
-    }
-    __syncthreads();
-}
-
-template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP, bool RBK, int PRO>
+template <typename T, int BITS, int NT, bool ASYM, int SPS, bool EPI, int D, int W, bool XP, bool RBK, bool NORM>
 __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
                                 const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                                 float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int NS, int RB,
                                 int ldx, int ldy, int tr, int sshift, int per, int cmax, const T* __restrict__ res,
                                 const T* __restrict__ nw, float eps, T* __restrict__ h_out) {
-    extern __shared__ uint4 dyn_smem[];  // PRO: the prologue's input, NS * 128 elements
+    extern __shared__ uint4 dyn_smem[];  // NORM: the normalized x, NS * 128 elements
     T* xs = reinterpret_cast<T*>(dyn_smem);
     typedef typename Pair<T>::type T2;
     constexpr int PARTS = BITS / 4;
@@ -456,7 +418,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     const int begin = RBK ? blockIdx.x * NS + (threadIdx.x >> 5) * per : wid * per;
     const int end = RBK ? min((blockIdx.x + 1) * NS, begin + per) : min(RB * NS, begin + per);
     pdl_trigger();
-    if (!RBK && !PRO && begin >= end) return;  // (RBK, PRO: every warp takes part in block-wide steps)
+    if (!RBK && !NORM && begin >= end) return;  // (RBK, NORM: every warp takes part in block-wide steps)
 
     const T* xr[NT];
     bool xok[NT];
@@ -479,7 +441,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int u = 0; u < U; ++u)
-                xv[nt][u] = !PRO ? load_x(xr[nt], xok[nt], s * 128 + u * 32 + 8 * t, K, sizeof(T))
+                xv[nt][u] = !NORM ? load_x(xr[nt], xok[nt], s * 128 + u * 32 + 8 * t, K, sizeof(T))
                           : xok[nt] ? *reinterpret_cast<const uint4*>(xs + s * 128 + u * 32 + 8 * t)
                                     : make_uint4(0u, 0u, 0u, 0u);
     };
@@ -580,8 +542,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     // Launched early (PDL), the first D steps of weights and scales stream in while the previous
     // kernel finishes: they are the layer's own, written before any kernel that could still run.
     if (!XP) pdl_wait();
-    if (PRO == PRO_NORM) norm_prologue<T>(x, res, nw, eps, h_out, K, NS * 128, xs);
-    if (PRO == PRO_SILU) silu_prologue<T>(x, res, K, NS * 128, xs);
+    if (NORM) norm_prologue<T>(x, res, nw, eps, h_out, K, NS * 128, xs);
     int rb = RBK ? (int)blockIdx.x : begin / NS;
     for (int i = 0; i < n; i += D) {
 #pragma unroll
@@ -600,7 +561,7 @@ __device__ void int_weight_gemv(const T* __restrict__ x, const uint4* __restrict
     if (RBK) {  // the block's W partial sums of its row block, added in warp order through shared memory
         __shared__ float red[W * 8 * 32];
         write_tile<T, NT, W>(acc, red, bias, y, ws, counters, M, N, ldy, rb, 0);
-    } else if (n > 0) {  // (PRO: a warp past the end stayed for the prologue's barriers)
+    } else if (n > 0) {  // (NORM: a warp past the end stayed for the prologue's barriers)
         flush(rb);
     }
 }
@@ -732,13 +693,13 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     }
 }
 
-#define GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK, PRO)                                   \
+#define GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, NT, SPS, EPI, D, W, XP, MB, RBK, NORM)                                  \
     extern "C" __global__ void __launch_bounds__(W * 32, MB)                                                        \
-        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB##_r##RBK##_n##PRO(       \
+        int_weight_gemv_##SUFFIX##_nt##NT##_s##SPS##_e##EPI##_d##D##_w##W##_x##XP##_b##MB##_r##RBK##_n##NORM(       \
             const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws,            \
             u32* counters, int M, int N, int K, int NS, int RB, int ldx, int ldy, int tr, int sshift, int per,      \
             int cmax, const T* res, const T* nw, float eps, T* h_out) {                                             \
-        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP, RBK, PRO>(x, w, scales, zeros, bias, y, ws,           \
+        int_weight_gemv<T, BITS, NT, ASYM, SPS, EPI, D, W, XP, RBK, NORM>(x, w, scales, zeros, bias, y, ws,         \
                                                                           counters, M, N, K, NS, RB, ldx, ldy, tr,  \
                                                                           sshift, per, cmax, res, nw, eps, h_out);  \
     }
@@ -750,8 +711,8 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 1, SPS, 1, 2, 8, 0, 2, 0)      \
     GEMV_KERNEL(SUFFIX, T, BITS, ASYM, 2, SPS, 1, 2, 8, 0, 2, 0)
 // 4-bit formats with one scale set per step (groups of 128 columns or more) also get the row-block variants and
-// the fused-prologue kernels (last argument: 1 RMSNorm, 2 SiLU) the engine uses at batch 1; instantiating them
-// for every format and layout made the module three times as long to compile.
+// the fused-RMSNorm kernels the engine uses at batch 1; instantiating them for every format and layout made the
+// module three times as long to compile.
 #define GEMV_ENGINE(SUFFIX, T, BITS, ASYM)                                \
     GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 4, 0, 4, 1, 0)     \
     GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 1, 0)     \
@@ -759,11 +720,7 @@ __device__ void int_weight_dequant(const uint4* __restrict__ w, const T* __restr
     GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 0, 1)     \
     GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 4, 0, 4, 1, 1)     \
     GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 1, 1)     \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 16, 0, 1, 1, 1)    \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 0, 2)     \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 4, 0, 4, 1, 2)     \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 8, 0, 2, 1, 2)     \
-    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 16, 0, 1, 1, 2)
+    GEMV_KERNEL_N(SUFFIX, T, BITS, ASYM, 1, 1, 1, 2, 16, 0, 1, 1, 1)
 
 #define MMA_KERNEL(NAME, T, BITS, NT, ASYM)                                                                            \
     extern "C" __global__ void __launch_bounds__(256) NAME(                                                            \

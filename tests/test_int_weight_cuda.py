@@ -231,37 +231,6 @@ def test_fused_rms_norm_matmul_declines_what_it_cannot_take():
 
 
 @gpu
-@pytest.mark.parametrize("spec", ENGINE_SPECS, ids=str)
-@pytest.mark.parametrize("n,k", [(4096, 11008), (22016, 1024), (200, 4160), (40, 64)])
-def test_fused_silu_mul_matmul_equals_the_two_steps(spec, n, k):
-    """One token through SiLU(gate) * up + matmul in one launch, gate and up the halves of one
-    fused output row (row-block and stream-K variants, by shape): as close to silu_mul and then
-    the matmul as the float sums allow, and the same bits on every call."""
-    from quantkit.kernels import engine_ops
-    from quantkit.kernels.int_weight_cuda import silu_mul_matmul
-
-    cu, ref = _weights(n, k, spec, torch.float16, seed=n + k)
-    gate_up = 3 * torch.randn(1, 2 * k, device="cuda", dtype=torch.float16)
-    gate, up = gate_up.split([k, k], dim=-1)
-    y = silu_mul_matmul(gate, up, cu)
-    assert _rel_err(y, int_weight_matmul(engine_ops.silu_mul(gate, up), ref)) < 2e-3
-    assert torch.equal(y, silu_mul_matmul(gate, up, cu))
-
-
-@gpu
-def test_fused_silu_mul_matmul_declines_what_it_cannot_take():
-    from quantkit.kernels.int_weight_cuda import silu_mul_matmul
-
-    cu, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16)
-    two = torch.randn(2, 1024, device="cuda", dtype=torch.float16)
-    assert silu_mul_matmul(two[:, :512], two[:, 512:], cu) is None  # two tokens
-    row = torch.randn(1, 1100, device="cuda", dtype=torch.float16)
-    assert silu_mul_matmul(row[:, :512], row[:, 513:1025], cu) is None  # up not 16-byte aligned
-    cu8, _ = _weights(256, 512, IntSpec(8, True, 128), torch.float16)
-    assert silu_mul_matmul(row[:, :512], row[:, 512:1024], cu8) is None  # no fused kernel for 8 bits
-
-
-@gpu
 def test_early_launched_chains_equal_ordinary_launches():
     """Programmatic dependent launch: each kernel reads the previous one's output (norm -> decode
     kernel -> norm -> ...), captured in a CUDA graph; bit-identical to ordinary launches."""

@@ -26,9 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from quantkit.engine.fusion import fuse
-from quantkit.kernels import engine_ops as ops
-from quantkit.kernels.int_weight_cuda import rms_norm_matmul, silu_mul_matmul
 from quantkit.nn.quant_linear import IntWeightLinear
+from quantkit.kernels import engine_ops as ops
 from quantkit.models.families import Family
 
 
@@ -60,38 +59,20 @@ class PrefillChunk:
     context_slots: list[int]
 
 
-def _cuda_weight(module: torch.nn.Module, x: torch.Tensor):
-    """The prepared weight of a quantized linear that runs one token on the CUDA kernel (whose
-    prologues fuse the op before it), else None."""
+def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
+                 module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """module(RMSNorm(x + residual)) and x + residual: for one token through a quantized linear on
+    the CUDA kernel, one launch (the decode kernel normalizes its input itself), else two steps."""
     if type(module) is IntWeightLinear and x.is_cuda and x.shape[0] == 1:
         weight = module.prepared()
         if weight.backend == "cuda":
-            return weight
-    return None
+            from quantkit.kernels.int_weight_cuda import rms_norm_matmul
 
-
-def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
-                 module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """module(RMSNorm(x + residual)) and x + residual: one launch where the decode kernel can
-    normalize its input itself, else two steps."""
-    weight = _cuda_weight(module, x)
-    if weight is not None:
-        out = rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, weight, module.bias)
-        if out is not None:
-            return out
+            out = rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, weight, module.bias)
+            if out is not None:
+                return out
     h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
     return module(h), residual
-
-
-def _silu_linear(gate: torch.Tensor, up: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """module(SiLU(gate) * up): one launch where the decode kernel can compute its input itself,
-    else two steps."""
-    weight = _cuda_weight(module, gate)
-    if weight is not None:
-        out = silu_mul_matmul(gate, up, weight, module.bias)
-        if out is not None:
-            return out
-    return module(ops.silu_mul(gate, up))
 
 
 class ModelRunner:
@@ -147,7 +128,7 @@ class ModelRunner:
             if self.silu and "mlp.gate_up_proj" in fused:
                 module, sizes = fused["mlp.gate_up_proj"]
                 gate_up, residual = _norm_linear(x, residual, block.post_attention_layernorm, module)
-                x = _silu_linear(*gate_up.split(sizes, dim=-1), mlp.down_proj)
+                x = mlp.down_proj(ops.silu_mul(*gate_up.split(sizes, dim=-1)))
                 continue
             norm = block.post_attention_layernorm
             h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)

@@ -243,15 +243,11 @@ def _launch_blocks(name: str, threads: int, smem: int, device: torch.device) -> 
         name, "int_weight_mma", threads, smem)
 
 
-_PROLOGUES = {None: 0, "norm": 1, "silu": 2}  # the decode kernel's PRO (csrc/int_weight_mma.cu)
-
-
-def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...],
-               prologue: str | None = None) -> str:
+def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...], norm: bool = False) -> str:
     epi, depth, warps, xp, mb, rbk = variant
     sps = int(w.tensors["table_shape"][0])
     return (f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}"
-            f"_b{mb}_r{rbk}_n{_PROLOGUES[prologue]}")
+            f"_b{mb}_r{rbk}_n{int(norm)}")
 
 
 def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device) -> int:
@@ -290,21 +286,8 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
     return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_5_16 else "mma"
 
 
-PROLOGUE_MAX_K = 12288  # a fused prologue keeps the token's input in shared memory: 24 KB, beside the 16 KB of
-#                        the row-block variant's sums (48 KB in all without an opt-in)
-
-
-def _prologue_fits(w: PreparedIntWeight, rows: list[torch.Tensor]) -> bool:
-    """Whether the decode kernel can compute its input from `rows` (each [1, K], half precision,
-    16-byte aligned, unit column stride) itself: the formats _engine_kernels names, no act-order,
-    K a multiple of 8 within PROLOGUE_MAX_K."""
-    if not _engine_kernels(w):
-        return False
-    k = w.shape[1]
-    x = rows[0]
-    return (x.dtype in _DTYPES and "perm" not in w.tensors and w.tensors["words"].shape[1] * 32 <= PROLOGUE_MAX_K
-            and k % 8 == 0 and all(t.dtype == x.dtype and t.shape == (1, k) and t.stride(-1) == 1
-                                   and t.data_ptr() % 16 == 0 for t in rows))
+NORM_MAX_K = 12288  # the fused RMSNorm keeps the normalized token in shared memory: 24 KB, beside the 16 KB of
+#                    the row-block variant's sums (48 KB in all without an opt-in)
 
 
 def rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
@@ -313,30 +296,27 @@ def rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     """One token's residual add, RMSNorm and matmul in one decode-kernel launch:
     h = x + residual (x when residual is None), y = RMSNorm(h) * norm_weight @ dequant(w)^T (+ bias);
     returns (y, h), rounded as quantkit.kernels.engine_ops.add_rms_norm and then the matmul would.
-    None where the fused kernel does not apply (_prologue_fits): the caller runs the two steps."""
-    if not _prologue_fits(w, [x] + ([residual] if residual is not None else [])):
+    None where the fused kernel does not apply (more than one token, act-order, K past NORM_MAX_K,
+    unaligned rows, formats without the fused kernel: see _engine_kernels): the caller runs the two
+    steps."""
+    if not _engine_kernels(w):
+        return None
+    k = w.shape[1]
+    kp = w.tensors["words"].shape[1] * 32
+    rows = [x] + ([residual] if residual is not None else [])
+    if (x.dtype not in _DTYPES or x.shape != (1, k) or "perm" in w.tensors or kp > NORM_MAX_K or k % 8
+            or any(t.dtype != x.dtype or t.shape != x.shape or t.stride(-1) != 1 or t.data_ptr() % 16 for t in rows)):
         return None
     h = torch.empty_like(x) if residual is not None else x
-    y = _matmul(x, w, bias, path="gemv", prologue=("norm", residual, norm_weight.to(x.dtype).contiguous(), float(eps), h))
+    y = _matmul(x, w, bias, path="gemv", norm=(residual, norm_weight.to(x.dtype).contiguous(), float(eps), h))
     return y, h
 
 
-def silu_mul_matmul(gate: torch.Tensor, up: torch.Tensor, w: PreparedIntWeight,
-                    bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One token's SiLU(gate) * up and matmul in one decode-kernel launch (gate, up [1, K]: the
-    halves of a fused gate/up output), rounded as quantkit.kernels.engine_ops.silu_mul and then
-    the matmul would. None where the fused kernel does not apply (_prologue_fits)."""
-    if not _prologue_fits(w, [gate, up]):
-        return None
-    return _matmul(gate, w, bias, path="gemv", prologue=("silu", up))
-
-
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
-            variant: tuple[int, ...] | None = None, prologue: tuple | None = None) -> torch.Tensor:
+            variant: tuple[int, ...] | None = None, norm: tuple | None = None) -> torch.Tensor:
     """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the gemv kernel's
     (EPI, D, W, XP, MB, RBK), for benchmarks of the instantiated alternatives (None: the
-    production choice, _gemv_variant). prologue: ("norm", residual, weight, eps, h out) or
-    ("silu", up), the fused input of rms_norm_matmul / silu_mul_matmul."""
+    production choice, _gemv_variant)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
@@ -370,7 +350,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
             raise ValueError(f"the gemv kernel takes at most 16 tokens, got {m}")
         variant = variant or _gemv_variant(w, m)
         warps = variant[2]
-        name = _gemv_name(w, x.dtype, m, variant, prologue and prologue[0])
+        name = _gemv_name(w, x.dtype, m, variant, norm is not None)
         ns = ks // U
         total = rb * ns
         if variant[5]:  # one block per row block, each warp `per` of its steps
@@ -386,8 +366,8 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         cuda.launch(name, "int_weight_mma", (blocks,), (32 * warps,),
                     (*common, _null(ws), counters, np.int32(m), np.int32(n), np.int32(x2.shape[1]), np.int32(ns),
                      np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax),
-                     *_prologue_args(prologue)),
-                    shared_mem=0 if prologue is None else ks * 32 * x.element_size(), dependent=settled in w.state)
+                     *_norm_args(norm)),
+                    shared_mem=0 if norm is None else ks * 32 * x.element_size(), dependent=settled in w.state)
         w.state[settled] = True
         return y.reshape(*lead, n)
 
@@ -407,16 +387,12 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     return y.reshape(*lead, n)
 
 
-def _prologue_args(prologue: tuple | None) -> tuple:
-    """The decode kernel's prologue arguments (res, nw, eps, h_out): the RMSNorm's residual,
-    weight, eps and h out; SiLU's up half as res; null when off."""
-    null = np.uint64(0)
-    if prologue is None:
-        return null, null, np.float32(0.0), null
-    if prologue[0] == "silu":
-        return prologue[1], null, np.float32(0.0), null
-    _, residual, weight, eps, h = prologue
-    return (_null(residual), weight, np.float32(eps), h if residual is not None else null)
+def _norm_args(norm: tuple | None) -> tuple:
+    """The decode kernel's fused-RMSNorm arguments (residual, weight, eps, h out), null when off."""
+    if norm is None:
+        return np.uint64(0), np.uint64(0), np.float32(0.0), np.uint64(0)
+    residual, weight, eps, h = norm
+    return (_null(residual), weight, np.float32(eps), h if residual is not None else np.uint64(0))
 
 
 def _available(device: torch.device, spec: IntSpec, dtype: torch.dtype | None) -> bool:
