@@ -155,7 +155,7 @@ def speed(
     cuda_graphs: bool = True,
     text: str = DEFAULT_EVALUATION,
     progress=None,
-    async_decode: bool = False,
+    async_decode: bool = True,
 ) -> list[dict]:
     """Latency and throughput through quantkit's engine (quantkit.engine.speed), one row per
     (batch size, prompt length, output length).

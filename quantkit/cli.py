@@ -112,7 +112,7 @@ def eval_(
     num_draft: Annotated[int, typer.Option("--num-draft", help="--speed: draft tokens per step")] = 4,
     device: Annotated[Optional[str], typer.Option("--device", help="--speed: cuda or cpu (default: cuda when present)")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="--speed: float16, bfloat16 or float32 (default: float16 on a GPU)")] = None,
-    async_decode: Annotated[bool, typer.Option("--async-decode", help="--speed: launch each decode step before the previous step's tokens are read back")] = False,
+    async_decode: Annotated[bool, typer.Option("--async-decode/--sync-decode", help="--speed: launch each decode step before the previous step's tokens are read back")] = True,
 ) -> None:
     """Perplexity of a model or quantized checkpoint on held-out texts (or, with --speed, its speed)."""
     from quantkit import api
@@ -156,7 +156,7 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
 
 
 def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json,
-           async_decode=False) -> None:
+           async_decode=True) -> None:
     from quantkit import api
 
     sizes, prompts, outputs = (_ints("--batch-sizes", batch_sizes), _ints("--prompt-len", prompt_len),

@@ -421,12 +421,15 @@ def test_speed_runs_on_the_cpu_and_prints_json(tiny_model_dir):
         assert 0 <= r["kv_unused_fraction"] < 1 and r["kv_blocks_allocated_peak"] <= r["kv_blocks_total"]
 
 
-def test_speed_with_async_decoding(tiny_model_dir):
+@pytest.mark.parametrize("flag", [[], ["--async-decode"], ["--sync-decode"]], ids=["default", "async", "sync"])
+def test_speed_with_and_without_async_decoding(tiny_model_dir, flag):
     result, text = cli("eval", tiny_model_dir, "--speed", "--batch-sizes", "2", "--prompt-len", "8",
-                       "--output-len", "6", "--device", "cpu", "--async-decode", "--json")
+                       "--output-len", "6", "--device", "cpu", *flag, "--json")
     assert result.exit_code == 0, text
     (row,) = json.loads(result.stdout)["results"]
-    assert row["async_decode"] and row["pipelined_steps"] > 0 and row["output_tokens"] == 12
+    pipelined = flag != ["--sync-decode"]  # asynchronous by default
+    assert row["async_decode"] == pipelined and (row["pipelined_steps"] > 0) == pipelined
+    assert row["output_tokens"] == 12
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -37,9 +37,9 @@ def tiny(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
-@pytest.mark.parametrize("config", [EngineConfig(block_size=16),
-                                    EngineConfig(block_size=4, kv_blocks=30, max_num_seqs=3),  # forces preemption
-                                    EngineConfig(block_size=1, max_batched_tokens=8),
+@pytest.mark.parametrize("config", [EngineConfig(block_size=16, async_decode=False),
+                                    EngineConfig(block_size=4, kv_blocks=30, max_num_seqs=3, async_decode=False),  # forces preemption
+                                    EngineConfig(block_size=1, max_batched_tokens=8, async_decode=False),
                                     EngineConfig(block_size=16, async_decode=True),
                                     EngineConfig(block_size=4, kv_blocks=30, max_num_seqs=3, async_decode=True)],
                          ids=["roomy", "preempting", "one-token-blocks", "async", "async-preempting"])

@@ -20,10 +20,12 @@ scaled_dot_product_attention over each sequence's gathered K/V.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from quantkit.engine.fusion import fuse
 from quantkit.nn.quant_linear import IntWeightLinear
@@ -57,6 +59,11 @@ class PrefillChunk:
     tokens: list[int]
     start: int
     context_slots: list[int]
+
+
+# Prefill attention on a GPU: not cuDNN's, which builds an execution plan for each new shape (a prompt
+# length it has not seen cost 0.4 s of TTFT on an H200 with torch 2.11; dev/ttft_probe.py).
+_PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
@@ -160,7 +167,8 @@ class ModelRunner:
                 out.append(o[0].transpose(0, 1).reshape(-1, self.shape.heads * self.shape.head_dim))
             return torch.cat(out)
 
-        h = self._layers(self.embed(tokens).to(self.dtype), positions, slots, attend)
+        with sdpa_kernel(_PREFILL_ATTENTION) if dev.type == "cuda" else contextlib.nullcontext():
+            h = self._layers(self.embed(tokens).to(self.dtype), positions, slots, attend)
         last = torch.tensor(bounds[1:], device=dev) - 1
         return self._logits(h[last])
 
