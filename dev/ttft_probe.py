@@ -2,7 +2,7 @@
 weights (30 layers, 576 / 1536, 9 / 3 heads, vocabulary 49152), batch 1: TTFT of successive
 requests whose prompt lengths repeat and change, prefill attention with cuDNN's SDPA allowed and
 without it (quantkit.engine.runner._PREFILL_ATTENTION), and a cProfile of the slowest request."""
-import cProfile, io, pstats, time, torch
+import cProfile, io, pstats, torch
 from torch.nn.attention import SDPBackend
 from transformers import LlamaConfig, LlamaForCausalLM
 from quantkit.engine import runner
