@@ -300,12 +300,13 @@ class Engine:
         # len >= 2 after prefill
         x = self._inputs(batch, [len(s) - 2 for s in batch], 2, [s.token_ids[-2:] for s in batch])
         p, d = self.draft_step(x, self.generator)
-        ps, ds = [p[:, 1]], [d[:, 1]]
+        # copies: a graphed step returns its graph's own outputs, which the next replay overwrites
+        ps, ds = [p[:, 1].clone()], [d[:, 1].clone()]
         for i in range(1, k):
             x = self._inputs(batch, [len(s) + i - 1 for s in batch], 1, ds[-1][:, None])
             p, d = self.draft_step(x, self.generator)
-            ps.append(p[:, 0])
-            ds.append(d[:, 0])
+            ps.append(p[:, 0].clone())
+            ds.append(d[:, 0].clone())
         return torch.stack(ds, dim=1), torch.stack(ps, dim=1)
 
     def _account_kv(self) -> None:

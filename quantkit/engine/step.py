@@ -119,7 +119,8 @@ class DecodeStep:
 
 class GraphedDecode(DecodeStep):
     """The step as CUDA graphs, one per (batch bucket, S, context bucket); larger batches than the
-    largest bucket run eagerly."""
+    largest bucket run eagerly. The tensors a call returns are the graph's own outputs: the next
+    replay of the same graph overwrites them (a caller keeping them across steps copies them)."""
 
     def __init__(self, runner: ModelRunner, scratch_slot: int, context_buckets: tuple[int, ...]):
         super().__init__(runner, scratch_slot)
