@@ -52,8 +52,8 @@ def test_graphed_speculative_greedy_equals_plain(tiny_cuda, mode):
     assert engine.stats.verify_rows > 0
     if mode == "draft":
         # the model drafting for itself: its proposals are the target's own greedy tokens (up to the
-        # rounding of 1- and 4-token forwards). Each graphed draft step overwrote the last one's
-        # outputs before they were copied: most proposals were wrong.
+        # rounding of 1- and 4-token forwards). Before the draft copied its proposals out of the
+        # graph's outputs, each graphed draft step overwrote the previous one's and most were rejected.
         assert engine.stats.accepted >= 0.9 * engine.stats.proposed
 
 

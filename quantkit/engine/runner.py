@@ -15,7 +15,8 @@ Two entry points:
 The per-layer ops (RMSNorm with the residual add, RoPE with the cache write, paged decode
 attention, SiLU * up) are quantkit.kernels.engine_ops: fused CUDA kernels for half precision on a
 GPU, the transformers code's own torch math elsewhere. Prefill attention is torch's
-scaled_dot_product_attention over each sequence's gathered K/V.
+scaled_dot_product_attention over each sequence's gathered K/V (on a GPU, not through cuDNN:
+_PREFILL_ATTENTION).
 """
 
 from __future__ import annotations
