@@ -1,5 +1,5 @@
 #!/bin/bash
-# dev: call A of the engine measurement: park the first GGUF part, the engine GPU tests
+# dev: call A of the engine measurement: park the first GGUF part, the engine GPU tests (then dev/gpu_engine_b.sh)
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 mkdir -p ~/qk && cp gpu/gguf.part.aa ~/qk/
