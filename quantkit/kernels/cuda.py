@@ -136,7 +136,6 @@ def _launch_ex(function: int, grid, block, args, shared_mem: int, stream: int) -
         raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err}")
 
 
-
 _counters: dict[tuple[str, torch.device], list[torch.Tensor]] = {}
 
 
