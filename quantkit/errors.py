@@ -17,9 +17,16 @@ class CheckpointError(QuantkitError):
     """A checkpoint that is missing, corrupted or not one quantkit can read."""
 
 
-class OutputExistsError(QuantkitError):
-    """An output directory that already exists (pass force=True / --force)."""
+class OutputError(QuantkitError):
+    """An output location quantkit must not or cannot write: an input's folder, the
+    home folder, the current directory, a filesystem root, an unwritable place."""
+
+
+class OutputExistsError(OutputError):
+    """An output folder that already exists and may not be replaced (force=True
+    replaces only an empty folder or one quantkit wrote)."""
 
 
 class NumericalError(QuantkitError):
-    """NaN or Inf in a weight or an activation."""
+    """NaN or Inf in a weight or an activation, or a quantized model whose
+    perplexity blew up against the float model's."""
