@@ -14,6 +14,7 @@ A recipe is a YAML file under ``recipes/`` (named by its file stem, e.g.
     overrides:                       # later overrides win
       - {pattern: "mlp\\.down_proj$", weights: {bits: 8}}
     calibration: {data: austen, num_samples: 128, seqlen: 512, seed: 0}
+    check: {windows: 4, max_ratio: 10}   # held-back perplexity check after quantizing
 
 Every key is optional except that a recipe built from a plain dict needs a
 ``name``. Unknown keys, wrong types and bad values raise :class:`RecipeError`
@@ -40,7 +41,7 @@ from quantkit.formats.spec import FloatSpec, IntSpec
 from quantkit.parsing import RecipeError, child_path, convert_value, init_fields, parse_dataclass, wrong_type
 
 __all__ = [
-    "ACTIVATIONS", "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "LayerOverride",
+    "ACTIVATIONS", "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "CheckConfig", "LayerOverride",
     "Recipe", "RecipeError", "list_recipes", "load_recipe", "parse_dataclass",
 ]
 
@@ -197,6 +198,27 @@ class CalibrationConfig:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
 
 
+@dataclass(frozen=True)
+class CheckConfig:
+    """The check after quantizing (quantkit.heldout): perplexity of the quantized
+    and the float model on `windows` calibration windows held back from
+    calibration. A NaN, or a ratio above `max_ratio`, refuses to write the
+    checkpoint. The bound catches a broken model, not a lossy one: 3-bit
+    round-to-nearest can multiply a small model's perplexity by several times."""
+
+    windows: int = 4  # 0: no check
+    seqlen: int | None = None  # None: the calibration seqlen (capped at the model's context)
+    max_ratio: float = 10.0
+
+    def __post_init__(self):
+        if self.windows < 0:
+            raise ValueError(f"windows must be >= 0 (0: no check), got {self.windows}")
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ValueError(f"seqlen must be at least 2, got {self.seqlen}")
+        if not self.max_ratio >= 1.0:  # NaN fails too
+            raise ValueError(f"max_ratio must be a number >= 1, got {self.max_ratio}")
+
+
 # --------------------------------------------------------------------------- the recipe
 
 @dataclass(frozen=True)
@@ -211,6 +233,7 @@ class Recipe:
     ignore: tuple[str, ...] = (r"lm_head",)
     overrides: tuple[LayerOverride, ...] = ()
     calibration: CalibrationConfig = CalibrationConfig()
+    check: CheckConfig = CheckConfig()
     # a layer whose input width is not a multiple of group_size (SmolLM2: 576 vs 128):
     #   shrink: halve the group size until it divides (>= 16) -- loads everywhere
     #   keep:   a partial last group -- quantkit reads it; transformers and vLLM do not
@@ -301,6 +324,7 @@ class Recipe:
             "ignore": list(self.ignore),
             "overrides": [{"pattern": o.pattern, "weights": dict(o.weights)} for o in self.overrides],
             "calibration": init_fields(self.calibration),
+            "check": init_fields(self.check),
             "partial_groups": self.partial_groups,
         }
 
