@@ -13,12 +13,13 @@ import torch
 
 from quantkit import __version__
 from quantkit.algorithms import build_all
-from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens
+from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens, held_out_batch
 from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint, write_checkpoint
 from quantkit.eval import perplexity
 from quantkit.eval.plots import layer_error_png
-from quantkit.models import LoadedModel, load_model
-from quantkit.pipeline import needs_calibration, quantize_model
+from quantkit.errors import NumericalError
+from quantkit.models import LoadedModel, context_length, empty_model, family_for, load_config, load_model, resolve_source
+from quantkit.pipeline import calibration_dtype, needs_calibration, plan_targets, quantize_model
 from quantkit.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = "w4a16-rtn"
@@ -40,6 +41,38 @@ def resolve_recipe(
     return r
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` parsed and checked before any work: cpu, or cuda[:N] with that GPU present."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {str(device)[:80]!r}; valid: cpu, cuda, cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} requested but no CUDA GPU is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
+
+
+def _local_paths(*candidates) -> list[Path]:
+    """The candidates that name existing local files or folders (hub ids and names are skipped)."""
+    out = []
+    for c in candidates:
+        if isinstance(c, (str, os.PathLike)) and str(c) and Path(c).expanduser().exists():
+            out.append(Path(c).expanduser().resolve())
+    return out
+
+
+def _check_seqlen(seqlen: int, config, what: str) -> None:
+    context = context_length(config)
+    if context is not None and seqlen > context:
+        raise ValueError(f"{what} {seqlen} is beyond the model's context of {context} tokens "
+                         f"(max_position_embeddings); choose {context} or fewer")
+
+
 def quantize(
     model: str | os.PathLike | None = None,
     recipe: str | os.PathLike | Recipe = DEFAULT_RECIPE,
@@ -50,34 +83,70 @@ def quantize(
     seqlen: int | None = None,
     device: str = "cpu",
     show_progress: bool = True,
+    keep_degraded: bool = False,
 ) -> dict:
     """Quantize `model` (the bundled default when None) with `recipe` into `out`.
 
     Returns the quantization report (also written as quantization_report.json).
-    Nothing is written when anything fails.
+    Nothing is written when anything fails. Cheap checks run before the model's
+    weights are read: the recipe, the device, the output location (see
+    quantkit.checkpoint.output for what `force` may replace), the model's
+    family and every selected layer's width against its group size.
+
+    After quantizing, the quantized model's perplexity on a few held-back
+    calibration windows is compared with the float model's (quantkit.heldout);
+    NaN, or a ratio beyond the recipe's `check.max_ratio`, refuses to write
+    unless `keep_degraded`.
     """
+    recipe_arg = recipe
     recipe = resolve_recipe(recipe, calib_data, num_samples, seqlen)
     algorithms = build_all(recipe)  # bad algorithm names and options fail before any work
-    check_output(out, force)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    dev = check_device(device)
+    source = resolve_source(model)
+    inputs = _local_paths(source, recipe_arg, recipe.calibration.data)
+    check_output(out, force, inputs)
+    config = load_config(source)
+    family = family_for(config)
+    if not plan_targets(empty_model(config), family, recipe):  # group sizes are checked here too
+        raise ValueError(f"recipe {recipe.name!r} selects no linear layer of {source}")
+    calibrate = needs_calibration(recipe, algorithms)
+    if calibrate:
+        _check_seqlen(recipe.calibration.seqlen, config, "calibration seqlen")
 
     t0 = time.perf_counter()
-    loaded = load_model(model)
+    loaded = load_model(source)
     load_s = time.perf_counter() - t0
+    model_dtype = next(loaded.model.parameters()).dtype
+    # "auto" resolved once, from the hardware, and recorded: the recipe copy repeats the run exactly
+    fwd_dtype = calibration_dtype(recipe.calibration.dtype, model_dtype, dev)
+    recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(
+        recipe.calibration, dtype=str(fwd_dtype).removeprefix("torch.")))
 
     t0 = time.perf_counter()
-    calib = None
-    if needs_calibration(recipe, algorithms):
-        c = recipe.calibration
-        calib = calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
+    c = recipe.calibration
+    calib = calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed) if calibrate else None
+    check = recipe.check
+    held_seqlen = min(check.seqlen or c.seqlen, context_length(config) or c.seqlen)
+    held_ids, disjoint = (held_out_batch(loaded.tokenizer, c.data, check.windows, held_seqlen, c.seed,
+                                         (c.num_samples, c.seqlen) if calibrate else None)
+                          if check.windows else (None, True))
     calib_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = quantize_model(loaded, recipe, calib, device=device, show_progress=show_progress)
+    result = quantize_model(loaded, recipe, calib, device=dev, show_progress=show_progress,
+                            held_out_ids=held_ids, held_out_disjoint=disjoint)
     quant_s = time.perf_counter() - t0
-    if not result.weights:
-        raise ValueError(f"recipe {recipe.name!r} selects no linear layer of {loaded.source}")
+    held = None
+    if result.held_out is not None:
+        passed = result.held_out.passes(check.max_ratio)
+        held = result.held_out.to_report() | {"max_ratio": check.max_ratio, "passed": passed}
+        if not passed and not keep_degraded:
+            r = result.held_out
+            raise NumericalError(
+                f"the quantized model's perplexity on {r.windows} held-back calibration windows is "
+                f"{r.quantized_perplexity:.4g} against the float model's {r.float_perplexity:.4g} (ratio {r.ratio:.3g}, "
+                f"bound {check.max_ratio:g}): refusing to write {out}. Raise check.max_ratio in the recipe or "
+                f"keep it anyway with --keep-degraded (keep_degraded=True)")
 
     report = {
         "quantkit_version": __version__,
@@ -88,7 +157,9 @@ def quantize(
         "scheme": recipe.scheme,
         "activations": None if recipe.activations is None else dataclasses.asdict(recipe.activations),
         "calibration": dataclasses.asdict(recipe.calibration) if calib is not None else None,
-        "device": str(device),
+        "calibration_dtype": c.dtype,
+        "held_out": held,
+        "device": str(dev),
         "seconds": {"load": load_s, "calibration_data": calib_s, "quantize": quant_s, **{f"quantize.{k}": v for k, v in result.seconds.items()}},
         "bytes_float": sum(r["bytes_float"] for r in result.layers),
         "bytes_quantized": sum(r["bytes_quantized"] for r in result.layers),
@@ -99,7 +170,7 @@ def quantize(
     folder = write_checkpoint(
         out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report,
         force=force, actorder=result.actorder, extra_files={ERROR_PLOT: plot},
-        activations=result.activations, input_scales=result.input_scales,
+        activations=result.activations, input_scales=result.input_scales, inputs=inputs,
     )
     report["seconds"]["write"] = time.perf_counter() - t0
     report["out"] = str(folder)
@@ -121,9 +192,16 @@ def evaluate(
     batch_size: int = 4,
     show_progress: bool = True,
 ) -> list[dict]:
-    """Perplexity of one model on each of `data`; one row per data set."""
+    """Perplexity of one model on each of `data`; one row per data set.
+    windows None: every window of each text. The settings are checked against
+    the model's config before any weight is read."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if windows is not None and windows < 1:
+        raise ValueError(f"windows must be at least 1 (None: every window), got {windows}")
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2, got {seqlen}")
+    _check_seqlen(seqlen, load_config(source), "seqlen")
     loaded = load(source)
     static = [m for m in loaded.model.modules() if getattr(m, "input_scale", None) is not None]
     rows = []
@@ -165,12 +243,10 @@ def speed(
     from quantkit.engine.speed import Case, measure
     from quantkit.models.loader import DTYPES
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
     prompts = (prompt_len,) if isinstance(prompt_len, int) else tuple(prompt_len)
     outputs = (output_len,) if isinstance(output_len, int) else tuple(output_len)
     cases = [Case(b, p, o) for p in prompts for o in outputs for b in batch_sizes]  # validates before loading anything
@@ -205,7 +281,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "awq", for
     exporters = {"awq": export_awq}
     if fmt not in exporters:
         raise ValueError(f"unknown export format {fmt!r}; available: {', '.join(exporters)}")
-    check_output(out, force)  # before loading anything
+    check_output(out, force, _local_paths(src))  # before loading anything; never onto the checkpoint itself
     return exporters[fmt](src, out, force)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "bundled_datasets",
     "calibration_batch",
     "evaluation_tokens",
+    "held_out_batch",
     "load_texts",
 ]
 
@@ -228,6 +229,27 @@ def evaluation_tokens(tokenizer, source: str) -> torch.Tensor:
     return _token_stream(tokenizer, source).clone()  # the cached stream stays untouched
 
 
+def _calibration_starts(T: int, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, T - seqlen, (num_samples,), generator=gen)  # [N]
+
+
+def _check_window_args(num_samples, seqlen) -> None:
+    if not isinstance(num_samples, int) or num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if not isinstance(seqlen, int) or seqlen <= 0:
+        raise ValueError(f"seqlen must be a positive integer, got {seqlen!r}")
+
+
+def _stream_for_windows(tokenizer, source: str, seqlen: int) -> torch.Tensor:
+    ids = _token_stream(tokenizer, source)  # [T]
+    if ids.numel() < seqlen + 1:
+        raise ValueError(
+            f"{source!r} has {ids.numel()} tokens; a window of seqlen={seqlen} needs at least {seqlen + 1}"
+        )
+    return ids
+
+
 def calibration_batch(
     tokenizer, source: str, num_samples: int, seqlen: int, seed: int = 0
 ) -> torch.Tensor:
@@ -237,16 +259,69 @@ def calibration_batch(
     each window is followed by at least one more token of the stream; the
     same (source, tokenizer, num_samples, seqlen, seed) always gives the same batch.
     """
-    if not isinstance(num_samples, int) or num_samples <= 0:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if not isinstance(seqlen, int) or seqlen <= 0:
-        raise ValueError(f"seqlen must be a positive integer, got {seqlen!r}")
-    ids = _token_stream(tokenizer, source)  # [T]
-    T = ids.numel()
-    if T < seqlen + 1:
-        raise ValueError(
-            f"{source!r} has {T} tokens; a window of seqlen={seqlen} needs at least {seqlen + 1}"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, T - seqlen, (num_samples,), generator=gen)  # [N]
+    _check_window_args(num_samples, seqlen)
+    ids = _stream_for_windows(tokenizer, source, seqlen)
+    starts = _calibration_starts(ids.numel(), num_samples, seqlen, seed)
     return ids[starts[:, None] + torch.arange(seqlen)[None, :]]  # [N, seqlen]
+
+
+def held_out_batch(
+    tokenizer, source: str, windows: int, seqlen: int, seed: int = 0, calibration: tuple[int, int] | None = None
+) -> tuple[torch.Tensor, bool]:
+    """([windows, seqlen] int64, disjoint): windows of ``source`` for checking the
+    quantized model on text it was not fitted to.
+
+    calibration (num_samples, calib_seqlen): the calibration batch drawn from the
+    same source with the same seed; the windows then overlap neither it nor each
+    other, drawn at seeded random offsets of its token stream. Where the text is
+    too short for that they are drawn like calibration windows and `disjoint` is
+    False (said in the report). calibration None (nothing is calibrated, e.g.
+    round-to-nearest): any window is held back, so only a few pieces of the text
+    around seeded random offsets are tokenized, not the whole stream.
+    """
+    _check_window_args(windows, seqlen)
+    if calibration is None:
+        return _windows_from_pieces(tokenizer, source, windows, seqlen, seed), True
+    ids = _stream_for_windows(tokenizer, source, seqlen)
+    T = ids.numel()
+    num_samples, calib_seqlen = calibration
+    taken = torch.zeros(T + seqlen, dtype=torch.bool)  # positions some window already covers
+    if T > calib_seqlen:
+        for s in _calibration_starts(T, num_samples, calib_seqlen, seed).tolist():
+            taken[s : s + calib_seqlen] = True
+    gen = torch.Generator().manual_seed(seed + 7919)  # not the calibration draw's stream
+    starts: list[int] = []
+    for candidate in torch.randint(0, T - seqlen, (64 * windows,), generator=gen).tolist():
+        if not taken[candidate : candidate + seqlen].any():
+            starts.append(candidate)
+            taken[candidate : candidate + seqlen] = True
+            if len(starts) == windows:
+                break
+    disjoint = len(starts) == windows
+    if not disjoint:
+        starts = torch.randint(0, T - seqlen, (windows,), generator=gen).tolist()
+    return ids[torch.tensor(starts)[:, None] + torch.arange(seqlen)[None, :]], disjoint
+
+
+def _windows_from_pieces(tokenizer, source: str, windows: int, seqlen: int, seed: int) -> torch.Tensor:
+    """[windows, seqlen]: each window from a piece of the joined text at a seeded
+    random character offset, tokenized alone (its first token, maybe half a word,
+    dropped); pieces grow until they hold enough tokens. Tokenizing a corpus of
+    several MB whole takes seconds; these pieces take milliseconds."""
+    text = DOC_SEPARATOR.join(load_texts(source))
+    gen = torch.Generator().manual_seed(seed + 7919)
+    rows = []
+    for _ in range(windows):
+        chars = 8 * (seqlen + 1)
+        while True:
+            start = int(torch.randint(0, max(1, len(text) - chars), (1,), generator=gen))
+            ids = tokenizer(text[start : start + chars], add_special_tokens=False, return_attention_mask=False,
+                            verbose=False)["input_ids"][1:]
+            if len(ids) >= seqlen:
+                rows.append(ids[:seqlen])
+                break
+            if chars >= len(text):
+                raise ValueError(f"{source!r} has fewer than {seqlen + 1} tokens: too short for a window of "
+                                 f"{seqlen} (choose a shorter seqlen)")
+            chars *= 2
+    return torch.tensor(rows, dtype=torch.long)

@@ -7,6 +7,8 @@ object on stdout for scripts and CI jobs.
 from __future__ import annotations
 
 import json
+import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,14 +16,46 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize LLMs and check that quality held.")
 err = Console(stderr=True)
 
 
 def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message holds user text (paths, keys, values): printed as it is, never as markup
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+def _t(value) -> Text:
+    """A table cell or title holding user text: shown as it is, never as markup."""
+    return Text(str(value))
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notes (logger "quantkit", e.g. a dead run's leftovers removed) as `note:` lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err.print(Text.assemble(("note:", "bold yellow"), " ", record.getMessage()), highlight=False, soft_wrap=True)
+
+
+def _terminate(signum, _frame) -> None:
+    # SIGTERM (a job scheduler, `kill`) unwinds like Ctrl-C: the temporary output is removed on the way out
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@app.callback()
+def _setup() -> None:
+    """Before every command: SIGTERM unwinds like Ctrl-C, the library's notes print as `note:` lines."""
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
+    notes = logging.getLogger("quantkit")
+    if not any(isinstance(h, _NoteHandler) for h in notes.handlers):
+        notes.addHandler(_NoteHandler())
+        notes.propagate = False
 
 
 def _run(fn, *args, **kwargs):
@@ -47,19 +81,21 @@ def quantize(
     calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="bundled name, local .txt/.jsonl/.parquet or hub dataset")] = None,
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="calibration samples")] = None,
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="calibration sample length in tokens")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
+    keep_degraded: Annotated[bool, typer.Option("--keep-degraded", help="write the checkpoint even if the held-back perplexity check fails")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object on stdout")] = False,
 ) -> None:
     """Quantize MODEL with a recipe and write a compressed-tensors checkpoint."""
     from quantkit import api
 
-    report = _run(api.quantize, model, recipe, out, force, calib_data, num_samples, seqlen, device)
+    report = _run(api.quantize, model, recipe, out, force, calib_data, num_samples, seqlen, device,
+                  keep_degraded=keep_degraded)
     if as_json:
         _emit_json({k: v for k, v in report.items() if k != "layers"} | {"layers": len(report["layers"])})
         return
     s = report["seconds"]
-    table = Table(title=f"quantized with {report['recipe']} -> {report['out']}", show_header=False)
-    table.add_row("model", report["model"])
+    table = Table(title=_t(f"quantized with {report['recipe']} -> {report['out']}"), show_header=False)
+    table.add_row("model", _t(report["model"]))
     table.add_row("layers quantized", str(len(report["layers"])))
     table.add_row("linear weights", f"{report['bytes_float'] / 2**20:.1f} MiB -> {report['bytes_quantized'] / 2**20:.1f} MiB")
     for key, label in (("weight_rel_error", "weight rel. error"), ("output_rel_error", "output rel. error")):
@@ -67,14 +103,14 @@ def quantize(
         if values:
             worst = max(values, key=lambda r: r[key])
             mean = sum(r[key] for r in values) / len(values)
-            table.add_row(label, f"mean {mean:.4f}, worst {worst[key]:.4f} ({worst['name']})")
+            table.add_row(label, _t(f"mean {mean:.4f}, worst {worst[key]:.4f} ({worst['name']})"))
     awq = [r for r in report["layers"] if "awq_error_unscaled" in r or "awq_skipped" in r]
     if awq:
         scaled = sum(1 for r in awq if r.get("awq_alpha") is not None)
         skipped = sorted({r["awq_skipped"] for r in awq if r.get("awq_skipped")})
         clipped = sum(1 for r in awq if r.get("awq_clip_shrink", 1.0) < 1.0)
-        table.add_row("AWQ", f"{scaled} of {len(awq)} linears scaled, {clipped} clipped"
-                             + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+        table.add_row("AWQ", _t(f"{scaled} of {len(awq)} linears scaled, {clipped} clipped"
+                                + (f"; skipped: {'; '.join(skipped)}" if skipped else "")))
     acts = report.get("activations")
     if acts:
         table.add_row("inputs", f"{acts['type']} " + ("dynamic per-token" if acts["dynamic"] else "static per-tensor (calibrated)"))
@@ -84,12 +120,20 @@ def quantize(
         skipped = sorted({r["smooth_skipped"] for r in smooth if r.get("smooth_skipped")})
         worst = max((r["act_outlier_ratio"] for r in smooth if "act_outlier_ratio" in r), default=0.0)
         worst_after = max((r["act_outlier_ratio_smoothed"] for r in smooth if "act_outlier_ratio_smoothed" in r), default=0.0)
-        table.add_row("SmoothQuant", f"{len(done)} of {len(smooth)} linears smoothed; worst input outlier ratio "
-                                     f"{worst:.0f} -> {worst_after:.0f}" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))
+        table.add_row("SmoothQuant", _t(f"{len(done)} of {len(smooth)} linears smoothed; worst input outlier ratio "
+                                        f"{worst:.0f} -> {worst_after:.0f}" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")))
     raised = [r["name"] for r in report["layers"] if r.get("damping_raised")]
     if raised:
-        table.add_row("damping raised", ", ".join(raised))
-    table.add_row("error plot", str(Path(report["out"]) / "quantization_error.png"))
+        table.add_row("damping raised", _t(", ".join(raised)))
+    held = report.get("held_out")
+    if held:
+        verdict = "passed" if held["passed"] else "FAILED, kept by --keep-degraded"
+        table.add_row("held-out check", _t(
+            f"perplexity {held['quantized_perplexity']:.3f} vs float {held['float_perplexity']:.3f} "
+            f"({held['ratio']:.3f}x, bound {held['max_ratio']:g}x) on {held['windows']} x {held['seqlen']} held-back "
+            f"calibration tokens: {verdict}"))
+    table.add_row("calibration dtype", _t(report["calibration_dtype"]))
+    table.add_row("error plot", _t(Path(report["out"]) / "quantization_error.png"))
     table.add_row("seconds", f"load {s['load']:.1f}, quantize {s['quantize']:.1f}, write {s['write']:.1f}")
     err.print(table)
 
@@ -123,6 +167,8 @@ def eval_(
         return
 
     datasets = tuple(data) if data else api.DEFAULT_EVAL_DATA
+    if windows < 0:
+        _fail(f"--windows must be >= 0 (0 = every window), got {windows}")
     n_windows = windows if windows > 0 else None
     rows = []
     for source in ([baseline] if baseline else []) + [model]:
@@ -134,18 +180,19 @@ def eval_(
         _emit_json({"model": first["model"], "data": first["data"], "perplexity": first["perplexity"], "tokens": first["tokens"],
                     "windows": first["windows"], "seconds": first["seconds"], "results": rows})
         return
-    table = Table(title=f"perplexity ({seqlen}-token windows)")
+    table = Table(title=f"perplexity ({seqlen}-token windows)")  # every cell below is plain Text: names are user text
     for col in ("model", "data", "perplexity", "vs baseline", "windows", "tokens", "seconds"):
         table.add_column(col, justify="left" if col in ("model", "data") else "right")
     base = {r["data"]: r["perplexity"] for r in rows if baseline and r["model"] == rows[0]["model"]}
     for r in rows:
         delta = f"{100 * (r['perplexity'] / base[r['data']] - 1):+.1f}%" if base and r in main else ""
-        table.add_row(Path(r["model"]).name, r["data"], f"{r['perplexity']:.3f}", delta, str(r["windows"]), str(r["tokens"]), f"{r['seconds']:.1f}")
+        table.add_row(*map(_t, (Path(r["model"]).name, r["data"], f"{r['perplexity']:.3f}", delta, r["windows"], r["tokens"],
+                                f"{r['seconds']:.1f}")))
     err.print(table)
     for r in rows:
         if r.get("input_saturated_fraction"):
-            err.print(f"{Path(r['model']).name} on {r['data']}: {100 * r['input_saturated_fraction']:.4f}% of the inputs of "
-                      f"{r['input_saturated_layers']} static-scale layers saturated (clamped at their calibrated range)")
+            err.print(_t(f"{Path(r['model']).name} on {r['data']}: {100 * r['input_saturated_fraction']:.4f}% of the inputs of "
+                         f"{r['input_saturated_layers']} static-scale layers saturated (clamped at their calibrated range)"))
 
 
 def _ints(option: str, text: str) -> tuple[int, ...]:
@@ -169,8 +216,8 @@ def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_d
         _emit_json({"model": rows[0]["model"], "device": rows[0]["device"], "results": rows})
         return
     spec = speculative != "none"
-    table = Table(title=f"{Path(rows[0]['model']).name} on {rows[0]['device']} ({rows[0]['dtype']})"
-                        + (f", speculative {speculative} k={num_draft}" if spec else ""))
+    table = Table(title=_t(f"{Path(rows[0]['model']).name} on {rows[0]['device']} ({rows[0]['dtype']})"
+                           + (f", speculative {speculative} k={num_draft}" if spec else "")))
     cols = ["batch", "prompt + output", "tokens/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "TPOT ms"]
     cols += ["accepted", "tokens/verify"] if spec else []
     cols += ["KV unused", "KV blocks peak/pool", "preempted"]
@@ -184,7 +231,7 @@ def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_d
         unused = r["kv_unused_fraction"]
         cells += ["-" if unused is None else f"{100 * unused:.1f}%", f"{r['kv_blocks_allocated_peak']}/{r['kv_blocks_total']}",
                   str(r["preemptions"])]
-        table.add_row(*cells)
+        table.add_row(*map(_t, cells))
     err.print(table)
 
 
@@ -199,7 +246,7 @@ def export(
     from quantkit import api
 
     path = _run(api.export, src, out, fmt, force)
-    err.print(f"wrote {path} ({fmt})")
+    err.print(_t(f"wrote {path} ({fmt})"))
 
 
 @app.command()
@@ -216,21 +263,21 @@ def inspect(
         return
     report = info["report"]
     qc = info["quantization_config"] or {}
-    head = Table(title=str(info["path"]), show_header=False)
-    head.add_row("model type", str(info["model_type"]))
-    head.add_row("format", f"{qc.get('quant_method')} / {qc.get('format')}")
+    head = Table(title=_t(info["path"]), show_header=False)  # cells: plain Text, config and report are user data
+    head.add_row("model type", _t(info["model_type"]))
+    head.add_row("format", _t(f"{qc.get('quant_method')} / {qc.get('format')}"))
     for gname, group in (qc.get("config_groups") or {}).items():
         w = group.get("weights") or {}
         a = group.get("input_activations") or {}
         inputs = f"; inputs {a.get('type')}{a.get('num_bits')} {'dynamic' if a.get('dynamic') else 'static'} per-{a.get('strategy')}" if a else ""
-        head.add_row(gname, f"W{w.get('num_bits')} {w.get('type', 'int')} {w.get('strategy')} group={w.get('group_size')} "
-                            f"symmetric={w.get('symmetric')} targets={len(group.get('targets', []))}{inputs}")
-    head.add_row("ignored", ", ".join(qc.get("ignore") or []) or "-")
+        head.add_row(_t(gname), _t(f"W{w.get('num_bits')} {w.get('type', 'int')} {w.get('strategy')} group={w.get('group_size')} "
+                                   f"symmetric={w.get('symmetric')} targets={len(group.get('targets', []))}{inputs}"))
+    head.add_row("ignored", _t(", ".join(qc.get("ignore") or []) or "-"))
     if report:
-        head.add_row("recipe", f"{report.get('recipe')} ({report.get('scheme')})")
-        head.add_row("source model", str(report.get("model")))
+        head.add_row("recipe", _t(f"{report.get('recipe')} ({report.get('scheme')})"))
+        head.add_row("source model", _t(report.get("model")))
         head.add_row("linear weights", f"{report['bytes_float'] / 2**20:.2f} MiB -> {report['bytes_quantized'] / 2**20:.2f} MiB ({report['bytes_float'] / max(report['bytes_quantized'], 1):.2f}x)")
-        head.add_row("files", f"{', '.join(info['files'])} ({report.get('bytes_on_disk', 0) / 2**20:.1f} MiB)")
+        head.add_row("files", _t(f"{', '.join(info['files'])} ({report.get('bytes_on_disk', 0) / 2**20:.1f} MiB)"))
     err.print(head)
     if report.get("layers"):
         # names relative to their common prefix (e.g. "model.layers"), to fit a terminal
@@ -238,13 +285,13 @@ def inspect(
         common = next((i for i in range(min(map(len, parts))) if len({p[i] for p in parts}) > 1), 0)
         prefix = ".".join(parts[0][:common])
         title = "layers" + (f" (under {prefix})" if prefix else "") + ": weight error, KiB float -> quantized"
-        layers = Table(title=title)
+        layers = Table(title=_t(title))
         for col in ("layer", "shape", "format", "rel. err", "KiB", "KiB q"):
             layers.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
         for r in report["layers"]:
             fmt = r.get("weight_type") or (f"W{r['bits']} " + (f"g{r['group_size']}" if r["group_size"] else "channel")
                                            + (" sym" if r["symmetric"] else " asym"))
-            layers.add_row(r["name"][len(prefix) + 1 if prefix else 0 :], "x".join(map(str, r["shape"])), fmt,
+            layers.add_row(_t(r["name"][len(prefix) + 1 if prefix else 0 :]), "x".join(map(str, r["shape"])), _t(fmt),
                            f"{r['weight_rel_error']:.4f}", f"{r['bytes_float'] / 1024:,.0f}", f"{r['bytes_quantized'] / 1024:,.0f}")
         err.print(layers)
     if info["recipe"]:
@@ -261,7 +308,7 @@ def recipes() -> None:
     table.add_column("recipe")
     table.add_column("description")
     for name, description in list_recipes():
-        table.add_row(name, description)
+        table.add_row(_t(name), _t(description))
     Console().print(table)
 
 

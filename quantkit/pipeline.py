@@ -22,9 +22,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from quantkit.algorithms import Algorithm, build_all
@@ -33,6 +35,7 @@ from quantkit.errors import NumericalError
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, packed_shape
 from quantkit.formats.activation import fake_quantize as fake_quantize_input
 from quantkit.formats.activation import scale_for
+from quantkit.heldout import HeldOutResult, perplexity_of_hidden
 from quantkit.models import LoadedModel
 from quantkit.recipe import Recipe
 from quantkit.replay import ReplayCache
@@ -46,6 +49,7 @@ class QuantizationResult:
     actorder: str | None = None  # compressed-tensors label of the rounding's column order
     activations: ActSpec | None = None  # W8A8: how the quantized linears' inputs are quantized
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static activations: name -> scale [1]
+    held_out: HeldOutResult | None = None  # float vs quantized perplexity on held-back windows
 
 
 @dataclass
@@ -78,31 +82,28 @@ def _cast(obj, dtype: torch.dtype):
 
 
 @functools.cache
-def _cpu_bf16_is_faster() -> bool:
-    """Whether this CPU multiplies bf16 matrices clearly faster than float32.
-
-    Measured, not guessed: oneDNN reports bf16 "supported" on CPUs without
-    AVX512-BF16/AMX too, where bf16 emulation runs ~4x SLOWER than float32.
-    """
-    if not getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)():
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively: AVX512-BF16 or AMX on x86, the
+    BF16 extension on Arm. Read from the CPU's flags, never timed, so that the
+    same machine always picks the same dtype and a run can be repeated bit for
+    bit (oneDNN reports bf16 "supported" without these too, where it is
+    emulated and runs about 4x slower than float32)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no way to tell without timing; stay in the model's dtype
         return False
-    a, b = torch.randn(512, 576), torch.randn(576, 1536)
-
-    def best(dtype: torch.dtype) -> float:
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y  # warm up
-        times = []
-        for _ in range(3):
-            t = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(torch.bfloat16) * 1.5 < best(torch.float32)
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def calibration_dtype(choice: str, model_dtype: torch.dtype, device) -> torch.dtype:
-    """The dtype of the calibration forwards for a CalibrationConfig.dtype choice."""
+    """The dtype of the calibration forwards for a CalibrationConfig.dtype choice.
+    auto: the model's own dtype unless it is float32 and the hardware multiplies
+    bf16 natively (a CUDA GPU with bf16, a CPU with bf16 instructions)."""
     if choice == "model":
         return model_dtype
     if choice != "auto":
@@ -110,8 +111,8 @@ def calibration_dtype(choice: str, model_dtype: torch.dtype, device) -> torch.dt
     if model_dtype != torch.float32:
         return model_dtype
     if torch.device(device).type == "cuda":
-        return torch.bfloat16
-    return torch.bfloat16 if _cpu_bf16_is_faster() else model_dtype
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else model_dtype
+    return torch.bfloat16 if _cpu_has_native_bf16() else model_dtype
 
 
 @torch.inference_mode()
@@ -147,6 +148,14 @@ def capture_block_inputs(
         for name in outer:
             model.get_submodule(name).to("cpu")
     return captured
+
+
+def check_finite_parameters(model: torch.nn.Module) -> None:
+    """NumericalError naming the first parameter or buffer holding NaN or Inf
+    (embeddings and norms too): refused before any calibration runs."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point():
+            _check_finite(t.data, name)
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -205,6 +214,8 @@ def quantize_model(
     device: str | torch.device = "cpu",
     show_progress: bool = True,
     replay: bool | None = None,
+    held_out_ids: torch.Tensor | None = None,
+    held_out_disjoint: bool = True,
 ) -> QuantizationResult:
     """Quantize `loaded.model` in place (its linears end up holding the
     dequantized weights) and return the quantized weights and a report.
@@ -213,7 +224,12 @@ def quantize_model(
     block; the weights are always rounded from the model's own tensors.
     replay=False recomputes every sub-module in every pass (same result, slower,
     less memory); None follows recipe.calibration.replay.
+    held_out_ids [n, seq]: windows to compute the float and the quantized model's
+    perplexity on (quantkit.heldout), carried through the blocks beside the
+    calibration data; `held_out_disjoint` says whether they avoid the calibration
+    windows (recorded with the result).
     """
+    check_finite_parameters(loaded.model)
     algorithms = build_all(recipe)
     rounding = algorithms[-1]
     transforms = [a for a in algorithms if a.transforms]  # observe the float block, change it
@@ -235,6 +251,10 @@ def quantize_model(
     t0 = time.perf_counter()
     batch = recipe.calibration.batch_size
     inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if needs_data else []
+    # the held-out windows: one stream through the float blocks, one through the quantized ones
+    held_float = held_quant = []
+    if held_out_ids is not None:
+        held_float = held_quant = capture_block_inputs(loaded, held_out_ids, device, batch, fwd_dtype)
     seconds["capture"] = time.perf_counter() - t0
 
     weights: dict[str, QuantizedWeight] = {}
@@ -243,7 +263,7 @@ def quantize_model(
     console = Console(stderr=True)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not show_progress, transient=False) as progress:
-        task = progress.add_task(f"quantize ({recipe.name})", total=len(blocks))
+        task = progress.add_task(escape(f"quantize ({recipe.name})"), total=len(blocks))  # user text, not markup
         # the transforms' searches take most of a block's time: a bar of their own, per mapping
         steps = progress.add_task("", total=1, visible=False)
         for i, block in enumerate(blocks):
@@ -252,6 +272,10 @@ def quantize_model(
             block.to(device)
             # the block that runs the calibration data: itself, or a copy in fwd_dtype
             fwd = block if not needs_data or fwd_dtype == model_dtype else copy.deepcopy(block).to(fwd_dtype)
+            if held_float:
+                t = time.perf_counter()
+                held_float = _propagate(fwd, held_float, None, set())  # before anything changes the block
+                seconds["held_out"] = seconds.get("held_out", 0.0) + time.perf_counter() - t
             groups = _input_groups(targets, family.shared_inputs)
             if transforms and targets:
                 t = time.perf_counter()
@@ -262,7 +286,7 @@ def quantize_model(
                 progress.reset(steps, total=n_steps, description=f"  block {i}: transforms", visible=True)
 
                 def step(what: str) -> None:
-                    progress.update(steps, advance=1, description=f"  block {i}: {what}")
+                    progress.update(steps, advance=1, description=escape(f"  block {i}: {what}"))
 
                 _apply_transforms(block, targets, family, transforms, rounding, step)
                 if fwd is not block:
@@ -301,12 +325,23 @@ def quantize_model(
                 t = time.perf_counter()
                 inputs = _propagate(fwd, inputs, cache, final)
                 seconds["forward"] += time.perf_counter() - t
+            if held_quant:
+                t = time.perf_counter()
+                held_quant = _propagate(fwd, held_quant, None, set())  # as the checkpoint computes it
+                seconds["held_out"] += time.perf_counter() - t
             for h in act_hooks:
                 h.remove()
             del fwd
             block.to("cpu")
             progress.advance(task)
-    return QuantizationResult(weights, rows, seconds, rounding.actorder(), act, input_scales)
+    held = None
+    if held_out_ids is not None:
+        t = time.perf_counter()
+        held = HeldOutResult(*held_out_ids.shape, held_out_disjoint,
+                             perplexity_of_hidden(loaded, [h.hidden for h in held_float], held_out_ids, device),
+                             perplexity_of_hidden(loaded, [h.hidden for h in held_quant], held_out_ids, device))
+        seconds["held_out"] += time.perf_counter() - t
+    return QuantizationResult(weights, rows, seconds, rounding.actorder(), act, input_scales, held)
 
 
 def _static_scale(observed: _InputRange, name: str, act: ActSpec) -> torch.Tensor:
@@ -403,6 +438,15 @@ def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> li
         if spec is not None:
             out.append(_Target(rel, name, linear, spec))
     return out
+
+
+def plan_targets(model: torch.nn.Module, family, recipe: Recipe) -> dict[str, IntSpec | FloatSpec]:
+    """Linear name -> the spec `recipe` quantizes it with, for every linear it
+    selects in `model`'s blocks. Only shapes are read, so a skeleton on the meta
+    device answers before any weight is loaded (group sizes, empty selections)."""
+    blocks = model.get_submodule(family.blocks)
+    return {t.name: t.spec for i, block in enumerate(blocks)
+            for t in _targets(block, f"{family.blocks}.{i}", family.linears, recipe)}
 
 
 def _input_groups(targets: list[_Target], shared_inputs: tuple[tuple[str, ...], ...]) -> list[list[_Target]]:

@@ -253,22 +253,24 @@ def test_existing_output_without_force_is_untouched(tiny_model_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def test_existing_output_with_force_is_replaced(tiny_model_dir, tmp_path):
+def old_run(quantized_dir: Path, out: Path) -> dict[str, bytes]:
+    """`out` holds an earlier quantkit checkpoint; returns its files' bytes."""
+    shutil.copytree(quantized_dir, out)
+    return snapshot(out)
+
+
+def test_existing_output_with_force_is_replaced(tiny_model_dir, quantized_dir, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old run")
-    result, text = cli("quantize", tiny_model_dir, "--out", out, "--force")
+    before = old_run(quantized_dir, out)
+    result, text = cli("quantize", tiny_model_dir, "--recipe", "w8a16-rtn", "--out", out, "--force")
     assert result.exit_code == 0, text
-    assert not (out / "keep.txt").exists()
-    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert snapshot(out) != before and "quantkit_manifest.json" in snapshot(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def test_failed_run_with_force_keeps_old_output(nan_model_dir, tmp_path):
+def test_failed_run_with_force_keeps_old_output(nan_model_dir, quantized_dir, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old run")
-    before = snapshot(out)
+    before = old_run(quantized_dir, out)
     result, text = cli("quantize", nan_model_dir, "--out", out, "--force")
     assert_clean_error(result, text, "NaN")
     assert snapshot(out) == before
@@ -288,19 +290,17 @@ def test_write_failure_leaves_nothing(tiny_model_dir, tmp_path, monkeypatch):
     assert_nothing_written(out)
 
 
-def test_write_failure_with_force_keeps_old_output(tiny_model_dir, tmp_path, monkeypatch):
+def test_write_failure_with_force_keeps_old_output(tiny_model_dir, quantized_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("quantkit.checkpoint.writer.save_file", _disk_full)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old run")
-    before = snapshot(out)
+    before = old_run(quantized_dir, out)
     result, text = cli("quantize", tiny_model_dir, "--out", out, "--force")
     assert_clean_error(result, text, "No space left on device")
     assert snapshot(out) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
-def test_failed_swap_with_force_restores_old_output(tiny_model_dir, tmp_path, monkeypatch):
+def test_failed_swap_with_force_restores_old_output(tiny_model_dir, quantized_dir, tmp_path, monkeypatch):
     """If the finished folder cannot be moved into place, the old output goes back."""
     rename = Path.rename
 
@@ -309,11 +309,9 @@ def test_failed_swap_with_force_restores_old_output(tiny_model_dir, tmp_path, mo
             raise OSError(16, "Device or resource busy")
         return rename(self, target)
 
-    monkeypatch.setattr(Path, "rename", failing_rename)
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("old run")
-    before = snapshot(out)
+    before = old_run(quantized_dir, out)
+    monkeypatch.setattr(Path, "rename", failing_rename)
     result, text = cli("quantize", tiny_model_dir, "--out", out, "--force")
     assert_clean_error(result, text, "Device or resource busy")
     assert snapshot(out) == before

@@ -16,69 +16,30 @@ Per quantized linear X the state dict holds, in place of the float X.weight:
     activations, X.input_scale ([1]).
 
 Everything is written into a hidden temporary folder beside DIR and renamed at
-the end: a failed or interrupted run leaves no half-written DIR behind.
+the end, with a manifest of the files (quantkit/checkpoint/output.py): a failed
+or interrupted run leaves no half-written DIR behind, and force replaces only
+what quantkit wrote.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from quantkit.checkpoint.config import build_quantization_config
-from quantkit.errors import OutputExistsError
+from quantkit.checkpoint.output import atomic_output, check_output  # noqa: F401  (re-exported)
+from quantkit.errors import NumericalError
 from quantkit.formats import ActSpec, QuantizedWeight, pack_int32, per_tensor
 
 RECIPE_FILE = "quantkit_recipe.yaml"
 REPORT_FILE = "quantization_report.json"
 MAX_SHARD_BYTES = 4 * 1024**3
-
-
-def check_output(out_dir: str | os.PathLike, force: bool) -> Path:
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not force:
-        raise OutputExistsError(f"output {out} already exists; pass --force (force=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output {out} exists and is not a folder")
-    ancestor = out.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():  # found now, not after quantizing, when the folder cannot be made
-        raise OutputExistsError(f"cannot create output {out}: {ancestor} is a file, not a folder")
-    return out
-
-
-@contextlib.contextmanager
-def atomic_output(out_dir: str | os.PathLike, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces `out_dir`, on failure it is removed."""
-    out = check_output(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # a failed run loses nothing: the old output goes back
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def packed_tensors(name: str, qw: QuantizedWeight, activations: ActSpec | None = None,
@@ -116,6 +77,19 @@ def quantized_state_dict(model: torch.nn.Module, weights: dict[str, QuantizedWei
     for name, qw in weights.items():
         state.update(packed_tensors(name, qw, activations, (input_scales or {}).get(name)))
     return state
+
+
+def check_finite_state(state: dict[str, torch.Tensor]) -> None:
+    """NumericalError naming the first float tensor holding NaN or Inf: embeddings,
+    norms and biases too, not only the quantized linears' scales."""
+    wide = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    for key, t in state.items():
+        if not t.is_floating_point() or not t.numel():
+            continue
+        t = t if t.dtype in wide else t.float()  # FP8 has a NaN code but no reductions
+        # one reduction per tensor: a NaN or an Inf anywhere makes max |t| non-finite
+        if not torch.isfinite(t.abs().amax()):
+            raise NumericalError(f"{key} contains NaN or Inf; refusing to write the checkpoint")
 
 
 def _save_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
@@ -157,6 +131,7 @@ def write_checkpoint(
     extra_files: dict[str, bytes] | None = None,
     activations: ActSpec | None = None,
     input_scales: dict[str, torch.Tensor] | None = None,
+    inputs: Iterable[str | os.PathLike | None] = (),
 ) -> Path:
     """Write the checkpoint atomically and return its folder.
 
@@ -165,14 +140,18 @@ def write_checkpoint(
     extra_files: more files to put in the folder (name -> bytes), e.g. plots.
     activations: the W8A8 input quantization (None: weight-only); input_scales:
     linear name -> calibrated per-tensor scale, for static activations.
+    inputs: the paths the run read (model, recipe, data): the output may not
+    overlap them (quantkit.checkpoint.output).
+    Every float tensor is checked to be finite before anything is written.
     """
     float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in weights]
     # act-order with g_idx is compressed-tensors' actorder "group"
     if any(qw.g_idx is not None for qw in weights.values()):
         actorder = "group"
     qconfig = build_quantization_config({n: qw.spec for n, qw in weights.items()}, float_linears, actorder, activations)
-    with atomic_output(out_dir, force) as tmp:
-        state = quantized_state_dict(model, weights, activations, input_scales)
+    state = quantized_state_dict(model, weights, activations, input_scales)
+    check_finite_state(state)
+    with atomic_output(out_dir, force, inputs) as tmp:
         files = _save_shards(state, tmp, max_shard_bytes)
         config = copy.deepcopy(model.config)
         config.quantization_config = qconfig

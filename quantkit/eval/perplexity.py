@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
@@ -55,7 +56,7 @@ def perplexity(
     start = time.perf_counter()
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), disable=not show_progress, transient=True) as progress:
-        task = progress.add_task(label, total=n)
+        task = progress.add_task(escape(label), total=n)  # model and data names: user text, not markup
         for i in range(0, n, batch_size):
             ids = batches[i : i + batch_size].to(device)
             logits = model(ids, use_cache=False).logits  # [b, seqlen, vocab]

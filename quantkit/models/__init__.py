@@ -1,5 +1,6 @@
 from quantkit.models.families import FAMILIES, Family, Mapping, family_for, supported_model_types
-from quantkit.models.loader import DEFAULT_MODEL, LoadedModel, default_model_path, load_config, load_model, resolve_source
+from quantkit.models.loader import (DEFAULT_MODEL, LoadedModel, check_weight_index, context_length, default_model_path,
+                                   empty_model, load_config, load_model, resolve_source)
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -7,7 +8,10 @@ __all__ = [
     "Family",
     "LoadedModel",
     "Mapping",
+    "check_weight_index",
+    "context_length",
     "default_model_path",
+    "empty_model",
     "family_for",
     "load_config",
     "load_model",

@@ -61,6 +61,41 @@ def resolve_source(source: str | os.PathLike | None) -> str:
     return text
 
 
+def check_weight_index(folder: Path) -> None:
+    """Every shard a `*.index.json` names is a file inside `folder`: an entry with
+    an absolute path or a `..` is refused before anything opens it. (A symlinked
+    shard is fine: the Hugging Face cache links every file to its blob store.)"""
+    for index in sorted(folder.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text("utf-8")).get("weight_map")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+            raise ModelLoadError(f"{index} is not a valid weight index: {e}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelLoadError(f"{index}: weight_map must be an object of tensor name -> file name")
+        for name in sorted(set(weight_map.values())):
+            path = Path(name)
+            if not name or path.is_absolute() or ".." in path.parts or path.drive:
+                raise ModelLoadError(f"{index}: entry {name[:200]!r} points outside {folder}; refusing to open it")
+
+
+def empty_model(config):
+    """The model a config describes, on the meta device: every module and shape,
+    no memory, nothing read. For checks before any weight is loaded."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"cannot build the model its config describes: {type(e).__name__}: {e}") from e
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was built for (max_position_embeddings), if it says."""
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
 def _from_pretrained_args(source: str) -> tuple[str, dict]:
     if source.endswith(".gguf"):
         path = Path(source)
@@ -70,6 +105,8 @@ def _from_pretrained_args(source: str) -> tuple[str, dict]:
     path = Path(source)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelLoadError(f"{source} is a folder without config.json: not a Hugging Face model folder")
+    if path.is_dir():
+        check_weight_index(path)
     return source, {}
 
 
@@ -107,6 +144,8 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     dtype: None keeps the stored dtype (float32 for GGUF); or "float32" /
     "float16" / "bfloat16" / a torch.dtype.
     """
+    import pickle
+
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,6 +165,11 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"cannot load model from {resolved}: its .bin weights hold pickled Python objects besides tensors. "
+            f"quantkit reads .bin files only with torch.load(weights_only=True) and never runs code from a model "
+            f"file; convert it to safetensors on a machine where you trust it") from e
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ModelLoadError(f"cannot load model from {resolved}: {e}") from e
     if "gguf_file" in extra:
