@@ -73,6 +73,30 @@ def _check_seqlen(seqlen: int, config, what: str) -> None:
                          f"(max_position_embeddings); choose {context} or fewer")
 
 
+def _memory_of(dev: torch.device) -> int | None:
+    """Bytes of memory on `dev` in all (RAM for the CPU), None where it cannot be told."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev.index or 0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_calibration_memory(recipe: Recipe, config, dev: torch.device) -> None:
+    """The driver holds one block's calibration inputs and outputs at once, on the device
+    (and, with replay, more buffers of that size): refuse what cannot fit before loading."""
+    c, hidden = recipe.calibration, getattr(config, "hidden_size", None)
+    have = _memory_of(dev)
+    if not isinstance(hidden, int) or have is None:
+        return
+    need = 2 * c.num_samples * c.seqlen * hidden * 4  # inputs + outputs of a block, at most 4 bytes a value
+    if need > have:
+        raise ValueError(f"calibration of {c.num_samples} samples x {c.seqlen} tokens holds at least "
+                         f"{need / 2**30:.1f} GiB of activations per block ({hidden} values a token); {dev} has "
+                         f"{have / 2**30:.1f} GiB. Use fewer samples (--num-samples) or shorter ones (--seqlen)")
+
+
 def quantize(
     model: str | os.PathLike | None = None,
     recipe: str | os.PathLike | Recipe = DEFAULT_RECIPE,
@@ -112,6 +136,7 @@ def quantize(
     calibrate = needs_calibration(recipe, algorithms)
     if calibrate:
         _check_seqlen(recipe.calibration.seqlen, config, "calibration seqlen")
+        _check_calibration_memory(recipe, config, dev)
 
     t0 = time.perf_counter()
     loaded = load_model(source)
@@ -178,7 +203,12 @@ def quantize(
 
 
 def load(source: str | os.PathLike | None = None, backend: str | None = None) -> LoadedModel:
-    """A quantized checkpoint (as IntWeightLinear modules) or a float model."""
+    """A quantized checkpoint (as IntWeightLinear / W8A8Linear modules) or a float model.
+
+    Every folder whose config.json has a quantization_config (of any quant_method), or
+    whose weights are quantized, goes to quantkit's checkpoint reader, which reads it or
+    refuses it by name (never transformers' own quantizers); other folders, files and hub
+    ids load as float models."""
     if source is not None and is_quantized_checkpoint(Path(source).expanduser()):
         return load_checkpoint(source, backend=backend)
     return load_model(source)
@@ -286,4 +316,6 @@ def export(src: str | os.PathLike, out: str | os.PathLike, fmt: str = "awq", for
 
 
 def inspect(path: str | os.PathLike) -> dict:
+    """A quantized checkpoint's config, report and recipe, once its config.json and safetensors
+    headers are found to agree (CheckpointError otherwise); see checkpoint_summary."""
     return checkpoint_summary(path)

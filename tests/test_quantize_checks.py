@@ -64,6 +64,13 @@ def test_calibration_beyond_the_context_fails_before_loading(tiny_model_dir, tmp
     assert_nothing_written(out)
 
 
+def test_calibration_that_cannot_fit_in_memory_fails_before_loading(tiny_model_dir, tmp_path, no_loading):
+    out = tmp_path / "out"
+    assert_clean_error(*cli("quantize", tiny_model_dir, "--recipe", "w4a16-gptq", "--num-samples", 10**8,
+                            "--seqlen", 256, "--out", out), "GiB", "--num-samples")
+    assert_nothing_written(out)
+
+
 @pytest.mark.parametrize("args, fragment", [(("--windows", -3), "--windows"), (("--seqlen", 100000), "context of 256"),
                                             (("--seqlen", 1), "at least 2")])
 def test_eval_ranges_fail_before_loading(tiny_model_dir, no_loading, args, fragment):
