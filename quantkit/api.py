@@ -151,7 +151,7 @@ def quantize(
     c = recipe.calibration
     calib = calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed) if calibrate else None
     check = recipe.check
-    held_seqlen = min(check.seqlen or c.seqlen, context_length(config) or c.seqlen)
+    held_seqlen = min(check.seqlen or c.seqlen, context_length(config) or (1 << 62))
     held_ids, disjoint = (held_out_batch(loaded.tokenizer, c.data, check.windows, held_seqlen, c.seed,
                                          (c.num_samples, c.seqlen) if calibrate else None)
                           if check.windows else (None, True))

@@ -142,11 +142,15 @@ def test_the_check_is_reported(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, text
     held = json.loads(result.stdout)["held_out"]
     assert held["passed"] and held["windows"] == 4 and held["disjoint"]
-    assert held["seqlen"] == 256  # the calibration seqlen 512, capped at the tiny model's context
+    assert held["seqlen"] == 256  # the default: 4 windows of 256 tokens
     assert math.isclose(held["ratio"], held["quantized_perplexity"] / held["float_perplexity"])
     assert 0.5 < held["ratio"] < 2  # 4-bit weights on a random model barely move its perplexity
     stored = json.loads((out / "quantization_report.json").read_text())["held_out"]
     assert stored == held
+    recipe = write_recipe(tmp_path, "scheme: W4A16\ncheck: {windows: 2, seqlen: 1000}\n")
+    result, text = cli("quantize", tiny_model_dir, "--recipe", recipe, "--out", tmp_path / "long", "--json")
+    held = json.loads(result.stdout)["held_out"]
+    assert (held["windows"], held["seqlen"]) == (2, 256), text  # capped at the tiny model's context
 
 
 def _break_rounding(monkeypatch, factor: float) -> None:
