@@ -5,6 +5,11 @@ class QuantkitError(Exception):
     """Base class for every user-facing quantkit error."""
 
 
+class RecipeError(QuantkitError, ValueError):
+    """A problem in a recipe or an algorithm's options that the user caused (and can fix).
+    Also a ValueError, as it was before it joined QuantkitError."""
+
+
 class ModelLoadError(QuantkitError):
     """A model path, file or id that cannot be loaded."""
 

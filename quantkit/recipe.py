@@ -18,7 +18,9 @@ A recipe is a YAML file under ``recipes/`` (named by its file stem, e.g.
 
 Every key is optional except that a recipe built from a plain dict needs a
 ``name``. Unknown keys, wrong types and bad values raise :class:`RecipeError`
-naming the file, the key and the value, and listing the valid choices.
+naming the file, the key and the value (cut short when long), and listing the
+valid choices. A recipe file is at most MAX_RECIPE_BYTES of UTF-8 plain YAML:
+no anchors or aliases, tags or deep nesting (see quantkit.parsing).
 
 :func:`parse_dataclass` is the strict parser behind this; algorithms reuse it
 for their own frozen option dataclasses (``parse_dataclass(GPTQOptions,
@@ -28,24 +30,34 @@ step.kwargs(), "algorithm 'gptq'")``).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import stat
 import typing
+import warnings
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from quantkit.formats.activation import ActSpec
 from quantkit.formats.spec import FloatSpec, IntSpec
-from quantkit.parsing import RecipeError, child_path, convert_value, init_fields, parse_dataclass, wrong_type
+from quantkit.parsing import (
+    RecipeError, child_path, convert_value, cut, dump_yaml, init_fields, load_yaml_mapping, parse_dataclass, shown,
+    wrong_type,
+)
 
 __all__ = [
-    "ACTIVATIONS", "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "CheckConfig", "LayerOverride",
-    "Recipe", "RecipeError", "list_recipes", "load_recipe", "parse_dataclass",
+    "ACTIVATIONS", "MAX_RECIPE_BYTES", "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "CheckConfig",
+    "LayerOverride", "Recipe", "RecipeError", "list_recipes", "load_recipe", "parse_dataclass",
 ]
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# a recipe is a few hundred bytes; the cap keeps a wrong file (or a huge one
+# copied into every checkpoint) from being parsed at all
+MAX_RECIPE_BYTES = 1 << 20
+# sizes and counts a run can hold in a tensor index; larger ones are typos
+MAX_COUNT = 2**31 - 1
 
 # scheme name -> the weight spec it stands for; a recipe's `weights:` edits it.
 SCHEMES: dict[str, IntSpec | FloatSpec] = {
@@ -70,11 +82,22 @@ ACTIVATIONS: dict[str, ActSpec | None] = {
 
 def _check_regex(pattern: str, what: str) -> None:
     if not isinstance(pattern, str):
-        raise RecipeError(f"{what} must be a regex string, got {pattern!r}")
+        raise RecipeError(f"{what} must be a regex string, got {shown(pattern)}")
     try:
-        re.compile(pattern)
-    except re.error as e:
-        raise RecipeError(f"{what}: invalid regex {pattern!r}: {e}") from e
+        with warnings.catch_warnings():  # "possible nested set" and the like: the pattern compiles
+            warnings.simplefilter("ignore")
+            re.compile(pattern)
+    # re.error for bad syntax, but also OverflowError (a{99999999999}), RecursionError
+    # (thousands of nested groups), MemoryError: every one is a pattern that cannot be used
+    except Exception as e:
+        raise RecipeError(f"{what}: invalid regex {shown(pattern)}: {cut(str(e) or type(e).__name__, 120)}") from e
+
+
+def _check_group_size(spec: IntSpec | FloatSpec, what: str) -> None:
+    # IntSpec takes any positive size; past this the group count rounds to zero
+    # (576 / 10**400 == 0.0) or overflows the tensors' int64 shapes
+    if spec.group_size is not None and spec.group_size > MAX_COUNT:
+        raise RecipeError(f"{what}: group_size must be at most {MAX_COUNT}, got {shown(spec.group_size)}")
 
 
 def _freeze_option(key: str, value, algo: str):
@@ -83,8 +106,8 @@ def _freeze_option(key: str, value, algo: str):
         return value
     if isinstance(value, (list, tuple)):
         return tuple(_freeze_option(key, v, algo) for v in value)
-    raise RecipeError(f"option {key!r} of algorithm {algo!r} must be a YAML scalar or list, "
-                      f"got {value!r} ({type(value).__name__})")
+    raise RecipeError(f"option {shown(key)} of algorithm {shown(algo)} must be a YAML scalar or list, "
+                      f"got {shown(value)} ({type(value).__name__})")
 
 
 def _thaw(value):
@@ -93,14 +116,15 @@ def _thaw(value):
 
 def _sorted_items(items, what: str) -> tuple[tuple[str, object], ...]:
     pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
-    keys = [k for k, _ in pairs]
-    for k in keys:
+    if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+        raise RecipeError(f"{what}: expected a mapping, got {shown(items)}")
+    for k, _ in pairs:
         if not isinstance(k, str) or not k:
-            raise RecipeError(f"{what}: keys must be non-empty strings, got {k!r}")
-    dup = sorted({k for k in keys if keys.count(k) > 1})
+            raise RecipeError(f"{what}: keys must be non-empty strings, got {shown(k)}")
+    dup = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
     if dup:
-        raise RecipeError(f"{what}: duplicate key {dup[0]!r}")
-    return tuple(sorted(pairs))
+        raise RecipeError(f"{what}: duplicate key {shown(dup[0])}")
+    return tuple(sorted(pairs, key=lambda p: p[0]))  # by key alone: values need not compare
 
 
 @dataclass(frozen=True)
@@ -112,8 +136,8 @@ class AlgorithmStep:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise RecipeError(f"algorithm name must be a non-empty identifier, got {self.name!r}")
-        what = f"options of algorithm {self.name!r}"
+            raise RecipeError(f"algorithm name must be a non-empty identifier, got {shown(self.name)}")
+        what = f"options of algorithm {shown(self.name)}"
         items = _sorted_items(self.options, what)
         object.__setattr__(self, "options",
                            tuple((k, _freeze_option(k, v, self.name)) for k, v in items))
@@ -130,14 +154,14 @@ class AlgorithmStep:
             if options is None:
                 options = {}
             if not isinstance(options, Mapping):
-                raise RecipeError(f"{where}: options of algorithm {name!r} must be a mapping, "
-                                  f"got {options!r}")
+                raise RecipeError(f"{where}: options of algorithm {shown(name)} must be a mapping, "
+                                  f"got {shown(options)}")
             try:
                 return cls(name, options)
             except RecipeError as e:
                 raise RecipeError(f"{where}: {e}") from e
         raise RecipeError(f"{where}: expected an algorithm name (e.g. rtn) or a one-key mapping "
-                          f"(e.g. {{gptq: {{dampening: 0.01}}}}), got {data!r}")
+                          f"(e.g. {{gptq: {{dampening: 0.01}}}}), got {shown(data)}")
 
     def to_yaml_data(self):
         return {self.name: {k: _thaw(v) for k, v in self.options}} if self.options else self.name
@@ -155,7 +179,7 @@ class LayerOverride:
 
     def __post_init__(self):
         _check_regex(self.pattern, "override pattern")
-        what = f"override {self.pattern!r} weights"
+        what = f"override {shown(self.pattern)} weights"
         if isinstance(self.weights, Mapping) and not self.weights:
             raise RecipeError(f"{what}: sets no field; valid keys: {', '.join(sorted(_SPEC_FIELDS))}")
         items = _sorted_items(self.weights, what)
@@ -165,7 +189,7 @@ class LayerOverride:
         checked = []
         for key, value in items:
             if key not in _SPEC_FIELDS:
-                raise RecipeError(f"unknown key {key!r} in {what}; valid keys: "
+                raise RecipeError(f"unknown key {shown(key)} in {what}; valid keys: "
                                   + ", ".join(sorted(_SPEC_FIELDS)))
             checked.append((key, convert_value(value, hints[key], f"{what}: {key}")))
         object.__setattr__(self, "weights", tuple(checked))
@@ -194,8 +218,10 @@ class CalibrationConfig:
         if not self.data:
             raise ValueError("data must name a corpus, a path or a dataset, got ''")
         for key in ("num_samples", "seqlen", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+            if not 0 < getattr(self, key) <= MAX_COUNT:
+                raise ValueError(f"{key} must be in 1..{MAX_COUNT}, got {shown(getattr(self, key))}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be in -2**63..2**64-1, got {shown(self.seed)}")
 
 
 @dataclass(frozen=True)
@@ -211,10 +237,10 @@ class CheckConfig:
     max_ratio: float = 10.0
 
     def __post_init__(self):
-        if self.windows < 0:
-            raise ValueError(f"windows must be >= 0 (0: no check), got {self.windows}")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise ValueError(f"seqlen must be at least 2, got {self.seqlen}")
+        if not 0 <= self.windows <= MAX_COUNT:
+            raise ValueError(f"windows must be in 0..{MAX_COUNT} (0: no check), got {shown(self.windows)}")
+        if self.seqlen is not None and not 2 <= self.seqlen <= MAX_COUNT:
+            raise ValueError(f"seqlen must be in 2..{MAX_COUNT}, got {shown(self.seqlen)}")
         if not self.max_ratio >= 1.0:  # NaN fails too
             raise ValueError(f"max_ratio must be a number >= 1, got {self.max_ratio}")
 
@@ -242,9 +268,9 @@ class Recipe:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
-            raise RecipeError(f"name must be a non-empty string, got {self.name!r}")
-        if self.scheme not in SCHEMES:
-            raise RecipeError(f"unknown scheme {self.scheme!r}; valid schemes: {', '.join(SCHEMES)}")
+            raise RecipeError(f"name must be a non-empty string, got {shown(self.name)}")
+        if not isinstance(self.scheme, str) or self.scheme not in SCHEMES:
+            raise RecipeError(f"unknown scheme {shown(self.scheme)}; valid schemes: {', '.join(SCHEMES)}")
         preset, act_preset = SCHEMES[self.scheme], ACTIVATIONS.get(self.scheme)
         if type(self.weights) is not type(preset):
             raise RecipeError(f"scheme {self.scheme!r} takes {type(preset).__name__} weights, got {self.weights}")
@@ -266,11 +292,14 @@ class Recipe:
         for key in ("targets", "ignore"):
             for i, pattern in enumerate(getattr(self, key)):
                 _check_regex(pattern, f"{key}[{i}]")
+        _check_group_size(self.weights, "weights")
         for i, override in enumerate(self.overrides):
+            what = f"overrides[{i}] ({shown(override.pattern)})"
             try:
-                override.apply(self.weights)
+                spec = override.apply(self.weights)
             except (ValueError, TypeError) as e:
-                raise RecipeError(f"overrides[{i}] ({override.pattern!r}): {e}") from e
+                raise RecipeError(f"{what}: {cut(str(e))}") from e
+            _check_group_size(spec, what)
 
     def _check_w8a8(self, act_preset: ActSpec) -> None:
         if self.activations is None:
@@ -335,7 +364,7 @@ class Recipe:
         data = dict(data)
         scheme = data.get("scheme", "W4A16")
         if not isinstance(scheme, str) or scheme not in SCHEMES:
-            raise RecipeError(f"{child_path(where, 'scheme')}: unknown scheme {scheme!r}; "
+            raise RecipeError(f"{child_path(where, 'scheme')}: unknown scheme {shown(scheme)}; "
                               f"valid schemes: {', '.join(SCHEMES)}")
         preset = SCHEMES[scheme]
         if "weights" in data:
@@ -366,36 +395,40 @@ class Recipe:
             steps = data["algorithms"]
             if not isinstance(steps, list):
                 raise RecipeError(f"{child_path(where, 'algorithms')}: expected a list such as [rtn], "
-                                  f"got {steps!r}")
+                                  f"got {shown(steps)}")
             data["algorithms"] = [AlgorithmStep.from_yaml_data(s, child_path(child_path(where, "algorithms"), i))
                                   for i, s in enumerate(steps)]
         if "overrides" in data:
             items = data["overrides"]
             if not isinstance(items, list):
                 raise RecipeError(f"{child_path(where, 'overrides')}: expected a list of "
-                                  f"{{pattern: ..., weights: {{...}}}}, got {items!r}")
+                                  f"{{pattern: ..., weights: {{...}}}}, got {shown(items)}")
             data["overrides"] = [_parse_override(o, child_path(child_path(where, "overrides"), i))
                                  for i, o in enumerate(items)]
         return parse_dataclass(cls, data, where)
 
     @classmethod
     def from_yaml(cls, text: str, where: str = "recipe", default_name: str | None = None) -> Recipe:
-        data = _load_yaml(text, where)
+        if not isinstance(text, str):
+            raise RecipeError(f"{where}: recipe text must be a str, got {type(text).__name__}")
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{where}: {_over_the_cap(size)}")
+        data = load_yaml_mapping(text, where)
         if default_name is not None and "name" not in data:
             data = {"name": default_name, **data}
         return cls.from_dict(data, where)
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False,
-                         default_flow_style=None, allow_unicode=True, width=100)
+        return dump_yaml(self.to_dict())
 
 
 def _parse_override(data, where: str) -> LayerOverride:
     if not isinstance(data, Mapping):
-        raise RecipeError(f"{where}: expected {{pattern: ..., weights: {{...}}}}, got {data!r}")
+        raise RecipeError(f"{where}: expected {{pattern: ..., weights: {{...}}}}, got {shown(data)}")
     for key in data:
         if key not in ("pattern", "weights"):
-            raise RecipeError(f"unknown key {key!r} in {where}; valid keys: pattern, weights")
+            raise RecipeError(f"unknown key {shown(key)} in {where}; valid keys: pattern, weights")
     for key in ("pattern", "weights"):
         if key not in data:
             raise RecipeError(f"{where}: missing key {key!r}")
@@ -407,66 +440,69 @@ def _parse_override(data, where: str) -> LayerOverride:
         raise RecipeError(f"{where}: {e}") from e
 
 
-# --------------------------------------------------------------------------- YAML in/out
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys and reads 1e-3 as a float (YAML 1.2 style)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark,
-                    f"found duplicate key {key!r}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                    |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."))
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-def _load_yaml(text: str, where: str) -> dict:
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise RecipeError(f"{where}: invalid YAML{at}: {e.problem or e.context}") from e
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{where}: invalid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: the top level must be a mapping of recipe keys, "
-                          f"got {type(data).__name__}")
-    return data
-
+# --------------------------------------------------------------------------- recipe files
 
 def _shipped_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str | Path) -> Recipe:
+def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
     """Load a shipped recipe by file stem ("w4a16-rtn") or any recipe file by path."""
     text = str(name_or_path)
-    is_path = (isinstance(name_or_path, Path) or "/" in text or "\\" in text
+    is_path = (isinstance(name_or_path, os.PathLike) or "/" in text or "\\" in text
                or text.endswith((".yaml", ".yml")))
     path = Path(name_or_path) if is_path else RECIPES_DIR / f"{text}.yaml"
-    if not path.is_file():
-        what = f"recipe file {str(path)!r} does not exist" if is_path else f"no recipe named {text!r}"
-        raise RecipeError(f"{what}; shipped recipes: {', '.join(_shipped_names()) or '(none)'}")
-    return Recipe.from_yaml(path.read_text(encoding="utf-8"), where=str(path), default_name=path.stem)
+    missing = (f"recipe file {shown(str(path), 200)} does not exist" if is_path
+               else f"no recipe named {shown(text)}")
+    body = _read_recipe_file(path, f"{missing}; shipped recipes: {', '.join(_shipped_names()) or '(none)'}")
+    return Recipe.from_yaml(body, where=_path_shown(path), default_name=path.stem)
+
+
+def _read_recipe_file(path: Path, missing: str) -> str:
+    """The text of recipe file `path`: a regular file of at most MAX_RECIPE_BYTES
+    (checked before reading it whole) of UTF-8; RecipeError (`missing` when there
+    is no such file) for anything else."""
+    where = _path_shown(path)
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise RecipeError(missing) from None
+    except (OSError, ValueError) as e:  # no permission on a folder above, a name too long, a NUL byte
+        raise RecipeError(f"cannot read recipe file {where}: {_reason(e)}") from e
+    if stat.S_ISDIR(mode):
+        raise RecipeError(f"recipe file {where} is a folder, not a file")
+    if not stat.S_ISREG(mode):  # a FIFO would block the read, a device may never end
+        raise RecipeError(f"recipe file {where} is not a regular file")
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_RECIPE_BYTES:
+                raise RecipeError(f"recipe file {where}: {_over_the_cap(size)}")
+            data = f.read(MAX_RECIPE_BYTES + 1)  # the file may have grown since
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe file {where}: {_reason(e)}") from e
+    if len(data) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {where}: {_over_the_cap(f'more than {MAX_RECIPE_BYTES:,}')}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"recipe file {where} is not UTF-8 text: byte {data[e.start:e.start + 1]!r} at "
+                          f"line {line}; save it as UTF-8") from None
+
+
+def _over_the_cap(size: int | str) -> str:
+    return (f"{size if isinstance(size, str) else f'{size:,}'} bytes, over the {MAX_RECIPE_BYTES:,}-byte limit "
+            f"for a recipe (a recipe is a few hundred bytes: is this the right file?)")
+
+
+def _path_shown(path: Path) -> str:
+    text = str(path)
+    return text if len(text) <= 200 else f"...{text[-200:]}"  # the end names the file
+
+
+def _reason(error: Exception) -> str:
+    return cut(error.strerror if isinstance(error, OSError) and error.strerror else str(error), 120)
 
 
 def list_recipes() -> list[tuple[str, str]]:

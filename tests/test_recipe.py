@@ -91,7 +91,7 @@ def test_yaml_reads_exponent_floats(tmp_path):
 def test_unknown_top_level_key(tmp_path):
     msg = error_of(tmp_path, "scheme: W4A16\nalgorithm: [rtn]\n")
     assert "unknown key 'algorithm'" in msg and "mine.yaml" in msg
-    assert "valid keys: activations, algorithms, calibration, description, ignore, name" in msg
+    assert "valid keys: activations, algorithms, calibration, check, description, ignore, name" in msg
 
 
 def test_unknown_weights_key_typo(tmp_path):

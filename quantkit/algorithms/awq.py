@@ -17,6 +17,9 @@ from quantkit.algorithms.awq_math import Rounder, ScaleSearch, output_error, sca
 from quantkit.algorithms.base import Algorithm, register
 from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, make_hessian
 from quantkit.formats import IntSpec
+from quantkit.parsing import shown
+
+MAX_GRID = 1000  # grid points are searched one by one: beyond this a run never ends
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,10 @@ class AWQOptions:
     equalize_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if self.grid < 1 or self.clip_grid < 1:
-            raise ValueError(f"grid and clip_grid must be >= 1, got {self.grid}, {self.clip_grid}")
-        if not 0 < self.max_shrink < 1:
+        for key in ("grid", "clip_grid"):
+            if not 1 <= getattr(self, key) <= MAX_GRID:
+                raise ValueError(f"{key} must be in 1..{MAX_GRID}, got {shown(getattr(self, key))}")
+        if not 0 < self.max_shrink < 1:  # NaN fails too
             raise ValueError(f"max_shrink must be in (0, 1), got {self.max_shrink}")
 
 

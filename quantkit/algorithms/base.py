@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, fake_quantize
+from quantkit.parsing import shown
 from quantkit.recipe import AlgorithmStep, Recipe, RecipeError, parse_dataclass
 
 
@@ -107,7 +108,7 @@ def register(cls: type[Algorithm]) -> type[Algorithm]:
 
 def build(step: AlgorithmStep) -> Algorithm:
     if step.name not in ALGORITHMS:
-        raise RecipeError(f"unknown algorithm {step.name!r}; available: {', '.join(sorted(ALGORITHMS))}")
+        raise RecipeError(f"unknown algorithm {shown(step.name)}; available: {', '.join(sorted(ALGORITHMS))}")
     cls = ALGORITHMS[step.name]
     return cls(parse_dataclass(cls.Options, step.kwargs(), f"algorithm {step.name!r}"))
 
@@ -119,16 +120,16 @@ def build_all(recipe: Recipe) -> list[Algorithm]:
         a.activations = recipe.activations
         if isinstance(recipe.weights, FloatSpec) and not a.float_weights:
             fits = sorted(n for n, c in ALGORITHMS.items() if c.float_weights)
-            raise RecipeError(f"recipe {recipe.name!r}: algorithm {a.name!r} rounds integer weights only; "
+            raise RecipeError(f"recipe {shown(recipe.name)}: algorithm {a.name!r} rounds integer weights only; "
                               f"FP8 weights ({recipe.scheme}) take {', '.join(fits)}")
         if a.needs_quantized_inputs and recipe.activations is None:
-            raise RecipeError(f"recipe {recipe.name!r}: {a.name} balances activation outliers for quantized "
+            raise RecipeError(f"recipe {shown(recipe.name)}: {a.name} balances activation outliers for quantized "
                               f"activations, and scheme {recipe.scheme!r} keeps them in 16 bits; use a W8A8 "
                               f"scheme, or awq for weight-only schemes")
     rounding = [a.name for a in algorithms if a.rounds]
     if len(rounding) != 1 or not algorithms[-1].rounds:
         raise RecipeError(
-            f"recipe {recipe.name!r}: algorithms must end with exactly one rounding step "
+            f"recipe {shown(recipe.name)}: algorithms must end with exactly one rounding step "
             f"({', '.join(sorted(n for n, c in ALGORITHMS.items() if c.rounds))}); got {[a.name for a in algorithms]}"
         )
     return algorithms

@@ -12,6 +12,7 @@ from quantkit.algorithms.base import Algorithm, register
 from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, gptq_quantize, make_hessian
 from quantkit.errors import NumericalError
 from quantkit.formats import IntSpec, QuantizedWeight, per_tensor
+from quantkit.parsing import shown
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,10 @@ class GPTQOptions:
     equalize_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if not 0 < self.dampening < 1:
+        if not 0 < self.dampening < 1:  # NaN fails too
             raise ValueError(f"dampening must be in (0, 1), got {self.dampening}")
         if self.block_size <= 0:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
+            raise ValueError(f"block_size must be positive, got {shown(self.block_size)}")
 
 
 @register

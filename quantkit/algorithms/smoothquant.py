@@ -28,6 +28,10 @@ from quantkit.algorithms.awq_math import fake_quantize_grouped
 from quantkit.algorithms.base import Algorithm, register
 from quantkit.formats import FloatSpec, IntSpec
 from quantkit.formats.activation import ActSpec, fake_quantize, scale_for
+from quantkit.parsing import shown
+
+MAX_GRID = 1000  # grid points are searched one by one: beyond this a run never ends
+MAX_SAMPLE_TOKENS = 2**31 - 1
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -103,9 +107,11 @@ class SmoothQuantOptions:
 
     def __post_init__(self) -> None:
         if self.alpha != "search" and (isinstance(self.alpha, (bool, str)) or not 0.0 <= self.alpha <= 1.0):
-            raise ValueError(f"alpha must be in [0, 1] or 'search', got {self.alpha!r}")
-        if self.sample_tokens < 1 or self.grid < 1:
-            raise ValueError(f"sample_tokens and grid must be >= 1, got {self.sample_tokens}, {self.grid}")
+            raise ValueError(f"alpha must be in [0, 1] or 'search', got {shown(self.alpha)}")
+        if not 1 <= self.sample_tokens <= MAX_SAMPLE_TOKENS:
+            raise ValueError(f"sample_tokens must be in 1..{MAX_SAMPLE_TOKENS}, got {shown(self.sample_tokens)}")
+        if not 1 <= self.grid <= MAX_GRID:
+            raise ValueError(f"grid must be in 1..{MAX_GRID}, got {shown(self.grid)}")
 
 
 @register
