@@ -233,7 +233,8 @@ class CheckConfig:
     round-to-nearest can multiply a small model's perplexity by several times."""
 
     windows: int = 4  # 0: no check
-    seqlen: int | None = None  # None: the calibration seqlen (capped at the model's context)
+    # 4 x 256 tokens: two forwards of 1,024 tokens (float and quantized), enough to see a blow-up
+    seqlen: int | None = 256  # None: the calibration seqlen; capped at the model's context either way
     max_ratio: float = 10.0
 
     def __post_init__(self):
