@@ -1,18 +1,10 @@
 """Export a quantkit checkpoint to the AWQ "GEMM" layout, for engines that only read that.
 
-The AWQ GEMM layout (AutoAWQ's `WQLinear_GEMM`, vLLM's `awq`), per linear X
-with K inputs, N outputs, group size g:
-
-    X.qweight  int32   [K, N / 8]   4-bit values, unsigned (q + 8), eight per word
-    X.qzeros   int32   [K / g, N / 8]   zero points, unsigned, packed the same way
-    X.scales   float16 [K / g, N]
-
-Both are the transposed ([in, out]) matrices packed along the output
-dimension in AWQ's interleaved order: the 4-bit field i (bits 4i..4i+3) of word
-c holds column 8c + ORDER[i], ORDER = (0, 2, 4, 6, 1, 3, 5, 7). The weight is
-(q - z) * s, exactly what the compressed-tensors checkpoint stores, so the
-export is lossless for the quantized linears (other tensors go to float16,
-AWQ's activation dtype).
+The layout is described in quantkit/checkpoint/awq.py (which also reads it
+back). The weight is (q - z) * s, exactly what the compressed-tensors
+checkpoint stores, so the export is lossless for the quantized linears except
+that AWQ keeps its scales, like every other tensor, in float16 (AWQ's
+activation dtype).
 
 AWQ's format has one bit width (4), one group size for the whole model, a zero
 point always (a symmetric weight gets z = 8) and no act-order g_idx; anything
@@ -29,25 +21,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from quantkit.checkpoint.awq import AWQ_ORDER, OFFSET, pack_awq
 from quantkit.checkpoint.reader import load_checkpoint
 from quantkit.checkpoint.writer import atomic_output
 from quantkit.errors import CheckpointError
 from quantkit.kernels import prepare_int_weight
 from quantkit.nn import IntWeightLinear
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-
-
-def pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """Unsigned 4-bit values [R, C] (C a multiple of 8) -> int32 [R, C / 8] in AWQ's order."""
-    if values.ndim != 2 or values.shape[1] % 8:
-        raise ValueError(f"AWQ packs [rows, cols] with cols a multiple of 8, got {tuple(values.shape)}")
-    if int(values.min()) < 0 or int(values.max()) > 15:
-        raise ValueError("AWQ packs unsigned 4-bit values (0..15)")
-    v = values.to(torch.int64).reshape(values.shape[0], -1, 8)[:, :, list(AWQ_ORDER)]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    words = (v << shifts).sum(dim=-1)  # < 2**32: fits int64; reinterpret as int32 below
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+__all__ = ["AWQ_ORDER", "awq_tensors", "export_awq", "pack_awq"]  # AWQ_ORDER, pack_awq: from awq.py
 
 
 def awq_tensors(module: IntWeightLinear) -> dict[str, torch.Tensor]:
@@ -64,10 +45,9 @@ def awq_tensors(module: IntWeightLinear) -> dict[str, torch.Tensor]:
     prepared = prepare_int_weight(module.weight_packed, module.weight_scale, module.weight_zero_point, None, spec, (n, k),
                                   backend="reference")
     q, scale, zp = prepared.tensors["q"], prepared.tensors["scale"], prepared.tensors["zero_point"]
-    offset = -spec.qmin  # signed -> unsigned: 8 for 4 bits
     return {
-        "qweight": pack_awq((q.to(torch.int16) + offset).T.contiguous()),
-        "qzeros": pack_awq((zp.to(torch.int16) + offset).T.contiguous()),
+        "qweight": pack_awq((q.to(torch.int16) + OFFSET).T.contiguous()),
+        "qzeros": pack_awq((zp.to(torch.int16) + OFFSET).T.contiguous()),
         "scales": scale.T.contiguous().to(torch.float16),
     }
 

@@ -1,163 +1,139 @@
-"""Read a quantkit (compressed-tensors) checkpoint: pack-quantized layers become
-IntWeightLinear, int-quantized / float-quantized (W8A8) ones W8A8Linear."""
+"""Read a quantized checkpoint: compressed-tensors pack-quantized layers become IntWeightLinear,
+int-quantized / float-quantized (W8A8) ones W8A8Linear, AWQ GEMM layers IntWeightLinear
+(4-bit, asymmetric).
+
+Nothing is built before the folder passed quantkit.checkpoint.validate (config.json
+and the safetensors headers against each other). While the tensors are read,
+the few values a layout depends on are checked too (weight_shape, g_idx), and
+every float tensor must be finite.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-from quantkit.checkpoint.config import spec_resolver
+from quantkit.checkpoint.awq import awq_to_compressed
+from quantkit.checkpoint.config import described, printable, show
+from quantkit.checkpoint.files import looks_quantized, read_headers, read_json_object, weight_files
+from quantkit.checkpoint.validate import Checkpoint, QuantLinear, read_config, validate_checkpoint
 from quantkit.checkpoint.writer import RECIPE_FILE, REPORT_FILE
 from quantkit.errors import CheckpointError
-from quantkit.models import LoadedModel, family_for
+from quantkit.models import LoadedModel
 from quantkit.nn import IntWeightLinear, W8A8Linear
 
-
-def read_config(path: str | os.PathLike) -> dict:
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint not found: {folder} is not a folder")
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{folder} has no config.json: not a model checkpoint")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+__all__ = ["checkpoint_summary", "is_quantized_checkpoint", "load_checkpoint", "read_config", "read_state_dict"]
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether api.load hands `path` to this reader (which reads it or says why not): a folder
+    whose config.json has a quantization_config (any method), that holds a GPTQ
+    quantize_config.json, or whose weights have names only a quantized layout uses."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         return False
+    if (folder / "quantize_config.json").is_file():
+        return True
     try:
-        qc = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    except json.JSONDecodeError:
-        return False
-    return qc.get("quant_method") == "compressed-tensors"
+        raw = json.loads((folder / "config.json").read_text("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        raw = None  # unreadable: the tensor names below decide who reports it
+    if isinstance(raw, dict) and raw.get("quantization_config") is not None:
+        return True
+    try:
+        return looks_quantized(read_headers(weight_files(folder), folder)) is not None
+    except CheckpointError:
+        return False  # not readable as weights: the float loader says why
 
 
-def weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
-        files = [folder / n for n in names]
-    else:
-        files = [folder / "model.safetensors"]
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise CheckpointError(f"checkpoint {folder} is missing weight files: {', '.join(missing)}")
-    return files
+def _non_finite(t: torch.Tensor) -> bool:
+    if t.dtype == torch.float8_e4m3fn:  # no Inf in E4M3FN; NaN is S.1111.111
+        return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
+    return t.is_floating_point() and not bool(torch.isfinite(t).all())
 
 
-def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    """Every tensor of a validated checkpoint; a float tensor holding NaN or Inf is refused by name."""
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in ck.files:
         try:
             with safe_open(str(f), framework="pt") as reader:
-                for key in reader.keys():
-                    state[key] = reader.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"corrupted safetensors file {f}: {e}") from e
+                tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+        except Exception as e:  # safetensors' (Rust) errors, OSError: the file changed or is unreadable
+            raise CheckpointError(f"corrupted safetensors file {f}: {described(e)}") from e
+        for key, t in tensors.items():  # one reduction per tensor
+            if _non_finite(t):
+                raise CheckpointError(f"{f}: tensor {printable(key)} holds NaN or Inf values: the checkpoint is corrupted")
+        state.update(tensors)
     return state
 
 
-def _empty_model(config, dtype: torch.dtype):
+def _check_values(state: dict[str, torch.Tensor], ck: Checkpoint) -> None:
+    """The values a pack-quantized layout depends on (its dtypes and shapes are already checked)."""
+    for name, lin in ck.linears.items():
+        shape = state.get(f"{name}.weight_shape")
+        if shape is not None and tuple(shape.tolist()) != (lin.out_features, lin.in_features):
+            raise CheckpointError(f"{ck.folder}: {name}.weight_shape holds {shape.tolist()}, the model config "
+                                  f"says [{lin.out_features}, {lin.in_features}]")
+        g_idx = state.get(f"{name}.weight_g_idx")
+        if g_idx is not None:
+            groups = lin.scheme.weights.num_groups(lin.in_features)
+            lo, hi = (int(v) for v in torch.aminmax(g_idx))
+            if lo < 0 or hi != groups - 1:  # the kernel takes the group count from max(g_idx) + 1
+                raise CheckpointError(f"{ck.folder}: {name}.weight_g_idx holds groups {lo}..{hi}; "
+                                      f"its {groups} scale groups need 0..{groups - 1}")
+
+
+def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # older transformers
         from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        with no_init_weights():
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # transformers building a config validation accepted: translate whatever it raises
+        raise CheckpointError(f"transformers cannot build the model: {described(e)}") from e
 
 
-def _replace_linears(model: torch.nn.Module, resolve, state: dict[str, torch.Tensor]) -> int:
-    count = 0
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear):
-            continue
-        scheme = resolve(name, [c.__name__ for c in type(module).__mro__])
-        if scheme is None:
-            continue
-        make = _w8a8_linear if scheme.activations is not None else _int_weight_linear
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, make(name, module, scheme, state))
-        count += 1
-    return count
-
-
-def _int_weight_linear(name: str, module: torch.nn.Linear, scheme, state: dict[str, torch.Tensor]) -> IntWeightLinear:
-    if f"{name}.weight_packed" not in state:
-        raise CheckpointError(f"checkpoint has no {name}.weight_packed although its quantization_config targets {name}")
-    shape = tuple(state[f"{name}.weight_shape"].tolist())
-    if shape != (module.out_features, module.in_features):
-        raise CheckpointError(f"{name}.weight_shape is {shape}, the model config says {(module.out_features, module.in_features)}")
-    return IntWeightLinear(
-        module.in_features,
-        module.out_features,
-        scheme.weights,
-        bias=module.bias is not None,
-        dtype=state[f"{name}.weight_scale"].dtype,
-        has_g_idx=f"{name}.weight_g_idx" in state,
-    )
-
-
-def _w8a8_linear(name: str, module: torch.nn.Linear, scheme, state: dict[str, torch.Tensor]) -> W8A8Linear:
-    weight = state.get(f"{name}.weight")
-    if weight is None or f"{name}.weight_scale" not in state:
-        raise CheckpointError(f"checkpoint has no {name}.weight / weight_scale although its quantization_config targets {name}")
-    if tuple(weight.shape) != (module.out_features, module.in_features):
-        raise CheckpointError(f"{name}.weight has shape {tuple(weight.shape)}, the model config says {(module.out_features, module.in_features)}")
-    want = torch.float8_e4m3fn if scheme.activations.type == "fp8" else torch.int8
-    if weight.dtype != want:
-        raise CheckpointError(f"{name}.weight is {weight.dtype}; {scheme.format} stores {want}")
-    if not scheme.activations.dynamic and f"{name}.input_scale" not in state:
-        raise CheckpointError(f"checkpoint has no {name}.input_scale although its activations are static")
-    scale = state[f"{name}.weight_scale"]
-    return W8A8Linear(module.in_features, module.out_features, scheme.weights, scheme.activations,
-                      bias=module.bias is not None, dtype=scale.dtype)
+def _quantized_module(lin: QuantLinear, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    dtype = state[f"{lin.name}.weight_scale"].dtype
+    if lin.scheme.activations is not None:
+        return W8A8Linear(lin.in_features, lin.out_features, lin.scheme.weights, lin.scheme.activations,
+                          bias=lin.bias, dtype=dtype)
+    return IntWeightLinear(lin.in_features, lin.out_features, lin.scheme.weights, bias=lin.bias, dtype=dtype,
+                           has_g_idx=f"{lin.name}.weight_g_idx" in state)
 
 
 def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """A quantized checkpoint as a model whose targeted linears are IntWeightLinear / W8A8Linear."""
-    from transformers import AutoConfig, AutoTokenizer
+    """A quantized checkpoint as a model whose quantized linears are IntWeightLinear / W8A8Linear."""
+    from transformers import AutoTokenizer
 
-    folder = Path(path).expanduser().resolve()
-    raw = read_config(folder)
-    qconfig = raw.get("quantization_config")
-    if not qconfig:
-        raise CheckpointError(f"{folder} is not a quantized checkpoint (config.json has no quantization_config)")
-    # from config.json itself: transformers may fail obscurely on an unsupported model_type
-    family = family_for(SimpleNamespace(model_type=raw.get("model_type"), architectures=raw.get("architectures")))
-    resolve = spec_resolver(qconfig, str(folder / "config.json"))
-    state = read_state_dict(weight_files(folder))
+    ck = validate_checkpoint(path)
+    state = read_state_dict(ck)
+    if ck.awq_group_size is not None:
+        state = awq_to_compressed(state, list(ck.linears))
+    _check_values(state, ck)
+    scale_dtypes = {state[f"{n}.weight_scale"].dtype for n in ck.linears}
+    model = _empty_model(ck.config, next(iter(scale_dtypes)) if len(scale_dtypes) == 1 else torch.float32)
+    for name, lin in ck.linears.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, _quantized_module(lin, state))
     try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"cannot read the model config of {folder}: {e}") from e
-    del config.quantization_config  # built as a float model; we swap the linears ourselves
-    scale_dtypes = {t.dtype for k, t in state.items() if k.endswith(".weight_scale")}
-    dtype = next(iter(scale_dtypes)) if len(scale_dtypes) == 1 else torch.float32
-    model = _empty_model(config, dtype)
-    if _replace_linears(model, resolve, state) == 0:
-        raise CheckpointError(f"{folder}: the quantization_config matches no linear layer of the model")
-    result = model.load_state_dict(state, strict=False)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # validation compared every shape; this is a safety net
+        raise CheckpointError(f"{ck.folder}: the weights do not fit the model: {described(e)}") from e
+    tied = {"lm_head.weight"} if getattr(ck.config, "tie_word_embeddings", False) else set()
     missing = [k for k in result.missing_keys if k not in tied]
     if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{folder}: checkpoint does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+        raise CheckpointError(f"{ck.folder}: checkpoint does not match the model: missing {missing[:5]}, "
+                              f"unexpected {result.unexpected_keys[:5]}")
     if tied:
         model.tie_weights()
     model.to(device).eval().requires_grad_(False)
@@ -165,23 +141,81 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
         if isinstance(module, (IntWeightLinear, W8A8Linear)):
             module.prepare(backend)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the tokenizer of {folder}: {e}") from e
-    return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=str(folder))
+        tokenizer = AutoTokenizer.from_pretrained(ck.folder)
+    except Exception as e:  # transformers / tokenizers: whatever they raise, the tokenizer files are unusable
+        raise CheckpointError(f"cannot load the tokenizer of {ck.folder}: {described(e)}") from e
+    return LoadedModel(model=model, tokenizer=tokenizer, family=ck.family, source=str(ck.folder))
+
+
+# --------------------------------------------------------------------------- inspect
+
+def _number(v: object) -> bool:
+    # a huge JSON integer would overflow the CLI's float arithmetic
+    return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool) and abs(v) < 2**63)
+
+
+_ROW_FIELDS = {  # the fields of a report row the CLI reads, and the types they must have
+    "name": lambda v: isinstance(v, str),
+    "shape": lambda v: isinstance(v, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in v),
+    "bits": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "group_size": lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)),
+    "symmetric": lambda v: isinstance(v, bool),
+    "weight_rel_error": _number,
+    "bytes_float": _number,
+    "bytes_quantized": _number,
+}
+
+
+def normalize_report(report: dict) -> tuple[dict, list[str]]:
+    """The report with every field the CLI reads of the right type: a mistyped total becomes 0,
+    a mistyped text field its JSON text, a row with a mistyped field is dropped. Returns the
+    report and what was changed."""
+    if not report:
+        return report, []
+    out, problems = dict(report), []
+    for key in ("bytes_float", "bytes_quantized", "bytes_on_disk"):
+        if key in out and not _number(out[key]):
+            problems.append(f"{key}: expected a number, got {show(out[key])}; shown as 0")
+        if not _number(out.get(key)):
+            out[key] = 0
+    for key in ("recipe", "scheme", "model"):
+        if out.get(key) is not None and not isinstance(out[key], str):
+            out[key] = show(out[key])
+    rows = out.get("layers", [])
+    if not isinstance(rows, list):
+        problems.append(f"layers: expected a list, got {show(rows)}; dropped")
+        rows = []
+    kept = []
+    for i, row in enumerate(rows):
+        bad = ([k for k, ok in _ROW_FIELDS.items() if not ok(row.get(k))] if isinstance(row, dict) else ["row"])
+        if isinstance(row, dict) and row.get("weight_type") is not None and not isinstance(row["weight_type"], str):
+            bad.append("weight_type")
+        if bad:
+            problems.append(f"layers[{i}]: {', '.join(bad)} missing or mistyped; row dropped")
+        else:
+            kept.append(row)
+    out["layers"] = kept
+    return out, problems
 
 
 def checkpoint_summary(path: str | os.PathLike) -> dict:
-    """What `quantkit inspect` shows: config, report and recipe of a checkpoint."""
-    folder = Path(path).expanduser().resolve()
-    raw = read_config(folder)
-    report_file, recipe_file = folder / REPORT_FILE, folder / RECIPE_FILE
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    """What `quantkit inspect` shows: config, report and recipe of a checkpoint that passes
+    validation (config.json against the safetensors headers; no tensor data is read)."""
+    ck = validate_checkpoint(path)
+    report_file, recipe_file = ck.folder / REPORT_FILE, ck.folder / RECIPE_FILE
+    report, problems = normalize_report(read_json_object(report_file, "report") if report_file.is_file() else {})
+    recipe = None
+    if recipe_file.is_file():
+        try:
+            recipe = recipe_file.read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read the recipe {recipe_file}: {e}") from e
     return {
-        "path": str(folder),
-        "model_type": raw.get("model_type"),
-        "quantization_config": raw.get("quantization_config"),
+        "path": str(ck.folder),
+        "model_type": ck.raw["model_type"],
+        "quantization_config": ck.raw["quantization_config"],
         "report": report,
-        "recipe": recipe_file.read_text() if recipe_file.is_file() else None,
-        "files": [f.name for f in weight_files(folder)],
+        "report_problems": problems,
+        "recipe": recipe,
+        "files": [f.name for f in ck.files],
     }
