@@ -125,13 +125,9 @@ def quantize(
     raised = [r["name"] for r in report["layers"] if r.get("damping_raised")]
     if raised:
         table.add_row("damping raised", _t(", ".join(raised)))
-    held = report.get("held_out")
+    held = _held_out_text(report.get("held_out"))
     if held:
-        verdict = "passed" if held["passed"] else "FAILED, kept by --keep-degraded"
-        table.add_row("held-out check", _t(
-            f"perplexity {held['quantized_perplexity']:.3f} vs float {held['float_perplexity']:.3f} "
-            f"({held['ratio']:.3f}x, bound {held['max_ratio']:g}x) on {held['windows']} x {held['seqlen']} held-back "
-            f"calibration tokens: {verdict}"))
+        table.add_row("held-out check", _t(held))
     table.add_row("calibration dtype", _t(report["calibration_dtype"]))
     table.add_row("error plot", _t(Path(report["out"]) / "quantization_error.png"))
     table.add_row("seconds", f"load {s['load']:.1f}, quantize {s['quantize']:.1f}, write {s['write']:.1f}")
@@ -272,7 +268,14 @@ def inspect(
         inputs = f"; inputs {a.get('type')}{a.get('num_bits')} {'dynamic' if a.get('dynamic') else 'static'} per-{a.get('strategy')}" if a else ""
         head.add_row(_t(gname), _t(f"W{w.get('num_bits')} {w.get('type', 'int')} {w.get('strategy')} group={w.get('group_size')} "
                                    f"symmetric={w.get('symmetric')} targets={len(group.get('targets', []))}{inputs}"))
-    head.add_row("ignored", _t(", ".join(qc.get("ignore") or []) or "-"))
+    if qc.get("quant_method") == "awq":
+        head.add_row("AWQ", _t(f"W{qc.get('bits')} group={qc.get('group_size')} zero_point={qc.get('zero_point')}"))
+    head.add_row("ignored", _t(", ".join(qc.get("ignore") or qc.get("modules_to_not_convert") or []) or "-"))
+    held = _held_out_text(report.get("held_out"))
+    if held:
+        head.add_row("held-out check", _t(held))
+    for problem in info.get("report_problems") or []:
+        head.add_row("report", _t(problem))
     if report:
         head.add_row("recipe", _t(f"{report.get('recipe')} ({report.get('scheme')})"))
         head.add_row("source model", _t(report.get("model")))
@@ -295,8 +298,19 @@ def inspect(
                            f"{r['weight_rel_error']:.4f}", f"{r['bytes_float'] / 1024:,.0f}", f"{r['bytes_quantized'] / 1024:,.0f}")
         err.print(layers)
     if info["recipe"]:
-        err.print("[bold]recipe[/]")
+        err.print("[bold]recipe[/]")  # our own markup; the recipe below is printed as it is
         err.print(info["recipe"], highlight=False, markup=False)
+
+
+def _held_out_text(held) -> str | None:
+    """The held-back check of a stored report in words; None when absent or not as quantkit writes it."""
+    keys = ("quantized_perplexity", "float_perplexity", "ratio", "max_ratio", "windows", "seqlen")
+    if not isinstance(held, dict) or not all(isinstance(held.get(k), (int, float)) for k in keys):
+        return None
+    verdict = "passed" if held.get("passed") is True else "FAILED, kept by --keep-degraded"
+    return (f"perplexity {held['quantized_perplexity']:.3f} vs float {held['float_perplexity']:.3f} "
+            f"({held['ratio']:.3f}x, bound {held['max_ratio']:g}x) on {held['windows']} x {held['seqlen']} held-back "
+            f"calibration tokens: {verdict}")
 
 
 @app.command()

@@ -110,6 +110,20 @@ def test_weight_index_pointing_outside_the_folder_is_refused(tiny_model_dir, tmp
     assert_nothing_written(out)
 
 
+def test_a_model_missing_a_weight_is_refused(tiny_model_dir, tmp_path):
+    """transformers would fill the missing weight with random values and go on."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.0.mlp.down_proj.weight"]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert_clean_error(*cli("quantize", folder, "--out", out), "lack", "model.layers.0.mlp.down_proj.weight")
+    assert_nothing_written(out)
+
+
 # --------------------------------------------------------------------------- nothing non-finite is written
 
 @pytest.mark.parametrize("tensor", ["model.embed_tokens.weight", "model.layers.0.input_layernorm.weight", "model.norm.weight"])

@@ -163,7 +163,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     elif not extra:
         kwargs["dtype"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **extra)
     except pickle.UnpicklingError as e:
         raise ModelLoadError(
@@ -172,6 +172,12 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             f"file; convert it to safetensors on a machine where you trust it") from e
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ModelLoadError(f"cannot load model from {resolved}: {e}") from e
+    # transformers fills weights missing from the files with random values and only logs it:
+    # quantizing such a model would ship noise
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ModelLoadError(f"cannot load model from {resolved}: its weight files lack {', '.join(missing[:5])}{more}")
     if "gguf_file" in extra:
         # transformers marks GGUF-loaded models as quantized; the weights are float now.
         model.config.quantization_config = None
