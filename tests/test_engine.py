@@ -179,6 +179,6 @@ def test_speed_keeps_fp8_weights_fp8_in_half_precision(tiny_model_dir, tmp_path)
     """api.speed casts the model to the activations' dtype without touching FP8 weights."""
     from quantkit import api
 
-    api.quantize(str(tiny_model_dir), "w8a8-fp8-dynamic", tmp_path / "fp8", show_progress=False)
+    api.quantize(str(tiny_model_dir), "w8a8-fp8-dynamic", tmp_path / "fp8", num_samples=4, seqlen=64, show_progress=False)
     rows = api.speed(tmp_path / "fp8", batch_sizes=(2,), prompt_len=8, output_len=4, device="cpu", dtype="bfloat16")
     assert rows[0]["output_tokens"] == 8 and rows[0]["dtype"] == "bfloat16"

@@ -83,7 +83,7 @@ def export_awq(src: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
         "modules_to_not_convert": float_linears or None,
     }
     config.torch_dtype = torch.float16
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, inputs=(src,)) as tmp:  # never onto (or around) the checkpoint it reads
         save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(tmp)
         # save_pretrained may rewrite quantization_config through a quantizer class; keep ours verbatim

@@ -30,8 +30,8 @@ from quantkit.checkpoint.config import Expected, LinearScheme, described, printa
 from quantkit.checkpoint.files import TensorInfo, looks_quantized, read_headers, read_json_object, weight_files
 from quantkit.checkpoint.foreign import foreign_method, refusal, unlabelled
 from quantkit.checkpoint.modelconfig import check_model_config
-from quantkit.errors import CheckpointError
-from quantkit.models import Family, family_for
+from quantkit.errors import CheckpointError, ModelLoadError
+from quantkit.models import Family, empty_model, family_for
 
 PLAIN_FLOAT = ("F16", "BF16", "F32", "F64")  # embeddings, norms, float linears: cast to the model's dtype
 _OTHER_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -96,13 +96,10 @@ def transformers_config(raw: dict, where: str):
 
 def meta_model(config, where: str) -> torch.nn.Module:
     """The model's skeleton on the meta device: every module and shape, no memory."""
-    from transformers import AutoModelForCausalLM
-
     try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
-    except Exception as e:  # transformers building from a config it accepted: translate whatever it raises
-        raise CheckpointError(f"{where}: transformers cannot build the model: {described(e)}") from e
+        return empty_model(config)
+    except ModelLoadError as e:
+        raise CheckpointError(f"{where}: {e}") from e
 
 
 def _quantized_linears(model: torch.nn.Module, resolve: Resolver | None, awq_group: int | None, skip: list[str],
