@@ -261,7 +261,7 @@ def inspect(
     qc = info["quantization_config"] or {}
     head = Table(title=_t(info["path"]), show_header=False)  # cells: plain Text, config and report are user data
     head.add_row("model type", _t(info["model_type"]))
-    head.add_row("format", _t(f"{qc.get('quant_method')} / {qc.get('format')}"))
+    head.add_row("format", _t(f"{qc.get('quant_method')} / {qc.get('format') or qc.get('version')}"))  # AWQ: its version
     for gname, group in (qc.get("config_groups") or {}).items():
         w = group.get("weights") or {}
         a = group.get("input_activations") or {}
