@@ -13,7 +13,8 @@ from quantkit.formats.qparams import (
     quantize,
     quantize_rtn,
 )
-from quantkit.formats.spec import FloatSpec, IntSpec, QuantizedWeight, WeightSpec, per_tensor
+from quantkit.formats.spec import FloatSpec, IntSpec, WeightSpec, per_tensor
+from quantkit.formats.weight import QuantizedWeight
 
 __all__ = [
     "ActSpec",

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from quantkit.formats.activation import FP8_E4M3_MAX
-from quantkit.formats.spec import FloatSpec, QuantizedWeight
+from quantkit.formats.spec import FloatSpec
+from quantkit.formats.weight import QuantizedWeight
 
 
 def fp8_scale(w: torch.Tensor, spec: FloatSpec) -> torch.Tensor:
