@@ -1,9 +1,7 @@
-"""BlockManager and Scheduler on the CPU: unit cases, then a simulated engine driving random
-request streams through small caches (preemption) and shared prefixes (prefix hits)."""
+"""BlockManager and Scheduler on the CPU: unit cases. The scheduler's protocol under random
+request streams is tests/test_engine_scheduler.py."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 
@@ -13,7 +11,6 @@ from quantkit.engine.scheduler import Scheduler
 from quantkit.engine.sequence import SamplingParams, Sequence, Status
 
 VOCAB = 50
-STOP = 0
 
 
 def next_token(tokens: list[int]) -> int:
@@ -21,27 +18,9 @@ def next_token(tokens: list[int]) -> int:
     return hash(tuple(tokens)) % VOCAB
 
 
-def kv_values(tokens: list[int]) -> list[int]:
-    """The fake K/V of each position: a hash chain, so it depends on the whole prefix."""
-    out, h = [], None
-    for t in tokens:
-        h = hash((h, t))
-        out.append(h)
-    return out
-
-
-def reference(prompt: list[int], params: SamplingParams) -> list[int]:
-    """What the fake model generates with no memory pressure."""
-    tokens = list(prompt)
-    while True:
-        tokens.append(next_token(tokens))
-        out = tokens[len(prompt):]
-        if len(out) >= params.max_tokens or out[-1] in params.stop_token_ids:
-            return out
-
-
 def prefill(bm: BlockManager, seq: Sequence) -> None:
-    """What the engine does after prefilling seq: one new token, K/V of all old positions."""
+    """A prefill as the block manager sees it (Scheduler.postprocess does this): one new token, K/V of
+    all old positions, then commit."""
     seq.token_ids.append(next_token(seq.token_ids))
     seq.num_cached = len(seq) - 1
     bm.commit(seq)
@@ -235,9 +214,8 @@ def test_prefill_budget_and_max_num_seqs():
         sched.add(s)
     batch, is_prefill = sched.schedule()
     assert is_prefill and batch == [s1, s2]  # 9 tokens; s3 would exceed 10 and 2 seqs
-    for s in batch:
-        prefill(bm, s)
-    assert sched.finish_step(batch) == [s1, s2] and s1.status is Status.FINISHED
+    assert sched.postprocess(batch, [[next_token(s.token_ids)] for s in batch]) == [s1, s2]
+    assert s1.status is Status.FINISHED and s1.block_table == [] and sched.running == []
     batch, is_prefill = sched.schedule()
     assert is_prefill and batch == [s3]  # over the budget alone, rather than never
     assert list(sched.waiting) == [s4]
@@ -251,9 +229,8 @@ def test_preempts_most_recent_and_requeues_it_first():
         sched.add(s)
     batch, is_prefill = sched.schedule()
     assert is_prefill and batch == [a, b, c] and list(sched.waiting) == [d]
-    for s in batch:
-        prefill(bm, s)
-    sched.finish_step(batch)
+    assert sched.postprocess(batch, [[next_token(s.token_ids)] for s in batch]) == []
+    assert all(len(s) == 5 and s.num_cached == 4 for s in batch)
     # each now writes position 4 in a second block; 1 free: c (last started) yields to b
     batch, is_prefill = sched.schedule()
     assert not is_prefill and batch == [a, b] and sched.running == [a, b]
@@ -262,135 +239,3 @@ def test_preempts_most_recent_and_requeues_it_first():
     bm.check_invariants([a, b, c])
     used, allocated = sched.kv_usage()
     assert (used, allocated) == (10, 16)
-
-
-# --- simulation ---
-
-
-def kv_usage_by_block(sched: Scheduler) -> tuple[int, int]:
-    """kv_usage the slow way: the live positions of each distinct block, a shared one counted once."""
-    bs = sched.blocks.block_size
-    filled: dict[int, int] = {}
-    for seq in sched.running:
-        for i, b in enumerate(seq.block_table):
-            filled[b] = max(filled.get(b, 0), min(bs, max(0, len(seq) - i * bs)))
-    return sum(filled.values()), sched.blocks.num_used * bs
-
-
-class FakeEngine:
-    """Emulates the engine's protocol on a fake KV cache that stores, per slot, the hash
-    chain of the prefix it was computed from; every read checks it."""
-
-    def __init__(self, sched: Scheduler, lookahead: int, rng: random.Random) -> None:
-        self.sched, self.bm, self.lookahead, self.rng = sched, sched.blocks, lookahead, rng
-        self.kv: list[int | None] = [None] * (self.bm.num_blocks * self.bm.block_size)
-
-    def write(self, seq: Sequence, pos: int, value: int) -> None:
-        slot = self.bm.slot(seq, pos)
-        if self.bm.ref_count(seq.block_table[pos // self.bm.block_size]) > 1:
-            assert self.kv[slot] == value, "a shared block was overwritten with other K/V"
-        self.kv[slot] = value
-
-    def step(self) -> tuple[list[Sequence], list[Sequence], bool]:
-        batch, is_prefill = self.sched.schedule()
-        assert len(self.sched.running) <= self.sched.max_num_seqs
-        assert len({s.seq_id for s in batch}) == len(batch)
-        assert batch or not self.sched.running
-        if not is_prefill:  # where the engine samples kv_usage: every table covers its sequence
-            assert self.sched.kv_usage() == kv_usage_by_block(self.sched)
-        if is_prefill:
-            computed = sum(len(s) - s.num_cached for s in batch)
-            assert computed <= self.sched.max_batched_tokens or len(batch) == 1
-        for seq in batch:
-            assert seq.status is Status.RUNNING
-            exp = kv_values(seq.token_ids)
-            for p in range(seq.num_cached):  # attention reads the cached prefix
-                assert self.kv[self.bm.slot(seq, p)] == exp[p], (seq.seq_id, p)
-            if is_prefill:
-                for p in range(seq.num_cached, len(seq)):
-                    self.write(seq, p, exp[p])
-                true = [next_token(seq.token_ids)]
-            else:
-                # the last token plus k drafts, of which the first `accepted` are right
-                accepted = self.rng.randint(0, self.lookahead)
-                tokens = list(seq.token_ids)
-                for _ in range(accepted + 1):
-                    tokens.append(next_token(tokens))
-                true = tokens[len(seq):]
-                drafts = true[:accepted] + [(true[-1] + 1) % VOCAB] * (self.lookahead - accepted)
-                value = exp[-1]
-                self.write(seq, len(seq) - 1, value)
-                for j, d in enumerate(drafts, start=len(seq)):
-                    value = hash((value, d))
-                    self.write(seq, j, value)
-            for t in true:  # the engine stops at max_tokens or a stop token
-                seq.token_ids.append(t)
-                if seq.is_done():
-                    break
-            if not is_prefill and self.lookahead:
-                self.bm.truncate(seq, len(seq))
-                assert len(seq.block_table) <= -(-len(seq) // self.bm.block_size)
-            seq.num_cached = len(seq) - 1
-        finished = self.sched.finish_step(batch)
-        return batch, finished, is_prefill
-
-
-def make_requests(rng: random.Random, n: int) -> list[tuple[int, Sequence]]:
-    """(arrival step, request): prompts of 1-60 tokens, most starting with a shared prefix."""
-    prefixes = [[rng.randint(1, VOCAB - 1) for _ in range(rng.randint(8, 40))] for _ in range(3)]
-    out = []
-    for _ in range(n):
-        length = rng.randint(1, 60)
-        head = rng.choice(prefixes) if rng.random() < 0.7 else []
-        prompt = (head + [rng.randint(1, VOCAB - 1) for _ in range(length)])[:length]
-        params = SamplingParams(max_tokens=rng.randint(1, 40), stop_token_ids=(STOP,))
-        out.append((rng.randint(0, 40), Sequence(prompt, params)))
-    return out
-
-
-@pytest.mark.parametrize("block_size", [1, 4, 16])
-@pytest.mark.parametrize("lookahead", [0, 3])
-@pytest.mark.parametrize("small_pool", [True, False], ids=["small_pool", "large_pool"])
-def test_simulated_streams(block_size, lookahead, small_pool):
-    preemptions = hits = 0
-    for seed in range(4):
-        rng = random.Random(seed * 1000 + block_size * 10 + lookahead)
-        requests = make_requests(rng, 24)
-        expected = {s.seq_id: reference(s.token_ids, s.params) for _, s in requests}
-        worst = -(-(60 + 40 - 1 + lookahead) // block_size)  # blocks the longest request needs
-        num_blocks = worst + rng.randint(0, 2) if small_pool else worst * len(requests)
-        bm = BlockManager(num_blocks, block_size)
-        sched = Scheduler(bm, max_num_seqs=rng.randint(2, 16),
-                          max_batched_tokens=rng.randint(16, 128), lookahead=lookahead)
-        engine = FakeEngine(sched, lookahead, rng)
-        pending = sorted(requests, key=lambda r: r[0])
-        finished: list[Sequence] = []
-        for step in range(5000):
-            while pending and pending[0][0] <= step:
-                sched.add(pending.pop(0)[1])
-            if not sched.has_work():
-                if not pending:
-                    break
-                continue
-            _, done, _ = engine.step()
-            finished += done
-            live = sched.running + list(sched.waiting)
-            bm.check_invariants(live)
-            ids = [s.seq_id for s in live + finished]
-            added = len(requests) - len(pending)
-            assert len(ids) == len(set(ids)) == added, "a request was lost or duplicated"
-        else:
-            pytest.fail("the stream did not finish in 5000 steps")
-        assert len(finished) == len(requests)
-        for seq in finished:
-            assert seq.status is Status.FINISHED
-            assert seq.output_ids == expected[seq.seq_id], seq.seq_id
-        assert bm.num_used == 0 and bm.num_free == bm.num_blocks
-        assert sched.kv_usage() == (0, 0)
-        preemptions += sum(s.num_preemptions for s in finished)
-        hits += bm.hits_tokens
-    if small_pool:
-        assert preemptions > 0
-    else:
-        assert preemptions == 0
-    assert hits > 0

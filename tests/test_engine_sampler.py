@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from quantkit.engine.sampler import probs, propose_ngram, rejection_sample, sample
+from quantkit.engine.sampler import probs, rejection_sample, sample
+from quantkit.engine.speculative import propose_ngram
 
 
 def _gen(seed: int) -> torch.Generator:

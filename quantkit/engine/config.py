@@ -15,8 +15,9 @@ class EngineConfig:
     smaller or quantized model) proposing num_draft tokens per step. async_decode (plain decoding
     only): launch each decode step before the previous step's tokens reach the host, feeding it
     those tokens on the device, so that the host's bookkeeping overlaps the GPU (quantkit.engine.
-    engine.Engine._advance). On by default: on an H200 it took SmolLM2's batch-1 decode from 1.47 to
-    1.15 ms per token (BENCHMARKS.md)."""
+    engine.Engine._advance, Scheduler.defer_tokens). On by default: at the batch sizes where a decode
+    step takes about a millisecond, the host's share of a synchronous step is a large part of it, and
+    the outputs are the same either way (BENCHMARKS.md has the figures)."""
 
     block_size: int = 16
     kv_blocks: int | None = None

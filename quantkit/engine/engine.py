@@ -1,13 +1,13 @@
-"""The engine loop: schedule, run the model (and a draft), sample, account.
+"""The engine loop: schedule, run the model (and a draft), sample, hand the tokens back.
 
     engine = Engine(target, EngineConfig(speculative="ngram"))
     done = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=32))
 
 Each step is either a prefill (new or preempted sequences) or a decode of every running
-sequence; with speculative decoding a decode step proposes k tokens per sequence (prompt
-lookup, or k steps of a draft model sharing the block tables) and verifies them in one
-target forward of 1 + k tokens per sequence, keeping the accepted prefix plus one token
-(quantkit.engine.sampler.rejection_sample: the outputs follow the target distribution).
+sequence; with speculative decoding a decode step verifies k proposed tokens per sequence in
+one target forward (quantkit.engine.speculative). The engine owns the models, their steps and
+the metrics; the scheduler owns the sequences: it picks each step's batch and takes the sampled
+tokens back (Scheduler.postprocess), and the engine never edits a sequence or a queue itself.
 """
 
 from __future__ import annotations
@@ -15,16 +15,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from quantkit.engine.block_manager import BlockManager
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.runner import ModelRunner, PrefillChunk, Shape
-from quantkit.engine.sampler import probs, propose_ngram, rejection_sample, sample
+from quantkit.engine.sampler import probs, sample
 from quantkit.engine.scheduler import Scheduler
 from quantkit.engine.sequence import SamplingParams, Sequence, Status
-from quantkit.engine.step import DecodeStep, GraphedDecode, StepInputs
+from quantkit.engine.speculative import Speculator
+from quantkit.engine.step import DecodeStep, GraphedDecode, StepInputs, step_inputs
 from quantkit.models.loader import LoadedModel
 
 
@@ -61,9 +61,6 @@ def _attention_window(config) -> int | None:
     return int(window)
 
 
-_PLACEHOLDER = -1  # the token of a pipelined step, until its value reaches the host
-
-
 @dataclass
 class _InFlight:
     """A launched decode step: its sequences, the sampled tokens on the device and their host
@@ -75,6 +72,22 @@ class _InFlight:
     host: torch.Tensor
     event: torch.cuda.Event | None
     rows: list[int] | None = None
+
+    def read(self) -> list[int]:
+        """The sampled tokens, one per sequence of batch; waits for the copy."""
+        if self.event is not None:
+            self.event.synchronize()
+        values = self.host.tolist()
+        return values if self.rows is None else [values[i] for i in self.rows]
+
+    def without_finished(self) -> _InFlight | None:
+        """This step less the rows of sequences that finished before it was read (None: no row left)."""
+        keep = [i for i, s in enumerate(self.batch) if s.status is not Status.FINISHED]
+        if not keep:
+            return None
+        index = torch.tensor(keep, dtype=torch.long, device=self.tokens.device)
+        rows = keep if self.rows is None else [self.rows[i] for i in keep]
+        return _InFlight([self.batch[i] for i in keep], self.tokens[index], self.host, self.event, rows)
 
 
 class Engine:
@@ -99,7 +112,6 @@ class Engine:
         self.blocks = BlockManager(blocks, config.block_size)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.lookahead)
         self.runner = ModelRunner(target.model, target.family, slots)
-        self.draft = ModelRunner(draft.model, draft.family, slots) if config.speculative == "draft" else None
         self.device = device
         self.scratch = blocks * config.block_size
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -113,7 +125,11 @@ class Engine:
         else:
             make = lambda runner: DecodeStep(runner, self.scratch)  # noqa: E731
         self.target_step = make(self.runner)
-        self.draft_step = make(self.draft) if self.draft is not None else None
+        self.speculator: Speculator | None = None
+        if config.speculative != "none":
+            runner = ModelRunner(draft.model, draft.family, slots) if config.speculative == "draft" else None
+            self.speculator = Speculator(config.num_draft, config.block_size, self.generator, device,
+                                         runner, make(runner) if runner is not None else None)
 
     # ---- public --------------------------------------------------------------------------------
     def add(self, prompt: list[int], params: SamplingParams) -> Sequence:
@@ -144,71 +160,46 @@ class Engine:
         if not batch:
             return []
         if is_prefill:
-            self._prefill(batch)
-        elif self.config.speculative != "none":
-            self._speculative_step(batch)
-        else:
-            self._inflight = self._launch(batch, [[s.last_token] for s in batch])
-            return self._advance()
-        return self.scheduler.finish_step(batch)
+            return self._prefill(batch)
+        if self.speculator is not None:
+            return self._speculative_step(batch)
+        self._inflight = self._launch(batch, [[s.last_token] for s in batch])
+        return self._advance()
 
     # ---- steps ---------------------------------------------------------------------------------
-    def _append(self, seq: Sequence, tokens: list[int], now: float) -> None:
-        """Append generated tokens up to max_tokens and the first stop token; K/V is now in the
-        cache for every position but the last."""
-        for t in tokens:
-            if seq.is_done():
-                break
-            seq.token_ids.append(int(t))
-            seq.token_times.append(now)
-        seq.num_cached = len(seq) - 1
-
-    def _prefill(self, batch: list[Sequence]) -> None:
+    def _prefill(self, batch: list[Sequence]) -> list[Sequence]:
         self.stats.steps_prefill += 1
         chunks = [PrefillChunk(tokens=s.token_ids[s.num_cached:], start=s.num_cached,
                                context_slots=[self.blocks.slot(s, p) for p in range(len(s))]) for s in batch]
         logits = self.runner.prefill(chunks)
-        if self.draft is not None:
-            self.draft.prefill(chunks)
+        if self.speculator is not None:
+            self.speculator.prefill(chunks)
         temps = torch.tensor([s.params.temperature for s in batch], dtype=torch.float32, device=self.device)
         tokens = sample(probs(logits, temps), self.generator).tolist()
-        now = time.perf_counter()
-        for s, t in zip(batch, tokens):
-            self._append(s, [t], now)
+        return self.scheduler.postprocess(batch, [[t] for t in tokens], time.perf_counter())
 
     def _inputs(self, batch: list[Sequence], first: list[int], count: int,
                 tokens: list[list[int]] | torch.Tensor) -> StepInputs:
         """Step inputs for `count` positions per sequence starting at first[i]."""
-        bs = self.config.block_size
-        positions = np.asarray(first, dtype=np.int64)[:, None] + np.arange(count)
-        c = int(positions.max()) + 1
-        width = -(-c // bs)
-        for s, f in zip(batch, first):
-            if len(s.block_table) * bs < f + count:
-                raise RuntimeError(f"internal: positions up to {f + count - 1} of a sequence with "
-                                   f"{len(s.block_table)} blocks")
-        table = np.array([(s.block_table + [s.block_table[-1]] * width)[:width] for s in batch], dtype=np.int64)
-        context = (table[:, :, None] * bs + np.arange(bs)).reshape(len(batch), -1)[:, :c]
-        slots = np.take_along_axis(context, positions, axis=1)
-        temps = np.array([s.params.temperature for s in batch], dtype=np.float32)
-        if not isinstance(tokens, torch.Tensor):
-            tokens = np.array(tokens, dtype=np.int64).reshape(len(batch), count)
-        return StepInputs(tokens, positions, slots, context, temps)
+        return step_inputs(batch, first, count, tokens, self.config.block_size)
 
-    # ---- decoding -----------------------------------------------------------------------------
-    # A decode step is launched (_launch), then read back and accounted (_advance). With
-    # async_decode, before step t's tokens are read back, step t + 1 is scheduled and launched
-    # with them as input on the device (each sequence holds a placeholder for the unknown token
-    # meanwhile); then step t's tokens are read and accounted. The host's work for one step thus
-    # runs while the GPU computes the next. Step t + 1 is launched only when it is certain to
-    # be a decode step of the same sequences that needs no preemption: nothing is waiting, no
-    # sequence reaches max_tokens with step t's token and the free blocks cover every next
-    # position. A sequence that stops on a stop token in step t has had step t + 1 computed for
-    # nothing: its token is dropped, and the K/V that step wrote went to a block it just freed,
-    # at a position no committed (shareable) block holds.
+    def _speculative_step(self, batch: list[Sequence]) -> list[Sequence]:
+        self._count_decode_step()
+        before = [len(s) for s in batch]
+        verified = self.speculator.verify(batch, self.target_step)
+        finished = self.scheduler.postprocess(batch, verified, time.perf_counter())
+        self.speculator.count(self.stats, verified, [len(s) - n for s, n in zip(batch, before)])
+        return finished
+
+    # ---- plain decoding, asynchronous ----------------------------------------------------------
+    # A decode step is launched (_launch), then read back and handed to the scheduler (_advance).
+    # With async_decode, before step t's tokens are read back, step t + 1 is scheduled and launched
+    # with them as input on the device (Scheduler.defer_tokens says when that is safe and holds a
+    # placeholder for each unread token); then step t's tokens are read and postprocessed. The
+    # host's work for one step thus runs while the GPU computes the next. Rows of step t + 1 whose
+    # sequences stopped in step t are dropped: their tokens are never read.
     def _launch(self, batch: list[Sequence], tokens) -> _InFlight:
-        self.stats.steps_decode += 1
-        self._account_kv()
+        self._count_decode_step()
         x = self._inputs(batch, [len(s) - 1 for s in batch], 1, tokens)
         _, new = self.target_step(x, self.generator)
         new = new[:, 0]
@@ -223,93 +214,19 @@ class Engine:
 
     def _advance(self) -> list[Sequence]:
         cur, self._inflight = self._inflight, None
-        batch = cur.batch
-        pipelined = (self.config.async_decode and not self.scheduler.waiting
-                     and len(batch) == len(self.scheduler.running)
-                     and all(s.num_output + 1 < s.params.max_tokens for s in batch))
-        if pipelined:
-            for s in batch:
-                s.token_ids.append(_PLACEHOLDER)
-                s.num_cached = len(s) - 1
-            if self.blocks.can_append_all(batch, 1):
-                following, is_prefill = self.scheduler.schedule()
-                assert not is_prefill and following == batch, "a pipelined step is the same decode batch"
-                self._inflight = self._launch(batch, cur.tokens[:, None])
-                self.stats.pipelined += 1
-            else:
-                for s in batch:
-                    s.token_ids.pop()
-                    s.num_cached = len(s) - 1
-                pipelined = False
-        if cur.event is not None:
-            cur.event.synchronize()
-        now = time.perf_counter()
-        values = cur.host.tolist()
-        if cur.rows is not None:
-            values = [values[i] for i in cur.rows]
-        for s, t in zip(batch, values):
-            if pipelined:
-                s.token_ids[-1] = int(t)
-                s.token_times.append(now)
-            else:
-                self._append(s, [t], now)
-        finished = self.scheduler.finish_step(batch)
+        if self.config.async_decode and self.scheduler.defer_tokens(cur.batch):
+            following, is_prefill = self.scheduler.schedule()
+            assert not is_prefill and following == cur.batch, "a pipelined step is the same decode batch"
+            self._inflight = self._launch(cur.batch, cur.tokens[:, None])
+            self.stats.pipelined += 1
+        tokens = cur.read()
+        finished = self.scheduler.postprocess(cur.batch, [[t] for t in tokens], time.perf_counter())
         if self._inflight is not None and finished:
-            # sequences that stopped in step t: step t + 1's rows for them are dropped
-            keep = [i for i, s in enumerate(batch) if s.status is not Status.FINISHED]
-            nxt = self._inflight
-            index = torch.tensor(keep, dtype=torch.long, device=nxt.tokens.device)
-            self._inflight = _InFlight([batch[i] for i in keep], nxt.tokens[index], nxt.host, nxt.event,
-                                       keep) if keep else None
+            self._inflight = self._inflight.without_finished()
         return finished
 
-    def _speculative_step(self, batch: list[Sequence]) -> None:
+    def _count_decode_step(self) -> None:
         self.stats.steps_decode += 1
-        self._account_kv()
-        k = self.config.num_draft
-        if self.draft is None:
-            drafts = []
-            for s in batch:  # prompt lookup; a short proposal is padded (any token is a valid guess)
-                d = propose_ngram(s.token_ids, k)
-                drafts.append(d + [s.last_token] * (k - len(d)))
-            draft_tokens, draft_p = torch.tensor(drafts, device=self.device), None
-            tokens = [[s.last_token] + d for s, d in zip(batch, drafts)]
-        else:
-            draft_tokens, draft_p = self._draft(batch, k)
-            tokens = torch.cat([torch.tensor([[s.last_token] for s in batch], device=self.device), draft_tokens], dim=1)
-        x = self._inputs(batch, [len(s) - 1 for s in batch], k + 1, tokens)
-        p, _ = self.target_step(x, draw=False)  # [B, k + 1, V]
-        out, emitted = rejection_sample(p, draft_p, draft_tokens, self.generator)
-        out, emitted = out.tolist(), emitted.tolist()
-        now = time.perf_counter()
-        for s, row, n in zip(batch, out, emitted):
-            before = len(s)
-            self._append(s, row[:n], now)
-            self.blocks.truncate(s, len(s))
-            self.stats.proposed += k
-            self.stats.accepted += n - 1
-            self.stats.verify_rows += 1
-            self.stats.emitted += len(s) - before
-
-    def _draft(self, batch: list[Sequence], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k draft tokens per sequence from the draft model and the distributions they were
-        drawn from. Its first step re-reads the last two tokens: when the previous step accepted
-        every draft, the draft model never saw the last one. (Position len - 2 may sit in a block
-        shared through a common prefix; rewriting it touches only the draft's own cache, where a
-        rounding difference can change a proposal but never an output.)"""
-        # len >= 2 after prefill
-        x = self._inputs(batch, [len(s) - 2 for s in batch], 2, [s.token_ids[-2:] for s in batch])
-        p, d = self.draft_step(x, self.generator)
-        # copies: a graphed step returns its graph's own outputs, which the next replay overwrites
-        ps, ds = [p[:, 1].clone()], [d[:, 1].clone()]
-        for i in range(1, k):
-            x = self._inputs(batch, [len(s) + i - 1 for s in batch], 1, ds[-1][:, None])
-            p, d = self.draft_step(x, self.generator)
-            ps.append(p[:, 0].clone())
-            ds.append(d[:, 0].clone())
-        return torch.stack(ds, dim=1), torch.stack(ps, dim=1)
-
-    def _account_kv(self) -> None:
         used, allocated = self.scheduler.kv_usage()
         self.stats.kv_used.append(used)
         self.stats.kv_allocated.append(allocated)

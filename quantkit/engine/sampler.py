@@ -1,4 +1,4 @@
-"""Next tokens from logits: temperature, sampling, speculative verification, n-gram drafts.
+"""Next tokens from logits: temperature, sampling, speculative verification.
 
 All tensor functions are pure and free of host syncs (no .item(), no data-dependent
 shapes), so a runner can put them in a CUDA graph. Greedy decoding is not a separate
@@ -114,27 +114,3 @@ def rejection_sample(
     out = torch.where(pos < n, padded, torch.where(pos == n, last, -1))
     return out, num_accepted + 1
 
-
-def propose_ngram(tokens: list[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
-    """Prompt-lookup drafting: up to k tokens that followed the latest earlier occurrence
-    of the sequence's last n tokens, for the largest n in [min_n, max_n] that has one.
-
-    Fewer than k when that occurrence is near the end, [] when no n matches. A backwards
-    scan, O(len(tokens) * n) per n at worst.
-    """
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if min_n < 1:
-        raise ValueError(f"min_n must be at least 1, got {min_n}")
-    if max_n < min_n:
-        raise ValueError(f"max_n must be >= min_n = {min_n}, got {max_n}")
-    length = len(tokens)
-    for n in range(min(max_n, length - 1), min_n - 1, -1):
-        suffix = tokens[-n:]
-        last = suffix[-1]
-        # an occurrence at i covers tokens[i : i + n]; i <= length - n - 1 keeps it earlier
-        # than the suffix itself and leaves at least one token after it
-        for i in range(length - n - 1, -1, -1):
-            if tokens[i + n - 1] == last and tokens[i:i + n] == suffix:
-                return tokens[i + n:i + n + k]
-    return []

@@ -1,21 +1,26 @@
-"""Continuous batching: which sequences run each step, with preemption by recompute.
+"""Continuous batching: which sequences run each step, and every change to a sequence's state.
 
-The protocol with the engine, one step at a time:
+The engine drives; the scheduler alone edits sequences (their tokens, num_cached, status),
+its queues and, through the block manager, their KV blocks. One step:
 
     batch, is_prefill = scheduler.schedule()
     # prefill: compute positions seq.num_cached .. len(seq) - 1 of each seq (all blocks
     #   allocated), sample one token from the last position's logits
     # decode: feed each seq's last token (position len(seq) - 1) and up to `lookahead`
     #   draft tokens after it; slots are reserved for all of them
-    for seq in batch:
-        seq.token_ids += new_tokens          # 1 token, or accepted drafts + 1 in speculation
-        blocks.truncate(seq, len(seq))       # speculation only: free rejected drafts' blocks
-        seq.num_cached = len(seq) - 1        # positions whose K/V the engine wrote
-    finished = scheduler.finish_step(batch)
+    finished = scheduler.postprocess(batch, tokens)   # tokens[i]: 1 token, or in speculation
+                                                      # the accepted drafts + 1
+Asynchronous decoding adds one call between a decode step's launch and its postprocess:
 
-The engine must set seq.num_cached to the number of leading positions whose K/V it has
-written (len(seq) - 1 after a step: the newest token's K/V is written by the next step):
-commit() shares only blocks within num_cached, and the next step writes from there.
+    if scheduler.defer_tokens(batch):    # each seq holds a placeholder for the unread token
+        following, _ = scheduler.schedule()   # the same batch's next decode step, launched now
+    finished = scheduler.postprocess(batch, tokens)   # the placeholders take the tokens read
+
+postprocess() appends tokens up to max_tokens and the first stop token, then sets num_cached
+to len(seq) - 1: the newest token's K/V is written by the next step. commit() shares only
+blocks within num_cached, and the next step writes from there. With lookahead, the slots of
+rejected drafts are released (blocks.truncate). Finished sequences free their blocks and
+leave the running list.
 
 Prefill runs first whenever a waiting sequence fits (FIFO, no skipping ahead). When a
 decode step cannot get slots, the most recently started sequence is preempted: its
@@ -26,10 +31,13 @@ nothing generated is lost.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from quantkit.engine.block_manager import BlockManager
 from quantkit.engine.sequence import Sequence, Status
+
+PLACEHOLDER = -1  # the token of a deferred step (defer_tokens) until postprocess gets its value
 
 
 class Scheduler:
@@ -78,20 +86,55 @@ class Scheduler:
         assert self.running or not self.waiting, "a waiting sequence cannot fit an empty cache"
         return self._schedule_decode(), False
 
-    def finish_step(self, batch: list[Sequence]) -> list[Sequence]:
-        """Commit the new cached blocks of each sequence of the step just run; free and
-        return the finished ones."""
-        finished = []
-        for seq in batch:
+    def postprocess(self, batch: list[Sequence], tokens: list[list[int]], now: float | None = None) -> list[Sequence]:
+        """Account the step just run on batch: tokens[i] are batch[i]'s new tokens (the
+        sampled one, or the accepted drafts and the token after them), `now` their time
+        (default: now). Returns the sequences that finished, their blocks freed."""
+        if len(tokens) != len(batch):
+            raise ValueError(f"{len(tokens)} rows of tokens for a batch of {len(batch)}")
+        now = time.perf_counter() if now is None else now
+        for seq, new in zip(batch, tokens):
             assert seq.status is Status.RUNNING, (seq.seq_id, seq.status)
-            self.blocks.commit(seq)
-            if seq.is_done():
-                seq.status = Status.FINISHED
-                self.blocks.free(seq)
-                finished.append(seq)
-        if finished:
-            self.running = [s for s in self.running if s.status is Status.RUNNING]
-        return finished
+            if seq.token_ids[-1] == PLACEHOLDER:  # deferred: defer_tokens made room for exactly this token
+                assert len(new) == 1, (seq.seq_id, new)
+                seq.token_ids[-1] = int(new[0])
+                seq.token_times.append(now)
+            else:
+                for t in new:
+                    if seq.is_done():
+                        break
+                    seq.token_ids.append(int(t))
+                    seq.token_times.append(now)
+            seq.num_cached = len(seq) - 1
+            if self.lookahead:  # the slots of rejected drafts (a no-op after a prefill)
+                self.blocks.truncate(seq, len(seq))
+        # committing after every truncation keeps the free list's order what it always was
+        return self._finish(batch)
+
+    def defer_tokens(self, batch: list[Sequence]) -> bool:
+        """Asynchronous decoding: batch's decode step was launched and its tokens are not read
+        yet. If the next step is certain to be a decode step of exactly these sequences that
+        needs no preemption (nothing waits, batch is everything running, none reaches
+        max_tokens with the pending token, the free blocks cover every next position), give
+        each sequence a placeholder for its pending token, so that schedule() can reserve the
+        next step's slots now, and return True; else change nothing and return False.
+
+        A sequence whose pending token turns out to be a stop token then has had its next step
+        computed for nothing: postprocess finishes it, and the K/V that step wrote lands in a
+        block just freed, at a position no committed (shareable) block holds."""
+        if self.lookahead:
+            raise RuntimeError("a speculative step's token count is known only once verified: it cannot be deferred")
+        if self.waiting or len(batch) != len(self.running):
+            return False
+        if any(s.num_output + 1 >= s.params.max_tokens for s in batch):
+            return False
+        # two positions from len - 1: the pending token's and the one after it
+        if not self.blocks.can_append_all(batch, 2):
+            return False
+        for seq in batch:
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_cached = len(seq) - 1
+        return True
 
     def kv_usage(self) -> tuple[int, int]:
         """(positions holding live tokens, positions allocated = used blocks * block_size).
@@ -103,6 +146,20 @@ class Scheduler:
         references = sum(len(seq.block_table) for seq in self.running)
         live = sum(len(seq) for seq in self.running) - bs * (references - self.blocks.num_used)
         return live, self.blocks.num_used * bs
+
+    def _finish(self, batch: list[Sequence]) -> list[Sequence]:
+        """Commit the new cached blocks of each sequence of the step just run; free and
+        return the finished ones."""
+        finished = []
+        for seq in batch:
+            self.blocks.commit(seq)
+            if seq.is_done():
+                seq.status = Status.FINISHED
+                self.blocks.free(seq)
+                finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if s.status is Status.RUNNING]
+        return finished
 
     def _schedule_prefill(self) -> list[Sequence]:
         batch: list[Sequence] = []

@@ -46,7 +46,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0
     num_prompt: int = -1
-    # metrics (time.perf_counter seconds), filled by the engine
+    # metrics (time.perf_counter seconds): arrival set by the engine, token_times by the scheduler's postprocess
     arrival: float = 0.0
     token_times: list[float] = field(default_factory=list)
     num_preemptions: int = 0

@@ -16,12 +16,16 @@ is some 30 small kernels besides the model; in the graph they cost what they com
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from quantkit.engine.runner import ModelRunner
 from quantkit.engine.sampler import probs, race
+from quantkit.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from quantkit.engine.runner import ModelRunner
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -53,6 +57,30 @@ class StepInputs:
 
     def samples(self) -> bool:
         return bool((self.temperature > 0).any())
+
+
+def step_inputs(batch: list[Sequence], first: list[int], count: int, tokens: list[list[int]] | torch.Tensor,
+                block_size: int) -> StepInputs:
+    """The inputs of a step over `count` positions per sequence, first[i] .. first[i] + count - 1
+    for batch[i], whose block tables must cover them. tokens: [B][count] host ids, or a [B, count]
+    tensor on the model's device."""
+    bs = block_size
+    positions = np.asarray(first, dtype=np.int64)[:, None] + np.arange(count)
+    c = int(positions.max()) + 1
+    width = -(-c // bs)
+    for s, f in zip(batch, first):
+        if len(s.block_table) * bs < f + count:
+            raise RuntimeError(f"internal: positions up to {f + count - 1} of a sequence with "
+                               f"{len(s.block_table)} blocks")
+    # a table shorter than the widest is padded with its last block: those context entries lie
+    # past the sequence's length and are never read
+    table = np.array([(s.block_table + [s.block_table[-1]] * width)[:width] for s in batch], dtype=np.int64)
+    context = (table[:, :, None] * bs + np.arange(bs)).reshape(len(batch), -1)[:, :c]
+    slots = np.take_along_axis(context, positions, axis=1)
+    temps = np.array([s.params.temperature for s in batch], dtype=np.float32)
+    if not isinstance(tokens, torch.Tensor):
+        tokens = np.array(tokens, dtype=np.int64).reshape(len(batch), count)
+    return StepInputs(tokens, positions, slots, context, temps)
 
 
 class InputBuffers:
