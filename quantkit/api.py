@@ -270,7 +270,7 @@ def speed(
     device None: the GPU when there is one. dtype: the activations' (and float weights') dtype, default
     float16 on a GPU and float32 on the CPU. async_decode: see quantkit.engine.config.EngineConfig."""
     from quantkit.engine.config import EngineConfig
-    from quantkit.engine.speed import Case, measure
+    from quantkit.eval.speed import Case, measure
     from quantkit.models.loader import DTYPES
 
     device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))

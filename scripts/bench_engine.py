@@ -28,7 +28,7 @@ from quantkit.calibration import DEFAULT_EVALUATION, evaluation_tokens
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
-from quantkit.engine.speed import Case, hf_generate_tokens_per_s, measure, prompts_from_text
+from quantkit.eval.speed import Case, hf_generate_tokens_per_s, measure, prompts_from_text
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.formats.qparams import quantize_rtn
 from quantkit.models.families import LLAMA

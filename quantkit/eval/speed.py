@@ -1,4 +1,4 @@
-"""`quantkit eval --speed`: latency and throughput of a model through the engine.
+"""`quantkit eval --speed`: latency and throughput of a model through quantkit.engine.
 
 For each (batch, prompt length, output length) case, `batch` prompts cut from real text at
 different offsets run to exactly `output` new tokens (stop tokens ignored). Reported: time to
