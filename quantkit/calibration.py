@@ -19,10 +19,11 @@ from __future__ import annotations
 import difflib
 import functools
 import json
-from importlib import resources
 from pathlib import Path
 
 import torch
+
+from quantkit.resources import calibration_dir
 
 __all__ = [
     "BUNDLED_DIR",
@@ -46,25 +47,7 @@ _TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".c
 _SUFFIXES = (".txt", *_TABLE_BUILDERS)
 
 
-def _find_bundled_dir() -> Path:
-    """The folder holding datasets.json.
-
-    Installed (non-editable), the data is expected as package data at
-    ``quantkit/data/calibration``; in a checkout it is the repository's
-    ``calibration/`` beside the package. The checkout path is the answer when
-    neither holds datasets.json, so that errors name a real place to look.
-    """
-    repo_dir = Path(__file__).resolve().parent.parent / "calibration"
-    try:
-        packaged = resources.files("quantkit").joinpath("data", "calibration")
-    except (ModuleNotFoundError, TypeError):
-        packaged = None
-    if isinstance(packaged, Path) and (packaged / "datasets.json").is_file():
-        return packaged
-    return repo_dir
-
-
-BUNDLED_DIR: Path = _find_bundled_dir()
+BUNDLED_DIR: Path = calibration_dir()  # quantkit.resources: package data, or calibration/ in a checkout
 
 
 @functools.cache

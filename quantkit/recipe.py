@@ -1,7 +1,8 @@
 """Recipes: what to quantize, how, and with which calibration data.
 
 A recipe is a YAML file under ``recipes/`` (named by its file stem, e.g.
-``w4a16-rtn``) or anywhere else (named by its path)::
+``w4a16-rtn``; benchmark variants under ``recipes/ablations/`` by
+``ablations/<stem>``) or anywhere else (named by its path)::
 
     name: w4a16-rtn                  # defaults to the file stem
     description: 4-bit weights, group 128, symmetric, round-to-nearest
@@ -46,13 +47,17 @@ from quantkit.parsing import (
     RecipeError, child_path, convert_value, cut, dump_yaml, init_fields, load_yaml_mapping, parse_dataclass, shown,
     wrong_type,
 )
+from quantkit.resources import recipes_dir
 
 __all__ = [
-    "ACTIVATIONS", "MAX_RECIPE_BYTES", "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig", "CheckConfig",
-    "LayerOverride", "Recipe", "RecipeError", "list_recipes", "load_recipe", "parse_dataclass",
+    "ABLATIONS", "ACTIVATIONS", "MAX_RECIPE_BYTES", "RECIPES_DIR", "SCHEMES", "AlgorithmStep", "CalibrationConfig",
+    "CheckConfig", "LayerOverride", "Recipe", "RecipeError", "list_recipes", "load_recipe", "parse_dataclass",
 ]
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES_DIR = recipes_dir()  # quantkit.resources: package data, or recipes/ in a checkout
+# the subfolder of RECIPES_DIR holding benchmark variants: loadable as "ablations/<stem>",
+# listed by list_recipes(ablations=True), not among the recipes `quantkit recipes` offers
+ABLATIONS = "ablations"
 # a recipe is a few hundred bytes; the cap keeps a wrong file (or a huge one
 # copied into every checkpoint) from being parsed at all
 MAX_RECIPE_BYTES = 1 << 20
@@ -447,12 +452,34 @@ def _shipped_names() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+_NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _shipped_in_folder(text: str) -> Path | None:
+    """The shipped file a name like "ablations/int8-gptq" stands for (a stem in a subfolder
+    of RECIPES_DIR, no .yaml suffix), when it exists and no such relative path does."""
+    parts = text.split("/")
+    if len(parts) != 2 or not all(_NAME_PART.fullmatch(part) for part in parts) or text.endswith((".yaml", ".yml")):
+        return None
+    path = RECIPES_DIR / parts[0] / f"{parts[1]}.yaml"
+    try:
+        return path if path.is_file() and not Path(text).exists() else None
+    except OSError:  # a name too long for the filesystem: the path reading below says so
+        return None
+
+
 def load_recipe(name_or_path: str | os.PathLike) -> Recipe:
-    """Load a shipped recipe by file stem ("w4a16-rtn") or any recipe file by path."""
+    """Load a shipped recipe by name ("w4a16-rtn", "ablations/int8-gptq": the file's path
+    under RECIPES_DIR without .yaml) or any recipe file by path (a relative path that
+    exists wins over a shipped name)."""
     text = str(name_or_path)
     is_path = (isinstance(name_or_path, os.PathLike) or "/" in text or "\\" in text
                or text.endswith((".yaml", ".yml")))
-    path = Path(name_or_path) if is_path else RECIPES_DIR / f"{text}.yaml"
+    in_folder = None if isinstance(name_or_path, os.PathLike) else _shipped_in_folder(text)
+    if in_folder is not None:
+        is_path, path = False, in_folder
+    else:
+        path = Path(name_or_path) if is_path else RECIPES_DIR / f"{text}.yaml"
     missing = (f"recipe file {shown(str(path), 200)} does not exist" if is_path
                else f"no recipe named {shown(text)}")
     body = _read_recipe_file(path, f"{missing}; shipped recipes: {', '.join(_shipped_names()) or '(none)'}")
@@ -506,6 +533,11 @@ def _reason(error: Exception) -> str:
     return cut(error.strerror if isinstance(error, OSError) and error.strerror else str(error), 120)
 
 
-def list_recipes() -> list[tuple[str, str]]:
-    """(name, description) of every recipe under RECIPES_DIR, sorted by name."""
-    return sorted((r.name, r.description) for r in map(load_recipe, sorted(RECIPES_DIR.glob("*.yaml"))))
+def list_recipes(ablations: bool = False) -> list[tuple[str, str]]:
+    """(name, description) of every recipe directly under RECIPES_DIR, sorted by name; with
+    `ablations`, also the benchmark variants under RECIPES_DIR/ablations ("ablations/<stem>").
+    The name is what load_recipe takes."""
+    named = [(p.stem, p) for p in RECIPES_DIR.glob("*.yaml")]
+    if ablations:
+        named += [(f"{ABLATIONS}/{p.stem}", p) for p in (RECIPES_DIR / ABLATIONS).glob("*.yaml")]
+    return sorted((name, load_recipe(path).description) for name, path in named)

@@ -7,7 +7,7 @@ import yaml
 
 from quantkit.formats.spec import IntSpec
 from quantkit.recipe import (
-    RECIPES_DIR, SCHEMES, AlgorithmStep, CalibrationConfig, LayerOverride, Recipe, RecipeError,
+    ABLATIONS, RECIPES_DIR, SCHEMES, AlgorithmStep, CalibrationConfig, LayerOverride, Recipe, RecipeError,
     list_recipes, load_recipe, parse_dataclass,
 )
 
@@ -30,21 +30,38 @@ def error_of(tmp_path, text: str) -> str:
 
 # --------------------------------------------------------------------------- shipped recipes
 
-@pytest.mark.parametrize("stem", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-def test_shipped_recipe_loads_and_round_trips(stem):
-    recipe = load_recipe(stem)
-    assert recipe.name == stem
+@pytest.mark.parametrize("name", [name for name, _ in list_recipes(ablations=True)])
+def test_shipped_recipe_loads_and_round_trips(name):
+    recipe = load_recipe(name)
+    assert recipe.name == name.rsplit("/", 1)[-1]  # ablations/int8-gptq is named int8-gptq
     assert recipe.description and "\n" not in recipe.description
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     assert Recipe.from_yaml(recipe.to_yaml()) == recipe
     assert yaml.safe_load(recipe.to_yaml()) == recipe.to_dict()  # plain YAML, no python tags
-    assert load_recipe(RECIPES_DIR / f"{stem}.yaml") == recipe
+    assert load_recipe(RECIPES_DIR / f"{name}.yaml") == recipe
 
 
 def test_list_recipes_lists_every_shipped_recipe():
     listed = list_recipes()
     assert [name for name, _ in listed] == SHIPPED
     assert all(description for _, description in listed)
+    ablations = sorted(f"{ABLATIONS}/{p.stem}" for p in (RECIPES_DIR / ABLATIONS).glob("*.yaml"))
+    assert len(ablations) >= 16
+    assert list_recipes(ablations=True) == sorted(listed + [(n, load_recipe(n).description) for n in ablations])
+
+
+def test_ablation_names_and_paths(tmp_path, monkeypatch):
+    recipe = load_recipe("ablations/int8-gptq")
+    assert recipe.name == "int8-gptq" and recipe.scheme == "W8A8-INT8"
+    assert load_recipe(RECIPES_DIR / "ablations" / "int8-gptq.yaml") == recipe
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe("ablations/int8-nope")  # not shipped: a relative path, which does not exist
+    with pytest.raises(RecipeError, match="no recipe named 'int8-gptq'"):
+        load_recipe("int8-gptq")  # an ablation is named with its folder
+    monkeypatch.chdir(tmp_path)  # a relative path that exists wins over the shipped name
+    (tmp_path / "ablations").mkdir()
+    (tmp_path / "ablations" / "int8-gptq").write_text("name: mine\nscheme: W8A16\n")
+    assert load_recipe("ablations/int8-gptq").name == "mine"
 
 
 def test_shipped_specs():

@@ -23,11 +23,12 @@ import functools
 import importlib.util
 import os
 import struct
-from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+from quantkit.resources import csrc_dir
+
+CSRC = csrc_dir()
 
 
 @functools.cache
