@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # AWQ / GPTQ / RTN of quantkit, and llm-compressor's AWQModifier, on the real SmolLM2 on a GPU
-# (device tool), same calibration ids and windows as the CPU benchmark (runs/gptq-bench).
-# The model travels as its GGUF (DESIGN.md: joined from two carried parts), llm-compressor
-# as wheels (gpu/wheels, downloaded for cp312 here), installed to ~/llmc, not into the image.
+# (device tool), same calibration ids and windows as the CPU benchmark (runs/gptq-bench, made by
+# `python scripts/bench_gptq.py prepare` on the CPU machine and carried). The model travels as its
+# GGUF (DESIGN.md: joined from two carried parts, as scripts/gpu_bench_w8a8.sh does: GGUF is then
+# ~/qk/model.gguf), llm-compressor as wheels installed to ~/llmc, not into the image.
 #
 #   bash scripts/gpu_bench_awq.sh GGUF BITS "ours recipes" [llmc]      # JSON lines to $OUT/gpu.jsonl
+#
+# Carried from gpu/ (git-ignored; see scripts/gpu_bench_w8a8.sh for the GGUF parts and the gguf wheel):
+# gpu/gguf-*.whl and, for llmc, gpu/wheels/: llm-compressor 0.14.0.1's wheel and the wheels of
+# those of its requirements the GPU image lacks, for the image's Python (cp312).
 set -euo pipefail
 gguf=$1 bits=$2 recipes=$3 peer=${4:-}
 out=${OUT:-/tmp}

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # W8A8 on a GPU (device tool), in two back-to-back calls: the real model travels as its
-# GGUF in two parts (gpu/gguf.part.aa, .ab; DESIGN.md), kept in ~/qk between the calls.
+# GGUF in two parts (gpu/gguf.part.aa, .ab; DESIGN.md), kept in ~/qk between the calls
+# (the second call leaves it joined at ~/qk/model.gguf, for scripts/gpu_bench_awq.sh too).
 #
 #   bash scripts/gpu_bench_w8a8.sh kernels           # call 1 (carry gpu/gguf.part.aa): GPU tests + matmul baselines
-#   bash scripts/gpu_bench_w8a8.sh quality RECIPES   # call 2 (carry gpu/gguf.part.ab): quantize + perplexity on the GPU
+#   bash scripts/gpu_bench_w8a8.sh quality RECIPES   # call 2 (carry gpu/gguf.part.ab, gpu/gguf.sha256, gpu/gguf-*.whl):
+#                                                    # quantize + perplexity on the GPU
+#
+# gpu/ (git-ignored) is made on the CPU machine, from the repository root with .venv active:
+#   mkdir -p gpu && gguf=$(python -c "from quantkit.models.loader import default_model_path as p; print(p())")
+#   split -b 50M "$gguf" gpu/gguf.part. && sha256sum < "$gguf" | cut -d' ' -f1 > gpu/gguf.sha256
+#   python -m pip download --no-deps -d gpu gguf    # the GPU machine has no gguf package
 set -euo pipefail
 mode=$1
 out=${OUT:-/tmp}

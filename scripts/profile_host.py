@@ -1,10 +1,18 @@
-"""Dev aid: the engine loop's host time per decode step without the model (a stand-in step that
-returns at once), on this machine's CPU: what the Python side adds to every token.
+"""The engine loop's host time per decode step without a model: a stand-in step that returns at
+once replaces the model's, so what is left is the Python side's bookkeeping that every token pays
+(scheduling, block tables, input buffers, sampling results), synchronous and asynchronous decoding,
+batch 1 and 64, on this machine's CPU. --profile adds a cProfile of each run.
 
-python dev/host_overhead.py [--profile]"""
-import cProfile, pstats, sys, time
+    python scripts/profile_host.py [--profile]
+"""
+import cProfile
+import pstats
+import sys
+import time
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams

@@ -1,10 +1,20 @@
-"""Dev aid: where the time to first token goes. A SmolLM2-135M-shaped float16 model with random
-weights (30 layers, 576 / 1536, 9 / 3 heads, vocabulary 49152), batch 1: TTFT of successive
-requests whose prompt lengths repeat and change, prefill attention with cuDNN's SDPA allowed and
-without it (quantkit.engine.runner._PREFILL_ATTENTION), and a cProfile of the slowest request."""
-import cProfile, io, pstats, torch
+"""Where the time to first token goes, and why the engine's prefill attention leaves out cuDNN
+(quantkit.engine.runner): a SmolLM2-135M-shaped float16 model with random weights (30 layers,
+576 / 1536, 9 / 3 heads, vocabulary 49152) on a GPU, batch 1, the TTFT of successive requests whose
+prompt lengths repeat and change, with the engine's attention backends, with cuDNN's SDPA allowed
+too, and with the engine's again; and a cProfile of the slowest request of each run. cuDNN builds a
+plan for every prompt length it has not seen (BENCHMARKS.md, "The engine").
+
+    python scripts/profile_ttft.py
+"""
+import cProfile
+import io
+import pstats
+
+import torch
 from torch.nn.attention import SDPBackend
 from transformers import LlamaConfig, LlamaForCausalLM
+
 from quantkit.engine import runner
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine

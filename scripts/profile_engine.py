@@ -1,9 +1,16 @@
-"""Dev aid: where one graphed decode step (batch 1, context 256) of the 7B-shaped model spends its time,
-float16 and W4A16: the kernels of the graph replay in order (torch.profiler / CUPTI), their durations and
-the gaps between them, summed per kernel kind; and one layer's sequence in detail."""
-import sys, torch
-sys.path.insert(0, "scripts")
-from bench_engine import llama7b
+"""Where one graphed decode step of the Llama-2-7B-shaped model (random weights, batch 1, context 256)
+spends its time, float16 and W4A16 g128 (H200-class GPU, CuPy): the kernels of one CUDA-graph replay
+in order (torch.profiler / CUPTI start and end times), their durations and the gaps before them, summed
+per kernel kind, then one layer's kernels in detail. Under programmatic dependent launch the kernels
+overlap, so a kernel's share of the critical path is the time from the previous kernel's end to its own.
+
+    python scripts/profile_engine.py [float16] [w4a16]
+"""
+import sys
+
+import torch
+
+from bench_engine import llama7b  # scripts/ is on sys.path when run as a script
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
