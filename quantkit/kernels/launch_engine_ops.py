@@ -1,0 +1,98 @@
+"""Launches of csrc/engine_ops.cu, instantiated per T = float16 / bfloat16 / float32 (the kernel's
+name ends in T's: _f16, _bf16, _f32, taken from the first tensor's dtype). Every kernel here waits
+for the previous one itself (pdl_start in the .cu), so all are launched as dependent (early, where
+the GPU has programmatic dependent launch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quantkit.kernels import cuda
+
+MODULE = "engine_ops"
+_T = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+def _ptr(t: torch.Tensor | None):
+    return np.uint64(0) if t is None else t
+
+
+def add_rms_norm(grid: tuple[int, ...], block: tuple[int, ...], *, x: torch.Tensor, ldx: int,
+                 res: torch.Tensor | None, ldr: int, w: torch.Tensor, eps: float, out: torch.Tensor, ldo: int,
+                 res_out: torch.Tensor, ldro: int, H: int) -> None:
+    """h = x (+ res), rounded to T; out = w * T(h * rsqrt(mean(h^2) + eps)); res_out = h.
+
+    grid       (rows,): one block per row
+    block      (1024,): the row lives in 1024 threads x 8 registers, so H <= 8192
+    x          T [rows, ldx], unit column stride
+    res, ldr   T [rows, ldr] added to x, or None (and ldr 0): no residual
+    w          T [H], contiguous
+    eps        the RMSNorm epsilon
+    out, ldo   T [rows, ldo], written
+    res_out, ldro  T [rows, ldro], receives h (may be x itself when res is None)
+    H          the row width
+    """
+    cuda.launch(f"add_rms_norm_{_T[x.dtype]}", MODULE, grid, block,
+                (x, np.int32(ldx), _ptr(res), np.int32(ldr), w, np.float32(eps), out, np.int32(ldo), res_out,
+                 np.int32(ldro), np.int32(H)), dependent=True)
+
+
+def silu_mul(grid: tuple[int, ...], block: tuple[int, ...], *, g: torch.Tensor, u: torch.Tensor, ld_in: int,
+             out: torch.Tensor, I: int, rows: int) -> None:  # noqa: E741 (the kernel's name)
+    """out = T(T(silu(g)) * u), one thread per element.
+
+    grid       (ceil(rows * I / 256),); block (256,)
+    g, u       T [rows, ld_in] each, unit column stride (views of one fused gate/up output may
+               share the row stride ld_in)
+    out        T [rows, I], contiguous, written
+    I, rows    the intermediate size and the token count
+    """
+    cuda.launch(f"silu_mul_{_T[g.dtype]}", MODULE, grid, block,
+                (g, u, np.int32(ld_in), out, np.int32(I), np.int32(rows)), dependent=True)
+
+
+def rope_cache(grid: tuple[int, ...], block: tuple[int, ...], *, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               ld_in: int, cos: torch.Tensor, sin: torch.Tensor, ld_cs: int, slots: torch.Tensor,
+               q_out: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, rows: int, Hq: int, Hk: int, D: int) -> None:
+    """q' = T(T(q cos) + T(rot(q) sin)) into q_out, the same for k into the cache, v copied to it.
+
+    grid       (ceil(rows * (Hq + Hk) * D / 2 / 256),): one thread per rotated pair; block (256,)
+    q          T [rows, Hq * D]; k, v: T [rows, Hk * D]; all three with row stride ld_in and unit
+               column stride (views of one fused qkv output)
+    cos, sin   T [rows, D] with row stride ld_cs, unit column stride
+    slots      int64 [rows], contiguous: the cache slot of each token
+    q_out      T [rows, Hq, D], contiguous, written
+    kc, vc     T [slots, Hk, D], contiguous: the layer's cache, written at the slots
+    rows, Hq, Hk, D: tokens, query heads, KV heads, head size
+    """
+    cuda.launch(f"rope_cache_{_T[q.dtype]}", MODULE, grid, block,
+                (q, k, v, np.int32(ld_in), cos, sin, np.int32(ld_cs), slots, q_out, kc, vc, np.int32(rows),
+                 np.int32(Hq), np.int32(Hk), np.int32(D)), dependent=True)
+
+
+def paged_attention(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q: torch.Tensor, kc: torch.Tensor,
+                    vc: torch.Tensor, context: torch.Tensor, C: int, pos: torch.Tensor, out: torch.Tensor,
+                    ws: torch.Tensor | None, counters: torch.Tensor | None, S: int, Hq: int, Hk: int, D: int,
+                    scale: float) -> None:
+    """out[r, h] = softmax(q k^T * scale) v over keys 0 .. pos[r] of row r's sequence, read through
+    its slot list; split over blocks of 64 keys (flash-decoding) and merged in split order.
+
+    grid       (rows * Hq, splits): one block per (row, head) and split of 64 keys; block (256,)
+    E          head elements per lane (template parameter): 2 (D <= 64), 4 (D <= 128), 8 (D <= 256)
+    q          T [rows, Hq, D], contiguous; row b * S + s is token s of sequence b
+    kc, vc     T [slots, Hk, D], contiguous: the layer's cache (Hq a multiple of Hk: GQA)
+    context    int64 [B, C], contiguous: the cache slots of positions 0 .. C - 1 of each sequence
+    C          the context length (columns of context)
+    pos        int64 [rows], contiguous: row r attends to keys 0 .. pos[r]
+    out        T [rows, Hq, D], contiguous, written
+    ws         float32 [rows * Hq, splits, D + 2]: each split's (max, sum, D accumulators), None
+               with one split (it writes out directly)
+    counters   int32 [>= rows * Hq], zero: per (row, head), the splits done (the last resets it);
+               None with one split
+    S, Hq, Hk, D: tokens per sequence, query heads, KV heads, head size
+    scale      the softmax scale
+    """
+    cuda.launch(f"paged_attention_{_T[q.dtype]}_e{E}", MODULE, grid, block,
+                (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
+                 np.int32(Hk), np.int32(D), np.float32(scale)), dependent=True)
