@@ -13,13 +13,16 @@ import torch
 
 from quantkit import __version__
 from quantkit.algorithms import build_all
+from quantkit.checkpoint.report import layer_rows, summary_lines
+from quantkit.devices import calibration_dtype, check_device, memory_of
 from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens, held_out_batch
 from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint, write_checkpoint
 from quantkit.eval import perplexity
 from quantkit.eval.plots import layer_error_png
 from quantkit.errors import NumericalError
 from quantkit.models import LoadedModel, context_length, empty_model, family_for, load_config, load_model, resolve_source
-from quantkit.pipeline import calibration_dtype, needs_calibration, plan_targets, quantize_model
+from quantkit.pipeline import needs_calibration, plan_targets, quantize_model
+from quantkit.progress import QuantizeProgress, RichProgress
 from quantkit.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = "w4a16-rtn"
@@ -41,22 +44,6 @@ def resolve_recipe(
     return r
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """`device` parsed and checked before any work: cpu, or cuda[:N] with that GPU present."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {str(device)[:80]!r}; valid: cpu, cuda, cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} requested but no CUDA GPU is available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return dev
-
-
 def _local_paths(*candidates) -> list[Path]:
     """The candidates that name existing local files or folders (hub ids and names are skipped)."""
     out = []
@@ -73,21 +60,11 @@ def _check_seqlen(seqlen: int, config, what: str) -> None:
                          f"(max_position_embeddings); choose {context} or fewer")
 
 
-def _memory_of(dev: torch.device) -> int | None:
-    """Bytes of memory on `dev` in all (RAM for the CPU), None where it cannot be told."""
-    if dev.type == "cuda":
-        return torch.cuda.get_device_properties(dev.index or 0).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return None
-
-
 def _check_calibration_memory(recipe: Recipe, config, dev: torch.device) -> None:
     """The driver holds one block's calibration inputs and outputs at once, on the device
     (and, with replay, more buffers of that size): refuse what cannot fit before loading."""
     c, hidden = recipe.calibration, getattr(config, "hidden_size", None)
-    have = _memory_of(dev)
+    have = memory_of(dev)
     if not isinstance(hidden, int) or have is None:
         return
     need = 2 * c.num_samples * c.seqlen * hidden * 4  # inputs + outputs of a block, at most 4 bytes a value
@@ -124,7 +101,7 @@ def quantize(
     """
     recipe_arg = recipe
     recipe = resolve_recipe(recipe, calib_data, num_samples, seqlen)
-    algorithms = build_all(recipe)  # bad algorithm names and options fail before any work
+    chain = build_all(recipe)  # bad algorithm names and options fail before any work
     dev = check_device(device)
     source = resolve_source(model)
     inputs = _local_paths(source, recipe_arg, recipe.calibration.data)
@@ -133,7 +110,7 @@ def quantize(
     family = family_for(config)
     if not plan_targets(empty_model(config), family, recipe):  # group sizes are checked here too
         raise ValueError(f"recipe {recipe.name!r} selects no linear layer of {source}")
-    calibrate = needs_calibration(recipe, algorithms)
+    calibrate = needs_calibration(recipe, chain)
     if calibrate:
         _check_seqlen(recipe.calibration.seqlen, config, "calibration seqlen")
         _check_calibration_memory(recipe, config, dev)
@@ -158,8 +135,9 @@ def quantize(
     calib_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    result = quantize_model(loaded, recipe, calib, device=dev, show_progress=show_progress,
-                            held_out_ids=held_ids, held_out_disjoint=disjoint)
+    with RichProgress() if show_progress else QuantizeProgress() as progress:
+        result = quantize_model(loaded, recipe, calib, device=dev, progress=progress, held_out_ids=held_ids,
+                                held_out_disjoint=disjoint, chain=chain)
     quant_s = time.perf_counter() - t0
     held = None
     if result.held_out is not None:
@@ -173,6 +151,8 @@ def quantize(
                 f"bound {check.max_ratio:g}): refusing to write {out}. Raise check.max_ratio in the recipe or "
                 f"keep it anyway with --keep-degraded (keep_degraded=True)")
 
+    rows = layer_rows(result)
+    activations = None if recipe.activations is None else dataclasses.asdict(recipe.activations)
     report = {
         "quantkit_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -180,18 +160,20 @@ def quantize(
         "model": loaded.source,
         "recipe": recipe.name,
         "scheme": recipe.scheme,
-        "activations": None if recipe.activations is None else dataclasses.asdict(recipe.activations),
+        "activations": activations,
         "calibration": dataclasses.asdict(recipe.calibration) if calib is not None else None,
         "calibration_dtype": c.dtype,
         "held_out": held,
         "device": str(dev),
         "seconds": {"load": load_s, "calibration_data": calib_s, "quantize": quant_s, **{f"quantize.{k}": v for k, v in result.seconds.items()}},
-        "bytes_float": sum(r["bytes_float"] for r in result.layers),
-        "bytes_quantized": sum(r["bytes_quantized"] for r in result.layers),
-        "layers": result.layers,
+        "bytes_float": sum(r["bytes_float"] for r in rows),
+        "bytes_quantized": sum(r["bytes_quantized"] for r in rows),
+        # what the CLI's summary shows, each algorithm summarizing its own facts
+        "summary": summary_lines(rows, activations) + chain.summarize(rows),
+        "layers": rows,
     }
     t0 = time.perf_counter()
-    plot = layer_error_png(result.layers, f"{recipe.name}: per-layer error ({Path(loaded.source).name})")
+    plot = layer_error_png(rows, f"{recipe.name}: per-layer error ({Path(loaded.source).name})")
     folder = write_checkpoint(
         out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report,
         force=force, actorder=result.actorder, extra_files={ERROR_PLOT: plot},

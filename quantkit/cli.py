@@ -98,33 +98,8 @@ def quantize(
     table.add_row("model", _t(report["model"]))
     table.add_row("layers quantized", str(len(report["layers"])))
     table.add_row("linear weights", f"{report['bytes_float'] / 2**20:.1f} MiB -> {report['bytes_quantized'] / 2**20:.1f} MiB")
-    for key, label in (("weight_rel_error", "weight rel. error"), ("output_rel_error", "output rel. error")):
-        values = [r for r in report["layers"] if key in r]
-        if values:
-            worst = max(values, key=lambda r: r[key])
-            mean = sum(r[key] for r in values) / len(values)
-            table.add_row(label, _t(f"mean {mean:.4f}, worst {worst[key]:.4f} ({worst['name']})"))
-    awq = [r for r in report["layers"] if "awq_error_unscaled" in r or "awq_skipped" in r]
-    if awq:
-        scaled = sum(1 for r in awq if r.get("awq_alpha") is not None)
-        skipped = sorted({r["awq_skipped"] for r in awq if r.get("awq_skipped")})
-        clipped = sum(1 for r in awq if r.get("awq_clip_shrink", 1.0) < 1.0)
-        table.add_row("AWQ", _t(f"{scaled} of {len(awq)} linears scaled, {clipped} clipped"
-                                + (f"; skipped: {'; '.join(skipped)}" if skipped else "")))
-    acts = report.get("activations")
-    if acts:
-        table.add_row("inputs", f"{acts['type']} " + ("dynamic per-token" if acts["dynamic"] else "static per-tensor (calibrated)"))
-    smooth = [r for r in report["layers"] if "act_outlier_ratio" in r or "smooth_skipped" in r]
-    if smooth:
-        done = [r for r in smooth if r.get("smooth_alpha") is not None]
-        skipped = sorted({r["smooth_skipped"] for r in smooth if r.get("smooth_skipped")})
-        worst = max((r["act_outlier_ratio"] for r in smooth if "act_outlier_ratio" in r), default=0.0)
-        worst_after = max((r["act_outlier_ratio_smoothed"] for r in smooth if "act_outlier_ratio_smoothed" in r), default=0.0)
-        table.add_row("SmoothQuant", _t(f"{len(done)} of {len(smooth)} linears smoothed; worst input outlier ratio "
-                                        f"{worst:.0f} -> {worst_after:.0f}" + (f"; skipped: {'; '.join(skipped)}" if skipped else "")))
-    raised = [r["name"] for r in report["layers"] if r.get("damping_raised")]
-    if raised:
-        table.add_row("damping raised", _t(", ".join(raised)))
+    for label, text in report["summary"]:  # each algorithm's own summary of its facts
+        table.add_row(_t(label), _t(text))
     held = _held_out_text(report.get("held_out"))
     if held:
         table.add_row("held-out check", _t(held))

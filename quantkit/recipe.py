@@ -210,8 +210,9 @@ class CalibrationConfig:
     seqlen: int = 512
     seed: int = 0
     # dtype of the calibration forwards (the weights are always rounded from the
-    # model's own): auto = bfloat16 where the device multiplies it fast (CUDA, or
-    # a CPU measured to run bf16 matmuls faster than float32), else the model's dtype
+    # model's own): auto = bfloat16 for a float32 model where the hardware multiplies
+    # it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 / AMX / Arm BF16:
+    # quantkit.devices), else the model's dtype; the choice is recorded in the report
     dtype: typing.Literal["auto", "model", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = 8  # calibration samples per block forward
     # keep each finished sub-module's outputs (norms, attention, linears) for the

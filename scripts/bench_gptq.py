@@ -38,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts" / "peers"))
 from bench_common import EVAL_SETS, cpu_clock, emit, load_inputs, machine, parse_result, peak_rss_mb, runner_args, timing  # noqa: E402
+from quantkit.checkpoint.report import layer_rows
 
 LOCK = "/tmp/quantkit-cpu.lock"
 DEFAULT_INPUTS = Path("runs/gptq-bench")
@@ -157,7 +158,7 @@ def run_ours(args) -> dict:
     if cuda:
         torch.cuda.synchronize()
     start = cpu_clock()
-    result = quantize_model(loaded, recipe, calib, device=args.device, show_progress=False)
+    result = quantize_model(loaded, recipe, calib, device=args.device)
     if cuda:
         torch.cuda.synchronize()
         notes.append(f"on {torch.cuda.get_device_name()}; calibration forwards {recipe.calibration.dtype} (auto: bfloat16 on CUDA)")
@@ -167,21 +168,22 @@ def run_ours(args) -> dict:
     loaded.model.to(args.device)
     ppl = {name: perplexity(loaded.model, w.flatten(), w.shape[1], None, args.batch_size, args.device, show_progress=False).perplexity
            for name, w in evals.items()}
-    schemes = sorted({(r["bits"], r["group_size"], r["symmetric"]) for r in result.layers}, key=str)
+    rows = layer_rows(result)
+    schemes = sorted({(r["bits"], r["group_size"], r["symmetric"]) for r in rows}, key=str)
     if len(schemes) != 1:
         notes.append(f"mixed schemes {schemes}; reported the first")
     bits, group, sym = schemes[0]
     awq = {}
-    if any("awq_clip_shrink" in r or "awq_alpha" in r for r in result.layers):  # what AWQ kept (under GPTQ: what GPTQ accepted)
-        awq = {"awq_scaled_linears": sum(1 for r in result.layers if r.get("awq_alpha") is not None),
-               "awq_searched_linears": sum(1 for r in result.layers if "awq_alpha" in r),
-               "awq_clipped_linears": sum(1 for r in result.layers if r.get("awq_clip_shrink", 1.0) < 1.0),
-               "awq_clip_searched_linears": sum(1 for r in result.layers if "awq_clip_shrink" in r)}
+    if any("awq_clip_shrink" in r or "awq_alpha" in r for r in rows):  # what AWQ kept (under GPTQ: what GPTQ accepted)
+        awq = {"awq_scaled_linears": sum(1 for r in rows if r.get("awq_alpha") is not None),
+               "awq_searched_linears": sum(1 for r in rows if "awq_alpha" in r),
+               "awq_clipped_linears": sum(1 for r in rows if r.get("awq_clip_shrink", 1.0) < 1.0),
+               "awq_clip_searched_linears": sum(1 for r in rows if "awq_clip_shrink" in r)}
     return {"tool": "quantkit", "version": _quantkit_version(), "recipe": recipe.name,
             "algorithms": [s.name for s in recipe.algorithms], "bits": bits, "group_size": group, "symmetric": sym,
             **timed, "quantize_breakdown_s": result.seconds, "peak_rss_mb": rss,
             "rss_after_load_mb": rss_loaded, "ppl": ppl, "calib_samples": calib.shape[0], "windows": _n(evals),
-            "dtype": "float32", "layers": len(result.layers), **awq, "notes": "; ".join(notes)}
+            "dtype": "float32", "layers": len(rows), **awq, "notes": "; ".join(notes)}
 
 
 def _quantkit_version() -> str:

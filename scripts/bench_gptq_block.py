@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from quantkit.checkpoint.report import layer_rows
 from quantkit.models import LoadedModel, family_for
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import Recipe
@@ -53,6 +54,7 @@ def main() -> None:
     sync()
     total = time.perf_counter() - t0
     per_block = total - result.seconds["capture"]
+    rows = layer_rows(result)
     out = {
         "shape": f"hidden {args.hidden}, MLP {args.mlp}, {args.heads} heads",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -62,7 +64,7 @@ def main() -> None:
         "projection_s": result.seconds["capture"] + args.blocks * per_block,
         "blocks": args.blocks,
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
-        "mean_output_rel_error": sum(r["output_rel_error"] for r in result.layers) / len(result.layers),
+        "mean_output_rel_error": sum(r["output_rel_error"] for r in rows) / len(rows),
     }
     print(json.dumps(out, indent=2))
 

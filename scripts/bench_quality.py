@@ -26,9 +26,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens
 from quantkit.algorithms import build_all
+from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
+from quantkit.checkpoint.report import layer_rows
 from quantkit.eval import perplexity
 from quantkit.models import load_model
 from quantkit.pipeline import needs_calibration, quantize_model
@@ -111,7 +112,7 @@ def main() -> None:
         quant_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": result.layers}, actorder=result.actorder,
+            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": layer_rows(result)}, actorder=result.actorder,
                                       activations=result.activations, input_scales=result.input_scales)
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -127,7 +128,7 @@ def main() -> None:
                         "model": name if len(args.backends) == 1 else f"{name} [{backend}]", "backend": used, "data": d,
                         "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
                         "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
-                        "transformers": hf, "group_sizes": sorted({str(g["group_size"]) for g in result.layers}),
+                        "transformers": hf, "group_sizes": sorted({str(g["group_size"]) for g in layer_rows(result)}),
                     })
         del work, ours
 

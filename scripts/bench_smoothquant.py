@@ -22,6 +22,7 @@ from pathlib import Path
 
 from quantkit.algorithms import build_all
 from quantkit.calibration import calibration_batch
+from quantkit.checkpoint.report import layer_rows
 from quantkit.models import load_model
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import load_recipe
@@ -68,7 +69,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = quantize_model(loaded, recipe, ids, device=args.device)
     seconds = time.perf_counter() - t0
-    summary = summarize(result.layers)
+    summary = summarize(layer_rows(result))
     print(f"{recipe.name}: {c.num_samples} x {c.seqlen} calibration tokens, {seconds:.1f} s on {args.device}")
     print(f"{'linear':10s} {'n':>3s} {'ratio before (median / worst)':>30s} {'after':>18s} {'alpha median':>13s} {'no smoothing':>13s}")
     for kind, s in summary.items():

@@ -25,6 +25,7 @@ from rich.table import Table
 from quantkit.algorithms import build_all
 from quantkit.calibration import DEFAULT_EVALUATION, calibration_batch, evaluation_tokens
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
+from quantkit.checkpoint.report import layer_rows
 from quantkit.eval import perplexity
 from quantkit.models import load_model
 from quantkit.nn.quant_linear import IntWeightLinear
@@ -62,7 +63,7 @@ def main() -> None:
     ids = base.tokenizer(PROMPT, return_tensors="pt").input_ids.to("cuda")
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_checkpoint(Path(tmp) / "ckpt", base.model, base.tokenizer, result.weights, recipe.to_yaml(),
-                                  {"layers": result.layers}, actorder=result.actorder)
+                                  {"layers": layer_rows(result)}, actorder=result.actorder)
         model = load_checkpoint(folder, device="cuda").model.to(torch.float16).eval()
 
     logits, ppl = {}, {}

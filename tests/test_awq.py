@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.algorithms.awq_math import (
-    fake_quantize_grouped,
-    output_error,
-    scale_hessian,
-    search_clip,
-    search_scales,
-)
-from quantkit.algorithms.gptq_math import accumulate_hessian, make_hessian
+from quantkit.algorithms.awq_math import output_error, search_clip, search_scales
+from quantkit.algorithms.statistics import accumulate_hessian, make_hessian, scale_hessian
 from quantkit.formats import IntSpec
+from quantkit.formats.fake import fake_quantize_grouped
 
 
 def _inputs(n=2048, in_f=128, seed=0):
@@ -103,34 +98,35 @@ def test_a_rounder_confirms_the_scales_and_the_clip():
     awq.observe(("w",), X)
     Wc = torch.randn(48, 128, generator=g)
     Wc[:, 7] *= 6
-    H_awq = awq._stats["w"][0]
-    kept = awq.clip("w", Wc, spec, gptq.trial_round)
+    H_awq = awq._stats["w"].hessian
+    kept = awq.clip("w", Wc, spec, gptq.trial_rounder())
     err = [float(output_error(Wc - q, H_awq).sum()) for q in gptq.trial_round([Wc, kept], H_awq, [spec, spec])]
     assert err[1] <= err[0]
-    assert (awq.layer_report("w")["awq_clip_shrink"] == 1.0) == torch.equal(kept, Wc)
+    assert (awq.report("w")["awq_clip_shrink"] == 1.0) == torch.equal(kept, Wc)
 
 
 # --------------------------------------------------------------------------- in the driver
-
-import types  # noqa: E402
 
 import pytest  # noqa: E402
 
 from quantkit import api  # noqa: E402
 from quantkit.algorithms.awq import AWQ, AWQOptions  # noqa: E402
-from quantkit.algorithms.rtn import RTN  # noqa: E402
+from quantkit.algorithms.base import Scales  # noqa: E402
+from quantkit.algorithms.folding import apply_transforms  # noqa: E402
 from quantkit.checkpoint import load_checkpoint  # noqa: E402
+from quantkit.checkpoint.report import layer_rows  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
-from quantkit.pipeline import _apply_transforms, _input_groups, _observe, _targets, capture_block_inputs, quantize_model  # noqa: E402
+from quantkit.forwards import capture_block_inputs, observe  # noqa: E402
+from quantkit.pipeline import _input_groups, _targets, quantize_model  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
 
 
 class _FixedScales(AWQ):
     """AWQ whose scale search returns fixed random scales: every mapping gets folded."""
 
-    def search_scales(self, names, weights, specs, rounder=None):
+    def propose_scales(self, names, weights, specs, rounder):
         s = torch.rand(weights[0].shape[1], generator=torch.Generator().manual_seed(len(names))) * 3 + 0.2
-        return types.SimpleNamespace(scales=s, alpha=0.5)
+        return Scales(scales=s, alpha=0.5)
 
 
 def test_scaling_then_folding_leaves_the_float_block_unchanged(tiny_model_dir):
@@ -144,10 +140,10 @@ def test_scaling_then_folding_leaves_the_float_block_unchanged(tiny_model_dir):
     recipe = Recipe.from_dict({"name": "t", "weights": {"group_size": 32}, "algorithms": ["awq", "rtn"]})
     targets = _targets(block, "model.layers.0", loaded.family.linears, recipe)
     awq = _FixedScales(AWQOptions(clip=False))
-    _observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [awq], None, set())
+    observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [awq], None, set())
     q_before = block.self_attn.q_proj.weight.detach().clone()
     steps: list[str] = []  # what the per-mapping progress bar shows
-    _apply_transforms(block, targets, loaded.family, [awq], RTN(RTN.Options()), steps.append)
+    apply_transforms(block, targets, loaded.family, [awq], None, steps.append)
     assert len(steps) == len(loaded.family.mappings) + 1 and steps[-1] == "awq clipping"
     assert not torch.equal(block.self_attn.q_proj.weight, q_before)  # scaled for real
     with torch.inference_mode():
@@ -155,7 +151,7 @@ def test_scaling_then_folding_leaves_the_float_block_unchanged(tiny_model_dir):
     after = after[0] if isinstance(after, tuple) else after
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
     # v -> o cannot fold under grouped-query attention: said so, for both linears' rows
-    assert "grouped-query" in awq.layer_report("model.layers.0.self_attn.o_proj")["awq_skipped"]
+    assert "grouped-query" in awq.report("model.layers.0.self_attn.o_proj")["awq_skipped"]
 
 
 @pytest.mark.parametrize("rounding", ["rtn", "gptq"])
@@ -183,9 +179,10 @@ def test_awq_takes_any_width_symmetry_and_group_size(tiny_model_dir, bits, symme
                                "algorithms": ["awq", "rtn"], "calibration": {"num_samples": 4, "seqlen": 32}})
     loaded = load_model(tiny_model_dir)
     ids = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(1))
-    result = quantize_model(loaded, recipe, ids, show_progress=False)
-    assert {(r["bits"], r["symmetric"], r["group_size"]) for r in result.layers} == {(bits, symmetric, group_size)}
-    assert all("awq_error" in r or "awq_skipped" in r for r in result.layers)
+    result = quantize_model(loaded, recipe, ids)
+    rows = layer_rows(result)
+    assert {(r["bits"], r["symmetric"], r["group_size"]) for r in rows} == {(bits, symmetric, group_size)}
+    assert all("awq_error" in r or "awq_skipped" in r for r in rows)
     assert loaded.model(ids[:1]).logits.isfinite().all()
 
 
@@ -200,7 +197,7 @@ def test_awq_alone_is_not_a_recipe():
 def test_awq_needs_calibration_data(tiny_model_dir):
     recipe = Recipe.from_dict({"name": "t", "algorithms": ["awq", "rtn"]})
     with pytest.raises(ValueError, match="calibration data"):
-        quantize_model(load_model(tiny_model_dir), recipe, None, show_progress=False)
+        quantize_model(load_model(tiny_model_dir), recipe, None)
 
 
 # --------------------------------------------------------------------------- AWQ GEMM export

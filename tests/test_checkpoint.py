@@ -42,7 +42,7 @@ def test_checkpoint_reloads_to_the_fake_quantized_model(tiny_model_dir, tmp_path
     report = api.quantize(tiny_model_dir, _recipe(**SPECS[spec]), out, show_progress=False)
     assert len(report["layers"]) == 14  # 2 blocks x 7 linears
     fake = load_model(tiny_model_dir)
-    quantize_model(fake, _recipe(**SPECS[spec]), show_progress=False)
+    quantize_model(fake, _recipe(**SPECS[spec]))
     ours = load_checkpoint(out)
     assert sum(isinstance(m, IntWeightLinear) for m in ours.model.modules()) == 14
     with torch.inference_mode():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from quantkit import api
-from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, gptq_quantize, make_hessian
+from quantkit.algorithms.gptq_math import gptq_quantize
+from quantkit.algorithms.statistics import accumulate_hessian, equalize_tokens, make_hessian
 from quantkit.checkpoint import load_checkpoint
 from quantkit.formats import IntSpec, quantize_rtn
 from quantkit.recipe import Recipe
@@ -99,13 +100,13 @@ def test_linears_sharing_a_hessian_are_solved_together_as_if_alone(actorder):
     spec = IntSpec(4, True, 32)
     algorithm = GPTQ(GPTQOptions(actorder=actorder))
     algorithm.observe(tuple(names), X)
-    H = algorithm._hessians["q"][0].clone()
-    together = algorithm.quantize_group(names, weights, [spec] * 3)
+    H = algorithm._stats["q"].hessian.clone()
+    together = algorithm.round_group(names, weights, [spec] * 3)
     for name, w, qw in zip(names, weights, together):
         alone = gptq_quantize(w, H, spec, actorder=actorder)
         assert torch.equal(qw.q, alone.weight.q), name
         assert torch.equal(qw.scale, alone.weight.scale), name
-        assert algorithm.layer_report(name)["gptq_loss"] == pytest.approx(alone.loss, rel=1e-6)
+        assert algorithm.report(name)["gptq_loss"] == pytest.approx(alone.loss, rel=1e-6)
         if actorder == "group":
             assert torch.equal(qw.g_idx, alone.weight.g_idx)
 
@@ -162,7 +163,7 @@ def test_gptq_checkpoint_round_trips_through_writer_and_reader(tiny_model_dir, t
 
     fresh = load_model(tiny_model_dir)
     ids = calibration_batch(fresh.tokenizer, "austen", 8, 32, 0)
-    quantize_model(fresh, _gptq_recipe(**options), ids, show_progress=False)
+    quantize_model(fresh, _gptq_recipe(**options), ids)
     torch.testing.assert_close(read_back, fresh.model.get_submodule("model.layers.1.mlp.down_proj").weight, rtol=0, atol=1e-6)
 
 
@@ -196,4 +197,4 @@ def test_nan_activation_stops_with_the_layer_named(tiny_model_dir):
     loaded.model.model.embed_tokens.register_forward_hook(lambda _m, _args, out: torch.full_like(out, float("nan")))
     ids = calibration_batch(loaded.tokenizer, "austen", 8, 32, 0)
     with pytest.raises(NumericalError, match=r"calibration input of model\.layers\.0\.self_attn\.q_proj"):
-        quantize_model(loaded, _gptq_recipe(), ids, show_progress=False)
+        quantize_model(loaded, _gptq_recipe(), ids)

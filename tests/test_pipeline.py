@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from quantkit.algorithms import ALGORITHMS, Algorithm
+from quantkit.algorithms import ALGORITHMS, Rounding
+from quantkit.checkpoint.report import layer_rows
 from quantkit.errors import NumericalError
 from quantkit.formats import IntSpec, QuantizedWeight, quantize_rtn
 from quantkit.models import load_model
@@ -20,20 +21,20 @@ class _RecordOptions:
     scale: float = 1.0
 
 
-class _Record(Algorithm):
+class _Record(Rounding):
     """Test double: rounds like RTN and keeps every activation it observes."""
 
     name = "record"
     Options = _RecordOptions
-    needs_activations = True
+    observes = True
     seen: dict[str, list[torch.Tensor]] = {}
 
     def observe(self, names, x):
         for name in names:
             _Record.seen.setdefault(name, []).append(x.clone())
 
-    def quantize(self, name, weight, spec) -> QuantizedWeight:
-        return quantize_rtn(weight, spec)
+    def round_group(self, names, weights, specs) -> list[QuantizedWeight]:
+        return [quantize_rtn(w, s) for w, s in zip(weights, specs)]
 
 
 @pytest.fixture
@@ -52,7 +53,7 @@ def _recipe(*algorithms, dtype="model") -> Recipe:
 def test_next_block_is_calibrated_on_the_quantized_blocks_outputs(tiny_model_dir, record_algorithm):
     loaded = load_model(tiny_model_dir)
     ids = torch.randint(0, 250, (6, 20), generator=torch.Generator().manual_seed(0))
-    quantize_model(loaded, _recipe("record"), ids, show_progress=False)
+    quantize_model(loaded, _recipe("record"), ids)
     seen = record_algorithm.seen
     # 2 batches (4 + 2 samples) per linear, flattened to [tokens, in]
     assert [x.shape for x in seen["model.layers.0.self_attn.q_proj"]] == [(80, 96), (40, 96)]
@@ -75,13 +76,14 @@ def test_next_block_is_calibrated_on_the_quantized_blocks_outputs(tiny_model_dir
 def test_rtn_needs_no_calibration_and_quantizes_every_target(tiny_model_dir):
     loaded = load_model(tiny_model_dir)
     before = loaded.model.model.layers[0].mlp.down_proj.weight.clone()
-    result = quantize_model(loaded, _recipe("rtn"), None, show_progress=False)
-    assert len(result.weights) == 14 and len(result.layers) == 14
+    result = quantize_model(loaded, _recipe("rtn"), None)
+    rows = layer_rows(result)
+    assert len(result.weights) == 14 and len(rows) == 14
     after = loaded.model.model.layers[0].mlp.down_proj.weight
     qw = result.weights["model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(after, qw.dequantize())
     assert not torch.equal(before, after)
-    row = next(r for r in result.layers if r["name"] == "model.layers.0.mlp.down_proj")
+    row = next(r for r in rows if r["name"] == "model.layers.0.mlp.down_proj")
     assert 0 < row["weight_rel_error"] < 0.2 and row["bytes_quantized"] < row["bytes_float"] / 4
 
 
@@ -91,7 +93,7 @@ def test_spec_per_layer_follows_overrides_and_shrinks_groups(tiny_model_dir):
         "name": "t", "weights": {"group_size": 64},
         "overrides": [{"pattern": r"down_proj$", "weights": {"bits": 8, "group_size": None}}],
     })
-    result = quantize_model(loaded, recipe, None, show_progress=False)
+    result = quantize_model(loaded, recipe, None)
     assert result.weights["model.layers.1.mlp.down_proj"].spec == IntSpec(8, True, None)
     assert result.weights["model.layers.1.mlp.up_proj"].spec == IntSpec(4, True, 32)  # 96 % 64 != 0 -> 32
 
@@ -100,15 +102,15 @@ def test_nan_weight_names_the_layer(tiny_model_dir):
     loaded = load_model(tiny_model_dir)
     loaded.model.model.layers[1].self_attn.v_proj.weight.data[3, 5] = float("nan")
     with pytest.raises(NumericalError, match=r"model\.layers\.1\.self_attn\.v_proj"):
-        quantize_model(loaded, _recipe("rtn"), None, show_progress=False)
+        quantize_model(loaded, _recipe("rtn"), None)
 
 
 def test_recipe_must_end_with_one_rounding_step(tiny_model_dir):
     loaded = load_model(tiny_model_dir)
     with pytest.raises(RecipeError, match="unknown algorithm 'gptqq'"):
-        quantize_model(loaded, _recipe("gptqq"), None, show_progress=False)
+        quantize_model(loaded, _recipe("gptqq"), None)
     with pytest.raises(RecipeError, match="exactly one rounding step"):
-        quantize_model(loaded, _recipe("rtn", "rtn"), None, show_progress=False)
+        quantize_model(loaded, _recipe("rtn", "rtn"), None)
 
 
 def test_bf16_calibration_forwards_round_the_float32_weights(tiny_model_dir, record_algorithm):
@@ -117,7 +119,7 @@ def test_bf16_calibration_forwards_round_the_float32_weights(tiny_model_dir, rec
     loaded = load_model(tiny_model_dir)
     ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(0))
     original = loaded.model.model.layers[1].mlp.up_proj.weight.detach().clone()
-    result = quantize_model(loaded, _recipe("record", dtype="bfloat16"), ids, show_progress=False)
+    result = quantize_model(loaded, _recipe("record", dtype="bfloat16"), ids)
     assert all(x.dtype == torch.bfloat16 for x in record_algorithm.seen["model.layers.1.mlp.up_proj"])
     assert loaded.model.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
     expected = quantize_rtn(original, IntSpec(4, True, 32))
@@ -134,7 +136,7 @@ def test_replaying_finished_submodules_changes_nothing(tiny_model_dir, sequentia
     results = []
     for replay in (True, False):
         loaded = load_model(tiny_model_dir)
-        results.append(quantize_model(loaded, recipe, ids, show_progress=False, replay=replay))
+        results.append(quantize_model(loaded, recipe, ids, replay=replay))
     fast, slow = results
     assert fast.weights.keys() == slow.weights.keys()
     for name in fast.weights:
@@ -160,7 +162,7 @@ def test_recipe_can_turn_replay_off(tiny_model_dir, monkeypatch):
     ids = torch.randint(0, 250, (4, 16), generator=torch.Generator().manual_seed(4))
     recipe = Recipe.from_dict({"name": "g", "weights": {"group_size": 32}, "algorithms": ["gptq"],
                                "calibration": {"batch_size": 2, "dtype": "model", "replay": False}})
-    quantize_model(load_model(tiny_model_dir), recipe, ids, show_progress=False)
+    quantize_model(load_model(tiny_model_dir), recipe, ids)
     # per batch: the o, gate/up and down passes, plus the outputs of block 0 (the last block's are not needed)
     assert calls["n"] == 2 * (4 + 3)
 
@@ -173,7 +175,7 @@ def test_replay_computes_each_linear_about_once(tiny_model_dir, monkeypatch):
     counts = {}
     for replay in (True, False):
         calls["n"] = 0
-        quantize_model(load_model(tiny_model_dir), recipe, ids, show_progress=False, replay=replay)
+        quantize_model(load_model(tiny_model_dir), recipe, ids, replay=replay)
         counts[replay] = calls["n"]
     # 2 batches x 2 blocks: each of the 7 linears once, o_proj twice (in float
     # while the attention output is recorded, then rounded to rebuild it);
@@ -190,7 +192,7 @@ def test_replay_runs_attention_and_norms_once_per_batch(tiny_model_dir, monkeypa
     loaded = load_model(tiny_model_dir)
     assert loaded.model.config._attn_implementation == "sdpa"
     norms = _count_calls(monkeypatch, type(loaded.model.model.layers[0].input_layernorm), "forward")
-    quantize_model(loaded, recipe, ids, show_progress=False)
+    quantize_model(loaded, recipe, ids)
     assert calls["n"] == 2 * 2  # 2 batches x 2 blocks
     assert norms["n"] == 2 * 2 * 2  # and the block's two norms
 

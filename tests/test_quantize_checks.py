@@ -244,26 +244,26 @@ def test_the_same_quantize_gives_the_same_checkpoint(tiny_model_dir, tmp_path):
 
 
 def test_auto_dtype_follows_the_hardware_not_a_timing(monkeypatch):
-    import quantkit.pipeline as pipeline
+    from quantkit import devices
 
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(pipeline, "_cpu_has_native_bf16", lambda: native)
-        assert pipeline.calibration_dtype("auto", torch.float32, "cpu") == expected
-    assert pipeline.calibration_dtype("auto", torch.float16, "cpu") == torch.float16
-    assert pipeline.calibration_dtype("float32", torch.bfloat16, "cpu") == torch.float32
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+        assert devices.calibration_dtype("auto", torch.float32, "cpu") == expected
+    assert devices.calibration_dtype("auto", torch.float16, "cpu") == torch.float16
+    assert devices.calibration_dtype("float32", torch.bfloat16, "cpu") == torch.float32
 
 
 def test_cpu_flags_are_read_from_cpuinfo(monkeypatch, tmp_path):
-    import quantkit.pipeline as pipeline
+    from quantkit import devices
 
-    real_path = pipeline.Path
+    real_path = devices.Path
     for flags, expected in (("fpu avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fp asimd bf16", True)):
         info = tmp_path / "cpuinfo"
         info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(pipeline, "Path", lambda p, info=info: info if p == "/proc/cpuinfo" else real_path(p))
-        pipeline._cpu_has_native_bf16.cache_clear()
-        assert pipeline._cpu_has_native_bf16() is expected
-    pipeline._cpu_has_native_bf16.cache_clear()
+        monkeypatch.setattr(devices, "Path", lambda p, info=info: info if p == "/proc/cpuinfo" else real_path(p))
+        devices.cpu_has_native_bf16.cache_clear()
+        assert devices.cpu_has_native_bf16() is expected
+    devices.cpu_has_native_bf16.cache_clear()
 
 
 # --------------------------------------------------------------------------- user text is not markup

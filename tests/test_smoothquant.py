@@ -71,9 +71,10 @@ def test_smoothing_scales_follow_the_formula_and_leave_dead_channels_alone():
 
 # --------------------------------------------------------------------------- in the driver
 
-from quantkit.algorithms.rtn import RTN  # noqa: E402
+from quantkit.algorithms.folding import apply_transforms  # noqa: E402
 from quantkit.models import load_model  # noqa: E402
-from quantkit.pipeline import _apply_transforms, _input_groups, _observe, _targets, capture_block_inputs  # noqa: E402
+from quantkit.forwards import capture_block_inputs, observe  # noqa: E402
+from quantkit.pipeline import _input_groups, _targets  # noqa: E402
 from quantkit.recipe import Recipe  # noqa: E402
 
 
@@ -102,16 +103,15 @@ def test_smoothing_keeps_the_float_block_and_flattens_an_injected_outlier(tiny_m
 
     recipe = Recipe.from_dict({"name": "t", "scheme": "W8A8-INT8", "algorithms": ["smoothquant", "rtn"]})
     targets = _targets(block, "model.layers.0", loaded.family.linears, recipe)
-    sq = SmoothQuant(SmoothQuantOptions(alpha=0.5))
-    sq.activations = recipe.activations
-    _observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [sq], None, set())
-    _apply_transforms(block, targets, loaded.family, [sq], RTN(RTN.Options()))
+    sq = SmoothQuant(SmoothQuantOptions(alpha=0.5), recipe.activations)
+    observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [sq], None, set())
+    apply_transforms(block, targets, loaded.family, [sq], None)
     after, x_after = _qkv_input(block, inputs)
 
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
-    report = sq.layer_report("model.layers.0.self_attn.q_proj")
+    report = sq.report("model.layers.0.self_attn.q_proj")
     assert report["act_outlier_ratio"] > 20 > report["act_outlier_ratio_smoothed"]
-    assert "grouped-query" in sq.layer_report("model.layers.0.self_attn.o_proj")["smooth_skipped"]
+    assert "grouped-query" in sq.report("model.layers.0.self_attn.o_proj")["smooth_skipped"]
 
     def int8_output_error(x, W):  # what per-token int8 inputs do to the q projection
         return float(((fake_quantize(x, ActSpec("int8")) - x) @ W.T).norm() / (x @ W.T).norm())
@@ -156,7 +156,7 @@ def test_alpha_search_never_does_worse_than_no_smoothing_or_a_fixed_alpha():
     assert err <= plain and alpha in [k / 10 for k in range(11)]
     fixed = smoothing_scales(x.abs().amax(0), [W], 0.5)
     xq = fake_quantize(x / fixed, ActSpec("int8"))
-    from quantkit.algorithms.awq_math import fake_quantize_grouped
+    from quantkit.formats.fake import fake_quantize_grouped
 
     err_fixed = float((xq @ fake_quantize_grouped(W * fixed, spec).T - x @ W.T).norm() / (x @ W.T).norm())
     assert err <= err_fixed + 1e-7 and err < 0.5 * plain
@@ -174,7 +174,7 @@ def test_alpha_search_weighs_every_token_alike_and_may_choose_no_smoothing():
     x[:4] *= 500  # sink tokens
     W = torch.randn(48, 64, generator=g)
     spec = IntSpec(8, True, None)
-    from quantkit.algorithms.awq_math import fake_quantize_grouped
+    from quantkit.formats.fake import fake_quantize_grouped
 
     def per_token(s):  # squared output error of each token relative to its own output
         y = fake_quantize(x / s, ActSpec("int8")) @ fake_quantize_grouped(W * s, spec).T

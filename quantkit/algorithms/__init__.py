@@ -1,4 +1,6 @@
 from quantkit.algorithms import awq, gptq, rtn, smoothquant  # noqa: F401  (importing fills the registry)
-from quantkit.algorithms.base import ALGORITHMS, Algorithm, NoOptions, build, build_all, register
+from quantkit.algorithms.base import (ALGORITHMS, Chain, NoOptions, Observer, Rounder, Rounding, Scales, Step, Transform,
+                                      build, build_all, register)
 
-__all__ = ["ALGORITHMS", "Algorithm", "NoOptions", "build", "build_all", "register"]
+__all__ = ["ALGORITHMS", "Chain", "NoOptions", "Observer", "Rounder", "Rounding", "Scales", "Step", "Transform", "build",
+           "build_all", "register"]

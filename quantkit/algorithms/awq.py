@@ -4,7 +4,7 @@ AWQ does not round: it rescales input channels (folding the inverse scales
 into the op before, as the family's mappings say) and clips each group's range,
 then the recipe's rounding step (rtn or gptq) rounds the transformed weights.
 The driver calls, per block: observe (one pass over the float block), then
-search_scales / scaled for each mapping it can fold, then clip per linear.
+propose_scales / folded for each mapping it can fold, then clip per linear.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.algorithms.awq_math import Rounder, ScaleSearch, output_error, scale_hessian, search_clip, search_scales
-from quantkit.algorithms.base import Algorithm, register
-from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, make_hessian
+from quantkit.algorithms.awq_math import output_error, search_clip, search_scales
+from quantkit.algorithms.base import Rounder, Scales, Transform, register
+from quantkit.algorithms.statistics import InputStatistics
 from quantkit.formats import IntSpec
 from quantkit.parsing import shown
 
@@ -42,62 +42,45 @@ class AWQOptions:
 
 
 @register
-class AWQ(Algorithm):
+class AWQ(Transform):
     name = "awq"
     Options = AWQOptions
-    needs_activations = True
-    rounds = False
-    transforms = True
 
-    def __init__(self, options: AWQOptions) -> None:
-        super().__init__(options)
-        # name -> [H, n, sum |x| per channel], shared by the linears of one input
-        self._stats: dict[str, list] = {}
+    def __init__(self, options: AWQOptions, activations=None) -> None:
+        super().__init__(options, activations)
+        # per input group: H (rows equalized as asked) and the mean |x| per channel
+        self._stats = InputStatistics("AWQ", hessian=True, equalize=options.equalize_tokens, abs_mean=True)
         self._reports: dict[str, dict] = {}
 
     def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
-        entry = self._stats.get(names[0])
-        if entry is None:
-            entry = [make_hessian(x.shape[-1], x.device), 0, torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device)]
-            for name in names:
-                self._stats[name] = entry
-        entry[2] += x.to(torch.float32).abs().sum(dim=0).to(torch.float64)  # float32 within a batch, float64 across
-        rows = equalize_tokens(x) if self.options.equalize_tokens else x
-        entry[1] = accumulate_hessian(entry[0], entry[1], rows)
+        self._stats.observe(names, x)
 
-    def _entry(self, name: str) -> list:
-        if name not in self._stats:
-            raise RuntimeError(f"AWQ saw no calibration input for {name}")
-        return self._stats[name]
-
-    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec],
-                      rounder: Rounder | None = None) -> ScaleSearch:
-        H, n, abs_sum = self._entry(names[0])
-        x_mag = (abs_sum / max(n, 1)).to(torch.float32)
-        found = search_scales(weights, H, x_mag, specs, self.options.grid, self.options.duo_scaling, rounder)
+    def propose_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec],
+                       rounder: Rounder | None) -> Scales:
+        group = self._stats[names[0]]
+        found = search_scales(weights, group.hessian, group.abs_mean, specs, self.options.grid, self.options.duo_scaling,
+                              rounder)
         for name in names:
             self._reports.setdefault(name, {}).update({
                 "awq_alpha": found.alpha,  # None: the unscaled weights rounded best
                 "awq_error": found.error,
                 "awq_error_unscaled": found.error_unscaled,
             })
-        return found
+        return Scales(found.scales, found.alpha)
 
-    def scaled(self, names: list[str], s: torch.Tensor) -> None:
-        """The driver folded `s` in: the linears' input is now x / s."""
-        entry = self._entry(names[0])
-        entry[0] = scale_hessian(entry[0], s)
+    def folded(self, names: list[str], s: torch.Tensor) -> None:
+        self._stats.fold(names[0], s)
 
-    def skip(self, names: list[str], reason: str) -> None:
+    def skipped(self, names: list[str], reason: str) -> None:
         for name in names:
             self._reports.setdefault(name, {})["awq_skipped"] = reason
 
-    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec, rounder: Rounder | None = None) -> torch.Tensor:
+    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec, rounder: Rounder | None) -> torch.Tensor:
         """The clip search (scored with round-to-nearest); with `rounder`, the
         clipped weight is kept only if that rounding does better with it."""
         if not self.options.clip:
             return weight
-        H = self._entry(name)[0]
+        H = self._stats[name].hessian
         clipped, shrink = search_clip(weight, H, spec, self.options.clip_grid, self.options.max_shrink)
         report = self._reports.setdefault(name, {})
         if rounder is not None:
@@ -109,9 +92,20 @@ class AWQ(Algorithm):
         report["awq_clip_shrink"] = shrink
         return clipped
 
-    def layer_report(self, name: str) -> dict:
+    def report(self, name: str) -> dict:
         return self._reports.get(name, {})
 
     def free(self, name: str) -> None:
-        self._stats.pop(name, None)
+        self._stats.free(name)
         self._reports.pop(name, None)
+
+    @classmethod
+    def summarize(cls, rows: list[dict]) -> list[tuple[str, str]]:
+        awq = [r for r in rows if "awq_error_unscaled" in r or "awq_skipped" in r]
+        if not awq:
+            return []
+        scaled = sum(1 for r in awq if r.get("awq_alpha") is not None)
+        skipped = sorted({r["awq_skipped"] for r in awq if r.get("awq_skipped")})
+        clipped = sum(1 for r in awq if r.get("awq_clip_shrink", 1.0) < 1.0)
+        return [("AWQ", f"{scaled} of {len(awq)} linears scaled, {clipped} clipped"
+                        + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))]

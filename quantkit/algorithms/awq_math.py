@@ -26,40 +26,19 @@ which makes each grid point one [out, in] x [in, in] product.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from quantkit.formats import FloatSpec, IntSpec, compute_qparams, dequantize, fake_quantize, group_minmax, quantize
+from quantkit.algorithms.base import Rounder
+from quantkit.algorithms.statistics import scale_hessian
+from quantkit.formats import IntSpec, compute_qparams, group_minmax
+from quantkit.formats.fake import fake_quantize_grouped, round_trip
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Per output row: dW_r H dW_r^T, for dW [out, in], H [in, in] -> [out]."""
     return ((dW @ H) * dW).sum(dim=1)
-
-
-def fake_quantize_grouped(W: torch.Tensor, spec: IntSpec | FloatSpec, w_min: torch.Tensor | None = None,
-                          w_max: torch.Tensor | None = None) -> torch.Tensor:
-    """Round W [out, in] to `spec` and back; group ranges from W unless given ([out, n_groups]).
-    A FloatSpec (FP8) rounds on its row or tensor absmax scale (ranges not taken)."""
-    if isinstance(spec, FloatSpec):
-        return fake_quantize(W, spec)
-    if w_min is None or w_max is None:
-        w_min, w_max = group_minmax(W, spec.group_size)
-    scale, zp = compute_qparams(w_min, w_max, spec)
-    out_f, in_f = W.shape
-    gs = spec.group_size or in_f
-    if W.dtype == torch.float32 and scale.dtype == torch.float32 and in_f % gs == 0:
-        return _round_trip(W.reshape(out_f, in_f // gs, gs), scale, zp, spec).reshape(out_f, in_f)
-    return dequantize(quantize(W, scale, zp, spec), scale, zp, spec, dtype=W.dtype)
-
-
-def _round_trip(Wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, spec: IntSpec) -> torch.Tensor:
-    """Whole groups Wg [out, G, gs] (float32) quantized and dequantized with per-group
-    scale / zero point [out, G]: formats.quantize/dequantize's arithmetic, one broadcast, no checks."""
-    s3, z3 = scale[..., None], zp.to(torch.float32)[..., None]
-    return (torch.round(Wg / s3 + z3).clamp_(spec.qmin, spec.qmax) - z3) * s3
 
 
 def candidate_scales(x_mag: torch.Tensor, w_mag: torch.Tensor | None, alpha: float) -> torch.Tensor:
@@ -81,10 +60,6 @@ def weight_magnitude(weights: list[torch.Tensor], specs: list[IntSpec]) -> torch
         per_col = torch.repeat_interleave(hi, gs, dim=1)[:, : W.shape[1]]
         parts.append(W.abs() / per_col.clamp_min(1e-12))
     return torch.cat(parts).mean(dim=0)
-
-
-Rounder = Callable[[list[torch.Tensor], torch.Tensor, list[IntSpec]], list[torch.Tensor]]
-"""(weights sharing one input, that input's Hessian, specs) -> the dequantized weights a rounding makes."""
 
 
 @dataclass
@@ -161,7 +136,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,
         best_r = torch.ones(out_f, n_groups, device=W.device)
         for r in ratios:
             scale, zp = compute_qparams(lo * r, hi * r, one_group)
-            deq = _round_trip(Wg.clamp(lo[..., None] * r, hi[..., None] * r), scale, zp, one_group)
+            deq = round_trip(Wg.clamp(lo[..., None] * r, hi[..., None] * r), scale, zp, one_group)
             d = (Wg - deq).transpose(0, 1)  # [G, out, gs]
             err = (torch.bmm(d, Hb) * d).sum(dim=2).T  # [out, G]
             better = err < best_err
@@ -171,27 +146,3 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,
         out[:, c0:c1] = Wg.clamp(lo[..., None] * r3, hi[..., None] * r3).reshape(out_f, c1 - c0)
         shrink_sum += float(best_r.sum()) * width
     return out.to(W.dtype), shrink_sum / (in_f * out_f)
-
-
-def fold_into_previous(weight: torch.Tensor, bias: torch.Tensor | None, s: torch.Tensor) -> None:
-    """Divide the op before by s, in place: a norm's weight [in] elementwise, a
-    linear's weight [in, k] row by row; its bias [in] likewise."""
-    s = s.to(weight.device)
-    inv = (1.0 / s).to(torch.float32)
-    if weight.ndim == 1:
-        weight.copy_((weight.to(torch.float32) * inv).to(weight.dtype))
-    else:
-        weight.copy_((weight.to(torch.float32) * inv[:, None]).to(weight.dtype))
-    if bias is not None:
-        bias.copy_((bias.to(torch.float32) * inv).to(bias.dtype))
-
-
-def scale_columns(weight: torch.Tensor, s: torch.Tensor) -> None:
-    """Multiply a linear's input columns by s, in place (weight [out, in])."""
-    weight.copy_((weight.to(torch.float32) * s.to(weight.device)[None, :]).to(weight.dtype))
-
-
-def scale_hessian(H: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """H of the scaled input x / s: diag(1/s) H diag(1/s)."""
-    inv = 1.0 / s.to(H.dtype)
-    return H * inv[:, None] * inv[None, :]

@@ -1,12 +1,19 @@
-"""The one interface every algorithm implements, and the registry that names them.
+"""The two contracts an algorithm implements, and the registry that names them.
 
-The driver (quantkit.pipeline) walks the model; an algorithm only sees one
-layer at a time:
+The driver (quantkit.pipeline) walks the model block by block; an algorithm
+sees one input group (the linears sharing one input: q/k/v, gate/up) at a time.
 
-    observe(names, x)         x: [tokens, in_features], the calibration input shared
-                              by the linears `names` (e.g. q, k and v)
-    quantize(name, w, spec)   -> QuantizedWeight (rounding algorithms: rtn, gptq)
-    free(name)                drop whatever was kept for `name`
+    Transform   observes the FLOAT block; per family mapping proposes
+                per-input-channel scales, which the driver folds into the op
+                before (quantkit.algorithms.folding); then may clip each weight.
+                AWQ, SmoothQuant.
+    Rounding    observes a group's inputs (as the partly quantized block computes
+                them), rounds the group's weights to QuantizedWeights. RTN, GPTQ.
+
+A recipe is zero or more transforms, then exactly one rounding (a Chain). Both
+kinds hold their statistics per linear and drop them in free(name), add their
+facts to a linear's report row (report(name)), and summarize the rows of a whole
+run for the CLI (summarize(rows) -> [(label, text)]).
 
 Adding an algorithm = one file with a class decorated by @register, plus one
 import line in algorithms/__init__.py.
@@ -14,8 +21,10 @@ import line in algorithms/__init__.py.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -23,113 +32,172 @@ from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, fake_
 from quantkit.parsing import shown
 from quantkit.recipe import AlgorithmStep, Recipe, RecipeError, parse_dataclass
 
+WeightSpec = IntSpec | FloatSpec
+
+Rounder = Callable[[list[torch.Tensor], torch.Tensor, list[WeightSpec]], list[torch.Tensor]]
+"""(weights sharing one input, that input's Hessian, specs) -> the dequantized float32
+weights a rounding would make of them, nothing stored: how a transform checks its
+choice against the rounding that will actually run."""
+
+
+class Observer(Protocol):
+    """Anything the driver hands calibration inputs to."""
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        """x [tokens, in]: one batch of the input the linears `names` share."""
+
 
 @dataclass(frozen=True)
 class NoOptions:
     """For algorithms that take no options."""
 
 
-class Algorithm:
+@dataclass
+class Scales:
+    """A transform's proposal for one mapping."""
+
+    scales: torch.Tensor  # [in] float32: the linears' columns are multiplied by it, the op before divided
+    alpha: float | None  # the exponent chosen; None: leave the mapping unscaled (nothing is folded)
+
+
+class Step(ABC):
+    """What both kinds share: a name, typed options, per-linear report facts."""
+
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    needs_activations: ClassVar[bool] = False  # the driver runs calibration data only if some step needs it
-    rounds: ClassVar[bool] = True  # produces the QuantizedWeight (exactly one per recipe, last)
-    # transforms the float block before rounding (AWQ: scales folded into the
-    # op before, clipping); observes the float block in a pass of its own
-    transforms: ClassVar[bool] = False
-    # the rounding compensates errors across columns (GPTQ), so what it makes of
-    # a weight differs from round-to-nearest: transforms then confirm their
-    # choices with trial_round instead of trusting a round-to-nearest score
-    error_feedback: ClassVar[bool] = False
-    float_weights: ClassVar[bool] = False  # handles FP8 (FloatSpec) weights
-    needs_quantized_inputs: ClassVar[bool] = False  # only meaningful for W8A8 schemes (SmoothQuant)
-    # the recipe's input quantization (W8A8), set by build_all; None = 16-bit inputs
-    activations: ActSpec | None = None
+    weight_specs: ClassVar[tuple[type, ...]] = (IntSpec,)  # the weight formats it works on (FP8: FloatSpec)
 
-    def __init__(self, options) -> None:
+    def __init__(self, options, activations: ActSpec | None = None) -> None:
         self.options = options
+        self.activations = activations  # the recipe's input quantization (W8A8); None: 16-bit inputs
 
-    sequential: bool = False  # true-sequential: observe each input group after the previous ones are quantized
+    def check(self, recipe: Recipe) -> None:
+        """RecipeError when this step cannot serve `recipe` (by default: its weight format)."""
+        if not isinstance(recipe.weights, self.weight_specs):
+            fits = sorted(n for n, c in ALGORITHMS.items() if isinstance(recipe.weights, c.weight_specs))
+            raise RecipeError(f"recipe {shown(recipe.name)}: algorithm {self.name!r} works on integer weights only; "
+                              f"FP8 weights ({recipe.scheme}) take {', '.join(fits)}")
 
-    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
-        pass
-
-    def quantize(self, name: str, weight: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
-        raise NotImplementedError(f"{type(self).__name__} does not round weights")
-
-    def quantize_group(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]) -> list[QuantizedWeight]:
-        """Round linears that share one input (q/k/v; gate/up), in order.
-        An algorithm that can do them together (one solve) overrides this."""
-        return [self.quantize(n, w, s) for n, w, s in zip(names, weights, specs)]
-
-    def trial_round(self, weights: list[torch.Tensor], H: torch.Tensor, specs: list[IntSpec]) -> list[torch.Tensor]:
-        """What this rounding would make of linears sharing one input with
-        Hessian H: the dequantized float32 weights, nothing stored."""
-        return [fake_quantize(w.to(torch.float32), spec) for w, spec in zip(weights, specs)]
-
-    # -- the transform interface (transforms = True), called by the driver per block
-    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec], rounder=None):
-        """Per-input-channel scales for linears sharing one input: an object with
-        .scales [in] and .alpha (None: leave them unscaled). rounder: the
-        recipe's trial_round when it has error feedback, else None."""
-        raise NotImplementedError(f"{type(self).__name__} does not search scales")
-
-    def scaled(self, names: list[str], s: torch.Tensor) -> None:
-        """The driver folded s into the op before these linears and their columns."""
-
-    def skip(self, names: list[str], reason: str) -> None:
-        """A mapping over these linears could not be applied (recorded in the report)."""
-
-    def clip(self, name: str, weight: torch.Tensor, spec: IntSpec, rounder=None) -> torch.Tensor:
-        """The weight with clipped ranges (as it is, by default)."""
-        return weight
-
-    def actorder(self) -> str | None:
-        """compressed-tensors' actorder label for the checkpoint (rounding steps)."""
-        return None
-
-    def layer_report(self, name: str) -> dict:
-        """Extra per-layer facts for the quantization report (JSON-able)."""
+    def report(self, name: str) -> dict:
+        """This step's facts about linear `name` for its report row (JSON-able)."""
         return {}
 
     def free(self, name: str) -> None:
-        pass
+        """Drop whatever is kept for linear `name`."""
+
+    @classmethod
+    def summarize(cls, rows: list[dict]) -> list[tuple[str, str]]:
+        """(label, text) lines for the quantize summary, from a whole run's report rows."""
+        return []
 
 
-ALGORITHMS: dict[str, type[Algorithm]] = {}
+class Transform(Step):
+    """Observes the float block, proposes per-channel scales per mapping, may clip weights."""
+
+    @abstractmethod
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        """x [tokens, in]: the float block's input to the linears `names`."""
+
+    @abstractmethod
+    def propose_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[WeightSpec],
+                       rounder: Rounder | None) -> Scales:
+        """Scales for linears sharing one input; rounder: the rounding's trial round, when it has one."""
+
+    def folded(self, names: list[str], s: torch.Tensor) -> None:
+        """The driver folded s in: these linears' input is now x / s."""
+
+    def skipped(self, names: list[str], reason: str) -> None:
+        """A mapping over these linears could not be applied (recorded in the report)."""
+
+    def clip(self, name: str, weight: torch.Tensor, spec: WeightSpec, rounder: Rounder | None) -> torch.Tensor:
+        """The weight with clipped ranges (as it is, by default)."""
+        return weight
 
 
-def register(cls: type[Algorithm]) -> type[Algorithm]:
+class Rounding(Step):
+    """Rounds each input group's weights; may observe the group's inputs first."""
+
+    observes: ClassVar[bool] = False  # the driver runs calibration data through the blocks only if asked
+
+    @property
+    def sequential(self) -> bool:
+        """Observe each input group only after the groups before it are rounded (true-sequential)."""
+        return False
+
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        """x [tokens, in]: the input of the linears `names`, as the partly quantized block computes it."""
+
+    @abstractmethod
+    def round_group(self, names: list[str], weights: list[torch.Tensor], specs: list[WeightSpec]) -> list[QuantizedWeight]:
+        """Round linears that share one input (q/k/v; gate/up), in order."""
+
+    def trial_rounder(self) -> Rounder | None:
+        """A Rounder when this rounding compensates errors across columns (GPTQ): what it makes of a
+        weight then differs from round-to-nearest, and transforms confirm their choices with it.
+        None: round-to-nearest scores are right (the default)."""
+        return None
+
+    def actorder(self) -> str | None:
+        """compressed-tensors' actorder label for the checkpoint."""
+        return None
+
+
+def round_to_nearest(weights: list[torch.Tensor], H: torch.Tensor, specs: list[WeightSpec]) -> list[torch.Tensor]:
+    """The Rounder of plain round-to-nearest (H unused)."""
+    return [fake_quantize(w.to(torch.float32), spec) for w, spec in zip(weights, specs)]
+
+
+# --------------------------------------------------------------------------- registry and chains
+
+ALGORITHMS: dict[str, type[Step]] = {}
+
+
+def register(cls: type[Step]) -> type[Step]:
     if cls.name in ALGORITHMS:
         raise RuntimeError(f"algorithm {cls.name!r} registered twice")
     ALGORITHMS[cls.name] = cls
     return cls
 
 
-def build(step: AlgorithmStep) -> Algorithm:
+@dataclass
+class Chain:
+    """A recipe's algorithms: transforms in order, then the rounding."""
+
+    transforms: list[Transform]
+    rounding: Rounding
+
+    def __iter__(self) -> Iterator[Step]:
+        yield from self.transforms
+        yield self.rounding
+
+    @property
+    def observes(self) -> bool:
+        """Whether any step needs calibration inputs."""
+        return bool(self.transforms) or self.rounding.observes
+
+    def summarize(self, rows: list[dict]) -> list[tuple[str, str]]:
+        seen, lines = set(), []
+        for step in self:
+            if type(step) not in seen:
+                seen.add(type(step))
+                lines += type(step).summarize(rows)
+        return lines
+
+
+def build(step: AlgorithmStep, activations: ActSpec | None = None) -> Step:
     if step.name not in ALGORITHMS:
         raise RecipeError(f"unknown algorithm {shown(step.name)}; available: {', '.join(sorted(ALGORITHMS))}")
     cls = ALGORITHMS[step.name]
-    return cls(parse_dataclass(cls.Options, step.kwargs(), f"algorithm {step.name!r}"))
+    return cls(parse_dataclass(cls.Options, step.kwargs(), f"algorithm {step.name!r}"), activations)
 
 
-def build_all(recipe: Recipe) -> list[Algorithm]:
-    """The recipe's algorithms in order; exactly one rounding step, and it is last."""
-    algorithms = [build(step) for step in recipe.algorithms]
-    for a in algorithms:
-        a.activations = recipe.activations
-        if isinstance(recipe.weights, FloatSpec) and not a.float_weights:
-            fits = sorted(n for n, c in ALGORITHMS.items() if c.float_weights)
-            raise RecipeError(f"recipe {shown(recipe.name)}: algorithm {a.name!r} rounds integer weights only; "
-                              f"FP8 weights ({recipe.scheme}) take {', '.join(fits)}")
-        if a.needs_quantized_inputs and recipe.activations is None:
-            raise RecipeError(f"recipe {shown(recipe.name)}: {a.name} balances activation outliers for quantized "
-                              f"activations, and scheme {recipe.scheme!r} keeps them in 16 bits; use a W8A8 "
-                              f"scheme, or awq for weight-only schemes")
-    rounding = [a.name for a in algorithms if a.rounds]
-    if len(rounding) != 1 or not algorithms[-1].rounds:
-        raise RecipeError(
-            f"recipe {shown(recipe.name)}: algorithms must end with exactly one rounding step "
-            f"({', '.join(sorted(n for n, c in ALGORITHMS.items() if c.rounds))}); got {[a.name for a in algorithms]}"
-        )
-    return algorithms
+def build_all(recipe: Recipe) -> Chain:
+    """The recipe's chain: transforms, then exactly one rounding, last."""
+    steps = [build(step, recipe.activations) for step in recipe.algorithms]
+    for step in steps:
+        step.check(recipe)
+    if sum(isinstance(s, Rounding) for s in steps) != 1 or not isinstance(steps[-1], Rounding):
+        roundings = sorted(n for n, c in ALGORITHMS.items() if issubclass(c, Rounding))
+        raise RecipeError(f"recipe {shown(recipe.name)}: algorithms must end with exactly one rounding step "
+                          f"({', '.join(roundings)}); got {[s.name for s in steps]}")
+    return Chain(transforms=list(steps[:-1]), rounding=steps[-1])

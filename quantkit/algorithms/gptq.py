@@ -1,4 +1,4 @@
-"""GPTQ rounding driven by the block-by-block pipeline (math in gptq_math.py)."""
+"""GPTQ rounding driven by the block-by-block pipeline (math in gptq_math.py, statistics in statistics.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from typing import Literal
 
 import torch
 
-from quantkit.algorithms.base import Algorithm, register
-from quantkit.algorithms.gptq_math import accumulate_hessian, equalize_tokens, gptq_quantize, make_hessian
+from quantkit.algorithms.base import Rounder, Rounding, register
+from quantkit.algorithms.gptq_math import gptq_quantize
+from quantkit.algorithms.statistics import InputStatistics
 from quantkit.errors import NumericalError
-from quantkit.formats import IntSpec, QuantizedWeight, per_tensor
+from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, per_tensor
 from quantkit.parsing import shown
 
 
@@ -35,34 +36,25 @@ class GPTQOptions:
 
 
 @register
-class GPTQ(Algorithm):
+class GPTQ(Rounding):
     name = "gptq"
-    float_weights = True
     Options = GPTQOptions
-    needs_activations = True
-    error_feedback = True
+    weight_specs = (IntSpec, FloatSpec)
+    observes = True
 
-    def __init__(self, options: GPTQOptions) -> None:
-        super().__init__(options)
-        self.sequential = options.true_sequential
-        self._hessians: dict[str, tuple[torch.Tensor, list[int]]] = {}  # name -> (H, [n]) shared by a group
+    def __init__(self, options: GPTQOptions, activations=None) -> None:
+        super().__init__(options, activations)
+        self._stats = InputStatistics("GPTQ", hessian=True, equalize=options.equalize_tokens)
         self._reports: dict[str, dict] = {}
 
+    @property
+    def sequential(self) -> bool:
+        return self.options.true_sequential
+
     def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
-        entry = self._hessians.get(names[0])
-        if entry is None:
-            entry = (make_hessian(x.shape[-1], x.device), [0])
-            for name in names:
-                self._hessians[name] = entry
-        H, count = entry
-        if self.options.equalize_tokens:
-            x = equalize_tokens(x)
-        count[0] = accumulate_hessian(H, count[0], x)
+        self._stats.observe(names, x)
 
-    def quantize(self, name: str, weight: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
-        return self.quantize_group([name], [weight], [spec])[0]
-
-    def quantize_group(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]) -> list[QuantizedWeight]:
+    def round_group(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]) -> list[QuantizedWeight]:
         """Linears that share a Hessian and a spec are rounded in one solve:
         GPTQ treats output rows independently given H, so stacking q/k/v (or
         gate/up) row-wise gives each the same result as its own solve, with
@@ -70,9 +62,7 @@ class GPTQ(Algorithm):
         out: dict[str, QuantizedWeight] = {}
         batches: dict[tuple, list[int]] = {}
         for i, (name, weight, spec) in enumerate(zip(names, weights, specs)):
-            if name not in self._hessians:
-                raise RuntimeError(f"GPTQ saw no calibration input for {name}")
-            key = (id(self._hessians[name][0]), spec, weight.shape[1], weight.dtype, weight.device)
+            key = (id(self._stats[name]), spec, weight.shape[1], weight.dtype, weight.device)
             if per_tensor(spec):
                 key += (name,)  # one scale per linear: stacked rows would share it
             batches.setdefault(key, []).append(i)
@@ -81,7 +71,7 @@ class GPTQ(Algorithm):
         return [out[name] for name in names]
 
     def _solve(self, names: list[str], weights: list[torch.Tensor], spec: IntSpec, out: dict) -> None:
-        H, _ = self._hessians[names[0]]
+        H = self._stats[names[0]].hessian
         o = self.options
         W = torch.cat(weights) if len(weights) > 1 else weights[0]
         try:
@@ -109,6 +99,9 @@ class GPTQ(Algorithm):
                 "output_rel_error": math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0,
             }
 
+    def trial_rounder(self) -> Rounder:
+        return self.trial_round
+
     def trial_round(self, weights: list[torch.Tensor], H: torch.Tensor, specs: list[IntSpec]) -> list[torch.Tensor]:
         """GPTQ against the given H (one solve per spec; rows are independent)."""
         o = self.options
@@ -130,9 +123,22 @@ class GPTQ(Algorithm):
     def actorder(self) -> str | None:
         return self.options.actorder
 
-    def layer_report(self, name: str) -> dict:
+    def report(self, name: str) -> dict:
         return self._reports.get(name, {})
 
     def free(self, name: str) -> None:
-        self._hessians.pop(name, None)
+        self._stats.free(name)
         self._reports.pop(name, None)
+
+    @classmethod
+    def summarize(cls, rows: list[dict]) -> list[tuple[str, str]]:
+        lines = []
+        errors = [r for r in rows if "output_rel_error" in r]
+        if errors:
+            worst = max(errors, key=lambda r: r["output_rel_error"])
+            mean = sum(r["output_rel_error"] for r in errors) / len(errors)
+            lines.append(("output rel. error", f"mean {mean:.4f}, worst {worst['output_rel_error']:.4f} ({worst['name']})"))
+        raised = [r["name"] for r in rows if r.get("damping_raised")]
+        if raised:
+            lines.append(("damping raised", ", ".join(raised)))
+        return lines

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.algorithms.base import Algorithm, register
-from quantkit.formats import IntSpec, QuantizedWeight, quantize_rtn
+from quantkit.algorithms.base import Rounding, WeightSpec, register
+from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, quantize_rtn
 
 
 @register
-class RTN(Algorithm):
+class RTN(Rounding):
     name = "rtn"
-    float_weights = True
+    weight_specs = (IntSpec, FloatSpec)
 
-    def quantize(self, name: str, weight: torch.Tensor, spec: IntSpec) -> QuantizedWeight:
-        return quantize_rtn(weight, spec)
+    def round_group(self, names: list[str], weights: list[torch.Tensor], specs: list[WeightSpec]) -> list[QuantizedWeight]:
+        return [quantize_rtn(w, spec) for w, spec in zip(weights, specs)]

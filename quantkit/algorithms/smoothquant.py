@@ -11,7 +11,7 @@ activations, slightly rougher weights. alpha (migration strength, 0.5 by
 default) moves more of the difficulty into the weights as it grows. The
 division is folded into the op before (a norm's weight, or a previous linear's
 rows) through the model family's mapping table, exactly as AWQ's scales are: the
-driver's transform step does the folding; this module only observes and picks s.
+driver's folding step (quantkit.algorithms.folding) applies it; this module only observes and picks s.
 
 A channel that never fires (max |x_j| = 0) or whose weights are all zero keeps
 s_j = 1: there is nothing to balance, and a zero scale could not be folded.
@@ -24,11 +24,13 @@ from typing import Literal
 
 import torch
 
-from quantkit.algorithms.awq_math import fake_quantize_grouped
-from quantkit.algorithms.base import Algorithm, register
+from quantkit.algorithms.base import Rounder, Scales, Transform, register
+from quantkit.algorithms.statistics import InputStatistics
 from quantkit.formats import FloatSpec, IntSpec
 from quantkit.formats.activation import ActSpec, fake_quantize, scale_for
+from quantkit.formats.fake import fake_quantize_grouped
 from quantkit.parsing import shown
+from quantkit.recipe import Recipe, RecipeError
 
 MAX_GRID = 1000  # grid points are searched one by one: beyond this a run never ends
 MAX_SAMPLE_TOKENS = 2**31 - 1
@@ -90,12 +92,6 @@ def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.
     return best[0], best[1], best[2] ** 0.5, plain ** 0.5
 
 
-@dataclass
-class Smoothing:
-    scales: torch.Tensor
-    alpha: float | None  # None: the search found no smoothing better than none (nothing to fold)
-
-
 @dataclass(frozen=True)
 class SmoothQuantOptions:
     # migration strength in [0, 1], or "search": per mapping, the grid point whose
@@ -115,49 +111,36 @@ class SmoothQuantOptions:
 
 
 @register
-class SmoothQuant(Algorithm):
+class SmoothQuant(Transform):
     name = "smoothquant"
     Options = SmoothQuantOptions
-    needs_activations = True
-    rounds = False
-    transforms = True
-    float_weights = True
-    needs_quantized_inputs = True
+    weight_specs = (IntSpec, FloatSpec)
 
-    def __init__(self, options: SmoothQuantOptions) -> None:
-        super().__init__(options)
-        self._absmax: dict[str, list[torch.Tensor]] = {}  # name -> [per-channel max |x|], shared by one input's linears
-        self._samples: dict[str, list[torch.Tensor]] = {}  # name -> sample tokens (alpha search), shared likewise
+    def __init__(self, options: SmoothQuantOptions, activations: ActSpec | None = None) -> None:
+        super().__init__(options, activations)
+        # per input group: per-channel max |x| and, for the alpha search, sample tokens
+        self._stats = InputStatistics("SmoothQuant", absmax=True,
+                                      sample_tokens=options.sample_tokens if options.alpha == "search" else 0)
         self._reports: dict[str, dict] = {}
 
-    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
-        batch_max = x.detach().abs().amax(dim=0).to(torch.float32)
-        if not torch.isfinite(batch_max).all():
-            raise ValueError(f"SmoothQuant: the calibration input of {names[0]} is not finite")
-        entry = self._absmax.get(names[0])
-        if entry is None:
-            entry, samples = [batch_max], []
-            for name in names:
-                self._absmax[name], self._samples[name] = entry, samples
-        else:
-            torch.maximum(entry[0], batch_max, out=entry[0])
-        if self.options.alpha == "search":  # evenly spaced rows of each batch, up to the budget
-            samples = self._samples[names[0]]
-            have = sum(t.shape[0] for t in samples)
-            if have < self.options.sample_tokens:
-                rows = x.detach().flatten(0, -2)
-                step = max(1, rows.shape[0] // max(1, self.options.sample_tokens // 8))
-                samples.append(rows[::step][: self.options.sample_tokens - have].to(torch.float32).clone())
+    def check(self, recipe: Recipe) -> None:
+        super().check(recipe)
+        if recipe.activations is None:
+            raise RecipeError(f"recipe {shown(recipe.name)}: {self.name} balances activation outliers for quantized "
+                              f"activations, and scheme {recipe.scheme!r} keeps them in 16 bits; use a W8A8 "
+                              f"scheme, or awq for weight-only schemes")
 
-    def search_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec], rounder=None) -> Smoothing:
-        if names[0] not in self._absmax:
-            raise RuntimeError(f"SmoothQuant saw no calibration input for {names[0]}")
-        absmax = self._absmax[names[0]][0]
+    def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
+        self._stats.observe(names, x)
+
+    def propose_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec | FloatSpec],
+                       rounder: Rounder | None) -> Scales:
+        group = self._stats[names[0]]
+        absmax = group.absmax
         extra = {}
         if self.options.alpha == "search":
-            x = torch.cat(self._samples[names[0]])
-            alpha, s, err, plain = search_alpha(x, absmax, weights, specs, self.activations, self.options.grid,
-                                                self.options.equalize_tokens)
+            alpha, s, err, plain = search_alpha(torch.cat(group.samples), absmax, weights, specs, self.activations,
+                                                self.options.grid, self.options.equalize_tokens)
             extra = {"smooth_error": err, "smooth_error_unsmoothed": plain}
         else:
             alpha, s = self.options.alpha, smoothing_scales(absmax, weights, self.options.alpha)
@@ -167,22 +150,30 @@ class SmoothQuant(Algorithm):
                 "act_outlier_ratio": outlier_ratio(absmax),  # before smoothing
                 "act_outlier_ratio_smoothed": outlier_ratio(absmax / s),
             })
-        return Smoothing(scales=s, alpha=alpha)
+        return Scales(scales=s, alpha=alpha)
 
-    def scaled(self, names: list[str], s: torch.Tensor) -> None:
-        entry = self._absmax[names[0]]
-        entry[0] = entry[0] / s.to(entry[0].device)
-        samples = self._samples[names[0]]
-        samples[:] = [t / s.to(t.device) for t in samples]
+    def folded(self, names: list[str], s: torch.Tensor) -> None:
+        self._stats.fold(names[0], s)
 
-    def skip(self, names: list[str], reason: str) -> None:
+    def skipped(self, names: list[str], reason: str) -> None:
         for name in names:
             self._reports.setdefault(name, {})["smooth_skipped"] = reason
 
-    def layer_report(self, name: str) -> dict:
+    def report(self, name: str) -> dict:
         return self._reports.get(name, {})
 
     def free(self, name: str) -> None:
-        self._absmax.pop(name, None)
-        self._samples.pop(name, None)
+        self._stats.free(name)
         self._reports.pop(name, None)
+
+    @classmethod
+    def summarize(cls, rows: list[dict]) -> list[tuple[str, str]]:
+        smooth = [r for r in rows if "act_outlier_ratio" in r or "smooth_skipped" in r]
+        if not smooth:
+            return []
+        done = [r for r in smooth if r.get("smooth_alpha") is not None]
+        skipped = sorted({r["smooth_skipped"] for r in smooth if r.get("smooth_skipped")})
+        worst = max((r["act_outlier_ratio"] for r in smooth if "act_outlier_ratio" in r), default=0.0)
+        worst_after = max((r["act_outlier_ratio_smoothed"] for r in smooth if "act_outlier_ratio_smoothed" in r), default=0.0)
+        return [("SmoothQuant", f"{len(done)} of {len(smooth)} linears smoothed; worst input outlier ratio "
+                                f"{worst:.0f} -> {worst_after:.0f}" + (f"; skipped: {'; '.join(skipped)}" if skipped else ""))]
