@@ -1,18 +1,20 @@
 """The engine's per-layer ops: the torch twins are the transformers math (CPU, exact), the fused
 CUDA kernels match the twins (GPU, fresh random inputs, awkward sizes); fused linears equal their
-parts and leave the parts working."""
+parts and leave the parts working; every op the runner calls is an entry point with a twin."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quantkit.engine.fusion import fuse
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.formats.qparams import quantize_rtn
-from quantkit.kernels import cuda
+from quantkit.kernels import cuda, registry
 from quantkit.kernels import engine_ops as ops
+from quantkit.kernels import engine_ops_cuda
 from quantkit.nn.quant_linear import IntWeightLinear
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -63,6 +65,66 @@ def test_paged_attention_twin_equals_dense_causal_attention():
             for h in range(hq):
                 w = torch.softmax(keys[:, h // 2] @ q[bi * s + si, h] * d ** -0.5, 0)
                 assert torch.allclose(out[bi * s + si, h * d:(h + 1) * d], w @ vals[:, h // 2], atol=1e-5)
+
+
+def _int_linear(spec: IntSpec, n: int, k: int, dtype: torch.dtype = torch.float32, bias: bool = True):
+    qw = quantize_rtn(torch.randn(n, k), spec)
+    m = IntWeightLinear(k, n, spec, bias=bias, dtype=dtype)
+    m.weight_packed.copy_(pack_int32(qw.q, spec.bits, 1))
+    m.weight_scale.copy_(qw.scale)
+    if not spec.symmetric:
+        m.weight_zero_point.copy_(pack_int32(qw.zero_point, spec.bits, 0))
+    if bias:
+        m.bias.data.copy_(torch.randn(n))
+    return m, qw
+
+
+@pytest.mark.parametrize("spec", [IntSpec(4, True, 32), IntSpec(4, False, 64), IntSpec(3, True, 32)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_rms_norm_matmul_twin_is_the_unfused_ops(spec, dtype, with_residual):
+    """residual add + RMSNorm + int-weight matmul: on the CPU the entry point (the twin) is exactly
+    transformers' RMSNorm of x + residual through the quantized linear, and x @ dequantize(W)^T."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(3)
+    k, n = 96, 40
+    m, qw = _int_linear(spec, n, k, dtype)
+    norm = LlamaRMSNorm(k, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(k).to(dtype)
+    x = torch.randn(3, k).to(dtype)
+    res = torch.randn(3, k).to(dtype) if with_residual else None
+    y, h = ops.rms_norm_matmul(x, res, norm.weight, norm.variance_epsilon, m.prepared(), m.bias)
+    h_ref = x if res is None else res + x
+    assert torch.equal(h, h_ref)
+    assert torch.equal(y, m(norm(h_ref)))
+    if dtype == torch.float32:  # (in bfloat16 the layer's scales and sums round: the equality above holds)
+        torch.testing.assert_close(y, F.linear(norm(h_ref), qw.dequantize(), m.bias), rtol=1e-5, atol=1e-5)
+    y2, h2 = ops.rms_norm_matmul_reference(x, res, norm.weight, norm.variance_epsilon, m.prepared(), m.bias)
+    assert torch.equal(y2, y) and torch.equal(h2, h)
+
+
+def test_silu_mul_twin_is_the_transformers_activation():
+    gate, up = torch.randn(4, 40), torch.randn(4, 40)
+    assert torch.equal(ops.silu_mul(gate, up), F.silu(gate) * up)
+    assert torch.equal(ops.silu_mul_reference(gate, up), F.silu(gate) * up)
+
+
+def test_every_op_the_runner_calls_is_an_entry_point_with_a_twin():
+    """The runner's kernels (quantkit.engine.runner: ops.<name>) each select a registered backend,
+    and "reference" (the torch twin) is registered for every one of them."""
+    import ast
+    import inspect
+
+    from quantkit.engine import runner
+
+    called = {node.attr for node in ast.walk(ast.parse(inspect.getsource(runner)))
+              if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ops"}
+    assert called == {"add_rms_norm", "rms_norm_matmul", "rope_cache", "silu_mul", "paged_attention"}
+    for op in called:
+        assert callable(getattr(ops, op))
+        assert registry.backends(op)["reference"].run is getattr(ops, f"{op}_reference"), op
+        assert "cuda" in registry.backends(op), op
 
 
 def test_fused_float_linears_equal_their_parts_and_parts_still_work():
@@ -164,7 +226,7 @@ def _attention_case(dtype, b, s, hq, hk, d, c, positions):
 def test_the_split_size_is_the_kernels():
     from quantkit.kernels.cuda import CSRC
 
-    assert f"ATTN_KEYS_PER_SPLIT = {ops.ATTN_KEYS_PER_SPLIT};" in (CSRC / "engine_ops.cu").read_text()
+    assert f"ATTN_KEYS_PER_SPLIT = {engine_ops_cuda.ATTN_KEYS_PER_SPLIT};" in (CSRC / "engine_ops.cu").read_text()
 
 
 @gpu

@@ -1,8 +1,7 @@
 """The CUDA integer-weight kernel (csrc/int_weight_mma.cu) against the reference twin.
 
-The layout test runs everywhere (it decodes the repacked words the way the kernel's
-mma fragments read them); the kernel tests need a CUDA GPU and CuPy and skip
-cleanly without them.
+The kernel tests need a CUDA GPU and CuPy and skip cleanly without them; the layout the
+kernels read is tested on any machine in tests/test_int_weight_layout.py.
 """
 
 from __future__ import annotations
@@ -11,90 +10,17 @@ import pytest
 import torch
 
 from quantkit.formats import IntSpec, pack_int32, quantize_rtn
-from quantkit.kernels import cuda, int_weight_matmul, prepare_int_weight, select_backend
-from quantkit.kernels.int_weight_cuda import _geometry, _lane_table, _unit_groups, repack, unsupported
+from quantkit.kernels import cuda, engine_ops, int_weight_matmul, prepare_int_weight, rms_norm_matmul, select_backend
+from quantkit.kernels.int_weight_cuda import (GEMV, ROW_BLOCK_GEMV, _gemv_variant, _matmul, fused_rms_norm_matmul,
+                                              unsupported)
 
 gpu = pytest.mark.skipif(not cuda.available(), reason="needs a CUDA GPU and CuPy")
-
-
-def _decode(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned values [32 RB, 32 KS] from the kernel's words, through the A-fragment
-    rules the .cu documents: register r of tile (rt, h) holds rows g + 8 (r & 1),
-    fragment columns 2t + 8 (r >> 1) (lower half) and + 1 (upper half), which are
-    physical columns 8t + 4h + 2 (r >> 1) (+ 1)."""
-    rb, ks = words.shape[:2]
-    u = torch.full((rb * 32, ks * 32), -1, dtype=torch.int64)
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        for rt in range(2):
-            for h in range(2):
-                for r in range(4):
-                    if bits == 4:
-                        word = w[:, :, 0, lane, rt * 2 + h] >> (4 * r)
-                        lo, hi = word & 0xF, (word >> 16) & 0xF
-                    else:
-                        word = w[:, :, rt, lane, h * 2 + (r >> 1)] >> (8 * (r & 1))
-                        lo, hi = word & 0xFF, (word >> 16) & 0xFF
-                    row = rt * 16 + g + 8 * (r & 1)
-                    col = 8 * t + 4 * h + 2 * (r >> 1)
-                    u.view(rb, 32, ks, 32)[:, row, :, col] = lo
-                    u.view(rb, 32, ks, 32)[:, row, :, col + 1] = hi
-    return u
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("n,k", [(32, 64), (50, 100), (96, 32), (40, 300)])
-def test_repacked_words_hold_each_value_where_the_kernel_reads_it(bits, n, k):
-    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8)
-    u = _decode(repack(q, bits), bits)
-    assert (u >= 0).all(), "some position of the padded weight was never written"
-    torch.testing.assert_close(u[:n, :k], q.to(torch.int64) + (1 << (bits - 1)), rtol=0, atol=0)
-    assert (u[n:] == 0).all() and (u[:, k:] == 0).all()
-
-
-@pytest.mark.parametrize("spec,k,act_order", [
-    (IntSpec(4, True, 128), 1000, False), (IntSpec(4, True, 32), 96, False), (IntSpec(4, False, 64), 4160, False),
-    (IntSpec(8, True, 256), 2048, False), (IntSpec(4, True, 384), 3072, False), (IntSpec(4, True, None), 576, False),
-    (IntSpec(4, True, 96), 960, False), (IntSpec(4, True, 128), 1024, True), (IntSpec(8, False, 32), 512, True)])
-def test_scale_tables_give_every_weight_its_own_group(spec, k, act_order):
-    """Decode the words and the [RB, TR, SPS, 8, 4] tables the way the kernels index them
-    (step s = unit // 4 reads table row s >> sshift, set unit % 4 when SPS = 4) and
-    compare with the reference dequantization (q - z) * s of the same weight."""
-    n, bits = 70, spec.bits
-    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), dtype=torch.int8)
-    groups = -(-k // (spec.group_size or k))
-    scale = torch.rand(n, groups) + 0.5
-    zero = torch.randint(-2, 3, (n, groups))
-    col_group = torch.arange(k) // (spec.group_size or k)
-    g_idx = None
-    if act_order:
-        perm = torch.randperm(k)
-        q, col_group = q[:, perm], col_group[perm]
-        g_idx = col_group
-    ref = (q.float() - zero.float().gather(1, col_group.expand(n, k))) * scale.gather(1, col_group.expand(n, k))
-    order = torch.argsort(col_group, stable=True) if act_order else torch.arange(k)
-
-    rows, sps, sshift = _geometry(_unit_groups(spec, g_idx, k, "cpu"))
-    rb = -(-n // 32)
-    s_tab = _lane_table(scale, rows, rb, torch.float32)  # [RB, TR, SPS, 8, 4]
-    z_tab = _lane_table(zero.float(), rows, rb, torch.float32)
-    u = _decode(repack(q[:, order], bits), bits)[:n, :]
-    unit = torch.arange(u.shape[1]) // 32
-    row_of = (unit // 4) >> sshift
-    set_of = (unit % 4) if sps == 4 else torch.zeros_like(unit)
-    r = torch.arange(n)
-    idx = ((r // 32)[:, None], row_of[None], set_of[None], (r % 8)[:, None], ((r % 32) // 8)[:, None])
-    s_w, z_w = s_tab[idx], z_tab[idx]
-    got = (u.float() - (1 << (bits - 1)) - z_w) * s_w
-    torch.testing.assert_close(got[:, :k], ref[:, order], rtol=0, atol=0)
-    assert sps == (1 if spec.group_size is None or spec.group_size % 128 == 0 else 4)
 
 
 def test_unsupported_formats_fall_back_to_the_reference():
     assert unsupported(IntSpec(3, True, 128)) and unsupported(IntSpec(4, True, 16))
     assert unsupported(IntSpec(4, False, 64)) is None and unsupported(IntSpec(8, True, None)) is None
-    assert select_backend("cpu", spec=IntSpec(4, True, 128)) == "reference"
+    assert select_backend("int_weight", "cpu", spec=IntSpec(4, True, 128)).name == "reference"
 
 
 # ---- on the GPU ------------------------------------------------------------------------------
@@ -171,12 +97,14 @@ ENGINE_SPECS = [IntSpec(4, True, 128), IntSpec(4, False, 256), IntSpec(4, True, 
 @gpu
 @pytest.mark.parametrize("spec", [IntSpec(4, False, 32), IntSpec(4, True, 64), IntSpec(8, True, 128)], ids=str)
 def test_formats_without_the_engine_kernels_take_the_stream_k_kernel(spec):
-    from quantkit.kernels.int_weight_cuda import GEMV, _gemv_variant, rms_norm_matmul
-
     cu, ref = _weights(4096, 4096, spec, torch.float16)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    nw = torch.ones(4096, device="cuda", dtype=torch.float16)
     assert _gemv_variant(cu, 1) == GEMV
-    assert rms_norm_matmul(x, None, torch.ones(4096, device="cuda", dtype=torch.float16), 1e-5, cu) is None
+    assert fused_rms_norm_matmul(x, None, nw, 1e-5, cu) is None
+    y, h = rms_norm_matmul(x, None, nw, 1e-5, cu)  # the entry point: the two ops, unfused
+    normed, h_ref = engine_ops.add_rms_norm(x, None, nw, 1e-5)
+    assert h is x and torch.equal(y, int_weight_matmul(normed, cu))
     assert _rel_err(int_weight_matmul(x, cu), int_weight_matmul(x, ref)) < 2e-3
 
 
@@ -186,8 +114,6 @@ def test_formats_without_the_engine_kernels_take_the_stream_k_kernel(spec):
 @pytest.mark.parametrize("n,k", [(4096, 4096), (200, 4160), (33, 11008)])
 def test_row_block_decode_variants_match_the_reference(warps, spec, n, k):
     """The one-block-per-row-block decode kernel (chosen by _gemv_variant for some shapes), forced."""
-    from quantkit.kernels.int_weight_cuda import ROW_BLOCK_GEMV, _matmul
-
     cu, ref = _weights(n, k, spec, torch.float16, seed=warps + n)
     for m in (1, 3, 4):
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -202,13 +128,11 @@ def test_row_block_decode_variants_match_the_reference(warps, spec, n, k):
 def test_fused_rms_norm_matmul_equals_the_two_steps(spec, n, k, with_residual):
     """One token through residual add + RMSNorm + matmul in one launch (the row-block and stream-K
     variants, by shape): h bit-identical to add_rms_norm's, y as close as the float sums allow."""
-    from quantkit.kernels import engine_ops
-    from quantkit.kernels.int_weight_cuda import rms_norm_matmul
-
     cu, ref = _weights(n, k, spec, torch.float16, seed=n + k)
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     r = torch.randn(1, k, device="cuda", dtype=torch.float16) if with_residual else None
     nw = torch.rand(k, device="cuda", dtype=torch.float16) + 0.5
+    assert fused_rms_norm_matmul(x, r, nw, 1e-5, cu) is not None  # the fused launch applies
     y, h = rms_norm_matmul(x, r, nw, 1e-5, cu)
     normed, h_ref = engine_ops.add_rms_norm(x, r, nw, 1e-5)
     assert torch.equal(h, h_ref)
@@ -219,23 +143,23 @@ def test_fused_rms_norm_matmul_equals_the_two_steps(spec, n, k, with_residual):
 
 @gpu
 def test_fused_rms_norm_matmul_declines_what_it_cannot_take():
-    from quantkit.kernels.int_weight_cuda import rms_norm_matmul
-
+    """The fused launch declines; the entry point then runs the two ops it fuses."""
     cu, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16)
     nw = torch.ones(512, device="cuda", dtype=torch.float16)
-    assert rms_norm_matmul(torch.randn(2, 512, device="cuda", dtype=torch.float16), None, nw, 1e-5, cu) is None
-    assert rms_norm_matmul(torch.randn(1, 512, device="cuda", dtype=torch.float32), None, nw, 1e-5, cu) is None
+    two = torch.randn(2, 512, device="cuda", dtype=torch.float16)
+    assert fused_rms_norm_matmul(two, None, nw, 1e-5, cu) is None
+    y, h = rms_norm_matmul(two, None, nw, 1e-5, cu)
+    assert h is two and torch.equal(y, int_weight_matmul(engine_ops.add_rms_norm(two, None, nw, 1e-5)[0], cu))
+    assert fused_rms_norm_matmul(torch.randn(1, 512, device="cuda", dtype=torch.float32), None, nw, 1e-5, cu) is None
     big, _ = _weights(64, 16384, IntSpec(4, True, 128), torch.float16)
-    assert rms_norm_matmul(torch.randn(1, 16384, device="cuda", dtype=torch.float16), None,
-                           torch.ones(16384, device="cuda", dtype=torch.float16), 1e-5, big) is None
+    assert fused_rms_norm_matmul(torch.randn(1, 16384, device="cuda", dtype=torch.float16), None,
+                                 torch.ones(16384, device="cuda", dtype=torch.float16), 1e-5, big) is None
 
 
 @gpu
 def test_early_launched_chains_equal_ordinary_launches():
     """Programmatic dependent launch: each kernel reads the previous one's output (norm -> decode
     kernel -> norm -> ...), captured in a CUDA graph; bit-identical to ordinary launches."""
-    from quantkit.kernels import engine_ops
-
     weights = [_weights(1024, 1024, IntSpec(4, True, 128), torch.float16, seed=s)[0] for s in range(4)]
     x0 = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
     norm_w = torch.rand(1024, device="cuda", dtype=torch.float16) + 0.5
@@ -267,16 +191,14 @@ def test_early_launched_chains_equal_ordinary_launches():
 @gpu
 def test_cuda_backend_is_chosen_only_for_half_precision():
     spec = IntSpec(4, True, 128)
-    assert select_backend("cuda", spec=spec, dtype=torch.float16) == "cuda"
-    assert select_backend("cuda", spec=spec, dtype=torch.float32) == "reference"
+    assert select_backend("int_weight", "cuda", torch.float16, spec).name == "cuda"
+    assert select_backend("int_weight", "cuda", torch.float32, spec).name == "reference"
     with pytest.raises(ValueError, match="float32"):
-        select_backend("cuda", "cuda", spec=spec, dtype=torch.float32)
+        select_backend("int_weight", "cuda", torch.float32, spec, override="cuda")
 
 
 @gpu
 def test_dense_and_mma_paths_agree_and_bad_inputs_raise():
-    from quantkit.kernels.int_weight_cuda import _matmul
-
     cu, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16, seed=3)
     x = torch.randn(40, 512, device="cuda", dtype=torch.float16)
     assert _rel_err(_matmul(x, cu, None, path="mma"), _matmul(x, cu, None, path="dense")) < 2e-3

@@ -1,4 +1,4 @@
-"""The kernel entry point against plain torch: x @ dequantize(W)^T."""
+"""The kernel entry point against plain torch (x @ dequantize(W)^T), and the backend registry's choice rule."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quantkit.formats import IntSpec, pack_int32, quantize_rtn
-from quantkit.kernels import int_weight_matmul, prepare_int_weight, select_backend
+from quantkit.kernels import int_weight_matmul, prepare_int_weight, registry, select_backend
 
 
 def _prepared(qw, backend="reference"):
@@ -60,6 +60,37 @@ def test_bad_shapes_raise_naming_the_value():
 
 
 def test_backend_selection():
-    assert select_backend("cpu") == "reference"
-    with pytest.raises(ValueError, match="unknown kernel backend 'nope'"):
-        select_backend("cpu", "nope")
+    assert select_backend("int_weight", "cpu").name == "reference"
+    assert select_backend("int_weight", "cpu", torch.float16, IntSpec(4, True, 128)).name == "reference"
+    with pytest.raises(ValueError, match="unknown int_weight backend 'nope'; available: reference, cuda"):
+        select_backend("int_weight", "cpu", override="nope")
+    with pytest.raises(ValueError, match="'cuda' is not available on cpu"):
+        select_backend("int_weight", "cpu", override="cuda")
+
+
+def test_every_op_has_its_torch_twin_registered():
+    for op in ("int_weight", "w8a8", "rms_norm_matmul", "add_rms_norm", "silu_mul", "rope_cache", "paged_attention"):
+        assert "reference" in registry.backends(op), op
+
+
+def test_the_choice_rule(monkeypatch):
+    """An override when it is available (else an error), else the fastest available, else "reference"."""
+    monkeypatch.setattr(registry, "_BACKENDS", {})
+    seen = []
+
+    def gpu_only(device, dtype, spec):
+        seen.append((device, dtype, spec))
+        return device.type == "cuda" and dtype != torch.float32
+
+    registry.register_backend("op", "reference")(lambda: "ref")
+    registry.register_backend("op", "torch", available=gpu_only)(lambda: "torch")
+    registry.register_backend("op", "cuda", available=lambda device, dtype, spec: spec == "fast")(lambda: "cuda")
+    assert registry.select_backend("op", "cpu").run() == "ref"
+    assert registry.select_backend("op", "cuda", torch.float16, "slow").run() == "torch"
+    assert seen[-1] == (torch.device("cuda"), torch.float16, "slow")
+    assert registry.select_backend("op", "cuda", torch.float16, "fast").run() == "cuda"  # cuda before torch
+    assert registry.select_backend("op", "cuda", torch.float32).run() == "ref"
+    assert registry.select_backend("op", "cuda", torch.float32, override="reference").run() == "ref"
+    with pytest.raises(ValueError, match=r"op backend 'torch' is not available on cpu for None in torch.float16"):
+        registry.select_backend("op", "cpu", torch.float16, override="torch")
+    assert registry.backend("op", "cuda").run() == "cuda" and list(registry.backends("op")) == ["reference", "torch", "cuda"]

@@ -126,11 +126,20 @@ def test_kernel_refuses_bad_inputs_with_readable_errors():
         w8a8_matmul(torch.tensor([[float("nan")] * 32]), static)
 
 
+def test_backend_choice_on_the_cpu():
+    qw, act, input_scale, _ = _prepared(torch.randn(16, 32), "int8-dynamic")
+    assert prepare_w8a8(qw.q, qw.scale, input_scale, qw.spec, act).backend == "reference"
+    with pytest.raises(ValueError, match=r"w8a8 backend 'torch' is not available on cpu for a \(16, 32\) int8 weight"):
+        prepare_w8a8(qw.q, qw.scale, input_scale, qw.spec, act, backend="torch")
+    with pytest.raises(ValueError, match="unknown w8a8 backend 'cuda'; available: reference, torch"):
+        prepare_w8a8(qw.q, qw.scale, input_scale, qw.spec, act, backend="cuda")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("key", SCHEMES)
 @pytest.mark.parametrize("m", [1, 16, 40])
 def test_torch_tensor_core_backend_matches_the_reference(key, m):
-    from quantkit.kernels.w8a8 import BACKENDS
+    from quantkit.kernels import backends
 
     if key.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 tensor cores need compute capability 8.9+")
@@ -143,7 +152,7 @@ def test_torch_tensor_core_backend_matches_the_reference(key, m):
     # to flip single roundings of x
     ref = prepare_w8a8(cuda(qw.q), cuda(qw.scale), cuda(input_scale), qw.spec, act, backend="reference")
     fast = prepare_w8a8(cuda(qw.q), cuda(qw.scale), cuda(input_scale), qw.spec, act, backend="torch")
-    assert fast.backend == "torch" and "torch" in BACKENDS
+    assert fast.backend == "torch" and "torch" in backends("w8a8")
     xb = x.cuda().to(torch.bfloat16)
     y_ref = w8a8_matmul(xb, ref).float()
     y = w8a8_matmul(xb, fast).float()
@@ -354,7 +363,7 @@ def test_quantize_rows_kernel_is_bit_exact_with_torch(dtype, kind):
     if not _cuda_kernels_available():
         pytest.skip("CuPy not installed")
     from quantkit.formats.activation import dynamic_scales, quantize
-    from quantkit.kernels.w8a8 import quantize_rows_cuda
+    from quantkit.kernels.w8a8_torch import quantize_rows_cuda
 
     act = ActSpec(kind)
     for m, k in [(1, 1), (3, 7), (5, 33), (17, 576), (64, 1536), (2, 4097), (300, 96)]:
@@ -381,7 +390,7 @@ def test_quantize_rows_kernel_is_bit_exact_with_torch(dtype, kind):
 def test_int8_scale_epilogue_kernel_is_bit_exact_with_torch(dtype):
     if not _cuda_kernels_available():
         pytest.skip("CuPy not installed")
-    from quantkit.kernels.w8a8 import scale_epilogue_cuda
+    from quantkit.kernels.w8a8_torch import scale_epilogue_cuda
 
     for m, n in [(1, 8), (17, 96), (5, 4097), (300, 576)]:
         acc = torch.randint(-2**20, 2**20, (m + 3, n), device="cuda", dtype=torch.int32)[:m]  # a row-strided view

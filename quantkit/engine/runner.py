@@ -69,16 +69,10 @@ _PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION
 
 def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
                  module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """module(RMSNorm(x + residual)) and x + residual: for one token through a quantized linear on
-    the CUDA kernel, one launch (the decode kernel normalizes its input itself), else two steps."""
-    if type(module) is IntWeightLinear and x.is_cuda and x.shape[0] == 1:
-        weight = module.prepared()
-        if weight.backend == "cuda":
-            from quantkit.kernels.int_weight_cuda import rms_norm_matmul
-
-            out = rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, weight, module.bias)
-            if out is not None:
-                return out
+    """module(RMSNorm(x + residual)) and x + residual: through a quantized linear, one entry point
+    (for one token on the CUDA kernel one launch: the decode kernel normalizes its input itself)."""
+    if type(module) is IntWeightLinear:
+        return ops.rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, module.prepared(), module.bias)
     h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
     return module(h), residual
 

@@ -24,6 +24,7 @@ import importlib.util
 import os
 import struct
 
+import numpy as np
 import torch
 
 from quantkit.resources import csrc_dir
@@ -189,8 +190,6 @@ class _TorchStream:
 
 
 def _arg(a):
-    import numpy as np
-
     if isinstance(a, torch.Tensor):
         if not a.is_cuda:
             raise ValueError(f"CUDA kernel argument on {a.device}, expected a CUDA tensor")

@@ -1,33 +1,24 @@
-"""The engine's per-layer ops besides the linears: one entry point each, a torch twin and a
-fused CUDA kernel (csrc/engine_ops.cu) used for float16 / bfloat16 tensors on a GPU. The torch
-twins are the transformers Llama code's own math, so float32 and CPU runs match it exactly.
+"""The engine's per-layer ops besides the linears: one entry point each, over the backends of the
+op of the same name in quantkit.kernels.registry: the torch twin ("reference", here: the
+transformers Llama code's own math, so float32 and CPU runs match it exactly) and a fused CUDA
+kernel of csrc/engine_ops.cu ("cuda", quantkit.kernels.engine_ops_cuda) for float16 / bfloat16
+tensors on a GPU, which falls back to the twin for sizes its kernel does not take.
+
+rms_norm_matmul is the residual add and RMSNorm in front of an integer-weight linear: for one
+token the decode kernel runs them in its prologue (quantkit.kernels.int_weight_cuda); its twin is
+the two ops it fuses.
 
 Shapes: T tokens (rows), H hidden, Hq / Hk query / KV heads of D dims, cache [slots, Hk, D].
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from quantkit.kernels import cuda
-
-_SUFFIX = {torch.float16: "f16", torch.bfloat16: "bf16"}
-_MODULE = "engine_ops"
-NORM_MAX_HIDDEN = 8192  # as in the .cu: 1024 threads x 8 registers
-ATTN_KEYS_PER_SPLIT = 64  # as in the .cu: the keys of one attention block
-ATTN_MAX_CONTEXT = ATTN_KEYS_PER_SPLIT * 65535  # the splits are the grid's y dimension (at most 65535)
-
-
-def _fused(*tensors: torch.Tensor) -> bool:
-    t = tensors[0]
-    return t.is_cuda and t.dtype in _SUFFIX and cuda.available()
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """A 2-D view with unit column stride (copied only if needed)."""
-    return x if x.stride(-1) == 1 else x.contiguous()
+from quantkit.kernels import registry
+from quantkit.kernels.int_weight import PreparedIntWeight, int_weight_matmul
+from quantkit.kernels.registry import register_backend
 
 
 # ---- RMSNorm with the residual add ---------------------------------------------------------------
@@ -35,19 +26,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """h = x + residual (x alone when residual is None); returns (weight * RMSNorm(h), h).
     x, residual [T, H]."""
-    if not _fused(x) or x.shape[-1] > NORM_MAX_HIDDEN:
-        return add_rms_norm_reference(x, residual, weight, eps)
-    x = _rows(x)
-    t, h = x.shape
-    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
-    res_out = torch.empty_like(out) if residual is not None else x
-    r = _rows(residual) if residual is not None else None
-    cuda.launch(f"add_rms_norm_{_SUFFIX[x.dtype]}", _MODULE, (t,), (1024,),
-                (x, np.int32(x.stride(0)), r if r is not None else np.uint64(0), np.int32(r.stride(0) if r is not None else 0),
-                 weight.to(x.dtype).contiguous(), np.float32(eps), out, np.int32(h), res_out, np.int32(h), np.int32(h)), dependent=True)
-    return out, res_out
+    return registry.select_backend("add_rms_norm", x.device, x.dtype).run(x, residual, weight, eps)
 
 
+@register_backend("add_rms_norm", "reference")
 def add_rms_norm_reference(x, residual, weight, eps):
     h = x if residual is None else residual + x
     hf = h.float()
@@ -55,44 +37,50 @@ def add_rms_norm_reference(x, residual, weight, eps):
     return weight * normed.to(h.dtype), h
 
 
+# ---- residual add + RMSNorm + integer-weight matmul ------------------------------------------------
+def rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    w: PreparedIntWeight, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual (x when residual is None); returns (RMSNorm(h) * norm_weight @ dequant(w)^T
+    (+ bias), h), as add_rms_norm and then int_weight_matmul compute them. x, residual [T, K]. By
+    w's backend (the weight's layout decides, as for int_weight_matmul)."""
+    return registry.backend("rms_norm_matmul", w.backend).run(x, residual, norm_weight, eps, w, bias)
+
+
+@register_backend("rms_norm_matmul", "reference")
+def rms_norm_matmul_reference(x, residual, norm_weight, eps, w, bias=None):
+    """The twin: the two ops the fused kernel replaces, each through its own entry point (on the
+    CPU and in float32: torch's residual add, RMSNorm as transformers computes it, the reference
+    matmul), so that a weight or a call the fused kernel does not take computes as it would unfused."""
+    normed, h = add_rms_norm(x, residual, norm_weight, eps)
+    return int_weight_matmul(normed, w, bias), h
+
+
 # ---- SiLU(gate) * up ---------------------------------------------------------------------------
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up [T, I] (views of one fused output may share a row stride) -> [T, I]."""
-    if not _fused(gate) or gate.stride() != up.stride() or gate.stride(-1) != 1:
-        return F.silu(gate) * up
-    t, i = gate.shape
-    out = torch.empty(t, i, dtype=gate.dtype, device=gate.device)
-    n = t * i
-    cuda.launch(f"silu_mul_{_SUFFIX[gate.dtype]}", _MODULE, (-(-n // 256),), (256,),
-                (gate, up, np.int32(gate.stride(0)), out, np.int32(i), np.int32(t)), dependent=True)
-    return out
+    return registry.select_backend("silu_mul", gate.device, gate.dtype).run(gate, up)
+
+
+@register_backend("silu_mul", "reference")
+def silu_mul_reference(gate, up):
+    return F.silu(gate) * up
 
 
 # ---- RoPE, and K / V into the cache ---------------------------------------------------------------
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """q [T, Hq * D], k / v [T, Hk * D] (views of one fused qkv output may share a row stride),
     cos / sin [T, D], slots [T] int64. Writes RoPE(k) and v to the cache at the slots; returns
     RoPE(q) [T, Hq, D]."""
-    hk, d = k_cache.shape[1:]
-    hq = q.shape[1] // d
-    if not (_fused(q) and q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and cos.dtype == q.dtype):
-        return rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
-    t = q.shape[0]
-    q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
-    cos, sin = _rows(cos), _rows(sin)
-    n = t * (hq + hk) * (d // 2)
-    cuda.launch(f"rope_cache_{_SUFFIX[q.dtype]}", _MODULE, (-(-n // 256),), (256,),
-                (q, k, v, np.int32(q.stride(0)), cos, sin, np.int32(cos.stride(0)), slots.contiguous(), q_out, k_cache,
-                 v_cache, np.int32(t), np.int32(hq), np.int32(hk), np.int32(d)), dependent=True)
-    return q_out
+    return registry.select_backend("rope_cache", q.device, q.dtype).run(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@register_backend("rope_cache", "reference")
 def rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     hk, d = k_cache.shape[1:]
     t = q.shape[0]
@@ -110,28 +98,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q [B * S, Hq, D] (row b * S + s is token s of sequence b); context [B, C] int64: the cache
     slots of positions 0 .. C - 1 of each sequence; positions [B * S]: a row sees keys
     0 .. positions[row]. Returns [B * S, Hq * D]. The fused kernel splits the context into blocks
-    of ATTN_KEYS_PER_SPLIT keys (flash-decoding), so C is bounded only by ATTN_MAX_CONTEXT."""
-    rows, hq, d = q.shape
-    b, c = context.shape
+    of 64 keys (flash-decoding), so C is bounded only by engine_ops_cuda.ATTN_MAX_CONTEXT."""
+    rows, b = q.shape[0], context.shape[0]
     if rows % b:
         raise ValueError(f"{rows} query rows do not split over {b} sequences")
-    if not _fused(q) or d > 256 or hq % k_cache.shape[1] or c > ATTN_MAX_CONTEXT:
-        return paged_attention_reference(q, k_cache, v_cache, context, positions, scale)
-    out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
-    per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu
-    # from C, not from the positions: the same grid for every replay of a context bucket's CUDA graph
-    splits = max(-(-c // ATTN_KEYS_PER_SPLIT), 1)
-    ws = counters = np.uint64(0)  # one split writes out directly
-    if splits > 1:
-        ws = torch.empty(rows * hq, splits, d + 2, dtype=torch.float32, device=q.device)  # (m, l, acc[D]) per split
-        counters = cuda.counters("paged_attention", q.device, rows * hq)
-    cuda.launch(f"paged_attention_{_SUFFIX[q.dtype]}_e{per_lane}", _MODULE, (rows * hq, splits), (256,),
-                (q.contiguous(), k_cache, v_cache, context.contiguous(), np.int32(c), positions.contiguous(), out, ws,
-                 counters, np.int32(rows // b), np.int32(hq), np.int32(k_cache.shape[1]), np.int32(d),
-                 np.float32(scale)), dependent=True)
-    return out.view(rows, hq * d)
+    return registry.select_backend("paged_attention", q.device, q.dtype).run(q, k_cache, v_cache, context, positions,
+                                                                             scale)
 
 
+@register_backend("paged_attention", "reference")
 def paged_attention_reference(q, k_cache, v_cache, context, positions, scale):
     rows, hq, d = q.shape
     b, c = context.shape

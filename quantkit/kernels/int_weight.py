@@ -1,28 +1,28 @@
 """The integer-weight dequant-matmul kernel: y = x @ dequant(W)^T (+ bias).
 
-One entry point, `int_weight_matmul`, over per-backend implementations of the
-same signature. The reference backend (torch, any device) is the twin every
-faster backend is tested against. Each backend also owns the in-memory layout
-of its weights: `prepare_int_weight` turns the on-disk compressed-tensors
-tensors into that layout once, at load time (as vLLM repacks at load).
+One entry point, `int_weight_matmul`, over the backends of op "int_weight" in
+quantkit.kernels.registry. The reference backend (torch, any device, below) is the twin
+every faster backend is tested against. Each backend also owns the in-memory layout of its
+weights: `prepare_int_weight` turns the on-disk compressed-tensors tensors into that layout
+once, at load time (as vLLM repacks at load), and the prepared weight names its backend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from quantkit.formats import IntSpec, dequantize, unpack_int32
-from quantkit.kernels.registry import choose_backend
+from quantkit.kernels import registry
+from quantkit.kernels.registry import register_backend
 
 
 @dataclass
 class PreparedIntWeight:
     """One weight in the layout its backend wants.
 
-    backend:  name in BACKENDS
+    backend:  the name of its backend of op "int_weight"
     spec:     the integer format
     shape:    (N, K) = (out_features, in_features)
     tensors:  backend-specific; for "reference":
@@ -31,6 +31,7 @@ class PreparedIntWeight:
                 zero_point int8 [N, G] (zeros when symmetric)
                 g_idx      int64 [K], group of each input column (act-order only;
                            otherwise groups are runs of group_size columns)
+              for "cuda": quantkit.kernels.int_weight_layout.layout
     """
 
     backend: str
@@ -38,21 +39,6 @@ class PreparedIntWeight:
     shape: tuple[int, int]
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     state: dict[str, object] = field(default_factory=dict, compare=False, repr=False)  # backend bookkeeping
-
-
-@dataclass(frozen=True)
-class Backend:
-    prepare: Callable[..., PreparedIntWeight]
-    matmul: Callable[[torch.Tensor, PreparedIntWeight, torch.Tensor | None], torch.Tensor]
-    # can it run weights of this format, in this compute dtype (None: not known yet), on this device
-    available: Callable[[torch.device, IntSpec, torch.dtype | None], bool]
-
-
-BACKENDS: dict[str, Backend] = {}
-
-
-def register_backend(name: str, backend: Backend) -> None:
-    BACKENDS[name] = backend
 
 
 def _prepare_reference(
@@ -75,24 +61,12 @@ def _prepare_reference(
     return PreparedIntWeight("reference", spec, (n, k), tensors)
 
 
-def _matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None) -> torch.Tensor:
+@register_backend("int_weight", "reference", prepare=_prepare_reference)  # "cuda": quantkit.kernels.int_weight_cuda
+def int_weight_matmul_reference(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """The twin: dequantize the whole weight in x's dtype, then torch's linear."""
     t = w.tensors
     weight = dequantize(t["q"], t["scale"], t["zero_point"], w.spec, t.get("g_idx"), dtype=x.dtype)  # [N, K]
     return torch.nn.functional.linear(x, weight, bias)
-
-
-register_backend("reference", Backend(_prepare_reference, _matmul_reference, lambda device, spec, dtype: True))
-
-
-def select_backend(device: torch.device | str, override: str | None = None, spec: IntSpec | None = None,
-                   dtype: torch.dtype | None = None) -> str:
-    """The fastest backend available on `device` (for weights of `spec` computed in
-    `dtype`, when given), or `override` when given."""
-    device = torch.device(device)
-    spec = spec or IntSpec()
-    return choose_backend(BACKENDS, ("cuda", "reference"), lambda b: b.available(device, spec, dtype), override, "kernel",
-                          f"kernel backend {override!r} is not available on {device} for {spec}"
-                          + (f" in {dtype}" if dtype is not None else ""))
 
 
 def prepare_int_weight(
@@ -104,7 +78,8 @@ def prepare_int_weight(
     shape: tuple[int, int],
     backend: str = "reference",
 ) -> PreparedIntWeight:
-    """On-disk pack-quantized tensors -> the backend's layout.
+    """On-disk pack-quantized tensors -> the layout of `backend` (a name of op "int_weight";
+    quantkit.kernels.select_backend("int_weight", ...) picks the fastest for a device).
 
     packed:            int32 [N, ceil(K * bits / 32)], values packed along K
     scale:             float [N, G]
@@ -115,11 +90,12 @@ def prepare_int_weight(
     g = spec.num_groups(k) if g_idx is None else int(g_idx.max().item()) + 1
     if tuple(scale.shape) != (n, g):
         raise ValueError(f"scale has shape {tuple(scale.shape)}, expected {(n, g)} for weight {shape} under {spec}")
-    return BACKENDS[backend].prepare(packed, scale, zero_point_packed, g_idx, spec, shape)
+    return registry.backend("int_weight", backend).prepare(packed, scale, zero_point_packed, g_idx, spec, shape)
 
 
 def int_weight_matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y [..., N] = x [..., K] @ dequant(w)^T + bias, computed in x's dtype."""
+    """y [..., N] = x [..., K] @ dequant(w)^T + bias, computed in x's dtype, by w's backend."""
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {w.shape[1]}")
-    return BACKENDS[w.backend].matmul(x, w, bias)
+    return registry.backend("int_weight", w.backend).run(x, w, bias)
+

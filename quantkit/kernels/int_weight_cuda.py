@@ -1,57 +1,54 @@
-"""The "cuda" backend of the integer-weight kernel: csrc/int_weight_mma.cu.
+"""The "cuda" backend of the integer-weight kernel, csrc/int_weight_mma.cu: which kernel, which
+variant, how many blocks.
 
-y [M, N] = x [M, K] @ dequant(W)^T (+ bias) for 4- and 8-bit weights, symmetric
-or asymmetric, any group size that is a multiple of 32 (or one group per row),
-act-order (`g_idx`) included, x in float16 or bfloat16 on a CUDA GPU.
+y [M, N] = x [M, K] @ dequant(W)^T (+ bias) for 4- and 8-bit weights, symmetric or asymmetric,
+any group size that is a multiple of 32 (or one group per row), act-order (`g_idx`) included, x in
+float16 or bfloat16 on a CUDA GPU. Three paths, by the number of tokens M:
+  M <= GEMV_MAX_M:   the decode kernel: weights stream straight into registers, dequantized to
+                     exact q - z, the tensor cores sum 128 columns at a time and the scale
+                     multiplies those float32 sums (the bound is reading the packed weights once).
+  M < DENSE_MIN_M:   the batch kernel: a cp.async ring per warp, weights dequantized to
+                     (q - z) * s in half precision.
+  M >= DENSE_MIN_M:  the weight dequantized to a dense [N, K] matrix by one kernel and multiplied
+                     by cuBLAS (large batches are compute-bound; cuBLAS's Hopper matmul is faster).
 
-Three paths, by the number of tokens M:
-  M <= GEMV_MAX_M:       the decode kernel: weights stream straight into registers,
-                         dequantized to exact q - z, the tensor cores sum 128
-                         columns at a time and the scale multiplies those float32
-                         sums (the bound is reading the packed weights once).
-  M < DENSE_MIN_M:       the batch kernel: a cp.async ring per warp, weights
-                         dequantized to (q - z) * s in half precision.
-  M >= DENSE_MIN_M:      the weight is dequantized to a dense [N, K] matrix by one
-                         kernel and multiplied by cuBLAS (large batches are
-                         compute-bound; cuBLAS's Hopper matmul is the faster one).
-
-Layout (built once by `prepare`, from the on-disk pack-quantized tensors): see the
-comment at the top of csrc/int_weight_mma.cu. With act-order, columns are sorted
-by group at load time and x's columns are gathered in the same order per call.
+Also backend "cuda" of rms_norm_matmul: one token's residual add and RMSNorm in the decode
+kernel's prologue. The layout (built once, at load) is quantkit.kernels.int_weight_layout; the
+launches are quantkit.kernels.launch_int_weight_mma.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-from quantkit.formats import IntSpec, unpack_int32
+from quantkit.formats import IntSpec
 from quantkit.kernels import cuda
-from quantkit.kernels.int_weight import Backend, PreparedIntWeight, register_backend
+from quantkit.kernels.engine_ops import rms_norm_matmul_reference
+from quantkit.kernels.int_weight import PreparedIntWeight
+from quantkit.kernels.int_weight_layout import U, layout, scale_tables
+from quantkit.kernels.launch_int_weight_mma import (MODULE, GemvVariant, dequant_kernel, gemv_kernel,
+                                                   int_weight_dequant, int_weight_gemv, int_weight_mma, mma_kernel)
+from quantkit.kernels.registry import register_backend
 
 DENSE_MIN_M = 256  # from this many tokens on, dequantize + cuBLAS (scripts/bench_kernels.py measures the crossover)
 GEMV_MAX_M = 16  # up to this many tokens, the decode (gemv) kernel ...
-GEMV_MIN_STEPS_5_16 = 8  # ... for 5-16 tokens only where each warp gets this many steps (else the row-block
-#                          fix-up, M partial sums per warp, costs more than the mma kernel: H200, 4096x4096 at
-#                          M=8 8.5 us mma vs 11.2 us gemv, 28672x8192 at M=8 39.9 us gemv vs 67.8 us mma; at
-#                          M <= 4 the decode kernel wins everywhere: 11008x4096 at M=2 13.4 vs 17.8 us)
-GEMV = (1, 2, 8, 0, 2, 0)  # the decode kernel instantiated for every format: (scale after the mma, steps ahead,
-#                            warps, x loaded ahead, least resident blocks, one block per row block);
-#                            csrc/NOTES.md has the variants' timings
+GEMV_MIN_STEPS_5_16 = 8  # ... for 5-16 tokens only where each warp gets this many steps: with fewer, its fix-up
+#                          (M partial sums per warp) costs more than the batch kernel (csrc/NOTES.md, v5)
+GEMV = GemvVariant(EPI=True, D=2, W=8, XP=False, MB=2, RBK=False)  # the stream-K decode kernel every format has
 GEMV_MIN_STEPS_PER_WARP = 2  # each decode warp takes at least this many 4-unit steps
 # ... unless the weight has few enough 32-row blocks that one block of 4, 8 or 16 warps per row block gives the
-# GPU about this many warps; that variant adds its warps' sums in shared memory, not through a global fix-up
-# (H200, 7B shapes at M = 1 after the op before each, with PDL: 12288x4096 12.7 vs 14.7 us with 4 warps,
-# 4096x4096 7.1 vs 8.3 and 4096x11008 10.7 vs 11.9 with 16; 22016x4096 keeps stream-K, 19.3 us; dev/w4_engine_shapes.py)
+# GPU about this many warps; that variant adds its warps' sums in shared memory, not through a global fix-up,
+# which is faster where it fills the GPU (csrc/NOTES.md, "decode-kernel variants at M = 1")
 ROW_BLOCK_WARPS = 2048
-ROW_BLOCK_GEMV = {16: (1, 2, 16, 0, 1, 1), 8: (1, 2, 8, 0, 2, 1), 4: (1, 2, 4, 0, 4, 1)}
+ROW_BLOCK_GEMV = {W: GemvVariant(EPI=True, D=2, W=W, XP=False, MB=MB, RBK=True) for W, MB in ((16, 1), (8, 2), (4, 4))}
 MIN_STEPS_PER_WARP = 4  # K splits never leave a batch-kernel warp fewer 32-column units than this
 WARPS = 8  # per block of the mma and dequant kernels, as in the .cu
-U = 4  # column units per step, as in the .cu
 SMEM_BUDGET = 47104  # as in the .cu
-_DTYPES = {torch.float16: "f16", torch.bfloat16: "bf16"}
+NORM_MAX_K = 12288  # the fused RMSNorm keeps the normalized token in shared memory: 24 KB, beside the 16 KB of
+#                    the row-block variant's sums (48 KB in all without an opt-in)
+_KEY = {torch.float16: "f16", torch.bfloat16: "bf16"}  # the compute dtypes, and their names in w.tensors / w.state
 
 
 def unsupported(spec: IntSpec) -> str | None:
@@ -63,79 +60,11 @@ def unsupported(spec: IntSpec) -> str | None:
     return None
 
 
-def _magic_base(dtype: torch.dtype, bits: int) -> float:
-    """The offset the kernel's integer -> float conversion adds (see Magic in the .cu)."""
-    if dtype == torch.float16:
-        return 1024.0
-    return 128.0 if bits == 4 else 0.0
-
-
-def _words(fields: torch.Tensor, bits: int) -> torch.Tensor:
-    """[..., 32 / bits] unsigned fields -> int32 [...] words, field i at bits [i*bits, (i+1)*bits)."""
-    shifts = torch.arange(fields.shape[-1], device=fields.device, dtype=torch.int64) * bits
-    words = (fields.to(torch.int64) << shifts).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-
-
-def repack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed values int8 [N, K] -> the kernel's words, int32 [RB, KS, PARTS, 32 lanes, 4]
-    (N padded to 32 * RB, K to 128 * NS = 32 * KS; padding is 0 and never reaches an output)."""
-    n, k = q.shape
-    rb, ks = -(-n // 32), -(-k // (32 * U)) * U
-    u = torch.zeros(rb * 32, ks * 32, dtype=torch.uint8, device=q.device)
-    u[:n, :k] = (q.to(torch.int16) + (1 << (bits - 1))).to(torch.uint8)
-    # row = 32 rb + 16 rt + 8 hr + g, physical column = 32 ks + 8 t + 4 h + 2 hc + c
-    u = u.view(rb, 2, 2, 8, ks, 4, 2, 2, 2)  # rb rt hr g | ks t h hc c
-    if bits == 4:  # word rt*2 + h, nibble c*4 + hc*2 + hr
-        fields = u.permute(0, 4, 3, 5, 1, 6, 8, 7, 2).reshape(rb, ks, 1, 32, 4, 8)
-    else:  # part rt, word h*2 + hc, byte c*2 + hr
-        fields = u.permute(0, 4, 1, 3, 5, 6, 7, 8, 2).reshape(rb, ks, 2, 32, 4, 4)
-    return _words(fields, bits).contiguous()
-
-
-def _unit_groups(spec: IntSpec, g_idx: torch.Tensor | None, k: int, device) -> torch.Tensor:
-    """The group of each 32-column unit (act-order: of the sorted columns), padding units
-    included (they repeat the last group). Raises ValueError when a unit would straddle
-    two groups."""
-    ks = -(-k // 32)
-    if g_idx is None:
-        steps = ks if spec.group_size is None else spec.group_size // 32
-        groups = torch.arange(ks, device=device) // steps
-    else:
-        cols = torch.sort(g_idx.to(torch.int64)).values
-        padded = torch.cat([cols, cols[-1:].expand(ks * 32 - k)]).view(ks, 32)
-        if not bool((padded == padded[:, :1]).all()):
-            raise ValueError("the CUDA kernel needs each run of 32 act-order-sorted columns to share one group; "
-                             "this g_idx mixes groups within 32 columns")
-        groups = padded[:, 0]
-    ksp = -(-ks // U) * U
-    return torch.cat([groups, groups[-1:].expand(ksp - ks)]).contiguous()
-
-
-def _geometry(unit_group: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """How the kernels find a step's scales: (the group of each table row and set
-    [TR, SPS], SPS, sshift), step s reading row s >> sshift. SPS = 1 when the 4 units
-    of every step share a group, else 4; sshift is the largest shift that keeps
-    every step on its own group's row (31 for one group in all)."""
-    sets = unit_group.view(-1, U)
-    sps = 1 if bool((sets == sets[:, :1]).all()) else U
-    sets = sets[:, :sps]
-    if bool((sets == sets[:1]).all()):
-        return sets[:1], sps, 31
-    steps = torch.arange(sets.shape[0], device=sets.device)
-    shift = 0
-    while (1 << (shift + 1)) < sets.shape[0] and bool((sets == sets[(steps >> (shift + 1)) << (shift + 1)]).all()):
-        shift += 1
-    return sets[:: 1 << shift].contiguous(), sps, shift
-
-
-def _lane_table(values: torch.Tensor, rows: torch.Tensor, rb: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-group values [N, G] (float) -> dtype [RB, TR, SPS, 8, 4], entry [.., g, i] the value
-    for row 32 rb + g + 8 i in the group rows[TR, SPS] names."""
-    n = values.shape[0]
-    table = torch.zeros(rb * 32, *rows.shape, dtype=dtype, device=values.device)
-    table[:n] = values[:, rows].to(dtype)
-    return table.view(rb, 4, 8, *rows.shape).permute(0, 3, 4, 2, 1).contiguous()
+def _available(device: torch.device, dtype: torch.dtype | None, spec: IntSpec | None) -> bool:
+    """A CUDA GPU with CuPy, a format the kernel takes, and half precision (it computes in
+    fp16 / bf16: a float32 model keeps the reference twin). None: not known yet."""
+    return (device.type == "cuda" and cuda.available() and (spec is None or unsupported(spec) is None)
+            and (dtype is None or dtype in _KEY))
 
 
 def _prepare(packed, scale, zero_point_packed, g_idx, spec: IntSpec, shape: tuple[int, int]) -> PreparedIntWeight:
@@ -145,47 +74,28 @@ def _prepare(packed, scale, zero_point_packed, g_idx, spec: IntSpec, shape: tupl
     if not packed.is_cuda:
         raise ValueError(f"the CUDA kernel needs the weight on a CUDA device, got {packed.device}")
     n, k = shape
-    q = unpack_int32(packed, spec.bits, (n, k), dim=1)
-    perm = None
-    if g_idx is not None:
-        perm = torch.argsort(g_idx.to(torch.int64), stable=True)
-        q = q[:, perm]
-    rows, sps, sshift = _geometry(_unit_groups(spec, g_idx, k, packed.device))
-    tensors = {"words": repack(q, spec.bits), "scale": scale, "table_rows": rows,
-               "table_shape": torch.tensor([sps, sshift])}
-    if perm is not None:
-        tensors["perm"] = perm
-    if zero_point_packed is not None:
-        tensors["zero_point"] = unpack_int32(zero_point_packed, spec.bits, tuple(scale.shape), dim=0)
-    return PreparedIntWeight("cuda", spec, (n, k), tensors)
+    return PreparedIntWeight("cuda", spec, (n, k), layout(packed, scale, zero_point_packed, g_idx, spec, (n, k)))
 
 
-def _tables(w: PreparedIntWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The scale (and zero) tables in `dtype`, built on first use per dtype."""
+def tables(w: PreparedIntWeight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scale (and zero) tables in `dtype`, built on first use per dtype and kept in w.tensors."""
     t = w.tensors
-    key = _DTYPES[dtype]
+    key = _KEY[dtype]
     if f"scales_{key}" not in t:
-        rb = t["words"].shape[0]
-        rows = t["table_rows"]
-        t[f"scales_{key}"] = _lane_table(t["scale"].float(), rows, rb, dtype)
-        if "zero_point" in t:
-            zeros = t["zero_point"].float() + (1 << (w.spec.bits - 1)) + _magic_base(dtype, w.spec.bits)
-            t[f"zeros_{key}"] = _lane_table(zeros, rows, rb, dtype)
+        t[f"scales_{key}"], zeros = scale_tables(t, w.spec.bits, dtype)
+        if zeros is not None:
+            t[f"zeros_{key}"] = zeros
     return t[f"scales_{key}"], t.get(f"zeros_{key}")
 
 
-def _table_args(w: PreparedIntWeight) -> tuple[np.int32, np.int32, np.int32]:
+def _table_args(w: PreparedIntWeight) -> tuple[int, int, int]:
     """(TR, sshift, SPS) as the kernels take them."""
     sps, sshift = (int(v) for v in w.tensors["table_shape"])
-    return np.int32(w.tensors["table_rows"].shape[0]), np.int32(sshift), np.int32(sps)
+    return w.tensors["table_rows"].shape[0], sshift, sps
 
 
-def _null(t: torch.Tensor | None):
-    return np.uint64(0) if t is None else t
-
-
-def _suffix(w: PreparedIntWeight, dtype: torch.dtype) -> str:
-    return f"{_DTYPES[dtype]}_b{w.spec.bits}_{'asym' if 'zero_point' in w.tensors else 'sym'}"
+def _asym(w: PreparedIntWeight) -> bool:
+    return "zero_point" in w.tensors
 
 
 def dequantize_dense(w: PreparedIntWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -193,11 +103,11 @@ def dequantize_dense(w: PreparedIntWeight, dtype: torch.dtype) -> torch.Tensor:
     values that meet only zero-padded x), by csrc/int_weight_mma.cu's dequant kernel."""
     words = w.tensors["words"]
     rb, ks = words.shape[:2]
-    scales, zeros = _tables(w, dtype)
+    scales, zeros = tables(w, dtype)
     tr, sshift, sps = _table_args(w)
     out = torch.empty(rb * 32, ks * 32, dtype=dtype, device=words.device)
-    cuda.launch(f"int_weight_dequant_{_suffix(w, dtype)}", "int_weight_mma", (-(-rb * ks // WARPS),),
-                (32 * WARPS,), (words, scales, _null(zeros), out, np.int32(rb), np.int32(ks // U), tr, sshift, sps))
+    int_weight_dequant(dequant_kernel(dtype, w.spec.bits, _asym(w)), (-(-rb * ks // WARPS),), (32 * WARPS,),
+                       w=words, scales=scales, zeros=zeros, out=out, RB=rb, NS=ks // U, tr=tr, sshift=sshift, sps=sps)
     return out
 
 
@@ -240,14 +150,12 @@ def _rows_in_place(x2: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
 
 def _launch_blocks(name: str, threads: int, smem: int, device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * cuda.resident_blocks(
-        name, "int_weight_mma", threads, smem)
+        name, MODULE, threads, smem)
 
 
-def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: tuple[int, ...], norm: bool = False) -> str:
-    epi, depth, warps, xp, mb, rbk = variant
+def _gemv_name(w: PreparedIntWeight, dtype: torch.dtype, m: int, variant: GemvVariant, norm: bool = False) -> str:
     sps = int(w.tensors["table_shape"][0])
-    return (f"int_weight_gemv_{_suffix(w, dtype)}_nt{1 if m <= 8 else 2}_s{sps}_e{epi}_d{depth}_w{warps}_x{xp}"
-            f"_b{mb}_r{rbk}_n{int(norm)}")
+    return gemv_kernel(dtype, w.spec.bits, _asym(w), 1 if m <= 8 else 2, sps, variant, norm)
 
 
 def _gemv_per(w: PreparedIntWeight, name: str, warps: int, device: torch.device) -> int:
@@ -262,7 +170,7 @@ def _engine_kernels(w: PreparedIntWeight) -> bool:
     return w.spec.bits == 4 and int(w.tensors["table_shape"][0]) == 1
 
 
-def _gemv_variant(w: PreparedIntWeight, m: int) -> tuple[int, ...]:
+def _gemv_variant(w: PreparedIntWeight, m: int) -> GemvVariant:
     """The decode kernel's variant for this weight: for M <= 4 (and the formats _engine_kernels
     names), one block per row block (no global fix-up) with 16, 8 or 4 warps where that gives the
     GPU between half of ROW_BLOCK_WARPS and ROW_BLOCK_WARPS warps in all; else the stream-K
@@ -283,28 +191,23 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
     if m <= 4:
         return "gemv"
     name = _gemv_name(w, dtype, m, GEMV)
-    return "gemv" if _gemv_per(w, name, GEMV[2], device) >= GEMV_MIN_STEPS_5_16 else "mma"
+    return "gemv" if _gemv_per(w, name, GEMV.W, device) >= GEMV_MIN_STEPS_5_16 else "mma"
 
 
-NORM_MAX_K = 12288  # the fused RMSNorm keeps the normalized token in shared memory: 24 KB, beside the 16 KB of
-#                    the row-block variant's sums (48 KB in all without an opt-in)
-
-
-def rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
-                    w: PreparedIntWeight, bias: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+def fused_rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                          w: PreparedIntWeight, bias: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One token's residual add, RMSNorm and matmul in one decode-kernel launch:
     h = x + residual (x when residual is None), y = RMSNorm(h) * norm_weight @ dequant(w)^T (+ bias);
     returns (y, h), rounded as quantkit.kernels.engine_ops.add_rms_norm and then the matmul would.
     None where the fused kernel does not apply (more than one token, act-order, K past NORM_MAX_K,
-    unaligned rows, formats without the fused kernel: see _engine_kernels): the caller runs the two
-    steps."""
+    unaligned rows, formats without the fused kernel: see _engine_kernels)."""
     if not _engine_kernels(w):
         return None
     k = w.shape[1]
     kp = w.tensors["words"].shape[1] * 32
     rows = [x] + ([residual] if residual is not None else [])
-    if (x.dtype not in _DTYPES or x.shape != (1, k) or "perm" in w.tensors or kp > NORM_MAX_K or k % 8
+    if (not x.is_cuda or x.dtype not in _KEY or x.shape != (1, k) or "perm" in w.tensors or kp > NORM_MAX_K or k % 8
             or any(t.dtype != x.dtype or t.shape != x.shape or t.stride(-1) != 1 or t.data_ptr() % 16 for t in rows)):
         return None
     h = torch.empty_like(x) if residual is not None else x
@@ -312,12 +215,22 @@ def rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight:
     return y, h
 
 
+@register_backend("rms_norm_matmul", "cuda", available=_available)
+def _rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                     w: PreparedIntWeight, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel where it applies, else the two ops it fuses (the twin)."""
+    fused = fused_rms_norm_matmul(x, residual, norm_weight, eps, w, bias)
+    return fused if fused is not None else rms_norm_matmul_reference(x, residual, norm_weight, eps, w, bias)
+
+
+@register_backend("int_weight", "cuda", available=_available, prepare=_prepare)
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
-            variant: tuple[int, ...] | None = None, norm: tuple | None = None) -> torch.Tensor:
-    """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the gemv kernel's
-    (EPI, D, W, XP, MB, RBK), for benchmarks of the instantiated alternatives (None: the
-    production choice, _gemv_variant)."""
-    if x.dtype not in _DTYPES:
+           variant: GemvVariant | None = None, norm: tuple | None = None) -> torch.Tensor:
+    """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the decode kernel's,
+    for benchmarks and tests of the instantiated alternatives (None: the production choice,
+    _gemv_variant). norm: (residual or None, norm weight in x's dtype, eps, h out), the decode
+    kernel's fused RMSNorm (fused_rms_norm_matmul)."""
+    if x.dtype not in _KEY:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
     words = w.tensors["words"]
@@ -338,41 +251,39 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         x2 = _gather_pad(x2, perm, ks * 32)
         return torch.nn.functional.linear(x2, weight, b).reshape(*lead, n)
 
-    scales, zeros = _tables(w, x.dtype)
+    scales, zeros = tables(w, x.dtype)
     tr, sshift, sps = _table_args(w)
     x2 = _rows_in_place(x2, perm)
-    suffix = _suffix(w, x.dtype)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     counters = cuda.counters("int_weight", x.device, rb)
-    common = (x2, words, scales, _null(zeros), _null(b), y)
     if path == "gemv":
         if m > 16:
             raise ValueError(f"the gemv kernel takes at most 16 tokens, got {m}")
-        variant = variant or _gemv_variant(w, m)
-        warps = variant[2]
+        variant = variant if variant is not None else _gemv_variant(w, m)
         name = _gemv_name(w, x.dtype, m, variant, norm is not None)
         ns = ks // U
         total = rb * ns
-        if variant[5]:  # one block per row block, each warp `per` of its steps
-            per, cmax, ws, blocks = -(-ns // warps), 0, None, rb
+        if variant.RBK:  # one block per row block, each warp `per` of its steps
+            per, cmax, ws, blocks = -(-ns // variant.W), 0, None, rb
         else:
-            per = _gemv_per(w, name, warps, x.device)
+            per = _gemv_per(w, name, variant.W, x.device)
             cmax = (ns - 1) // per + 2
             ws = torch.empty(rb * cmax * m * 32, dtype=torch.float32, device=x.device) if per % ns else None
-            blocks = -(-total // (per * warps))
+            blocks = -(-total // (per * variant.W))
+        residual, norm_weight, eps, h = norm if norm is not None else (None, None, 0.0, None)
         # launched early (PDL) the kernel reads its weights and scales before waiting for the previous
         # kernel: only once they were settled by an ordinary launch (the first, per dtype's tables)
-        settled = f"gemv_{_DTYPES[x.dtype]}"
-        cuda.launch(name, "int_weight_mma", (blocks,), (32 * warps,),
-                    (*common, _null(ws), counters, np.int32(m), np.int32(n), np.int32(x2.shape[1]), np.int32(ns),
-                     np.int32(rb), np.int32(x2.stride(0)), np.int32(n), tr, sshift, np.int32(per), np.int32(cmax),
-                     *_norm_args(norm)),
-                    shared_mem=0 if norm is None else ks * 32 * x.element_size(), dependent=settled in w.state)
+        settled = f"gemv_{_KEY[x.dtype]}"
+        int_weight_gemv(name, (blocks,), (32 * variant.W,), x=x2, w=words, scales=scales, zeros=zeros, bias=b, y=y,
+                        ws=ws, counters=counters, M=m, N=n, K=x2.shape[1], NS=ns, RB=rb, ldx=x2.stride(0), ldy=n, tr=tr,
+                        sshift=sshift, per=per, cmax=cmax, res=residual, nw=norm_weight, eps=eps,
+                        h_out=h if residual is not None else None,
+                        shared_mem=0 if norm is None else ks * 32 * x.element_size(), dependent=settled in w.state)
         w.state[settled] = True
         return y.reshape(*lead, n)
 
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
-    name = f"int_weight_mma_{suffix}_nt{nt}"
+    name = mma_kernel(x.dtype, w.spec.bits, _asym(w), nt)
     smem = _ring_bytes(w.spec.bits, zeros is not None)
     zchunks = -(-m // (8 * nt))
     tiles = rb * zchunks
@@ -380,26 +291,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
                                  WARPS * MIN_STEPS_PER_WARP))
     splits = -(-ks // per_split)
     ws = torch.empty(splits, m, rb * 32, dtype=torch.float32, device=x.device) if splits > 1 else None
-    cuda.launch(name, "int_weight_mma", (rb, splits, zchunks), (32 * WARPS,),
-                (*common, _null(ws), cuda.counters("int_weight", x.device, tiles), np.int32(m), np.int32(n), np.int32(x2.shape[1]),
-                 np.int32(ks // U), np.int32(x2.stride(0)), np.int32(n), tr, sshift, sps, np.int32(per_split)),
-                shared_mem=smem)
+    int_weight_mma(name, (rb, splits, zchunks), (32 * WARPS,), x=x2, w=words, scales=scales, zeros=zeros, bias=b, y=y,
+                   ws=ws, counters=cuda.counters("int_weight", x.device, tiles), M=m, N=n, K=x2.shape[1], NS=ks // U,
+                   ldx=x2.stride(0), ldy=n, tr=tr, sshift=sshift, sps=sps, steps_per_split=per_split, shared_mem=smem)
     return y.reshape(*lead, n)
-
-
-def _norm_args(norm: tuple | None) -> tuple:
-    """The decode kernel's fused-RMSNorm arguments (residual, weight, eps, h out), null when off."""
-    if norm is None:
-        return np.uint64(0), np.uint64(0), np.float32(0.0), np.uint64(0)
-    residual, weight, eps, h = norm
-    return (_null(residual), weight, np.float32(eps), h if residual is not None else np.uint64(0))
-
-
-def _available(device: torch.device, spec: IntSpec, dtype: torch.dtype | None) -> bool:
-    """A CUDA GPU with CuPy, a format the kernel takes, and half precision (it computes in
-    fp16 / bf16: a float32 model keeps the reference twin)."""
-    return (device.type == "cuda" and cuda.available() and unsupported(spec) is None
-            and (dtype is None or dtype in _DTYPES))
-
-
-register_backend("cuda", Backend(_prepare, _matmul, _available))

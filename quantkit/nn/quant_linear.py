@@ -52,7 +52,7 @@ class IntWeightLinear(nn.Module):
 
     def prepare(self, backend: str | None = None) -> None:
         """Repack the on-disk tensors into the kernel's layout (once, after loading)."""
-        backend = backend or select_backend(self.weight_packed.device, spec=self.spec, dtype=self.weight_scale.dtype)
+        backend = backend or select_backend("int_weight", self.weight_packed.device, self.weight_scale.dtype, self.spec).name
         self._prepared = prepare_int_weight(
             self.weight_packed,
             self.weight_scale,

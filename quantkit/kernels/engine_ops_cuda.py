@@ -1,0 +1,92 @@
+"""The "cuda" backends of the engine's per-layer ops (quantkit.kernels.engine_ops): the fused kernels
+of csrc/engine_ops.cu for float16 / bfloat16 tensors on a GPU. Each takes the sizes and strides its
+kernel reads and falls back to the op's torch twin for the rest."""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.kernels import cuda
+from quantkit.kernels import engine_ops as ops
+from quantkit.kernels import launch_engine_ops as launch
+from quantkit.kernels.registry import register_backend
+
+NORM_MAX_HIDDEN = 8192  # as in the .cu: 1024 threads x 8 registers
+ATTN_KEYS_PER_SPLIT = 64  # as in the .cu: the keys of one attention block
+ATTN_MAX_CONTEXT = ATTN_KEYS_PER_SPLIT * 65535  # the splits are the grid's y dimension (at most 65535)
+
+
+def half_on_gpu(device: torch.device, dtype: torch.dtype | None, spec: object = None) -> bool:
+    """Where the fused kernels run: float16 / bfloat16 tensors on a CUDA GPU with CuPy (the .cu
+    also has float32 instances; float32 keeps the twins, the transformers math, exactly)."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and cuda.available()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A 2-D view with unit column stride (copied only if needed)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+@register_backend("add_rms_norm", "cuda", available=half_on_gpu)
+def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.shape[-1] > NORM_MAX_HIDDEN:
+        return ops.add_rms_norm_reference(x, residual, weight, eps)
+    x = _rows(x)
+    t, h = x.shape
+    out = torch.empty(t, h, dtype=x.dtype, device=x.device)
+    res_out = torch.empty_like(out) if residual is not None else x
+    r = _rows(residual) if residual is not None else None
+    launch.add_rms_norm((t,), (1024,), x=x, ldx=x.stride(0), res=r, ldr=r.stride(0) if r is not None else 0,
+                        w=weight.to(x.dtype).contiguous(), eps=eps, out=out, ldo=h, res_out=res_out, ldro=h, H=h)
+    return out, res_out
+
+
+@register_backend("silu_mul", "cuda", available=half_on_gpu)
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.stride() != up.stride() or gate.stride(-1) != 1:  # the kernel reads both with one row stride
+        return ops.silu_mul_reference(gate, up)
+    t, i = gate.shape
+    out = torch.empty(t, i, dtype=gate.dtype, device=gate.device)
+    n = t * i
+    launch.silu_mul((-(-n // 256),), (256,), g=gate, u=up, ld_in=gate.stride(0), out=out, I=i, rows=t)
+    return out
+
+
+@register_backend("rope_cache", "cuda", available=half_on_gpu)
+def _rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    hk, d = k_cache.shape[1:]
+    hq = q.shape[1] // d
+    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and cos.dtype == q.dtype):
+        return ops.rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
+    t = q.shape[0]
+    q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
+    cos, sin = _rows(cos), _rows(sin)
+    n = t * (hq + hk) * (d // 2)
+    launch.rope_cache((-(-n // 256),), (256,), q=q, k=k, v=v, ld_in=q.stride(0), cos=cos, sin=sin,
+                      ld_cs=cos.stride(0), slots=slots.contiguous(), q_out=q_out, kc=k_cache, vc=v_cache, rows=t,
+                      Hq=hq, Hk=hk, D=d)
+    return q_out
+
+
+@register_backend("paged_attention", "cuda", available=half_on_gpu)
+def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: torch.Tensor,
+                     positions: torch.Tensor, scale: float) -> torch.Tensor:
+    rows, hq, d = q.shape
+    b, c = context.shape
+    if d > 256 or hq % k_cache.shape[1] or c > ATTN_MAX_CONTEXT:
+        return ops.paged_attention_reference(q, k_cache, v_cache, context, positions, scale)
+    out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
+    per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu
+    # from C, not from the positions: the same grid for every replay of a context bucket's CUDA graph
+    splits = max(-(-c // ATTN_KEYS_PER_SPLIT), 1)
+    ws = counters = None  # one split writes out directly
+    if splits > 1:
+        ws = torch.empty(rows * hq, splits, d + 2, dtype=torch.float32, device=q.device)  # (m, l, acc[D]) per split
+        counters = cuda.counters("paged_attention", q.device, rows * hq)
+    launch.paged_attention((rows * hq, splits), (256,), E=per_lane, q=q.contiguous(), kc=k_cache, vc=v_cache,
+                           context=context.contiguous(), C=c, pos=positions.contiguous(), out=out, ws=ws,
+                           counters=counters, S=rows // b, Hq=hq, Hk=k_cache.shape[1], D=d, scale=scale)
+    return out.view(rows, hq * d)
+
