@@ -1,6 +1,7 @@
 """Kernel entry points, each over the backends of one op in quantkit.kernels.registry.
 
-    int_weight_matmul / prepare_int_weight   int_weight.py; backend "cuda": int_weight_cuda.py
+    int_weight_matmul / prepare_int_weight   int_weight.py; backend "cuda": int_weight_cuda.py, the weight
+                                             layout its kernels read (built at load): int_weight_layout.py
     w8a8_matmul / prepare_w8a8               w8a8.py; backend "torch": w8a8_torch.py
     engine_ops.add_rms_norm, rms_norm_matmul, silu_mul, rope_cache, paged_attention
                                              engine_ops.py; backends "cuda": engine_ops_cuda.py

@@ -4,8 +4,8 @@ An op is one entry point (quantkit.kernels.int_weight_matmul, engine_ops.add_rms
 its backends are implementations of that entry point's signature, registered where they are
 written:
 
-    @register_backend("add_rms_norm", "cuda", available=half_precision_on_gpu)
-    def _add_rms_norm_cuda(x, residual, weight, eps): ...
+    @register_backend("add_rms_norm", "cuda", available=half_on_gpu)   # engine_ops_cuda.py
+    def _add_rms_norm(x, residual, weight, eps): ...
 
 Backend names: "reference" (torch, any device: the twin every other backend is tested
 against, registered for every op), "cuda" (csrc/ kernels through CuPy), "torch" (torch's own
