@@ -16,7 +16,7 @@
 //                      per step, (q - z) * s rounded once in half precision.
 //   int_weight_dequant_*  the dense [Np, Kp] weight for cuBLAS (large M).
 //
-// Weight layout (built at load time by quantkit.kernels.int_weight_cuda.repack):
+// Weight layout (built at load time by quantkit.kernels.int_weight_layout.repack):
 //   the weight, padded to Np = 32 * RB rows and Kp = 128 * NS columns (NS steps of
 //   U = 4 units), is cut into units of 32 rows x 32 columns, unit (rb, ks) at
 //   ((rb * KS + ks) * PARTS) uint4 * 32 lanes, KS = 4 NS, PARTS = BITS / 4.
@@ -752,6 +752,6 @@ ALL(bf16_b4_asym, __nv_bfloat16, 4, true) GEMV_ENGINE(bf16_b4_asym, __nv_bfloat1
 ALL(bf16_b8_sym, __nv_bfloat16, 8, false)
 ALL(bf16_b8_asym, __nv_bfloat16, 8, true)
 
-// Variants of the decode kernel kept for dev/quick_w4.py (fp16, 4-bit, symmetric; csrc/NOTES.md has their timings).
+// Variants of the decode kernel kept for scripts/profile_int_weight.py (fp16, 4-bit, symmetric; csrc/NOTES.md has their timings).
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 2, 8, 1, 1, 0)
 GEMV_KERNEL(f16_b4_sym, __half, 4, false, 1, 1, 1, 3, 8, 0, 2, 0)

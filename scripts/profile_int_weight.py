@@ -20,6 +20,7 @@ the library picks, this forces each one, for the figures of csrc/NOTES.md:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 
@@ -94,7 +95,7 @@ def variants(shapes: list[tuple[int, int]], iters: int) -> None:
                                 sets, iters)
             after, *_ = time_us(lambda _, w, v=v: iwc._matmul(before(), w, None, path="gemv", variant=v),
                                 [x] * len(sets), sets, iters)
-            print(f"   {tuple(v)}: alone {alone:6.1f}, after its op {after:6.1f} ({n * k / 2 / after / 1e6:5.2f} TB/s), "
+            print(f"   {dataclasses.astuple(v)}: alone {alone:6.1f}, after its op {after:6.1f} ({n * k / 2 / after / 1e6:5.2f} TB/s), "
                   f"err vs stream-K {err:.1e}", flush=True)
         del sets
         torch.cuda.empty_cache()
