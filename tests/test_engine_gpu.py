@@ -52,8 +52,8 @@ def test_graphed_speculative_greedy_equals_plain(tiny_cuda, mode):
     assert engine.stats.verify_rows > 0
     if mode == "draft":
         # the model drafting for itself: its proposals are the target's own greedy tokens (up to the
-        # rounding of 1- and 4-token forwards). Before the draft copied its proposals out of the
-        # graph's outputs, each graphed draft step overwrote the previous one's and most were rejected.
+        # rounding of 1- and 4-token forwards). A graphed step's outputs are overwritten by its next
+        # replay: the draft must copy its proposals out, or most of them would be rejected.
         assert engine.stats.accepted >= 0.9 * engine.stats.proposed
 
 

@@ -62,8 +62,8 @@ class PrefillChunk:
     context_slots: list[int]
 
 
-# Prefill attention on a GPU: not cuDNN's, which builds an execution plan for each new shape (a prompt
-# length it has not seen cost 0.4 s of TTFT on an H200 with torch 2.11; dev/ttft_probe.py).
+# Prefill attention on a GPU: not cuDNN's, which builds an execution plan for each new shape, so every
+# prompt length it has not seen yet would pay that in time to first token (BENCHMARKS.md, the engine).
 _PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
