@@ -81,11 +81,12 @@ def check_weight_index(folder: Path) -> None:
 def empty_model(config):
     """The model a config describes, on the meta device: every module and shape,
     no memory, nothing read. For checks before any weight is loaded."""
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     try:
-        with init_empty_weights():  # parameters on the meta device; the few small buffers stay real
+        # torch's meta device, not accelerate's init_empty_weights: that one re-registers every
+        # parameter and so unties lm_head from the embedding, which the checks read
+        with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except Exception as e:  # transformers building from a config it accepted: whatever it raises is about the config
         raise ModelLoadError(f"transformers cannot build the model its config describes: {type(e).__name__}: {e}") from e
