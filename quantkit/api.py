@@ -116,7 +116,7 @@ def quantize(
         _check_calibration_memory(recipe, config, dev)
 
     t0 = time.perf_counter()
-    loaded = load_model(source)
+    loaded = load_model(source, config=config)
     load_s = time.perf_counter() - t0
     model_dtype = next(loaded.model.parameters()).dtype
     # "auto" resolved once, from the hardware, and recorded: the recipe copy repeats the run exactly

@@ -20,6 +20,7 @@ import torch
 from quantkit.algorithms import Observer
 from quantkit.algorithms.folding import Target
 from quantkit.errors import NumericalError
+from quantkit.formats.finite import all_finite
 from quantkit.models import LoadedModel
 from quantkit.replay import ReplayCache
 
@@ -89,8 +90,7 @@ def capture_block_inputs(
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
-    # one reduction: a NaN or an Inf anywhere makes max |t| non-finite
-    if t.numel() and not torch.isfinite(t.abs().amax()):
+    if not all_finite(t):
         raise NumericalError(f"{what} contains NaN or Inf; refusing to quantize")
 
 

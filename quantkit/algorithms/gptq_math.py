@@ -14,6 +14,7 @@ and after rounding column q the remaining columns F absorb the error
 
 Columns are processed in blocks of B (lazy batch updates): within a block the
 update touches only the block; the rest of W is updated once per block.
+H itself is accumulated by quantkit.algorithms.statistics.
 """
 
 from __future__ import annotations
@@ -26,40 +27,6 @@ import torch
 from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, compute_qparams, group_minmax, per_tensor
 from quantkit.formats.activation import FP8_E4M3_MAX
 from quantkit.formats.fp8 import fp8_scale
-
-
-def make_hessian(in_features: int, device: torch.device | str | None = None) -> torch.Tensor:
-    return torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-
-
-def accumulate_hessian(H: torch.Tensor, n_seen: int, x: torch.Tensor) -> int:
-    """Fold a batch x [t, in] into the running H = 2/n sum x x^T, in place.
-
-    Returns the new sample count. H stays float32 whatever x's dtype.
-    """
-    t = x.shape[0]
-    if t == 0:
-        return n_seen
-    n = n_seen + t
-    x = x.to(torch.float32)
-    H.mul_(n_seen / n)
-    H.addmm_(x.T, x, alpha=2.0 / n)
-    return n
-
-
-def equalize_tokens(x: torch.Tensor) -> torch.Tensor:
-    """Rows of x [t, in] scaled to unit norm (all-zero rows stay zero), in float32.
-
-    Plain GPTQ weighs each calibration token by its squared norm. In most LLMs
-    a few tokens (the first of every sequence, the "attention sink") carry
-    activations hundreds of times larger than the rest (Sun et al. 2024,
-    "Massive Activations in Large Language Models"); their outer products then
-    make up nearly all of H, and GPTQ fits those few tokens at the expense of
-    every other one, which generalizes badly beyond the calibration text.
-    Accumulating unit rows gives every token the same say in the Hessian.
-    """
-    x = x.to(torch.float32)
-    return x / torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 @dataclass

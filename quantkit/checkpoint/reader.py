@@ -23,6 +23,7 @@ from quantkit.checkpoint.files import looks_quantized, read_headers, read_json_o
 from quantkit.checkpoint.validate import Checkpoint, QuantLinear, read_config, validate_checkpoint
 from quantkit.checkpoint.writer import RECIPE_FILE, REPORT_FILE
 from quantkit.errors import CheckpointError
+from quantkit.formats.finite import all_finite
 from quantkit.models import LoadedModel
 from quantkit.nn import IntWeightLinear, W8A8Linear
 
@@ -50,12 +51,6 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
         return False  # not readable as weights: the float loader says why
 
 
-def _non_finite(t: torch.Tensor) -> bool:
-    if t.dtype == torch.float8_e4m3fn:  # no Inf in E4M3FN; NaN is S.1111.111
-        return bool(((t.view(torch.uint8) & 0x7F) == 0x7F).any())
-    return t.is_floating_point() and not bool(torch.isfinite(t).all())
-
-
 def read_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
     """Every tensor of a validated checkpoint; a float tensor holding NaN or Inf is refused by name."""
     state: dict[str, torch.Tensor] = {}
@@ -66,7 +61,7 @@ def read_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors' (Rust) errors, OSError: the file changed or is unreadable
             raise CheckpointError(f"corrupted safetensors file {f}: {described(e)}") from e
         for key, t in tensors.items():  # one reduction per tensor
-            if _non_finite(t):
+            if not all_finite(t):
                 raise CheckpointError(f"{f}: tensor {printable(key)} holds NaN or Inf values: the checkpoint is corrupted")
         state.update(tensors)
     return state

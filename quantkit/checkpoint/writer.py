@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from quantkit.checkpoint.config import build_quantization_config
 from quantkit.checkpoint.output import atomic_output, check_output  # noqa: F401  (re-exported)
 from quantkit.errors import NumericalError
+from quantkit.formats.finite import all_finite
 from quantkit.formats import ActSpec, QuantizedWeight, pack_int32, per_tensor
 
 RECIPE_FILE = "quantkit_recipe.yaml"
@@ -82,13 +83,8 @@ def quantized_state_dict(model: torch.nn.Module, weights: dict[str, QuantizedWei
 def check_finite_state(state: dict[str, torch.Tensor]) -> None:
     """NumericalError naming the first float tensor holding NaN or Inf: embeddings,
     norms and biases too, not only the quantized linears' scales."""
-    wide = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     for key, t in state.items():
-        if not t.is_floating_point() or not t.numel():
-            continue
-        t = t if t.dtype in wide else t.float()  # FP8 has a NaN code but no reductions
-        # one reduction per tensor: a NaN or an Inf anywhere makes max |t| non-finite
-        if not torch.isfinite(t.abs().amax()):
+        if not all_finite(t):
             raise NumericalError(f"{key} contains NaN or Inf; refusing to write the checkpoint")
 
 

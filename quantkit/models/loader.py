@@ -140,11 +140,13 @@ def load_config(source: str | os.PathLike | None):
         raise ModelLoadError(f"cannot read the model config of {resolved}: {e}") from e
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None) -> LoadedModel:
+def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+               config=None) -> LoadedModel:
     """Load a float causal LM and its tokenizer on the CPU.
 
     dtype: None keeps the stored dtype (float32 for GGUF); or "float32" /
-    "float16" / "bfloat16" / a torch.dtype.
+    "float16" / "bfloat16" / a torch.dtype. config: its load_config(source), when
+    the caller has read it already (a GGUF's metadata takes seconds to parse).
     """
     import pickle
 
@@ -152,8 +154,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_source(source)
-    config = load_config(resolved)
-    family = family_for(config)  # fail before reading weights
+    family = family_for(config if config is not None else load_config(resolved))  # fail before reading weights
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
