@@ -3,11 +3,35 @@
 The driver, the algorithms (AWQ / SmoothQuant mappings), the checkpoint reader
 and the engine all read these tables; nothing else in quantkit branches on the
 model class.
+
+Two kinds of facts, kept apart:
+  the table (Family)   what the architecture IS, the same for every checkpoint of
+                       the family: module names, which norm feeds which linears,
+                       the block's order of norms and residual adds, which
+                       linears are packed (Phi-3's qkv_proj), which mappings can
+                       never fold and why, the RMSNorm's (offset + w).
+  the config           what one checkpoint CHOOSES: widths and head counts, each
+                       layer's attention type (sliding window or global,
+                       config.layer_types), the window, the soft-capping values,
+                       the attention scale, the rotary bases (Gemma 3: one per
+                       layer type), the activation. Read through the functions at
+                       the end of this file (layer_types, layer_facts,
+                       final_logit_softcap, part_widths, ...), never by
+                       branching on the model class.
+
+One block of every family here computes (names are the table's fields):
+
+    h = x + attn_out_norm?(self_attn(attn_norm(x)))           q/k through qk_norm per head before RoPE
+    y = h + mlp_out_norm?(mlp(mlp_norm(h)))
+
+with RMSNorm(x) = x / rms(x) * (norm_offset + w) for every norm of the model
+(the final norm and qk norms included), and the embeddings multiplied by
+sqrt(hidden_size) when embed_scale is set (the embedding module does it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quantkit.errors import UnsupportedModelError
 
@@ -15,10 +39,30 @@ from quantkit.errors import UnsupportedModelError
 @dataclass(frozen=True)
 class Mapping:
     """A previous op whose output feeds `linears`; AWQ and SmoothQuant fold
-    per-input-channel scales into `prev` (a norm weight or a linear's rows)."""
+    per-input-channel scales into `prev` (a norm weight or a linear's rows).
+
+    prev_part: `prev` is a packed linear (Family.packed): only the rows of this
+    part feed `linears` (Phi-3: the "up" rows of gate_up_proj feed down_proj).
+    reason: why the mapping can never fold for this family; it is reported as
+    skipped with this reason and never tried. (A mapping that cannot fold for
+    one checkpoint only, v -> o under grouped-query attention, is found at run
+    time from the shapes and reported the same way.)
+    """
 
     prev: str
     linears: tuple[str, ...]
+    prev_part: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A linear of the model that holds several projections stacked along its
+    output rows, in `parts` order: ("q", "k", "v") or ("gate", "up"). The part
+    widths come from the config (part_widths)."""
+
+    linear: str  # relative to the block, e.g. "self_attn.qkv_proj"
+    parts: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -47,9 +91,36 @@ class Family:
     # linears whose outputs form attention scores (through a softmax): searches
     # that minimize a linear's own output error (AWQ's clipping) leave them be
     score_linears: tuple[str, ...] = ()
-    # vLLM fuses these; they must share one quantization scheme there
+    # vLLM fuses these separate linears into one; they must share one
+    # quantization scheme there (the engine fuses them too)
     fused: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # linears that already are fused in the model, and how to split their outputs
+    packed: tuple[Packed, ...] = ()
+    # every RMSNorm of the model multiplies by (norm_offset + w): Gemma 1.0
+    norm_offset: float = 0.0
+    # the norm whose output feeds attention, and the one whose output feeds the MLP
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    # norms applied to the attention / MLP OUTPUT before the residual add (Gemma), or None
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    # per-head RMSNorms on q and k (over head_dim), applied before RoPE (Qwen3, Gemma 3)
+    qk_norm: tuple[str, str] | None = None
+    # the embedding module multiplies its output by sqrt(hidden_size), in the weight's dtype
+    embed_scale: bool = False
+    # the rotary module's forward takes the layer type (x, position_ids, layer_type):
+    # Gemma 3's sliding layers have their own rotary base
+    rotary_per_layer_type: bool = False
+    # config attribute naming the MLP activation (gate's nonlinearity)
+    activation_key: str = "hidden_act"
 
+
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_SHARED = (_QKV, ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+_FUSED = (("self_attn.qkv_proj", _QKV), ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")))
+_QK_NORM = ("self_attn.q_norm", "self_attn.k_norm")
 
 LLAMA = Family(
     name="llama",
@@ -59,23 +130,10 @@ LLAMA = Family(
     final_norm="model.norm",
     lm_head="lm_head",
     rotary="model.rotary_emb",
-    linears=(
-        "self_attn.q_proj",
-        "self_attn.k_proj",
-        "self_attn.v_proj",
-        "self_attn.o_proj",
-        "mlp.gate_proj",
-        "mlp.up_proj",
-        "mlp.down_proj",
-    ),
-    shared_inputs=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
+    linears=_ATTENTION + _MLP,
+    shared_inputs=_SHARED,
     mappings=(
-        Mapping("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        Mapping("input_layernorm", _QKV),
         Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
         Mapping("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
         Mapping("mlp.up_proj", ("mlp.down_proj",)),
@@ -88,13 +146,98 @@ LLAMA = Family(
     ),
     replay_tails=(("self_attn", "self_attn.o_proj"),),
     score_linears=("self_attn.q_proj", "self_attn.k_proj"),
-    fused=(
-        ("self_attn.qkv_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("mlp.gate_up_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    ),
+    fused=_FUSED,
 )
 
-FAMILIES: dict[str, Family] = {LLAMA.name: LLAMA}
+# Llama's block with per-head RMSNorms on q and k. They sit after q_proj / k_proj,
+# so scaling those linears' input columns (input_layernorm -> q/k/v) leaves them be.
+QWEN3 = replace(LLAMA, name="qwen3", model_types=("qwen3",), qk_norm=_QK_NORM)
+
+_GEMMA_MAPPINGS = (
+    Mapping("input_layernorm", _QKV),
+    Mapping("self_attn.v_proj", ("self_attn.o_proj",)),
+    # the MLP's input is pre_feedforward_layernorm's output; post_attention_layernorm
+    # normalizes the attention output before the residual add
+    Mapping("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    Mapping("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+# Gemma 2: RMSNorm with (1 + w), a norm after attention and after the MLP (before
+# each residual add), scaled embeddings, gelu-tanh MLP; sliding-window layers
+# interleaved with global ones and logit soft-capping (both from the config).
+GEMMA2 = Family(
+    name="gemma2",
+    model_types=("gemma2",),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    rotary="model.rotary_emb",
+    linears=_ATTENTION + _MLP,
+    shared_inputs=_SHARED,
+    mappings=_GEMMA_MAPPINGS,
+    replay_modules=(
+        ("input_layernorm", ()),
+        ("self_attn", ("self_attn.",)),
+        ("post_attention_layernorm", ("self_attn.",)),  # on the attention output
+        ("pre_feedforward_layernorm", ("self_attn.",)),
+        ("mlp", ("self_attn.", "mlp.")),
+        ("post_feedforward_layernorm", ("self_attn.", "mlp.")),  # on the MLP output
+    ),
+    replay_tails=(("self_attn", "self_attn.o_proj"),),
+    score_linears=("self_attn.q_proj", "self_attn.k_proj"),
+    fused=_FUSED,
+    norm_offset=1.0,
+    mlp_norm="pre_feedforward_layernorm",
+    attn_out_norm="post_attention_layernorm",
+    mlp_out_norm="post_feedforward_layernorm",
+    embed_scale=True,
+    activation_key="hidden_activation",
+)
+
+# Gemma 3 (text): Gemma 2's block with per-head q/k norms ((1 + w) too), and the
+# sliding layers' own rotary base (config.rope_parameters per layer type).
+# model_type "gemma3" is the multimodal model (Gemma3ForConditionalGeneration): see REFUSED.
+GEMMA3 = replace(GEMMA2, name="gemma3", model_types=("gemma3_text",), qk_norm=_QK_NORM, rotary_per_layer_type=True)
+
+# Phi-3: Llama's block with q/k/v in one linear and gate/up in another (the model's
+# own modules, written under these names in checkpoints).
+PHI3 = Family(
+    name="phi3",
+    model_types=("phi3",),
+    blocks="model.layers",
+    embed="model.embed_tokens",
+    final_norm="model.norm",
+    lm_head="lm_head",
+    rotary="model.rotary_emb",
+    linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    shared_inputs=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    mappings=(
+        Mapping("input_layernorm", ("self_attn.qkv_proj",)),
+        # v's rows of qkv_proj; under grouped-query attention the widths differ (found at run time)
+        Mapping("self_attn.qkv_proj", ("self_attn.o_proj",), prev_part="v"),
+        Mapping("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        Mapping("mlp.gate_up_proj", ("mlp.down_proj",), prev_part="up"),
+    ),
+    replay_modules=(
+        ("input_layernorm", ()),
+        ("self_attn", ("self_attn.",)),
+        ("post_attention_layernorm", ("self_attn.",)),
+        ("mlp", ("self_attn.", "mlp.")),
+    ),
+    replay_tails=(("self_attn", "self_attn.o_proj"),),
+    # q and k share qkv_proj with v: the whole linear is left unclipped
+    score_linears=("self_attn.qkv_proj",),
+    packed=(Packed("self_attn.qkv_proj", ("q", "k", "v")), Packed("mlp.gate_up_proj", ("gate", "up"))),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN3, GEMMA2, GEMMA3, PHI3)}
+
+# model types that look supported but are not, with the reason shown to the user
+REFUSED: dict[str, str] = {
+    "gemma3": "the multimodal Gemma 3 (Gemma3ForConditionalGeneration, a vision tower beside the language "
+              "model); quantkit reads the text-only model_type gemma3_text (Gemma3ForCausalLM)",
+}
 
 
 def supported_model_types() -> list[str]:
@@ -108,8 +251,80 @@ def family_for(config) -> Family:
         if model_type in family.model_types:
             return family
     archs = getattr(config, "architectures", None) or []
+    why = f": {REFUSED[model_type]}" if model_type in REFUSED else ""
     raise UnsupportedModelError(
         f"unsupported architecture: model_type={model_type!r}"
-        + (f" ({', '.join(archs)})" if archs else "")
+        + (f" ({', '.join(archs)})" if archs else "") + why
         + f"; supported model types: {', '.join(supported_model_types())}"
     )
+
+
+# --------------------------------------------------------------------------- facts from the config
+
+FULL, SLIDING = "full_attention", "sliding_attention"
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def part_widths(packed: Packed, config) -> list[int]:
+    """Output rows of each part of a packed linear, in order."""
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    widths = {"q": config.num_attention_heads * head_dim(config), "k": kv * head_dim(config),
+              "v": kv * head_dim(config), "gate": config.intermediate_size, "up": config.intermediate_size}
+    return [widths[p] for p in packed.parts]
+
+
+def part_rows(family: Family, linear: str, part: str, config) -> tuple[int, int]:
+    """[start, end) of `part`'s rows in the packed `linear`."""
+    packed = next(p for p in family.packed if p.linear == linear)
+    widths = part_widths(packed, config)
+    i = packed.parts.index(part)
+    return sum(widths[:i]), sum(widths[: i + 1])
+
+
+def layer_types(config) -> list[str]:
+    """Each decoder layer's attention type, FULL or SLIDING (config.layer_types;
+    a config without it has one type for every layer)."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types[: config.num_hidden_layers])
+    return [SLIDING if getattr(config, "sliding_window", None) else FULL] * config.num_hidden_layers
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What one decoder layer's attention does, as the config says."""
+
+    layer_type: str  # FULL or SLIDING
+    sliding_window: int | None  # a query sees the keys at distance < this; None: every earlier key
+    scale: float  # the q.k scale (Gemma: query_pre_attn_scalar ** -0.5, else head_dim ** -0.5)
+    softcap: float | None  # scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2)
+    rope_theta: float | None  # this layer's rotary base, when the config names one
+    partial_rotary_factor: float  # fraction of head_dim that is rotated (Phi-3 variants: < 1)
+
+
+def layer_facts(config) -> list[LayerFacts]:
+    """Per decoder layer, what its attention does (from the config)."""
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    scale = (scalar if scalar else head_dim(config)) ** -0.5
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    rope = getattr(config, "rope_parameters", None) or {}
+    out = []
+    for t in layer_types(config):
+        params = rope[t] if isinstance(rope.get(t), dict) else rope  # Gemma 3: one set per layer type
+        window = getattr(config, "sliding_window", None) if t == SLIDING else None
+        out.append(LayerFacts(t, window, scale, softcap, params.get("rope_theta"),
+                              float(params.get("partial_rotary_factor", 1.0) or 1.0)))
+    return out
+
+
+def final_logit_softcap(config) -> float | None:
+    """logits -> cap * tanh(logits / cap) after the output head (Gemma 2 / 3), or None."""
+    return getattr(config, "final_logit_softcapping", None) or None
+
+
+def mlp_activation(config, family: Family) -> str:
+    """The MLP activation's name in transformers' ACT2FN ("silu", "gelu_pytorch_tanh")."""
+    return getattr(config, family.activation_key, None) or "silu"
