@@ -1,6 +1,7 @@
 """Running calibration batches through one decoder block: the mechanics under the driver.
 
-    capture_block_inputs   the hidden states (and rotary, mask kwargs) that reach block 0
+    capture_block_inputs   the hidden states that reach block 0, and the keyword arguments
+                           (attention mask, rotary cos/sin) of each attention type's blocks
     observe                the batches through a block, each linear group's input handed
                            to the observers by forward pre-hooks; each forward stops as
                            soon as the last group's input is seen
@@ -13,7 +14,7 @@ final are replayed instead of recomputed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,13 +23,26 @@ from quantkit.algorithms.folding import Target
 from quantkit.errors import NumericalError
 from quantkit.formats.finite import all_finite
 from quantkit.models import LoadedModel
+from quantkit.models.families import layer_types
 from quantkit.replay import ReplayCache
 
 
 @dataclass
 class BlockInput:
+    """One calibration batch on its way through the blocks.
+
+    The model computes the attention masks and rotary cos/sin once, before its
+    first block, and hands each block those of its attention type: a sliding-window
+    layer gets the windowed mask (Gemma 2 / 3, Qwen2 with max_window_layers) and,
+    in Gemma 3, the cos/sin of its own rotary base. So they are captured per type
+    (config.layer_types) and each block is given its type's."""
+
     hidden: torch.Tensor  # [batch, seq, hidden]
-    kwargs: dict
+    kwargs: dict  # block 0's keyword arguments
+    by_type: dict[str, dict] = field(default_factory=dict)  # attention type -> its blocks' keyword arguments
+
+    def kwargs_for(self, layer_type: str | None) -> dict:
+        return self.by_type.get(layer_type, self.kwargs) if layer_type is not None else self.kwargs
 
 
 class _InputsCaptured(Exception):
@@ -54,28 +68,49 @@ def _cast(obj, dtype: torch.dtype):
     return obj
 
 
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
 @torch.inference_mode()
 def capture_block_inputs(
     loaded: LoadedModel, input_ids: torch.Tensor, device, batch_size: int, dtype: torch.dtype | None = None
 ) -> list[BlockInput]:
-    """Run the model up to block 0 for each batch of `input_ids` [n, seq];
-    floating inputs are cast to `dtype` (the calibration forwards' dtype)."""
+    """Run the model up to block 0 for each batch of `input_ids` [n, seq], and on
+    to the first block of every other attention type for that type's keyword
+    arguments (the blocks in between pass their input through unchanged, without
+    computing: only the arguments the model prepared before its first block are
+    wanted); floating inputs are cast to `dtype` (the calibration forwards' dtype)."""
     model, family = loaded.model, loaded.family
     blocks = blocks_of(loaded)
+    types = layer_types(model.config)
+    firsts = {t: types.index(t) for t in dict.fromkeys(types)}  # attention type -> its first block
+    last = max(firsts.values())
     captured: list[BlockInput] = []
+    batch: dict = {}
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        if dtype is not None:
-            hidden, kwargs = _cast(hidden, dtype), _cast(kwargs, dtype)
-        captured.append(BlockInput(hidden, kwargs))
-        raise _InputsCaptured
+    def make_hook(index: int, layer_type: str):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if dtype is not None:
+                hidden, kwargs = _cast(hidden, dtype), _cast(kwargs, dtype)
+            if index == 0:
+                batch["hidden"], batch["kwargs"] = hidden, kwargs
+            batch.setdefault("by_type", {})[layer_type] = kwargs
+            if index == last:
+                captured.append(BlockInput(batch["hidden"], batch["kwargs"], batch["by_type"]))
+                batch.clear()
+                raise _InputsCaptured
+
+        return hook
 
     outer = [family.embed] + ([family.rotary] if family.rotary else [])
     for name in outer:
         model.get_submodule(name).to(device)
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    handles = [blocks[i].register_forward_pre_hook(make_hook(i, t), with_kwargs=True) for t, i in firsts.items()]
+    for i in range(last):  # an instance attribute shadows the class's forward
+        blocks[i].forward = _pass_through
     try:
         for start in range(0, input_ids.shape[0], batch_size):
             try:
@@ -83,7 +118,10 @@ def capture_block_inputs(
             except _InputsCaptured:
                 pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+        for i in range(last):
+            blocks[i].__dict__.pop("forward", None)
         for name in outer:
             model.get_submodule(name).to("cpu")
     return captured
@@ -108,8 +146,10 @@ def replay_cache(block, targets: list[Target], family) -> ReplayCache:
     return ReplayCache(block, members, dict(family.replay_tails))
 
 
-def run_batches(block, inputs: list[BlockInput], replay: ReplayCache | None, final: set[str], keep: bool) -> list[BlockInput]:
-    """One pass of the calibration batches through `block`; outputs kept when `keep`."""
+def run_batches(block, inputs: list[BlockInput], replay: ReplayCache | None, final: set[str], keep: bool,
+                layer_type: str | None = None) -> list[BlockInput]:
+    """One pass of the calibration batches through `block` (of attention type
+    `layer_type`; None: block 0's); outputs kept when `keep`."""
     outputs = []
     if replay is not None:
         replay.start_pass(final)
@@ -118,9 +158,9 @@ def run_batches(block, inputs: list[BlockInput], replay: ReplayCache | None, fin
             if replay is not None:
                 replay.batch = b
             try:
-                out = block(item.hidden, **item.kwargs)
+                out = block(item.hidden, **item.kwargs_for(layer_type))
                 if keep:
-                    outputs.append(BlockInput(block_output(out), item.kwargs))
+                    outputs.append(BlockInput(block_output(out), item.kwargs, item.by_type))
             except StopBlock:
                 pass
     finally:
@@ -131,7 +171,7 @@ def run_batches(block, inputs: list[BlockInput], replay: ReplayCache | None, fin
 
 @torch.inference_mode()
 def observe(block, inputs: list[BlockInput], groups: list[list[Target]], observers: list[Observer],
-             replay: ReplayCache | None, final: set[str]) -> None:
+            replay: ReplayCache | None, final: set[str], layer_type: str | None = None) -> None:
     """Run the calibration batches through `block`, handing each group's input
     to the observers; each forward ends once the last group's input is seen."""
     last = groups[-1][0].name
@@ -160,12 +200,13 @@ def observe(block, inputs: list[BlockInput], groups: list[list[Target]], observe
     if stop_after is not None:
         handles.append(block.get_submodule(stop_after).register_forward_hook(stop))
     try:
-        run_batches(block, inputs, replay, final, keep=False)
+        run_batches(block, inputs, replay, final, keep=False, layer_type=layer_type)
     finally:
         for h in handles:
             h.remove()
 
 
 @torch.inference_mode()
-def propagate(block, inputs: list[BlockInput], replay: ReplayCache | None, final: set[str]) -> list[BlockInput]:
-    return run_batches(block, inputs, replay, final, keep=True)
+def propagate(block, inputs: list[BlockInput], replay: ReplayCache | None, final: set[str],
+              layer_type: str | None = None) -> list[BlockInput]:
+    return run_batches(block, inputs, replay, final, keep=True, layer_type=layer_type)

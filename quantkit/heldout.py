@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from quantkit.models import LoadedModel
+from quantkit.models.families import final_logit_softcap
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,11 @@ class HeldOutResult:
 def perplexity_of_hidden(loaded: LoadedModel, hidden: list[torch.Tensor], ids: torch.Tensor, device) -> float:
     """exp(mean next-token NLL) of `ids` [n, seq] from the last block's outputs
     `hidden` (batches of [b, seq, d], in order), through the final norm and the
-    output head; one window at a time, so the logits stay [seq, vocab]."""
+    output head (and the soft-capping the config asks for, as the model's own
+    forward does: Gemma 2 / 3); one window at a time, so the logits stay [seq, vocab]."""
     model, family = loaded.model, loaded.family
     norm, head = model.get_submodule(family.final_norm), model.get_submodule(family.lm_head)
+    cap = final_logit_softcap(model.config)
     dtype = head.weight.dtype
     norm.to(device), head.to(device)
     total, count, row = 0.0, 0, 0
@@ -58,6 +61,8 @@ def perplexity_of_hidden(loaded: LoadedModel, hidden: list[torch.Tensor], ids: t
         for h in hidden:
             for window in h:
                 logits = head(norm(window.to(dtype)))  # [seq, vocab]
+                if cap is not None:
+                    logits = torch.tanh(logits / cap) * cap
                 target = ids[row].to(logits.device)
                 total += float(torch.nn.functional.cross_entropy(logits[:-1].float(), target[1:], reduction="sum"))
                 count += target.numel() - 1

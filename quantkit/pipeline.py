@@ -1,6 +1,7 @@
 """THE block-by-block driver: onload, observe, quantize, propagate. It walks; nothing else.
 
-    capture the inputs of block 0 (only when some step observes activations)
+    capture the inputs of block 0 (only when some step observes activations), and
+      the mask and rotary arguments of each attention type's blocks
     for each decoder block:
         move it to the device
         transforms: run the float block, fold their scales in, clip
@@ -34,6 +35,7 @@ from quantkit.devices import calibration_dtype
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight
 from quantkit.heldout import HeldOutResult, perplexity_of_hidden
 from quantkit.models import LoadedModel
+from quantkit.models.families import layer_types
 from quantkit.progress import QuantizeProgress
 from quantkit.recipe import Recipe
 from quantkit.forwards import blocks_of, capture_block_inputs, check_finite, observe, propagate, replay_cache
@@ -118,6 +120,7 @@ def quantize_model(
     needs_data = bool(transforms or observers)
     family = loaded.family
     blocks = blocks_of(loaded)
+    kinds = layer_types(loaded.model.config)  # each block's attention type: its mask and rotary cos/sin
     seconds = {"capture": 0.0, "forward": 0.0, "transform": 0.0, "quantize": 0.0}
     if needs_data and calibration_ids is None:
         users = [s.name for s in chain if isinstance(s, Transform) or s.observes]
@@ -146,17 +149,17 @@ def quantize_model(
         fwd = block if not needs_data or fwd_dtype == model_dtype else copy.deepcopy(block).to(fwd_dtype)
         if held_float:
             t = time.perf_counter()
-            held_float = propagate(fwd, held_float, None, set())  # before anything changes the block
+            held_float = propagate(fwd, held_float, None, set(), kinds[i])  # before anything changes the block
             seconds["held_out"] = seconds.get("held_out", 0.0) + time.perf_counter() - t
         groups = _input_groups(targets, family.shared_inputs)
         if transforms and targets:
             t = time.perf_counter()
-            observe(fwd, inputs, groups, transforms, None, set())  # the float block, every group in one pass
+            observe(fwd, inputs, groups, transforms, None, set(), kinds[i])  # the float block, every group in one pass
             seconds["forward"] += time.perf_counter() - t
             t = time.perf_counter()
             progress.substeps(len(transforms) * (len(family.mappings) + 1), f"  block {i}: transforms")
             apply_transforms(block, targets, family, transforms, rounding.trial_rounder(),
-                             lambda what, i=i: progress.substep(f"  block {i}: {what}"))
+                             lambda what, i=i: progress.substep(f"  block {i}: {what}"), loaded.model.config)
             if fwd is not block:
                 for p_fwd, p in zip(fwd.parameters(), block.parameters(), strict=True):
                     p_fwd.data.copy_(p.data)
@@ -170,7 +173,7 @@ def quantize_model(
         for stage in stages if targets else []:
             if observers:
                 t = time.perf_counter()
-                observe(fwd, inputs, stage, observers, cache, final)
+                observe(fwd, inputs, stage, observers, cache, final, kinds[i])
                 seconds["forward"] += time.perf_counter() - t
             t = time.perf_counter()
             for group in stage:
@@ -189,11 +192,11 @@ def quantize_model(
             seconds["quantize"] += time.perf_counter() - t
         if needs_data and i + 1 < len(blocks):
             t = time.perf_counter()
-            inputs = propagate(fwd, inputs, cache, final)
+            inputs = propagate(fwd, inputs, cache, final, kinds[i])
             seconds["forward"] += time.perf_counter() - t
         if held_quant:
             t = time.perf_counter()
-            held_quant = propagate(fwd, held_quant, None, set())  # as the checkpoint computes it
+            held_quant = propagate(fwd, held_quant, None, set(), kinds[i])  # as the checkpoint computes it
             seconds["held_out"] += time.perf_counter() - t
         for h in act_hooks:
             h.remove()

@@ -44,3 +44,45 @@ def make_tiny_model(folder: Path, seed: int = 0, tie: bool = True, **overrides) 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+# Tiny random models of the other families (issue 20): GQA, head_dim 24, a sliding window of
+# 8 tokens where the family has one (shorter than the test sequences), Gemma's soft-capping
+# and query scale set off their defaults so that a forgotten one shows. Norm weights are
+# drawn at random around the family's identity, so that a fold into a norm is not a fold
+# into ones (or Gemma's zeros).
+FAMILY_CONFIGS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=24, tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(
+        head_dim=24, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=16,
+        final_logit_softcapping=1.0, attn_logit_softcapping=5.0, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        head_dim=24, num_hidden_layers=3, sliding_window=8, query_pre_attn_scalar=16,
+        final_logit_softcapping=1.0, tie_word_embeddings=True,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False)),
+}
+
+
+def make_tiny_family_model(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model of `family` (a key of FAMILY_CONFIGS) with the tiny tokenizer."""
+    import transformers
+
+    config_name, model_name, extra = FAMILY_CONFIGS[family]
+    tokenizer = _tiny_tokenizer()
+    fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = getattr(transformers, config_name)(**{**fields, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
