@@ -9,6 +9,13 @@
 //   rope_cache     q' = T(T(q cos) + T(rot(q) sin)), same for k; k', v written to cache slots
 //   paged_attention  out[r, h] = softmax(q k^T * scale) v over the keys 0 .. pos[r] of row r's
 //                  sequence, read through its slot list (the paged KV cache); GQA by head groups.
+// and for the families beyond Llama (Gemma's roundings where Gemma's code differs from Llama's):
+//   add_rms_norm_offset  out = T(h * rsqrt(mean(h^2) + eps) * (offset + w)), all in float (Gemma)
+//   gelu_tanh_mul  out = T(T(gelu_tanh(g)) * u)
+//   qk_rms_norm    q, k: RMSNorm over each head (Llama's or Gemma's rounding), v copied, into one
+//                  [rows, (Hq + 2 Hk) D] buffer
+//   paged_attention_window  paged_attention over the keys pos[r] - window + 1 .. pos[r] only (window
+//                  0: all), with scores soft-capped, softcap * tanh(s / softcap) (softcap 0: none)
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
@@ -42,10 +49,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 // One block of 1024 threads per row, H <= 8192: every element is loaded into registers up front
 // (one memory latency, not H / blockDim of them). x, r, out, r_out rows of H with row strides;
 // r may be null (first layer).
+// OFFSET: Gemma's norm, (h / rms) * (offset + w) in float and rounded once; else Llama's, w * T(h / rms).
 constexpr int NORM_THREADS = 1024, NORM_MAXE = 8;
-template <typename T>
-__device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, T* out, int ldo,
-                             T* res_out, int ldro, int H) {
+template <typename T, bool OFFSET>
+__device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, float offset, T* out,
+                             int ldo, T* res_out, int ldro, int H) {
     pdl_start();
     __shared__ float part[32];
     const int row = blockIdx.x;
@@ -78,7 +86,11 @@ __device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T
 #pragma unroll
     for (int e = 0; e < NORM_MAXE; ++e) {
         const int i = threadIdx.x + e * NORM_THREADS;
-        if (i < H) out[i] = to<T>(f<T>(w[i]) * r<T>(h[e] * inv));
+        if constexpr (OFFSET) {
+            if (i < H) out[i] = to<T>(h[e] * inv * (offset + f<T>(w[i])));
+        } else {
+            if (i < H) out[i] = to<T>(f<T>(w[i]) * r<T>(h[e] * inv));
+        }
     }
 }
 
@@ -92,6 +104,67 @@ __device__ void silu_mul(const T* g, const T* u, int ld_in, T* out, int I, int r
     const float gv = f<T>(g[t * ld_in + i]);
     const float s = r<T>(gv / (1.0f + expf(-gv)));  // expf, not __expf: the same value torch computes
     out[idx] = to<T>(s * f<T>(u[t * ld_in + i]));
+}
+
+// out[t, i] = T(T(gelu_tanh(g)) * u): torch's CUDA gelu(approximate="tanh") formula, in float.
+template <typename T>
+__device__ void gelu_tanh_mul(const T* g, const T* u, int ld_in, T* out, int I, int rows) {
+    pdl_start();
+    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)rows * I) return;
+    const size_t t = idx / I, i = idx % I;
+    const float x = f<T>(g[t * ld_in + i]);
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;  // sqrt(2 / pi)
+    const float s = r<T>(0.5f * x * (1.0f + tanhf(beta * (x + kappa * (x * x * x)))));
+    out[idx] = to<T>(s * f<T>(u[t * ld_in + i]));
+}
+
+// One warp per (token, head) of q (heads < Hq), k (the next Hk) and v (the last Hk), D <= 256 (8
+// elements per lane): q and k heads are normalized over D with their weight (offset 0: Llama's
+// rounding, w * T(x / rms); else Gemma's, T(x / rms * (offset + w))), v heads copied; all into out
+// [rows, Hq + 2 Hk, D] contiguous, the layout rope_cache reads with one row stride.
+template <typename T>
+__device__ void qk_rms_norm(const T* q, int ldq, const T* k, int ldk, const T* v, int ldv, const T* qw, const T* kw,
+                            float eps, float offset, T* out, int rows, int Hq, int Hk, int D) {
+    pdl_start();
+    const int heads = Hq + 2 * Hk, lane = threadIdx.x & 31;
+    const size_t item = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;  // the same for a whole warp
+    if (item >= (size_t)rows * heads) return;
+    const size_t t = item / heads;
+    const int h = item % heads;
+    const T* src;
+    const T* w = nullptr;
+    if (h < Hq) {
+        src = q + t * ldq + (size_t)h * D;
+        w = qw;
+    } else if (h < Hq + Hk) {
+        src = k + t * ldk + (size_t)(h - Hq) * D;
+        w = kw;
+    } else {
+        src = v + t * ldv + (size_t)(h - Hq - Hk) * D;
+    }
+    T* dst = out + item * D;
+    float x[8];
+    float ss = 0.0f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const int d = lane + 32 * e;
+        x[e] = d < D ? f<T>(src[d]) : 0.0f;
+        ss += x[e] * x[e];
+    }
+    if (w == nullptr) {  // a v head
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (lane + 32 * e < D) dst[lane + 32 * e] = src[lane + 32 * e];
+        return;
+    }
+    const float inv = rsqrtf(warp_sum(ss) / D + eps);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+        const int d = lane + 32 * e;
+        if (d >= D) continue;
+        dst[d] = offset != 0.0f ? to<T>(x[e] * inv * (offset + f<T>(w[d]))) : to<T>(f<T>(w[d]) * r<T>(x[e] * inv));
+    }
 }
 
 // One thread per (token, head, i < D / 2): rotates the pair (i, i + D / 2) of q (heads < Hq) or k
@@ -137,12 +210,14 @@ __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const 
 // split order (the same bits whatever order the blocks ran in) and writes out; counters
 // [rows * Hq] count the finished blocks and are zero between launches (the last block resets its
 // own). q [rows, Hq, D] contiguous; cache [slots, Hk, D]; context [B, C] slots (row's sequence =
-// row / S); pos[row] = the row's position: it sees keys 0 .. pos[row].
+// row / S); pos[row] = the row's position: it sees keys 0 .. pos[row]. LIMITED (the _window
+// kernels): with window > 0 only keys pos[row] - window + 1 .. pos[row] (a split wholly before them is
+// empty), and with softcap > 0 each score s (scale included) becomes softcap * tanh(s / softcap).
 constexpr int ATTN_KEYS_PER_SPLIT = 64;  // 8 warps x 8 keys: one memory latency per block
-template <typename T, int NW, int MAXE>
+template <typename T, int NW, int MAXE, bool LIMITED>
 __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long long* context, int C,
                                 const long long* pos, T* out, float* ws, int* counters, int S, int Hq, int Hk, int D,
-                                float scale) {
+                                float scale, int window, float softcap) {
     pdl_start();
     // MAXE: elements per lane, D <= 32 MAXE
     constexpr int KPS = ATTN_KEYS_PER_SPLIT;
@@ -155,7 +230,11 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     const long long* ctx = context + (size_t)(row / S) * C;
     // the split's keys first .. last: none (last < first) past the row's position, none past C (a
     // position >= C sees the whole context, as in the torch twin)
-    const int first = split * KPS, last = min(min(first + KPS, C) - 1, (int)pos[row]);
+    int first = split * KPS;
+    const int last = min(min(first + KPS, C) - 1, (int)pos[row]);
+    if constexpr (LIMITED) {
+        if (window > 0) first = max(first, (int)pos[row] - window + 1);
+    }
     for (int j = first + threadIdx.x; j <= last; j += blockDim.x) sm_slot[j - first] = (int)ctx[j];
     __syncthreads();
     float qv[MAXE], acc[MAXE];
@@ -188,6 +267,9 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
 #pragma unroll
             for (int e = 0; e < MAXE; ++e) s += qv[e] * kv[u][e];
             dot[u] = j0 + u <= last ? warp_sum(s) : neg_inf();
+            if constexpr (LIMITED) {
+                if (softcap > 0.0f && j0 + u <= last) dot[u] = softcap * tanhf(dot[u] / softcap);
+            }
         }
 #pragma unroll
         for (int u = 0; u < KB; ++u) {
@@ -263,15 +345,34 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX##_e##E(                             \
         const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out,        \
         float* ws, int* counters, int S, int Hq, int Hk, int D, float scale) {                                      \
-        paged_attention<T, 8, E>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale);               \
+        paged_attention<T, 8, E, false>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale, 0, 0.0f); \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) paged_attention_window_##SUFFIX##_e##E(                      \
+        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out,        \
+        float* ws, int* counters, int S, int Hq, int Hk, int D, float scale, int window, float softcap) {           \
+        paged_attention<T, 8, E, true>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale, window,  \
+                                       softcap);                                                                    \
     }
 #define OPS(SUFFIX, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##SUFFIX(const T* x, int ldx, const T* res, int ldr, const T* w,       \
                                                      float eps, T* out, int ldo, T* res_out, int ldro, int H) {     \
-        add_rms_norm<T>(x, ldx, res, ldr, w, eps, out, ldo, res_out, ldro, H);                                      \
+        add_rms_norm<T, false>(x, ldx, res, ldr, w, eps, 0.0f, out, ldo, res_out, ldro, H);                         \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_offset_##SUFFIX(const T* x, int ldx, const T* res, \
+                                                     int ldr, const T* w, float eps, float offset, T* out, int ldo, \
+                                                     T* res_out, int ldro, int H) {                                 \
+        add_rms_norm<T, true>(x, ldx, res, ldr, w, eps, offset, out, ldo, res_out, ldro, H);                        \
     }                                                                                                               \
     extern "C" __global__ void silu_mul_##SUFFIX(const T* g, const T* u, int ld_in, T* out, int I, int rows) {     \
         silu_mul<T>(g, u, ld_in, out, I, rows);                                                                     \
+    }                                                                                                               \
+    extern "C" __global__ void gelu_tanh_mul_##SUFFIX(const T* g, const T* u, int ld_in, T* out, int I, int rows) { \
+        gelu_tanh_mul<T>(g, u, ld_in, out, I, rows);                                                                \
+    }                                                                                                               \
+    extern "C" __global__ void qk_rms_norm_##SUFFIX(const T* q, int ldq, const T* k, int ldk, const T* v, int ldv,  \
+                                                    const T* qw, const T* kw, float eps, float offset, T* out,      \
+                                                    int rows, int Hq, int Hk, int D) {                              \
+        qk_rms_norm<T>(q, ldq, k, ldk, v, ldv, qw, kw, eps, offset, out, rows, Hq, Hk, D);                          \
     }                                                                                                               \
     extern "C" __global__ void rope_cache_##SUFFIX(const T* q, const T* k, const T* v, int ld_in, const T* cos,    \
                                                    const T* sin, int ld_cs, const long long* slots, T* q_out, T* kc, \

@@ -25,6 +25,17 @@ later request can still hit it until it reaches the front: cached prefixes are e
 least recently freed first. A sequence frees its blocks last to first, so its tail is
 evicted before its head (a block is only reachable through the blocks before it). A
 freed block holding nothing reusable goes to the front.
+
+Sliding windows. A block is kept while some layer can still read it. In a model whose
+every layer attends only inside a window of W positions (Mistral-style sliding_window),
+no later step reads a position more than W behind the newest: drop_before() releases a
+running sequence's blocks that lie wholly before that (its table entry becomes DROPPED,
+so later positions keep their index), and the scheduler calls it after every step. A
+dropped block was committed first, so it stays cached like a freed one (its sequence's
+head is then freed before its tail, so the prefix beyond it is unreachable once it is
+evicted: sliding-window prefixes are cached less well). Where global layers are
+interleaved with sliding ones (Gemma 2 / 3), the global layers read every position of
+the sequence, so every block stays until the sequence ends.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from quantkit.engine.sequence import Sequence
 # (parent block id, parent epoch, the block's token ids)
 BlockKey = tuple[int, int, tuple[int, ...]]
 ROOT = (-1, 0)  # the parent of block 0
+DROPPED = -1  # a block_table entry released by drop_before: no layer reads its positions any more
 
 
 def block_hash(key: BlockKey) -> int:
@@ -67,6 +79,7 @@ class BlockManager:
         # seq_id -> (full blocks already committed, parent of the next one; None once a
         # hash collision stopped the chain)
         self._progress: dict[int, tuple[int, tuple[int, int] | None]] = {}
+        self._dropped: dict[int, int] = {}  # seq_id -> leading block_table entries that are DROPPED
         self.hits_tokens = 0  # positions found cached by allocate()
         self.queried_tokens = 0  # positions allocate() was asked for
 
@@ -94,8 +107,14 @@ class BlockManager:
         return self._ref[block]
 
     def slot(self, seq: Sequence, pos: int) -> int:
-        """The flat KV slot of position pos of seq."""
-        return seq.block_table[pos // self._block_size] * self._block_size + pos % self._block_size
+        """The flat KV slot of position pos of seq (not in a dropped block)."""
+        block = seq.block_table[pos // self._block_size]
+        assert block != DROPPED, (seq.seq_id, pos)
+        return block * self._block_size + pos % self._block_size
+
+    def num_dropped(self, seq: Sequence) -> int:
+        """The leading entries of seq's block_table that drop_before released."""
+        return self._dropped.get(seq.seq_id, 0)
 
     # --- allocation of a waiting sequence ---
 
@@ -186,6 +205,21 @@ class BlockManager:
                 parent = None  # a hash collision: this chain is not registered past here
         self._progress[seq.seq_id] = (max(done, full), parent)
 
+    def drop_before(self, seq: Sequence, position: int) -> int:
+        """Release seq's blocks that lie wholly before `position`, a position no later step of
+        seq reads (every layer slides, and the window ends after it), and mark their entries
+        DROPPED. Only committed blocks go (so they stay cached like freed ones); returns how
+        many were released now."""
+        done, _ = self._progress[seq.seq_id]
+        first = self._dropped.get(seq.seq_id, 0)
+        last = min(max(position, 0) // self._block_size, done)  # committed blocks are full and cached
+        for i in range(first, last):
+            self._release(seq.block_table[i])
+            seq.block_table[i] = DROPPED
+        if last > first:
+            self._dropped[seq.seq_id] = last
+        return max(0, last - first)
+
     def truncate(self, seq: Sequence, num_tokens: int) -> None:
         """Speculative rollback: keep only the blocks num_tokens positions need, freeing the
         rest (slots of rejected drafts, never committed)."""
@@ -197,37 +231,44 @@ class BlockManager:
             )
         keep = _ceil_div(num_tokens, self._block_size)
         for b in reversed(seq.block_table[keep:]):
-            assert self._ref[b] == 1 and self._key[b] is None, (seq.seq_id, b)
+            assert b != DROPPED and self._ref[b] == 1 and self._key[b] is None, (seq.seq_id, b)
             self._release(b)
         del seq.block_table[keep:]
 
     def free(self, seq: Sequence) -> None:
         """Release all of seq's blocks (finished or preempted); registered ones stay cached."""
         for b in reversed(seq.block_table):
-            self._release(b)
+            if b != DROPPED:
+                self._release(b)
         seq.block_table = []
         seq.num_cached = 0
         self._progress.pop(seq.seq_id, None)
+        self._dropped.pop(seq.seq_id, None)
 
     def check_invariants(self, seqs: Iterable[Sequence]) -> None:
         """For tests: refcounts match the live tables in seqs (every sequence holding
         blocks), the free list holds exactly the refcount-0 blocks, the hash index matches
-        the registered blocks, and each table covers its sequence."""
+        the registered blocks, each table covers its sequence, and its DROPPED entries are
+        exactly its leading num_dropped committed ones."""
         bs = self._block_size
         counts = [0] * self._num_blocks
         ids = set()
         for s in seqs:
             assert s.seq_id not in ids, f"sequence {s.seq_id} listed twice"
             ids.add(s.seq_id)
-            t = s.block_table
+            dropped = self._dropped.get(s.seq_id, 0)
+            assert all(b == DROPPED for b in s.block_table[:dropped]), (s.seq_id, dropped)
+            assert dropped <= self._progress.get(s.seq_id, (0, None))[0], (s.seq_id, dropped)
+            t = s.block_table[dropped:]
             assert len(set(t)) == len(t), f"sequence {s.seq_id} holds a block twice: {t}"
             for b in t:
+                assert b != DROPPED, (s.seq_id, s.block_table)
                 counts[b] += 1
-            if t:
+            if s.block_table:
                 # every cached position and every token but the newest (its K/V is written
                 # by the next step, which first calls append_slots)
                 assert 0 <= s.num_cached < len(s), (s.seq_id, s.num_cached, len(s))
-                assert len(t) * bs >= len(s) - 1, (s.seq_id, len(t), len(s))
+                assert len(s.block_table) * bs >= len(s) - 1, (s.seq_id, len(s.block_table), len(s))
                 assert s.seq_id in self._progress, s.seq_id
             else:
                 assert s.num_cached == 0, (s.seq_id, s.num_cached)

@@ -19,6 +19,7 @@ import torch
 
 from quantkit.engine.block_manager import BlockManager
 from quantkit.engine.config import EngineConfig
+from quantkit.engine.layers import ModelFacts, model_facts, rope_context_limit
 from quantkit.engine.runner import ModelRunner, PrefillChunk, Shape
 from quantkit.engine.sampler import probs, sample
 from quantkit.engine.scheduler import Scheduler
@@ -53,12 +54,20 @@ def kv_blocks_for(config: EngineConfig, shapes: list[Shape], dtype: torch.dtype,
     return config.max_num_seqs * -(-config.max_model_len // config.block_size)
 
 
-def _attention_window(config) -> int | None:
-    """The sliding attention window a config asks for (Mistral, some Qwen2), None for full attention."""
-    window = getattr(config, "sliding_window", None)
-    if window is None or getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
+def _check_context(loaded: LoadedModel, facts: ModelFacts, config: EngineConfig) -> None:
+    """Refuse a context the engine would compute differently from transformers."""
+    window = facts.undeclared_window
+    if window is not None and config.max_model_len > window:
+        raise ValueError(f"{loaded.source} has a sliding window of {window} tokens that its config class does not "
+                         f"declare: its attention does not slide, while transformers' cache keeps only the window, "
+                         f"which this engine does not reproduce; set max_model_len <= {window} "
+                         f"(got {config.max_model_len})")
+    limit = rope_context_limit(loaded.model.config)
+    longest = config.max_model_len + config.lookahead  # draft tokens sit past the sequence
+    if limit is not None and longest > limit[0]:
+        raise ValueError(f"{loaded.source}'s {limit[1]} RoPE changes its frequencies past {limit[0]} positions, by the "
+                         f"longest sequence of each forward, which this engine's batches cannot reproduce; set "
+                         f"max_model_len <= {limit[0] - config.lookahead} (got {config.max_model_len})")
 
 
 @dataclass
@@ -98,19 +107,21 @@ class Engine:
             raise ValueError(f"the draft's vocabulary ({draft.model.config.vocab_size}) differs from the target's "
                              f"({target.model.config.vocab_size})")
         self.config = config
-        for m in [target] + ([draft] if draft is not None else []):
-            window = _attention_window(m.model.config)
-            if window is not None and config.max_model_len > window:
-                raise ValueError(f"{m.source} attends within a sliding window of {window} tokens, which this engine "
-                                 f"does not implement; set max_model_len <= {window} (got {config.max_model_len})")
+        models = [target] + ([draft] if config.speculative == "draft" else [])
+        facts = [model_facts(m.model, m.family) for m in models]
+        for m, f in zip(models, facts):
+            _check_context(m, f, config)
         self.vocab = target.model.config.vocab_size
         device = target.model.get_submodule(target.family.embed).weight.device
         dtype = target.model.get_submodule(target.family.embed).weight.dtype
-        models = [target] + ([draft] if config.speculative == "draft" else [])
         blocks = kv_blocks_for(config, [Shape.of(m.model.config) for m in models], dtype, device)
         slots = (blocks + 1) * config.block_size  # one spare block: the scratch slot padding rows write to
         self.blocks = BlockManager(blocks, config.block_size)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.lookahead)
+        # KV blocks out of every layer's window can go only when every model sharing the block tables slides
+        windows = [f.kv_window for f in facts]
+        kv_window = None if None in windows else max(windows)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.lookahead,
+                                   kv_window)
         self.runner = ModelRunner(target.model, target.family, slots)
         self.device = device
         self.scratch = blocks * config.block_size

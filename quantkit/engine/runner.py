@@ -1,4 +1,8 @@
-"""The model's forward over a paged KV cache (Llama family: RoPE, RMSNorm, GQA, tied embeddings).
+"""The model's forward over a paged KV cache: the Llama layer (RoPE, RMSNorm, GQA, tied embeddings)
+and what the other families of quantkit.models.families add to it (quantkit.engine.layers: Gemma's
+(1 + w) norms and norms on the attention / MLP outputs, per-head q/k norms, GELU-tanh, sliding-window
+layers, soft-capped attention scores and logits, Gemma 3's per-layer-type rotary, Phi-3's packed
+qkv_proj / gate_up_proj).
 
 The runner borrows the loaded transformers model's modules (embedding, the linears, which are
 nn.Linear for a float model or quantkit's quantized modules for a checkpoint, the norms'
@@ -13,10 +17,11 @@ Two entry points:
   decode(...)      S tokens for each of B sequences (S = 1, or 1 + k draft tokens to verify),
                    fixed shapes so that CUDA graphs can capture it. Returns logits [B, S, V].
 The per-layer ops (RMSNorm with the residual add, RoPE with the cache write, paged decode
-attention, SiLU * up) are quantkit.kernels.engine_ops: fused CUDA kernels for half precision on a
-GPU, the transformers code's own torch math elsewhere. Prefill attention is torch's
-scaled_dot_product_attention over each sequence's gathered K/V (on a GPU, not through cuDNN:
-_PREFILL_ATTENTION).
+attention, SiLU * up; the other families' in quantkit.engine.layers) are quantkit.kernels.engine_ops:
+fused CUDA kernels for half precision on a GPU, the transformers code's own torch math elsewhere.
+Prefill attention is torch's scaled_dot_product_attention over each sequence's gathered K/V (on a
+GPU, not through cuDNN: _PREFILL_ATTENTION); a layer with soft-capped scores (Gemma 2), which that
+cannot compute, runs the paged attention op over the sequence instead.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from quantkit.engine.fusion import fuse
+from quantkit.engine import layers
+from quantkit.engine.layers import BlockParts, block_parts, model_facts, norm_eps
 from quantkit.nn.quant_linear import IntWeightLinear
 from quantkit.kernels import engine_ops as ops
 from quantkit.models.families import Family
@@ -67,13 +73,14 @@ class PrefillChunk:
 _PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
-                 module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module, module: torch.nn.Module,
+                 offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """module(RMSNorm(x + residual)) and x + residual: through a quantized linear, one entry point
-    (for one token on the CUDA kernel one launch: the decode kernel normalizes its input itself)."""
-    if type(module) is IntWeightLinear:
-        return ops.rms_norm_matmul(x, residual, norm.weight, norm.variance_epsilon, module.prepared(), module.bias)
-    h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    (for one token on the CUDA kernel one launch: the decode kernel normalizes its input itself,
+    with Llama's norm: Gemma's (offset + w) runs unfused)."""
+    if type(module) is IntWeightLinear and not offset:
+        return ops.rms_norm_matmul(x, residual, norm.weight, norm_eps(norm), module.prepared(), module.bias)
+    h, residual = ops.add_rms_norm(x, residual, norm.weight, norm_eps(norm), offset)
     return module(h), residual
 
 
@@ -94,51 +101,53 @@ class ModelRunner:
         self.cache = [(torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype),
                        torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype))
                       for _ in range(s.layers)]
-        self.scale = s.head_dim ** -0.5
-        self.silu = getattr(self.config, "hidden_act", "silu") == "silu"
-        # per block: fused name (the family's `fused` table) -> (module, output sizes of its parts)
-        self.fused: list[dict[str, tuple[torch.nn.Module, list[int]]]] = []
-        for block in self.blocks:
-            found = {}
-            for name, part_names in family.fused:
-                parts = [block.get_submodule(n) for n in part_names]
-                module = fuse(parts)
-                if module is not None:
-                    found[name] = (module, [p.out_features for p in parts])
-            self.fused.append(found)
+        self.facts = model_facts(model, family)
+        # act(gate) * up: Llama's SiLU, another family's activation op, or None: the model's MLP module runs
+        act = self.facts.activation
+        self.act_mul = ops.silu_mul if act == "silu" else layers.activation_op(act)
+        self.parts: list[BlockParts] = [block_parts(block, family, self.config) for block in self.blocks]
 
     # ---- the per-layer pieces ------------------------------------------------------------------
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
         """x [T, hidden] (embeddings) at positions [T]; K / V of the T tokens go to `slots`;
         attend(layer, q [T, heads, D]) -> [T, heads * D]. Returns the final-norm output."""
-        cos, sin = self.rotary(x[None], positions[None])
-        cos, sin = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        f, offset = self.facts, self.facts.offset
+        rope = {}  # rotary key (the layer type, Gemma 3; None: one for every layer) -> (cos, sin) [T, rotary dims]
+        for key in dict.fromkeys(f.rotary_keys):
+            cos, sin = self.rotary(x[None], positions[None]) if key is None else self.rotary(x[None], positions[None], key)
+            rope[key] = cos[0].to(x.dtype), sin[0].to(x.dtype)
         residual = None
-        for i, block in enumerate(self.blocks):
-            attn, fused = block.self_attn, self.fused[i]
-            if "self_attn.qkv_proj" in fused:
-                module, sizes = fused["self_attn.qkv_proj"]
-                qkv, residual = _norm_linear(x, residual, block.input_layernorm, module)
+        for i, p in enumerate(self.parts):
+            attn, mlp = p.block.self_attn, p.block.mlp
+            if p.qkv is not None:
+                module, sizes = p.qkv
+                qkv, residual = _norm_linear(x, residual, p.attn_norm, module, offset)
                 q, k, v = qkv.split(sizes, dim=-1)  # views sharing one row stride
             else:
-                norm = block.input_layernorm
-                h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+                h, residual = ops.add_rms_norm(x, residual, p.attn_norm.weight, norm_eps(p.attn_norm), offset)
                 q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = ops.rope_cache(q, k, v, cos, sin, *self.cache[i], slots)
+            if p.qk_norm is not None:
+                q, k, v = layers.qk_norm(q, k, v, p.qk_norm, offset)
+            q = ops.rope_cache(q, k, v, *rope[f.rotary_keys[i]], *self.cache[i], slots)
             x = attn.o_proj(attend(i, q))
-            mlp = block.mlp
-            if self.silu and "mlp.gate_up_proj" in fused:
-                module, sizes = fused["mlp.gate_up_proj"]
-                gate_up, residual = _norm_linear(x, residual, block.post_attention_layernorm, module)
-                x = mlp.down_proj(ops.silu_mul(*gate_up.split(sizes, dim=-1)))
-                continue
-            norm = block.post_attention_layernorm
-            h, residual = ops.add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
-            x = mlp.down_proj(ops.silu_mul(mlp.gate_proj(h), mlp.up_proj(h))) if self.silu else mlp(h)
-        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.variance_epsilon)[0]
+            if p.attn_out_norm is not None:
+                x = layers.out_norm(x, p.attn_out_norm, offset)
+            if self.act_mul is not None and p.gate_up is not None:
+                module, sizes = p.gate_up
+                gate_up, residual = _norm_linear(x, residual, p.mlp_norm, module, offset)
+                x = mlp.down_proj(self.act_mul(*gate_up.split(sizes, dim=-1)))
+            else:
+                h, residual = ops.add_rms_norm(x, residual, p.mlp_norm.weight, norm_eps(p.mlp_norm), offset)
+                x = mlp.down_proj(self.act_mul(mlp.gate_proj(h), mlp.up_proj(h))) if self.act_mul is not None else mlp(h)
+            if p.mlp_out_norm is not None:
+                x = layers.out_norm(x, p.mlp_out_norm, offset)
+        return ops.add_rms_norm(x, residual, self.norm.weight, norm_eps(self.norm), offset)[0]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(h).float()
+        logits = self.lm_head(h)
+        if self.facts.final_softcap is not None:  # in the model's dtype, as transformers caps them
+            logits = layers.cap_logits(logits, self.facts.final_softcap)
+        return logits.float()
 
     # ---- prefill -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -150,15 +159,21 @@ class ModelRunner:
         slots = torch.tensor([sl for c in chunks for sl in c.context_slots[c.start:]], device=dev)
         ctx = [torch.tensor(c.context_slots, device=dev) for c in chunks]
         bounds = torch.tensor([0] + [len(c.tokens) for c in chunks]).cumsum(0).tolist()
-        masks = [self._prefix_causal_mask(len(c.tokens), c.start) for c in chunks]
+        f = self.facts
+        masks = {w: [self._prefix_causal_mask(len(c.tokens), c.start, w) for c in chunks] for w in set(f.windows)}
 
         def attend(layer: int, q):
             kc, vc = self.cache[layer]
+            window, cap, scale = f.windows[layer], f.softcaps[layer], f.scales[layer]
             out = []
             for j, c in enumerate(chunks):
+                if cap is not None:  # soft-capped scores: the paged op over this sequence (S = its tokens)
+                    out.append(ops.paged_attention(q[bounds[j]:bounds[j + 1]], kc, vc, ctx[j][None],
+                                                   positions[bounds[j]:bounds[j + 1]], scale, window, cap))
+                    continue
                 qj = q[bounds[j]:bounds[j + 1]].transpose(0, 1)[None]  # [1, heads, Lq, D]
                 kj, vj = kc[ctx[j]].transpose(0, 1)[None], vc[ctx[j]].transpose(0, 1)[None]  # [1, kv_heads, Lk, D]
-                o = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=masks[j], scale=self.scale, enable_gqa=True)
+                o = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=masks[window][j], scale=scale, enable_gqa=True)
                 out.append(o[0].transpose(0, 1).reshape(-1, self.shape.heads * self.shape.head_dim))
             return torch.cat(out)
 
@@ -167,13 +182,16 @@ class ModelRunner:
         last = torch.tensor(bounds[1:], device=dev) - 1
         return self._logits(h[last])
 
-    def _prefix_causal_mask(self, lq: int, start: int) -> torch.Tensor | None:
-        """Query i (position start + i) sees keys 0 .. start + i: [Lq, start + Lq] bool."""
-        if lq == 1:
+    def _prefix_causal_mask(self, lq: int, start: int, window: int | None = None) -> torch.Tensor | None:
+        """Query i (position start + i) sees keys 0 .. start + i, or in a sliding window only those
+        at distance < window: [Lq, start + Lq] bool (None: every key)."""
+        if lq == 1 and (window is None or start < window):
             return None
         i = torch.arange(lq, device=self.device)[:, None]
         j = torch.arange(start + lq, device=self.device)[None, :]
-        return j <= start + i
+        if window is None:
+            return j <= start + i
+        return (j <= start + i) & (j > start + i - window)
 
     # ---- decode / verify -----------------------------------------------------------------------
     @torch.inference_mode()
@@ -187,7 +205,9 @@ class ModelRunner:
 
         def attend(layer: int, q):
             kc, vc = self.cache[layer]
-            return ops.paged_attention(q, kc, vc, context_slots, flat_positions, self.scale)
+            f = self.facts
+            return ops.paged_attention(q, kc, vc, context_slots, flat_positions, f.scales[layer], f.windows[layer],
+                                       f.softcaps[layer])
 
         h = self._layers(self.embed(tokens.reshape(-1)).to(self.dtype), flat_positions, slots.reshape(-1), attend)
         return self._logits(h).view(b, s_len, -1)

@@ -22,6 +22,10 @@ blocks within num_cached, and the next step writes from there. With lookahead, t
 rejected drafts are released (blocks.truncate). Finished sequences free their blocks and
 leave the running list.
 
+With a kv_window (every layer of the model slides), a running sequence's blocks that lie wholly
+before its last len(seq) - 1 - kv_window positions are released after each step
+(BlockManager.drop_before): no later step reads them (a draft model re-reads from len - 2).
+
 Prefill runs first whenever a waiting sequence fits (FIFO, no skipping ahead). When a
 decode step cannot get slots, the most recently started sequence is preempted: its
 blocks are freed and it goes back to the front of the waiting queue with all its tokens,
@@ -47,6 +51,7 @@ class Scheduler:
         max_num_seqs: int = 64,
         max_batched_tokens: int = 4096,
         lookahead: int = 0,
+        kv_window: int | None = None,
     ) -> None:
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {max_num_seqs}")
@@ -54,10 +59,13 @@ class Scheduler:
             raise ValueError(f"max_batched_tokens must be at least 1, got {max_batched_tokens}")
         if lookahead < 0:
             raise ValueError(f"lookahead must be >= 0, got {lookahead}")
+        if kv_window is not None and kv_window < 1:
+            raise ValueError(f"kv_window must be at least 1, got {kv_window}")
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.lookahead = lookahead  # draft tokens verified per decode step (slots reserved)
+        self.kv_window = kv_window  # every layer attends within this many positions: older blocks go
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in the order they (re)started
 
@@ -139,12 +147,13 @@ class Scheduler:
     def kv_usage(self) -> tuple[int, int]:
         """(positions holding live tokens, positions allocated = used blocks * block_size).
         A block shared by several sequences counts once. O(running sequences): every position
-        below len(seq) is live, and shared blocks are full committed blocks, so each reference
-        beyond a block's first (references minus blocks in use; only running sequences hold
-        blocks) counts block_size positions twice."""
+        below len(seq) is live but those of dropped blocks, and shared blocks are full committed
+        blocks, so each reference beyond a block's first (references minus blocks in use; only
+        running sequences hold blocks) counts block_size positions twice."""
         bs = self.blocks.block_size
-        references = sum(len(seq.block_table) for seq in self.running)
-        live = sum(len(seq) for seq in self.running) - bs * (references - self.blocks.num_used)
+        dropped = [self.blocks.num_dropped(seq) for seq in self.running]
+        references = sum(len(seq.block_table) for seq in self.running) - sum(dropped)
+        live = sum(len(seq) for seq in self.running) - bs * sum(dropped) - bs * (references - self.blocks.num_used)
         return live, self.blocks.num_used * bs
 
     def _finish(self, batch: list[Sequence]) -> list[Sequence]:
@@ -157,6 +166,8 @@ class Scheduler:
                 seq.status = Status.FINISHED
                 self.blocks.free(seq)
                 finished.append(seq)
+            elif self.kv_window is not None:
+                self.blocks.drop_before(seq, len(seq) - 1 - self.kv_window)
         if finished:
             self.running = [s for s in self.running if s.status is Status.RUNNING]
         return finished

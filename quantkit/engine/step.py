@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from quantkit.engine.block_manager import DROPPED
 from quantkit.engine.sampler import probs, race
 from quantkit.engine.sequence import Sequence
 
@@ -73,8 +74,10 @@ def step_inputs(batch: list[Sequence], first: list[int], count: int, tokens: lis
             raise RuntimeError(f"internal: positions up to {f + count - 1} of a sequence with "
                                f"{len(s.block_table)} blocks")
     # a table shorter than the widest is padded with its last block: those context entries lie
-    # past the sequence's length and are never read
+    # past the sequence's length and are never read; a dropped block (BlockManager.drop_before:
+    # outside every layer's window) reads block 0, which the window masks
     table = np.array([(s.block_table + [s.block_table[-1]] * width)[:width] for s in batch], dtype=np.int64)
+    table[table == DROPPED] = 0
     context = (table[:, :, None] * bs + np.arange(bs)).reshape(len(batch), -1)[:, :c]
     slots = np.take_along_axis(context, positions, axis=1)
     temps = np.array([s.params.temperature for s in batch], dtype=np.float32)

@@ -1,8 +1,10 @@
 """The engine's per-layer ops besides the linears: one entry point each, over the backends of the
 op of the same name in quantkit.kernels.registry: the torch twin ("reference", here: the
-transformers Llama code's own math, so float32 and CPU runs match it exactly) and a fused CUDA
-kernel of csrc/engine_ops.cu ("cuda", quantkit.kernels.engine_ops_cuda) for float16 / bfloat16
-tensors on a GPU, which falls back to the twin for sizes its kernel does not take.
+transformers code's own math (Llama's; Gemma's where an argument asks for it: the norm's offset,
+soft-capping), so float32 and CPU runs match it exactly) and a fused CUDA kernel of
+csrc/engine_ops.cu ("cuda", quantkit.kernels.engine_ops_cuda) for float16 / bfloat16 tensors on a
+GPU, which falls back to the twin for sizes its kernel does not take. softcap has no CUDA kernel:
+its twin (three elementwise torch kernels on the logits) is what runs on a GPU too.
 
 rms_norm_matmul is the residual add and RMSNorm in front of an integer-weight linear: for one
 token the decode kernel runs them in its prologue (quantkit.kernels.int_weight_cuda); its twin is
@@ -23,18 +25,42 @@ from quantkit.kernels.registry import register_backend
 
 # ---- RMSNorm with the residual add ---------------------------------------------------------------
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """h = x + residual (x alone when residual is None); returns (weight * RMSNorm(h), h).
-    x, residual [T, H]."""
-    return registry.select_backend("add_rms_norm", x.device, x.dtype).run(x, residual, weight, eps)
+                 eps: float, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = x + residual (x alone when residual is None); returns ((offset + weight) * RMSNorm(h), h).
+    x, residual [T, H]. The roundings are the transformers code's: offset 0 is Llama's RMSNorm
+    (the normalized row rounded to x's dtype, then times weight in that dtype); any other offset
+    is Gemma's (normalized and scaled by offset + weight in float32, rounded once)."""
+    return registry.select_backend("add_rms_norm", x.device, x.dtype).run(x, residual, weight, eps, offset)
 
 
 @register_backend("add_rms_norm", "reference")
-def add_rms_norm_reference(x, residual, weight, eps):
+def add_rms_norm_reference(x, residual, weight, eps, offset=0.0):
     h = x if residual is None else residual + x
     hf = h.float()
     normed = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (normed * (offset + weight.float())).to(h.dtype), h
     return weight * normed.to(h.dtype), h
+
+
+# ---- per-head RMSNorm of q and k (Qwen3, Gemma 3) -------------------------------------------------
+def qk_rms_norm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                eps: float, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm over each head of q [T, Hq * D] and k [T, Hk * D] (weights [D], roundings as
+    add_rms_norm's for the offset); v [T, Hk * D] passes through. Returns (q', k', v): views of one
+    [T, (Hq + 2 Hk) * D] tensor, so that they share the row stride rope_cache's kernel reads (q, k,
+    v may be views of one fused output, or separate tensors)."""
+    return registry.select_backend("qk_rms_norm", q.device, q.dtype).run(q, k, v, q_weight, k_weight, eps, offset)
+
+
+@register_backend("qk_rms_norm", "reference")
+def qk_rms_norm_reference(q, k, v, q_weight, k_weight, eps, offset=0.0):
+    d = q_weight.shape[0]
+    t = q.shape[0]
+    qn = add_rms_norm_reference(q.reshape(t, -1, d), None, q_weight, eps, offset)[0]
+    kn = add_rms_norm_reference(k.reshape(t, -1, d), None, k_weight, eps, offset)[0]
+    out = torch.cat([qn.reshape(t, -1), kn.reshape(t, -1), v], dim=-1)
+    return tuple(out.split([q.shape[1], k.shape[1], v.shape[1]], dim=-1))
 
 
 # ---- residual add + RMSNorm + integer-weight matmul ------------------------------------------------
@@ -66,12 +92,36 @@ def silu_mul_reference(gate, up):
     return F.silu(gate) * up
 
 
+# ---- GELU-tanh(gate) * up (Gemma's gelu_pytorch_tanh) ----------------------------------------------
+def gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [T, I] (views of one fused output may share a row stride) -> [T, I]:
+    gelu(gate, approximate="tanh") * up, transformers' GELUTanh."""
+    return registry.select_backend("gelu_tanh_mul", gate.device, gate.dtype).run(gate, up)
+
+
+@register_backend("gelu_tanh_mul", "reference")
+def gelu_tanh_mul_reference(gate, up):
+    return F.gelu(gate, approximate="tanh") * up
+
+
+# ---- tanh soft-capping (Gemma 2's final logits) ----------------------------------------------------
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap), elementwise, in x's dtype (transformers' order: divide, tanh, multiply)."""
+    return registry.select_backend("softcap", x.device, x.dtype).run(x, cap)
+
+
+@register_backend("softcap", "reference")
+def softcap_reference(x, cap):
+    return torch.tanh(x / cap) * cap
+
+
 # ---- RoPE, and K / V into the cache ---------------------------------------------------------------
 def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """q [T, Hq * D], k / v [T, Hk * D] (views of one fused qkv output may share a row stride),
-    cos / sin [T, D], slots [T] int64. Writes RoPE(k) and v to the cache at the slots; returns
-    RoPE(q) [T, Hq, D]."""
+    cos / sin [T, R], R <= D (R < D: partial rotary, as Phi-3's partial_rotary_factor: the first R
+    elements of each head rotate, the rest pass), slots [T] int64. Writes RoPE(k) and v to the
+    cache at the slots; returns RoPE(q) [T, Hq, D]."""
     return registry.select_backend("rope_cache", q.device, q.dtype).run(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
@@ -85,7 +135,13 @@ def rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     hk, d = k_cache.shape[1:]
     t = q.shape[0]
     q, k, v = q.reshape(t, -1, d), k.reshape(t, hk, d), v.reshape(t, hk, d)
+    r = cos.shape[-1]
     cos, sin = cos[:, None, :], sin[:, None, :]
+    if r < d:  # partial rotary: transformers' Phi-3 rotates x[..., :r] and concatenates the rest
+        q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
+        k_cache[slots] = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
+        v_cache[slots] = v
+        return q
     q = q * cos + _rotate_half(q) * sin
     k_cache[slots] = k * cos + _rotate_half(k) * sin
     v_cache[slots] = v
@@ -94,26 +150,53 @@ def rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
 
 # ---- attention over the paged cache ------------------------------------------------------------
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: torch.Tensor,
-                    positions: torch.Tensor, scale: float) -> torch.Tensor:
+                    positions: torch.Tensor, scale: float, window: int | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """q [B * S, Hq, D] (row b * S + s is token s of sequence b); context [B, C] int64: the cache
     slots of positions 0 .. C - 1 of each sequence; positions [B * S]: a row sees keys
-    0 .. positions[row]. Returns [B * S, Hq * D]. The fused kernel splits the context into blocks
-    of 64 keys (flash-decoding), so C is bounded only by engine_ops_cuda.ATTN_MAX_CONTEXT."""
+    0 .. positions[row], or with a sliding `window` only positions[row] - window + 1 .. positions[row]
+    (transformers' sliding_window: a key at distance < window). softcap: scores (q.k * scale) go
+    through softcap * tanh(scores / softcap) before the mask and the softmax (Gemma 2). Returns
+    [B * S, Hq * D]. The fused kernel splits the context into blocks of 64 keys (flash-decoding), so
+    C is bounded only by engine_ops_cuda.ATTN_MAX_CONTEXT."""
     rows, b = q.shape[0], context.shape[0]
     if rows % b:
         raise ValueError(f"{rows} query rows do not split over {b} sequences")
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must be at least 1 key, got {window}")
     return registry.select_backend("paged_attention", q.device, q.dtype).run(q, k_cache, v_cache, context, positions,
-                                                                             scale)
+                                                                             scale, window, softcap)
 
 
 @register_backend("paged_attention", "reference")
-def paged_attention_reference(q, k_cache, v_cache, context, positions, scale):
+def paged_attention_reference(q, k_cache, v_cache, context, positions, scale, window=None, softcap=None):
     rows, hq, d = q.shape
     b, c = context.shape
     s = rows // b
-    mask = torch.arange(c, device=q.device)[None, None, :] <= positions.view(b, s)[:, :, None]  # [B, S, C]
+    keys = torch.arange(c, device=q.device)[None, None, :]
+    pos = positions.view(b, s)[:, :, None]
+    mask = keys <= pos  # [B, S, C]
+    if window is not None:
+        mask = mask & (keys > pos - window)
     kb = k_cache[context].transpose(1, 2)  # [B, Hk, C, D]
     vb = v_cache[context].transpose(1, 2)
     qb = q.view(b, s, hq, d).transpose(1, 2)  # [B, Hq, S, D]
-    o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    if softcap is not None:
+        o = capped_attention(qb, kb, vb, mask[:, None], scale, softcap)
+    else:
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale, enable_gqa=True)
     return o.transpose(1, 2).reshape(rows, hq * d)
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                     softcap: float) -> torch.Tensor:
+    """Soft-capped attention as transformers' Gemma 2 eager attention computes it (torch's fused
+    attention has no capping): q [B, Hq, S, D], k / v [B, Hk, C, D] (GQA: Hq a multiple of Hk),
+    mask [B, 1, S, C] bool (True: attend) -> [B, Hq, S, D]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(p, v)

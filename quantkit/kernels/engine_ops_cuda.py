@@ -29,17 +29,37 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 @register_backend("add_rms_norm", "cuda", available=half_on_gpu)
 def _add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  eps: float, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     if x.shape[-1] > NORM_MAX_HIDDEN:
-        return ops.add_rms_norm_reference(x, residual, weight, eps)
+        return ops.add_rms_norm_reference(x, residual, weight, eps, offset)
     x = _rows(x)
     t, h = x.shape
     out = torch.empty(t, h, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(out) if residual is not None else x
     r = _rows(residual) if residual is not None else None
+    if offset:  # Gemma's (offset + w), product in float32 (the weight converts exactly: it is stored in T)
+        launch.add_rms_norm_offset((t,), (1024,), x=x, ldx=x.stride(0), res=r, ldr=r.stride(0) if r is not None else 0,
+                                   w=weight.to(x.dtype).contiguous(), eps=eps, offset=offset, out=out, ldo=h,
+                                   res_out=res_out, ldro=h, H=h)
+        return out, res_out
     launch.add_rms_norm((t,), (1024,), x=x, ldx=x.stride(0), res=r, ldr=r.stride(0) if r is not None else 0,
                         w=weight.to(x.dtype).contiguous(), eps=eps, out=out, ldo=h, res_out=res_out, ldro=h, H=h)
     return out, res_out
+
+
+@register_backend("qk_rms_norm", "cuda", available=half_on_gpu)
+def _qk_rms_norm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor,
+                 eps: float, offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d = q_weight.shape[0]
+    if d > 256 or any(t.stride(-1) != 1 for t in (q, k, v)):  # a head lives in one warp, 8 elements a lane
+        return ops.qk_rms_norm_reference(q, k, v, q_weight, k_weight, eps, offset)
+    t, hq, hk = q.shape[0], q.shape[1] // d, k.shape[1] // d
+    out = torch.empty(t, (hq + 2 * hk) * d, dtype=q.dtype, device=q.device)
+    warps = t * (hq + 2 * hk)
+    launch.qk_rms_norm((-(-warps // 8),), (256,), q=q, ldq=q.stride(0), k=k, ldk=k.stride(0), v=v, ldv=v.stride(0),
+                       qw=q_weight.to(q.dtype).contiguous(), kw=k_weight.to(q.dtype).contiguous(), eps=eps,
+                       offset=offset, out=out, rows=t, Hq=hq, Hk=hk, D=d)
+    return tuple(out.split([hq * d, hk * d, hk * d], dim=-1))
 
 
 @register_backend("silu_mul", "cuda", available=half_on_gpu)
@@ -53,12 +73,24 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@register_backend("gelu_tanh_mul", "cuda", available=half_on_gpu)
+def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if gate.stride() != up.stride() or gate.stride(-1) != 1:  # the kernel reads both with one row stride
+        return ops.gelu_tanh_mul_reference(gate, up)
+    t, i = gate.shape
+    out = torch.empty(t, i, dtype=gate.dtype, device=gate.device)
+    n = t * i
+    launch.gelu_tanh_mul((-(-n // 256),), (256,), g=gate, u=up, ld_in=gate.stride(0), out=out, I=i, rows=t)
+    return out
+
+
 @register_backend("rope_cache", "cuda", available=half_on_gpu)
 def _rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     hk, d = k_cache.shape[1:]
     hq = q.shape[1] // d
-    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and cos.dtype == q.dtype):
+    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and cos.dtype == q.dtype) or cos.shape[1] != d:
+        # (cos narrower than the head: partial rotary, which the kernel does not take)
         return ops.rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
     t = q.shape[0]
     q_out = torch.empty(t, hq, d, dtype=q.dtype, device=q.device)
@@ -72,11 +104,12 @@ def _rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
 
 @register_backend("paged_attention", "cuda", available=half_on_gpu)
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: torch.Tensor,
-                     positions: torch.Tensor, scale: float) -> torch.Tensor:
+                     positions: torch.Tensor, scale: float, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
     rows, hq, d = q.shape
     b, c = context.shape
     if d > 256 or hq % k_cache.shape[1] or c > ATTN_MAX_CONTEXT:
-        return ops.paged_attention_reference(q, k_cache, v_cache, context, positions, scale)
+        return ops.paged_attention_reference(q, k_cache, v_cache, context, positions, scale, window, softcap)
     out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
     per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu
     # from C, not from the positions: the same grid for every replay of a context bucket's CUDA graph
@@ -85,6 +118,12 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if splits > 1:
         ws = torch.empty(rows * hq, splits, d + 2, dtype=torch.float32, device=q.device)  # (m, l, acc[D]) per split
         counters = cuda.counters("paged_attention", q.device, rows * hq)
+    if window is not None or softcap is not None:  # the same kernel with its key range and scores limited
+        launch.paged_attention_window((rows * hq, splits), (256,), E=per_lane, q=q.contiguous(), kc=k_cache,
+                                      vc=v_cache, context=context.contiguous(), C=c, pos=positions.contiguous(),
+                                      out=out, ws=ws, counters=counters, S=rows // b, Hq=hq, Hk=k_cache.shape[1], D=d,
+                                      scale=scale, window=window or 0, softcap=softcap or 0.0)
+        return out.view(rows, hq * d)
     launch.paged_attention((rows * hq, splits), (256,), E=per_lane, q=q.contiguous(), kc=k_cache, vc=v_cache,
                            context=context.contiguous(), C=c, pos=positions.contiguous(), out=out, ws=ws,
                            counters=counters, S=rows // b, Hq=hq, Hk=k_cache.shape[1], D=d, scale=scale)

@@ -96,3 +96,51 @@ def paged_attention(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q:
     cuda.launch(f"paged_attention_{_T[q.dtype]}_e{E}", MODULE, grid, block,
                 (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
                  np.int32(Hk), np.int32(D), np.float32(scale)), dependent=True)
+
+
+# ---- the kernels of the families beyond Llama ------------------------------------------------------
+def add_rms_norm_offset(grid: tuple[int, ...], block: tuple[int, ...], *, x: torch.Tensor, ldx: int,
+                        res: torch.Tensor | None, ldr: int, w: torch.Tensor, eps: float, offset: float,
+                        out: torch.Tensor, ldo: int, res_out: torch.Tensor, ldro: int, H: int) -> None:
+    """Gemma's RMSNorm: h = x (+ res), rounded to T; out = T(h * rsqrt(mean(h^2) + eps) * (offset + w)),
+    the product in float32 and rounded once. Arguments as add_rms_norm's, and offset (1.0 for Gemma)."""
+    cuda.launch(f"add_rms_norm_offset_{_T[x.dtype]}", MODULE, grid, block,
+                (x, np.int32(ldx), _ptr(res), np.int32(ldr), w, np.float32(eps), np.float32(offset), out,
+                 np.int32(ldo), res_out, np.int32(ldro), np.int32(H)), dependent=True)
+
+
+def gelu_tanh_mul(grid: tuple[int, ...], block: tuple[int, ...], *, g: torch.Tensor, u: torch.Tensor, ld_in: int,
+                  out: torch.Tensor, I: int, rows: int) -> None:  # noqa: E741 (the kernel's name)
+    """out = T(T(gelu_tanh(g)) * u), one thread per element; arguments as silu_mul's."""
+    cuda.launch(f"gelu_tanh_mul_{_T[g.dtype]}", MODULE, grid, block,
+                (g, u, np.int32(ld_in), out, np.int32(I), np.int32(rows)), dependent=True)
+
+
+def qk_rms_norm(grid: tuple[int, ...], block: tuple[int, ...], *, q: torch.Tensor, ldq: int, k: torch.Tensor,
+                ldk: int, v: torch.Tensor, ldv: int, qw: torch.Tensor, kw: torch.Tensor, eps: float, offset: float,
+                out: torch.Tensor, rows: int, Hq: int, Hk: int, D: int) -> None:
+    """RMSNorm over each head of q and k, v copied, into one buffer.
+
+    grid       (ceil(rows * (Hq + 2 Hk) / 8),): one warp per (token, head); block (256,)
+    q, ldq     T [rows, Hq * D] with row stride ldq, unit column stride (k, ldk and v, ldv: Hk heads)
+    qw, kw     T [D], contiguous: the q and k norms' weights
+    eps        the RMSNorm epsilon
+    offset     0: Llama's rounding (w * T(x / rms)); else Gemma's (T(x / rms * (offset + w)))
+    out        T [rows, (Hq + 2 Hk) * D], contiguous, written: normalized q, normalized k, v
+    rows, Hq, Hk, D: tokens, query heads, KV heads, head size (D <= 256)
+    """
+    cuda.launch(f"qk_rms_norm_{_T[q.dtype]}", MODULE, grid, block,
+                (q, np.int32(ldq), k, np.int32(ldk), v, np.int32(ldv), qw, kw, np.float32(eps), np.float32(offset),
+                 out, np.int32(rows), np.int32(Hq), np.int32(Hk), np.int32(D)), dependent=True)
+
+
+def paged_attention_window(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q: torch.Tensor,
+                           kc: torch.Tensor, vc: torch.Tensor, context: torch.Tensor, C: int, pos: torch.Tensor,
+                           out: torch.Tensor, ws: torch.Tensor | None, counters: torch.Tensor | None, S: int, Hq: int,
+                           Hk: int, D: int, scale: float, window: int, softcap: float) -> None:
+    """paged_attention (the same arguments, grid and workspace) over the keys pos[r] - window + 1 ..
+    pos[r] only (window 0: all of 0 .. pos[r]), each score s (scale included) soft-capped to
+    softcap * tanh(s / softcap) (softcap 0: none)."""
+    cuda.launch(f"paged_attention_window_{_T[q.dtype]}_e{E}", MODULE, grid, block,
+                (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
+                 np.int32(Hk), np.int32(D), np.float32(scale), np.int32(window), np.float32(softcap)), dependent=True)
