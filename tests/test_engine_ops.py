@@ -266,3 +266,76 @@ def test_split_paged_attention_is_deterministic_and_resets_its_counters():
     assert torch.equal(ops.paged_attention(*case, d ** -0.5), first)
     torch.cuda.synchronize()
     assert all(int(t.count_nonzero()) == 0 for t in cuda._counters[("paged_attention", first.device)])
+
+
+# ---- the kernels of the families beyond Llama (Gemma, Qwen3) ----------------------------------------
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,h", [(1, 640), (7, 2304), (33, 100)])
+def test_fused_offset_rms_norm_matches_its_twin(dtype, t, h):
+    # Gemma's (1 + w) norm, product in float and rounded once: the twin's rounding exactly, up to
+    # the order of the sum of squares
+    x, res = (torch.randn(t, h, device="cuda", dtype=dtype) for _ in range(2))
+    w = 0.3 * torch.randn(h, device="cuda", dtype=dtype)
+    for r in (res, None):
+        out, hh = ops.add_rms_norm(x, r, w, 1e-6, 1.0)
+        ref_out, ref_h = ops.add_rms_norm_reference(x, r, w, 1e-6, 1.0)
+        assert torch.equal(hh, ref_h)
+        tol = 1e-2 if dtype == torch.float16 else 4e-2
+        torch.testing.assert_close(out.float(), ref_out.float(), rtol=tol, atol=tol)
+        assert not torch.allclose(out.float(), ops.add_rms_norm_reference(x, r, w, 1e-6)[0].float(), atol=0.1)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_gelu_tanh_mul_matches_its_twin(dtype):
+    t, inter = 5, 2048 + 7
+    gu = 3 * torch.randn(t, 2 * inter, device="cuda", dtype=dtype)
+    g, u = gu.split([inter, inter], -1)
+    out, ref = ops.gelu_tanh_mul(g, u), ops.gelu_tanh_mul_reference(g, u)
+    # one rounding step of T apart at most (tanhf against torch's tanh)
+    step = 2 ** -10 if dtype == torch.float16 else 2 ** -7
+    assert float(((out.float() - ref.float()).abs() / ref.float().abs().clamp_min(1e-3)).max()) <= 2 * step
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_fused_qk_rms_norm_matches_its_twin(dtype, offset, d):
+    # q / k / v as views of one fused output (the engine's case) and as separate tensors
+    t, hq, hk = 6, 8, 2
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=dtype)
+    qw, kw = (0.5 * torch.randn(d, device="cuda", dtype=dtype) for _ in range(2))
+    views = qkv.split([hq * d, hk * d, hk * d], -1)
+    for q, k, v in (views, [x.contiguous() for x in views]):
+        out = ops.qk_rms_norm(q, k, v, qw, kw, 1e-6, offset)
+        ref = ops.qk_rms_norm_reference(q, k, v, qw, kw, 1e-6, offset)
+        assert out[0].stride(0) == out[1].stride(0) == out[2].stride(0)
+        assert torch.equal(out[2], v)
+        tol = 1e-2 if dtype == torch.float16 else 4e-2
+        for a, b in zip(out[:2], ref[:2]):
+            torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window,softcap", [(8, None), (None, 5.0), (100, 2.0), (1, None), (4096, 50.0)])
+@pytest.mark.parametrize("c", [1, 63, 65, 1000])
+def test_windowed_capped_paged_attention_matches_its_twin(dtype, window, softcap, c):
+    # rows at the context's end, at its start and between; windows shorter than a split, longer
+    # than the context, of one key; scores scaled up so that capping bends them
+    torch.manual_seed(c)
+    s = 2 if c > 1 else 1
+    starts = [c - s, 0, int(torch.randint(0, c - s + 1, (1,))), min(c - s, 5)]
+    positions = [[p + i for i in range(s)] for p in starts]
+    q, kc, vc, context, pos = _attention_case(dtype, len(starts), s, 8, 2, 128, c, positions)
+    q = 4 * q
+    out = ops.paged_attention(q, kc, vc, context, pos, 128 ** -0.5, window, softcap)
+    ref = ops.paged_attention_reference(q, kc, vc, context, pos, 128 ** -0.5, window, softcap)
+    assert torch.isfinite(out).all()
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert err < (3e-3 if dtype == torch.float16 else 2e-2)
+    if c > 8 and (window or c) < c:  # the window matters: attention over every key differs
+        full = ops.paged_attention_reference(q, kc, vc, context, pos, 128 ** -0.5, None, softcap)
+        assert float((full.float() - ref.float()).norm() / ref.float().norm()) > 0.05

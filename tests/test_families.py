@@ -22,7 +22,7 @@ from quantkit.errors import UnsupportedModelError
 from quantkit.eval import perplexity
 from quantkit.forwards import blocks_of, capture_block_inputs, observe, propagate
 from quantkit.models import FAMILIES, Mapping, family_for, load_model
-from quantkit.models.families import LLAMA, layer_types
+from quantkit.models.families import LLAMA, attention_implementation, layer_types
 from quantkit.nn import IntWeightLinear, W8A8Linear
 from quantkit.pipeline import _input_groups, _targets, quantize_model
 from quantkit.recipe import Recipe, list_recipes
@@ -230,7 +230,10 @@ def test_transformers_loads_the_checkpoint_with_our_logits(tmp_path_factory, tmp
     fake = load_model(src)
     quantize_model(fake, recipe)
     ours = load_checkpoint(out)
-    theirs = AutoModelForCausalLM.from_pretrained(out).eval()
+    # Gemma 2's capped scores need eager attention; transformers < 5.18 picked sdpa and dropped the capping
+    attention = attention_implementation(ours.model.config)
+    theirs = AutoModelForCausalLM.from_pretrained(out, **({"attn_implementation": attention} if attention else {}))
+    theirs = theirs.eval()
     seen = {}
     for n, m in ours.model.named_modules():
         if isinstance(m, (IntWeightLinear, W8A8Linear)):

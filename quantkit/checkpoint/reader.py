@@ -25,6 +25,7 @@ from quantkit.checkpoint.writer import RECIPE_FILE, REPORT_FILE
 from quantkit.errors import CheckpointError
 from quantkit.formats.finite import all_finite
 from quantkit.models import LoadedModel
+from quantkit.models.families import attention_implementation
 from quantkit.nn import IntWeightLinear, W8A8Linear
 
 __all__ = ["checkpoint_summary", "is_quantized_checkpoint", "load_checkpoint", "read_config", "read_state_dict"]
@@ -92,7 +93,9 @@ def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
         from transformers.modeling_utils import no_init_weights
     try:
         with no_init_weights():
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            attention = attention_implementation(config)
+            extra = {"attn_implementation": attention} if attention else {}
+            return AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
     except Exception as e:  # transformers building a config validation accepted: translate whatever it raises
         raise CheckpointError(f"transformers cannot build the model: {described(e)}") from e
 

@@ -122,7 +122,8 @@ class Engine:
         kv_window = None if None in windows else max(windows)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.lookahead,
                                    kv_window)
-        self.runner = ModelRunner(target.model, target.family, slots)
+        positions = config.max_model_len + config.lookahead  # the rotary rows: draft tokens sit past the sequence
+        self.runner = ModelRunner(target.model, target.family, slots, positions)
         self.device = device
         self.scratch = blocks * config.block_size
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -138,7 +139,7 @@ class Engine:
         self.target_step = make(self.runner)
         self.speculator: Speculator | None = None
         if config.speculative != "none":
-            runner = ModelRunner(draft.model, draft.family, slots) if config.speculative == "draft" else None
+            runner = ModelRunner(draft.model, draft.family, slots, positions) if config.speculative == "draft" else None
             self.speculator = Speculator(config.num_draft, config.block_size, self.generator, device,
                                          runner, make(runner) if runner is not None else None)
 

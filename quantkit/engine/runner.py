@@ -85,7 +85,7 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int):
+    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, max_positions: int):
         self.model = model
         self.config = model.config
         self.shape = Shape.of(self.config)
@@ -105,17 +105,31 @@ class ModelRunner:
         # act(gate) * up: Llama's SiLU, another family's activation op, or None: the model's MLP module runs
         act = self.facts.activation
         self.act_mul = ops.silu_mul if act == "silu" else layers.activation_op(act)
+        self.rope = self._rope_tables(max_positions)
         self.parts: list[BlockParts] = [block_parts(block, family, self.config) for block in self.blocks]
+
+    def _rope_tables(self, max_positions: int) -> dict:
+        """Rotary key (the layer type, Gemma 3; None: one for every layer) -> (cos, sin)
+        [max_positions, rotary dims] in the model's dtype: the rotary module's own output for
+        positions 0 .. max_positions - 1, computed once. A step then only gathers rows, so no rotary
+        code runs inside a CUDA graph (longrope's frequency switch reads a position on the host).
+        Each entry is an elementwise function of its position, so the table's rows are exactly what
+        the module computes for any batch of positions; the engine keeps positions inside the range
+        where the frequencies do not change (layers.rope_context_limit)."""
+        positions = torch.arange(max_positions, device=self.device)[None]
+        x = torch.zeros(1, max_positions, 1, device=self.device, dtype=torch.float32)
+        tables = {}
+        for key in dict.fromkeys(self.facts.rotary_keys):
+            cos, sin = self.rotary(x, positions) if key is None else self.rotary(x, positions, key)
+            tables[key] = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        return tables
 
     # ---- the per-layer pieces ------------------------------------------------------------------
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, attend) -> torch.Tensor:
         """x [T, hidden] (embeddings) at positions [T]; K / V of the T tokens go to `slots`;
         attend(layer, q [T, heads, D]) -> [T, heads * D]. Returns the final-norm output."""
         f, offset = self.facts, self.facts.offset
-        rope = {}  # rotary key (the layer type, Gemma 3; None: one for every layer) -> (cos, sin) [T, rotary dims]
-        for key in dict.fromkeys(f.rotary_keys):
-            cos, sin = self.rotary(x[None], positions[None]) if key is None else self.rotary(x[None], positions[None], key)
-            rope[key] = cos[0].to(x.dtype), sin[0].to(x.dtype)
+        rope = {key: (cos[positions], sin[positions]) for key, (cos, sin) in self.rope.items()}
         residual = None
         for i, p in enumerate(self.parts):
             attn, mlp = p.block.self_attn, p.block.mlp

@@ -320,6 +320,13 @@ def layer_facts(config) -> list[LayerFacts]:
     return out
 
 
+def attention_implementation(config) -> str | None:
+    """The attention implementation transformers must run for this checkpoint, None for its
+    default. Soft-capped attention scores (Gemma 2) need "eager": torch's fused attention has no
+    capping, and transformers before 5.18 ran Gemma 2 through it anyway, silently uncapped."""
+    return "eager" if getattr(config, "attn_logit_softcapping", None) else None
+
+
 def final_logit_softcap(config) -> float | None:
     """logits -> cap * tanh(logits / cap) after the output head (Gemma 2 / 3), or None."""
     return getattr(config, "final_logit_softcapping", None) or None

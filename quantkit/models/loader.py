@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from quantkit.errors import ModelLoadError
-from quantkit.models.families import Family, family_for
+from quantkit.models.families import Family, attention_implementation, family_for
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -161,6 +161,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
         dtype = DTYPES[dtype]
     where, extra = _from_pretrained_args(resolved)
     kwargs = dict(extra)
+    attention = attention_implementation(config if config is not None else load_config(resolved))
+    if attention is not None:
+        kwargs["attn_implementation"] = attention
     if dtype is not None:
         kwargs["dtype"] = dtype
     elif not extra:
