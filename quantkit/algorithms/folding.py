@@ -8,6 +8,9 @@ so the linears' columns are multiplied by s and the op that produced x (a norm's
 weight, or the rows of a previous linear; the model family's mapping table says
 which) is divided by it: a norm computing (1 + w) (Gemma) gets w' = (1 + w) / s - 1,
 a packed linear (Phi-3's gate_up_proj) only the rows of the part that feeds x.
+Modules that read x too but are not quantized (a mixture of experts' router and
+shared-expert gate: the mapping's `compensate`) get their columns multiplied by
+s like the linears, so their outputs, and the routing, stay the float model's.
 AWQ and SmoothQuant only choose s; this module applies it, for every mapping of
 the family, then lets the transforms clip.
 """
@@ -127,4 +130,6 @@ def _scale_mapping(block: torch.nn.Module, mapping: Mapping, by_rel: dict[str, T
     fold_into_previous(prev.weight, prev.bias, found.scales, prev.offset)
     for m in members:
         scale_columns(m.linear.weight.data, found.scales)
+    for rel in mapping.compensate:  # float readers of the same input (an MoE router): outputs unchanged
+        scale_columns(block.get_submodule(rel).weight.data, found.scales)
     transform.folded(names, found.scales)

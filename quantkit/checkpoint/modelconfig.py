@@ -72,6 +72,8 @@ def check_model_config(raw: dict, where: str) -> None:
     try:
         size = {key: _positive_int(field(raw, key, "integer", "", required=True), key) for key in REQUIRED}
         for key in NULLABLE_SIZES + SIZES:  # transformers refuses null for the latter: so do we, first
+            if key == "sliding_window" and raw.get(key) == 0 and raw.get("use_sliding_window") is False:
+                continue  # Qwen2-MoE writes 0 for "no window"
             if raw.get(key) is not None or (key in raw and key in SIZES):
                 size[key] = _positive_int(raw[key], key)
         if "max_window_layers" in raw and typed(raw["max_window_layers"], "integer", "max_window_layers") < 0:

@@ -25,7 +25,8 @@ from quantkit.checkpoint.writer import RECIPE_FILE, REPORT_FILE
 from quantkit.errors import CheckpointError
 from quantkit.formats.finite import all_finite
 from quantkit.models import LoadedModel
-from quantkit.models.families import attention_implementation
+from quantkit.models.families import attention_implementation, module_name
+from quantkit.models.moe import unfuse_experts
 from quantkit.nn import IntWeightLinear, W8A8Linear
 
 __all__ = ["checkpoint_summary", "is_quantized_checkpoint", "load_checkpoint", "read_config", "read_state_dict"]
@@ -84,7 +85,7 @@ def _check_values(state: dict[str, torch.Tensor], ck: Checkpoint) -> None:
                                       f"its {groups} scale groups need 0..{groups - 1}")
 
 
-def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
+def _empty_model(config, dtype: torch.dtype, family) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
@@ -95,7 +96,7 @@ def _empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
         with no_init_weights():
             attention = attention_implementation(config)
             extra = {"attn_implementation": attention} if attention else {}
-            return AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
+            return unfuse_experts(AutoModelForCausalLM.from_config(config, dtype=dtype, **extra), family)  # per expert
     except Exception as e:  # transformers building a config validation accepted: translate whatever it raises
         raise CheckpointError(f"transformers cannot build the model: {described(e)}") from e
 
@@ -114,12 +115,12 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
     from transformers import AutoTokenizer
 
     ck = validate_checkpoint(path)
-    state = read_state_dict(ck)
+    state = {module_name(ck.family, k): t for k, t in read_state_dict(ck).items()}  # as validate_checkpoint reads them
     if ck.awq_group_size is not None:
         state = awq_to_compressed(state, list(ck.linears))
     _check_values(state, ck)
     scale_dtypes = {state[f"{n}.weight_scale"].dtype for n in ck.linears}
-    model = _empty_model(ck.config, next(iter(scale_dtypes)) if len(scale_dtypes) == 1 else torch.float32)
+    model = _empty_model(ck.config, next(iter(scale_dtypes)) if len(scale_dtypes) == 1 else torch.float32, ck.family)
     for name, lin in ck.linears.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, _quantized_module(lin, state))

