@@ -21,6 +21,7 @@ import torch
 from quantkit.algorithms import Observer
 from quantkit.algorithms.folding import Target
 from quantkit.errors import NumericalError
+from quantkit.experts import expert_index
 from quantkit.formats.finite import all_finite
 from quantkit.models import LoadedModel
 from quantkit.models.families import layer_types
@@ -139,8 +140,11 @@ class StopBlock(Exception):
 
 def replay_cache(block, targets: list[Target], family) -> ReplayCache:
     """Candidates: every target linear, and the family's replay modules (norms,
-    self_attn, mlp), each with the target linears its output depends on."""
-    members = {t.rel: {t.rel} for t in targets}
+    self_attn, mlp, each expert), each with the target linears its output depends on.
+    An expert's linears are replayed with their expert, never alone: while their
+    expert's stage is observed on every token (quantkit.experts) they run on other
+    rows than when routed, and a recording of one would not fit the other."""
+    members = {t.rel: {t.rel} for t in targets if expert_index(family, t.rel) is None}
     for module, prefixes in family.replay_modules:
         members[module] = {t.rel for t in targets if t.rel.startswith(prefixes)} if prefixes else set()
     return ReplayCache(block, members, dict(family.replay_tails))

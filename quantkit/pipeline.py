@@ -14,6 +14,10 @@
         recompute the block's outputs as the next block's inputs
         move it back
 
+A sparse (mixture-of-experts) layer is walked the same way with its own table
+(families.block_family: each expert's linears and groups); quantkit.experts
+says how its experts are staged, counted, and rounded when starved.
+
 What it finds per linear goes into LinearResults; the report rows and byte
 counts are the checkpoint's business (quantkit.checkpoint.report), progress is
 a callback (quantkit.progress), the dtype choice is the hardware's
@@ -32,10 +36,12 @@ from quantkit.algorithms import Chain, Observer, Transform, build_all
 from quantkit.algorithms.folding import Target, apply_transforms
 from quantkit.algorithms.inputs import InputRanges, input_facts, input_quantizer
 from quantkit.devices import calibration_dtype
-from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight
+from quantkit.experts import FALLBACK, LayerExperts, experts_of, split_stages
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, quantize_rtn
 from quantkit.heldout import HeldOutResult, perplexity_of_hidden
 from quantkit.models import LoadedModel
-from quantkit.models.families import layer_types
+from quantkit.models.families import block_family, layer_types, sparse_layers
+from quantkit.models.moe import watching
 from quantkit.progress import QuantizeProgress
 from quantkit.recipe import Recipe
 from quantkit.forwards import blocks_of, capture_block_inputs, check_finite, observe, propagate, replay_cache
@@ -118,9 +124,10 @@ def quantize_model(
     # observers of each input group's inputs: the rounding's, and static activation scales'
     observers: list[Observer] = ([rounding] if rounding.observes else []) + ([ranges] if ranges is not None else [])
     needs_data = bool(transforms or observers)
-    family = loaded.family
+    family, config = loaded.family, loaded.model.config
     blocks = blocks_of(loaded)
-    kinds = layer_types(loaded.model.config)  # each block's attention type: its mask and rotary cos/sin
+    kinds = layer_types(config)  # each block's attention type: its mask and rotary cos/sin
+    sparse = sparse_layers(config, family)
     seconds = {"capture": 0.0, "forward": 0.0, "transform": 0.0, "quantize": 0.0}
     if needs_data and calibration_ids is None:
         users = [s.name for s in chain if isinstance(s, Transform) or s.observes]
@@ -143,7 +150,9 @@ def quantize_model(
     use_replay = recipe.calibration.replay if replay is None else replay
     progress.start(len(blocks), f"quantize ({recipe.name})")
     for i, block in enumerate(blocks):
-        targets = _targets(block, f"{family.blocks}.{i}", family.linears, recipe)
+        fam = block_family(family, config, i)  # a sparse layer's: one set of linears per expert
+        targets = _targets(block, f"{family.blocks}.{i}", fam.linears, recipe)
+        book = LayerExperts(fam, recipe.calibration.moe, rounding.observes) if sparse[i] else None
         block.to(device)
         # the block that runs the calibration data: itself, or a copy in fwd_dtype
         fwd = block if not needs_data or fwd_dtype == model_dtype else copy.deepcopy(block).to(fwd_dtype)
@@ -151,33 +160,42 @@ def quantize_model(
             t = time.perf_counter()
             held_float = propagate(fwd, held_float, None, set(), kinds[i])  # before anything changes the block
             seconds["held_out"] = seconds.get("held_out", 0.0) + time.perf_counter() - t
-        groups = _input_groups(targets, family.shared_inputs)
+        groups = _input_groups(targets, fam.shared_inputs)
         if transforms and targets:
             t = time.perf_counter()
-            observe(fwd, inputs, groups, transforms, None, set(), kinds[i])  # the float block, every group in one pass
+            every = experts_of(fam, groups)  # transforms see every token through every expert (quantkit.experts)
+            with watching(fwd, every) as routed:
+                observe(fwd, inputs, groups, transforms, None, set(), kinds[i])  # the float block, every group in one pass
+            if book is not None:
+                book.count(routed, every)
             seconds["forward"] += time.perf_counter() - t
             t = time.perf_counter()
-            progress.substeps(len(transforms) * (len(family.mappings) + 1), f"  block {i}: transforms")
-            apply_transforms(block, targets, family, transforms, rounding.trial_rounder(),
-                             lambda what, i=i: progress.substep(f"  block {i}: {what}"), loaded.model.config)
+            progress.substeps(len(transforms) * (len(fam.mappings) + 1), f"  block {i}: transforms")
+            apply_transforms(block, targets, fam, transforms, rounding.trial_rounder(),
+                             lambda what, i=i: progress.substep(f"  block {i}: {what}"), config)
             if fwd is not block:
                 for p_fwd, p in zip(fwd.parameters(), block.parameters(), strict=True):
                     p_fwd.data.copy_(p.data)
             seconds["transform"] += time.perf_counter() - t
         # true-sequential: each group is observed after the groups before it
         # were quantized, so it is calibrated on what the quantized block computes
-        stages = [[g] for g in groups] if rounding.observes and rounding.sequential else [groups]
-        cache = replay_cache(fwd, targets, family) if needs_data and use_replay else None
+        # (a sparse layer: one stage per expert at least, so one expert's statistics live at a time)
+        stages = ([[g] for g in groups] if rounding.observes and rounding.sequential
+                  else split_stages(fam, groups) if book is not None else [groups])
+        cache = replay_cache(fwd, targets, fam) if needs_data and use_replay else None
         final: set[str] = set()  # target linears (relative names) already quantized
         act_hooks = []  # W8A8: a quantized linear's input is quantized from then on
         for stage in stages if targets else []:
             if observers:
                 t = time.perf_counter()
-                observe(fwd, inputs, stage, observers, cache, final, kinds[i])
+                _observe_stage(fwd, inputs, stage, observers, cache, final, kinds[i], book, ranges)
                 seconds["forward"] += time.perf_counter() - t
             t = time.perf_counter()
             for group in stage:
-                for target, result in zip(group, _quantize_group(group, chain)):
+                fallback = book is not None and book.falls_back(group)
+                for target, result in zip(group, _quantize_group(group, chain, fallback)):
+                    if book is not None:
+                        result.facts.update(book.facts(target))
                     if act is not None:
                         scale = None
                         if ranges is not None:
@@ -233,7 +251,7 @@ def plan_targets(model: torch.nn.Module, family, recipe: Recipe) -> dict[str, In
     device answers before any weight is loaded (group sizes, empty selections)."""
     blocks = model.get_submodule(family.blocks)
     return {t.name: t.spec for i, block in enumerate(blocks)
-            for t in _targets(block, f"{family.blocks}.{i}", family.linears, recipe)}
+            for t in _targets(block, f"{family.blocks}.{i}", block_family(family, model.config, i).linears, recipe)}
 
 
 def _input_groups(targets: list[Target], shared_inputs: tuple[tuple[str, ...], ...]) -> list[list[Target]]:
@@ -244,21 +262,44 @@ def _input_groups(targets: list[Target], shared_inputs: tuple[tuple[str, ...], .
     return [g for g in groups if g]
 
 
+def _observe_stage(fwd, inputs, stage, observers: list[Observer], cache, final: set[str], layer_type: str,
+                   book: LayerExperts | None, ranges: InputRanges | None) -> None:
+    """One observation pass of a stage; in a sparse layer, with the stage's experts counted (and run
+    on every token when the recipe says observe: all), and for a starved expert under static
+    activations one more pass giving its input range every calibration token."""
+    if book is None:
+        observe(fwd, inputs, stage, observers, cache, final, layer_type)
+        return
+    with watching(fwd, book.observe_all(stage)) as routed:
+        observe(fwd, inputs, stage, observers + [book.observed], cache, final, layer_type)
+    book.count(routed, experts_of(book.family, stage))
+    starved = book.starved(stage) - book.observe_all(stage)
+    if ranges is not None and starved:
+        with watching(fwd, starved):
+            observe(fwd, inputs, [g for g in stage if experts_of(book.family, [g]) <= starved], [ranges], cache,
+                    final, layer_type)
+        book.ranged_on_all |= starved
+
+
 @torch.inference_mode()
-def _quantize_group(group: list[Target], chain: Chain) -> list[LinearResult]:
+def _quantize_group(group: list[Target], chain: Chain, fallback: bool = False) -> list[LinearResult]:
     """Round the linears of one input group (one call: a rounding may solve
-    them together) and write the dequantized weights back."""
+    them together) and write the dequantized weights back. fallback: round to
+    nearest instead of the chain's rounding (an expert that observed too few tokens)."""
     for target in group:
         check_finite(target.linear.weight.data, f"the weight of {target.name}")
     t = time.perf_counter()
     rounding = chain.rounding
-    qws = rounding.round_group([t.name for t in group], [t.linear.weight.data for t in group], [t.spec for t in group])
+    weights, specs = [t.linear.weight.data for t in group], [t.spec for t in group]
+    qws = ([quantize_rtn(w, spec) for w, spec in zip(weights, specs)] if fallback
+           else rounding.round_group([t.name for t in group], weights, specs))
     seconds = (time.perf_counter() - t) / len(group)  # a joint solve's time, shared out
     results = []
     for target, qw in zip(group, qws):
         w = target.linear.weight.data
         w_hat = qw.dequantize(w.dtype)
-        result = LinearResult(target.name, qw, w.dtype, rounding.name, _relative_error(w, w_hat), seconds)
+        result = LinearResult(target.name, qw, w.dtype, FALLBACK if fallback else rounding.name,
+                              _relative_error(w, w_hat), seconds)
         for step in chain:
             result.facts.update(step.report(target.name))
             step.free(target.name)

@@ -64,6 +64,16 @@ FAMILY_CONFIGS = {
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False)),
+    # mixtures of experts, 4 experts each, top-2: Mixtral, Qwen2-MoE (with a shared expert),
+    # Qwen3-MoE (normalized top-k weights, its middle layer a dense MLP: mlp_only_layers)
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=96,
+        tie_word_embeddings=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        head_dim=24, num_hidden_layers=3, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False)),
 }
 
 

@@ -9,6 +9,10 @@ activation dtype).
 AWQ's format has one bit width (4), one group size for the whole model, a zero
 point always (a symmetric weight gets z = 8) and no act-order g_idx; anything
 else is refused with the reason.
+
+A mixture of experts is written per expert under the names transformers writes
+(as the compressed-tensors checkpoint), its routers listed with the float
+linears in modules_to_not_convert (AutoAWQ and vLLM read a router as a linear).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from quantkit.checkpoint.reader import load_checkpoint
 from quantkit.checkpoint.writer import atomic_output
 from quantkit.errors import CheckpointError
 from quantkit.kernels import prepare_int_weight
+from quantkit.models.families import block_family, checkpoint_name
 from quantkit.nn import IntWeightLinear
 
 __all__ = ["AWQ_ORDER", "awq_tensors", "export_awq", "pack_awq"]  # AWQ_ORDER, pack_awq: from awq.py
@@ -52,6 +57,14 @@ def awq_tensors(module: IntWeightLinear) -> dict[str, torch.Tensor]:
     }
 
 
+def _routers(loaded) -> list[str]:
+    """The routers of a mixture of experts' sparse layers (float, a weight [E, hidden] each)."""
+    family, config = loaded.family, loaded.model.config
+    moe = family.moe
+    return [f"{family.blocks}.{i}.{moe.router}" for i in range(config.num_hidden_layers)
+            if moe is not None and block_family(family, config, i) is not family]
+
+
 def export_awq(src: str | os.PathLike, out: str | os.PathLike, force: bool = False) -> Path:
     """Write `src` (a quantkit checkpoint) in the AWQ GEMM layout to `out`, atomically."""
     loaded = load_checkpoint(src)
@@ -76,7 +89,10 @@ def export_awq(src: str | os.PathLike, out: str | os.PathLike, force: bool = Fal
             state[key] = t.detach().to(torch.float16) if t.is_floating_point() else t
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    float_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)] + _routers(loaded)
+    family = loaded.family
+    state = {checkpoint_name(family, k): t for k, t in state.items()}
+    float_linears = [checkpoint_name(family, n) for n in float_linears]
     config = copy.deepcopy(model.config)
     config.quantization_config = {
         "quant_method": "awq", "version": "gemm", "bits": 4, "group_size": groups[0], "zero_point": True,

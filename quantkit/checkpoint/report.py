@@ -5,14 +5,16 @@ One row per quantized linear, as quantization_report.json stores it:
     name, shape [out, in], bits, group_size, symmetric, algorithm (the rounding),
     weight_rel_error ||W - Q|| / ||W||, bytes_float, bytes_quantized (packed
     values, scales, zero points, g_idx as written), seconds, weight_type (FP8),
-    then what the algorithms found (awq_*, smooth_*, gptq_*, ...) and, W8A8,
-    how the inputs are quantized.
+    then what the algorithms found (awq_*, smooth_*, gptq_*, ...), W8A8,
+    how the inputs are quantized and, for an expert of a mixture of experts,
+    the tokens it was routed and observed and any fallback (moe_*, quantkit.experts).
 """
 
 from __future__ import annotations
 
 import math
 
+from quantkit.experts import summary_lines as expert_lines
 from quantkit.formats import FloatSpec, QuantizedWeight, packed_shape
 from quantkit.pipeline import QuantizationResult
 
@@ -62,4 +64,4 @@ def summary_lines(rows: list[dict], activations: dict | None) -> list[tuple[str,
     if activations:
         how = "dynamic per-token" if activations["dynamic"] else "static per-tensor (calibrated)"
         lines.append(("inputs", f"{activations['type']} {how}"))
-    return lines
+    return lines + expert_lines(rows)  # a mixture of experts: tokens per expert, fallbacks
