@@ -204,6 +204,8 @@ def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_d
                   str(r["preemptions"])]
         table.add_row(*map(_t, cells))
     err.print(table)
+    if rows[0].get("moe"):
+        err.print(_t(f"moe: {rows[0]['moe']}"))
 
 
 @app.command()

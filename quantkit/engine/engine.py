@@ -133,7 +133,8 @@ class Engine:
         if config.cuda_graphs and device.type == "cuda":
             contexts = tuple(c for c in (128, 256, 512, 1024, 2048, 4096, 8192, 16384) if c < config.max_model_len)
             contexts += (config.max_model_len + config.lookahead + 1,)
-            make = lambda runner: GraphedDecode(runner, self.scratch, contexts)  # noqa: E731
+            make = lambda runner: (GraphedDecode(runner, self.scratch, contexts) if runner.graphable  # noqa: E731
+                                   else DecodeStep(runner, self.scratch))  # MoE layers: eager (quantkit.engine.moe)
         else:
             make = lambda runner: DecodeStep(runner, self.scratch)  # noqa: E731
         self.target_step = make(self.runner)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from quantkit.engine.fusion import fuse
+from quantkit.engine.moe import MoEParts, moe_parts
 from quantkit.errors import UnsupportedModelError
 from quantkit.kernels import engine_ops as ops
 from quantkit.models.families import SLIDING, Family, final_logit_softcap, layer_facts, mlp_activation, part_widths
@@ -138,10 +139,12 @@ class BlockParts:
     qk_norm: tuple[nn.Module, nn.Module] | None
     qkv: tuple[nn.Module, list[int]] | None
     gate_up: tuple[nn.Module, list[int]] | None
+    moe: MoEParts | None = None  # a sparse layer's router and experts (quantkit.engine.moe), in place of the MLP
 
 
 def block_parts(block: nn.Module, family: Family, config) -> BlockParts:
-    """The block's modules; fuses the table's `fused` linears (quantkit.engine.fusion) where they can be."""
+    """The block's modules; fuses the table's `fused` linears (quantkit.engine.fusion) where they can be.
+    `family`: the block's own table (families.block_family: a sparse layer's has no dense MLP)."""
     one: dict[str, tuple[nn.Module, list[int]]] = {}
     for name, part_names in family.fused:
         parts = [block.get_submodule(n) for n in part_names]
@@ -163,6 +166,7 @@ def block_parts(block: nn.Module, family: Family, config) -> BlockParts:
         qk_norm=(get(family.qk_norm[0]), get(family.qk_norm[1])) if family.qk_norm else None,
         qkv=one.get(QKV),
         gate_up=one.get(GATE_UP),
+        moe=moe_parts(block, family),
     )
 
 

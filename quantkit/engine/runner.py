@@ -2,7 +2,8 @@
 and what the other families of quantkit.models.families add to it (quantkit.engine.layers: Gemma's
 (1 + w) norms and norms on the attention / MLP outputs, per-head q/k norms, GELU-tanh, sliding-window
 layers, soft-capped attention scores and logits, Gemma 3's per-layer-type rotary, Phi-3's packed
-qkv_proj / gate_up_proj).
+qkv_proj / gate_up_proj) and, in a mixture of experts' sparse layers, the router and the experts in
+place of the MLP (quantkit.engine.moe).
 
 The runner borrows the loaded transformers model's modules (embedding, the linears, which are
 nn.Linear for a float model or quantkit's quantized modules for a checkpoint, the norms'
@@ -35,9 +36,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from quantkit.engine import layers
 from quantkit.engine.layers import BlockParts, block_parts, model_facts, norm_eps
+from quantkit.engine.moe import PATH as MOE_PATH, moe_mlp
 from quantkit.nn.quant_linear import IntWeightLinear
 from quantkit.kernels import engine_ops as ops
-from quantkit.models.families import Family
+from quantkit.models.families import Family, block_family
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,12 @@ class ModelRunner:
         act = self.facts.activation
         self.act_mul = ops.silu_mul if act == "silu" else layers.activation_op(act)
         self.rope = self._rope_tables(max_positions)
-        self.parts: list[BlockParts] = [block_parts(block, family, self.config) for block in self.blocks]
+        self.parts: list[BlockParts] = [block_parts(block, block_family(family, self.config, i), self.config)
+                                        for i, block in enumerate(self.blocks)]
+        # how the sparse layers of a mixture of experts run (None: no sparse layer); a step whose
+        # experts' matmuls are sized on the host cannot be a CUDA graph
+        self.moe_path = MOE_PATH if any(p.moe is not None for p in self.parts) else None
+        self.graphable = self.moe_path is None
 
     def _rope_tables(self, max_positions: int) -> dict:
         """Rotary key (the layer type, Gemma 3; None: one for every layer) -> (cos, sin)
@@ -146,7 +153,10 @@ class ModelRunner:
             x = attn.o_proj(attend(i, q))
             if p.attn_out_norm is not None:
                 x = layers.out_norm(x, p.attn_out_norm, offset)
-            if self.act_mul is not None and p.gate_up is not None:
+            if p.moe is not None:  # a sparse layer: router and experts (quantkit.engine.moe)
+                h, residual = ops.add_rms_norm(x, residual, p.mlp_norm.weight, norm_eps(p.mlp_norm), offset)
+                x = moe_mlp(h, p.moe, self.act_mul)
+            elif self.act_mul is not None and p.gate_up is not None:
                 module, sizes = p.gate_up
                 gate_up, residual = _norm_linear(x, residual, p.mlp_norm, module, offset)
                 x = mlp.down_proj(self.act_mul(*gate_up.split(sizes, dim=-1)))

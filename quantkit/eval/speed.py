@@ -6,7 +6,9 @@ first token, inter-token latency p50 / p99 (per sequence, consecutive tokens; to
 speculative step emits together count as zero), time per output token, output tokens/s, and
 with speculative decoding the acceptance rate and tokens emitted per verification, plus the
 KV blocks in use against allocated at steady state. Each case runs twice; the second run is
-the one reported (the first pays for CUDA graph capture and kernel compilation).
+the one reported (the first pays for CUDA graph capture and kernel compilation). A mixture of
+experts' row names the path its sparse layers ran (`moe`: quantkit.engine.moe.PATH, no fused
+kernel), None for a dense model.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def measure(target: LoadedModel, text_tokens: list[int], cases: list[Case], conf
         row = run_case(engine, prompts, case.output)
         rows.append({"batch": case.batch, "prompt": case.prompt, "output": case.output,
                      "speculative": cfg.speculative, "num_draft": cfg.num_draft if cfg.speculative != "none" else 0,
-                     "async_decode": cfg.async_decode, **row})
+                     "async_decode": cfg.async_decode, "moe": engine.runner.moe_path, **row})
         del engine
         if target.model.device.type == "cuda":
             torch.cuda.empty_cache()

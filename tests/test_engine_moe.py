@@ -1,0 +1,109 @@
+"""The engine's mixture-of-experts path (quantkit.engine.moe: the model's router, one matmul per expert
+on its routed tokens) on the CPU in float32, mirroring tests/test_engine_families.py: greedy output
+equals transformers' generate for 32 tokens (on transformers' own model, its fused experts), the
+step's distributions equal transformers' forward, a W4A16 checkpoint runs on its own modules, and
+`eval --speed` names the path.
+
+The tiny models are tests/conftest.py's MoE families (top-2 of 4 experts, Mixtral's of 8 here;
+Qwen2-MoE with a shared expert, Qwen3-MoE with a dense middle layer), drawn at 5x the default scale so that tokens
+route to different experts and greedy outputs vary.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_family_model
+from quantkit.engine.config import EngineConfig
+from quantkit.engine.engine import Engine
+from quantkit.engine.moe import PATH
+from quantkit.engine.sequence import SamplingParams
+from quantkit.models.loader import load_model
+from test_engine_families import _hf_greedy, _prompts
+
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            more = {"num_local_experts": 8} if name == "mixtral" else {}  # 8 experts here, 4 elsewhere
+            made[name] = make_tiny_family_model(tmp_path_factory.mktemp(name), name, initializer_range=0.1, **more)
+        return made[name]
+    return get
+
+
+@functools.cache
+def _transformers_greedy(folder: Path) -> list[list[int]]:
+    """transformers' own model (fused experts, its default experts implementation): greedy 32 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    return [_hf_greedy(model, p, 32) for p in _prompts(model.config.vocab_size)]
+
+
+@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("config", [EngineConfig(block_size=4, max_model_len=64, async_decode=False),
+                                    EngineConfig(block_size=4, max_model_len=64, kv_blocks=24, max_num_seqs=3)],
+                         ids=["roomy", "small-pool-async"])
+def test_greedy_equals_transformers_generate(model_dir, name, config):
+    loaded = load_model(model_dir(name))
+    engine = Engine(loaded, config)
+    assert engine.runner.moe_path == PATH and not engine.runner.graphable
+    seqs = engine.generate(_prompts(loaded.model.config.vocab_size), SamplingParams(max_tokens=32))
+    expected = _transformers_greedy(model_dir(name))
+    assert [s.output_ids for s in seqs] == expected
+    assert len({t for e in expected for t in e}) > 20  # the outputs vary: the check has teeth
+    assert engine.blocks.num_used == 0
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_step_distributions_equal_transformers_forward(model_dir, name):
+    """Prefill, then one decode step of 3 tokens (the verification shape): its distributions are
+    the softmax of transformers' logits."""
+    loaded = load_model(model_dir(name))
+    prompt = _prompts(loaded.model.config.vocab_size)[4]
+    engine = Engine(loaded, EngineConfig(block_size=4, max_model_len=64))
+    seq = engine.add(prompt, SamplingParams(max_tokens=8))
+    engine.step()
+    tokens = [seq.last_token, 7, 11]
+    engine.blocks.append_slots(seq, 3)
+    x = engine._inputs([seq], [len(seq) - 1], 3, [tokens])
+    x.temperature[:] = 1.0
+    p, _ = engine.target_step(x, draw=False)
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([seq.token_ids + tokens[1:]])).logits[0, -3:].float()
+    torch.testing.assert_close(p[0], torch.softmax(logits, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_w4a16_checkpoint_runs_on_its_own_modules(model_dir, tmp_path, name):
+    """Quantized experts (IntWeightLinear, each expert's gate / up fused): greedy equals transformers'
+    generate on the same quantized modules."""
+    from quantkit.api import load, quantize
+    from quantkit.nn.quant_linear import IntWeightLinear
+
+    quantize(str(model_dir(name)), "w4a16-rtn", tmp_path / "w4", show_progress=False)
+    loaded = load(tmp_path / "w4")
+    assert type(loaded.model.model.layers[0].mlp.experts[1].get_submodule(
+        loaded.family.moe.expert_linears[2])) is IntWeightLinear
+    prompts = _prompts(loaded.model.config.vocab_size)[2:]
+    expected = [_hf_greedy(loaded.model, p, 32) for p in prompts]
+    seqs = Engine(loaded, EngineConfig(block_size=4)).generate(prompts, SamplingParams(max_tokens=32))
+    assert [s.output_ids for s in seqs] == expected
+
+
+def test_speed_names_the_moe_path(model_dir):
+    from quantkit import api
+
+    rows = api.speed(model_dir("qwen2_moe"), batch_sizes=(1, 3), prompt_len=20, output_len=12, device="cpu")
+    assert [r["output_tokens"] for r in rows] == [12, 36]
+    assert all(r["moe"] == PATH and r["tokens_per_s"] > 0 for r in rows)
+    assert "no fused kernel" in PATH
