@@ -45,6 +45,16 @@ def tiny(tmp_path_factory, family: str) -> Path:
     return _DIRS[family]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the tiny experts' many small matmuls only wait on each other with two
+    (as in tests/test_gguf_families.py). Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "austen-head.txt"
