@@ -288,6 +288,29 @@ def test_min_tokens_decides_the_fallback(tmp_path_factory):
     assert rows["model.layers.0.self_attn.q_proj"]["algorithm"] == "gptq"
 
 
+def test_a_rounding_that_is_not_true_sequential_still_observes_one_expert_at_a_time(tmp_path_factory):
+    """Stages of a sparse layer's groups: attention and shared expert together, each expert alone;
+    GPTQ with true_sequential off rounds every expert on the tokens routed to it."""
+    from quantkit.algorithms.folding import Target
+    from quantkit.experts import split_stages
+
+    table = block_family(FAMILIES["qwen2_moe"], type("C", (), {"num_hidden_layers": 1, "num_experts": 2})(), 0)
+    groups = [[Target(rel, rel, None, None) for rel in g] for g in table.shared_inputs]
+    stages = [[[t.rel for t in g] for g in stage] for stage in split_stages(table, groups)]
+    assert stages == [
+        [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+         ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"], ["mlp.shared_expert.down_proj"]],
+        [["mlp.experts.0.gate_proj", "mlp.experts.0.up_proj"], ["mlp.experts.0.down_proj"]],
+        [["mlp.experts.1.gate_proj", "mlp.experts.1.up_proj"], ["mlp.experts.1.down_proj"]],
+    ]
+    recipe = Recipe.from_dict({**_recipe().to_dict(), "algorithms": [{"gptq": {"true_sequential": False}}]})
+    _, rows = _rows(load_model(tiny(tmp_path_factory, "qwen2_moe")), recipe)
+    experts = [r for r in rows.values() if "moe_expert" in r]
+    assert len(experts) == 24
+    assert all(r["algorithm"] == "gptq" and r["moe_tokens_observed"] == r["moe_tokens_routed"] for r in experts)
+    assert sum(r["moe_tokens_routed"] for r in experts if r["name"].startswith("model.layers.1.")) == 3 * 128 * 2
+
+
 @pytest.mark.parametrize("moe,message", [
     ({"observe": "some"}, r"calibration.moe.observe: invalid value 'some'; valid values: 'routed', 'all'"),
     ({"min_tokens": 0}, r"calibration.moe: min_tokens must be in 1..2147483647 .*got 0"),
