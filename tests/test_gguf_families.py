@@ -12,15 +12,20 @@ from it end to end.
 
 transformers' reader (the legacy path, modeling_gguf_pytorch_utils + integrations/ggml.py
 GGUF_CONFIG_MAPPING) rebuilds the config from a fixed set of keys per architecture; every other field
-takes the config class's default, whatever the file says. The tiny models below therefore keep those
-fields at their defaults (noted where it matters), and test_what_the_reader_loses pins each loss that
-a real checkpoint can hit, by name.
+takes the config class's default, whatever the file says. quantkit's load_config compares the file's
+keys with that config (quantkit.models.gguf_meta) and repairs what one config field carries or refuses
+the file. test_what_the_reader_loses pins each loss that a real checkpoint can hit, by name, with what
+quantkit does about it; the tiny models below keep the fields that quantkit would refuse at the
+values the reader gives back (noted where it matters).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import gguf
@@ -35,6 +40,7 @@ from quantkit import api
 from quantkit import calibration as cal
 from quantkit.errors import ModelLoadError
 from quantkit.models import FAMILIES, family_for, load_model
+from quantkit.models.gguf_meta import GGUFArray, GGUFMeta, check_gguf_config, read_gguf_meta
 from quantkit.models.loader import load_config
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import load_recipe
@@ -61,8 +67,11 @@ READ_AS = {"mistral": "llama"}
 # defaults (the file carries them), norm weights drawn around the family's identity (so Gemma's
 # 1 + w and Qwen3's q/k norms are exercised). Fields the reader cannot carry stay at the class
 # default: Qwen3's head_dim (128), the Qwen-MoE expert widths (1408 / 5632, 768), Gemma's
-# query_pre_attn_scalar, soft-capping and layer pattern (every 2nd / every 6th layer global: Gemma 3
-# gets 6 layers so that one is global, with its own rotary base); see test_what_the_reader_loses.
+# soft-capping and layer pattern (every 2nd / every 6th layer global: Gemma 3 gets 6 layers so that
+# one is global, with its own rotary base), and Gemma's head width 256 with query_pre_attn_scalar 256,
+# the one scale that transformers (256 always) and llama.cpp (the head width) agree on; see
+# test_what_the_reader_loses. Phi-3's window of 8 is one the reader drops and quantkit repairs: the
+# tiny Phi-3 proves that repair here, as its file needs > 32000 tokens (seconds to parse) to load.
 _COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5, rope_theta=25_000.0,
                tie_word_embeddings=False, bos_token_id=None)
@@ -71,11 +80,11 @@ TINY = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=128)),
-    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=8, tie_word_embeddings=True)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=8, tie_word_embeddings=True)),
     "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
-        head_dim=16, num_hidden_layers=6, sliding_window=8, rope_theta=500_000.0, tie_word_embeddings=True)),
+        num_hidden_layers=6, sliding_window=8, rope_theta=500_000.0, tie_word_embeddings=True)),
     # Phi-3's embedding has 32064 rows, as the real one: the reader leaves pad_token_id at the class's 32000
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(vocab_size=32064)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(vocab_size=32064, sliding_window=8)),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)),
@@ -121,6 +130,23 @@ def _rope(config) -> dict:
     return rope.get("full_attention", rope)  # Gemma 3: the file's rotary base is the global layers'
 
 
+def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel: the divisor of each rotary frequency under "llama3" scaling."""
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    old, low, high = rope["original_max_position_embeddings"], rope["low_freq_factor"], rope["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(rope["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    return np.asarray(factors, dtype=np.float32)
+
+
 def write_gguf(model, tok, path: Path, name: str | None = None) -> Path:
     """Write `model` (a transformers *ForCausalLM) and `tok` (a byte-level BPE) as llama.cpp's
     convert_hf_to_gguf.py would, every tensor F32."""
@@ -150,6 +176,14 @@ def write_gguf(model, tok, path: Path, name: str | None = None) -> Path:
     if rope.get("rope_type", "default") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if rope.get("rope_type") == "llama3":  # no key: the per-dimension factors as a tensor (Llama 3.1, 3.2)
+        w.add_tensor("rope_freqs.weight", _llama3_rope_factors(rope, head_dim))
+    if rope.get("rope_type") == "longrope":  # Phi-3 128k, Phi-3.5, Phi-4-mini: an attention factor, two tensors
+        scale = config.max_position_embeddings / rope["original_max_position_embeddings"]
+        w.add_rope_scaling_attn_factors(
+            math.sqrt(1 + math.log(scale) / math.log(rope["original_max_position_embeddings"])) if scale > 1 else 1.0)
+        w.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], dtype=np.float32))
     if getattr(config, "sliding_window", None) and arch in ("gemma2", "gemma3", "phi3"):
         w.add_sliding_window(config.sliding_window)
     if arch == "gemma2":
@@ -341,64 +375,255 @@ def test_a_mixtral_gguf_is_refused(tmp_path):
         load_model(path)
 
 
-# What transformers' reader (5.25, the legacy path) cannot carry, each written the way llama.cpp writes
-# it: (tiny model overrides, {config field: what the reader gives back}, what quantkit's load_model
-# then does: "loads" (another model than the file's, silently) or the error it raises).
+# What transformers' reader (5.25 and 5.17, the legacy path) cannot carry, each written the way llama.cpp
+# writes it, and what quantkit does about it: (tiny model overrides, {config field: what the reader
+# builds, "rope.X" for a rotary parameter}, then), then being
+# - REPAIRED: load_config sets each field to the file's value, with a note, and the .gguf loads with the
+#   source model's logits (the file's model, not another);
+# - refused(...): load_config raises one ModelLoadError naming the file and, for each key, the file's
+#   value and transformers'; silent: transformers alone loads the file as another model (the same
+#   weights, other logits), which is what the refusal prevents;
+# - ("load_model", message, fields): load_config repairs those fields and passes, and load_model raises a
+#   ModelLoadError with that message.
+REPAIRED = "repaired"
+
+
+def refused(*parts: str, silent: bool) -> tuple:
+    return ("refused", parts, silent)
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 25_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 25_000.0, "short_factor": [1.0] * 8, "long_factor": [4.0] * 8,
+             "original_max_position_embeddings": 16, "partial_rotary_factor": 1.0}
+
 LOSSES = [
+    # -- repaired: one config field carries the key, with one meaning
     # qwen3.attention.key_length is not in the reader's qwen3 keys: head_dim is Qwen3Config's 128
-    # (every released Qwen3 has 128)
-    pytest.param("qwen3", dict(head_dim=16), {"head_dim": 128}, "mismatched_sizes", id="qwen3-head_dim"),
+    # (every released Qwen3 has 128); any other width fails to load (size mismatch)
+    pytest.param("qwen3", dict(head_dim=16), {"head_dim": 128}, REPAIRED, id="qwen3-head_dim"),
     # {arch}.expert_feed_forward_length and expert_shared_feed_forward_length are not read: the expert
-    # widths are the class defaults (Qwen1.5-MoE-A2.7B's, Qwen3-30B-A3B's); other widths cannot load
+    # widths are the class defaults (Qwen1.5-MoE-A2.7B's, Qwen3-30B-A3B's); other widths fail to load
     pytest.param("qwen2_moe", dict(moe_intermediate_size=32, shared_expert_intermediate_size=48),
-                 {"moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632}, "mismatched_sizes",
+                 {"moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632}, REPAIRED,
                  id="qwen2_moe-expert-widths"),
-    pytest.param("qwen3_moe", dict(moe_intermediate_size=32), {"moe_intermediate_size": 768}, "mismatched_sizes",
+    pytest.param("qwen3_moe", dict(moe_intermediate_size=32), {"moe_intermediate_size": 768}, REPAIRED,
                  id="qwen3_moe-expert-width"),
-    # gemma2.attn_logit_softcapping / final_logit_softcapping are not read (every Gemma 2 has 50 / 30);
-    # query_pre_attn_scalar is not in the file at all (llama.cpp derives the scale from the model
-    # size): 256 always, where Gemma 2 27B has 144
-    pytest.param("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=1.0, query_pre_attn_scalar=16),
-                 {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256},
-                 "loads", id="gemma2-softcaps-query-scale"),
+    # gemma2.attn_logit_softcapping / final_logit_softcapping are not read: 50 / 30 (every Gemma 2's);
+    # other values load silently as another model
+    pytest.param("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=1.0),
+                 {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}, REPAIRED, id="gemma2-softcaps"),
+    # (phi3.attention.sliding_window is not read either (Phi-3-mini has 2047): repaired, proven by the tiny
+    # Phi-3's window of 8 in test_gguf_loads_as_the_same_model, as a phi3 file loads only with > 32000 tokens)
+
+    # -- refused: what the file says needs more than one field, or the file does not say it
+    # query_pre_attn_scalar is in no GGUF file: transformers builds 256 always, llama.cpp runs a Gemma 27B
+    # (told by its 46 / 62 layers) with hidden / heads (Gemma 2 27B: 144, Gemma 3 27B: 168) and any other
+    # with the head width. Where the two differ, the file does not say which model it is (here a head
+    # width of 16; the real shapes: test_the_query_scale_of_the_real_gemmas)
+    pytest.param("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=16), {"query_pre_attn_scalar": 256},
+                 refused("query_pre_attn_scalar", "llama.cpp runs this file with 16, transformers built 256",
+                         silent=True), id="gemma3-query-scale"),
     # gemma3.rope.scaling.type / factor are not read: the global layers' linear scaling of Gemma 3
-    # 4B / 12B / 27B (factor 8) is lost; query_pre_attn_scalar as for Gemma 2 (Gemma 3 27B: 168)
+    # 4B / 12B / 27B (factor 8) is lost (a type and a factor, in the parameters of one layer type)
     pytest.param("gemma3_text", dict(
-        query_pre_attn_scalar=16,
         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
-        {"query_pre_attn_scalar": 256,
-         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}},
-        "loads", id="gemma3-rope-scaling-query-scale"),
-    # phi3.attention.sliding_window and rope.dimension_count are not read: no window (Phi-3-mini has
-    # 2047), full rotary (Phi-4-mini rotates 3/4 of each head). Nor is pad_token_id (it goes to the
-    # tokenizer only): Phi3Config's 32000, which must be a row of the embedding, so a phi3 file of
-    # 32000 tokens or fewer cannot load (torch asserts; quantkit's loader lets that AssertionError
-    # through, not as a ModelLoadError). The tiny models above have Phi-3's 32064 rows for this.
-    pytest.param("phi3", dict(sliding_window=8, partial_rotary_factor=0.5, vocab_size=300),
-                 {"sliding_window": None, "pad_token_id": 32000}, "Padding_idx must be within num_embeddings",
-                 id="phi3-window-partial-rotary-pad-token"),
+        {"rope.rope_type": "default", "rope.factor": None},
+        refused("gemma3.rope.scaling.type", "the file says 'linear', transformers built 'none'",
+                "gemma3.rope.scaling.factor", "the file says 8.0, transformers built None", silent=True),
+        id="gemma3-rope-scaling"),
+    # Llama 3.1 / 3.2's "llama3" rope scaling is in no key: llama.cpp writes its per-dimension factors as
+    # the tensor rope_freqs.weight, which the reader skips
+    pytest.param("llama", dict(rope_parameters=_LLAMA3_ROPE), {"rope.rope_type": "default"},
+                 refused("llama.rope.scaling.type", "the file says 'llama3', transformers built 'none'", silent=True),
+                 id="llama3-rope-scaling"),
+    # phi3.rope.dimension_count is not read: full rotary where Phi-4-mini rotates 3/4 of each head
+    pytest.param("phi3", dict(partial_rotary_factor=0.5, vocab_size=300), {"rope.partial_rotary_factor": 1.0},
+                 refused("phi3.rope.dimension_count", "the file says 8, transformers built 16", silent=False),
+                 id="phi3-partial-rotary"),
+    # Phi-3 128k / Phi-3.5 / Phi-4-mini's longrope: an attention factor key and two factor tensors, not read
+    pytest.param("phi3", dict(rope_parameters=_LONGROPE, original_max_position_embeddings=16, vocab_size=300),
+                 {"rope.rope_type": "default"},
+                 refused("phi3.rope.scaling.type", "the file says 'longrope', transformers built 'none'",
+                         "phi3.rope.scaling.attn_factor", silent=False), id="phi3-longrope"),
+
+    # -- cannot load: pad_token_id is not read into the config (it goes to the tokenizer only): Phi3Config's
+    # 32000, which must be a row of the embedding, so a phi3 file of 32000 tokens or fewer cannot load
+    # (torch asserts while transformers builds it: a ModelLoadError). The tiny Phi-3 has 32064 rows for this,
+    # and a window of 8 (phi3.attention.sliding_window), which the reader drops too and quantkit repairs
+    pytest.param("phi3", dict(vocab_size=300), {"pad_token_id": 32000, "sliding_window": None},
+                 ("load_model", "pad_token_id 32000 is no row of its 300-token embedding.*"
+                                "Padding_idx must be within num_embeddings", ["sliding_window"]),
+                 id="phi3-pad-token-window"),
 ]
 
 
-@pytest.mark.parametrize("model_type,overrides,read_back,then", LOSSES)
-def test_what_the_reader_loses(tmp_path, model_type, overrides, read_back, then):
+@contextmanager
+def quantkit_notes():
+    """The notes the library logs on the "quantkit" logger (the CLI prints each as a `note:` line)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("quantkit")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def _built(config, field: str):
+    """A config field, or ("rope.X") a rotary parameter (Gemma 3's: its full-attention layers')."""
+    if field.startswith("rope."):
+        rope = config.rope_parameters
+        return rope.get("full_attention", rope).get(field[len("rope."):])
+    return getattr(config, field)
+
+
+@pytest.mark.parametrize("model_type,overrides,reader_builds,then", LOSSES)
+def test_what_the_reader_loses(tmp_path, model_type, overrides, reader_builds, then):
     source = make_tiny(model_type, **overrides)
     path = write_gguf(source, tokenizer(), tmp_path / f"{model_type}.gguf")
-    config = load_config(path)
-    for field, value in read_back.items():
-        assert getattr(config, field) == value, field
-    if model_type == "phi3" and "partial_rotary_factor" in overrides:
-        assert config.rope_parameters["partial_rotary_factor"] == 1.0
-    if then != "loads":
-        with pytest.raises(Exception, match=then):
+    # what transformers' reader alone builds (a transformers that reads the key fails here: update the table)
+    raw = transformers.AutoConfig.from_pretrained(tmp_path, gguf_file=path.name)
+    for field, value in reader_builds.items():
+        assert _built(raw, field) == value, field
+    with torch.inference_mode():
+        want = source(IDS).logits.float()
+    if then == REPAIRED:
+        with quantkit_notes() as notes:
+            config = load_config(path)
+        for field in reader_builds:
+            assert getattr(config, field) == getattr(source.config, field), field
+            told = [n.getMessage() for n in notes if f"config.{field} = " in n.getMessage()]
+            assert len(told) == 1 and path.name in told[0], (field, [n.getMessage() for n in notes])
+        loaded = load_model(path, config=config)
+        print(f"{model_type} repaired: max |logits(gguf) - logits(source)| = {(logits(loaded) - want).abs().max():.3g}")
+        torch.testing.assert_close(logits(loaded), want, rtol=1e-5, atol=1e-5)
+        return
+    if then[0] == "load_model":
+        config = load_config(path)
+        for field in then[2]:
+            assert getattr(config, field) == getattr(source.config, field), field
+        with pytest.raises(ModelLoadError, match=then[1]):
             load_model(path, config=config)
         return
-    # it loads, as another model than the file's: same weights, other logits
-    loaded = load_model(path, config=config)
-    with torch.inference_mode():
-        assert (logits(loaded) - source(IDS).logits).abs().max() > 1e-2
+    _, parts, silent = then
+    with pytest.raises(ModelLoadError) as refusal:
+        load_config(path)
+    message = str(refusal.value)
+    for part in (str(path), *parts, "Load the original safetensors checkpoint"):
+        assert part in message, (part, message)
+    if silent:  # what the refusal prevents: transformers alone loads the file as another model (the same
+        # model's logits agree within 1e-5; these random tiny ones differ by 6e-3 (llama3 rope) and more)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name).eval()
+        with torch.inference_mode():
+            assert (model(IDS).logits.float() - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch,layers,hidden,heads,head_dim,scalar", [
+    ("gemma2", 26, 2304, 8, 256, 256),  # Gemma 2 2B
+    ("gemma2", 42, 3584, 16, 256, 256),  # 9B
+    ("gemma2", 46, 4608, 32, 128, 144),  # 27B
+    ("gemma3", 18, 640, 4, 256, 256),  # Gemma 3 270M
+    ("gemma3", 26, 1152, 4, 256, 256),  # 1B
+    ("gemma3", 34, 2560, 8, 256, 256),  # 4B
+    ("gemma3", 48, 3840, 16, 256, 256),  # 12B
+    ("gemma3", 62, 5376, 32, 128, 168),  # 27B
+])
+def test_the_query_scale_of_the_real_gemmas(arch, layers, hidden, heads, head_dim, scalar):
+    """Each released Gemma's shape as llama.cpp writes it, against the config transformers' reader
+    builds from it (query_pre_attn_scalar 256, its class default): the 27Bs, whose own scalar (144,
+    168) is the one llama.cpp derives, are refused; every other size loads (its scalar is 256)."""
+    meta = GGUFMeta(f"{arch}.gguf", 3, {"general.architecture": arch, f"{arch}.block_count": layers,
+                                        f"{arch}.embedding_length": hidden, f"{arch}.attention.head_count": heads,
+                                        f"{arch}.attention.key_length": head_dim,
+                                        f"{arch}.attention.value_length": head_dim})
+    config_class = transformers.Gemma2Config if arch == "gemma2" else transformers.Gemma3TextConfig
+    config = config_class(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, head_dim=head_dim)
+    assert config.query_pre_attn_scalar == 256
+    if scalar == 256:
+        assert check_gguf_config(meta.path, config, meta) == []
+    else:
+        with pytest.raises(ModelLoadError, match=f"llama.cpp runs this file with {scalar}, transformers built 256"):
+            check_gguf_config(meta.path, config, meta)
+
+
+# ----------------------------------------------------------------------------- the metadata reader
+
+def _every_value_type(path: Path) -> Path:
+    """A small GGUF file with a key of every GGUF value type, arrays of several (nested too), a key
+    after each array (read only if the array was skipped to its end) and two tensors."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    t = gguf.GGUFValueType
+    for key, value, vtype in [("t.u8", 200, t.UINT8), ("t.i8", -100, t.INT8), ("t.u16", 60_000, t.UINT16),
+                              ("t.i16", -30_000, t.INT16), ("t.u32", 4_000_000_000, t.UINT32),
+                              ("t.i32", -2_000_000_000, t.INT32), ("t.f32", 0.1, t.FLOAT32),
+                              ("t.u64", 2**63 + 5, t.UINT64), ("t.i64", -2**62, t.INT64), ("t.f64", 1 / 3, t.FLOAT64),
+                              ("t.true", True, t.BOOL), ("t.false", False, t.BOOL), ("t.str", "héllo ✓", t.STRING),
+                              ("t.empty", "", t.STRING)]:
+        w.add_key_value(key, value, vtype)
+    w.add_array("t.strings", ["a", "", "ünï", "x" * 300])
+    w.add_uint32("t.after_strings", 7)
+    w.add_key_value("t.u8s", [1, 2, 3], t.ARRAY, sub_type=t.UINT8)
+    w.add_key_value("t.f64s", [0.5, 1.5], t.ARRAY, sub_type=t.FLOAT64)
+    w.add_array("t.nested", [["a", "bc"], ["d"]])
+    w.add_string("t.after_nested", "the end")
+    w.add_tensor("token_embd.weight", np.ones((3, 2), dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.zeros(5, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_metadata_reader_agrees_with_gguf_reader(tmp_path_factory, tmp_path):
+    """Every scalar key as gguf.GGUFReader reads it (the types too), every array's length, the tensor
+    names; on a file of every value type and on a family's file of the tests above."""
+    for path in (_every_value_type(tmp_path / "types.gguf"), built(tmp_path_factory, "qwen2_moe")[1]):
+        meta, reference = read_gguf_meta(path), gguf.GGUFReader(path)
+        fields = {k: f for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+        assert list(meta.metadata) == list(fields)
+        assert meta.version == reference.fields["GGUF.version"].contents()
+        for key, field in fields.items():
+            mine = meta.metadata[key]
+            if field.types[0] == gguf.GGUFValueType.ARRAY:
+                assert isinstance(mine, GGUFArray) and mine.item_type == field.types[1].name.lower(), key
+                if len(field.types) == 2:  # gguf-py reads flat arrays only
+                    assert mine.length == len(field.data), key
+            else:
+                assert mine == field.contents() and type(mine) is type(field.contents()), key
+        assert meta.tensor_names == tuple(t.name for t in reference.tensors)
+    meta = read_gguf_meta(tmp_path / "types.gguf")
+    assert meta.metadata["t.nested"] == GGUFArray("array", 2) and meta.metadata["t.after_nested"] == "the end"
+    assert meta.metadata["t.strings"] == GGUFArray("string", 4) and meta.metadata["t.after_strings"] == 7
+    assert meta.metadata["t.f32"] == pytest.approx(0.1) and meta.metadata["t.u64"] == 2**63 + 5
+
+
+def test_a_truncated_or_garbled_gguf_is_a_model_load_error(tmp_path):
+    """Cut anywhere in the header, the key/values or the tensor entries: a ModelLoadError that says
+    so, from the metadata reader and from load_config (before transformers' reader sees the file)."""
+    good = _every_value_type(tmp_path / "good.gguf")
+    data = good.read_bytes()
+    end = gguf.GGUFReader(good).data_offset - 32  # past here only the tensor data's alignment and the data
+    cut = tmp_path / "cut.gguf"
+    for at in sorted({0, 3, 4, 10, 23, 24, 40, *range(41, end, 13), end - 1}):
+        cut.write_bytes(data[:at])
+        with pytest.raises(ModelLoadError, match="truncated"):
+            read_gguf_meta(cut)
+    with pytest.raises(ModelLoadError, match=r"cut\.gguf is not a readable GGUF file: .*truncated"):
+        load_config(cut)
+    garbled, key = tmp_path / "garbled.gguf", data.index(b"t.u8")  # then the key's value type
+    for bad, message in [(b"GGML" + data[4:], "is not a GGUF file"),
+                         (data[:4] + (9).to_bytes(4, "little") + data[8:], "GGUF version 9"),
+                         (data[:4] + (3).to_bytes(4, "big") + data[8:], "big-endian"),
+                         (data[:16] + (2**40).to_bytes(8, "little") + data[24:], "the header announces"),
+                         (data[:key + 4] + (99).to_bytes(4, "little") + data[key + 8:], "value type 99")]:
+        garbled.write_bytes(bad)
+        with pytest.raises(ModelLoadError, match=message):
+            read_gguf_meta(garbled)
 
 
 def test_a_gguf_named_mistral_is_refused(tmp_path):

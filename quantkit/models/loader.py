@@ -21,6 +21,7 @@ import torch
 
 from quantkit.errors import ModelLoadError
 from quantkit.models.families import Family, attention_implementation, family_for
+from quantkit.models.gguf_meta import check_gguf_config, read_gguf_meta
 from quantkit.models.moe import unfuse_experts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -139,10 +140,14 @@ def load_config(source: str | os.PathLike | None):
     where, extra = _from_pretrained_args(resolved)
     if not extra:
         _check_family_of_folder(Path(where))
+    meta = read_gguf_meta(resolved) if extra else None  # a truncated or garbled header: a clear error, first
     try:
-        return AutoConfig.from_pretrained(where, **extra)
+        config = AutoConfig.from_pretrained(where, **extra)
     except (OSError, ValueError, KeyError, AttributeError, TypeError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"cannot read the model config of {resolved}: {e}") from e
+    if meta is not None:  # what transformers' GGUF reader dropped: repaired (noted) or refused (gguf_meta)
+        check_gguf_config(resolved, config, meta)
+    return config
 
 
 def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
@@ -159,14 +164,18 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved = resolve_source(source)
-    family = family_for(config if config is not None else load_config(resolved))  # fail before reading weights
+    if config is None:
+        config = load_config(resolved)  # once: a GGUF's metadata takes seconds to parse
+    family = family_for(config)  # fail before reading weights
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
         dtype = DTYPES[dtype]
     where, extra = _from_pretrained_args(resolved)
     kwargs = dict(extra)
-    attention = attention_implementation(config if config is not None else load_config(resolved))
+    if extra:  # a .gguf: the config load_config checked and repaired, not the reader's again
+        kwargs["config"] = config
+    attention = attention_implementation(config)
     if attention is not None:
         kwargs["attn_implementation"] = attention
     if dtype is not None:
@@ -183,6 +192,11 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
             f"file; convert it to safetensors on a machine where you trust it") from e
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         raise ModelLoadError(f"cannot load model from {resolved}: {e}") from e
+    except AssertionError as e:  # torch's checks while transformers builds it, e.g. a pad_token_id off the embedding
+        pad, rows = getattr(config, "pad_token_id", None), getattr(config, "vocab_size", None)
+        why = (f" (its config's pad_token_id {pad} is no row of its {rows}-token embedding)"
+               if isinstance(pad, int) and isinstance(rows, int) and not 0 <= pad < rows else "")
+        raise ModelLoadError(f"cannot load model from {resolved}: transformers cannot build it{why}: {e}") from e
     # transformers fills weights missing from the files with random values and only logs it:
     # quantizing such a model would ship noise
     missing = sorted(info.get("missing_keys") or ())
