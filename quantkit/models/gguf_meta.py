@@ -14,7 +14,8 @@ array element into numpy views, the tokenizer's list of token strings included: 
 262k-token vocabulary (Gemma 3) on a busy 2-core machine, on top of the same parse transformers
 already does. `read_gguf_meta` reads only the header, the scalar values of the key/value section
 (an array is skipped: a string array by a walk over its lengths, never decoding one) and the tensor
-names: tens of milliseconds for that file.
+names: tens of milliseconds for that file. `iter_gguf_strings` reads one string array (the token
+list, for quantkit.models.gguf_tokenizer) from the offset the walk noted, only as far as asked.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from quantkit.errors import ModelLoadError
 
@@ -46,9 +47,11 @@ TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "i
 
 @dataclass(frozen=True)
 class GGUFArray:
-    """An array value, left unread: its elements' type and how many there are."""
+    """An array value, left unread: its elements' type and how many there are (and, for
+    iter_gguf_strings, the byte offset of its first element: not part of its value)."""
     item_type: str
     length: int
+    offset: int = field(default=-1, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,9 @@ class _Walk:
         if vtype == _ARRAY:
             item = self.take("<I", 4, f"the array {key}")
             count = self.take("<Q", 8, f"the array {key}")
+            start = self.pos
             self.skip_array(item, count, key)
-            return GGUFArray(TYPE_NAMES[item], count)
+            return GGUFArray(TYPE_NAMES[item], count, start)
         raise self.bad(f"key {key} has value type {vtype}, which GGUF does not define")
 
     def skip_array(self, item: int, count: int, key: str) -> None:
@@ -184,6 +188,31 @@ def _parse(buf, size: int, path: str) -> GGUFMeta:
         walk.pos += n_dims * 8 + 12  # dims, ggml type, data offset
         names.append(name)
     return GGUFMeta(path=path, version=version, metadata=metadata, tensor_names=tuple(names))
+
+
+def iter_gguf_strings(path: str | os.PathLike, key: str, meta: GGUFMeta | None = None) -> Iterator[str]:
+    """The elements of the string array `key` of the GGUF file at `path`, in order, decoded one at a
+    time as the caller takes them (stop early and the rest is never read: Gemma 3's 262k token strings
+    all take about 0.1 s). A file without that string array is a ModelLoadError."""
+    path = str(path)
+    meta = meta if meta is not None else read_gguf_meta(path)
+    array = meta.metadata.get(key)
+    if not isinstance(array, GGUFArray) or array.item_type != "string" or array.offset < 0:
+        raise ModelLoadError(f"{path} has no string array {key}")
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            pos, size, unpack = array.offset, len(buf), struct.Struct("<Q").unpack_from
+            for i in range(array.length):
+                n = unpack(buf, pos)[0] if pos + 8 <= size else size
+                if pos + 8 + n > size:
+                    raise ModelLoadError(f"{path} is not a readable GGUF file: it ends inside element {i} of {key}")
+                try:
+                    yield buf[pos + 8:pos + 8 + n].decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ModelLoadError(f"{path}: element {i} of {key} is not UTF-8 ({e})") from e
+                pos += 8 + n
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e}") from e
 
 
 # ----------------------------------------------------------------------------- the config's values

@@ -22,6 +22,7 @@ import torch
 from quantkit.errors import ModelLoadError
 from quantkit.models.families import Family, attention_implementation, family_for
 from quantkit.models.gguf_meta import check_gguf_config, read_gguf_meta
+from quantkit.models.gguf_tokenizer import load_gguf_tokenizer
 from quantkit.models.moe import unfuse_experts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -182,9 +183,13 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
         kwargs["dtype"] = dtype
     elif not extra:
         kwargs["dtype"] = "auto"
+    # a .gguf: transformers rebuilds the tokenizer from the file's vocabulary, and some versions build a
+    # wrong one silently (5.17 on Gemma's): checked against the file, before any weight is read
+    tokenizer = load_gguf_tokenizer(resolved) if extra else None
     try:
         model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(where, **extra)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(where)
     except pickle.UnpicklingError as e:
         raise ModelLoadError(
             f"cannot load model from {resolved}: its .bin weights hold pickled Python objects besides tensors. "
