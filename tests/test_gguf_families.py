@@ -17,6 +17,13 @@ keys with that config (quantkit.models.gguf_meta) and repairs what one config fi
 the file. test_what_the_reader_loses pins each loss that a real checkpoint can hit, by name, with what
 quantkit does about it; the tiny models below keep the fields that quantkit would refuse at the
 values the reader gives back (noted where it matters).
+
+transformers also rebuilds the tokenizer from the file's vocabulary, with a converter per architecture,
+and quantkit checks the one it builds against the file (quantkit.models.gguf_tokenizer). Where the
+installed transformers builds a tokenizer that is not the one the file was written from (5.17: its
+Gemma, Llama and Phi-3 converters fail on these byte-level BPE files, its Qwen one gives them an EOS of
+its own), the expected outcome of every load is quantkit's ModelLoadError saying so
+(tokenizer_refused): told by that behaviour, not by a list of versions.
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ from quantkit import api
 from quantkit import calibration as cal
 from quantkit.errors import ModelLoadError
 from quantkit.models import FAMILIES, family_for, load_model
-from quantkit.models.gguf_meta import GGUFArray, GGUFMeta, check_gguf_config, read_gguf_meta
+from quantkit.models.gguf_meta import GGUFArray, GGUFMeta, check_gguf_config, iter_gguf_strings, read_gguf_meta
+from quantkit.models.gguf_tokenizer import check_gguf_tokenizer, load_gguf_tokenizer, whole_word_pieces
 from quantkit.models.loader import load_config
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import load_recipe
@@ -147,9 +155,10 @@ def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return np.asarray(factors, dtype=np.float32)
 
 
-def write_gguf(model, tok, path: Path, name: str | None = None) -> Path:
+def write_gguf(model, tok, path: Path, name: str | None = None, bos: str | None = None) -> Path:
     """Write `model` (a transformers *ForCausalLM) and `tok` (a byte-level BPE) as llama.cpp's
-    convert_hf_to_gguf.py would, every tensor F32."""
+    convert_hf_to_gguf.py would, every tensor F32; with `bos` (a token of `tok`), a model that
+    starts every text with that BOS (tokenizer.ggml.bos_token_id, add_bos_token true)."""
     config = model.config
     model_type = config.model_type
     arch = GGUF_ARCH.get(model_type, model_type)
@@ -215,7 +224,9 @@ def write_gguf(model, tok, path: Path, name: str | None = None) -> Path:
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
     w.add_eos_token_id(tok.eos_token_id)
-    w.add_add_bos_token(False)
+    if bos is not None:
+        w.add_bos_token_id(tok.convert_tokens_to_ids(bos))
+    w.add_add_bos_token(bos is not None)
 
     names = gguf.get_tensor_name_map(arch_enum, config.num_hidden_layers)
 
@@ -300,6 +311,48 @@ def logits(loaded) -> torch.Tensor:
         return loaded.model(IDS).logits.float()
 
 
+@functools.lru_cache(maxsize=None)
+def transformers_tokenizer(path: Path):
+    """The tokenizer the installed transformers builds from the GGUF file `path` (no check), or
+    (a str) why it cannot."""
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - a converter that fails: whatever it raises
+        return f"its converter fails: {type(e).__name__}: {str(e)[:120]}"
+
+
+def _transformers_tokenizer_differs(path: Path) -> str | None:
+    """Why the tokenizer the installed transformers builds from the tiny GGUF file `path` is not the
+    one the file was written from (tokenizer()): None where it is the same (ids of TEXT, BOS, EOS)."""
+    built_tok = transformers_tokenizer(path)
+    if isinstance(built_tok, str):
+        return built_tok
+    want = tokenizer()
+    got = [(built_tok(TEXT).input_ids, built_tok.bos_token_id, built_tok.eos_token_id)]
+    if got != [(want(TEXT).input_ids, want.bos_token_id, want.eos_token_id)]:
+        return (f"it encodes TEXT as {built_tok.convert_ids_to_tokens(got[0][0][:6])}..., BOS {got[0][1]}, "
+                f"EOS {got[0][2]} (the file's: {want.convert_ids_to_tokens(want(TEXT).input_ids[:6])}..., "
+                f"BOS {want.bos_token_id}, EOS {want.eos_token_id})")
+    return None
+
+
+def tokenizer_refused(path: Path, load) -> bool:
+    """False where transformers builds the tokenizer of the tiny GGUF file `path` right. Else (5.17)
+    `load()` must raise quantkit's ModelLoadError that names the file, the installed transformers and
+    the way out, and the caller's test ends there (True)."""
+    why = _transformers_tokenizer_differs(Path(path))
+    if why is None:
+        return False
+    with pytest.raises(ModelLoadError) as refusal:
+        load()
+    message = str(refusal.value)
+    for part in (str(path), f"transformers {transformers.__version__} is installed", "Upgrade transformers",
+                 "tokenizer.json"):
+        assert part in message, (part, message)
+    print(f"{Path(path).name}: transformers {transformers.__version__}'s tokenizer: {why}; quantkit: {message}")
+    return True
+
+
 # ----------------------------------------------------------------------------- tests
 
 def test_the_shared_families_cover_the_dense_ones():
@@ -324,6 +377,8 @@ def test_gguf_loads_as_the_same_model(tmp_path_factory, model_type):
     """The .gguf loads as the saved folder's model: its family, the config fields the file carries,
     the tokenizer, and the same logits (float32, every weight F32 in the file)."""
     folder, path = built(tmp_path_factory, model_type)
+    if tokenizer_refused(path, lambda: load_model(path, config=load_config(path))):
+        return
     from_gguf, from_folder = load_model(path, config=load_config(path)), load_model(folder)
     assert from_gguf.model.config.model_type == READ_AS.get(model_type, model_type)
     assert from_gguf.family is from_folder.family is family_for(from_folder.model.config)
@@ -349,6 +404,9 @@ def test_quantize_from_gguf(tmp_path_factory, tmp_path, small_text, model_type):
     its linears fake-quantized by the same recipe."""
     folder, path = built(tmp_path_factory, model_type)
     out = tmp_path / "q"
+    if tokenizer_refused(path, lambda: api.quantize(str(path), "w4a16-rtn", out, calib_data=str(small_text),
+                                                    show_progress=False)):
+        return
     report = api.quantize(str(path), "w4a16-rtn", out, calib_data=str(small_text), show_progress=False)
     assert report["held_out"]["passed"]
     assert json.loads((out / "config.json").read_text())["model_type"] == READ_AS.get(model_type, model_type)
@@ -371,6 +429,8 @@ def test_a_mixtral_gguf_is_refused(tmp_path):
     Mixtral reaches quantkit as a Hugging Face folder only."""
     path = write_gguf(make_tiny("mixtral"), tokenizer(), tmp_path / "tiny-mixtral-f32.gguf")
     assert load_config(path).model_type == "llama"
+    if tokenizer_refused(path, lambda: load_model(path)):  # the tokenizer is built before the weights
+        return
     with pytest.raises(ModelLoadError, match=r"its weight files lack model\.layers\.0\.mlp\.(down|gate|up)_proj"):
         load_model(path)
 
@@ -498,6 +558,8 @@ def test_what_the_reader_loses(tmp_path, model_type, overrides, reader_builds, t
             assert getattr(config, field) == getattr(source.config, field), field
             told = [n.getMessage() for n in notes if f"config.{field} = " in n.getMessage()]
             assert len(told) == 1 and path.name in told[0], (field, [n.getMessage() for n in notes])
+        if tokenizer_refused(path, lambda: load_model(path, config=config)):
+            return
         loaded = load_model(path, config=config)
         print(f"{model_type} repaired: max |logits(gguf) - logits(source)| = {(logits(loaded) - want).abs().max():.3g}")
         torch.testing.assert_close(logits(loaded), want, rtol=1e-5, atol=1e-5)
@@ -506,6 +568,8 @@ def test_what_the_reader_loses(tmp_path, model_type, overrides, reader_builds, t
         config = load_config(path)
         for field in then[2]:
             assert getattr(config, field) == getattr(source.config, field), field
+        if tokenizer_refused(path, lambda: load_model(path, config=config)):  # built before the weights
+            return
         with pytest.raises(ModelLoadError, match=then[1]):
             load_model(path, config=config)
         return
@@ -593,6 +657,8 @@ def test_metadata_reader_agrees_with_gguf_reader(tmp_path_factory, tmp_path):
                 assert isinstance(mine, GGUFArray) and mine.item_type == field.types[1].name.lower(), key
                 if len(field.types) == 2:  # gguf-py reads flat arrays only
                     assert mine.length == len(field.data), key
+                if field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
+                    assert list(iter_gguf_strings(path, key, meta)) == field.contents(), key
             else:
                 assert mine == field.contents() and type(mine) is type(field.contents()), key
         assert meta.tensor_names == tuple(t.name for t in reference.tensors)
@@ -600,6 +666,10 @@ def test_metadata_reader_agrees_with_gguf_reader(tmp_path_factory, tmp_path):
     assert meta.metadata["t.nested"] == GGUFArray("array", 2) and meta.metadata["t.after_nested"] == "the end"
     assert meta.metadata["t.strings"] == GGUFArray("string", 4) and meta.metadata["t.after_strings"] == 7
     assert meta.metadata["t.f32"] == pytest.approx(0.1) and meta.metadata["t.u64"] == 2**63 + 5
+    assert list(iter_gguf_strings(tmp_path / "types.gguf", "t.strings")) == ["a", "", "ünï", "x" * 300]
+    for key in ("t.u8s", "t.nested", "t.str", "no.such.key"):
+        with pytest.raises(ModelLoadError, match=f"has no string array {key}"):
+            next(iter_gguf_strings(tmp_path / "types.gguf", key))
 
 
 def test_a_truncated_or_garbled_gguf_is_a_model_load_error(tmp_path):
@@ -633,5 +703,122 @@ def test_a_gguf_named_mistral_is_refused(tmp_path):
     the model, as llama.cpp names them, loads as a llama (test_gguf_loads_as_the_same_model)."""
     path = write_gguf(make_tiny("mistral"), tokenizer(), tmp_path / "mistral.gguf", name="mistral")
     assert load_config(path).model_type == "mistral"
+    if tokenizer_refused(path, lambda: load_model(path)):  # the tokenizer is built before the weights
+        return
     with pytest.raises(ModelLoadError, match="Unknown gguf model_type: mistral"):
         load_model(path)
+
+
+# ----------------------------------------------------------------------------- the tokenizer check
+
+@pytest.mark.parametrize("model_type", SHARED)
+def test_the_tokenizer_check_passes_every_family(tmp_path_factory, model_type):
+    """quantkit's check of a GGUF tokenizer (quantkit.models.gguf_tokenizer) passes the tokenizer the
+    file was written from, and the one transformers builds from it wherever that is the same
+    (tokenizer_refused: else load_gguf_tokenizer refuses it)."""
+    _, path = built(tmp_path_factory, model_type)
+    meta = read_gguf_meta(path)
+    assert whole_word_pieces(path, meta) == [(tokenizer().convert_tokens_to_ids(p), p, p[1:])
+                                             for p in ("Ġthe", "Ġand", "Ġyou")]  # all the tiny vocabulary has
+    check_gguf_tokenizer(path, tokenizer(), meta)
+    if tokenizer_refused(path, lambda: load_gguf_tokenizer(path)):
+        return
+    check_gguf_tokenizer(path, transformers_tokenizer(path), meta)
+
+
+def test_a_gguf_whose_model_starts_with_bos(tmp_path):
+    """A file whose tokenizer.ggml.add_bos_token is true (Llama 3's, Gemma's) with its BOS id: the
+    tokenizer must prepend that BOS. Where transformers' does not (5.17 on a Llama file: no BOS) or
+    cannot be built, quantkit refuses the file."""
+    path = write_gguf(make_tiny("llama"), tokenizer(), tmp_path / "tiny-llama-bos.gguf", bos="<eos>")
+    raw = transformers_tokenizer(path)
+    if isinstance(raw, str) or raw("a").input_ids[:1] != [0]:
+        refusal = r"add_bos_token is true \(the model starts every text with BOS id 0\), the tokenizer encodes 'a' as "
+        with pytest.raises(ModelLoadError, match=refusal + r"\['a'\] \(no BOS\)|cannot build the tokenizer"):
+            load_gguf_tokenizer(path)
+        return
+    assert load_gguf_tokenizer(path)("a").input_ids == [0, tokenizer().convert_tokens_to_ids("a")]
+
+
+def _variant(tok, *, merges: bool = True, decoder: bool = True, bos: bool = False, prepend_bos: bool = False):
+    """The tiny tokenizer, broken on purpose: without its BPE merges (every word in single bytes, as
+    5.17 cuts Gemma's words), without its decoder, with "<eos>" as its BOS too (prepended or not)."""
+    from tokenizers import Tokenizer, processors
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    if not merges:
+        spec["model"]["merges"] = []
+    if not decoder:
+        spec["decoder"] = None
+    backend = Tokenizer.from_str(json.dumps(spec))
+    if prepend_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", 0)])
+    extra = {"bos_token": "<eos>"} if bos or prepend_bos else {}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", **extra)
+
+
+def _refusal(path, tok, meta, *parts):
+    with pytest.raises(ModelLoadError) as refusal:
+        check_gguf_tokenizer(path, tok, meta)
+    message = str(refusal.value)
+    for part in (str(path), *parts, f"transformers {transformers.__version__} is installed", "Upgrade transformers",
+                 "which carries tokenizer.json"):
+        assert part in message, (part, message)
+    return message
+
+
+def test_a_broken_tokenizer_is_refused(tmp_path_factory):
+    """Each way a tokenizer can differ from the file's vocabulary is one ModelLoadError naming the file,
+    what the file says and what the tokenizer gave: words in pieces, a BOS the file's add_bos_token
+    does not ask for (or one it asks for, missing), another BOS or EOS id, a lossy round trip."""
+    from dataclasses import replace
+
+    _, path = built(tmp_path_factory, "llama")
+    meta = read_gguf_meta(path)
+    assert meta.metadata["tokenizer.ggml.add_bos_token"] is False and meta.metadata["tokenizer.ggml.eos_token_id"] == 0
+    the = tokenizer().convert_tokens_to_ids("Ġthe")
+    _refusal(path, _variant(tokenizer(), merges=False), meta,
+             "of 3 whole words the file's vocabulary holds as one piece ('Ġthe', 'Ġand', 'Ġyou', ...), 3 do not",
+             f"'Ġthe' (id {the}) -> ['Ġ', 't', 'h', 'e']")
+    _refusal(path, _variant(tokenizer(), prepend_bos=True), meta,
+             "tokenizer.ggml.add_bos_token is false (the model adds no BOS), the tokenizer encodes 'a' as "
+             "['<eos>', 'a'] (with BOS)")
+    says_bos = replace(meta, metadata={**meta.metadata, "tokenizer.ggml.add_bos_token": True,
+                                       "tokenizer.ggml.bos_token_id": 0})
+    check_gguf_tokenizer(path, _variant(tokenizer(), prepend_bos=True), says_bos)
+    message = _refusal(path, _variant(tokenizer(), bos=True), says_bos,
+                       "tokenizer.ggml.add_bos_token is true (the model starts every text with BOS id 0), the "
+                       "tokenizer encodes 'a' as ['a'] (no BOS)")
+    assert "bos_token_id" not in message  # the BOS is the file's: only its absence is told
+    _refusal(path, tokenizer(), replace(meta, metadata={**meta.metadata, "tokenizer.ggml.bos_token_id": 5,
+                                                        "tokenizer.ggml.eos_token_id": 7}),
+             "tokenizer.ggml.bos_token_id is 5, the tokenizer's BOS is None (None)",
+             "tokenizer.ggml.eos_token_id is 7, the tokenizer's EOS is 0 ('<eos>')")
+    _refusal(path, _variant(tokenizer(), decoder=False), meta, "decode back as 'I t Ġ is Ġa")
+
+
+def test_load_model_refuses_a_broken_gguf_tokenizer_before_the_weights(tmp_path_factory, monkeypatch):
+    """load_model checks the tokenizer transformers builds from a .gguf before it reads any weight:
+    one that cuts words into pieces, or a converter that raises (5.17's TypeError on a Gemma file),
+    is a ModelLoadError, and no weight was read."""
+    _, path = built(tmp_path_factory, "llama")
+    config = load_config(path)
+    weights_read = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: weights_read.append(a) or pytest.fail("weights read"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: _variant(tokenizer(), merges=False))
+    with pytest.raises(ModelLoadError, match=r"does not encode text as the file's vocabulary does.*'Ġthe' .*"
+                                             r"-> \['Ġ', 't', 'h', 'e'\].*Upgrade transformers") as refusal:
+        load_model(path, config=config)
+    assert str(path) in str(refusal.value)
+
+    def fails(*args, **kwargs):
+        raise TypeError("must be real number, not NoneType")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fails)
+    with pytest.raises(ModelLoadError, match=r"transformers cannot build the tokenizer of this GGUF file \(a 'gpt2' "
+                                             r"vocabulary, architecture 'llama': TypeError: must be real number, "
+                                             r"not NoneType\) \(transformers .* is installed\)"):
+        load_model(path, config=config)
+    assert weights_read == []
