@@ -323,13 +323,14 @@ def transformers_tokenizer(path: Path):
 
 def _transformers_tokenizer_differs(path: Path) -> str | None:
     """Why the tokenizer the installed transformers builds from the tiny GGUF file `path` is not the
-    one the file was written from (tokenizer()): None where it is the same (ids of TEXT, BOS, EOS)."""
+    one the file was written from (tokenizer()): None where it gives TEXT the same ids."""
     built_tok = transformers_tokenizer(path)
     if isinstance(built_tok, str):
         return built_tok
     want = tokenizer()
+    # BOS / EOS ids alone are repaired (check_gguf_tokenizer): what must match is the tokens of TEXT
     got = [(built_tok(TEXT).input_ids, built_tok.bos_token_id, built_tok.eos_token_id)]
-    if got != [(want(TEXT).input_ids, want.bos_token_id, want.eos_token_id)]:
+    if got[0][0] != want(TEXT).input_ids:
         return (f"it encodes TEXT as {built_tok.convert_ids_to_tokens(got[0][0][:6])}..., BOS {got[0][1]}, "
                 f"EOS {got[0][2]} (the file's: {want.convert_ids_to_tokens(want(TEXT).input_ids[:6])}..., "
                 f"BOS {want.bos_token_id}, EOS {want.eos_token_id})")
@@ -770,7 +771,8 @@ def _refusal(path, tok, meta, *parts):
 def test_a_broken_tokenizer_is_refused(tmp_path_factory):
     """Each way a tokenizer can differ from the file's vocabulary is one ModelLoadError naming the file,
     what the file says and what the tokenizer gave: words in pieces, a BOS the file's add_bos_token
-    does not ask for (or one it asks for, missing), another BOS or EOS id, a lossy round trip."""
+    does not ask for (or one it asks for, missing), a BOS or EOS id outside the vocabulary, a lossy
+    round trip; another BOS or EOS id is repaired."""
     from dataclasses import replace
 
     _, path = built(tmp_path_factory, "llama")
@@ -790,10 +792,17 @@ def test_a_broken_tokenizer_is_refused(tmp_path_factory):
                        "tokenizer.ggml.add_bos_token is true (the model starts every text with BOS id 0), the "
                        "tokenizer encodes 'a' as ['a'] (no BOS)")
     assert "bos_token_id" not in message  # the BOS is the file's: only its absence is told
-    _refusal(path, tokenizer(), replace(meta, metadata={**meta.metadata, "tokenizer.ggml.bos_token_id": 5,
-                                                        "tokenizer.ggml.eos_token_id": 7}),
-             "tokenizer.ggml.bos_token_id is 5, the tokenizer's BOS is None (None)",
-             "tokenizer.ggml.eos_token_id is 7, the tokenizer's EOS is 0 ('<eos>')")
+    # another BOS / EOS id than the file's (5.17 on Qwen and SmolLM2 files): the same tokens, only the
+    # stop token differs, so the tokenizer takes the file's ids and the note says so
+    other_ids = replace(meta, metadata={**meta.metadata, "tokenizer.ggml.bos_token_id": 5,
+                                        "tokenizer.ggml.eos_token_id": 7})
+    repaired = tokenizer()
+    notes = check_gguf_tokenizer(path, repaired, other_ids)
+    assert (repaired.bos_token_id, repaired.eos_token_id) == (5, 7)
+    assert repaired(TEXT).input_ids == tokenizer()(TEXT).input_ids
+    assert len(notes) == 2 and "tokenizer.ggml.eos_token_id is 7" in notes[1] and "had 0 ('<eos>')" in notes[1]
+    _refusal(path, tokenizer(), replace(meta, metadata={**meta.metadata, "tokenizer.ggml.eos_token_id": 10 ** 6}),
+             "tokenizer.ggml.eos_token_id is 1000000, outside the tokenizer's")
     _refusal(path, _variant(tokenizer(), decoder=False), meta, "decode back as 'I t Ġ is Ġa")
 
 

@@ -7,9 +7,11 @@ Gemma 3's SentencePiece vocabulary into a tokenizer that adds no <bos> and split
 fails outright on a Gemma file whose vocabulary is byte-level BPE. `load_gguf_tokenizer` builds the
 tokenizer and `check_gguf_tokenizer` asks it three cheap questions the file answers:
 
-- BOS and EOS: the file's tokenizer.ggml.bos_token_id / eos_token_id are the tokenizer's BOS / EOS
-  (5.17 gives a Qwen file's tokenizer an EOS "<|endoftext|>" of its own), and the tokenizer prepends
-  BOS exactly when tokenizer.ggml.add_bos_token (where the file has that key) says so;
+- BOS and EOS: the file's tokenizer.ggml.bos_token_id / eos_token_id become the tokenizer's BOS / EOS
+  where they differ, with a note (5.17 gives a Qwen file's tokenizer an EOS "<|endoftext|>" of its own,
+  and SmolLM2's "<|im_start|>" for its "<|im_end|>": the text's tokens are the same, only the stop
+  token would be wrong), and the tokenizer must prepend BOS exactly when tokenizer.ggml.add_bos_token
+  (where the file has that key) says so;
 - whole words: the first WORD_PIECES pieces of the file's vocabulary that are a word-start marker
   ("▁" for SentencePiece, "Ġ" for byte-level BPE) and 3 or more lowercase ASCII letters ("▁the",
   "▁and", "▁that", ...) are whole words the vocabulary holds as one piece; at least MIN_WHOLE of them
@@ -31,7 +33,7 @@ from itertools import islice
 from pathlib import Path
 
 from quantkit.errors import ModelLoadError
-from quantkit.models.gguf_meta import GGUFArray, GGUFMeta, iter_gguf_strings, read_gguf_meta
+from quantkit.models.gguf_meta import GGUFArray, GGUFMeta, iter_gguf_strings, log, read_gguf_meta
 
 WORD_PIECES = 32  # how many whole-word pieces of the vocabulary are encoded
 MIN_WHOLE = 0.9  # the share of them that must come back as their one piece
@@ -75,22 +77,34 @@ def _shown(tokenizer, ids: list[int]) -> str:
     return "[" + ", ".join(repr(t) for t in tokenizer.convert_ids_to_tokens(ids)) + "]"
 
 
-def check_gguf_tokenizer(source: str | os.PathLike, tokenizer, meta: GGUFMeta | None = None) -> None:
+def check_gguf_tokenizer(source: str | os.PathLike, tokenizer, meta: GGUFMeta | None = None) -> list[str]:
     """Raise ModelLoadError when `tokenizer` (what transformers built from the GGUF file `source`)
-    does not encode as the file's vocabulary does: BOS, whole words, a round trip (module docstring)."""
+    does not encode as the file's vocabulary does: BOS, whole words, a round trip (module docstring).
+    A BOS or EOS id other than the file's is set to the file's in place; the notes saying so are
+    returned (and logged on the "quantkit" logger, which the CLI prints as `note:` lines)."""
     meta = meta if meta is not None else read_gguf_meta(source)
     md = meta.metadata
     problems: list[str] = []
+    notes: list[str] = []
 
-    # BOS and EOS: which ids, and whether BOS is prepended
+    # BOS and EOS: which ids (another id than the file's is repaired: the text's tokens do not
+    # change, only which token the tokenizer calls BOS / EOS), and whether BOS is prepended
     file_ids = {}
     for name in ("bos", "eos"):
         said = md.get(f"tokenizer.ggml.{name}_token_id")
         file_ids[name] = said if isinstance(said, int) and not isinstance(said, bool) else None
         built = getattr(tokenizer, f"{name}_token_id")
-        if file_ids[name] is not None and built != file_ids[name]:
-            problems.append(f"tokenizer.ggml.{name}_token_id is {file_ids[name]}, the tokenizer's {name.upper()} is "
-                            f"{built} ({getattr(tokenizer, f'{name}_token')!r})")
+        if file_ids[name] is None or built == file_ids[name]:
+            continue
+        if not 0 <= file_ids[name] < len(tokenizer):
+            problems.append(f"tokenizer.ggml.{name}_token_id is {file_ids[name]}, outside the tokenizer's "
+                            f"{len(tokenizer)} tokens")
+            continue
+        token = tokenizer.convert_ids_to_tokens(file_ids[name])
+        notes.append(f"{Path(source).name}: tokenizer.ggml.{name}_token_id is {file_ids[name]} ({token!r}); "
+                     f"transformers' tokenizer had {built} ({getattr(tokenizer, f'{name}_token')!r}): set to the "
+                     f"file's")
+        setattr(tokenizer, f"{name}_token", token)
     file_bos = file_ids["bos"]
     add_bos = md.get("tokenizer.ggml.add_bos_token")
     if isinstance(add_bos, bool) and md.get("tokenizer.ggml.model") not in _BOS_FLAG_NOT_THE_MODELS:
@@ -123,6 +137,10 @@ def check_gguf_tokenizer(source: str | os.PathLike, tokenizer, meta: GGUFMeta | 
     if back != ROUND_TRIP:
         problems.append(f"{ROUND_TRIP!r} encodes to {len(ids)} tokens that decode back as {back!r}")
 
+    if not problems:
+        for note in notes:
+            log.warning(note)
+        return notes
     if problems:
         raise ModelLoadError(
             f"{source}: the tokenizer transformers built from this GGUF file does not encode text as the file's "
