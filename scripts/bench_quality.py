@@ -52,7 +52,10 @@ def hf_check(folder: Path, ours, ids: torch.Tensor, tokens: torch.Tensor, seqlen
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=next(ours.parameters()).dtype).eval()
+    try:
+        theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=next(ours.parameters()).dtype).eval()
+    except (RuntimeError, ValueError, AssertionError) as e:  # e.g. asymmetric zero points (llm-compressor #1618)
+        return {"error": f"transformers cannot load it: {type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     mine = {n: m for n, m in ours.named_modules() if hasattr(m, "prepare")}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -140,8 +143,8 @@ def main() -> None:
         q = r["model"] != "float"
         table.add_row(r["model"], r["data"], f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / floats[r['data']] - 1):+.1f}%" if q else "",
                       f"{r['quantize_s']:.2f}" if q else "", f"{r['write_s']:.2f}" if q else "",
-                      f"{hf['max_layer_rel_diff']:.1e}" if (hf := r.get("transformers")) else "",
-                      f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf else "")
+                      ("no load" if "error" in hf else f"{hf['max_layer_rel_diff']:.1e}") if (hf := r.get("transformers")) else "",
+                      f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf and "error" not in hf else "")
     Console().print(table)
     if args.json_out:
         meta = {"date": datetime.date.today().isoformat(), "machine": (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} {platform.processor()}")
