@@ -96,3 +96,23 @@ def make_tiny_family_model(folder: Path, family: str, seed: int = 0, **overrides
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def verification_distributions(loaded, engine_config, prompt: list[int], device: str = "cpu"):
+    """Prefill `prompt` in an engine, then one step of 3 tokens (the verification shape) at
+    temperature 1: the engine's distributions [3, V], and the softmax of transformers' logits of the
+    same modules at the same positions."""
+    from quantkit.engine.engine import Engine
+    from quantkit.engine.sequence import SamplingParams
+
+    engine = Engine(loaded, engine_config)
+    seq = engine.add(prompt, SamplingParams(max_tokens=8))
+    engine.step()  # prefill
+    tokens = [seq.last_token, 7, 11]
+    engine.blocks.append_slots(seq, 3)
+    x = engine._inputs([seq], [len(seq) - 1], 3, [tokens])
+    x.temperature[:] = 1.0
+    p, _ = engine.target_step(x, draw=False)
+    with torch.no_grad():
+        logits = loaded.model(torch.tensor([seq.token_ids + tokens[1:]], device=device)).logits[0, -3:].float()
+    return p[0], torch.softmax(logits, -1)

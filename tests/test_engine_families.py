@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import verification_distributions
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.layers import model_facts
@@ -129,17 +130,8 @@ def test_step_distributions_equal_transformers_forward(model_dir, name):
     greedy token can show: tanh keeps the order)."""
     loaded = load_model(model_dir(name))
     prompt = _prompts(loaded.model.config.vocab_size)[4]  # 30 tokens: past the window
-    engine = Engine(loaded, EngineConfig(block_size=4, max_model_len=64))
-    seq = engine.add(prompt, SamplingParams(max_tokens=8))
-    engine.step()  # prefill
-    tokens = [seq.last_token, 7, 11]
-    engine.blocks.append_slots(seq, 3)
-    x = engine._inputs([seq], [len(seq) - 1], 3, [tokens])
-    x.temperature[:] = 1.0
-    p, _ = engine.target_step(x, draw=False)
-    with torch.no_grad():
-        logits = loaded.model(torch.tensor([seq.token_ids + tokens[1:]])).logits[0, -3:].float()
-    torch.testing.assert_close(p[0], torch.softmax(logits, -1), rtol=1e-5, atol=1e-6)
+    p, reference = verification_distributions(loaded, EngineConfig(block_size=4, max_model_len=64), prompt)
+    torch.testing.assert_close(p, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_the_features_are_on():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import verification_distributions
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
@@ -145,16 +146,8 @@ def test_family_half_precision_step_matches_transformers_forward(family_dir, nam
     loaded.model.to("cuda", dtype)
     prompt = _random_prompts(loaded.model.config.vocab_size)[2]  # 30 tokens: past the window of 8
     for graphs in (False, True):
-        engine = Engine(loaded, EngineConfig(cuda_graphs=graphs, block_size=4, max_model_len=64))
-        seq = engine.add(prompt, SamplingParams(max_tokens=8))
-        engine.step()  # prefill
-        tokens = [seq.last_token, 7, 11]
-        engine.blocks.append_slots(seq, 3)
-        x = engine._inputs([seq], [len(seq) - 1], 3, [tokens])
-        x.temperature[:] = 1.0
-        p, _ = engine.target_step(x, draw=False)
-        with torch.no_grad():
-            logits = loaded.model(torch.tensor([seq.token_ids + tokens[1:]], device="cuda")).logits[0, -3:].float()
-        dist = float((p[0] - torch.softmax(logits, -1)).abs().sum(-1).max())
+        p, reference = verification_distributions(
+            loaded, EngineConfig(cuda_graphs=graphs, block_size=4, max_model_len=64), prompt, "cuda")
+        dist = float((p - reference).abs().sum(-1).max())
         print(f"{name} {dtype} graphs={graphs}: L1 distance {dist:.2e}")
         assert dist < (1e-2 if dtype == torch.float16 else 5e-2)  # measured on an H200: 1.5e-3 and 1.5e-2 at most

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_family_model
+from conftest import make_tiny_family_model, verification_distributions
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.moe import PATH
@@ -80,17 +80,8 @@ def test_step_distributions_equal_transformers_forward(model_dir, name):
     the softmax of transformers' logits."""
     loaded = load_model(model_dir(name))
     prompt = _prompts(loaded.model.config.vocab_size)[4]
-    engine = Engine(loaded, EngineConfig(block_size=4, max_model_len=64))
-    seq = engine.add(prompt, SamplingParams(max_tokens=8))
-    engine.step()
-    tokens = [seq.last_token, 7, 11]
-    engine.blocks.append_slots(seq, 3)
-    x = engine._inputs([seq], [len(seq) - 1], 3, [tokens])
-    x.temperature[:] = 1.0
-    p, _ = engine.target_step(x, draw=False)
-    with torch.no_grad():
-        logits = loaded.model(torch.tensor([seq.token_ids + tokens[1:]])).logits[0, -3:].float()
-    torch.testing.assert_close(p[0], torch.softmax(logits, -1), rtol=1e-5, atol=1e-6)
+    p, reference = verification_distributions(loaded, EngineConfig(block_size=4, max_model_len=64), prompt)
+    torch.testing.assert_close(p, reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", MOE)
@@ -140,17 +131,9 @@ def test_on_a_gpu_the_moe_step_runs_eagerly_and_equals_transformers(model_dir, n
     assert [s.output_ids for s in engine.generate(prompts, SamplingParams(max_tokens=32))] == expected
     for dtype in (torch.float16, torch.bfloat16):
         loaded.model.to(dtype)
-        engine = Engine(loaded, EngineConfig(block_size=4, max_model_len=64, cuda_graphs=True))
-        seq = engine.add(prompts[4], SamplingParams(max_tokens=8))
-        engine.step()  # prefill
-        tokens = [seq.last_token, 7, 11]
-        engine.blocks.append_slots(seq, 3)
-        x = engine._inputs([seq], [len(seq) - 1], 3, [tokens])
-        x.temperature[:] = 1.0
-        p, _ = engine.target_step(x, draw=False)
-        with torch.no_grad():
-            logits = loaded.model(torch.tensor([seq.token_ids + tokens[1:]], device="cuda")).logits[0, -3:].float()
-        dist = (p[0] - torch.softmax(logits, -1)).abs().sum(-1)
+        p, reference = verification_distributions(
+            loaded, EngineConfig(block_size=4, max_model_len=64, cuda_graphs=True), prompts[4], "cuda")
+        dist = (p - reference).abs().sum(-1)
         print(f"{name} {dtype}: L1 distances {dist.tolist()}")
         if dtype == torch.float16:
             assert (dist < 1e-2).all()
