@@ -77,22 +77,52 @@ FAMILY_CONFIGS = {
 }
 
 
-def make_tiny_family_model(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model of `family` (a key of FAMILY_CONFIGS) with the tiny tokenizer."""
+def random_model(config_name: str, model_name: str, fields: dict, seed: int = 0, norm_noise: float = 0.2):
+    """transformers' `model_name` with random weights under `config_name(**fields)`, eval mode, its
+    norm weights moved by norm_noise * N(0, 1) away from the family's identity (so that a norm's
+    weight, (1 + w) or w, shows in the output)."""
     import transformers
 
-    config_name, model_name, extra = FAMILY_CONFIGS[family]
-    tokenizer = _tiny_tokenizer()
-    fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    config = getattr(transformers, config_name)(**{**fields, **extra, **overrides})
+    config = getattr(transformers, config_name)(**fields)
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
+                p.add_(norm_noise * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models (use: pytestmark = usefixtures("one_thread")):
+    their ops are too small to share among threads; on a busy 2-core machine two threads made the
+    MoE layers' many small expert matmuls wait on each other (test_gguf_families: 40 s -> 90 s).
+    Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory) -> Path:
+    """40,000 characters of the bundled calibration text: tokenizing all 3 MB with the tiny
+    tokenizer would take longer than quantizing."""
+    path = tmp_path_factory.mktemp("calib") / "austen-head.txt"
+    text = (cal.BUNDLED_DIR / cal.bundled_datasets()["austen"]["file"]).read_text("utf-8")
+    path.write_text(text[:40_000], "utf-8")
+    return path
+
+
+def make_tiny_family_model(folder: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model of `family` (a key of FAMILY_CONFIGS) with the tiny tokenizer."""
+    config_name, model_name, extra = FAMILY_CONFIGS[family]
+    tokenizer = _tiny_tokenizer()
+    fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    model = random_model(config_name, model_name, {**fields, **extra, **overrides}, seed)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

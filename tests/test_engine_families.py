@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import verification_distributions
+from conftest import random_model, verification_distributions
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.layers import model_facts
@@ -54,20 +54,12 @@ def _tokenizer():
 
 
 def make_model(folder: Path, name: str, seed: int = 0, **overrides) -> Path:
-    import transformers
-
     config_class, model_class, extra = MODELS[name]
     tokenizer = _tokenizer()
     fields = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.1,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    config = getattr(transformers, config_class)(**{**fields, **extra, **overrides})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_class)(config).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "norm" in n:
-                p.add_(0.3 * torch.randn_like(p))
+    model = random_model(config_class, model_class, {**fields, **extra, **overrides}, seed, norm_noise=0.3)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

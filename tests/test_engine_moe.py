@@ -28,14 +28,7 @@ from test_engine_families import _hf_greedy, _prompts
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny experts' many small matmuls only wait on each other with two
-    (as in tests/test_gguf_families.py). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the tiny experts' small matmuls
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import torch
 
 from conftest import make_tiny_family_model
 from quantkit import api
-from quantkit import calibration as cal
 from quantkit.algorithms.awq import AWQ, AWQOptions
 from quantkit.algorithms.base import Scales
 from quantkit.algorithms.folding import apply_transforms, fold_into_previous
@@ -39,16 +38,6 @@ def tiny(tmp_path_factory, family: str, **overrides) -> Path:
     if key not in _DIRS:
         _DIRS[key] = make_tiny_family_model(tmp_path_factory.mktemp(f"tiny-{family}"), family, **overrides)
     return _DIRS[key]
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory) -> Path:
-    """40,000 characters of the bundled calibration text: tokenizing all 3 MB with the tiny
-    tokenizer would take longer than quantizing."""
-    path = tmp_path_factory.mktemp("calib") / "austen-head.txt"
-    text = (cal.BUNDLED_DIR / cal.bundled_datasets()["austen"]["file"]).read_text("utf-8")
-    path.write_text(text[:40_000], "utf-8")
-    return path
 
 
 def _recipe(weights: dict, scheme: str = "W4A16", acts: dict | None = None, algorithms=("rtn",)) -> Recipe:

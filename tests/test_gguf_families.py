@@ -42,9 +42,8 @@ import torch
 import transformers
 from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
 
-from conftest import _tiny_tokenizer
+from conftest import _tiny_tokenizer, random_model
 from quantkit import api
-from quantkit import calibration as cal
 from quantkit.errors import ModelLoadError
 from quantkit.models import FAMILIES, family_for, load_model
 from quantkit.models.gguf_meta import GGUFArray, GGUFMeta, check_gguf_config, iter_gguf_strings, read_gguf_meta
@@ -114,14 +113,7 @@ def make_tiny(model_type: str, seed: int = 0, **overrides):
     config_name, model_name, extra = TINY[model_type]
     tok = tokenizer()
     fields = {**_COMMON, "vocab_size": len(tok), "eos_token_id": tok.eos_token_id, "pad_token_id": tok.eos_token_id}
-    config = getattr(transformers, config_name)(**{**fields, **extra, **overrides})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
+    return random_model(config_name, model_name, {**fields, **extra, **overrides}, seed)
 
 
 # ----------------------------------------------------------------------------- the GGUF writer
@@ -288,22 +280,7 @@ def built(tmp_path_factory, model_type: str) -> tuple[Path, Path]:
     return _BUILT[model_type]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' ops are too small to share among threads: on this 2-core machine, busy with
-    other work, two intra-op threads took this module from 40 s to 90 s (the MoE layers' many small
-    expert matmuls wait on each other). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "austen-head.txt"
-    path.write_text((cal.BUNDLED_DIR / cal.bundled_datasets()["austen"]["file"]).read_text("utf-8")[:40_000], "utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models, one intra-op thread
 
 
 def logits(loaded) -> torch.Tensor:

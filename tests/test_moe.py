@@ -15,7 +15,6 @@ from safetensors import safe_open
 
 from conftest import make_tiny_family_model
 from quantkit import api
-from quantkit import calibration as cal
 from quantkit.algorithms.folding import apply_transforms
 from quantkit.checkpoint import load_checkpoint
 from quantkit.checkpoint.report import layer_rows, summary_lines
@@ -45,22 +44,7 @@ def tiny(tmp_path_factory, family: str) -> Path:
     return _DIRS[family]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: the tiny experts' many small matmuls only wait on each other with two
-    (as in tests/test_gguf_families.py). Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("calib") / "austen-head.txt"
-    text = (cal.BUNDLED_DIR / cal.bundled_datasets()["austen"]["file"]).read_text("utf-8")
-    path.write_text(text[:40_000], "utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: the tiny experts' small matmuls
 
 
 def _recipe(algorithms=("gptq",), scheme="W4A16", weights=None, acts=None, moe=None) -> Recipe:
