@@ -14,13 +14,16 @@ import torch
 from quantkit import __version__
 from quantkit.algorithms import build_all
 from quantkit.checkpoint.report import layer_rows, summary_lines
-from quantkit.devices import calibration_dtype, check_device, memory_of
+from quantkit.devices import calibration_dtype, check_device, memory_of, peak_rss_bytes
+from quantkit.distributed import ALONE, BACKEND_VARIABLE, device_for, from_environment, spawn
 from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens, held_out_batch
-from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint, write_checkpoint
+from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint
+from quantkit.checkpoint.stream import StreamingCheckpoint, source_fingerprint, tensor_digest
 from quantkit.eval import perplexity
 from quantkit.eval.plots import layer_error_png
 from quantkit.errors import NumericalError
-from quantkit.models import LoadedModel, context_length, empty_model, family_for, load_config, load_model, resolve_source
+from quantkit.models import LoadedModel, context_length, empty_model, family_for, load_config, load_lazily, load_model, resolve_source
+from quantkit.models.families import checkpoint_name
 from quantkit.pipeline import needs_calibration, plan_targets, quantize_model
 from quantkit.progress import QuantizeProgress, RichProgress
 from quantkit.recipe import Recipe, load_recipe
@@ -85,6 +88,7 @@ def quantize(
     device: str = "cpu",
     show_progress: bool = True,
     keep_degraded: bool = False,
+    devices: int = 1,
 ) -> dict:
     """Quantize `model` (the bundled default when None) with `recipe` into `out`.
 
@@ -98,14 +102,36 @@ def quantize(
     calibration windows is compared with the float model's (quantkit.heldout);
     NaN, or a ratio beyond the recipe's `check.max_ratio`, refuses to write
     unless `keep_degraded`.
+
+    The checkpoint is written block by block as the model is walked (a lazy
+    model's weights are read one block at a time: quantkit.models.lazy), with a
+    journal: rerunning the same command after a crash or a kill resumes at the
+    first unfinished block (quantkit.checkpoint.stream).
+
+    devices: processes to spread the work over (quantkit.distributed): that many
+    GPUs with device "cuda", or CPU processes. Under torchrun, quantkit joins the
+    group torchrun made instead.
     """
+    if not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices must be a whole number of at least 1, got {devices!r}")
+    comm = from_environment()
+    if comm is None and devices > 1:
+        if str(device).startswith("cuda") and os.environ.get(BACKEND_VARIABLE) != "gloo" \
+                and devices > torch.cuda.device_count():
+            raise ValueError(f"--devices {devices} with device {device!r}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s)")
+        return spawn(devices, quantize, dict(model=model, recipe=recipe, out=out, force=force, calib_data=calib_data,
+                                             num_samples=num_samples, seqlen=seqlen, device=device,
+                                             show_progress=show_progress, keep_degraded=keep_degraded, devices=devices))
+    comm = comm or ALONE
+    device = device_for(comm, str(device))
     recipe_arg = recipe
     recipe = resolve_recipe(recipe, calib_data, num_samples, seqlen)
     chain = build_all(recipe)  # bad algorithm names and options fail before any work
     dev = check_device(device)
     source = resolve_source(model)
     inputs = _local_paths(source, recipe_arg, recipe.calibration.data)
-    check_output(out, force, inputs)
+    check_output(out, force, inputs, keep_resumable=True)
     config = load_config(source)
     family = family_for(config)
     if not plan_targets(empty_model(config), family, recipe):  # group sizes are checked here too
@@ -116,7 +142,7 @@ def quantize(
         _check_calibration_memory(recipe, config, dev)
 
     t0 = time.perf_counter()
-    loaded = load_model(source, config=config)
+    loaded, loaded_whole = load_lazily(source, config=config)
     load_s = time.perf_counter() - t0
     model_dtype = next(loaded.model.parameters()).dtype
     # "auto" resolved once, from the hardware, and recorded: the recipe copy repeats the run exactly
@@ -134,54 +160,82 @@ def quantize(
                           if check.windows else (None, True))
     calib_s = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    with RichProgress() if show_progress else QuantizeProgress() as progress:
-        result = quantize_model(loaded, recipe, calib, device=dev, progress=progress, held_out_ids=held_ids,
-                                held_out_disjoint=disjoint, chain=chain)
-    quant_s = time.perf_counter() - t0
-    held = None
-    if result.held_out is not None:
-        passed = result.held_out.passes(check.max_ratio)
-        held = result.held_out.to_report() | {"max_ratio": check.max_ratio, "passed": passed}
-        if not passed and not keep_degraded:
-            r = result.held_out
-            raise NumericalError(
-                f"the quantized model's perplexity on {r.windows} held-back calibration windows is "
-                f"{r.quantized_perplexity:.4g} against the float model's {r.float_perplexity:.4g} (ratio {r.ratio:.3g}, "
-                f"bound {check.max_ratio:g}): refusing to write {out}. Raise check.max_ratio in the recipe or "
-                f"keep it anyway with --keep-degraded (keep_degraded=True)")
+    # a rerun of the same command resumes an interrupted one (quantkit.checkpoint.stream)
+    fingerprint = {"quantkit": __version__, "torch": torch.__version__, "model": source_fingerprint(source),
+                   "recipe": recipe.to_yaml(), "data": tensor_digest(calib, held_ids), "device": str(dev),
+                   "processes": comm.world}
+    writer = StreamingCheckpoint(out, force, inputs, fingerprint, loaded, recipe.activations, dev, comm.rank,
+                                 comm.world, comm.barrier, lambda obj: comm.broadcast(obj, 0))
+    try:
+        resume = writer.resume_point()
+        t0 = time.perf_counter()
+        with RichProgress() if show_progress and comm.rank == 0 else QuantizeProgress() as progress:
+            result = quantize_model(loaded, recipe, calib, device=dev, progress=progress, held_out_ids=held_ids,
+                                    held_out_disjoint=disjoint, chain=chain, sink=writer, resume=resume, comm=comm)
+        quant_s = time.perf_counter() - t0
+        held = None
+        if result.held_out is not None:
+            passed = result.held_out.passes(check.max_ratio)
+            held = result.held_out.to_report() | {"max_ratio": check.max_ratio, "passed": passed}
+            if not passed and not keep_degraded:
+                r = result.held_out
+                raise NumericalError(
+                    f"the quantized model's perplexity on {r.windows} held-back calibration windows is "
+                    f"{r.quantized_perplexity:.4g} against the float model's {r.float_perplexity:.4g} (ratio {r.ratio:.3g}, "
+                    f"bound {check.max_ratio:g}): refusing to write {out}. Raise check.max_ratio in the recipe or "
+                    f"keep it anyway with --keep-degraded (keep_degraded=True)")
 
-    rows = layer_rows(result)
-    activations = None if recipe.activations is None else dataclasses.asdict(recipe.activations)
-    report = {
-        "quantkit_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} threads {torch.get_num_threads()}".strip(),
-        "model": loaded.source,
-        "recipe": recipe.name,
-        "scheme": recipe.scheme,
-        "activations": activations,
-        "calibration": dataclasses.asdict(recipe.calibration) if calib is not None else None,
-        "calibration_dtype": c.dtype,
-        "held_out": held,
-        "device": str(dev),
-        "seconds": {"load": load_s, "calibration_data": calib_s, "quantize": quant_s, **{f"quantize.{k}": v for k, v in result.seconds.items()}},
-        "bytes_float": sum(r["bytes_float"] for r in rows),
-        "bytes_quantized": sum(r["bytes_quantized"] for r in rows),
-        # what the CLI's summary shows, each algorithm summarizing its own facts
-        "summary": summary_lines(rows, activations) + chain.summarize(rows),
-        "layers": rows,
-    }
-    t0 = time.perf_counter()
-    plot = layer_error_png(rows, f"{recipe.name}: per-layer error ({Path(loaded.source).name})")
-    folder = write_checkpoint(
-        out, loaded.model, loaded.tokenizer, result.weights, recipe.to_yaml(), report,
-        force=force, actorder=result.actorder, extra_files={ERROR_PLOT: plot},
-        activations=result.activations, input_scales=result.input_scales, inputs=inputs,
-    )
+        rows = writer.rows
+        blocks = writer.blocks
+        activations = None if recipe.activations is None else dataclasses.asdict(recipe.activations)
+        gpu_peaks = [b["peak_gpu_bytes"] for b in result.blocks if b.get("peak_gpu_bytes") is not None]
+        gpu_peak = max(gpu_peaks) if gpu_peaks else None
+        ranks = comm.gather({"rank": comm.rank, "peak_cpu_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": gpu_peak,
+                             "seconds": {k: v for k, v in result.seconds.items()}})
+        report = {
+            "quantkit_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} threads {torch.get_num_threads()}".strip(),
+            "model": loaded.source,
+            "recipe": recipe.name,
+            "scheme": recipe.scheme,
+            "activations": activations,
+            "calibration": dataclasses.asdict(recipe.calibration) if calib is not None else None,
+            "calibration_dtype": c.dtype,
+            "held_out": held,
+            "device": str(dev),
+            "weights_loaded": "lazily, one block at a time" if loaded_whole is None else f"whole: {loaded_whole}",
+            "resumed_from": resume.block if resume is not None else None,
+            "seconds": {"load": load_s, "calibration_data": calib_s, "quantize": quant_s, **{f"quantize.{k}": v for k, v in result.seconds.items()}},
+            "memory": {"peak_cpu_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": gpu_peak,
+                       "model_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters())},
+            "processes": ranks if not comm.alone else None,
+            "blocks": blocks,
+            "bytes_float": sum(r["bytes_float"] for r in rows),
+            "bytes_quantized": sum(r["bytes_quantized"] for r in rows),
+            # what the CLI's summary shows, each algorithm summarizing its own facts
+            "summary": summary_lines(rows, activations) + chain.summarize(rows),
+            "layers": rows,
+        }
+        t0 = time.perf_counter()
+        plot = layer_error_png(rows, f"{recipe.name}: per-layer error ({Path(loaded.source).name})")
+        specs = plan_targets(loaded.model, loaded.family, recipe)
+        float_linears = [checkpoint_name(loaded.family, n) for n, m in loaded.model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and n not in specs]
+        folder = writer.out
+        if comm.rank == 0:
+            writer.finish(loaded.tokenizer, {checkpoint_name(loaded.family, n): s for n, s in specs.items()},
+                          float_linears, result.actorder, recipe.to_yaml(), report, {ERROR_PLOT: plot})
+        comm.barrier()
+    except KeyboardInterrupt:
+        writer.abandon(keep=True)  # Ctrl-C, SIGTERM: the finished blocks stay for a rerun to resume
+        raise
+    except BaseException:
+        writer.abandon(keep=False)
+        raise
     report["seconds"]["write"] = time.perf_counter() - t0
     report["out"] = str(folder)
-    return report
+    return report if comm.rank == 0 else None  # under torchrun, rank 0 reports
 
 
 def load(source: str | os.PathLike | None = None, backend: str | None = None) -> LoadedModel:

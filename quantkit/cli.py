@@ -68,6 +68,18 @@ def _run(fn, *args, **kwargs):
         _fail(str(e))
 
 
+def _memory_text(memory: dict, loaded: str) -> Text:
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    parts = []
+    if memory.get("peak_cpu_rss_bytes"):
+        parts.append(f"peak CPU RSS {gib(memory['peak_cpu_rss_bytes'])}")
+    if memory.get("peak_gpu_bytes"):
+        parts.append(f"peak GPU {gib(memory['peak_gpu_bytes'])}")
+    if memory.get("model_bytes"):
+        parts.append(f"model {gib(memory['model_bytes'])}")
+    return _t(", ".join(parts) + (f"; weights loaded {loaded}" if loaded else ""))
+
+
 def _emit_json(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -83,13 +95,19 @@ def quantize(
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="calibration sample length in tokens")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
     keep_degraded: Annotated[bool, typer.Option("--keep-degraded", help="write the checkpoint even if the held-back perplexity check fails")] = False,
+    devices: Annotated[int, typer.Option("--devices", help="processes to share the work: GPUs with --device cuda, else CPU processes")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as one JSON object on stdout")] = False,
 ) -> None:
-    """Quantize MODEL with a recipe and write a compressed-tensors checkpoint."""
+    """Quantize MODEL with a recipe and write a compressed-tensors checkpoint.
+
+    The checkpoint is written block by block with a journal: after a crash or a kill, run the
+    same command again and it continues at the first unfinished block."""
     from quantkit import api
 
     report = _run(api.quantize, model, recipe, out, force, calib_data, num_samples, seqlen, device,
-                  keep_degraded=keep_degraded)
+                  keep_degraded=keep_degraded, devices=devices)
+    if report is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     if as_json:
         _emit_json({k: v for k, v in report.items() if k != "layers"} | {"layers": len(report["layers"])})
         return
@@ -106,6 +124,12 @@ def quantize(
     table.add_row("calibration dtype", _t(report["calibration_dtype"]))
     table.add_row("error plot", _t(Path(report["out"]) / "quantization_error.png"))
     table.add_row("seconds", f"load {s['load']:.1f}, quantize {s['quantize']:.1f}, write {s['write']:.1f}")
+    blocks = [b["seconds"] for b in report.get("blocks", [])]
+    if blocks:
+        resumed = report.get("resumed_from")
+        table.add_row("seconds per block", f"mean {sum(blocks) / len(blocks):.2f}, max {max(blocks):.2f}"
+                      + (f" (resumed at block {resumed})" if resumed else ""))
+    table.add_row("memory", _memory_text(report.get("memory") or {}, report.get("weights_loaded", "")))
     err.print(table)
 
 

@@ -69,3 +69,35 @@ def calibration_dtype(choice: str, model_dtype: torch.dtype, device) -> torch.dt
     if torch.device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else model_dtype
     return torch.bfloat16 if cpu_has_native_bf16() else model_dtype
+
+
+def rss_bytes() -> int | None:
+    """This process's resident memory now (Linux), None where it cannot be told."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int | None:
+    """The most resident memory this process has held since it started."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    except (ImportError, OSError):
+        return None
+
+
+def start_gpu_peak(dev: torch.device) -> None:
+    """Begin a new window for gpu_peak_bytes on `dev` (nothing on the CPU)."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def gpu_peak_bytes(dev: torch.device) -> int | None:
+    """The most memory torch's allocator held on `dev` since start_gpu_peak; None on the CPU."""
+    return torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None

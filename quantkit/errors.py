@@ -35,3 +35,11 @@ class OutputExistsError(OutputError):
 class NumericalError(QuantkitError):
     """NaN or Inf in a weight or an activation, or a quantized model whose
     perplexity blew up against the float model's."""
+
+
+class DistributedError(QuantkitError):
+    """A rank of a run over several processes failed: its message, and the kind of error it was."""
+
+    def __init__(self, message: str, kind: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -74,6 +74,14 @@ class ObservedTokens:
         for name in names:
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
 
+    def sync(self, groups: list[tuple[tuple[str, ...], int]], comm, device) -> None:
+        """Counts summed over every rank (quantkit.distributed)."""
+        if comm.alone:
+            return
+        names = [n for g, _ in groups for n in g]
+        total = comm.sum_(torch.tensor([self.tokens.get(n, 0) for n in names], dtype=torch.int64, device=device))
+        self.tokens.update({n: int(t) for n, t in zip(names, total.tolist()) if t or n in self.tokens})
+
 
 @dataclass
 class LayerExperts:

@@ -27,15 +27,18 @@ a callback (quantkit.progress), the dtype choice is the hardware's
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from quantkit.algorithms import Chain, Observer, Transform, build_all
 from quantkit.algorithms.folding import Target, apply_transforms
 from quantkit.algorithms.inputs import InputRanges, input_facts, input_quantizer
-from quantkit.devices import calibration_dtype
+from quantkit.distributed import ALONE, Group, assign
+from quantkit.devices import calibration_dtype, gpu_peak_bytes, rss_bytes, start_gpu_peak
 from quantkit.experts import FALLBACK, LayerExperts, experts_of, split_stages
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, quantize_rtn
 from quantkit.heldout import HeldOutResult, perplexity_of_hidden
@@ -44,7 +47,7 @@ from quantkit.models.families import block_family, layer_types, sparse_layers
 from quantkit.models.moe import watching
 from quantkit.progress import QuantizeProgress
 from quantkit.recipe import Recipe
-from quantkit.forwards import blocks_of, capture_block_inputs, check_finite, observe, propagate, replay_cache
+from quantkit.forwards import BlockInput, blocks_of, capture_block_inputs, check_finite, observe, propagate, replay_cache
 
 
 @dataclass
@@ -59,6 +62,36 @@ class LinearResult:
     seconds: float  # its share of the rounding's time
     facts: dict = field(default_factory=dict)  # the algorithms' report entries, then the inputs' (W8A8)
 
+    def to(self, device) -> LinearResult:
+        """The same result with its weight's tensors on `device`."""
+        return dataclasses.replace(self, weight=self.weight.to(device))
+
+
+@dataclass
+class Streams:
+    """What flows from one block to the next: the calibration batches and the two held-out streams
+    (float and quantized), as they leave the last finished block."""
+
+    inputs: list[BlockInput]
+    held_float: list[BlockInput]
+    held_quant: list[BlockInput]
+
+
+@dataclass
+class ResumePoint:
+    """Where an interrupted run continues: the first block still to do and what flows into it."""
+
+    block: int
+    streams: Streams
+
+
+class BlockSink(Protocol):
+    """Whoever takes each finished block (quantkit.checkpoint.stream): its linears' results,
+    the block itself (its float tensors: norms, biases, a router), what flows on, and its figures."""
+
+    def block_done(self, index: int, block: torch.nn.Module, results: list[LinearResult],
+                   input_scales: dict[str, torch.Tensor], streams: Streams, figures: dict) -> None: ...
+
 
 @dataclass
 class QuantizationResult:
@@ -69,13 +102,14 @@ class QuantizationResult:
     activations: ActSpec | None = None  # W8A8: how the quantized linears' inputs are quantized
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)  # static activations: name -> scale [1]
     held_out: HeldOutResult | None = None  # float vs quantized perplexity on held-back windows
+    blocks: list[dict] = field(default_factory=list)  # per block done in this run: seconds, memory
 
 
 def check_finite_parameters(model: torch.nn.Module) -> None:
     """NumericalError naming the first parameter or buffer holding NaN or Inf
     (embeddings and norms too): refused before any calibration runs."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if t.is_floating_point():
+        if t.is_floating_point() and t.device.type != "meta":  # a lazy model's: checked as they are read
             check_finite(t.data, name)
 
 
@@ -101,6 +135,9 @@ def quantize_model(
     held_out_ids: torch.Tensor | None = None,
     held_out_disjoint: bool = True,
     chain: Chain | None = None,
+    sink: BlockSink | None = None,
+    resume: ResumePoint | None = None,
+    comm: Group = ALONE,
 ) -> QuantizationResult:
     """Quantize `loaded.model` in place (its linears end up holding the
     dequantized weights) and return the quantized weights and what was measured.
@@ -114,6 +151,13 @@ def quantize_model(
     perplexity on (quantkit.heldout), carried through the blocks beside the
     calibration data; `held_out_disjoint` says whether they avoid the calibration
     windows (recorded with the result).
+    sink: takes each block as it is finished (quantkit.checkpoint.stream); its
+    results are then not kept here (result.weights and result.linears stay empty),
+    and a lazy model's block (LoadedModel.weights) gives its memory back.
+    resume: continue an interrupted run at resume.block with what flowed into it.
+    comm: this process among several (quantkit.distributed): it runs its share of the
+    calibration batches (the held-out windows on rank 0), the statistics are combined after
+    each pass, and each input group is rounded on one rank and broadcast.
     """
     check_finite_parameters(loaded.model)
     chain = chain if chain is not None else build_all(recipe)
@@ -138,18 +182,35 @@ def quantize_model(
     fwd_dtype = calibration_dtype(recipe.calibration.dtype, model_dtype, device) if needs_data else model_dtype
     t0 = time.perf_counter()
     batch = recipe.calibration.batch_size
-    inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if needs_data else []
-    # the held-out windows: one stream through the float blocks, one through the quantized ones
-    held_float = held_quant = []
-    if held_out_ids is not None:
-        held_float = held_quant = capture_block_inputs(loaded, held_out_ids, device, batch, fwd_dtype)
+    start = resume.block if resume is not None else 0
+    if resume is not None:
+        inputs, held_float, held_quant = resume.streams.inputs, resume.streams.held_float, resume.streams.held_quant
+    else:
+        loaded.materialize(family.embed)
+        if needs_data and not comm.alone:  # this rank's batches, cut where one process's batches end
+            mine = comm.share(-(-calibration_ids.shape[0] // batch))
+            calibration_ids = calibration_ids[mine.start * batch: mine.stop * batch]
+        inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if needs_data else []
+        # the held-out windows: one stream through the float blocks, one through the quantized ones
+        held_float = held_quant = []
+        if held_out_ids is not None and comm.rank == 0:
+            held_float = held_quant = capture_block_inputs(loaded, held_out_ids, device, batch, fwd_dtype)
+        loaded.release(family.embed)
     seconds["capture"] = time.perf_counter() - t0
+    per_block: list[dict] = []
 
     linears: list[LinearResult] = []
     input_scales: dict[str, torch.Tensor] = {}
     use_replay = recipe.calibration.replay if replay is None else replay
     progress.start(len(blocks), f"quantize ({recipe.name})")
+    for _ in range(start):
+        progress.block_done()
     for i, block in enumerate(blocks):
+        if i < start:
+            continue
+        t_block, done_before = time.perf_counter(), len(linears)
+        start_gpu_peak(torch.device(device))
+        loaded.materialize(f"{family.blocks}.{i}")
         fam = block_family(family, config, i)  # a sparse layer's: one set of linears per expert
         targets = _targets(block, f"{family.blocks}.{i}", fam.linears, recipe)
         book = LayerExperts(fam, recipe.calibration.moe, rounding.observes) if sparse[i] else None
@@ -166,8 +227,9 @@ def quantize_model(
             every = experts_of(fam, groups)  # transforms see every token through every expert (quantkit.experts)
             with watching(fwd, every) as routed:
                 observe(fwd, inputs, groups, transforms, None, set(), kinds[i])  # the float block, every group in one pass
+            _sync(transforms, groups, comm, device)
             if book is not None:
-                book.count(routed, every)
+                book.count(routed if routed is None else comm.sum_(routed), every)
             seconds["forward"] += time.perf_counter() - t
             t = time.perf_counter()
             progress.substeps(len(transforms) * (len(fam.mappings) + 1), f"  block {i}: transforms")
@@ -188,12 +250,11 @@ def quantize_model(
         for stage in stages if targets else []:
             if observers:
                 t = time.perf_counter()
-                _observe_stage(fwd, inputs, stage, observers, cache, final, kinds[i], book, ranges)
+                _observe_stage(fwd, inputs, stage, observers, cache, final, kinds[i], book, ranges, comm, device)
                 seconds["forward"] += time.perf_counter() - t
             t = time.perf_counter()
-            for group in stage:
-                fallback = book is not None and book.falls_back(group)
-                for target, result in zip(group, _quantize_group(group, chain, fallback)):
+            for group, results in zip(stage, _quantize_stage(stage, chain, book, comm)):
+                for target, result in zip(group, results):
                     if book is not None:
                         result.facts.update(book.facts(target))
                     if act is not None:
@@ -220,16 +281,29 @@ def quantize_model(
             h.remove()
         del fwd
         block.to("cpu")
+        figures = {"block": i, "seconds": time.perf_counter() - t_block,
+                   "peak_gpu_bytes": gpu_peak_bytes(torch.device(device)), "cpu_rss_bytes": rss_bytes()}
+        per_block.append(figures)
+        if sink is not None:
+            done = linears[done_before:]
+            scales = {r.name: input_scales.pop(r.name) for r in done if r.name in input_scales}
+            sink.block_done(i, block, done, scales, Streams(inputs, held_float, held_quant), figures)
+            del linears[done_before:]  # written: the quantized weights are not held to the end
+            loaded.release(f"{family.blocks}.{i}")
         progress.block_done()
     held = None
     if held_out_ids is not None:
         t = time.perf_counter()
-        held = HeldOutResult(*held_out_ids.shape, held_out_disjoint,
-                             perplexity_of_hidden(loaded, [h.hidden for h in held_float], held_out_ids, device),
-                             perplexity_of_hidden(loaded, [h.hidden for h in held_quant], held_out_ids, device))
-        seconds["held_out"] += time.perf_counter() - t
+        if comm.rank == 0:
+            loaded.materialize(family.final_norm), loaded.materialize(family.lm_head)
+            held = HeldOutResult(*held_out_ids.shape, held_out_disjoint,
+                                 perplexity_of_hidden(loaded, [h.hidden for h in held_float], held_out_ids, device),
+                                 perplexity_of_hidden(loaded, [h.hidden for h in held_quant], held_out_ids, device))
+            loaded.release(family.final_norm), loaded.release(family.lm_head)
+        held = comm.broadcast(held, 0)
+        seconds["held_out"] = seconds.get("held_out", 0.0) + time.perf_counter() - t
     weights = {r.name: r.weight for r in linears}
-    return QuantizationResult(weights, linears, seconds, rounding.actorder(), act, input_scales, held)
+    return QuantizationResult(weights, linears, seconds, rounding.actorder(), act, input_scales, held, per_block)
 
 
 def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> list[Target]:
@@ -262,27 +336,76 @@ def _input_groups(targets: list[Target], shared_inputs: tuple[tuple[str, ...], .
     return [g for g in groups if g]
 
 
+def _widths(groups: list[list[Target]]) -> list[tuple[tuple[str, ...], int]]:
+    return [(tuple(t.name for t in g), g[0].linear.in_features) for g in groups]
+
+
+def _sync(observers, groups: list[list[Target]], comm: Group, device) -> None:
+    """Several processes: every observer combines what the ranks saw of `groups`."""
+    if not comm.alone:
+        for observer in observers:
+            observer.sync(_widths(groups), comm, device)
+
+
 def _observe_stage(fwd, inputs, stage, observers: list[Observer], cache, final: set[str], layer_type: str,
-                   book: LayerExperts | None, ranges: InputRanges | None) -> None:
+                   book: LayerExperts | None, ranges: InputRanges | None, comm: Group = ALONE, device="cpu") -> None:
     """One observation pass of a stage; in a sparse layer, with the stage's experts counted (and run
     on every token when the recipe says observe: all), and for a starved expert under static
     activations one more pass giving its input range every calibration token."""
     if book is None:
         observe(fwd, inputs, stage, observers, cache, final, layer_type)
+        _sync(observers, stage, comm, device)
         return
     with watching(fwd, book.observe_all(stage)) as routed:
         observe(fwd, inputs, stage, observers + [book.observed], cache, final, layer_type)
-    book.count(routed, experts_of(book.family, stage))
+    _sync(observers + [book.observed], stage, comm, device)
+    book.count(routed if routed is None else comm.sum_(routed), experts_of(book.family, stage))
     starved = book.starved(stage) - book.observe_all(stage)
     if ranges is not None and starved:
+        ranged = [g for g in stage if experts_of(book.family, [g]) <= starved]
         with watching(fwd, starved):
-            observe(fwd, inputs, [g for g in stage if experts_of(book.family, [g]) <= starved], [ranges], cache,
-                    final, layer_type)
+            observe(fwd, inputs, ranged, [ranges], cache, final, layer_type)
+        _sync([ranges], ranged, comm, device)
         book.ranged_on_all |= starved
+
+
+def _quantize_stage(stage: list[list[Target]], chain: Chain, book: LayerExperts | None,
+                    comm: Group) -> list[list[LinearResult]]:
+    """Each input group of a stage rounded: alone, one after another; with several processes,
+    a rounding that solves against statistics (GPTQ) runs each group on one rank (the costliest
+    first, on the least loaded rank), which broadcasts the result; every rank then holds it."""
+    fallback = [book is not None and book.falls_back(g) for g in stage]
+    if comm.alone or not chain.rounding.observes:
+        return [_quantize_group(g, chain, f) for g, f in zip(stage, fallback)]
+    owner = assign([sum(t.linear.out_features * t.linear.in_features ** 2 for t in g) for g in stage], comm.world)
+    mine = {j: _round_group(g, chain, f) for j, (g, f) in enumerate(zip(stage, fallback)) if owner[j] == comm.rank}
+    out = []
+    for j, group in enumerate(stage):
+        results = mine.get(j)
+        shipped = comm.broadcast([_packed(r) for r in results] if results is not None else None, owner[j])
+        device = group[0].linear.weight.device
+        out.append(_apply_group(group, results or [_unpacked(r, device) for r in shipped], chain))
+    return out
+
+
+def _packed(r: LinearResult) -> tuple:
+    """A result to broadcast: on the CPU, FP8 values as bytes (the pickler cannot carry float8)."""
+    w = r.weight.to("cpu")
+    return dataclasses.replace(r, weight=None), w.q.view(torch.uint8), w.q.dtype, w.scale, w.zero_point, w.spec, w.g_idx
+
+
+def _unpacked(shipped: tuple, device) -> LinearResult:
+    r, q, dtype, scale, zero_point, spec, g_idx = shipped
+    return dataclasses.replace(r, weight=QuantizedWeight(q.view(dtype), scale, zero_point, spec, g_idx).to(device))
 
 
 @torch.inference_mode()
 def _quantize_group(group: list[Target], chain: Chain, fallback: bool = False) -> list[LinearResult]:
+    return _apply_group(group, _round_group(group, chain, fallback), chain)
+
+
+@torch.inference_mode()
+def _round_group(group: list[Target], chain: Chain, fallback: bool = False) -> list[LinearResult]:
     """Round the linears of one input group (one call: a rounding may solve
     them together) and write the dequantized weights back. fallback: round to
     nearest instead of the chain's rounding (an expert that observed too few tokens)."""
@@ -297,12 +420,21 @@ def _quantize_group(group: list[Target], chain: Chain, fallback: bool = False) -
     results = []
     for target, qw in zip(group, qws):
         w = target.linear.weight.data
-        w_hat = qw.dequantize(w.dtype)
         result = LinearResult(target.name, qw, w.dtype, FALLBACK if fallback else rounding.name,
-                              _relative_error(w, w_hat), seconds)
+                              _relative_error(w, qw.dequantize(w.dtype)), seconds)
         for step in chain:
             result.facts.update(step.report(target.name))
-            step.free(target.name)
-        w.copy_(w_hat)
         results.append(result)
+    return results
+
+
+@torch.inference_mode()
+def _apply_group(group: list[Target], results: list[LinearResult], chain: Chain) -> list[LinearResult]:
+    """The rounded weights written back (dequantized) into the group's linears, which the
+    algorithms then forget."""
+    for target, result in zip(group, results):
+        w = target.linear.weight.data
+        w.copy_(result.weight.dequantize(w.dtype))
+        for step in chain:
+            step.free(target.name)
     return results

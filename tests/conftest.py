@@ -25,15 +25,16 @@ def _tiny_tokenizer():
 
 
 def make_tiny_model(folder: Path, seed: int = 0, tie: bool = True, **overrides) -> Path:
-    """Save a 2-block random Llama whose widths exercise partial groups (in=96)."""
+    """Save a random Llama (2 blocks unless `overrides` say) whose widths exercise partial groups (in=96)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=tie, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id, **overrides,
+        tie_word_embeddings=tie, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
     )
+    config = LlamaConfig(**(fields | overrides))
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder)

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from quantkit.checkpoint import output as output_mod
-from quantkit.checkpoint.output import MANIFEST_FILE, check_output, clean_stale, why_not_replaceable
+from quantkit.checkpoint.output import MANIFEST_FILE, check_output, clean_stale, is_resumable, why_not_replaceable
 from quantkit.errors import OutputError, OutputExistsError
 from test_bad_inputs import assert_clean_error, assert_nothing_written, cli, snapshot
 
@@ -223,33 +223,52 @@ def test_an_output_set_aside_by_a_killed_swap_is_put_back(checkpoint, tmp_path):
     assert not old.exists() and not tmp.exists()
 
 
-def test_sigterm_removes_the_unfinished_output(tiny_model_dir, tmp_path):
-    """The real CLI in a child process, held in the middle of writing, then sent SIGTERM."""
-    out = tmp_path / "out"
+def _held_cli(model, out: Path, module: str, function: str) -> subprocess.Popen:
+    """The real CLI in a child process, held (asleep) once `module.function` has run."""
     script = textwrap.dedent(f"""
         import sys, time
-        import quantkit.checkpoint.writer as writer
-        real = writer._save_shards
+        import {module} as where
+        real = where.{function}
         def slow(*args, **kwargs):
-            files = real(*args, **kwargs)
-            print("WRITING", flush=True)
+            value = real(*args, **kwargs)
+            print("HELD", flush=True)
             time.sleep(60)
-            return files
-        writer._save_shards = slow
+            return value
+        where.{function} = slow
         from quantkit.cli import app
-        sys.argv = ["quantkit", "quantize", {str(tiny_model_dir)!r}, "--out", {str(out)!r}]
+        sys.argv = ["quantkit", "quantize", {str(model)!r}, "--out", {str(out)!r}]
         app()
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _sigterm_when_held(proc: subprocess.Popen) -> str:
     try:
         for line in proc.stdout:
-            if line.startswith("WRITING"):
+            if line.startswith("HELD"):
                 break
-        temporaries = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
-        assert len(temporaries) == 1 and (temporaries[0] / "model.safetensors").is_file()
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
+    return stderr
+
+
+def test_sigterm_before_a_block_is_finished_removes_the_unfinished_output(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _held_cli(tiny_model_dir, out, "quantkit.pipeline", "capture_block_inputs")
+    stderr = _sigterm_when_held(proc)
     assert proc.returncode != 0 and "Traceback" not in stderr, stderr
     assert_nothing_written(out)
+
+
+def test_sigterm_while_writing_keeps_the_finished_blocks_only_hidden(tiny_model_dir, tmp_path):
+    """Interrupted in the final write: the output is not there, and the finished blocks are kept
+    in the hidden temporary folder, with a note, for the same command to resume from."""
+    out = tmp_path / "out"
+    proc = _held_cli(tiny_model_dir, out, "quantkit.checkpoint.stream", "write_folder_files")
+    stderr = _sigterm_when_held(proc)
+    assert proc.returncode != 0 and "Traceback" not in stderr, stderr
+    assert not out.exists()
+    kept = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(kept) == 1 and is_resumable(kept[0]) and str(kept[0]) in stderr

@@ -85,6 +85,15 @@ class Step(ABC):
     def free(self, name: str) -> None:
         """Drop whatever is kept for linear `name`."""
 
+    def sync(self, groups: list[tuple[tuple[str, ...], int]], comm, device) -> None:
+        """Several processes (quantkit.distributed): combine what each observed of these input
+        groups ((names, input width), in the same order on every rank), so that every rank holds
+        what one process observing all the batches would. Nothing to do for a step that keeps
+        no statistics; one that keeps InputStatistics calls its sync."""
+        stats = getattr(self, "_stats", None)
+        if stats is not None:
+            stats.sync(groups, comm, device)
+
     @classmethod
     def summarize(cls, rows: list[dict]) -> list[tuple[str, str]]:
         """(label, text) lines for the quantize summary, from a whole run's report rows."""

@@ -30,6 +30,18 @@ class InputRanges:
         for name in names:
             self.absmax[name] = value
 
+    def sync(self, groups: list[tuple[tuple[str, ...], int]], comm, device) -> None:
+        """The max over every rank (quantkit.distributed); a group no rank saw stays unseen."""
+        if comm.alone:
+            return
+        for names, _ in groups:
+            seen = self.absmax.get(names[0])
+            both = comm.max_(torch.stack([torch.tensor(float(seen is not None), device=device),
+                                          seen.to(device) if seen is not None else torch.zeros((), device=device)]))
+            if both[0] > 0:
+                for name in names:
+                    self.absmax[name] = both[1]
+
     def scale(self, name: str) -> torch.Tensor:
         """The per-tensor input scale [1] (float32) of linear `name`."""
         if name not in self.absmax:

@@ -127,6 +127,43 @@ class InputStatistics:
             step = max(1, rows.shape[0] // max(1, self.sample_tokens // 8))
             group.samples.append(rows[::step][: self.sample_tokens - have].to(torch.float32).clone())
 
+    def sync(self, groups: list[tuple[tuple[str, ...], int]], comm, device) -> None:
+        """Combine what every rank observed of these input groups ((names, input width), in the
+        same order on every rank; quantkit.distributed): token counts and sums added, Hessians
+        weighted by their token counts, maxima taken, sampled rows in rank order up to the
+        budget. A group no rank observed stays unobserved."""
+        if comm.alone:
+            return
+        for names, width in groups:
+            mine = self._groups.get(names[0])
+            group = mine or GroupStatistics()
+            tokens = int(comm.sum_(torch.tensor([group.tokens], dtype=torch.float64, device=device)).item())
+            if self.hessian:
+                h = group.hessian if group.hessian is not None else make_hessian(width, device)
+                h = comm.sum_(h.to(torch.float64) * group.tokens)
+                group.hessian = (h / max(tokens, 1)).to(torch.float32)
+            if self.abs_mean:
+                a = group.abs_sum if group.abs_sum is not None else torch.zeros(width, dtype=torch.float64, device=device)
+                group.abs_sum = comm.sum_(a.clone())
+            if self.absmax:
+                m = group.absmax if group.absmax is not None else torch.zeros(width, dtype=torch.float32, device=device)
+                group.absmax = comm.max_(m.clone())
+            if self.sample_tokens:
+                rows = [t for ranks in comm.gather([t.cpu() for t in group.samples]) for t in ranks]
+                group.samples, have = [], 0
+                for t in rows:
+                    if have >= self.sample_tokens:
+                        break
+                    group.samples.append(t[: self.sample_tokens - have].to(device))
+                    have += group.samples[-1].shape[0]
+            group.tokens = tokens
+            if tokens == 0:
+                for name in names:
+                    self._groups.pop(name, None)
+            else:
+                for name in names:
+                    self._groups[name] = group
+
     def __contains__(self, name: str) -> bool:
         return name in self._groups
 

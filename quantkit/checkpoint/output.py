@@ -19,6 +19,11 @@ A run killed outright (SIGKILL, a power cut) leaves its temporary folder; the
 next run on the same output removes it once the process that made it is gone,
 and says so (logger "quantkit"). A kill in the middle of the final swap leaves
 the previous output as `.<name>.old-<host>-<pid>`: it is put back.
+
+A quantization streams each finished block into its temporary folder with a
+journal (quantkit.checkpoint.stream): such a folder, left by a run that died
+or was interrupted, is kept for `quantkit quantize` to resume from
+(`keep_resumable`); any other command on that output removes it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from quantkit import __version__
 from quantkit.errors import OutputError, OutputExistsError
 
 MANIFEST_FILE = "quantkit_manifest.json"
+JOURNAL_DIR = "quantkit_journal"  # inside a temporary folder: a run that can be resumed
 LEGACY_REPORT_FILE = "quantization_report.json"
 # what a checkpoint written before the manifest existed may hold (all at the top level)
 _LEGACY_FILES = re.compile(
@@ -141,10 +147,12 @@ def _writable_ancestor(out: Path) -> Path:
     return ancestor
 
 
-def check_output(out_dir: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+def check_output(out_dir: str | os.PathLike, force: bool, inputs: Iterable[str | os.PathLike | None] = (),
+                 keep_resumable: bool = False) -> Path:
     """Refuse an output location before any work: see the module docstring.
     `inputs`: local paths the run reads (others, e.g. hub ids, are skipped).
-    Removes what dead runs left beside it. Returns the resolved output path."""
+    Removes what dead runs left beside it (but a resumable one when `keep_resumable`).
+    Returns the resolved output path."""
     out = Path(out_dir).expanduser().resolve()
     reason = _protected_reason(out)
     for source in inputs:
@@ -152,7 +160,7 @@ def check_output(out_dir: str | os.PathLike, force: bool, inputs: Iterable[str |
             reason = _overlap_reason(out, Path(source).expanduser().resolve())
     if reason is not None:
         raise OutputError(f"refusing to write to {out}: it {reason}; choose another output folder")
-    clean_stale(out)
+    clean_stale(out, keep_resumable)
     if out.exists():
         if not out.is_dir():
             raise OutputExistsError(f"output {out} exists and is not a folder")
@@ -187,9 +195,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(out: Path) -> list[str]:
+def dead_temporaries(out: Path) -> list[Path]:
+    """The temporary folders of runs on `out` (this host) whose process is gone."""
+    if not out.parent.is_dir():
+        return []
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(?:(.+)-)?(\d+)")
+    found = []
+    for path in sorted(out.parent.iterdir()):
+        m = pattern.fullmatch(path.name)
+        if m is not None and path.is_dir() and not path.is_symlink() and m.group(1) in (None, _HOST) \
+                and not _alive(int(m.group(2))):
+            found.append(path)
+    return found
+
+
+def is_resumable(folder: Path) -> bool:
+    return (folder / JOURNAL_DIR / "journal.json").is_file()
+
+
+def clean_stale(out: Path, keep_resumable: bool = False) -> list[str]:
     """Remove the temporary folders of runs on `out` whose process is gone (on
-    this host), putting back a previous output a killed swap left aside.
+    this host), putting back a previous output a killed swap left aside; a
+    resumable one stays when `keep_resumable`.
     Returns what was done, one line each (also logged)."""
     if not out.parent.is_dir():
         return []
@@ -201,6 +228,8 @@ def clean_stale(out: Path) -> list[str]:
             continue
         kind, host, pid = m.group(1), m.group(2), int(m.group(3))
         if (host is not None and host != _HOST) or _alive(pid):
+            continue
+        if kind == "tmp" and keep_resumable and is_resumable(path):
             continue
         if kind == "old" and not out.exists():
             path.rename(out)
@@ -229,27 +258,42 @@ def atomic_output(out_dir: str | os.PathLike, force: bool = False,
     at that moment: a file added meanwhile stops the swap), on failure or
     interruption it is removed and the old output stays as it was."""
     out = check_output(out_dir, force, inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _scratch_name(out, "tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = new_temporary(out)
     try:
         yield tmp
-        write_manifest(tmp)
-        if out.exists():
-            why = why_not_replaceable(out) if out.is_dir() else "is not a folder"
-            if why is not None:
-                raise OutputExistsError(f"refusing to replace {out}: it {why} (changed during the run)")
-            old = _scratch_name(out, "old")
-            out.rename(old)
-            try:
-                tmp.rename(out)
-            except BaseException:
-                old.rename(out)  # a failed run loses nothing: the old output goes back
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        commit_output(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def new_temporary(out: Path, adopt: Path | None = None) -> Path:
+    """This run's temporary folder for `out`: empty, or `adopt` (a dead run's) renamed to it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _scratch_name(out, "tmp")
+    if adopt is not None and adopt != tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+        adopt.rename(tmp)
+    elif adopt is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    return tmp
+
+
+def commit_output(tmp: Path, out: Path) -> None:
+    """Write `tmp`'s manifest and swap it into place as `out` (see atomic_output)."""
+    write_manifest(tmp)
+    if out.exists():
+        why = why_not_replaceable(out) if out.is_dir() else "is not a folder"
+        if why is not None:
+            raise OutputExistsError(f"refusing to replace {out}: it {why} (changed during the run)")
+        old = _scratch_name(out, "old")
+        out.rename(old)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)  # a failed run loses nothing: the old output goes back
+            raise
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)

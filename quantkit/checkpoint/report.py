@@ -16,7 +16,7 @@ import math
 
 from quantkit.experts import summary_lines as expert_lines
 from quantkit.formats import FloatSpec, QuantizedWeight, packed_shape
-from quantkit.pipeline import QuantizationResult
+from quantkit.pipeline import LinearResult, QuantizationResult
 
 
 def packed_nbytes(qw: QuantizedWeight) -> int:
@@ -33,25 +33,27 @@ def packed_nbytes(qw: QuantizedWeight) -> int:
 
 
 def layer_rows(result: QuantizationResult) -> list[dict]:
-    rows = []
-    for r in result.linears:
-        qw, spec = r.weight, r.weight.spec
-        row = {
-            "name": r.name,
-            "shape": list(qw.q.shape),
-            "bits": spec.bits,
-            "group_size": spec.group_size,
-            "symmetric": spec.symmetric,
-            "algorithm": r.algorithm,
-            "weight_rel_error": r.weight_rel_error,
-            "bytes_float": qw.q.numel() * r.float_dtype.itemsize,
-            "bytes_quantized": packed_nbytes(qw),
-            "seconds": r.seconds,
-        }
-        if isinstance(spec, FloatSpec):
-            row["weight_type"] = f"fp8 e4m3 per-{spec.strategy}"
-        rows.append(row | r.facts)
-    return rows
+    return [linear_row(r) for r in result.linears]
+
+
+def linear_row(r: LinearResult) -> dict:
+    """The report row of one quantized linear."""
+    qw, spec = r.weight, r.weight.spec
+    row = {
+        "name": r.name,
+        "shape": list(qw.q.shape),
+        "bits": spec.bits,
+        "group_size": spec.group_size,
+        "symmetric": spec.symmetric,
+        "algorithm": r.algorithm,
+        "weight_rel_error": r.weight_rel_error,
+        "bytes_float": qw.q.numel() * r.float_dtype.itemsize,
+        "bytes_quantized": packed_nbytes(qw),
+        "seconds": r.seconds,
+    }
+    if isinstance(spec, FloatSpec):
+        row["weight_type"] = f"fp8 e4m3 per-{spec.strategy}"
+    return row | r.facts
 
 
 def summary_lines(rows: list[dict], activations: dict | None) -> list[tuple[str, str]]:

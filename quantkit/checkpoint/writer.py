@@ -93,6 +93,21 @@ def check_finite_state(state: dict[str, torch.Tensor]) -> None:
             raise NumericalError(f"{key} contains NaN or Inf; refusing to write the checkpoint")
 
 
+def save_part(state: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file of `state` (CPU copies of tensors that share storage or sit elsewhere)."""
+    own = {}
+    for key, t in state.items():
+        n = t.numel() * t.element_size()
+        # safetensors refuses tensors that share storage: give each its own.
+        own[key] = (t.clone() if t.storage_offset() or t.untyped_storage().nbytes() != n else t).cpu()
+    save_file(own, path, metadata={"format": "pt"})
+
+
+def write_index(folder: Path, index: dict[str, str], total: int) -> None:
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+
+
 def _save_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> list[str]:
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -101,22 +116,49 @@ def _save_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int) -
         if shards[-1] and size + n > max_bytes:
             shards.append({})
             size = 0
-        # safetensors refuses tensors that share storage: give each its own.
-        shards[-1][key] = t.clone() if t.storage_offset() or t.untyped_storage().nbytes() != n else t
+        shards[-1][key] = t
         size += n
-    meta = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], folder / "model.safetensors", metadata=meta)
+        save_part(shards[0], folder / "model.safetensors")
         return ["model.safetensors"]
     names, index = [], {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, folder / fname, metadata=meta)
+        save_part(shard, folder / fname)
         names.append(fname)
         index.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2))
+    write_index(folder, index, sum(t.numel() * t.element_size() for t in state.values()))
     return names
+
+
+def quantized_config(model_config, specs: dict, float_linears: list[str], actorder: str | None,
+                     activations: ActSpec | None):
+    """A copy of the model's config with its quantization_config (names as the checkpoint's)."""
+    qconfig = build_quantization_config(specs, float_linears, actorder, activations)
+    config = copy.deepcopy(model_config)
+    config.quantization_config = qconfig
+    return config
+
+
+def write_folder_files(tmp: Path, config, generation_config, tokenizer, recipe_yaml: str,
+                       extra_files: dict[str, bytes] | None, report: dict, files: list[str],
+                       sizes: dict[str, int] | None = None) -> dict:
+    """Everything but the weights: config, generation config, tokenizer, recipe, extras, report
+    (with the weight files and their bytes on disk: `sizes` for files not yet under their
+    name). Returns the report as written."""
+    config.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    (tmp / RECIPE_FILE).write_text(recipe_yaml)
+    for fname, data in (extra_files or {}).items():
+        (tmp / fname).write_bytes(data)
+    sizes = sizes or {}
+    report = dict(report, files=files, bytes_on_disk=sum(sizes[f] if f in sizes else (tmp / f).stat().st_size
+                                                         for f in files))
+    (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
 
 
 def write_checkpoint(
@@ -151,22 +193,12 @@ def write_checkpoint(
     # act-order with g_idx is compressed-tensors' actorder "group"
     if any(qw.g_idx is not None for qw in weights.values()):
         actorder = "group"
-    qconfig = build_quantization_config({checkpoint_name(family, n): qw.spec for n, qw in weights.items()},
-                                        float_linears, actorder, activations)
+    config = quantized_config(model.config, {checkpoint_name(family, n): qw.spec for n, qw in weights.items()},
+                              float_linears, actorder, activations)
     state = {checkpoint_name(family, k): t for k, t in quantized_state_dict(model, weights, activations, input_scales).items()}
     check_finite_state(state)
     with atomic_output(out_dir, force, inputs) as tmp:
         files = _save_shards(state, tmp, max_shard_bytes)
-        config = copy.deepcopy(model.config)
-        config.quantization_config = qconfig
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / RECIPE_FILE).write_text(recipe_yaml)
-        for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_bytes(data)
-        report = dict(report, files=files, bytes_on_disk=sum((tmp / f).stat().st_size for f in files))
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2))
+        write_folder_files(tmp, config, getattr(model, "generation_config", None), tokenizer, recipe_yaml,
+                           extra_files, report, files)
     return Path(out_dir).expanduser().resolve()

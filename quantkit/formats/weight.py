@@ -69,6 +69,11 @@ class QuantizedWeight:
     def shape(self) -> torch.Size:
         return self.q.shape
 
+    def to(self, device) -> QuantizedWeight:
+        """The same weight with its tensors on `device`."""
+        return QuantizedWeight(self.q.to(device), self.scale.to(device), self.zero_point.to(device), self.spec,
+                               None if self.g_idx is None else self.g_idx.to(device))
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """(q - z) * s as a [out, in] tensor of `dtype` (default: the scale's dtype)."""
         if isinstance(self.spec, FloatSpec):

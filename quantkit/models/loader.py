@@ -23,6 +23,7 @@ from quantkit.errors import ModelLoadError
 from quantkit.models.families import Family, attention_implementation, family_for
 from quantkit.models.gguf_meta import check_gguf_config, read_gguf_meta
 from quantkit.models.gguf_tokenizer import load_gguf_tokenizer
+from quantkit.models.lazy import LazyWeights, lazy_model
 from quantkit.models.moe import unfuse_experts
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -36,6 +37,21 @@ class LoadedModel:
     tokenizer: object
     family: Family
     source: str  # what the user named, resolved (a path or a hub id)
+    # None: every weight is in memory; else the model was built on the meta device and its
+    # parameters are read from their files module by module (quantkit.models.lazy)
+    weights: LazyWeights | None = None
+
+    def materialize(self, name: str) -> torch.nn.Module:
+        """The module `name`, its parameters read from the files first when the model is lazy."""
+        module = self.model.get_submodule(name)
+        if self.weights is not None:
+            self.weights.materialize(module, name)
+        return module
+
+    def release(self, name: str) -> None:
+        """A lazy model's module `name` gives its parameters' memory back (a no-op otherwise)."""
+        if self.weights is not None:
+            self.weights.release(self.model.get_submodule(name))
 
 
 def default_model_path() -> Path:
@@ -217,3 +233,25 @@ def load_model(source: str | os.PathLike | None = None, dtype: str | torch.dtype
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, family=family, source=resolved)
+
+
+def load_lazily(source: str | os.PathLike | None = None, config=None) -> tuple[LoadedModel, str | None]:
+    """The model for quantization: built on the meta device with its weights left in their files
+    (quantkit.models.lazy) where it can be, else loaded whole by load_model.
+    Returns (model, None) or (model loaded whole, why it could not be lazy)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    resolved = resolve_source(source)
+    if config is None:
+        config = load_config(resolved)
+    built = lazy_model(resolved, config)
+    if isinstance(built, str):
+        return load_model(resolved, config=config), built
+    model, weights = built
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"cannot load the tokenizer of {resolved}: {e}") from e
+    if (Path(resolved) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(resolved)
+    return LoadedModel(model, tokenizer, weights.family, resolved, weights), None
