@@ -200,9 +200,10 @@ def test_a_model_beyond_the_bound_is_not_written(tiny_model_dir, tmp_path, monke
 
 
 def test_a_nan_model_is_not_written(tiny_model_dir, tmp_path, monkeypatch):
+    """Refused as soon as the NaN scales reach the block's write (before the held-back check)."""
     _break_rounding(monkeypatch, float("nan"))
     out = tmp_path / "out"
-    assert_clean_error(*cli("quantize", tiny_model_dir, "--out", out), "held-back", "nan", "refusing to write")
+    assert_clean_error(*cli("quantize", tiny_model_dir, "--out", out), "weight_scale", "NaN or Inf", "refusing to write")
     assert_nothing_written(out)
 
 

@@ -25,6 +25,7 @@ models small enough to ship as one file fit in memory anyway.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -35,8 +36,22 @@ from quantkit.models.families import Family, attention_implementation, checkpoin
 from quantkit.models.moe import unfuse_experts
 
 
+CHUNK_BYTES = 64 * 2**20  # a tensor larger than this is read in slices (WeightFiles._read_in_chunks)
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
+def _nbytes(dtype: str, shape) -> int:
+    return math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
+
+
 class WeightFiles:
-    """Tensor name -> the safetensors file of a model folder holding it (one file or an index)."""
+    """Tensor name -> the safetensors file of a model folder holding it (one file or an index).
+
+    Files are opened for one read and closed again: safetensors maps a file into memory, and a
+    mapping kept open would keep every page read through it (and every page a tensor built on it
+    was written to) in this process's resident memory until the end. Tensors are copied out of
+    the mapping, so the quantizer's in-place writes never touch it."""
 
     def __init__(self, folder: Path) -> None:
         from safetensors import safe_open
@@ -48,21 +63,53 @@ class WeightFiles:
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
+        self.files = files
         self.where: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self._open = {}
         for name in files:
-            handle = safe_open(str(folder / name), "pt")
-            self._open[name] = handle
-            for key in handle.keys():
-                self.where[key] = name
-                self.shapes[key] = tuple(handle.get_slice(key).get_shape())
+            with safe_open(str(folder / name), "pt") as handle:
+                for key in handle.keys():
+                    self.where[key] = name
+                    self.shapes[key] = tuple(handle.get_slice(key).get_shape())
 
-    def get(self, key: str) -> torch.Tensor:
-        return self._open[self.where[key]].get_tensor(key)
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors `keys`, each file opened once and closed again."""
+        from safetensors import safe_open
+
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.where[key], []).append(key)
+        for name, wanted in by_file.items():
+            with safe_open(str(self.folder / name), "pt") as handle:
+                for key in wanted:
+                    sl = handle.get_slice(key)
+                    if _nbytes(sl.get_dtype(), self.shapes[key]) <= CHUNK_BYTES or len(self.shapes[key]) == 0:
+                        out[key] = handle.get_tensor(key).clone()
+            for key in wanted:
+                if key not in out:
+                    out[key] = self._read_in_chunks(name, key)
+        return out
+
+    def _read_in_chunks(self, name: str, key: str) -> torch.Tensor:
+        """A large tensor (an embedding, an output head) read a slice of rows at a time, the file
+        opened and closed for each, so its pages are never resident all at once beside the copy."""
+        from safetensors import safe_open
+
+        shape = self.shapes[key]
+        rows = max(1, CHUNK_BYTES // max(1, math.prod(shape[1:]) * 4))
+        out = None
+        for start in range(0, shape[0], rows):
+            with safe_open(str(self.folder / name), "pt") as handle:
+                part = handle.get_slice(key)[start: start + rows]
+            if out is None:
+                out = torch.empty(shape, dtype=part.dtype)
+            out[start: start + part.shape[0]] = part
+            del part
+        return out
 
     def nbytes(self) -> int:
-        return sum((self.folder / f).stat().st_size for f in self._open)
+        return sum((self.folder / f).stat().st_size for f in self.files)
 
 
 class LazyWeights:
@@ -79,11 +126,14 @@ class LazyWeights:
 
     def materialize(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter of `module` (named `prefix` in the model) that is on the meta device."""
+        wanted = {name: self.key(f"{prefix}.{name}" if prefix else name)
+                  for name, p in module.named_parameters() if p.device.type == "meta"}
+        tensors = self.files.read(list(wanted.values()))
         for name, p in list(module.named_parameters()):
-            if p.device.type != "meta":
+            if name not in wanted:
                 continue
-            key = self.key(f"{prefix}.{name}" if prefix else name)
-            t = self.files.get(key).to(p.dtype)
+            key = wanted[name]
+            t = tensors.pop(key).to(p.dtype)
             if not all_finite(t):
                 raise ModelLoadError(f"{key} in {self.files.folder} contains NaN or Inf; refusing to quantize")
             owner, _, leaf = name.rpartition(".")
