@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import platform
 import time
@@ -257,10 +258,15 @@ def evaluate(
     windows: int | None = 100,
     batch_size: int = 4,
     show_progress: bool = True,
+    kld: bool | str | os.PathLike | None = None,
 ) -> list[dict]:
     """Perplexity of one model on each of `data`; one row per data set.
     windows None: every window of each text. The settings are checked against
-    the model's config before any weight is read."""
+    the model's config before any weight is read.
+    kld: also the KL divergence of the next-token distributions from a reference
+    model, and how often the top-1 token changes (quantkit.eval.perplexity): True
+    takes the float model a quantized checkpoint was made from (its report names
+    it), a path or name takes that model."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if windows is not None and windows < 1:
@@ -268,15 +274,29 @@ def evaluate(
     if seqlen < 2:
         raise ValueError(f"seqlen must be at least 2, got {seqlen}")
     _check_seqlen(seqlen, load_config(source), "seqlen")
+    reference_source = kld_reference(source) if kld is True else (None if kld in (None, False) else str(kld))
     loaded = load(source)
+    reference = None
+    if reference_source is not None:
+        reference = load(None if reference_source == "default" else reference_source)
+        widths = (loaded.model.config.vocab_size, reference.model.config.vocab_size)
+        if widths[0] != widths[1]:
+            raise ValueError(f"cannot compare next-token distributions: {loaded.source} has {widths[0]} tokens, "
+                             f"the reference {reference.source} {widths[1]}")
     static = [m for m in loaded.model.modules() if getattr(m, "input_scale", None) is not None]
     rows = []
     for name in data:
         for m in static:  # count the inputs that saturate at their calibrated static scale
             m.track_saturation, m.saturated, m.seen = True, 0, 0
         tokens = evaluation_tokens(loaded.tokenizer, name)
-        r = perplexity(loaded.model, tokens, seqlen, windows, batch_size, show_progress=show_progress, label=f"{Path(loaded.source).name} on {name}")
+        r = perplexity(loaded.model, tokens, seqlen, windows, batch_size, show_progress=show_progress,
+                       label=f"{Path(loaded.source).name} on {name}", reference=reference and reference.model)
         row = {"model": loaded.source, "data": name, **dataclasses.asdict(r)}
+        if reference is None:
+            for key in ("kld_mean", "kld_median", "kld_p99", "top1_changed"):
+                row.pop(key)
+        else:
+            row["kld_reference"] = reference.source
         if static:
             row["input_saturated_fraction"] = sum(int(m.saturated) for m in static) / max(1, sum(m.seen for m in static))
             row["input_saturated_layers"] = sum(int(m.saturated) > 0 for m in static)
@@ -284,6 +304,23 @@ def evaluate(
     for m in static:
         m.track_saturation = False
     return rows
+
+
+def kld_reference(source: str | os.PathLike | None) -> str:
+    """The float model a quantized checkpoint was made from, as its report names it."""
+    folder = Path(source).expanduser() if source is not None else None
+    report = folder / "quantization_report.json" if folder is not None and folder.is_dir() else None
+    try:
+        model = json.loads(report.read_text("utf-8")).get("model") if report and report.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        model = None
+    if not isinstance(model, str):
+        raise ValueError(f"{source} is not a checkpoint whose report names the float model it was made from; "
+                         f"name the reference for --kld with --kld-reference")
+    if not (Path(model).exists() or model.count("/") == 1):
+        raise ValueError(f"the float model {source} was made from, {model}, is not here; "
+                         f"name the reference for --kld with --kld-reference")
+    return model
 
 
 def speed(

@@ -142,6 +142,8 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", help="windows per forward pass")] = 4,
     baseline: Annotated[Optional[str], typer.Option("--baseline", help="also evaluate this model ('default' = the bundled one) for comparison")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")] = False,
+    kld: Annotated[bool, typer.Option("--kld", help="also the KL divergence of the next-token distributions from the float model, and how often the top-1 token changes")] = False,
+    kld_reference: Annotated[Optional[str], typer.Option("--kld-reference", help="--kld: the reference model (default: the float model the checkpoint's report names)")] = None,
     speed: Annotated[bool, typer.Option("--speed", help="measure latency and throughput through the engine instead")] = False,
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="--speed: comma-separated batch sizes")] = "1,8,64",
     prompt_len: Annotated[str, typer.Option("--prompt-len", help="--speed: prompt tokens (comma-separated: several)")] = "128",
@@ -165,24 +167,32 @@ def eval_(
     if windows < 0:
         _fail(f"--windows must be >= 0 (0 = every window), got {windows}")
     n_windows = windows if windows > 0 else None
+    if kld_reference is not None and not kld:
+        _fail("--kld-reference needs --kld")
+    reference = (kld_reference or True) if kld else None
     rows = []
     for source in ([baseline] if baseline else []) + [model]:
         src = None if source == "default" else source
-        rows += _run(api.evaluate, src, datasets, seqlen, n_windows, batch_size)
+        rows += _run(api.evaluate, src, datasets, seqlen, n_windows, batch_size,
+                     kld=reference if source == model else None)
     main = [r for r in rows if r["model"] == rows[-1]["model"]]
     if as_json:
         first = main[0]
+        extra = {k: first[k] for k in ("kld_mean", "kld_p99", "top1_changed") if k in first}
         _emit_json({"model": first["model"], "data": first["data"], "perplexity": first["perplexity"], "tokens": first["tokens"],
-                    "windows": first["windows"], "seconds": first["seconds"], "results": rows})
+                    "windows": first["windows"], "seconds": first["seconds"], **extra, "results": rows})
         return
     table = Table(title=f"perplexity ({seqlen}-token windows)")  # every cell below is plain Text: names are user text
-    for col in ("model", "data", "perplexity", "vs baseline", "windows", "tokens", "seconds"):
+    columns = ["model", "data", "perplexity", "vs baseline"] + (["KLD mean", "KLD p99", "top-1 changed"] if kld else [])
+    for col in columns + ["windows", "tokens", "seconds"]:
         table.add_column(col, justify="left" if col in ("model", "data") else "right")
     base = {r["data"]: r["perplexity"] for r in rows if baseline and r["model"] == rows[0]["model"]}
     for r in rows:
         delta = f"{100 * (r['perplexity'] / base[r['data']] - 1):+.1f}%" if base and r in main else ""
-        table.add_row(*map(_t, (Path(r["model"]).name, r["data"], f"{r['perplexity']:.3f}", delta, r["windows"], r["tokens"],
-                                f"{r['seconds']:.1f}")))
+        divergence = ([f"{r['kld_mean']:.4f}", f"{r['kld_p99']:.4f}", f"{100 * r['top1_changed']:.2f}%"] if "kld_mean" in r
+                      else ["", "", ""]) if kld else []
+        table.add_row(*map(_t, (Path(r["model"]).name, r["data"], f"{r['perplexity']:.3f}", delta, *divergence,
+                                r["windows"], r["tokens"], f"{r['seconds']:.1f}")))
     err.print(table)
     for r in rows:
         if r.get("input_saturated_fraction"):

@@ -5,7 +5,8 @@
 For each recipe: quantize a copy of the float model (model load excluded from
 the time, and reported apart), write the checkpoint, load it back through our
 reader (the packed weights and the kernel entry point, not a fake-quantized
-copy) and evaluate it on both bundled held-out texts. Also checks that
+copy) and evaluate it on both bundled held-out texts: perplexity, and the KL divergence of
+its next-token distributions from the float model's (mean, 99th percentile, top-1 changed). Also checks that
 transformers reads the checkpoint and computes the same (per layer, and
 perplexity on the first --hf-windows windows). Prints a table and
 writes the numbers as JSON (--json-out).
@@ -125,23 +126,30 @@ def main() -> None:
             for backend in args.backends:
                 ours = load_checkpoint(folder, backend=None if backend == "auto" else backend, device=args.device)
                 used = sorted({m._prepared.backend for m in ours.model.modules() if getattr(m, "_prepared", None) is not None})
+                base.model.to(args.device)
                 for d in args.data:
-                    r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}", device=args.device)
+                    r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}", device=args.device,
+                                   reference=base.model)
                     rows.append({
                         "model": name if len(args.backends) == 1 else f"{name} [{backend}]", "backend": used, "data": d,
                         "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
+                        "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "top1_changed": r.top1_changed,
                         "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
                         "transformers": hf, "group_sizes": sorted({str(g["group_size"]) for g in layer_rows(result)}),
                     })
+                base.model.to("cpu")
         del work, ours
 
     floats = {r["data"]: r["perplexity"] for r in rows if r["model"] == "float"}
     table = Table(title=f"perplexity, {args.windows} x {args.seqlen}-token windows (model load {load_s:.1f} s, excluded)")
-    for col in ("model", "data", "ppl", "vs float", "quantize s", "write s", "HF layer diff", "HF ppl (ours)"):
+    for col in ("model", "data", "ppl", "vs float", "KLD mean", "KLD p99", "top-1 changed", "quantize s", "write s",
+                "HF layer diff", "HF ppl (ours)"):
         table.add_column(col, justify="left" if col in ("model", "data") else "right")
     for r in rows:
         q = r["model"] != "float"
         table.add_row(r["model"], r["data"], f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / floats[r['data']] - 1):+.1f}%" if q else "",
+                      f"{r['kld_mean']:.4f}" if q else "", f"{r['kld_p99']:.4f}" if q else "",
+                      f"{100 * r['top1_changed']:.2f}%" if q else "",
                       f"{r['quantize_s']:.2f}" if q else "", f"{r['write_s']:.2f}" if q else "",
                       ("no load" if "error" in hf else f"{hf['max_layer_rel_diff']:.1e}") if (hf := r.get("transformers")) else "",
                       f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf and "error" not in hf else "")
