@@ -159,8 +159,10 @@ def quantize_model(
     calibration batches (the held-out windows on rank 0), the statistics are combined after
     each pass, and each input group is rounded on one rank and broadcast.
     """
-    check_finite_parameters(loaded.model)
     chain = chain if chain is not None else build_all(recipe)
+    for rotation in chain.rotations:  # an equal model without outlier channels, before anything observes it
+        rotation.prepare(loaded)
+    check_finite_parameters(loaded.model)
     progress = progress or QuantizeProgress()
     rounding, transforms = chain.rounding, chain.transforms
     act = recipe.activations

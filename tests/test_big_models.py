@@ -252,3 +252,35 @@ def test_a_failing_rank_is_one_clear_error(tmp_path):
     with pytest.raises(QuantkitError, match="model not found"):
         api.quantize(str(tmp_path / "no-such-model"), "w4a16-gptq", out=tmp_path / "o", devices=2, **SMALL)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family,recipe", [("mixtral", "w4a16-gptq"), ("qwen2_moe", "w8a8-fp8-static")])
+def test_two_processes_on_a_mixture_of_experts(family, recipe, tmp_path):
+    """Routed counts, observed counts and static input ranges are combined across ranks: the
+    experts' fallbacks and scales come out as one process's."""
+    folder = make_tiny_family_model(tmp_path / "m", family)
+    one = api.quantize(str(folder), recipe, out=tmp_path / "one", **SMALL)
+    two = api.quantize(str(folder), recipe, out=tmp_path / "two", devices=2, **SMALL)
+    a, b = tensor_digests(tmp_path / "one"), tensor_digests(tmp_path / "two")
+    assert a.keys() == b.keys() and sum(a[k] == b[k] for k in a) == len(a)
+    routed = lambda report: [(r["name"], r.get("moe_tokens_routed"), r.get("moe_tokens_observed"))  # noqa: E731
+                             for r in report["layers"]]
+    assert routed(one) == routed(two)
+
+
+def test_torchrun_joins_its_group(four_blocks, tmp_path):
+    """`torchrun -m quantkit.cli quantize ...`: two ranks, rank 0 reports and writes."""
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "quantkit.cli",
+                           "quantize", str(four_blocks), "--recipe", "w4a16-gptq", "--out", str(out), "--num-samples", "8",
+                           "--seqlen", "64", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert [p["rank"] for p in report["processes"]] == [0, 1]
+    # torchrun runs each rank on one thread: the same checkpoint as one process on one thread
+    alone = subprocess.run([sys.executable, "-m", "quantkit.cli", "quantize", str(four_blocks), "--recipe", "w4a16-gptq",
+                            "--out", str(tmp_path / "one"), "--num-samples", "8", "--seqlen", "64", "--json"],
+                           capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert tensor_digests(out) == tensor_digests(tmp_path / "one")
+    assert report["held_out"] == json.loads(alone.stdout)["held_out"]

@@ -10,7 +10,13 @@ sees one input group (the linears sharing one input: q/k/v, gate/up) at a time.
     Rounding    observes a group's inputs (as the partly quantized block computes
                 them), rounds the group's weights to QuantizedWeights. RTN, GPTQ.
 
-A recipe is zero or more transforms, then exactly one rounding (a Chain). Both
+    Rotation    rewrites the model's weights before any calibration, into an equal
+                function whose activations have no outlier channels (orthogonal
+                rotations of the residual stream, quantkit.algorithms.rotation);
+                needs no data, one block at a time as the driver reads it.
+
+A recipe is zero or more rotations, then zero or more transforms, then exactly one
+rounding (a Chain). All
 kinds hold their statistics per linear and drop them in free(name), add their
 facts to a linear's report row (report(name)), and summarize the rows of a whole
 run for the CLI (summarize(rows) -> [(label, text)]).
@@ -23,7 +29,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
 import torch
@@ -123,6 +129,15 @@ class Transform(Step):
         return weight
 
 
+class Rotation(Step):
+    """Rewrites the float model into an equal function before anything observes it."""
+
+    @abstractmethod
+    def prepare(self, loaded) -> None:
+        """Rotate `loaded` (a quantkit.models.LoadedModel): every module now, or, for a lazy
+        model, each module as it is read (LoadedModel.on_materialize)."""
+
+
 class Rounding(Step):
     """Rounds each input group's weights; may observe the group's inputs first."""
 
@@ -174,8 +189,10 @@ class Chain:
 
     transforms: list[Transform]
     rounding: Rounding
+    rotations: list[Rotation] = field(default_factory=list)
 
     def __iter__(self) -> Iterator[Step]:
+        yield from self.rotations
         yield from self.transforms
         yield self.rounding
 
@@ -209,4 +226,8 @@ def build_all(recipe: Recipe) -> Chain:
         roundings = sorted(n for n, c in ALGORITHMS.items() if issubclass(c, Rounding))
         raise RecipeError(f"recipe {shown(recipe.name)}: algorithms must end with exactly one rounding step "
                           f"({', '.join(roundings)}); got {[s.name for s in steps]}")
-    return Chain(transforms=list(steps[:-1]), rounding=steps[-1])
+    rotations = [s for s in steps if isinstance(s, Rotation)]
+    if steps[: len(rotations)] != rotations:
+        raise RecipeError(f"recipe {shown(recipe.name)}: rotations ({', '.join(s.name for s in rotations)}) come first, "
+                          f"before every other algorithm; got {[s.name for s in steps]}")
+    return Chain(transforms=list(steps[len(rotations):-1]), rounding=steps[-1], rotations=rotations)

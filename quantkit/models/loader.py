@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -40,18 +40,27 @@ class LoadedModel:
     # None: every weight is in memory; else the model was built on the meta device and its
     # parameters are read from their files module by module (quantkit.models.lazy)
     weights: LazyWeights | None = None
+    # a lazy model's rewrites of each module as it is read (a rotation: quantkit.algorithms.rotation)
+    on_materialize: list = field(default_factory=list)
+    _rewritten: set = field(default_factory=set)
 
     def materialize(self, name: str) -> torch.nn.Module:
-        """The module `name`, its parameters read from the files first when the model is lazy."""
+        """The module `name`, its parameters read from the files first when the model is lazy
+        (and rewritten by on_materialize's functions, once while it is held)."""
         module = self.model.get_submodule(name)
         if self.weights is not None:
             self.weights.materialize(module, name)
+            if name not in self._rewritten:
+                for rewrite in self.on_materialize:
+                    rewrite(name, module)
+                self._rewritten.add(name)
         return module
 
     def release(self, name: str) -> None:
         """A lazy model's module `name` gives its parameters' memory back (a no-op otherwise)."""
         if self.weights is not None:
             self.weights.release(self.model.get_submodule(name))
+            self._rewritten.discard(name)
 
 
 def default_model_path() -> Path:
