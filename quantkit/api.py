@@ -14,6 +14,7 @@ import torch
 
 from quantkit import __version__
 from quantkit.algorithms import build_all
+from quantkit.algorithms.rotation import transform_config
 from quantkit.checkpoint.report import layer_rows, summary_lines
 from quantkit.devices import calibration_dtype, check_device, memory_of, peak_rss_bytes
 from quantkit.distributed import ALONE, BACKEND_VARIABLE, device_for, from_environment, spawn
@@ -225,8 +226,11 @@ def quantize(
                          if isinstance(m, torch.nn.Linear) and n not in specs]
         folder = writer.out
         if comm.rank == 0:
+            online = {checkpoint_name(loaded.family, n): b for r in chain.rotations
+                      for n, b in r.online_linears(loaded.model).items()}
             writer.finish(loaded.tokenizer, {checkpoint_name(loaded.family, n): s for n, s in specs.items()},
-                          float_linears, result.actorder, recipe.to_yaml(), report, {ERROR_PLOT: plot})
+                          float_linears, result.actorder, recipe.to_yaml(), report, {ERROR_PLOT: plot},
+                          transform_config(online))
         comm.barrier()
     except KeyboardInterrupt:
         writer.abandon(keep=True)  # Ctrl-C, SIGTERM: the finished blocks stay for a rerun to resume

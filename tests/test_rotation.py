@@ -65,3 +65,54 @@ def test_gemma_is_refused_with_the_reason(tmp_path):
     loaded = load_model(str(make_tiny_family_model(tmp_path / "g", "gemma2")))
     with pytest.raises(UnsupportedModelError, match="do not commute"):
         build(AlgorithmStep("rotate")).prepare(loaded)
+
+
+def test_online_rotation_computes_the_same_function_and_is_recorded(tiny_model_dir, tmp_path):
+    import json
+
+    from quantkit import api
+
+    plain, rotated = load_model(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    build(AlgorithmStep("rotate", (("online", True),))).prepare(rotated)
+    ids = torch.randint(0, plain.model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    expected = _logits(plain, ids)
+    assert (_logits(rotated, ids) - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+    api.quantize(str(tiny_model_dir), "w8a8-int8-rotate-online", out=tmp_path / "o", show_progress=False)
+    qconfig = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    (scheme,) = qconfig["transform_config"]["config_groups"].values()
+    assert scheme["type"] == "hadamard" and scheme["head_dim"] == 32  # 160 = 5 x 32
+    assert scheme["apply"][0]["targets"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    ours = api.load(tmp_path / "o")
+    assert [n for n, m in ours.model.named_modules() if getattr(m, "_quantkit_online_block", None) == 32] == \
+        ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    # the quantized model is the rotated one: without the run-time rotation it would be far off
+    close = (_logits(ours, ids) - expected).abs().max()
+    for m in ours.model.modules():
+        m._forward_pre_hooks.clear()
+    assert close < 0.1 * (_logits(ours, ids) - expected).abs().max()
+
+
+def test_a_transform_quantkit_does_not_read_is_refused(tiny_model_dir, tmp_path):
+    import json
+
+    from quantkit import api
+    from quantkit.errors import CheckpointError
+
+    api.quantize(str(tiny_model_dir), "w8a8-int8-rotate-online", out=tmp_path / "o", show_progress=False)
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    (scheme,) = config["quantization_config"]["transform_config"]["config_groups"].values()
+    scheme["randomize"] = True
+    (tmp_path / "o" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="not-randomized"):
+        api.load(tmp_path / "o")
+
+
+def test_the_engine_refuses_online_rotations(tiny_model_dir, tmp_path):
+    from quantkit import api
+    from quantkit.engine.runner import ModelRunner
+
+    api.quantize(str(tiny_model_dir), "w8a8-int8-rotate-online", out=tmp_path / "o", show_progress=False)
+    loaded = api.load(tmp_path / "o")
+    with pytest.raises(UnsupportedModelError, match="online input rotations"):
+        ModelRunner(loaded.model, loaded.family, 16, 64)

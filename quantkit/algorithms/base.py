@@ -137,6 +137,10 @@ class Rotation(Step):
         """Rotate `loaded` (a quantkit.models.LoadedModel): every module now, or, for a lazy
         model, each module as it is read (LoadedModel.on_materialize)."""
 
+    def online_linears(self, model) -> dict[str, int]:
+        """Module name -> Hadamard block of each linear whose input is rotated at run time (none here)."""
+        return {}
+
 
 class Rounding(Step):
     """Rounds each input group's weights; may observe the group's inputs first."""

@@ -34,7 +34,7 @@ import torch
 from quantkit.algorithms.base import Rotation, register
 from quantkit.errors import UnsupportedModelError
 from quantkit.formats import FloatSpec, IntSpec
-from quantkit.formats.hadamard import rotation_matrix
+from quantkit.formats.hadamard import online_block, online_hook, rotate_blocks, rotation_matrix
 from quantkit.models.families import block_family, head_dim, part_widths
 
 
@@ -42,6 +42,9 @@ from quantkit.models.families import block_family, head_dim, part_widths
 class RotateOptions:
     seed: int = 0  # of the random signs (or the random orthogonal matrix)
     heads: bool = True  # also rotate each attention head's values (v_proj rows, o_proj columns)
+    # also rotate down_proj's input (every expert's) online: a block-diagonal Hadamard matrix,
+    # folded into the weight and applied to the input at run time (recorded in the checkpoint)
+    online: bool = False
 
 
 def _set(weight: torch.nn.Parameter, value: torch.Tensor) -> None:
@@ -61,6 +64,10 @@ class Rotate(Rotation):
                 f"rotate: {family.name} normalizes the attention and MLP outputs before the residual add "
                 f"({family.attn_out_norm}, {family.mlp_out_norm}); their per-channel weights do not commute with "
                 f"a rotation of the residual stream. Leave `rotate` out of the recipe for this model")
+        if self.options.online and family.moe is not None:
+            raise UnsupportedModelError(
+                f"rotate: online: {family.name}'s experts are one fused module in transformers, where a rotation of "
+                f"each expert's down_proj input cannot be recorded; use online: false for a mixture of experts")
         self.loaded, self.family, self.config = loaded, family, config
         self.q, self.kind = rotation_matrix(config.hidden_size, self.options.seed)
         self.h = rotation_matrix(head_dim(config), self.options.seed + 1)[0] if self.options.heads else None
@@ -114,6 +121,9 @@ class Rotate(Rotation):
                         _set(linear.bias, linear.bias.to(torch.float64) @ self.q)
                 if self.h is not None and (mapping.prev.endswith("v_proj") or mapping.prev_part == "v"):
                     self._rotate_heads(block, mapping)
+                elif self.options.online and not (mapping.prev.endswith("v_proj") or mapping.prev_part == "v"):
+                    for rel in mapping.linears:  # the MLP's down: W H, and x H before it at run time
+                        self._rotate_online(block.get_submodule(rel))
 
     def _rotate_heads(self, block: torch.nn.Module, mapping) -> None:
         """v's rows of each head H^T W (and its bias b H), o's columns of each head W H."""
@@ -138,5 +148,43 @@ class Rotate(Rotation):
             w = o.to(torch.float64).reshape(o.shape[0], -1, d)
             _set(o, (w @ h).reshape(o.shape[0], -1))
 
+    def _rotate_online(self, linear: torch.nn.Module) -> None:
+        block = online_block(linear.in_features)
+        _set(linear.weight, rotate_blocks(linear.weight.to(torch.float64), block))
+        if getattr(linear, "_quantkit_online_block", None) is None:  # a released block read again keeps its hook
+            linear._quantkit_online_block = block
+            linear.register_forward_pre_hook(online_hook(block))
+
+    def online_linears(self, model: torch.nn.Module) -> dict[str, int]:
+        """Module name -> block of every linear whose input this rotation rotates online (read from the
+        family tables and the modules' shapes: every block's, whether it was read yet or not)."""
+        if not self.options.online:
+            return {}
+        out = {}
+        for i in range(self.config.num_hidden_layers):
+            fam = block_family(self.family, self.config, i)
+            for mapping in fam.mappings:
+                if mapping.prev not in (fam.attn_norm, fam.mlp_norm) and not (
+                        mapping.prev.endswith("v_proj") or mapping.prev_part == "v"):
+                    for rel in mapping.linears:
+                        name = f"{self.family.blocks}.{i}.{rel}"
+                        out[name] = online_block(model.get_submodule(name).in_features)
+        return out
+
     def report(self, name: str) -> dict:
         return {"rotation": self.kind} if hasattr(self, "kind") else {}
+
+
+def transform_config(online: dict[str, int]) -> dict | None:
+    """compressed-tensors' transform_config for online input rotations (checkpoint names -> block):
+    one "hadamard" scheme per block size, its head_dim the block, applied to those linears' inputs."""
+    if not online:
+        return None
+    by_block: dict[int, list[str]] = {}
+    for name, block in online.items():
+        by_block.setdefault(block, []).append(name)
+    return {"config_groups": {
+        f"online_input_{block}": {"type": "hadamard", "apply": [{"targets": sorted(names), "location": "input",
+                                                                  "inverse": False, "ignore": []}],
+                                  "randomize": False, "requires_grad": False, "head_dim": block, "precision": "float32"}
+        for block, names in sorted(by_block.items())}}

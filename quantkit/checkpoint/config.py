@@ -286,9 +286,9 @@ def spec_resolver(qconfig: object, where: str):
         if status != "compressed":
             raise CheckpointError(f"{path}.quantization_status: {status!r}: the weights are not stored compressed, "
                                   f"which quantkit does not read")
-        for key, what in (("kv_cache_scheme", "quantizes the KV cache"), ("transform_config", "applies transforms (rotations)")):
-            if qc.get(key) is not None:
-                raise CheckpointError(f"{path}.{key}: the checkpoint {what}, which quantkit does not read")
+        if qc.get("kv_cache_scheme") is not None:
+            raise CheckpointError(f"{path}.kv_cache_scheme: the checkpoint quantizes the KV cache, which quantkit does not read")
+        online_transforms(qc, where)  # checked here; applied by the reader
         sparsity = field(qc, "sparsity_config", "object", path) or {}
         if sparsity.get("format") not in (None, "dense"):
             raise CheckpointError(f"{path}.sparsity_config: a sparse checkpoint (format {show(sparsity.get('format'))}), "
@@ -320,3 +320,39 @@ def spec_resolver(qconfig: object, where: str):
         return None
 
     return resolve
+
+
+def online_transforms(qconfig: dict, where: str) -> list[tuple[list, int]]:
+    """The online input rotations a quantization_config's transform_config asks for, as (targets,
+    Hadamard block) pairs: the form quantkit writes (quantkit.algorithms.rotation.transform_config),
+    "hadamard" schemes at linears' inputs, not randomized, head_dim a power of two. Anything else
+    (other transform types, weight or output locations, inverses) is refused by name."""
+    path = "quantization_config.transform_config"
+    tc = qconfig.get("transform_config")
+    if tc is None:
+        return []
+    out = []
+    try:
+        tc = typed(tc, "object", path)
+        for gname, scheme in (field(tc, "config_groups", "object", path) or {}).items():
+            at = f"{path}.config_groups.{printable(gname)}"
+            scheme = typed(scheme, "object", at)
+            kind = field(scheme, "type", "string", at, required=True)
+            block = field(scheme, "head_dim", "integer", at)
+            if kind != "hadamard" or field(scheme, "randomize", "bool", at, False) or block is None \
+                    or block < 1 or block & (block - 1):
+                raise CheckpointError(f"{at}: a {show(kind)} transform (randomize {show(scheme.get('randomize'))}, "
+                                      f"head_dim {show(block)}); quantkit reads only not-randomized \"hadamard\" "
+                                      f"transforms with a power-of-two head_dim")
+            for i, args in enumerate(typed(scheme.get("apply"), "array", f"{at}.apply")):
+                a = typed(args, "object", f"{at}.apply[{i}]")
+                location, inverse = field(a, "location", "string", f"{at}.apply[{i}]"), field(a, "inverse", "bool", f"{at}.apply[{i}]", False)
+                if location != "input" or inverse or string_list(a.get("ignore"), f"{at}.apply[{i}].ignore"):
+                    raise CheckpointError(f"{at}.apply[{i}]: location {show(location)}, inverse {show(inverse)}: quantkit "
+                                          f"reads only rotations of a linear's input (location \"input\", no inverse, no ignore)")
+                targets = [_target(t, f"{at}.apply[{i}].targets[{j}]")
+                           for j, t in enumerate(string_list(a.get("targets"), f"{at}.apply[{i}].targets"))]
+                out.append((targets, block))
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    return out

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from quantkit.checkpoint.awq import awq_to_compressed
-from quantkit.checkpoint.config import described, printable, show
+from quantkit.checkpoint.config import described, online_transforms, printable, show
 from quantkit.checkpoint.files import looks_quantized, read_headers, read_json_object, weight_files
 from quantkit.checkpoint.validate import Checkpoint, QuantLinear, read_config, validate_checkpoint
 from quantkit.checkpoint.writer import RECIPE_FILE, REPORT_FILE
 from quantkit.errors import CheckpointError
 from quantkit.formats.finite import all_finite
+from quantkit.formats.hadamard import online_hook
 from quantkit.models import LoadedModel
 from quantkit.models.families import attention_implementation, module_name
 from quantkit.models.moe import unfuse_experts
@@ -110,6 +112,27 @@ def _quantized_module(lin: QuantLinear, state: dict[str, torch.Tensor]) -> torch
                            has_g_idx=f"{lin.name}.weight_g_idx" in state)
 
 
+def _online_rotations(model: torch.nn.Module, ck) -> None:
+    """The transform_config's input rotations as forward pre-hooks on their linears (rotated
+    before the input is quantized: the W8A8 modules quantize inside forward)."""
+    from quantkit.models.families import checkpoint_name
+
+    rules = online_transforms(ck.raw["quantization_config"], str(ck.folder))
+    if not rules:
+        return
+    for name, module in model.named_modules():
+        key = checkpoint_name(ck.family, name)
+        for targets, block in rules:
+            if any(t.match(key) is not None if isinstance(t, re.Pattern) else t == key for t in targets):
+                width = getattr(module, "in_features", None)
+                if not isinstance(width, int) or width % block:
+                    raise CheckpointError(f"{ck.folder}: transform_config rotates the input of {key} in blocks of "
+                                          f"{block}, which its {width} input features do not divide into")
+                module._quantkit_online_block = block
+                module.register_forward_pre_hook(online_hook(block))
+                break
+
+
 def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device: str | torch.device = "cpu") -> LoadedModel:
     """A quantized checkpoint as a model whose quantized linears are IntWeightLinear / W8A8Linear."""
     from transformers import AutoTokenizer
@@ -135,6 +158,7 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
                               f"unexpected {result.unexpected_keys[:5]}")
     if tied:
         model.tie_weights()
+    _online_rotations(model, ck)
     model.to(device).eval().requires_grad_(False)
     for module in model.modules():
         if isinstance(module, (IntWeightLinear, W8A8Linear)):

@@ -245,7 +245,8 @@ class StreamingCheckpoint:
         return parts
 
     def finish(self, tokenizer, specs: dict, float_linears: list[str], actorder: str | None,
-               recipe_yaml: str, report: dict, extra_files: dict[str, bytes] | None = None) -> Path:
+               recipe_yaml: str, report: dict, extra_files: dict[str, bytes] | None = None,
+               transforms: dict | None = None) -> Path:
         """Write what is left, name the shards and swap the folder into place (rank 0). The
         journal and the block parts stay until everything else is written, so an interruption
         in here still leaves a run to resume."""
@@ -272,7 +273,7 @@ class StreamingCheckpoint:
         files = list(names.values()) or ["model.safetensors"]
         if any(d["g_idx"] for d in self.journal["done"]):
             actorder = "group"  # act-order with g_idx is compressed-tensors' actorder "group"
-        config = quantized_config(self.loaded.model.config, specs, float_linears, actorder, self.activations)
+        config = quantized_config(self.loaded.model.config, specs, float_linears, actorder, self.activations, transforms)
         sizes = {f: (self.tmp / p).stat().st_size for p, f in names.items()}
         write_folder_files(self.tmp, config, getattr(self.loaded.model, "generation_config", None), tokenizer,
                            recipe_yaml, extra_files, report, files, sizes)

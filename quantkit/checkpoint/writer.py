@@ -132,9 +132,12 @@ def _save_shards(state: dict[str, torch.Tensor], folder: Path, max_bytes: int) -
 
 
 def quantized_config(model_config, specs: dict, float_linears: list[str], actorder: str | None,
-                     activations: ActSpec | None):
-    """A copy of the model's config with its quantization_config (names as the checkpoint's)."""
+                     activations: ActSpec | None, transforms: dict | None = None):
+    """A copy of the model's config with its quantization_config (names as the checkpoint's);
+    transforms: compressed-tensors' transform_config of online rotations (quantkit.algorithms.rotation)."""
     qconfig = build_quantization_config(specs, float_linears, actorder, activations)
+    if transforms is not None:
+        qconfig["transform_config"] = transforms
     config = copy.deepcopy(model_config)
     config.quantization_config = qconfig
     return config
@@ -175,6 +178,7 @@ def write_checkpoint(
     activations: ActSpec | None = None,
     input_scales: dict[str, torch.Tensor] | None = None,
     inputs: Iterable[str | os.PathLike | None] = (),
+    transforms: dict | None = None,
 ) -> Path:
     """Write the checkpoint atomically and return its folder.
 
@@ -194,7 +198,7 @@ def write_checkpoint(
     if any(qw.g_idx is not None for qw in weights.values()):
         actorder = "group"
     config = quantized_config(model.config, {checkpoint_name(family, n): qw.spec for n, qw in weights.items()},
-                              float_linears, actorder, activations)
+                              float_linears, actorder, activations, transforms)
     state = {checkpoint_name(family, k): t for k, t in quantized_state_dict(model, weights, activations, input_scales).items()}
     check_finite_state(state)
     with atomic_output(out_dir, force, inputs) as tmp:

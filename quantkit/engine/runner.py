@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from quantkit.engine import layers
 from quantkit.engine.layers import BlockParts, block_parts, model_facts, norm_eps
 from quantkit.engine.moe import PATH as MOE_PATH, moe_mlp
+from quantkit.errors import UnsupportedModelError
 from quantkit.nn.quant_linear import IntWeightLinear
 from quantkit.kernels import engine_ops as ops
 from quantkit.models.families import Family, block_family
@@ -88,6 +89,11 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, max_positions: int):
+        rotated = [n for n, m in model.named_modules() if getattr(m, "_quantkit_online_block", None)]
+        if rotated:  # the engine calls the linears' kernels itself, past their forward pre-hooks
+            raise UnsupportedModelError(f"the engine does not apply online input rotations yet ({rotated[0]} and "
+                                        f"{len(rotated) - 1} more: the checkpoint's transform_config); evaluate its "
+                                        f"perplexity with `quantkit eval`, which does")
         self.model = model
         self.config = model.config
         self.shape = Shape.of(self.config)

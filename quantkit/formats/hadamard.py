@@ -82,3 +82,34 @@ def rotation_matrix(n: int, seed: int) -> tuple[torch.Tensor, str]:
         return h * signs[None, :] / math.sqrt(n), "random-hadamard"
     q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     return q * torch.sign(torch.diagonal(r))[None, :], "random-orthogonal"
+
+
+def online_block(n: int) -> int:
+    """The block of the online rotation of an n-wide input: the largest power of two dividing n."""
+    return n & -n
+
+
+@functools.cache
+def _sylvester(b: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    return (hadamard(b) / math.sqrt(b)).to(dtype=dtype, device=device)
+
+
+def rotate_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., n] times the block-diagonal matrix of n / block Sylvester Hadamard matrices of
+    order `block`, each scaled by 1/sqrt(block) (orthogonal and symmetric): compressed-tensors'
+    "hadamard" transform with head_dim = block. Computed in float32 (float64 for float64 x),
+    returned in x's dtype. Applied to a weight's rows it gives W H (H is symmetric)."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    h = _sylvester(block, compute, str(x.device))
+    shape = x.shape
+    y = x.to(compute).reshape(*shape[:-1], shape[-1] // block, block) @ h
+    return y.reshape(shape).to(x.dtype)
+
+
+def online_hook(block: int):
+    """A forward pre-hook rotating a linear's input by rotate_blocks(x, block)."""
+
+    def hook(_module, args):
+        return (rotate_blocks(args[0], block), *args[1:])
+
+    return hook
