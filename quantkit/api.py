@@ -15,6 +15,7 @@ import torch
 from quantkit import __version__
 from quantkit.algorithms import build_all
 from quantkit.algorithms.rotation import transform_config
+from quantkit.budget import budget_recipe, choose as choose_budget, measure as measure_budget, summary as budget_summary
 from quantkit.checkpoint.report import layer_rows, summary_lines
 from quantkit.devices import calibration_dtype, check_device, memory_of, peak_rss_bytes
 from quantkit.distributed import ALONE, BACKEND_VARIABLE, device_for, from_environment, spawn
@@ -138,7 +139,7 @@ def quantize(
     family = family_for(config)
     if not plan_targets(empty_model(config), family, recipe):  # group sizes are checked here too
         raise ValueError(f"recipe {recipe.name!r} selects no linear layer of {source}")
-    calibrate = needs_calibration(recipe, chain)
+    calibrate = needs_calibration(recipe, chain) or recipe.budget is not None  # a budget measures on calibration data
     if calibrate:
         _check_seqlen(recipe.calibration.seqlen, config, "calibration seqlen")
         _check_calibration_memory(recipe, config, dev)
@@ -162,6 +163,17 @@ def quantize(
                           if check.windows else (None, True))
     calib_s = time.perf_counter() - t0
 
+    budget = None
+    if recipe.budget is not None:  # mixed precision: measure, choose, then quantize the chosen recipe
+        t0 = time.perf_counter()
+        with RichProgress() if show_progress and comm.rank == 0 else QuantizeProgress() as progress:
+            costs = measure_budget(loaded, recipe, chain, calib, dev, fwd_dtype, progress)
+        choice = choose_budget(costs, recipe.budget.bits_per_weight)
+        budget = {"bits_per_weight_asked": recipe.budget.bits_per_weight, "seconds": time.perf_counter() - t0,
+                  **budget_summary(costs, choice)}
+        recipe = budget_recipe(recipe, choice)
+        chain = build_all(recipe)
+        loaded, loaded_whole = load_lazily(source, config=config)  # measuring rotated the model: a fresh one
     # a rerun of the same command resumes an interrupted one (quantkit.checkpoint.stream)
     fingerprint = {"quantkit": __version__, "torch": torch.__version__, "model": source_fingerprint(source),
                    "recipe": recipe.to_yaml(), "data": tensor_digest(calib, held_ids), "device": str(dev),
@@ -213,6 +225,7 @@ def quantize(
                        "model_bytes": sum(p.numel() * p.element_size() for p in loaded.model.parameters())},
             "processes": ranks if not comm.alone else None,
             "blocks": blocks,
+            "budget": budget,
             "bytes_float": sum(r["bytes_float"] for r in rows),
             "bytes_quantized": sum(r["bytes_quantized"] for r in rows),
             # what the CLI's summary shows, each algorithm summarizing its own facts

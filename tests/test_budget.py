@@ -1,0 +1,109 @@
+"""Mixed precision under a size budget (issue 23, part 2)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from quantkit import api
+from quantkit.budget import Costs, choose
+from quantkit.recipe import Recipe, RecipeError
+
+from test_big_models import tensor_digests
+
+
+def _brute_force(costs, budget_bytes):
+    best = None
+    for combo in itertools.product(*[list(c.options) for c in costs]):
+        size = sum(c.options[k][1] for c, k in zip(costs, combo))
+        err = sum(c.options[k][0] for c, k in zip(costs, combo))
+        if size <= budget_bytes and (best is None or err < best[0]):
+            best = (err, combo)
+    return best
+
+
+def test_the_choice_is_the_best_within_the_budget_on_small_cases():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        costs = []
+        for i in range(4):
+            errs = sorted(torch.rand(4, generator=g).tolist(), reverse=True)
+            sizes = sorted(torch.randint(1, 40, (4,), generator=g).tolist())
+            costs.append(Costs(f"l{i}", 8, {f"c{j}": (errs[j], sizes[j]) for j in range(4)}))
+        bpw = float(torch.randint(4, 40, (1,), generator=g)) * 8 / 32  # bytes budget = bpw * 32 / 8
+        budget = bpw * 32 / 8
+        if sum(min(b for _, b in c.options.values()) for c in costs) > budget:
+            with pytest.raises(ValueError, match="smallest candidate"):
+                choose(costs, bpw)
+            continue
+        choice = choose(costs, bpw)
+        size = sum(c.options[choice[c.name]][1] for c in costs)
+        err = sum(c.options[choice[c.name]][0] for c in costs)
+        best_err, _ = _brute_force(costs, budget)
+        assert size <= budget and err <= best_err * 1.25 + 1e-9  # Lagrangian + greedy: near the optimum
+
+
+def test_budget_keys_are_checked():
+    with pytest.raises(RecipeError, match="budget"):
+        Recipe.from_yaml("name: x\nscheme: W8A8-INT8\nactivations: {dynamic: true}\nweights: {group_size: null}\n"
+                         "budget: {bits_per_weight: 5}\n")
+    with pytest.raises(RecipeError, match="budget"):
+        Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 5, candidates: [w5]}\n")
+    r = Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 4.5}\n")
+    assert Recipe.from_yaml(r.to_yaml()) == r
+
+
+@pytest.fixture(scope="module")
+def uniform(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("budget") / "uniform"
+    return api.quantize(str(tiny_model_dir), "w4a16-rtn", out=out, show_progress=False), out
+
+
+def test_a_budget_at_the_uniform_size_writes_a_mixed_checkpoint_within_it(tiny_model_dir, uniform, tmp_path):
+    report, _ = uniform
+    numel = sum(r["shape"][0] * r["shape"][1] for r in report["layers"])
+    bpw = 8 * report["bytes_quantized"] / numel
+    recipe = tmp_path / "mixed.yaml"
+    recipe.write_text(f"name: mixed\nscheme: W4A16\nalgorithms: [rtn]\nignore: [lm_head]\n"
+                      f"calibration: {{num_samples: 8, seqlen: 64}}\nbudget: {{bits_per_weight: {bpw}}}\n")
+    mixed = api.quantize(str(tiny_model_dir), str(recipe), out=tmp_path / "o", show_progress=False)
+    quantized = [r for r in mixed["layers"]]
+    kept = [n for n, c in mixed["budget"]["choice"].items() if c["format"] == "16"]
+    mixed_numel = sum(r["shape"][0] * r["shape"][1] for r in quantized)
+    float_bytes = sum(mixed["budget"]["choice"][n]["candidates"]["16"]["bytes"] for n in kept)
+    assert mixed["bytes_quantized"] + float_bytes <= report["bytes_quantized"]  # within the uniform size
+    assert mixed_numel + sum(mixed["budget"]["choice"][n]["candidates"]["16"]["bytes"] // 4 for n in kept) == numel
+    assert mixed["budget"]["predicted_error"] <= sum(c["candidates"]["w4g128"]["error"]
+                                                     for c in mixed["budget"]["choice"].values())
+    assert len(mixed["budget"]["linears_per_format"]) > 1
+    for row in quantized:  # each row is quantized as chosen
+        fmt = mixed["budget"]["choice"][row["name"]]["format"]
+        assert fmt != "16" and row["bits"] == int(fmt[1])
+    # the recipe copy holds the choice, not the budget: it repeats the run
+    copy = (tmp_path / "o" / "quantkit_recipe.yaml").read_text()
+    assert "budget" not in copy and "overrides" in copy
+    again = api.quantize(str(tiny_model_dir), str(tmp_path / "o" / "quantkit_recipe.yaml"), out=tmp_path / "again",
+                         show_progress=False)
+    assert tensor_digests(tmp_path / "again") == tensor_digests(tmp_path / "o") and again["budget"] is None
+    # transformers reads the several config groups as quantkit does
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    ours = api.load(tmp_path / "o").model(ids).logits
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "o")(ids).logits
+    assert (ours - theirs).abs().max() <= 1e-3 * ours.abs().max()
+    groups = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) >= 2
+
+
+def test_a_budget_below_every_format_is_one_clear_error(tiny_model_dir, tmp_path):
+    from test_bad_inputs import assert_clean_error, assert_nothing_written, cli
+
+    recipe = tmp_path / "tight.yaml"
+    recipe.write_text("name: tight\nscheme: W4A16\nalgorithms: [rtn]\ncalibration: {num_samples: 4, seqlen: 32}\n"
+                      "budget: {bits_per_weight: 1.5, candidates: [w4g128, w8]}\n")
+    assert_clean_error(*cli("quantize", tiny_model_dir, "--recipe", recipe, "--out", tmp_path / "o"), "smallest candidate")
+    assert_nothing_written(tmp_path / "o")
