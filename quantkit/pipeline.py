@@ -14,6 +14,13 @@
         recompute the block's outputs as the next block's inputs
         move it back
 
+Before the walk, a recipe's rotations rewrite the model (quantkit.algorithms.rotation). A lazy
+model's block is read from its files when the walk reaches it and given back when it is done
+(quantkit.models.lazy); a sink takes each finished block (quantkit.checkpoint.stream writes it and
+journals what flows on, so an interrupted run resumes at the next block). With several processes
+(quantkit.distributed) each runs its share of the calibration batches, every observer combines
+what the ranks saw after each pass, and each input group is rounded on one rank and broadcast.
+
 A sparse (mixture-of-experts) layer is walked the same way with its own table
 (families.block_family: each expert's linears and groups); quantkit.experts
 says how its experts are staged, counted, and rounded when starved.

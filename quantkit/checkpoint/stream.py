@@ -54,6 +54,7 @@ from quantkit.formats import ActSpec
 from quantkit.forwards import BlockInput
 from quantkit.models import LoadedModel
 from quantkit.models.families import checkpoint_name
+from quantkit.models.lazy import tensor_nbytes
 from quantkit.pipeline import LinearResult, ResumePoint, Streams
 
 log = logging.getLogger("quantkit")
@@ -268,7 +269,7 @@ class StreamingCheckpoint:
                     for k in f.keys():
                         index[k] = names[p]
                         sl = f.get_slice(k)
-                        size += _nbytes(sl.get_dtype(), sl.get_shape())
+                        size += tensor_nbytes(sl.get_dtype(), sl.get_shape())
             write_index(self.tmp, index, size)
         files = list(names.values()) or ["model.safetensors"]
         if any(d["g_idx"] for d in self.journal["done"]):
@@ -296,15 +297,4 @@ class StreamingCheckpoint:
                         f"again to resume, or delete that folder")
         else:
             shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
-
-
-def _nbytes(dtype: str, shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n * _DTYPE_BYTES[dtype]
 

@@ -41,7 +41,8 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
-def _nbytes(dtype: str, shape) -> int:
+def tensor_nbytes(dtype: str, shape) -> int:
+    """Bytes of a tensor of safetensors dtype name `dtype` and `shape`."""
     return math.prod(shape) * _DTYPE_BYTES.get(dtype, 4)
 
 
@@ -84,7 +85,7 @@ class WeightFiles:
             with safe_open(str(self.folder / name), "pt") as handle:
                 for key in wanted:
                     sl = handle.get_slice(key)
-                    if _nbytes(sl.get_dtype(), self.shapes[key]) <= CHUNK_BYTES or len(self.shapes[key]) == 0:
+                    if tensor_nbytes(sl.get_dtype(), self.shapes[key]) <= CHUNK_BYTES or len(self.shapes[key]) == 0:
                         out[key] = handle.get_tensor(key).clone()
             for key in wanted:
                 if key not in out:
