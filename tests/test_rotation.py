@@ -108,11 +108,14 @@ def test_a_transform_quantkit_does_not_read_is_refused(tiny_model_dir, tmp_path)
         api.load(tmp_path / "o")
 
 
-def test_the_engine_refuses_online_rotations(tiny_model_dir, tmp_path):
+def test_the_engine_applies_online_rotations(tiny_model_dir, tmp_path):
+    """The engine calls down_proj as a module, so its input rotation (a pre-hook) runs there too."""
+    from conftest import verification_distributions
     from quantkit import api
-    from quantkit.engine.runner import ModelRunner
+    from quantkit.engine.config import EngineConfig
 
     api.quantize(str(tiny_model_dir), "w8a8-int8-rotate-online", out=tmp_path / "o", show_progress=False)
     loaded = api.load(tmp_path / "o")
-    with pytest.raises(UnsupportedModelError, match="online input rotations"):
-        ModelRunner(loaded.model, loaded.family, 16, 64)
+    p, reference = verification_distributions(loaded, EngineConfig(block_size=4, max_model_len=64, cuda_graphs=False),
+                                              [1, 5, 9, 13, 2])
+    assert (p - reference).abs().sum(-1).max() < 1e-4
