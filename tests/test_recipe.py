@@ -12,8 +12,9 @@ from quantkit.recipe import (
 )
 
 SHIPPED = ["w3a16-gptq", "w3a16-gptq-actorder", "w3a16-rtn", "w4a16-awq", "w4a16-awq-gptq", "w4a16-gptq", "w4a16-gptq-actorder",
-           "w4a16-rtn", "w4a16-rtn-asym", "w4a16-rtn-g64", "w8a16-rtn",
-           "w8a8-fp8-dynamic", "w8a8-fp8-static", "w8a8-int8-dynamic", "w8a8-int8-smoothquant"]
+           "w4a16-gptq-rotate", "w4a16-rtn", "w4a16-rtn-asym", "w4a16-rtn-g64", "w8a16-rtn",
+           "w8a8-fp8-dynamic", "w8a8-fp8-static", "w8a8-int8-dynamic", "w8a8-int8-rotate", "w8a8-int8-rotate-online",
+           "w8a8-int8-smoothquant"]
 
 
 def write(tmp_path, text: str, name: str = "mine.yaml"):
@@ -108,7 +109,7 @@ def test_yaml_reads_exponent_floats(tmp_path):
 def test_unknown_top_level_key(tmp_path):
     msg = error_of(tmp_path, "scheme: W4A16\nalgorithm: [rtn]\n")
     assert "unknown key 'algorithm'" in msg and "mine.yaml" in msg
-    assert "valid keys: activations, algorithms, calibration, check, description, ignore, name" in msg
+    assert "valid keys: activations, algorithms, budget, calibration, check, description, ignore, name" in msg
 
 
 def test_unknown_weights_key_typo(tmp_path):
