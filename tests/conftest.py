@@ -147,3 +147,19 @@ def verification_distributions(loaded, engine_config, prompt: list[int], device:
     with torch.no_grad():
         logits = loaded.model(torch.tensor([seq.token_ids + tokens[1:]], device=device)).logits[0, -3:].float()
     return p[0], torch.softmax(logits, -1)
+
+
+def refused_rotation(family: str, recipe_name: str) -> str | None:
+    """What quantkit says when `recipe_name` rotates a model of `family` it cannot rotate (None: it can):
+    Gemma's norms after attention and MLP do not commute with a rotation; an online rotation of a
+    mixture of experts' down_proj has no per-expert module in transformers to be recorded on."""
+    from quantkit.recipe import load_recipe
+
+    steps = {s.name: s.kwargs() for s in load_recipe(recipe_name).algorithms}
+    if "rotate" not in steps:
+        return None
+    if family.startswith("gemma"):
+        return "do not commute"
+    if steps["rotate"].get("online") and family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return "fused module"
+    return None
