@@ -163,3 +163,13 @@ def refused_rotation(family: str, recipe_name: str) -> str | None:
     if steps["rotate"].get("online") and family in ("mixtral", "qwen2_moe", "qwen3_moe"):
         return "fused module"
     return None
+
+
+def assert_rotation_refused(why: str, quantize, out: Path) -> None:
+    """`quantize()` (writing `out`) ends in the one clear UnsupportedModelError matching `why`, and
+    nothing is written: no output, no temporary folder beside it."""
+    from quantkit.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=why):
+        quantize()
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]

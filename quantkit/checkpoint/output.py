@@ -195,18 +195,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def dead_temporaries(out: Path) -> list[Path]:
-    """The temporary folders of runs on `out` (this host) whose process is gone."""
+def _dead_scratch(out: Path) -> list[tuple[Path, str, int]]:
+    """(folder, "tmp" or "old", pid) of the scratch folders beside `out` that runs on this host
+    left and whose process is gone."""
     if not out.parent.is_dir():
         return []
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(?:(.+)-)?(\d+)")
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(?:(.+)-)?(\d+)")
     found = []
     for path in sorted(out.parent.iterdir()):
         m = pattern.fullmatch(path.name)
-        if m is not None and path.is_dir() and not path.is_symlink() and m.group(1) in (None, _HOST) \
-                and not _alive(int(m.group(2))):
-            found.append(path)
+        if m is None or not path.is_dir() or path.is_symlink():
+            continue
+        kind, host, pid = m.group(1), m.group(2), int(m.group(3))
+        if (host is None or host == _HOST) and not _alive(pid):
+            found.append((path, kind, pid))
     return found
+
+
+def dead_temporaries(out: Path) -> list[Path]:
+    """The temporary folders of runs on `out` (this host) whose process is gone."""
+    return [path for path, kind, _ in _dead_scratch(out) if kind == "tmp"]
 
 
 def is_resumable(folder: Path) -> bool:
@@ -218,17 +226,8 @@ def clean_stale(out: Path, keep_resumable: bool = False) -> list[str]:
     this host), putting back a previous output a killed swap left aside; a
     resumable one stays when `keep_resumable`.
     Returns what was done, one line each (also logged)."""
-    if not out.parent.is_dir():
-        return []
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(?:(.+)-)?(\d+)")
     done = []
-    for path in sorted(out.parent.iterdir()):
-        m = pattern.fullmatch(path.name)
-        if m is None or not path.is_dir() or path.is_symlink():
-            continue
-        kind, host, pid = m.group(1), m.group(2), int(m.group(3))
-        if (host is not None and host != _HOST) or _alive(pid):
-            continue
+    for path, kind, pid in _dead_scratch(out):
         if kind == "tmp" and keep_resumable and is_resumable(path):
             continue
         if kind == "old" and not out.exists():
