@@ -28,6 +28,7 @@ are not applied while measuring.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from quantkit.formats import IntSpec, quantize_rtn
 from quantkit.forwards import blocks_of, capture_block_inputs, observe, propagate
 from quantkit.models import LoadedModel
 from quantkit.models.families import block_family, layer_types
+from quantkit.pipeline import _input_groups
 from quantkit.progress import QuantizeProgress
 from quantkit.recipe import LayerOverride, Recipe
 
@@ -87,11 +89,10 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
         loaded.materialize(prefix)
         fam = block_family(family, config, i)
         block.to(device)
-        fwd = block if dtype == next(block.parameters()).dtype else _copy(block, dtype)
+        fwd = block if dtype == next(block.parameters()).dtype else copy.deepcopy(block).to(dtype)
         targets = [Target(rel, f"{prefix}.{rel}", block.get_submodule(rel), None) for rel in fam.linears
                    if recipe.spec_for(f"{prefix}.{rel}", block.get_submodule(rel).in_features) is not None]
-        groups = [[t for t in targets if t.rel in shared] for shared in fam.shared_inputs]
-        groups = [g for g in groups if g] + [[t] for t in targets if not any(t.rel in s for s in fam.shared_inputs)]
+        groups = _input_groups(targets, fam.shared_inputs)
         plain = InputStatistics("budget", hessian=True, equalize=False)
         own = InputStatistics("budget", hessian=True, equalize=equalize) if rounder is not None else None
         observers = [plain] + ([own] if own is not None else [])
@@ -129,12 +130,6 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
         loaded.release(prefix)
         progress.block_done()
     return costs
-
-
-def _copy(block: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(block).to(dtype)
 
 
 def choose(costs: list[Costs], bits_per_weight: float) -> dict[str, str]:
