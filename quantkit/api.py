@@ -19,7 +19,8 @@ from quantkit.budget import budget_recipe, choose as choose_budget, measure as m
 from quantkit.checkpoint.report import layer_rows, summary_lines
 from quantkit.devices import calibration_dtype, check_device, memory_of, peak_rss_bytes
 from quantkit.distributed import ALONE, BACKEND_VARIABLE, device_for, from_environment, spawn
-from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens, held_out_batch
+from quantkit.calibration import (DEFAULT_EVALUATION, EVALUATION_TEXTS, calibration_batch, calibration_parts,
+                                  evaluation_tokens, held_out_batch, parse_mix)
 from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint
 from quantkit.checkpoint.stream import StreamingCheckpoint, source_fingerprint, tensor_digest
 from quantkit.eval import perplexity
@@ -32,7 +33,7 @@ from quantkit.progress import QuantizeProgress, RichProgress
 from quantkit.recipe import Recipe, load_recipe
 
 DEFAULT_RECIPE = "w4a16-rtn"
-DEFAULT_EVAL_DATA = (DEFAULT_EVALUATION, SECOND_EVALUATION)
+DEFAULT_EVAL_DATA = EVALUATION_TEXTS  # the bundled held-out texts, of three domains
 ERROR_PLOT = "quantization_error.png"
 
 
@@ -41,10 +42,12 @@ def resolve_recipe(
     calib_data: str | None = None,
     num_samples: int | None = None,
     seqlen: int | None = None,
+    chat_template: str | bool | None = None,
 ) -> Recipe:
     """Load a recipe by name or path and apply command-line calibration overrides."""
     r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    changes = {k: v for k, v in (("data", calib_data), ("num_samples", num_samples), ("seqlen", seqlen)) if v is not None}
+    changes = {k: v for k, v in (("data", calib_data), ("num_samples", num_samples), ("seqlen", seqlen),
+                                 ("chat_template", chat_template)) if v is not None}
     if changes:
         r = dataclasses.replace(r, calibration=dataclasses.replace(r.calibration, **changes))
     return r
@@ -92,6 +95,7 @@ def quantize(
     show_progress: bool = True,
     keep_degraded: bool = False,
     devices: int = 1,
+    chat_template: str | bool | None = None,
 ) -> dict:
     """Quantize `model` (the bundled default when None) with `recipe` into `out`.
 
@@ -125,15 +129,16 @@ def quantize(
                              f"{torch.cuda.device_count()} CUDA GPU(s)")
         return spawn(devices, quantize, dict(model=model, recipe=recipe, out=out, force=force, calib_data=calib_data,
                                              num_samples=num_samples, seqlen=seqlen, device=device,
-                                             show_progress=show_progress, keep_degraded=keep_degraded, devices=devices))
+                                             show_progress=show_progress, keep_degraded=keep_degraded, devices=devices,
+                                             chat_template=chat_template))
     comm = comm or ALONE
     device = device_for(comm, str(device))
     recipe_arg = recipe
-    recipe = resolve_recipe(recipe, calib_data, num_samples, seqlen)
+    recipe = resolve_recipe(recipe, calib_data, num_samples, seqlen, chat_template)
     chain = build_all(recipe)  # bad algorithm names and options fail before any work
     dev = check_device(device)
     source = resolve_source(model)
-    inputs = _local_paths(source, recipe_arg, recipe.calibration.data)
+    inputs = _local_paths(source, recipe_arg, *(part.source for part in parse_mix(recipe.calibration.data)))
     check_output(out, force, inputs, keep_resumable=True)
     config = load_config(source)
     family = family_for(config)
@@ -155,11 +160,13 @@ def quantize(
 
     t0 = time.perf_counter()
     c = recipe.calibration
-    calib = calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed) if calibrate else None
+    calib = (calibration_batch(loaded.tokenizer, c.data, c.num_samples, c.seqlen, c.seed, c.chat_template)
+             if calibrate else None)
+    parts = calibration_parts(loaded.tokenizer, c.data, c.num_samples, c.chat_template) if calibrate else None
     check = recipe.check
     held_seqlen = min(check.seqlen or c.seqlen, context_length(config) or (1 << 62))
     held_ids, disjoint = (held_out_batch(loaded.tokenizer, c.data, check.windows, held_seqlen, c.seed,
-                                         (c.num_samples, c.seqlen) if calibrate else None)
+                                         (c.num_samples, c.seqlen) if calibrate else None, c.chat_template)
                           if check.windows else (None, True))
     calib_s = time.perf_counter() - t0
 
@@ -214,7 +221,7 @@ def quantize(
             "recipe": recipe.name,
             "scheme": recipe.scheme,
             "activations": activations,
-            "calibration": dataclasses.asdict(recipe.calibration) if calib is not None else None,
+            "calibration": dataclasses.asdict(recipe.calibration) | {"parts": parts} if calib is not None else None,
             "calibration_dtype": c.dtype,
             "held_out": held,
             "device": str(dev),

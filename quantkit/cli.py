@@ -90,9 +90,10 @@ def quantize(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe name (see `quantkit recipes`) or YAML path")] = "w4a16-rtn",
     out: Annotated[Path, typer.Option("--out", "-o", help="output checkpoint folder")] = Path("out/quantized"),
     force: Annotated[bool, typer.Option("--force", help="replace an existing output folder")] = False,
-    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="bundled name, local .txt/.jsonl/.parquet or hub dataset")] = None,
+    calib_data: Annotated[Optional[str], typer.Option("--calib-data", help="bundled name (default: mix), local .txt/.jsonl/.parquet, hub dataset, or a mix: 'austen@0.5,./notes.txt@0.5'")] = None,
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="calibration samples")] = None,
     seqlen: Annotated[Optional[int], typer.Option("--seqlen", help="calibration sample length in tokens")] = None,
+    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="write conversations in the calibration data with the tokenizer's chat template: auto (where it has one), on, off")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
     keep_degraded: Annotated[bool, typer.Option("--keep-degraded", help="write the checkpoint even if the held-back perplexity check fails")] = False,
     devices: Annotated[int, typer.Option("--devices", help="processes to share the work: GPUs with --device cuda, else CPU processes")] = 1,
@@ -104,8 +105,11 @@ def quantize(
     same command again and it continues at the first unfinished block."""
     from quantkit import api
 
+    template = {None: None, "auto": "auto", "on": True, "off": False}
+    if chat_template not in template:
+        _fail(f"--chat-template must be auto, on or off, got {chat_template!r}")
     report = _run(api.quantize, model, recipe, out, force, calib_data, num_samples, seqlen, device,
-                  keep_degraded=keep_degraded, devices=devices)
+                  keep_degraded=keep_degraded, devices=devices, chat_template=template[chat_template])
     if report is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     if as_json:
@@ -126,6 +130,11 @@ def quantize(
     held = _held_out_text(report.get("held_out"))
     if held:
         table.add_row("held-out check", _t(held))
+    calibration = report.get("calibration") or {}
+    if calibration.get("parts"):
+        table.add_row("calibration data", _t(", ".join(
+            f"{p['source']} {p['samples']}" + (" (chat template)" if p["chat_template"] else "")
+            for p in calibration["parts"]) + f" x {calibration['seqlen']} tokens"))
     table.add_row("calibration dtype", _t(report["calibration_dtype"]))
     table.add_row("error plot", _t(Path(report["out"]) / "quantization_error.png"))
     table.add_row("seconds", f"load {s['load']:.1f}, quantize {s['quantize']:.1f}, write {s['write']:.1f}")
@@ -141,7 +150,7 @@ def quantize(
 @app.command("eval")
 def eval_(
     model: Annotated[Optional[str], typer.Argument(help="quantized checkpoint, HF folder, .gguf or hub id; default: bundled model")] = None,
-    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="evaluation text (repeatable); default: austen-eval and pydocs-eval")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="evaluation text (repeatable); default: austen-eval, pydocs-eval and kjv-eval (three domains)")] = None,
     seqlen: Annotated[int, typer.Option("--seqlen", help="window length in tokens")] = 512,
     windows: Annotated[int, typer.Option("--windows", help="number of non-overlapping windows per text (0 = all)")] = 100,
     batch_size: Annotated[int, typer.Option("--batch-size", help="windows per forward pass")] = 4,

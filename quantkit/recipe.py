@@ -14,7 +14,7 @@ A recipe is a YAML file under ``recipes/`` (named by its file stem, e.g.
     ignore: [lm_head]                # regexes; ignore wins over targets
     overrides:                       # later overrides win
       - {pattern: "mlp\\.down_proj$", weights: {bits: 8}}
-    calibration: {data: austen, num_samples: 128, seqlen: 512, seed: 0}
+    calibration: {data: mix, num_samples: 128, seqlen: 512, seed: 0}   # or 'austen@0.5,./notes.txt@0.5'
     check: {windows: 4, max_ratio: 10}   # held-back perplexity check after quantizing
 
 Every key is optional except that a recipe built from a plain dict needs a
@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from quantkit.calibration import parse_mix
 from quantkit.formats.activation import ActSpec
 from quantkit.formats.spec import FloatSpec, IntSpec
 from quantkit.parsing import (
@@ -231,7 +232,9 @@ class MoECalibration:
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    data: str = "austen"  # bundled corpus name, local path or hub dataset name
+    # bundled corpus name, local path, hub dataset name, or a mix of them ("austen@0.5,./notes.txt@0.5");
+    # the default "mix": equal shares of literature, documentation, source code and dialogue
+    data: str = "mix"
     num_samples: int = 128
     seqlen: int = 512
     seed: int = 0
@@ -246,10 +249,14 @@ class CalibrationConfig:
     # of about a dozen activation-sized buffers per block; false when memory is short
     replay: bool = True
     moe: MoECalibration = MoECalibration()  # mixture-of-experts models only
+    # conversations in the data written with the tokenizer's chat template, as a served chat model
+    # sees them: auto = where the tokenizer has one; true = required; false = turns as plain lines
+    chat_template: typing.Literal["auto", True, False] = "auto"
 
     def __post_init__(self):
-        if not self.data:
-            raise ValueError("data must name a corpus, a path or a dataset, got ''")
+        parse_mix(self.data)  # the mix's spelling (weights, repeats); each part is read at run time
+        if self.chat_template not in ("auto", True, False):
+            raise ValueError(f"chat_template must be auto, true or false, got {shown(self.chat_template)}")
         for key in ("num_samples", "seqlen", "batch_size"):
             if not 0 < getattr(self, key) <= MAX_COUNT:
                 raise ValueError(f"{key} must be in 1..{MAX_COUNT}, got {shown(getattr(self, key))}")

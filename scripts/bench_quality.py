@@ -28,13 +28,13 @@ from rich.console import Console
 from rich.table import Table
 
 from quantkit.algorithms import build_all
-from quantkit.calibration import DEFAULT_EVALUATION, SECOND_EVALUATION, calibration_batch, evaluation_tokens
+from quantkit.calibration import EVALUATION_TEXTS, calibration_batch, evaluation_tokens
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
 from quantkit.checkpoint.report import layer_rows
 from quantkit.eval import perplexity
 from quantkit.models import load_model
 from quantkit.pipeline import needs_calibration, quantize_model
-from quantkit.recipe import load_recipe
+from quantkit.api import resolve_recipe
 
 
 def hf_check(folder: Path, ours, ids: torch.Tensor, tokens: torch.Tensor, seqlen: int, windows: int) -> dict | None:
@@ -81,7 +81,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
     p.add_argument("--recipes", nargs="+", default=["w4a16-rtn-g64"])
-    p.add_argument("--data", nargs="+", default=[DEFAULT_EVALUATION, SECOND_EVALUATION])
+    p.add_argument("--data", nargs="+", default=list(EVALUATION_TEXTS), help="evaluation texts (default: the three bundled ones)")
+    p.add_argument("--calib-data", default=None, help="calibration data for every recipe instead of its own (a name, path or mix)")
+    p.add_argument("--no-kld", action="store_true", help="perplexity only: skip the float reference pass (half the evaluation time)")
     p.add_argument("--windows", type=int, default=100)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--device", default="cpu", help="quantize and evaluate here (cuda: W8A8 layers run torch._int_mm / _scaled_mm)")
@@ -105,12 +107,12 @@ def main() -> None:
         rows.append({"model": "float", "data": d, "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds})
 
     for name in args.recipes:
-        recipe = load_recipe(name)
+        recipe = resolve_recipe(name, args.calib_data)
         work = copy.deepcopy(base)
         calib = None
         if needs_calibration(recipe, build_all(recipe)):
             c = recipe.calibration
-            calib = calibration_batch(base.tokenizer, c.data, c.num_samples, c.seqlen, c.seed)
+            calib = calibration_batch(base.tokenizer, c.data, c.num_samples, c.seqlen, c.seed, c.chat_template)
         t0 = time.perf_counter()
         result = quantize_model(work, recipe, calib, device=args.device)
         quant_s = time.perf_counter() - t0
@@ -129,9 +131,10 @@ def main() -> None:
                 base.model.to(args.device)
                 for d in args.data:
                     r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}", device=args.device,
-                                   reference=base.model)
+                                   reference=None if args.no_kld else base.model)
                     rows.append({
                         "model": name if len(args.backends) == 1 else f"{name} [{backend}]", "backend": used, "data": d,
+                        "calibration": recipe.calibration.data if calib is not None else None,
                         "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
                         "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "top1_changed": r.top1_changed,
                         "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
@@ -142,14 +145,15 @@ def main() -> None:
 
     floats = {r["data"]: r["perplexity"] for r in rows if r["model"] == "float"}
     table = Table(title=f"perplexity, {args.windows} x {args.seqlen}-token windows (model load {load_s:.1f} s, excluded)")
-    for col in ("model", "data", "ppl", "vs float", "KLD mean", "KLD p99", "top-1 changed", "quantize s", "write s",
+    for col in ("model", "calibration", "data", "ppl", "vs float", "KLD mean", "KLD p99", "top-1 changed", "quantize s", "write s",
                 "HF layer diff", "HF ppl (ours)"):
-        table.add_column(col, justify="left" if col in ("model", "data") else "right")
+        table.add_column(col, justify="left" if col in ("model", "calibration", "data") else "right")
     for r in rows:
         q = r["model"] != "float"
-        table.add_row(r["model"], r["data"], f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / floats[r['data']] - 1):+.1f}%" if q else "",
-                      f"{r['kld_mean']:.4f}" if q else "", f"{r['kld_p99']:.4f}" if q else "",
-                      f"{100 * r['top1_changed']:.2f}%" if q else "",
+        table.add_row(r["model"], r.get("calibration") or "", r["data"], f"{r['perplexity']:.2f}", f"{100 * (r['perplexity'] / floats[r['data']] - 1):+.1f}%" if q else "",
+                      f"{r['kld_mean']:.4f}" if q and r["kld_mean"] is not None else "",
+                      f"{r['kld_p99']:.4f}" if q and r["kld_p99"] is not None else "",
+                      f"{100 * r['top1_changed']:.2f}%" if q and r["top1_changed"] is not None else "",
                       f"{r['quantize_s']:.2f}" if q else "", f"{r['write_s']:.2f}" if q else "",
                       ("no load" if "error" in hf else f"{hf['max_layer_rel_diff']:.1e}") if (hf := r.get("transformers")) else "",
                       f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf and "error" not in hf else "")

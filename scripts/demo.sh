@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the bundled defaults: set up, quantize SmolLM2-135M-Instruct
-# with the default recipe, and evaluate it beside the float model on the two
-# bundled held-out texts (Austen and the Python docs).
+# with the default recipe, and evaluate it beside the float model on the three
+# bundled held-out texts (Austen, the Python docs and the King James Bible).
 #   WINDOWS=100 bash scripts/demo.sh    # more windows = tighter numbers, longer run
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -60,6 +60,9 @@ def test_index_names_roles_and_files():
     on_disk = json.loads((cal.BUNDLED_DIR / "datasets.json").read_text("utf-8"))
     assert index == on_disk
     for name, entry in index.items():
+        if "mix" in entry:  # a mix names parts, not a file
+            assert entry["role"] == "calibration" and set(entry["mix"]) <= set(index), name
+            continue
         text = bundled_text(name)
         assert len(text) == entry["chars"], name
         assert hashlib.sha256(text.encode("utf-8")).hexdigest() == entry["sha256"], name
@@ -125,6 +128,22 @@ def test_second_domain_is_technical_prose_not_austen():
     for markup in ("<div", "<span", 'class="', "¶", "&amp;", "&#"):
         assert markup not in text, markup
     assert text.count(">>> ") < 20  # interactive sessions were code blocks: dropped
+
+
+def test_third_domain_is_in_no_calibration_text():
+    """kjv-eval (scripture) is held out from every calibration text, the default mix included."""
+    text = bundled_text("kjv-eval")
+    assert 200_000 < len(text) < 1_000_000
+    assert text.startswith("Genesis") and "In the beginning God created the heaven and the earth." in text
+    calibration = [n for n, e in cal.bundled_datasets().items() if e["role"] == "calibration" and "file" in e]
+    assert {"austen", "gitdocs", "pycode", "dialogue"} <= set(calibration)
+    for name in calibration:
+        calib = bundled_text(name)
+        for phrase in ("In the beginning God created", "thus saith the LORD", "And Jesus answered"):
+            assert phrase not in calib, (name, phrase)
+    for name in ("gitdocs", "pycode"):  # the mix's parts hold nothing of the evaluation texts
+        for probe in ("Whetting Your Appetite", OPENINGS["persuasion"], OPENINGS["northangerabbey"]):
+            assert probe not in bundled_text(name), (name, probe)
 
 
 # ------------------------------------------------------------------ loaders
@@ -285,6 +304,13 @@ def test_build_script_reproduces_shipped_texts():
         pytest.skip(f"Debian package {build_corpus.AUSTEN_PKG} not installed")
     if not build_corpus.PYDOCS_HTML.is_dir():
         pytest.skip(f"Debian package {build_corpus.PYDOCS_PKG} not installed")
+    if not build_corpus.GITDOCS_DIR.is_dir():
+        pytest.skip(f"Debian package {build_corpus.GITDOCS_PKG} not installed")
+    if not Path(build_corpus.KJV_BIBLE).exists():
+        pytest.skip(f"Debian package {build_corpus.KJV_PKG} not installed")
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip(f"PyPI package {build_corpus.CHATTERBOT_DIST}=={build_corpus.CHATTERBOT_VERSION} not installed")
     built = build_corpus.build()
     for entry in cal.bundled_datasets().values():
-        assert built[entry["file"]] == (cal.BUNDLED_DIR / entry["file"]).read_text("utf-8")
+        if "file" in entry:
+            assert built[entry["file"]] == (cal.BUNDLED_DIR / entry["file"]).read_text("utf-8")

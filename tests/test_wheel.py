@@ -40,7 +40,7 @@ def _data_files() -> list[str]:
     out += [f"quantkit/csrc/{p.name}" for p in (REPO / "csrc").iterdir() if p.suffix in (".cu", ".cuh")]
     corpora = json.loads((REPO / "calibration" / "datasets.json").read_text("utf-8"))
     out += [f"quantkit/data/calibration/{name}" for name in
-            ["datasets.json", "README.md", "LICENSES.txt", *(entry["file"] for entry in corpora.values())]]
+            ["datasets.json", "README.md", "LICENSES.txt", *(entry["file"] for entry in corpora.values() if "file" in entry)]]
     return sorted(out)
 
 
@@ -120,7 +120,8 @@ def test_installed_package_finds_its_data(installed):
     assert found["cu"] == sorted(p.name for p in (REPO / "csrc").glob("*.cu"))
     assert found["kernel_source"] > 0
     for name, entry in found["corpora"].items():
-        assert (package / "data" / "calibration" / entry["file"]).is_file(), name
+        for part in entry.get("mix", [name]):  # a mix ships as its parts
+            assert (package / "data" / "calibration" / found["corpora"][part]["file"]).is_file(), (name, part)
 
 
 def test_installed_cli_lists_quantizes_and_evaluates(installed, tiny_model_dir):
