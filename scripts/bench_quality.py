@@ -28,12 +28,15 @@ from rich.console import Console
 from rich.table import Table
 
 from quantkit.algorithms import build_all
+from quantkit.budget import budget_recipe, choose as choose_budget, measure as measure_budget, summary as budget_summary
 from quantkit.calibration import EVALUATION_TEXTS, calibration_batch, evaluation_tokens
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
 from quantkit.checkpoint.report import layer_rows
 from quantkit.eval import perplexity
 from quantkit.models import load_model
+from quantkit.devices import calibration_dtype
 from quantkit.pipeline import needs_calibration, quantize_model
+from quantkit.progress import QuantizeProgress
 from quantkit.api import resolve_recipe
 
 
@@ -109,11 +112,17 @@ def main() -> None:
     for name in args.recipes:
         recipe = resolve_recipe(name, args.calib_data)
         work = copy.deepcopy(base)
-        calib = None
-        if needs_calibration(recipe, build_all(recipe)):
+        calib, budget = None, None
+        if needs_calibration(recipe, build_all(recipe)) or recipe.budget is not None:
             c = recipe.calibration
             calib = calibration_batch(base.tokenizer, c.data, c.num_samples, c.seqlen, c.seed, c.chat_template)
         t0 = time.perf_counter()
+        if recipe.budget is not None:  # mixed precision, as api.quantize does it: measure, choose, quantize the choice
+            dtype = calibration_dtype(recipe.calibration.dtype, next(work.model.parameters()).dtype, torch.device(args.device))
+            costs = measure_budget(work, recipe, build_all(recipe), calib, torch.device(args.device), dtype, QuantizeProgress())
+            choice = choose_budget(costs, recipe.budget.bits_per_weight)
+            budget = budget_summary(costs, choice)
+            recipe, work = budget_recipe(recipe, choice), copy.deepcopy(base)  # measuring may rotate: a fresh copy
         result = quantize_model(work, recipe, calib, device=args.device)
         quant_s = time.perf_counter() - t0
         with tempfile.TemporaryDirectory() as tmp:
@@ -135,6 +144,7 @@ def main() -> None:
                     rows.append({
                         "model": name if len(args.backends) == 1 else f"{name} [{backend}]", "backend": used, "data": d,
                         "calibration": recipe.calibration.data if calib is not None else None,
+                        "budget": budget and {k: budget[k] for k in ("bits_per_weight", "linears_per_format")},
                         "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
                         "kld_mean": r.kld_mean, "kld_p99": r.kld_p99, "top1_changed": r.top1_changed,
                         "quantize_s": quant_s, "quantize_breakdown_s": result.seconds, "write_s": write_s, "read_s": read_s,
