@@ -6,9 +6,9 @@ A recipe is a YAML file under ``recipes/`` (named by its file stem, e.g.
 
     name: w4a16-rtn                  # defaults to the file stem
     description: 4-bit weights, group 128, symmetric, round-to-nearest
-    scheme: W4A16                    # preset: W2A16, W3A16, W4A16, W8A16, W8A8-INT8, W8A8-FP8
+    scheme: W4A16                    # preset: W2A16, W3A16, W4A16, W8A16, W8A8-INT8, W8A8-FP8, W4A8-INT8
     weights: {group_size: 128, symmetric: true}   # IntSpec (FloatSpec for FP8) fields over the preset
-    activations: {dynamic: true}     # W8A8 schemes only: ActSpec fields over the preset
+    activations: {dynamic: true}     # W8A8 / W4A8 schemes only: ActSpec fields over the preset
     algorithms: [rtn]                # in order; `- gptq: {dampening: 0.01}` passes options
     targets: [".*"]                  # regexes, re.search on the full linear name
     ignore: [lm_head]                # regexes; ignore wins over targets
@@ -75,12 +75,16 @@ SCHEMES: dict[str, IntSpec | FloatSpec] = {
     # symmetric weights and per-token (dynamic) or per-tensor (static) inputs
     "W8A8-INT8": IntSpec(bits=8, symmetric=True, group_size=None),
     "W8A8-FP8": FloatSpec("channel"),
+    # W4A8: int4 weights in groups (or per channel), symmetric, with int8 inputs: compressed-tensors'
+    # preset W4A8, stored int-quantized (one int8 per value); our reader dequantizes the weight
+    "W4A8-INT8": IntSpec(bits=4, symmetric=True, group_size=128),
 }
 # scheme name -> how the linears' inputs are quantized (None: kept in 16 bits);
 # a recipe's `activations:` edits it
 ACTIVATIONS: dict[str, ActSpec | None] = {
     "W8A8-INT8": ActSpec("int8", dynamic=True),
     "W8A8-FP8": ActSpec("fp8", dynamic=True),
+    "W4A8-INT8": ActSpec("int8", dynamic=True),
 }
 
 
@@ -391,10 +395,17 @@ class Recipe:
                               f"such as {{dynamic: true}}, not null")
         if self.activations.type != act_preset.type:
             raise RecipeError(f"scheme {self.scheme!r} takes {act_preset.type} activations, got {self.activations.type}")
-        if isinstance(self.weights, IntSpec) and (self.weights.group_size is not None or not self.weights.symmetric):
+        per_channel = SCHEMES[self.scheme].group_size is None  # W8A8-INT8: what int8 tensor-core matmuls take
+        if isinstance(self.weights, IntSpec) and per_channel and \
+                (self.weights.group_size is not None or not self.weights.symmetric):
             raise RecipeError(f"scheme {self.scheme!r} takes per-channel symmetric int8 weights (what int8 "
-                              f"tensor-core matmuls and compressed-tensors' int-quantized format take): set "
-                              f"weights.group_size: null and weights.symmetric: true")
+                              f"tensor-core matmuls take, one weight scale per output row): set "
+                              f"weights.group_size: null and weights.symmetric: true; for weights in groups "
+                              f"use scheme W4A8-INT8")
+        if isinstance(self.weights, IntSpec) and not self.weights.symmetric:
+            # int-quantized would store a zero point per group, which no int8-input kernel here subtracts
+            raise RecipeError(f"scheme {self.scheme!r} takes symmetric weights with quantized activations: "
+                              f"set weights.symmetric: true")
         if self.overrides:
             raise RecipeError(f"scheme {self.scheme!r}: per-layer overrides are for weight-only schemes; "
                               f"keep a layer in 16 bits with `ignore`")

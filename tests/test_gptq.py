@@ -162,8 +162,9 @@ def test_gptq_checkpoint_round_trips_through_writer_and_reader(tiny_model_dir, t
     from quantkit.calibration import calibration_batch
 
     fresh = load_model(tiny_model_dir)
-    ids = calibration_batch(fresh.tokenizer, "austen", 8, 32, 0)
-    quantize_model(fresh, _gptq_recipe(**options), ids)
+    recipe = _gptq_recipe(**options)  # the default calibration data, as api.quantize drew it
+    ids = calibration_batch(fresh.tokenizer, recipe.calibration.data, 8, 32, 0)
+    quantize_model(fresh, recipe, ids)
     torch.testing.assert_close(read_back, fresh.model.get_submodule("model.layers.1.mlp.down_proj").weight, rtol=0, atol=1e-6)
 
 

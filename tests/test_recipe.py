@@ -12,7 +12,7 @@ from quantkit.recipe import (
 )
 
 SHIPPED = ["w3a16-gptq", "w3a16-gptq-actorder", "w3a16-rtn", "w4a16-awq", "w4a16-awq-gptq", "w4a16-gptq", "w4a16-gptq-actorder",
-           "w4a16-gptq-rotate", "w4a16-rtn", "w4a16-rtn-asym", "w4a16-rtn-g64", "w8a16-rtn",
+           "w4a16-gptq-rotate", "w4a16-rtn", "w4a16-rtn-asym", "w4a16-rtn-g64", "w4a8-int8", "w8a16-rtn",
            "w8a8-fp8-dynamic", "w8a8-fp8-static", "w8a8-int8-dynamic", "w8a8-int8-rotate", "w8a8-int8-rotate-online",
            "w8a8-int8-smoothquant"]
 

@@ -14,6 +14,7 @@ from quantkit.algorithms.statistics import InputStatistics
 from quantkit.errors import NumericalError
 from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, per_tensor
 from quantkit.parsing import shown
+from quantkit.recipe import Recipe, RecipeError
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,13 @@ class GPTQ(Rounding):
         super().__init__(options, activations)
         self._stats = InputStatistics("GPTQ", hessian=True, equalize=options.equalize_tokens)
         self._reports: dict[str, dict] = {}
+
+    def check(self, recipe: Recipe) -> None:
+        super().check(recipe)
+        if self.options.actorder == "group" and recipe.activations is not None and recipe.weights.group_size is not None:
+            raise RecipeError(f"recipe {shown(recipe.name)}: gptq actorder: group records each column's group "
+                              f"(g_idx), which compressed-tensors' int-quantized format ({recipe.scheme}) has no "
+                              f"tensor for; use actorder: weight (the same column order, contiguous groups)")
 
     @property
     def sequential(self) -> bool:

@@ -2,7 +2,8 @@
 
 Three formats, by scheme:
     pack-quantized   integer weights (2..8 bits) packed into int32, 16-bit activations
-    int-quantized    W8A8-INT8: int8 weights, int8 activations (per token, or per tensor + input_scale)
+    int-quantized    W8A8-INT8 / W4A8-INT8: integer weights (2..8 bits, symmetric, per channel or in
+                     groups) unpacked in int8, int8 activations (per token, or per tensor + input_scale)
     float-quantized  W8A8-FP8: FP8 E4M3 weights, FP8 activations (likewise)
 
 Layers sharing one weight spec form one config group. When every quantized linear
@@ -49,10 +50,10 @@ class LinearScheme:
     def layout(self, name: str, out: int, inp: int, bias: bool) -> dict[str, Expected]:
         """The tensors linear `name` ([out, inp] weight) stores under this scheme."""
         spec, t = self.weights, {}
+        g = spec.num_groups(inp)
+        groups = ("one scale per output channel" if spec.group_size is None
+                  else f"group size {spec.group_size} on {inp} inputs: {g} groups")
         if self.activations is None:  # pack-quantized
-            g = spec.num_groups(inp)
-            groups = ("one scale per output channel" if spec.group_size is None
-                      else f"group size {spec.group_size} on {inp} inputs: {g} groups")
             t[f"{name}.weight_packed"] = Expected(("I32",), packed_shape((out, inp), spec.bits, 1),
                                                   f"{spec.bits}-bit values of a [{out}, {inp}] weight, packed along the inputs")
             t[f"{name}.weight_scale"] = Expected(FLOAT_DTYPES, (out, g), groups)
@@ -63,9 +64,10 @@ class LinearScheme:
             t[f"{name}.weight_g_idx"] = Expected(("I32", "I64"), (inp,), "the group of each input (act-order)", optional=True)
         else:  # int-quantized / float-quantized
             fp8 = isinstance(spec, FloatSpec)
-            t[f"{name}.weight"] = Expected(("F8_E4M3",) if fp8 else ("I8",), (out, inp), f"{self.format} weight")
-            t[f"{name}.weight_scale"] = Expected(FLOAT_DTYPES, (1,) if per_tensor(spec) else (out, 1),
-                                                 "one scale per tensor" if per_tensor(spec) else "one scale per output channel")
+            values = "" if fp8 or spec.bits == 8 else f", {spec.bits}-bit values"
+            t[f"{name}.weight"] = Expected(("F8_E4M3",) if fp8 else ("I8",), (out, inp), f"{self.format} weight{values}")
+            t[f"{name}.weight_scale"] = Expected(FLOAT_DTYPES, (1,) if per_tensor(spec) else (out, g),
+                                                 "one scale per tensor" if per_tensor(spec) else groups)
             if not self.activations.dynamic:
                 t[f"{name}.input_scale"] = Expected(FLOAT_DTYPES, (1,), "static input activations: one input scale")
         if bias:
@@ -251,8 +253,11 @@ def _scheme(group: dict, top: str | None, path: str) -> LinearScheme:
     acts = field(group, "input_activations", "object", path)
     act = act_from_args(acts, f"{path}.input_activations") if acts else None
     scheme = LinearScheme(spec, act)
-    w8a8_ok = act is None or (
-        isinstance(spec, FloatSpec) if act.type == "fp8" else spec == IntSpec(8, True, None))
+    if act is not None and act.type == "int8" and isinstance(spec, IntSpec) and not spec.symmetric:
+        raise CheckpointError(f"{path}: asymmetric integer weights with int8 input activations (a zero point "
+                              f"per group) are not supported; quantkit reads symmetric ones")
+    # int-quantized: symmetric integer weights of any width, per channel or in groups (W8A8, W4A8)
+    w8a8_ok = act is None or (isinstance(spec, FloatSpec) if act.type == "fp8" else isinstance(spec, IntSpec))
     if scheme.format != fmt or not w8a8_ok:
         raise CheckpointError(f"{path}: {fmt} with weights {show(weights, 200)} and input activations {show(acts, 200)} "
                               f"is not a combination quantkit reads")

@@ -1,11 +1,12 @@
 """Read a quantized checkpoint: compressed-tensors pack-quantized layers become IntWeightLinear,
-int-quantized / float-quantized (W8A8) ones W8A8Linear, AWQ GEMM layers IntWeightLinear
+int-quantized / float-quantized (W8A8, W4A8) ones W8A8Linear, AWQ GEMM layers IntWeightLinear
 (4-bit, asymmetric).
 
 Nothing is built before the folder passed quantkit.checkpoint.validate (config.json
 and the safetensors headers against each other). While the tensors are read,
-the few values a layout depends on are checked too (weight_shape, g_idx), and
-every float tensor must be finite.
+the few values a layout depends on are checked too (weight_shape, g_idx, the
+range of int-quantized weights of fewer than 8 bits), and every float tensor
+must be finite.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from quantkit.checkpoint.files import looks_quantized, read_headers, read_json_o
 from quantkit.checkpoint.validate import Checkpoint, QuantLinear, read_config, validate_checkpoint
 from quantkit.checkpoint.writer import RECIPE_FILE, REPORT_FILE
 from quantkit.errors import CheckpointError
+from quantkit.formats import IntSpec
 from quantkit.formats.finite import all_finite
 from quantkit.formats.hadamard import online_hook
 from quantkit.models import LoadedModel
@@ -72,8 +74,16 @@ def read_state_dict(ck: Checkpoint) -> dict[str, torch.Tensor]:
 
 
 def _check_values(state: dict[str, torch.Tensor], ck: Checkpoint) -> None:
-    """The values a pack-quantized layout depends on (its dtypes and shapes are already checked)."""
+    """The values a layout depends on (its dtypes and shapes are already checked): pack-quantized's
+    weight_shape and g_idx, and the range of int-quantized weights of fewer than 8 bits (W4A8:
+    -8..7 in an int8 tensor, which could hold any value)."""
     for name, lin in ck.linears.items():
+        spec, weight = lin.scheme.weights, state.get(f"{name}.weight")
+        if lin.scheme.activations is not None and isinstance(spec, IntSpec) and spec.bits < 8 and weight.numel():
+            lo, hi = (int(v) for v in torch.aminmax(weight))
+            if lo < spec.qmin or hi > spec.qmax:
+                raise CheckpointError(f"{ck.folder}: {name}.weight holds values {lo}..{hi}; its {spec.bits}-bit "
+                                      f"weights lie in {spec.qmin}..{spec.qmax}")
         shape = state.get(f"{name}.weight_shape")
         if shape is not None and tuple(shape.tolist()) != (lin.out_features, lin.in_features):
             raise CheckpointError(f"{ck.folder}: {name}.weight_shape holds {shape.tolist()}, the model config "

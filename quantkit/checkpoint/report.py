@@ -19,10 +19,11 @@ from quantkit.formats import FloatSpec, QuantizedWeight, packed_shape
 from quantkit.pipeline import LinearResult, QuantizationResult
 
 
-def packed_nbytes(qw: QuantizedWeight) -> int:
-    """Bytes on disk: packed values, scales and (asymmetric) packed zero points."""
+def packed_nbytes(qw: QuantizedWeight, unpacked: bool = False) -> int:
+    """Bytes on disk: packed values, scales and (asymmetric) packed zero points. unpacked: the
+    int-quantized / float-quantized layout (quantized activations), one byte per value."""
     out_f, in_f = qw.q.shape
-    if isinstance(qw.spec, FloatSpec):
+    if isinstance(qw.spec, FloatSpec) or unpacked:
         return qw.q.numel() + qw.scale.numel() * qw.scale.element_size()  # one byte per value
     n = 4 * math.prod(packed_shape((out_f, in_f), qw.spec.bits, 1)) + qw.scale.numel() * qw.scale.element_size()
     if not qw.spec.symmetric:
@@ -33,11 +34,11 @@ def packed_nbytes(qw: QuantizedWeight) -> int:
 
 
 def layer_rows(result: QuantizationResult) -> list[dict]:
-    return [linear_row(r) for r in result.linears]
+    return [linear_row(r, unpacked=result.activations is not None) for r in result.linears]
 
 
-def linear_row(r: LinearResult) -> dict:
-    """The report row of one quantized linear."""
+def linear_row(r: LinearResult, unpacked: bool = False) -> dict:
+    """The report row of one quantized linear (unpacked: written int-quantized / float-quantized)."""
     qw, spec = r.weight, r.weight.spec
     row = {
         "name": r.name,
@@ -48,7 +49,7 @@ def linear_row(r: LinearResult) -> dict:
         "algorithm": r.algorithm,
         "weight_rel_error": r.weight_rel_error,
         "bytes_float": qw.q.numel() * r.float_dtype.itemsize,
-        "bytes_quantized": packed_nbytes(qw),
+        "bytes_quantized": packed_nbytes(qw, unpacked),
         "seconds": r.seconds,
     }
     if isinstance(spec, FloatSpec):

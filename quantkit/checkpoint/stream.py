@@ -180,7 +180,7 @@ class StreamingCheckpoint:
     def block_done(self, index: int, block: torch.nn.Module, results: list[LinearResult],
                    input_scales: dict[str, torch.Tensor], streams: Streams, figures: dict) -> None:
         prefix = f"{self.family.blocks}.{index}"
-        rows = [linear_row(r) for r in results]
+        rows = [linear_row(r, unpacked=self.activations is not None) for r in results]
         if self.rank == 0:
             quantized = {r.name for r in results}
             state = {}

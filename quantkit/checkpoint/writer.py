@@ -11,8 +11,9 @@ Per quantized linear X the state dict holds, in place of the float X.weight:
   pack-quantized (weight-only): X.weight_packed (int32, packed along the input
     dim), X.weight_scale, X.weight_shape and, when asymmetric,
     X.weight_zero_point (int32, packed along the output dim);
-  int-quantized / float-quantized (W8A8): X.weight (int8 / float8_e4m3fn),
-    X.weight_scale ([out, 1] per channel, [1] per tensor) and, for static
+  int-quantized / float-quantized (W8A8, W4A8): X.weight (int8 / float8_e4m3fn,
+    one value per byte unpacked: W4A8's in [-8, 7]), X.weight_scale ([out, 1] per
+    channel, [out, groups] in groups, [1] per tensor) and, for static
     activations, X.input_scale ([1]).
 
 Tensor and layer names are the ones transformers' save_pretrained writes: a
@@ -50,9 +51,11 @@ MAX_SHARD_BYTES = 4 * 1024**3
 
 def packed_tensors(name: str, qw: QuantizedWeight, activations: ActSpec | None = None,
                    input_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The on-disk tensors of one quantized linear (W8A8 when `activations` is given)."""
+    """The on-disk tensors of one quantized linear (W8A8 / W4A8 when `activations` is given)."""
     spec = qw.spec
     if activations is not None:
+        if qw.g_idx is not None and spec.group_size is not None:  # GPTQ.check refuses actorder group here
+            raise ValueError(f"{name}: int-quantized has no tensor for an act-order g_idx")
         out = {f"{name}.weight": qw.q.contiguous(),
                f"{name}.weight_scale": qw.scale.reshape(1) if per_tensor(spec) else qw.scale.contiguous()}
         if not activations.dynamic:

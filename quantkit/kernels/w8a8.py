@@ -1,4 +1,5 @@
-"""The W8A8 matmul: y = (Q(x) @ Q(W)^T) * s_x * s_w (+ bias), int8 or FP8 on both sides.
+"""The W8A8 matmul: y = (Q(x) @ Q(W)^T) * s_x * s_w (+ bias), int8 or FP8 on both sides; W4A8 too
+(integer weights of fewer bits in int8, one scale per group of inputs).
 
 One entry point, `w8a8_matmul`, over the backends of op "w8a8" in quantkit.kernels.registry,
 as for the integer-weight kernel (kernels.int_weight):
@@ -14,8 +15,15 @@ as for the integer-weight kernel (kernels.int_weight):
                 kernel) where CuPy is installed, else by torch ops.
 
 Weights: q int8 or float8_e4m3fn [N, K] with one scale per output row (or one
-for the tensor); inputs: per-token scales computed at run time (dynamic), or
-the calibrated per-tensor `input_scale` (static; larger values saturate).
+for the tensor), or, W4A8, q int8 [N, K] holding 2..8-bit values with one scale
+per (row, group of `group_size` inputs); inputs: per-token scales computed at
+run time (dynamic), or the calibrated per-tensor `input_scale` (static; larger
+values saturate).
+
+Grouped weights: the reference dequantizes W' = q * s_w (float32, per group)
+at each call and computes y = (Q(x) @ W'^T) * s_x, the product transformers +
+compressed-tensors compute (the weight decompressed, the input fake-quantized).
+The torch backend's _int_mm has one scale per output row and takes no groups.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quantkit.formats.activation import ActSpec, dynamic_scales, quantize
+from quantkit.formats.grouped import dequantize
 from quantkit.formats.spec import FloatSpec, IntSpec
 from quantkit.kernels import registry
 from quantkit.kernels.registry import register_backend
@@ -34,9 +43,10 @@ from quantkit.kernels.registry import register_backend
 class PreparedW8A8:
     """One weight in the layout its backend wants.
 
-    tensors for "reference": q [N, K] (int8 | float8_e4m3fn), scale float32 [N, 1],
-    input_scale float32 [1, 1] (static only). For "torch": q_t [K, N] column-major
-    (what _int_mm / _scaled_mm take), scale float32 [1, N], input_scale as above.
+    tensors for "reference": q [N, K] (int8 | float8_e4m3fn), scale float32 [N, 1]
+    ([N, G] for a grouped weight), input_scale float32 [1, 1] (static only). For
+    "torch" (never grouped): q_t [K, N] column-major (what _int_mm / _scaled_mm take),
+    scale float32 [1, N], input_scale as above.
     """
 
     backend: str
@@ -45,8 +55,13 @@ class PreparedW8A8:
     shape: tuple[int, int]  # (N, K)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def grouped(self) -> bool:
+        return self.weights.group_size is not None
+
     def __str__(self) -> str:  # what a backend refusal names (registry.select_backend)
-        return f"a {self.shape} {self.act.type} weight"
+        groups = f" in groups of {self.weights.group_size}" if self.grouped else ""
+        return f"a {self.shape} {self.act.type} weight{groups}"
 
 
 def input_scales(x2: torch.Tensor, w: PreparedW8A8, check: bool = True) -> torch.Tensor:
@@ -63,8 +78,12 @@ def w8a8_matmul_reference(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor |
         raise ValueError(f"input {tuple(x.shape)} has NaN or Inf values")
     sx = input_scales(x2, w)
     xq = quantize(x2, sx, w.act)
-    acc = xq.to(torch.float32) @ t["q"].to(torch.float32).T  # exact products, float32 sums
-    y = acc * sx * t["scale"].T
+    if w.grouped:  # W' = q * s_w per group, then the float product
+        zero = t["scale"].new_zeros(t["scale"].shape, dtype=torch.int8)  # symmetric
+        y = (xq.to(torch.float32) @ dequantize(t["q"], t["scale"], zero, w.weights).T) * sx
+    else:
+        acc = xq.to(torch.float32) @ t["q"].to(torch.float32).T  # exact products, float32 sums
+        y = acc * sx * t["scale"].T
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
@@ -80,8 +99,9 @@ def prepare_w8a8(
 ) -> PreparedW8A8:
     """On-disk compressed-tensors tensors (int-quantized / float-quantized) -> the backend's layout.
 
-    weight:       int8 or float8_e4m3fn [N, K]
-    weight_scale: [N, 1] (per channel) or [1] / [1, 1] (per tensor)
+    weight:       int8 or float8_e4m3fn [N, K]; int8 holds weights.bits-bit values
+    weight_scale: [N, 1] (per channel), [1] / [1, 1] (per tensor) or, weights in groups,
+                  [N, ceil(K / group_size)]
     input_scale:  [1] when act is static, else None
     backend:      a name of op "w8a8"; None picks the fastest available on weight's device
     """
@@ -91,13 +111,20 @@ def prepare_w8a8(
     want = torch.float8_e4m3fn if isinstance(weights, FloatSpec) else torch.int8
     if weight.dtype != want or (act.type == "fp8") != (want == torch.float8_e4m3fn):
         raise ValueError(f"a {act.type} W8A8 layer needs {want} weights, got {weight.dtype}")
-    if weight_scale.numel() not in (1, n) or (weight_scale.numel() == n and weight_scale.shape[0] != n):
+    if weights.group_size is not None:
+        g = weights.num_groups(k)
+        if tuple(weight_scale.shape) != (n, g):
+            raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected ({n}, {g}) "
+                             f"(group size {weights.group_size} on {k} inputs)")
+    elif weight_scale.numel() not in (1, n) or (weight_scale.numel() == n and weight_scale.shape[0] != n):
         raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected ({n}, 1) or (1,)")
     if act.dynamic != (input_scale is None):
         raise ValueError("a static activation scheme needs input_scale; a dynamic one takes none")
     if input_scale is not None and input_scale.numel() != 1:
         raise ValueError(f"input_scale must hold one value (per tensor), got shape {tuple(input_scale.shape)}")
-    tensors = {"q": weight, "scale": weight_scale.to(torch.float32).reshape(-1, 1).expand(n, 1).contiguous()}
+    scale = weight_scale.to(torch.float32)
+    scale = scale.contiguous() if weights.group_size is not None else scale.reshape(-1, 1).expand(n, 1).contiguous()
+    tensors = {"q": weight, "scale": scale}
     if input_scale is not None:
         tensors["input_scale"] = input_scale.to(torch.float32).reshape(1, 1)
     prepared = PreparedW8A8("reference", weights, act, (n, k), tensors)

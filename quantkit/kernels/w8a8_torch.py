@@ -28,7 +28,7 @@ def _prepare_torch(w: PreparedW8A8) -> PreparedW8A8:
 
 
 def _torch_available(device: torch.device, dtype: torch.dtype | None, w: PreparedW8A8) -> bool:
-    if device.type != "cuda":
+    if device.type != "cuda" or w.grouped:  # _int_mm's sums span the whole row: one weight scale per row
         return False
     n, k = w.shape
     if w.act.type == "int8":

@@ -82,11 +82,12 @@ class IntWeightLinear(nn.Module):
 
 
 class W8A8Linear(nn.Module):
-    """y = Q(x) @ Q(W)^T * s_x * s_w + b, compressed-tensors' int-quantized / float-quantized layout.
+    """y = Q(x) @ Q(W)^T * s_x * s_w + b, compressed-tensors' int-quantized / float-quantized layout
+    (W8A8, and W4A8: integer weights of fewer bits in int8, one scale per group).
 
     Buffers carry the checkpoint's names:
       weight        int8 | float8_e4m3fn [N, K]
-      weight_scale  float [N, 1] (per channel) or [1] (per tensor)
+      weight_scale  float [N, 1] (per channel), [N, G] (in groups) or [1] (per tensor)
       input_scale   float [1]                (static activations only)
 
     With `track_saturation` on (static activations), forward counts the input
@@ -109,7 +110,8 @@ class W8A8Linear(nn.Module):
         kw = {"device": device}
         wdtype = torch.float8_e4m3fn if isinstance(weights, FloatSpec) else torch.int8
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=wdtype, **kw))
-        self.register_buffer("weight_scale", torch.ones((1,) if per_tensor(weights) else (out_features, 1), dtype=dtype, **kw))
+        scale_shape = (1,) if per_tensor(weights) else (out_features, weights.num_groups(in_features))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=dtype, **kw))
         if not act.dynamic:
             self.register_buffer("input_scale", torch.ones(1, dtype=dtype, **kw))
         else:
@@ -136,6 +138,8 @@ class W8A8Linear(nn.Module):
         return w8a8_matmul(x, self._prepared, self.bias)
 
     def extra_repr(self) -> str:
-        w = "fp8 " + self.spec.strategy if isinstance(self.spec, FloatSpec) else "int8 channel"
+        s = self.spec
+        w = (f"fp8 {s.strategy}" if isinstance(s, FloatSpec)
+             else f"int{s.bits} {'channel' if s.group_size is None else f'group {s.group_size}'}")
         a = f"{self.act.type} {'dynamic per-token' if self.act.dynamic else 'static per-tensor'}"
         return f"in={self.in_features}, out={self.out_features}, weights={w}, inputs={a}"
