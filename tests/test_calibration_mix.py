@@ -212,3 +212,36 @@ def test_bundled_dialogue_is_conversations():
         for conv in docs:
             assert len(conv) >= 2 and conv[0]["role"] == "user"
             assert all(m["role"] == ("user", "assistant")[i % 2] and m["content"] for i, m in enumerate(conv))
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--calib-data", "austen@0,pycode"], ["calibration mix 'austen@0,pycode'", "must be a positive number"]),
+    (["--calib-data", "austen@1,austen@2"], ["names 'austen' twice"]),
+    (["--calib-data", "./no-such-notes.txt@1,austen@1"], ["no such file or folder", "no-such-notes.txt"]),
+    (["--chat-template", "maybe"], ["--chat-template must be auto, on or off", "'maybe'"]),
+])
+def test_cli_refuses_a_bad_mix_and_writes_nothing(tiny_model_dir, tmp_path, args, fragments):
+    from test_bad_inputs import assert_clean_error, cli
+
+    out = tmp_path / "out"
+    assert_clean_error(*cli("quantize", tiny_model_dir, "--recipe", "w4a16-gptq", "--out", out, "--num-samples", 4,
+                            "--seqlen", 32, *args), *fragments)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_the_parts_of_a_mix(tiny_model_dir, tmp_path, texts):
+    from test_bad_inputs import cli
+
+    out = tmp_path / "out"
+    spec = f"{texts / 'a.txt'}@3,{texts / 'chat.jsonl'}@1"
+    result, text = cli("quantize", tiny_model_dir, "--recipe", "w4a16-gptq", "--out", out, "--num-samples", 8,
+                       "--seqlen", 32, "--calib-data", spec, "--json")
+    assert result.exit_code == 0, text
+    report = json.loads((out / "quantization_report.json").read_text())
+    parts = report["calibration"]["parts"]
+    assert [(p["source"], p["samples"], p["chat_template"]) for p in parts] == [
+        (str(texts / "a.txt"), 6, False), (str(texts / "chat.jsonl"), 2, False)]  # the tiny tokenizer has no template
+    assert report["calibration"]["data"] == spec
