@@ -28,12 +28,14 @@ from rich.console import Console
 from rich.table import Table
 
 from quantkit.algorithms import build_all
+from quantkit.algorithms.rotation import transform_config
 from quantkit.budget import budget_recipe, choose as choose_budget, measure as measure_budget, summary as budget_summary
 from quantkit.calibration import EVALUATION_TEXTS, calibration_batch, evaluation_tokens
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
 from quantkit.checkpoint.report import layer_rows
 from quantkit.eval import perplexity
 from quantkit.models import load_model
+from quantkit.models.families import checkpoint_name
 from quantkit.devices import calibration_dtype
 from quantkit.pipeline import needs_calibration, quantize_model
 from quantkit.progress import QuantizeProgress
@@ -123,12 +125,16 @@ def main() -> None:
             choice = choose_budget(costs, recipe.budget.bits_per_weight)
             budget = budget_summary(costs, choice)
             recipe, work = budget_recipe(recipe, choice), copy.deepcopy(base)  # measuring may rotate: a fresh copy
-        result = quantize_model(work, recipe, calib, device=args.device)
+        chain = build_all(recipe)
+        result = quantize_model(work, recipe, calib, device=args.device, chain=chain)
         quant_s = time.perf_counter() - t0
+        # an online rotation is recorded as the checkpoint's transform_config, as api.quantize writes it
+        online = {checkpoint_name(work.family, n): b for r in chain.rotations for n, b in r.online_linears(work.model).items()}
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": layer_rows(result)}, actorder=result.actorder,
-                                      activations=result.activations, input_scales=result.input_scales)
+                                      activations=result.activations, input_scales=result.input_scales,
+                                      transforms=transform_config(online))
             write_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             ours = load_checkpoint(folder)
