@@ -474,8 +474,16 @@ def held_out_batch(
     return torch.cat(rows), disjoint
 
 
+def _is_conversational(source: str) -> bool:
+    """Whether `source` holds conversations: a bundled entry says so without reading its file."""
+    entry = bundled_datasets().get(source)
+    if entry is not None and "file" in entry:
+        return entry.get("format") == "conversations"
+    return any(not isinstance(d, str) for d in load_documents(source))
+
+
 def _held_out_one(tokenizer, source, windows, seqlen, seed, calibration, chat_template) -> tuple[torch.Tensor, bool]:
-    if calibration is None and not any(not isinstance(d, str) for d in load_documents(source)):
+    if calibration is None and not _is_conversational(source):
         return _windows_from_pieces(tokenizer, source, windows, seqlen, seed), True
     stream = _stream_for_windows(tokenizer, source, seqlen, chat_template)
     ids, T = stream.ids, stream.ids.numel()

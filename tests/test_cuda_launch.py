@@ -259,6 +259,7 @@ def _cu_parameters(source: str, head: str) -> list[str]:
     ("engine_ops", "paged_attention_##SUFFIX##_e##E", "engine_ops.paged_attention"),
     ("quantize_rows", "quantize_rows_int8_##NAME", "quantize_rows.quantize_rows"),
     ("scale_epilogue", "scale_epilogue_##NAME", "scale_epilogue.scale_epilogue"),
+    ("gptq_columns", "__global__ void gptq_columns", "gptq_columns.gptq_columns"),
 ])
 def test_wrappers_name_the_kernels_parameters_in_order(cu, head, wrapper):
     import importlib

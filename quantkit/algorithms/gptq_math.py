@@ -19,14 +19,13 @@ H itself is accumulated by quantkit.algorithms.statistics.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, compute_qparams, group_minmax, per_tensor
-from quantkit.formats.activation import FP8_E4M3_MAX
 from quantkit.formats.fp8 import fp8_scale
+from quantkit.kernels.gptq_columns import gptq_columns
 
 
 @dataclass
@@ -36,16 +35,6 @@ class GPTQResult:
     loss: float  # row_loss summed: the paper's objective
     damping: float  # the dampening fraction that made H positive definite
     dead_columns: int  # inputs that never fired (diag(H) == 0): their weights are zeroed
-
-
-@contextlib.contextmanager
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
@@ -130,50 +119,31 @@ def gptq_quantize(
     # working copies of the qparams, one contiguous row per group
     s_rows = scales.T.to(torch.float32).contiguous()  # [n_groups, out]
     z_rows = zps.T.to(torch.float32).contiguous()
-    symmetric = spec.symmetric
     row_loss = torch.zeros(out_f, dtype=torch.float64, device=W.device)
 
-    groups = col_group.tolist()
-    diag = torch.diagonal(U).tolist()
     # Work on W^T [in, out]: a column of W is then a contiguous row, so the
     # per-column reads, writes and rank-1 updates touch memory in order.
     Wt = W.T.contiguous()
     # in processing order; FP8 values are kept as float32 (exact) until the end
     Qt = torch.zeros(in_f, out_f, dtype=torch.float32 if fp8 else torch.int8, device=W.device)
+    group_of = col_group.to(torch.int32)  # each processed column's row of s_rows / z_rows
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         W1 = Wt[i1:i2].clone()  # [B, out], updated in place as columns are rounded
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        with _single_thread():  # [out]-sized ops: threads only add hand-off latency
-            for i in range(i2 - i1):
-                col = i1 + i
-                if not fixed and col % gs == 0:
-                    # this group's qparams from its columns as updated so far
-                    g = col // gs
-                    stop = min(col + gs, in_f)
-                    group_cols = torch.cat([W1[i:], Wt[i2:stop]], dim=0)[: stop - col]
-                    sc, zp = qparams(group_cols.T)
-                    scales[:, g : g + 1], zps[:, g : g + 1] = sc, zp
-                    s_rows[g], z_rows[g] = sc[:, 0], zp[:, 0]
-                g = groups[col]
-                w, q, err = W1[i], Q1[i], Err1[i]
-                s, z = s_rows[g], z_rows[g]
-                # q = clamp(round(w / s + z)); err = (w - (q - z) * s) / U[col, col], in place
-                torch.div(w, s, out=q)
-                if not symmetric:
-                    q.add_(z)
-                if fp8:
-                    q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).copy_(q.to(torch.float8_e4m3fn))
-                else:
-                    q.round_().clamp_(spec.qmin, spec.qmax)
-                if symmetric:
-                    torch.mul(q, s, out=err)
-                else:
-                    torch.sub(q, z, out=err).mul_(s)
-                torch.sub(w, err, out=err).div_(diag[col])
-                W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1.0)  # W1[k] -= U1[i, k] * err for k > i
+        # runs of columns between group starts: a group's qparams come from its columns as
+        # updated by everything before it, so they are computed between the runs
+        starts = [] if fixed else [c for c in range(i1, i2) if c % gs == 0]
+        cuts = sorted({i1, i2, *starts})
+        for a, b in zip(cuts, cuts[1:]):
+            if a in starts:
+                g, stop = a // gs, min(a + gs, in_f)
+                group_cols = torch.cat([W1[a - i1:], Wt[i2:stop]], dim=0)[: stop - a]
+                sc, zp = qparams(group_cols.T)
+                scales[:, g : g + 1], zps[:, g : g + 1] = sc, zp
+                s_rows[g], z_rows[g] = sc[:, 0], zp[:, 0]
+            gptq_columns(W1, Q1, Err1, U[i1:i2, i1:i2], s_rows, z_rows, group_of[i1:i2], a - i1, b - i1, spec)
         Qt[i1:i2] = Q1.to(Qt.dtype)
         row_loss += (Err1.double() ** 2).sum(dim=0) / 2
         Wt[i2:] -= U[i1:i2, i2:].T @ Err1
