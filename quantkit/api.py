@@ -212,7 +212,8 @@ def quantize(
         gpu_peaks = [b["peak_gpu_bytes"] for b in result.blocks if b.get("peak_gpu_bytes") is not None]
         gpu_peak = max(gpu_peaks) if gpu_peaks else None
         ranks = comm.gather({"rank": comm.rank, "peak_cpu_rss_bytes": peak_rss_bytes(), "peak_gpu_bytes": gpu_peak,
-                             "seconds": {k: v for k, v in result.seconds.items()}})
+                             "seconds": {k: v for k, v in result.seconds.items()},
+                             "collective_s": comm.collective_s, "collective_bytes": comm.collective_bytes})
         report = {
             "quantkit_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -29,8 +29,10 @@ which sets RANK / WORLD_SIZE / MASTER_ADDR (quantkit then joins that group).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,20 +45,34 @@ class Group:
     rank: int = 0
     world: int = 1
     device: str = "cpu"  # where collectives run: NCCL's GPU, or the CPU (gloo)
+    # seconds this rank spent in collectives (waiting for the others included) and bytes it sent
+    # through them: the report's per-process figures, from which a run on more GPUs is projected
+    collective_s: float = field(default=0.0, compare=False)
+    collective_bytes: int = field(default=0, compare=False)
 
     @property
     def alone(self) -> bool:
         return self.world == 1
 
+    @contextlib.contextmanager
+    def _timed(self, nbytes: int = 0):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.collective_s += time.perf_counter() - t
+            self.collective_bytes += nbytes
+
     def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         if self.alone:
             return t
-        if self.device != "cpu" and t.device.type == "cpu":  # NCCL reduces GPU tensors only
-            there = t.to(self.device)
-            torch.distributed.all_reduce(there, op)
-            t.copy_(there)
-        else:
-            torch.distributed.all_reduce(t, op)
+        with self._timed(t.numel() * t.element_size()):
+            if self.device != "cpu" and t.device.type == "cpu":  # NCCL reduces GPU tensors only
+                there = t.to(self.device)
+                torch.distributed.all_reduce(there, op)
+                t.copy_(there)
+            else:
+                torch.distributed.all_reduce(t, op)
         return t
 
     def share(self, n: int) -> slice:
@@ -79,7 +95,8 @@ class Group:
         if self.alone:
             return [obj]
         out = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
+        with self._timed():
+            torch.distributed.all_gather_object(out, obj)
         return out
 
     def broadcast(self, obj, src: int):
@@ -87,12 +104,14 @@ class Group:
         if self.alone:
             return obj
         box = [obj if self.rank == src else None]
-        torch.distributed.broadcast_object_list(box, src=src)
+        with self._timed():
+            torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
     def barrier(self) -> None:
         if not self.alone:
-            torch.distributed.barrier()
+            with self._timed():
+                torch.distributed.barrier()
 
 
 ALONE = Group()
