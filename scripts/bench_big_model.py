@@ -345,6 +345,13 @@ def summarize(result: dict, weights: int) -> dict:
         "peak_gpu_nvidia_smi_over_baseline": (max(p - b for p, b in zip(smi, s["gpu_used_baseline_bytes"]))
                                               if smi and s["gpu_used_baseline_bytes"] else None),
         "resumed_from": r.get("resumed_from"),
+        "capture_s": seconds.get("quantize.capture"),  # block 0's inputs: the embeddings of every batch
+        "held_out_s": seconds.get("quantize.held_out"),  # the held-back check (one process only)
+        # the phases several processes split between them (each runs its share of the batches)
+        "parallel_fraction": ((seconds.get("quantize.capture") or 0) + seconds["quantize.forward"]) / result["wall_s"]
+        if isinstance(seconds.get("quantize.forward"), (int, float)) and result["wall_s"] else None,
+        "processes": [{"rank": q.get("rank"), "seconds": q.get("seconds"), "collective_s": q.get("collective_s"),
+                       "collective_bytes": q.get("collective_bytes")} for q in r.get("processes") or []] or None,
     }
 
 
@@ -534,6 +541,11 @@ def model_bytes(cfg: dict) -> int:
     return cfg["num_hidden_layers"] * block_bytes(cfg) + 2 * 2 * cfg["vocab_size"] * h + 2 * h
 
 
+def hessian_bytes(cfg: dict) -> int:
+    """One block's float32 Hessians, one per input group: q/k/v, o, gate/up (hidden^2 each), down (MLP^2)."""
+    return 4 * (3 * cfg["hidden_size"] ** 2 + cfg["intermediate_size"] ** 2)
+
+
 def cpu_formula(cfg: dict) -> int:
     """The embedding (or lm_head) in bf16 + one block."""
     return cfg["vocab_size"] * cfg["hidden_size"] * 2 + block_bytes(cfg)
@@ -567,6 +579,17 @@ def project(args) -> None:
     gpu_meas = s.get("peak_gpu_reported") or s.get("peak_gpu_nvidia_smi_over_baseline")
     cpu_extra = max(0, cpu_meas - cpu_formula(cfg)) if cpu_meas else 0
     gpu_extra = max(0, gpu_meas - gpu_formula(cfg, tokens)) if gpu_meas else 0
+    comm_s, comm_note = 0.0, "no communication term (no --comm-from)"
+    if args.comm_from:  # a run with several processes: the bytes its collectives moved, per block
+        other = json.loads(Path(args.comm_from).read_text())["summary"]
+        procs = other.get("processes") or []
+        sent = max((q.get("collective_bytes") or 0 for q in procs), default=0)
+        blocks_there = other.get("blocks") or 1
+        per_block = sent / blocks_there
+        comm_s = per_block / (args.link_gbps * 1e9)  # a ring all-reduce moves 2 (N - 1) / N of this per GPU
+        comm_note = (f"communication: {per_block / GiB:.2f} GiB a block all-reduced (measured, {len(procs)} processes), "
+                     f"at an assumed {args.link_gbps:g} GB/s bus bandwidth: {comm_s * 1e3:.1f} ms a block for 2 GPUs; "
+                     f"plus the solved block broadcast (1 byte a weight)")
     a = args.solve_exponent
     fwd, solve = s.get("forward_s"), s.get("solve_s")
     f, f_from = (solve / (fwd + solve), "the report's quantize.quantize / (quantize.forward + quantize.quantize)") \
@@ -584,10 +607,15 @@ def project(args) -> None:
     for name, target in {"measured (check)": cfg, **TARGETS}.items():
         tb = block_s * ((1 - f) * solve_cost(target, 0) / solve_cost(cfg, 0) + f * solve_cost(target, a) / solve_cost(cfg, a))
         t1 = target["num_hidden_layers"] * tb + other_s * model_bytes(target) / model_bytes(cfg)
-        times = [_duration(t1 * ((1 - p) + p / n)) for n in (1, 2, 8)]
+        comm = comm_s * hessian_bytes(target) / hessian_bytes(cfg)
+        ship = sum(i * o for i, o in block_linears(target)) / (args.link_gbps * 1e9) if args.comm_from else 0.0
+        times = [_duration(t1 * ((1 - p) + p / n)
+                           + target["num_hidden_layers"] * (comm * 2 * (n - 1) / n + ship * (n - 1) / n))
+                 for n in (1, 2, 8)]
         t.add_row(name, str(target["num_hidden_layers"]), _gib(model_bytes(target)),
                   _gib(gpu_formula(target, tokens) + gpu_extra), _gib(cpu_formula(target) + cpu_extra), _duration(tb), *times)
     out.print(t)
+    out.print(comm_note, markup=False, highlight=False)
     out.print(
         "formulas (bf16 weights, 2-byte activations, T = num_samples x seqlen tokens, the same as measured):\n"
         "  GPU mem  = block bytes + 3 x T x hidden x 2 + (largest in_features)^2 x 4 + overhead_gpu\n"
@@ -597,7 +625,11 @@ def project(args) -> None:
         "             the same on the measured block, summed over q,k,v,o,gate,up,down: the forwards and Hessians scale as\n"
         "             the matmul FLOPs (out x in), GPTQ's column-by-column solve as out x in^2 (alpha 1)\n"
         "  1 GPU    = blocks x s/block + (measured seconds outside the blocks) x weights / measured weights\n"
-        "  N GPUs   = (1 GPU) x ((1 - p) + p / N)   (Amdahl)")
+        "  N GPUs   = (1 GPU) x ((1 - p) + p / N) + blocks x (2 (N - 1) / N x comm + (N - 1) / N x ship)\n"
+        "             (Amdahl; p = the measured share of the wall time in the phases that split by batches:\n"
+        "             capture and calibration forwards; the solves stay serial)\n"
+        "  comm     = measured all-reduced bytes per block / bus bandwidth, scaled by the Hessians' bytes\n"
+        "  ship     = the block's weights at 1 byte each / bus bandwidth (each solve's result, broadcast)")
 
 
 # ---------------------------------------------------------------- command line
@@ -647,6 +679,10 @@ def main() -> None:
     p.add_argument("--from", dest="from_", required=True, help="a `run --json-out` file")
     p.add_argument("--parallel-fraction", type=float, help="Amdahl p (default: the JSON's parallel_fraction, else 0.8)")
     p.add_argument("--solve-exponent", type=float, default=1.0, help="alpha in the s/block scaling (see the formulas)")
+    p.add_argument("--comm-from", help="a `run --devices N --json-out` file: its collectives' bytes per block")
+    p.add_argument("--link-gbps", type=float, default=100.0,
+                   help="all-reduce bus bandwidth between GPUs, GB/s (an assumption; NVLink H100/H200 hosts "
+                        "measure several hundred)")
     p.set_defaults(fn=project)
 
     args = ap.parse_args()
