@@ -267,3 +267,20 @@ def test_quantize_cli_summarizes_awq(tiny_model_dir, tmp_path):
     text = result.output + (getattr(result, "stderr", "") or "")
     assert result.exit_code == 0, text
     assert "AWQ" in text and "grouped-query" in text
+
+
+def test_equalized_magnitudes_give_every_token_the_same_say():
+    from quantkit.algorithms.statistics import InputStatistics
+
+    x = torch.ones(64, 8)
+    x[0] = 0.0
+    x[0, 3] = 1000.0  # one massive token on one channel
+    plain = InputStatistics("AWQ", abs_mean=True)
+    unit = InputStatistics("AWQ", abs_mean=True, equalize_abs_mean=True)
+    plain.observe(("a",), x)
+    unit.observe(("a",), x)
+    m_plain, m_unit = plain["a"].abs_mean, unit["a"].abs_mean
+    assert m_plain[3] / m_plain[0] > 15  # the one token sets channel 3's magnitude
+    assert m_unit[3] / m_unit[0] < 1.2  # with unit rows it is one token of 64
+    options = AWQOptions(equalize_magnitudes=True)
+    assert AWQ(options)._stats.equalize_abs_mean

@@ -32,6 +32,9 @@ class AWQOptions:
     # every calibration token weighs the same in the error the searches
     # minimize (as GPTQ's equalize_tokens); the activation magnitudes are plain
     equalize_tokens: bool = True
+    # the activation magnitudes m_x from unit token rows too, so that a few large
+    # tokens (or one domain of a mix with larger activations) do not set them
+    equalize_magnitudes: bool = False
 
     def __post_init__(self) -> None:
         for key in ("grid", "clip_grid"):
@@ -49,7 +52,8 @@ class AWQ(Transform):
     def __init__(self, options: AWQOptions, activations=None) -> None:
         super().__init__(options, activations)
         # per input group: H (rows equalized as asked) and the mean |x| per channel
-        self._stats = InputStatistics("AWQ", hessian=True, equalize=options.equalize_tokens, abs_mean=True)
+        self._stats = InputStatistics("AWQ", hessian=True, equalize=options.equalize_tokens, abs_mean=True,
+                                      equalize_abs_mean=options.equalize_magnitudes)
         self._reports: dict[str, dict] = {}
 
     def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:

@@ -79,15 +79,16 @@ class InputStatistics:
     """Per input group statistics of the calibration inputs, shared by the group's linears.
 
     hessian: H (rows scaled to unit norm first when `equalize`); abs_mean: the
-    per-channel sum of |x|; absmax: the per-channel max |x| (inputs must be
+    per-channel sum of |x| (of the unit rows when `equalize_abs_mean`); absmax: the per-channel max |x| (inputs must be
     finite); sample_tokens: up to that many token rows, spread over the batches.
     `owner` names the algorithm in errors.
     """
 
     def __init__(self, owner: str, hessian: bool = False, equalize: bool = True, abs_mean: bool = False,
-                 absmax: bool = False, sample_tokens: int = 0) -> None:
+                 absmax: bool = False, sample_tokens: int = 0, equalize_abs_mean: bool = False) -> None:
         self.owner = owner
         self.hessian, self.equalize, self.abs_mean, self.absmax = hessian, equalize, abs_mean, absmax
+        self.equalize_abs_mean = equalize_abs_mean  # abs_mean of unit rows: every token the same say
         self.sample_tokens = sample_tokens
         self._groups: dict[str, GroupStatistics] = {}
 
@@ -110,7 +111,8 @@ class InputStatistics:
             self._sample(group, x)
         if self.abs_mean:
             # float32 within a batch, float64 across batches
-            batch_sum = x.to(torch.float32).abs().sum(dim=0).to(torch.float64)
+            rows = equalize_tokens(x) if self.equalize_abs_mean else x.to(torch.float32)
+            batch_sum = rows.abs().sum(dim=0).to(torch.float64)
             group.abs_sum = batch_sum if group.abs_sum is None else group.abs_sum + batch_sum
         if self.hessian:
             if group.hessian is None:
