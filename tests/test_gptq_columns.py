@@ -100,7 +100,7 @@ def test_gptq_through_the_kernel_equals_the_twin(spec, actorder, static, monkeyp
         results[name] = gptq_quantize(W, H, spec, 0.01, 128, actorder, static)
     ref, ker = results["reference"], results["cuda"]
     assert (ref.weight.q != ker.weight.q).float().mean() < 2e-3
-    assert (ref.weight.scale != ker.weight.scale).float().mean() < 2e-3
+    torch.testing.assert_close(ker.weight.scale, ref.weight.scale, rtol=1e-4, atol=0)  # from the updated columns
     assert abs(ker.loss - ref.loss) <= 2e-3 * ref.loss
     # the kernel is deterministic: the same inputs give the same bits
     again = gptq_quantize(W, H, spec, 0.01, 128, actorder, static)
