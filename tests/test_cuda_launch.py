@@ -260,6 +260,7 @@ def _cu_parameters(source: str, head: str) -> list[str]:
     ("quantize_rows", "quantize_rows_int8_##NAME", "quantize_rows.quantize_rows"),
     ("scale_epilogue", "scale_epilogue_##NAME", "scale_epilogue.scale_epilogue"),
     ("gptq_columns", "__global__ void gptq_columns", "gptq_columns.gptq_columns"),
+    ("hadamard", "hadamard_blocks_##NAME", "hadamard.hadamard_blocks"),
 ])
 def test_wrappers_name_the_kernels_parameters_in_order(cu, head, wrapper):
     import importlib

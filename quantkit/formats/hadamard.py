@@ -107,9 +107,11 @@ def rotate_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def online_hook(block: int):
-    """A forward pre-hook rotating a linear's input by rotate_blocks(x, block)."""
+    """A forward pre-hook rotating a linear's input by rotate_blocks(x, block), on the fastest
+    backend of op "hadamard" (quantkit.kernels.hadamard: a CUDA Walsh-Hadamard transform on a GPU)."""
+    from quantkit.kernels.hadamard import hadamard_rows  # the kernels import the formats
 
     def hook(_module, args):
-        return (rotate_blocks(args[0], block), *args[1:])
+        return (hadamard_rows(args[0], block), *args[1:])
 
     return hook

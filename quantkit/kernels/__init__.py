@@ -16,7 +16,7 @@ Launch policy (grid, block, shared memory, which instantiation) stays with the b
 Importing this package registers every backend.
 """
 
-from quantkit.kernels import engine_ops_cuda, gptq_columns_cuda, int_weight_cuda, w8a8_torch  # noqa: F401  (register their backends)
+from quantkit.kernels import engine_ops_cuda, gptq_columns_cuda, hadamard_cuda, int_weight_cuda, w8a8_torch  # noqa: F401  (register their backends)
 from quantkit.kernels.engine_ops import rms_norm_matmul
 from quantkit.kernels.int_weight import PreparedIntWeight, int_weight_matmul, prepare_int_weight
 from quantkit.kernels.registry import Backend, backend, backends, register_backend, select_backend
