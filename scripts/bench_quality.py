@@ -132,7 +132,7 @@ def main() -> None:
         online = {checkpoint_name(work.family, n): b for r in chain.rotations for n, b in r.online_linears(work.model).items()}
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            folder = write_checkpoint(Path(tmp) / name, work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": layer_rows(result)}, actorder=result.actorder,
+            folder = write_checkpoint(Path(tmp) / "checkpoint", work.model, work.tokenizer, result.weights, recipe.to_yaml(), {"layers": layer_rows(result)}, actorder=result.actorder,
                                       activations=result.activations, input_scales=result.input_scales,
                                       transforms=transform_config(online))
             write_s = time.perf_counter() - t0
