@@ -24,6 +24,18 @@ then quantizes as usual with the choice written into the recipe as per-layer ove
 
 The errors assume each linear's rounding alone; the transforms of the recipe (AWQ, SmoothQuant)
 are not applied while measuring.
+
+An error in one linear's output matters as much as the model's loss responds to it, which the
+output error alone does not see (an early layer's error passes through every later block; a
+late MLP's mostly reaches one head). With `sensitivity: gradient`, one backward pass of the
+float model over `gradient_samples` calibration windows gives each linear's output channels
+their mean squared loss gradient G_i = mean_t (dL/dy_ti)^2, and a candidate's error becomes
+
+    sum_i G_i sum_t (dW x_t)_i^2                (a second-order estimate of the loss it adds,
+                                                 gradients and rounding errors independent)
+
+as K-FAC factors the curvature (Martens & Grosse 2015), with H in place of the input factor.
+That pass holds the whole model on the device, unlike the rest of the walk.
 """
 
 from __future__ import annotations
@@ -78,6 +90,10 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
         rotation.prepare(loaded)
     rounder = chain.rounding.trial_rounder()
     equalize = getattr(chain.rounding.options, "equalize_tokens", True)
+    weights = None
+    if recipe.budget.sensitivity == "gradient":
+        n = min(recipe.budget.gradient_samples, calibration_ids.shape[0])
+        weights = output_sensitivities(loaded, calibration_ids[:n], device, recipe)
     loaded.materialize(family.embed)
     inputs = capture_block_inputs(loaded, calibration_ids, device, recipe.calibration.batch_size, dtype)
     loaded.release(family.embed)
@@ -116,7 +132,10 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
                     else:
                         w_hat = quantize_rtn(w, spec).dequantize(torch.float32)
                     dw = (w - w_hat).to(H.dtype)
-                    error = float(((dw @ H) * dw).sum()) * plain[t.name].tokens / 2 if t.name in plain else 0.0
+                    rows = ((dw @ H) * dw).sum(dim=1)  # per output channel: mean over tokens of 2 (dW x)_i^2
+                    if weights is not None:
+                        rows = rows * weights[t.name].to(rows)
+                    error = float(rows.sum()) * plain[t.name].tokens / 2 if t.name in plain else 0.0
                     options[cname] = (max(error, 0.0), packed_nbytes(quantize_rtn(t.linear.weight.data, spec)))
                 costs.append(Costs(t.name, w.numel(), options))
         for t in targets:
@@ -130,6 +149,63 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
         loaded.release(prefix)
         progress.block_done()
     return costs
+
+
+def output_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """Linear name -> [out] float32: the mean over `ids`' tokens of the squared gradient of the
+    model's next-token loss (summed over tokens) with respect to each output channel, for every
+    linear the recipe targets, in the model's own dtype. The whole model is read and moved to
+    `device` for the pass (and put back on the CPU, and a lazy model's weights given back, after it)."""
+    model, family = loaded.model, loaded.family
+    parts = [family.embed, *(f"{family.blocks}.{i}" for i in range(len(blocks_of(loaded)))), family.final_norm,
+             family.lm_head]  # as the walk reads them (a rotation rewrites each as it is read)
+    with torch.inference_mode(False):  # read outside inference mode: autograd saves these tensors
+        for part in parts:
+            loaded.materialize(part)
+        model.to(device)
+        for m in model.modules():  # tensors made in inference mode (a model loaded in it) as normal ones
+            for key, t in list(m._parameters.items()):
+                if t is not None and t.is_inference():
+                    m._parameters[key] = torch.nn.Parameter(t.clone(), requires_grad=False)
+            for key, t in list(m._buffers.items()):
+                if t is not None and t.is_inference():
+                    m._buffers[key] = t.clone()
+    found: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def watch(name: str):
+        def forward_hook(_module, _args, out):
+            def grad_hook(g):
+                sq = g.detach().to(torch.float32).pow(2).flatten(0, -2).sum(dim=0)
+                found[name] = sq if name not in found else found[name] + sq
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return forward_hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(f"{family.blocks}.") and \
+                recipe.spec_for(name, module.in_features) is not None:
+            hooks.append(module.register_forward_hook(watch(name)))
+    # the parameters need no gradient: the graph starts at the embeddings' output
+    hooks.append(model.get_submodule(family.embed).register_forward_hook(lambda _m, _a, out: out.requires_grad_()))
+    tokens = 0
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            for batch in ids.split(max(1, min(recipe.calibration.batch_size, 4))):
+                batch = batch.to(device)
+                logits = model(input_ids=batch).logits[:, :-1].to(torch.float32)
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                         batch[:, 1:].reshape(-1), reduction="sum")
+                loss.backward()
+                tokens += batch.numel()
+                del logits, loss
+    finally:
+        for h in hooks:
+            h.remove()
+        model.to("cpu")
+        for part in parts:
+            loaded.release(part)
+    return {name: g / max(tokens, 1) for name, g in found.items()}
 
 
 def choose(costs: list[Costs], bits_per_weight: float) -> dict[str, str]:

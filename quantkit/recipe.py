@@ -301,16 +301,28 @@ class BudgetConfig:
     bits_per_weight bits per weight on average.
 
     candidates: "wBgG" (B bits, groups of G; the recipe's symmetry), "wB" (B bits, one scale per
-    output channel), "16" (left in 16 bits)."""
+    output channel), "16" (left in 16 bits).
+
+    sensitivity: "output" scores a candidate by the squared error it adds to its linear's own
+    output; "gradient" weighs each output channel's error by the mean squared gradient of the
+    model's loss with respect to that channel (one backward pass over gradient_samples
+    calibration windows, the whole model in memory), so an error is scored by what it does to
+    the model's next-token loss, downstream layers included."""
 
     bits_per_weight: float
     candidates: tuple[str, ...] = ("w3g64", "w4g128", "w4g64", "w8", "16")
+    sensitivity: typing.Literal["output", "gradient"] = "output"
+    gradient_samples: int = 32
 
     def __post_init__(self):
         if not 1.0 <= self.bits_per_weight <= 32.0:  # NaN fails too
             raise ValueError(f"bits_per_weight must be in 1..32, got {shown(self.bits_per_weight)}")
         if not self.candidates:
             raise ValueError("candidates must list at least one format, e.g. [w4g128, w8]")
+        if self.sensitivity not in ("output", "gradient"):
+            raise ValueError(f"sensitivity must be output or gradient, got {shown(self.sensitivity)}")
+        if not 1 <= self.gradient_samples <= MAX_COUNT:
+            raise ValueError(f"gradient_samples must be in 1..{MAX_COUNT}, got {shown(self.gradient_samples)}")
         for c in self.candidates:
             m = _CANDIDATE.fullmatch(c) if isinstance(c, str) else None
             if m is None or (m.group(1) is not None and int(m.group(1)) not in (2, 3, 4, 8)) or \

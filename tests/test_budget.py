@@ -107,3 +107,45 @@ def test_a_budget_below_every_format_is_one_clear_error(tiny_model_dir, tmp_path
                       "budget: {bits_per_weight: 1.5, candidates: [w4g128, w8]}\n")
     assert_clean_error(*cli("quantize", tiny_model_dir, "--recipe", recipe, "--out", tmp_path / "o"), "smallest candidate")
     assert_nothing_written(tmp_path / "o")
+
+
+def test_gradient_sensitivities_are_each_output_channels_mean_squared_loss_gradient(tiny_model_dir):
+    from quantkit.budget import output_sensitivities
+    from quantkit.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    recipe = Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 4.5, sensitivity: gradient}\n")
+    ids = torch.randint(0, loaded.model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    got = output_sensitivities(loaded, ids, "cpu", recipe)
+    names = [n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert sorted(got) == sorted(names)
+    # by hand: the outputs' gradients kept with retain_grad, the loss summed over every predicted token
+    name = names[len(names) // 2]
+    module = loaded.model.get_submodule(name)
+    kept = []
+
+    def keep(_m, _a, out):
+        out.retain_grad()
+        kept.append(out)
+
+    h = module.register_forward_hook(keep)
+    emb = loaded.model.get_submodule("model.embed_tokens").register_forward_hook(lambda _m, _a, o: o.requires_grad_())
+    with torch.enable_grad():
+        logits = loaded.model(input_ids=ids).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                          reduction="sum").backward()
+    h.remove(), emb.remove()
+    by_hand = kept[0].grad.pow(2).flatten(0, -2).sum(0) / ids.numel()
+    torch.testing.assert_close(got[name], by_hand, rtol=1e-4, atol=1e-12)
+    assert all((g >= 0).all() and g.shape == (loaded.model.get_submodule(n).out_features,) for n, g in got.items())
+
+
+def test_a_gradient_weighted_budget_writes_a_checkpoint_within_it(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: grad-budget\nscheme: W4A16\nweights: {bits: 4, group_size: 32}\nalgorithms: [rtn]\n"
+                      "budget: {bits_per_weight: 4.6, sensitivity: gradient, gradient_samples: 2}\n"
+                      "calibration: {data: austen, num_samples: 4, seqlen: 32}\ncheck: {windows: 0}\n")
+    report = api.quantize(str(tiny_model_dir), str(recipe), tmp_path / "out", device="cpu", show_progress=False)
+    b = report["budget"]
+    assert b["bits_per_weight"] <= 4.6 and b["predicted_error"] > 0
+    assert len(b["linears_per_format"]) >= 2  # the weights moved bytes between layers
