@@ -189,7 +189,8 @@ def quantize_model(
 
     model_dtype = next(loaded.model.parameters()).dtype
     fwd_dtype = calibration_dtype(recipe.calibration.dtype, model_dtype, device) if needs_data else model_dtype
-    t0 = time.perf_counter()
+    clock = _clock(device)  # GPU work runs ahead of the host: each phase's time includes its own
+    t0 = clock()
     batch = recipe.calibration.batch_size
     start = resume.block if resume is not None else 0
     if resume is not None:
@@ -205,7 +206,7 @@ def quantize_model(
         if held_out_ids is not None and comm.rank == 0:
             held_float = held_quant = capture_block_inputs(loaded, held_out_ids, device, batch, fwd_dtype)
         loaded.release(family.embed)
-    seconds["capture"] = time.perf_counter() - t0
+    seconds["capture"] = clock() - t0
     per_block: list[dict] = []
 
     linears: list[LinearResult] = []
@@ -217,7 +218,7 @@ def quantize_model(
     for i, block in enumerate(blocks):
         if i < start:
             continue
-        t_block, done_before = time.perf_counter(), len(linears)
+        t_block, done_before = clock(), len(linears)
         start_gpu_peak(torch.device(device))
         loaded.materialize(f"{family.blocks}.{i}")
         fam = block_family(family, config, i)  # a sparse layer's: one set of linears per expert
@@ -227,27 +228,27 @@ def quantize_model(
         # the block that runs the calibration data: itself, or a copy in fwd_dtype
         fwd = block if not needs_data or fwd_dtype == model_dtype else copy.deepcopy(block).to(fwd_dtype)
         if held_float:
-            t = time.perf_counter()
+            t = clock()
             held_float = propagate(fwd, held_float, None, set(), kinds[i])  # before anything changes the block
-            seconds["held_out"] = seconds.get("held_out", 0.0) + time.perf_counter() - t
+            seconds["held_out"] = seconds.get("held_out", 0.0) + clock() - t
         groups = _input_groups(targets, fam.shared_inputs)
         if transforms and targets:
-            t = time.perf_counter()
+            t = clock()
             every = experts_of(fam, groups)  # transforms see every token through every expert (quantkit.experts)
             with watching(fwd, every) as routed:
                 observe(fwd, inputs, groups, transforms, None, set(), kinds[i])  # the float block, every group in one pass
             _sync(transforms, groups, comm, device)
             if book is not None:
                 book.count(routed if routed is None else comm.sum_(routed), every)
-            seconds["forward"] += time.perf_counter() - t
-            t = time.perf_counter()
+            seconds["forward"] += clock() - t
+            t = clock()
             progress.substeps(len(transforms) * (len(fam.mappings) + 1), f"  block {i}: transforms")
             apply_transforms(block, targets, fam, transforms, rounding.trial_rounder(),
                              lambda what, i=i: progress.substep(f"  block {i}: {what}"), config)
             if fwd is not block:
                 for p_fwd, p in zip(fwd.parameters(), block.parameters(), strict=True):
                     p_fwd.data.copy_(p.data)
-            seconds["transform"] += time.perf_counter() - t
+            seconds["transform"] += clock() - t
         # true-sequential: each group is observed after the groups before it
         # were quantized, so it is calibrated on what the quantized block computes
         # (a sparse layer: one stage per expert at least, so one expert's statistics live at a time)
@@ -258,10 +259,10 @@ def quantize_model(
         act_hooks = []  # W8A8: a quantized linear's input is quantized from then on
         for stage in stages if targets else []:
             if observers:
-                t = time.perf_counter()
+                t = clock()
                 _observe_stage(fwd, inputs, stage, observers, cache, final, kinds[i], book, ranges, comm, device)
-                seconds["forward"] += time.perf_counter() - t
-            t = time.perf_counter()
+                seconds["forward"] += clock() - t
+            t = clock()
             for group, results in zip(stage, _quantize_stage(stage, chain, book, comm)):
                 for target, result in zip(group, results):
                     if book is not None:
@@ -277,20 +278,20 @@ def quantize_model(
                     if fwd is not block:
                         fwd.get_submodule(target.rel).weight.data.copy_(target.linear.weight.data)
                     final.add(target.rel)
-            seconds["quantize"] += time.perf_counter() - t
+            seconds["quantize"] += clock() - t
         if needs_data and i + 1 < len(blocks):
-            t = time.perf_counter()
+            t = clock()
             inputs = propagate(fwd, inputs, cache, final, kinds[i])
-            seconds["forward"] += time.perf_counter() - t
+            seconds["forward"] += clock() - t
         if held_quant:
-            t = time.perf_counter()
+            t = clock()
             held_quant = propagate(fwd, held_quant, None, set(), kinds[i])  # as the checkpoint computes it
-            seconds["held_out"] += time.perf_counter() - t
+            seconds["held_out"] += clock() - t
         for h in act_hooks:
             h.remove()
         del fwd
         block.to("cpu")
-        figures = {"block": i, "seconds": time.perf_counter() - t_block,
+        figures = {"block": i, "seconds": clock() - t_block,
                    "peak_gpu_bytes": gpu_peak_bytes(torch.device(device)), "cpu_rss_bytes": rss_bytes()}
         per_block.append(figures)
         if sink is not None:
@@ -302,7 +303,7 @@ def quantize_model(
         progress.block_done()
     held = None
     if held_out_ids is not None:
-        t = time.perf_counter()
+        t = clock()
         if comm.rank == 0:
             loaded.materialize(family.final_norm), loaded.materialize(family.lm_head)
             held = HeldOutResult(*held_out_ids.shape, held_out_disjoint,
@@ -310,9 +311,23 @@ def quantize_model(
                                  perplexity_of_hidden(loaded, [h.hidden for h in held_quant], held_out_ids, device))
             loaded.release(family.final_norm), loaded.release(family.lm_head)
         held = comm.broadcast(held, 0)
-        seconds["held_out"] = seconds.get("held_out", 0.0) + time.perf_counter() - t
+        seconds["held_out"] = seconds.get("held_out", 0.0) + clock() - t
     weights = {r.name: r.weight for r in linears}
     return QuantizationResult(weights, linears, seconds, rounding.actorder(), act, input_scales, held, per_block)
+
+
+def _clock(device):
+    """time.perf_counter, after waiting for `device`'s queued work when it is a GPU (so a phase's
+    seconds are its own, not the asynchronous tail of the phase before it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return time.perf_counter
+
+    def clock() -> float:
+        torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    return clock
 
 
 def _targets(block, prefix: str, linears: tuple[str, ...], recipe: Recipe) -> list[Target]:
@@ -420,12 +435,13 @@ def _round_group(group: list[Target], chain: Chain, fallback: bool = False) -> l
     nearest instead of the chain's rounding (an expert that observed too few tokens)."""
     for target in group:
         check_finite(target.linear.weight.data, f"the weight of {target.name}")
-    t = time.perf_counter()
+    clock = _clock(group[0].linear.weight.device)
+    t = clock()
     rounding = chain.rounding
     weights, specs = [t.linear.weight.data for t in group], [t.spec for t in group]
     qws = ([quantize_rtn(w, spec) for w, spec in zip(weights, specs)] if fallback
            else rounding.round_group([t.name for t in group], weights, specs))
-    seconds = (time.perf_counter() - t) / len(group)  # a joint solve's time, shared out
+    seconds = (clock() - t) / len(group)  # a joint solve's time, shared out
     results = []
     for target, qw in zip(group, qws):
         w = target.linear.weight.data
