@@ -531,8 +531,10 @@ def block_bytes(cfg: dict) -> int:
 
 
 def gpu_formula(cfg: dict, tokens: int) -> int:
-    """One block + 3 activation buffers of tokens x hidden in bf16 + the largest Hessian in float32."""
-    return block_bytes(cfg) + 3 * tokens * cfg["hidden_size"] * 2 + max(i for i, _ in block_linears(cfg)) ** 2 * 4
+    """One block in bf16 + the calibration stream in and out (tokens x hidden in bf16) + the widest
+    GPTQ solve's float32 matrices (its Hessian, the solver's copy, H + damping, its Cholesky factor,
+    the inverse and that inverse's factor: 6 x in^2 x 4 bytes)."""
+    return block_bytes(cfg) + 2 * tokens * cfg["hidden_size"] * 2 + 6 * max(i for i, _ in block_linears(cfg)) ** 2 * 4
 
 
 def model_bytes(cfg: dict) -> int:
@@ -613,12 +615,14 @@ def project(args) -> None:
                            + target["num_hidden_layers"] * (comm * 2 * (n - 1) / n + ship * (n - 1) / n))
                  for n in (1, 2, 8)]
         t.add_row(name, str(target["num_hidden_layers"]), _gib(model_bytes(target)),
-                  _gib(gpu_formula(target, tokens) + gpu_extra), _gib(cpu_formula(target) + cpu_extra), _duration(tb), *times)
+                  _gib(gpu_formula(target, tokens) + gpu_extra * target["intermediate_size"] / cfg["intermediate_size"]),
+                  _gib(cpu_formula(target) + cpu_extra), _duration(tb), *times)
     out.print(t)
     out.print(comm_note, markup=False, highlight=False)
     out.print(
         "formulas (bf16 weights, 2-byte activations, T = num_samples x seqlen tokens, the same as measured):\n"
-        "  GPU mem  = block bytes + 3 x T x hidden x 2 + (largest in_features)^2 x 4 + overhead_gpu\n"
+        "  GPU mem  = block bytes + 2 x T x hidden x 2 + 6 x (largest in_features)^2 x 4\n"
+        "             + overhead_gpu x MLP width / measured MLP width (one batch's activations, workspaces)\n"
         "  CPU RSS  = vocab x hidden x 2 (embedding or lm_head) + block bytes + overhead_cpu\n"
         f"  overhead = measured peak - formula, on the measured model (GPU {_gib(gpu_extra)}, CPU {_gib(cpu_extra)})\n"
         "  s/block  = measured s/block x ((1 - f) x R(0) + f x R(alpha)),  R(e) = sum(out x in^(1+e)) on the target block /\n"
