@@ -45,8 +45,9 @@ class Group:
     rank: int = 0
     world: int = 1
     device: str = "cpu"  # where collectives run: NCCL's GPU, or the CPU (gloo)
-    # seconds this rank spent in collectives (waiting for the others included) and bytes it sent
-    # through them: the report's per-process figures, from which a run on more GPUs is projected
+    # seconds this rank spent in collectives (waiting for the others included; an NCCL reduction
+    # returns once queued, so there its seconds land in the next phase that waits for the GPU) and
+    # the bytes it reduced: the report's per-process figures, from which more GPUs are projected
     collective_s: float = field(default=0.0, compare=False)
     collective_bytes: int = field(default=0, compare=False)
 
