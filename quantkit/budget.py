@@ -94,6 +94,7 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
     if recipe.budget.sensitivity == "gradient":
         n = min(recipe.budget.gradient_samples, calibration_ids.shape[0])
         weights = output_sensitivities(loaded, calibration_ids[:n], device, recipe)
+        typical = float(torch.cat([g.flatten() for g in weights.values()]).mean()) if weights else 1.0
     loaded.materialize(family.embed)
     inputs = capture_block_inputs(loaded, calibration_ids, device, recipe.calibration.batch_size, dtype)
     loaded.release(family.embed)
@@ -133,8 +134,8 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
                         w_hat = quantize_rtn(w, spec).dequantize(torch.float32)
                     dw = (w - w_hat).to(H.dtype)
                     rows = ((dw @ H) * dw).sum(dim=1)  # per output channel: mean over tokens of 2 (dW x)_i^2
-                    if weights is not None:
-                        rows = rows * weights[t.name].to(rows)
+                    if weights is not None:  # an expert no token reached in that pass: a typical channel's weight
+                        rows = rows * (weights[t.name].to(rows) if t.name in weights else typical)
                     error = float(rows.sum()) * plain[t.name].tokens / 2 if t.name in plain else 0.0
                     options[cname] = (max(error, 0.0), packed_nbytes(quantize_rtn(t.linear.weight.data, spec)))
                 costs.append(Costs(t.name, w.numel(), options))
