@@ -30,7 +30,7 @@ class AWQOptions:
     clip_grid: int = 20
     max_shrink: float = 0.5  # ranges shrink down to (1 - max_shrink) of the original
     # every calibration token weighs the same in the error the searches
-    # minimize (as GPTQ's equalize_tokens); the activation magnitudes are plain
+    # minimize (as GPTQ's equalize_tokens); the activation magnitudes: equalize_magnitudes
     equalize_tokens: bool = True
     # the activation magnitudes m_x from unit token rows too, so that a few large
     # tokens (or one domain of a mix with larger activations) do not set them

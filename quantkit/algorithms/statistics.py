@@ -79,8 +79,9 @@ class InputStatistics:
     """Per input group statistics of the calibration inputs, shared by the group's linears.
 
     hessian: H (rows scaled to unit norm first when `equalize`); abs_mean: the
-    per-channel sum of |x| (of the unit rows when `equalize_abs_mean`); absmax: the per-channel max |x| (inputs must be
-    finite); sample_tokens: up to that many token rows, spread over the batches.
+    per-channel sum of |x| (of the unit rows when `equalize_abs_mean`); absmax: the
+    per-channel max |x| (inputs must be finite); sample_tokens: up to that many token
+    rows, spread over the batches.
     `owner` names the algorithm in errors.
     """
 
