@@ -9,7 +9,7 @@ copy) and evaluate it on both bundled held-out texts: perplexity, and the KL div
 its next-token distributions from the float model's (mean, 99th percentile, top-1 changed). Also checks that
 transformers reads the checkpoint and computes the same (per layer, and
 perplexity on the first --hf-windows windows). Prints a table and
-writes the numbers as JSON (--json-out).
+writes the numbers as JSON (--json-out, rewritten after each recipe).
 """
 
 from __future__ import annotations
@@ -105,6 +105,16 @@ def main() -> None:
     probe = base.tokenizer("It is a truth universally acknowledged, that a single man", return_tensors="pt").input_ids
 
     rows = []
+
+    def save() -> None:
+        """The rows so far to --json-out (after every recipe: a long run that stops keeps what it measured)."""
+        if args.json_out:
+            meta = {"date": datetime.date.today().isoformat(), "machine": (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} {platform.processor()}")
+                    + f" torch {torch.__version__}, {torch.get_num_threads()} threads", "device": args.device,
+                    "model": base.source, "model_load_s": load_s, "windows": args.windows, "seqlen": args.seqlen}
+            args.json_out.parent.mkdir(parents=True, exist_ok=True)
+            args.json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
     for d in args.data:
         base.model.to(args.device)
         r = perplexity(base.model, tokens[d], args.seqlen, args.windows, label=f"float on {d}", device=args.device)
@@ -158,6 +168,7 @@ def main() -> None:
                     })
                 base.model.to("cpu")
         del work, ours
+        save()
 
     floats = {r["data"]: r["perplexity"] for r in rows if r["model"] == "float"}
     table = Table(title=f"perplexity, {args.windows} x {args.seqlen}-token windows (model load {load_s:.1f} s, excluded)")
@@ -174,12 +185,7 @@ def main() -> None:
                       ("no load" if "error" in hf else f"{hf['max_layer_rel_diff']:.1e}") if (hf := r.get("transformers")) else "",
                       f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf and "error" not in hf else "")
     Console().print(table)
-    if args.json_out:
-        meta = {"date": datetime.date.today().isoformat(), "machine": (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} {platform.processor()}")
-                + f" torch {torch.__version__}, {torch.get_num_threads()} threads", "device": args.device,
-                "model": base.source, "model_load_s": load_s, "windows": args.windows, "seqlen": args.seqlen}
-        args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    save()
 
 
 if __name__ == "__main__":
