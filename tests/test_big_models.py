@@ -24,7 +24,7 @@ from quantkit.distributed import Group, assign
 from quantkit.models import load_lazily, load_model
 from quantkit.models.lazy import LazyWeights, lazy_model
 from quantkit.pipeline import quantize_model
-from quantkit.recipe import load_recipe
+from quantkit.recipe import Recipe, load_recipe
 
 SMALL = dict(num_samples=8, seqlen=64, show_progress=False)
 
@@ -235,7 +235,11 @@ def test_shares_and_assignments():
     assert assign([1.0, 5.0, 3.0, 3.0], 2) == [0, 0, 1, 1]  # 5 + 1 on rank 0, 3 + 3 on rank 1
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w8a8-int8-smoothquant"])
+STATIC_MSE = Recipe.from_dict({"name": "int8-static-mse", "scheme": "W8A8-INT8", "algorithms": ["rtn"],
+                                "activations": {"dynamic": False, "observer": "mse"}})  # histograms summed over ranks
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w8a8-int8-smoothquant", pytest.param(STATIC_MSE, id="int8-static-mse")])
 def test_two_processes_write_the_checkpoint_one_process_writes(recipe, four_blocks, tmp_path):
     one = api.quantize(str(four_blocks), recipe, out=tmp_path / "one", **SMALL)
     two = api.quantize(str(four_blocks), recipe, out=tmp_path / "two", devices=2, **SMALL)

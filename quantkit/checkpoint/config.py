@@ -106,7 +106,7 @@ def input_args(act: ActSpec) -> dict:
     """compressed-tensors QuantizationArgs for a linear's input activations."""
     return {"num_bits": 8, "type": "float" if act.type == "fp8" else "int", "symmetric": True,
             "strategy": "token" if act.dynamic else "tensor", "group_size": None, "dynamic": act.dynamic,
-            "actorder": None, "observer": None if act.dynamic else "minmax"}
+            "actorder": None, "observer": None if act.dynamic else act.observer}
 
 
 def build_quantization_config(specs: dict[str, IntSpec | FloatSpec], float_linears: Iterable[str],
@@ -216,7 +216,8 @@ def act_from_args(args: dict, path: str) -> ActSpec:
     if (dynamic, strategy) not in ((True, "token"), (False, "tensor")) or not isinstance(dynamic, bool):
         raise CheckpointError(f"{path}: input activations with strategy {strategy!r} and dynamic {show(dynamic)} are "
                               f"not supported (dynamic per token, or static per tensor)")
-    return ActSpec("fp8" if kind == "float" else "int8", dynamic)
+    observer = "mse" if not dynamic and kind == "int" and args.get("observer") == "mse" else "minmax"
+    return ActSpec("fp8" if kind == "float" else "int8", dynamic, observer)
 
 
 def spec_from_args(args: dict, path: str) -> IntSpec | FloatSpec:

@@ -33,12 +33,20 @@ class ActSpec:
 
     type: Literal["int8", "fp8"] = "int8"
     dynamic: bool = True
+    # static scales only: "minmax" takes the largest |x| calibration met; "mse" the clipping range
+    # that minimizes the inputs' squared rounding and clipping error (int8; quantkit.algorithms.inputs)
+    observer: Literal["minmax", "mse"] = "minmax"
 
     def __post_init__(self) -> None:
         if self.type not in ("int8", "fp8"):
             raise ValueError(f"ActSpec.type must be 'int8' or 'fp8', got {self.type!r}")
         if not isinstance(self.dynamic, bool):
             raise ValueError(f"ActSpec.dynamic must be a bool, got {self.dynamic!r}")
+        if self.observer not in ("minmax", "mse"):
+            raise ValueError(f"ActSpec.observer must be 'minmax' or 'mse', got {self.observer!r}")
+        if self.observer == "mse" and (self.dynamic or self.type != "int8"):
+            raise ValueError("observer 'mse' chooses static int8 input scales: it needs dynamic: false and int8 "
+                             "activations (a dynamic scale is each token's own max; fp8 keeps minmax)")
 
     @property
     def half_range(self) -> float:
