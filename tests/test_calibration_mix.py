@@ -245,3 +245,27 @@ def test_cli_reports_the_parts_of_a_mix(tiny_model_dir, tmp_path, texts):
     assert [(p["source"], p["samples"], p["chat_template"]) for p in parts] == [
         (str(texts / "a.txt"), 6, False), (str(texts / "chat.jsonl"), 2, False)]  # the tiny tokenizer has no template
     assert report["calibration"]["data"] == spec
+
+
+# ------------------------------------------------------------------ scripts/calibration_transfer.py
+
+def test_calibration_transfer_scores_each_calibration_against_the_targets_own(tiny_model_dir, texts, tmp_path,
+                                                                              monkeypatch):
+    """The layer-level proxy: a text calibrated on itself scores exactly 1 (its own rounding is the
+    oracle); every other score is finite and positive; the model's own text is a source."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "calibration_transfer.py"
+    out = tmp_path / "t.json"
+    a, b = str(texts / "a.txt"), str(texts / "b.txt")
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(tiny_model_dir), "--sources", a, "generated",
+                                      "--targets", a, b, "--windows", "2", "--seqlen", "32", "--blocks", "2",
+                                      "--group-size", "32", "--json-out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    result = json.loads(out.read_text())
+    score = result["score"]
+    assert set(score) == {a, "generated", "rtn"} and len(result["linears"]) == 14  # 2 blocks x 7 linears
+    assert score[a][a] == pytest.approx(1.0, rel=1e-9)
+    assert all(0 < score[r][t] < float("inf") for r in score for t in (a, b))
