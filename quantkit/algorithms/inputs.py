@@ -70,7 +70,7 @@ class InputRanges:
             if self.act.observer == "mse":
                 counts = self.counts.get(names[0])
                 counts = comm.sum_(counts.to(device) if counts is not None else torch.zeros(_bins(), dtype=torch.float64,
-                                                                                           device=device))
+                                                                                           device=device)).cpu()
             if both[0] > 0:
                 for name in names:
                     self.absmax[name] = both[1]
@@ -110,6 +110,7 @@ def histogram(a: torch.Tensor) -> torch.Tensor:
 def mse_clip(counts: torch.Tensor, absmax: float) -> float:
     """The int8 clipping range (<= absmax) with the least expected squared error over the
     histogram `counts` (module docstring); absmax itself when nothing was seen."""
+    counts = counts.to("cpu", torch.float64)
     if absmax <= 0 or float(counts.sum()) == 0:
         return absmax
     b = torch.arange(counts.numel(), dtype=torch.float64)
@@ -118,7 +119,7 @@ def mse_clip(counts: torch.Tensor, absmax: float) -> float:
     c = (absmax * torch.pow(2.0, -k / CLIP_STEPS_PER_OCTAVE))[:, None]  # [clips, 1], absmax first
     s = c / INT8_HALF_RANGE
     err = torch.where(v > c, (v - c) ** 2, torch.where(v < s / 2, v ** 2, s ** 2 / 12))
-    total = (err * counts.to(torch.float64)[None]).sum(dim=1)
+    total = (err * counts[None]).sum(dim=1)
     return float(c[int(torch.argmin(total)), 0])  # the first of equal minima: the widest range
 
 
