@@ -8,7 +8,7 @@ as `input_scale`. Once a linear is rounded, input_quantizer's hook quantizes its
 input as the checkpoint's kernel will, so later layers calibrate on that.
 
 With `observer: mse` (int8) it also keeps a histogram of |x| on log-spaced bins
-(BINS_PER_OCTAVE a factor of two, so every magnitude is resolved to a few
+(BINS_PER_OCTAVE to each factor of two, so every magnitude is resolved to a few
 percent whatever the range), and the scale is the one whose clipping range c
 minimizes the inputs' expected squared error, summed over every calibration value:
 
@@ -19,8 +19,8 @@ minimizes the inputs' expected squared error, summed over every calibration valu
 searched over c = absmax * 2^(-k / CLIP_STEPS_PER_OCTAVE). One value far beyond
 the rest (an attention sink's input) then no longer sets the step every other
 token is rounded with; it is clipped instead, which the sum weighs against the
-finer steps. (TensorRT's and llm-compressor's MSE observers search such a range
-too, on the values of each batch; here the histogram holds every batch.)
+finer steps. (llm-compressor's mse observer searches such a range on each batch
+and averages them as it goes; here one histogram holds every batch.)
 """
 
 from __future__ import annotations
