@@ -108,13 +108,12 @@ def main() -> None:
                else calibration_batch(loaded.tokenizer, text, args.windows, args.seqlen, args.seed))
         H[text] = hessians(model, ids, names, args.batch_size)
 
-    spec = IntSpec(args.bits, True, args.group_size)
     rows = [*args.sources, "rtn"]
     score = {r: {t: 0.0 for t in args.targets} for r in rows}
     for name in track(names, description="roundings"):
         W = model.get_submodule(name).weight.data.to(torch.float32)
-        gs = spec.group_size if W.shape[1] % spec.group_size == 0 else None
-        s = IntSpec(spec.bits, True, gs)
+        # symmetric, groups of --group-size; a width they do not divide: one scale per output channel
+        s = IntSpec(args.bits, True, args.group_size if W.shape[1] % args.group_size == 0 else None)
         rounded = {t: W - gptq_quantize(W, H[t][name], s).weight.dequantize(torch.float32) for t in texts}
         rounded["rtn"] = W - quantize_rtn(W, s).dequantize(torch.float32)
         for t in args.targets:
