@@ -33,7 +33,7 @@ from rich.progress import track
 from rich.table import Table
 
 from quantkit.algorithms.gptq_math import gptq_quantize
-from quantkit.algorithms.statistics import equalize_tokens
+from quantkit.algorithms.statistics import InputStatistics
 from quantkit.calibration import calibration_batch
 from quantkit.formats import IntSpec, quantize_rtn
 from quantkit.forwards import blocks_of
@@ -56,14 +56,13 @@ def generated_windows(loaded, n: int, seqlen: int, seed: int) -> torch.Tensor:
 
 
 def hessians(model, ids: torch.Tensor, names: list[str], batch: int) -> dict[str, torch.Tensor]:
-    """Linear name -> H = 2/n X^T X of its inputs over `ids`, each token row scaled to unit norm."""
-    sums: dict[str, list] = {}
+    """Linear name -> H = 2/n X^T X of its inputs over `ids`, each token row scaled to unit norm
+    (GPTQ's statistics: quantkit.algorithms.statistics)."""
+    stats = InputStatistics("calibration_transfer", hessian=True, equalize=True)
 
     def hook(name):
         def pre(_module, args):
-            x = equalize_tokens(args[0].reshape(-1, args[0].shape[-1]).to(torch.float32))
-            h = 2 * x.T @ x
-            sums[name] = [sums[name][0] + h, sums[name][1] + x.shape[0]] if name in sums else [h, x.shape[0]]
+            stats.observe((name,), args[0].reshape(-1, args[0].shape[-1]))
         return pre
 
     handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
@@ -74,7 +73,7 @@ def hessians(model, ids: torch.Tensor, names: list[str], batch: int) -> dict[str
     finally:
         for h in handles:
             h.remove()
-    return {n: s / count for n, (s, count) in sums.items()}
+    return {n: stats[n].hessian for n in names}
 
 
 def main() -> None:
