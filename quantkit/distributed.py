@@ -9,11 +9,18 @@ Every rank walks the same blocks (quantkit.pipeline) with the same weights:
                                            max-reduced, sampled token rows
                                            gathered in rank order (each
                                            observer's sync: algorithms.base);
-    solves, shared out by cost             each input group's rounding runs on one
-                                           rank (the largest first, on the least
-                                           loaded rank) and its result is
-                                           broadcast, so every rank holds the same
-                                           quantized block before propagating;
+    solves, shared out by cost             a stage of few input groups (a dense
+                                           block's: q/k/v, o, gate/up, down) has
+                                           each group's output rows split over
+                                           the ranks (GPTQ's rows are independent
+                                           given the Hessian, which every rank
+                                           factors) and the rows gathered; a stage
+                                           of many (experts) runs each group on
+                                           one rank (the largest first, on the
+                                           least loaded) and broadcasts it; which,
+                                           by a cost model (rows_beat_jobs), so
+                                           every rank holds the same quantized
+                                           block before propagating;
     one writer                             rank 0 writes the checkpoint and the
                                            journal, each rank keeps its own share
                                            of the calibration streams for resume.
@@ -100,6 +107,23 @@ class Group:
             torch.distributed.all_gather_object(out, obj)
         return out
 
+    def gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
+        """The whole [n, ...] tensor on every rank, from each rank's share(n) of its rows
+        (`part`, this rank's), carried byte for byte whatever its dtype."""
+        if self.alone:
+            return part
+        sizes = [Group(r, self.world).share(n) for r in range(self.world)]
+        longest = max(s.stop - s.start for s in sizes)
+        here = part.device if self.device == "cpu" and part.device.type == "cpu" else torch.device(self.device)
+        carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[part.element_size()]
+        padded = torch.zeros((longest, *part.shape[1:]), dtype=carrier, device=here)
+        padded[: part.shape[0]] = part.contiguous().view(carrier).to(here)
+        pieces = [torch.empty_like(padded) for _ in range(self.world)]
+        with self._timed(padded.numel() * padded.element_size() * self.world):
+            torch.distributed.all_gather(pieces, padded)
+        whole = torch.cat([p[: s.stop - s.start] for p, s in zip(pieces, sizes)])
+        return whole.view(part.dtype).to(part.device)
+
     def broadcast(self, obj, src: int):
         """`src`'s obj on every rank (pickled; tensors travel through the CPU)."""
         if self.alone:
@@ -129,6 +153,15 @@ def assign(costs: list[float], world: int) -> list[int]:
         owner[j] = r
         load[r] += costs[j]
     return owner
+
+
+def rows_beat_jobs(jobs: list[tuple[float, float]], world: int) -> bool:
+    """Whether splitting every job's rows over all ranks finishes sooner than giving each job
+    whole to one rank (assign). A job costs (fixed, rows): fixed is paid by every rank that takes
+    part in it (GPTQ's factorizations of the Hessian), rows divides among them (its column loop)."""
+    owner = assign([f + r for f, r in jobs], world)
+    whole = max(sum(f + r for (f, r), o in zip(jobs, owner) if o == k) for k in range(world))
+    return sum(f + r / world for f, r in jobs) < whole
 
 
 def from_environment() -> Group | None:

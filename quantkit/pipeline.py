@@ -19,7 +19,8 @@ model's block is read from its files when the walk reaches it and given back whe
 (quantkit.models.lazy); a sink takes each finished block (quantkit.checkpoint.stream writes it and
 journals what flows on, so an interrupted run resumes at the next block). With several processes
 (quantkit.distributed) each runs its share of the calibration batches, every observer combines
-what the ranks saw after each pass, and each input group is rounded on one rank and broadcast.
+what the ranks saw after each pass, and each stage's rounding is shared out: every group's rows
+split over the ranks, or each group rounded whole on one rank and broadcast.
 
 A sparse (mixture-of-experts) layer is walked the same way with its own table
 (families.block_family: each expert's linears and groups); quantkit.experts
@@ -44,7 +45,7 @@ import torch
 from quantkit.algorithms import Chain, Observer, Transform, build_all
 from quantkit.algorithms.folding import Target, apply_transforms
 from quantkit.algorithms.inputs import InputRanges, input_facts, input_quantizer
-from quantkit.distributed import ALONE, Group, assign
+from quantkit.distributed import ALONE, Group, assign, rows_beat_jobs
 from quantkit.devices import calibration_dtype, gpu_peak_bytes, rss_bytes, start_gpu_peak
 from quantkit.experts import FALLBACK, LayerExperts, experts_of, split_stages
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, quantize_rtn
@@ -164,7 +165,7 @@ def quantize_model(
     resume: continue an interrupted run at resume.block with what flowed into it.
     comm: this process among several (quantkit.distributed): it runs its share of the
     calibration batches (the held-out windows on rank 0), the statistics are combined after
-    each pass, and each input group is rounded on one rank and broadcast.
+    each pass, and each stage's rounding is shared out (_quantize_stage).
     """
     chain = chain if chain is not None else build_all(recipe)
     for rotation in chain.rotations:  # an equal model without outlier channels, before anything observes it
@@ -395,13 +396,18 @@ def _observe_stage(fwd, inputs, stage, observers: list[Observer], cache, final: 
 
 def _quantize_stage(stage: list[list[Target]], chain: Chain, book: LayerExperts | None,
                     comm: Group) -> list[list[LinearResult]]:
-    """Each input group of a stage rounded: alone, one after another; with several processes,
-    a rounding that solves against statistics (GPTQ) runs each group on one rank (the costliest
-    first, on the least loaded rank), which broadcasts the result; every rank then holds it."""
+    """Each input group of a stage rounded: alone, one after another. With several processes, a
+    rounding that solves against statistics (GPTQ) either has every group's rows split over the
+    processes, or runs each group whole on one of them (the costliest first, on the least loaded),
+    which broadcasts the result: whichever the cost model says finishes first (a dense block's few
+    large groups split, a layer of many experts is shared out). Every process then holds it all."""
     fallback = [book is not None and book.falls_back(g) for g in stage]
     if comm.alone or not chain.rounding.observes:
         return [_quantize_group(g, chain, f) for g, f in zip(stage, fallback)]
-    owner = assign([sum(t.linear.out_features * t.linear.in_features ** 2 for t in g) for g in stage], comm.world)
+    costs = [_solve_cost(g) for g in stage]
+    if chain.rounding.splits_rows and rows_beat_jobs(costs, comm.world):
+        return [_quantize_group(g, chain, f, share=comm) for g, f in zip(stage, fallback)]
+    owner = assign([fixed + rows for fixed, rows in costs], comm.world)
     mine = {j: _round_group(g, chain, f) for j, (g, f) in enumerate(zip(stage, fallback)) if owner[j] == comm.rank}
     out = []
     for j, group in enumerate(stage):
@@ -410,6 +416,18 @@ def _quantize_stage(stage: list[list[Target]], chain: Chain, book: LayerExperts 
         device = group[0].linear.weight.device
         out.append(_apply_group(group, results or [_unpacked(r, device) for r in shipped], chain))
     return out
+
+
+# a factorization of an n x n Hessian (Cholesky, inverse, Cholesky again) against the column loop's
+# out x n^2 multiply-adds: what one solve costs each process that takes part
+FACTOR_COST = 2.0
+
+
+def _solve_cost(group: list[Target]) -> tuple[float, float]:
+    """(fixed, rows) of rounding one input group against its statistics: the factorization every
+    process pays, and the column loop that divides by rows (distributed.rows_beat_jobs)."""
+    n = group[0].linear.in_features
+    return FACTOR_COST * n ** 3, float(sum(t.linear.out_features for t in group) * n ** 2)
 
 
 def _packed(r: LinearResult) -> tuple:
@@ -424,15 +442,18 @@ def _unpacked(shipped: tuple, device) -> LinearResult:
 
 
 @torch.inference_mode()
-def _quantize_group(group: list[Target], chain: Chain, fallback: bool = False) -> list[LinearResult]:
-    return _apply_group(group, _round_group(group, chain, fallback), chain)
+def _quantize_group(group: list[Target], chain: Chain, fallback: bool = False,
+                    share: Group = ALONE) -> list[LinearResult]:
+    return _apply_group(group, _round_group(group, chain, fallback, share), chain)
 
 
 @torch.inference_mode()
-def _round_group(group: list[Target], chain: Chain, fallback: bool = False) -> list[LinearResult]:
+def _round_group(group: list[Target], chain: Chain, fallback: bool = False,
+                 share: Group = ALONE) -> list[LinearResult]:
     """Round the linears of one input group (one call: a rounding may solve
-    them together) and write the dequantized weights back. fallback: round to
-    nearest instead of the chain's rounding (an expert that observed too few tokens)."""
+    them together). fallback: round to nearest instead of the chain's rounding
+    (an expert that observed too few tokens). share: the processes that split
+    the group's rows."""
     for target in group:
         check_finite(target.linear.weight.data, f"the weight of {target.name}")
     clock = _clock(group[0].linear.weight.device)
@@ -440,7 +461,7 @@ def _round_group(group: list[Target], chain: Chain, fallback: bool = False) -> l
     rounding = chain.rounding
     weights, specs = [t.linear.weight.data for t in group], [t.spec for t in group]
     qws = ([quantize_rtn(w, spec) for w, spec in zip(weights, specs)] if fallback
-           else rounding.round_group([t.name for t in group], weights, specs))
+           else rounding.round_group([t.name for t in group], weights, specs, share))
     seconds = (clock() - t) / len(group)  # a joint solve's time, shared out
     results = []
     for target, qw in zip(group, qws):

@@ -20,7 +20,8 @@ from conftest import make_tiny_family_model, make_tiny_model
 from quantkit import api
 from quantkit.checkpoint import write_checkpoint
 from quantkit.checkpoint.output import JOURNAL_DIR
-from quantkit.distributed import Group, assign
+from quantkit.distributed import ALONE, Group, assign, from_environment, rows_beat_jobs, spawn
+from quantkit.formats import FloatSpec, IntSpec
 from quantkit.models import load_lazily, load_model
 from quantkit.models.lazy import LazyWeights, lazy_model
 from quantkit.pipeline import quantize_model
@@ -233,6 +234,47 @@ def test_shares_and_assignments():
     assert [Group(r, 3).share(8) for r in range(3)] == [slice(0, 3), slice(3, 6), slice(6, 8)]
     assert [Group(r, 4).share(2) for r in range(4)] == [slice(0, 1), slice(1, 2), slice(2, 2), slice(2, 2)]
     assert assign([1.0, 5.0, 3.0, 3.0], 2) == [0, 0, 1, 1]  # 5 + 1 on rank 0, 3 + 3 on rank 1
+
+
+def test_rows_are_split_where_that_finishes_first():
+    # a dense block's stage of one large group: split its rows; eight equal experts on two ranks: whole groups
+    assert rows_beat_jobs([(1.0, 10.0)], 2)
+    assert not rows_beat_jobs([(1.0, 10.0)] * 8, 2)
+    assert rows_beat_jobs([(10.0, 1.0)], 2)  # one job: a half of its rows is never slower
+    assert not rows_beat_jobs([(10.0, 1.0)] * 2, 2)  # the factorizations dominate: each rank would repeat both
+
+
+GPTQ_SPECS = [IntSpec(4, True, 16), IntSpec(4, False, 16), IntSpec(8, True, None), FloatSpec("channel"), FloatSpec("tensor")]
+
+
+def _gptq_rows(actorder):
+    """GPTQ-round two linears of one input (13 and 6 rows, an odd total) in each spec, with this
+    process's share of the rows when in a group."""
+    from quantkit.algorithms.gptq import GPTQ, GPTQOptions
+
+    comm = from_environment() or ALONE
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 48, generator=g) * torch.linspace(0.2, 3.0, 48)
+    weights = [torch.randn(13, 48, generator=g), torch.randn(6, 48, generator=g)]
+    out = []
+    for spec in GPTQ_SPECS:
+        gptq = GPTQ(GPTQOptions(actorder=actorder))
+        gptq.observe(("a", "b"), x)
+        qws = gptq.round_group(["a", "b"], weights, [spec, spec], share=comm)
+        out.append([(qw.q.view(torch.uint8).numpy(), qw.dequantize(torch.float32).numpy(), gptq.report(n)["gptq_loss"])
+                    for n, qw in zip("ab", qws)])
+    return out  # numpy arrays: tensors would travel back through shared memory that ends with the process
+
+
+@pytest.mark.parametrize("actorder", [None, "group"])
+def test_gptq_rows_split_over_two_processes_give_one_process_solve(actorder):
+    alone, two = _gptq_rows(actorder), spawn(2, _gptq_rows, dict(actorder=actorder))
+    for spec, a, b in zip(GPTQ_SPECS, alone, two):
+        for (qa, wa, la), (qb, wb, lb) in zip(a, b):
+            # the same integers; the error feedback on fewer rows rounds in other last bits, which can
+            # move a group's scale (computed from its updated columns) by as much
+            assert (qa == qb).all(), spec
+            assert abs(wa - wb).max() <= 1e-6 * abs(wa).max() and la == pytest.approx(lb, rel=1e-6), spec
 
 
 STATIC_MSE = Recipe.from_dict({"name": "int8-static-mse", "scheme": "W8A8-INT8", "algorithms": ["rtn"],

@@ -34,6 +34,7 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from quantkit.distributed import ALONE, Group
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, fake_quantize
 from quantkit.parsing import shown
 from quantkit.recipe import AlgorithmStep, Recipe, RecipeError, parse_dataclass
@@ -146,6 +147,9 @@ class Rounding(Step):
     """Rounds each input group's weights; may observe the group's inputs first."""
 
     observes: ClassVar[bool] = False  # the driver runs calibration data through the blocks only if asked
+    # round_group can spread each group's output rows over several processes (`share`), each
+    # rounding its rows against the same statistics, and give every one the whole result
+    splits_rows: ClassVar[bool] = False
 
     @property
     def sequential(self) -> bool:
@@ -156,8 +160,10 @@ class Rounding(Step):
         """x [tokens, in]: the input of the linears `names`, as the partly quantized block computes it."""
 
     @abstractmethod
-    def round_group(self, names: list[str], weights: list[torch.Tensor], specs: list[WeightSpec]) -> list[QuantizedWeight]:
-        """Round linears that share one input (q/k/v; gate/up), in order."""
+    def round_group(self, names: list[str], weights: list[torch.Tensor], specs: list[WeightSpec],
+                    share: Group = ALONE) -> list[QuantizedWeight]:
+        """Round linears that share one input (q/k/v; gate/up), in order. share: the processes
+        that round this group together, each its share of the rows (splits_rows only)."""
 
     def trial_rounder(self) -> Rounder | None:
         """A Rounder when this rounding compensates errors across columns (GPTQ): what it makes of a

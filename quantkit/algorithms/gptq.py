@@ -11,6 +11,7 @@ import torch
 from quantkit.algorithms.base import Rounder, Rounding, register
 from quantkit.algorithms.gptq_math import gptq_quantize
 from quantkit.algorithms.statistics import InputStatistics
+from quantkit.distributed import ALONE, Group
 from quantkit.errors import NumericalError
 from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, per_tensor
 from quantkit.parsing import shown
@@ -42,6 +43,7 @@ class GPTQ(Rounding):
     Options = GPTQOptions
     weight_specs = (IntSpec, FloatSpec)
     observes = True
+    splits_rows = True
 
     def __init__(self, options: GPTQOptions, activations=None) -> None:
         super().__init__(options, activations)
@@ -62,11 +64,15 @@ class GPTQ(Rounding):
     def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
         self._stats.observe(names, x)
 
-    def round_group(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec]) -> list[QuantizedWeight]:
+    def round_group(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec],
+                    share: Group = ALONE) -> list[QuantizedWeight]:
         """Linears that share a Hessian and a spec are rounded in one solve:
         GPTQ treats output rows independently given H, so stacking q/k/v (or
         gate/up) row-wise gives each the same result as its own solve, with
-        one factorization and one column loop instead of three."""
+        one factorization and one column loop instead of three. For the same
+        reason several processes (share) can each solve a share of the stacked
+        rows and gather the rest; a per-tensor scale, which needs every row,
+        is solved whole on each."""
         out: dict[str, QuantizedWeight] = {}
         batches: dict[tuple, list[int]] = {}
         for i, (name, weight, spec) in enumerate(zip(names, weights, specs)):
@@ -75,19 +81,27 @@ class GPTQ(Rounding):
                 key += (name,)  # one scale per linear: stacked rows would share it
             batches.setdefault(key, []).append(i)
         for members in batches.values():
-            self._solve([names[i] for i in members], [weights[i] for i in members], specs[members[0]], out)
+            spec = specs[members[0]]
+            self._solve([names[i] for i in members], [weights[i] for i in members], spec,
+                        ALONE if per_tensor(spec) or weights[0].shape[0] < share.world else share, out)
         return [out[name] for name in names]
 
-    def _solve(self, names: list[str], weights: list[torch.Tensor], spec: IntSpec, out: dict) -> None:
+    def _solve(self, names: list[str], weights: list[torch.Tensor], spec: IntSpec, share: Group, out: dict) -> None:
         H = self._stats[names[0]].hessian
         o = self.options
         W = torch.cat(weights) if len(weights) > 1 else weights[0]
+        mine = share.share(W.shape[0])
         try:
-            result = gptq_quantize(W, H, spec, o.dampening, o.block_size, o.actorder, o.static_groups)
+            result = gptq_quantize(W[mine], H, spec, o.dampening, o.block_size, o.actorder, o.static_groups)
         except torch.linalg.LinAlgError as e:
             raise NumericalError(f"GPTQ failed on {', '.join(names)}: {e}") from e
+        qw, row_loss = result.weight, result.row_loss
+        if not share.alone:  # every process's rows, in order (the factorization, hence g_idx, is the same on each)
+            n = W.shape[0]
+            qw = QuantizedWeight(q=share.gather_rows(qw.q, n), scale=share.gather_rows(qw.scale, n),
+                                 zero_point=share.gather_rows(qw.zero_point, n), spec=spec, g_idx=qw.g_idx)
+            row_loss = share.gather_rows(row_loss, n)
         start = 0
-        qw = result.weight
         for name, weight in zip(names, weights):
             rows = slice(start, start + weight.shape[0])
             start = rows.stop
@@ -100,7 +114,7 @@ class GPTQ(Rounding):
             num = float(((dW @ H) * dW).sum())
             den = float(((W @ H) * W).sum())
             self._reports[name] = {
-                "gptq_loss": float(result.row_loss[rows].sum()),
+                "gptq_loss": float(row_loss[rows].sum()),
                 "damping": result.damping,
                 "damping_raised": result.damping > o.dampening,  # H was not positive definite at first
                 "dead_columns": result.dead_columns,
