@@ -1,8 +1,9 @@
 """GPTQ's solve alone, at the stacked shapes one decoder block hands it (q/k/v, o, gate/up, down), on
 random weights and a Hessian from random correlated inputs: seconds per solve through each backend of
 GPTQ's column loop (quantkit.kernels.gptq_columns: "cuda", one launch per 128 columns; "reference",
-the torch loop), and where the time of one solve goes (torch.profiler: the top operators by device
-time). A claim about speed only.
+the torch loop), how much of it is the Hessian's factorization (which every process repeats when
+several split a solve's rows: quantkit.distributed), and where the time of one solve goes
+(torch.profiler: the top operators by device time). A claim about speed only.
 
     python scripts/bench_gptq_solve.py --json-out $OUT/solve.json           # Llama-3-8B's block
     python scripts/bench_gptq_solve.py --hidden 256 --mlp 688 --device cpu  # smoke
@@ -19,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from quantkit.algorithms.gptq_math import gptq_quantize
+from quantkit.algorithms.gptq_math import inverse_cholesky, gptq_quantize
 from quantkit.formats import IntSpec
 from quantkit.kernels.gptq_columns import OVERRIDE_VARIABLE
 
@@ -63,8 +64,15 @@ def main() -> None:
                 result = gptq_quantize(W, H, spec)
                 sync()
                 times.append(time.perf_counter() - t)
+            factor = []  # the part every process repeats when rows are split over several (quantkit.distributed)
+            for _ in range(args.repeats):
+                sync()
+                t = time.perf_counter()
+                inverse_cholesky(H, 0.01)
+                sync()
+                factor.append(time.perf_counter() - t)
             rows.append({"group": name, "out": out, "in": k, "backend": backend, "seconds": statistics.median(times[1:]),
-                         "loss": result.loss})
+                         "factor_seconds": statistics.median(factor), "loss": result.loss})
             if name == "down" and backend == args.backends[0] and args.device.startswith("cuda"):
                 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                         torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -73,20 +81,22 @@ def main() -> None:
                 profile = prof.key_averages().table(sort_by="device_time_total", row_limit=15)
     os.environ.pop(OVERRIDE_VARIABLE, None)
     t = Table(title=f"GPTQ solve, W4 g{args.group_size}, {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}")
-    for col in ("group", "out x in", "backend", "s / solve", "vs reference"):
+    for col in ("group", "out x in", "backend", "s / solve", "of which factorization", "vs reference"):
         t.add_column(col, justify="right")
     ref = {r["group"]: r["seconds"] for r in rows if r["backend"] == "reference"}
     for r in rows:
-        t.add_row(r["group"], f"{r['out']} x {r['in']}", r["backend"], f"{r['seconds']:.3f}",
+        t.add_row(r["group"], f"{r['out']} x {r['in']}", r["backend"], f"{r['seconds']:.3f}", f"{r['factor_seconds']:.3f}",
                   f"{ref[r['group']] / r['seconds']:.1f}x" if r["group"] in ref else "")
     per_block = {b: sum(r["seconds"] for r in rows if r["backend"] == b) for b in args.backends}
     if profile:
         print(profile)
     Console(width=120).print(t)
     print("per block:", ", ".join(f"{b} {s:.3f} s" for b, s in per_block.items()))
+    factor = {b: sum(r["factor_seconds"] for r in rows if r["backend"] == b) for b in args.backends}
+    print("of which factorizations:", ", ".join(f"{b} {s:.3f} s" for b, s in factor.items()))
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"rows": rows, "per_block": per_block, "profile": profile}, f, indent=1)
+            json.dump({"rows": rows, "per_block": per_block, "factor_per_block": factor, "profile": profile}, f, indent=1)
 
 
 if __name__ == "__main__":

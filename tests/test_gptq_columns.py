@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantkit.algorithms.gptq_math import _inverse_cholesky, gptq_quantize
+from quantkit.algorithms.gptq_math import inverse_cholesky, gptq_quantize
 from quantkit.formats import FloatSpec, IntSpec, quantize_rtn
 from quantkit.kernels import cuda, select_backend
 from quantkit.kernels.gptq_columns import OVERRIDE_VARIABLE, gptq_columns
@@ -41,7 +41,7 @@ def test_the_twin_rounds_a_block_as_the_paper_says():
     out, B = 6, 5
     spec = IntSpec(4, False, None)
     W1 = torch.randn(B, out)
-    U, _ = _inverse_cholesky(_hessian(B), 0.01)
+    U, _ = inverse_cholesky(_hessian(B), 0.01)
     qw = quantize_rtn(W1.T.contiguous(), spec)
     s_rows, z_rows = qw.scale.T.float().contiguous(), qw.zero_point.T.float().contiguous()
     Q1, E1, W = torch.zeros(B, out), torch.zeros(B, out), W1.double().clone()
@@ -69,7 +69,7 @@ def test_the_kernel_rounds_a_block_as_the_twin(spec, out, B, c0, c1):
     gs = spec.group_size or B
     groups = (torch.arange(B, device="cuda") // gs).to(torch.int32)
     W1 = torch.randn(B, out, device="cuda")
-    U, _ = _inverse_cholesky(_hessian(B, device="cuda"), 0.01)
+    U, _ = inverse_cholesky(_hessian(B, device="cuda"), 0.01)
     qw = quantize_rtn(torch.randn(out, -(-B // gs) * gs, device="cuda") * 1.5, spec)  # a scale per row and group
     s_rows, z_rows = qw.scale.T.float().contiguous(), qw.zero_point.T.float().contiguous()
     runs = {}

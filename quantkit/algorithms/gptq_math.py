@@ -37,7 +37,7 @@ class GPTQResult:
     dead_columns: int  # inputs that never fired (diag(H) == 0): their weights are zeroed
 
 
-def _inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
+def inverse_cholesky(H: torch.Tensor, dampening: float, max_tries: int = 6) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; damping grows 10x until it factors."""
     mean_diag = torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
@@ -105,7 +105,7 @@ def gptq_quantize(
 
     perm = torch.argsort(torch.diag(H), descending=True) if actorder else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    U, damp = _inverse_cholesky(H, dampening)
+    U, damp = inverse_cholesky(H, dampening)
 
     n_groups = spec.num_groups(in_f)
     scales = torch.zeros(out_f, n_groups, dtype=store_dtype, device=W.device)
