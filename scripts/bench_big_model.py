@@ -573,6 +573,13 @@ def project(args) -> None:
     other_s = s["wall_s"] - (s.get("block_sum_s") or block_s * layers)  # load, capture, held-out check, write
     p = args.parallel_fraction
     p_from = "--parallel-fraction"
+    if p is None and args.solve_from and isinstance(s.get("solve_s"), (int, float)) and s.get("wall_s"):
+        # solves split by rows: only each solve's factorization stays serial (every rank repeats it)
+        factor = json.loads(Path(args.solve_from).read_text())["factor_per_block"]
+        factor_s = min(factor.values()) * layers  # the backend the run used is the faster one
+        p = ((s.get("capture_s") or 0) + (s.get("forward_s") or 0) + max(s["solve_s"] - factor_s, 0.0)) / s["wall_s"]
+        p_from = (f"capture + forwards + the solves less their factorizations ({factor_s:.1f} s: {layers} x the "
+                  f"--solve-from benchmark's per-block figure), over the wall time")
     if p is None:
         p = record.get("parallel_fraction", s.get("parallel_fraction"))
         p_from = "the run's JSON" if p is not None else "default"
@@ -603,7 +610,8 @@ def project(args) -> None:
     out.print(f"measured vs formula on that model: GPU {_gib(gpu_meas)} vs {_gib(gpu_formula(cfg, tokens))}, "
               f"CPU RSS {_gib(cpu_meas)} vs {_gib(cpu_formula(cfg))}")
     out.print(f"solve share of a block's time f = {f:.2f} ({f_from})", markup=False, highlight=False)
-    t = Table(title=f"PROJECTION (not measured): parallel fraction p = {p:g} ({p_from}), solve exponent alpha = {a:g}")
+    out.print(f"parallel fraction p = {p:.3f} ({p_from})", markup=False, highlight=False)
+    t = Table(title=f"PROJECTION (not measured): parallel fraction p = {p:.3f}, solve exponent alpha = {a:g}")
     for col in ("model", "blocks", "weights", "GPU mem / GPU", "CPU RSS", "s / block", "1 GPU", "2 GPUs", "8 GPUs"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for name, target in {"measured (check)": cfg, **TARGETS}.items():
@@ -630,10 +638,11 @@ def project(args) -> None:
         "             the matmul FLOPs (out x in), GPTQ's column-by-column solve as out x in^2 (alpha 1)\n"
         "  1 GPU    = blocks x s/block + (measured seconds outside the blocks) x weights / measured weights\n"
         "  N GPUs   = (1 GPU) x ((1 - p) + p / N) + blocks x (2 (N - 1) / N x comm + (N - 1) / N x ship)\n"
-        "             (Amdahl; p = the measured share of the wall time in the phases that split by batches:\n"
-        "             capture and calibration forwards; the solves stay serial)\n"
+        "             (Amdahl; p = the measured share of the wall time in the phases that split: capture and\n"
+        "             calibration forwards by batches, and with --solve-from the solves by rows less their\n"
+        "             factorizations, which every rank repeats; without it the solves count as serial)\n"
         "  comm     = measured all-reduced bytes per block / bus bandwidth, scaled by the Hessians' bytes\n"
-        "  ship     = the block's weights at 1 byte each / bus bandwidth (each solve's result, broadcast)")
+        "  ship     = the block's weights at 1 byte each / bus bandwidth (each solve's rows, gathered)")
 
 
 # ---------------------------------------------------------------- command line
@@ -683,6 +692,8 @@ def main() -> None:
     p.add_argument("--from", dest="from_", required=True, help="a `run --json-out` file")
     p.add_argument("--parallel-fraction", type=float, help="Amdahl p (default: the JSON's parallel_fraction, else 0.8)")
     p.add_argument("--solve-exponent", type=float, default=1.0, help="alpha in the s/block scaling (see the formulas)")
+    p.add_argument("--solve-from", help="a `bench_gptq_solve.py --json-out` file from the same GPU: the solves' "
+                   "factorizations, the part of a row-split solve every rank repeats")
     p.add_argument("--comm-from", help="a `run --devices N --json-out` file: its collectives' bytes per block")
     p.add_argument("--link-gbps", type=float, default=100.0,
                    help="all-reduce bus bandwidth between GPUs, GB/s (an assumption; NVLink H100/H200 hosts "
