@@ -37,6 +37,7 @@ which sets RANK / WORLD_SIZE / MASTER_ADDR (quantkit then joins that group).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -109,20 +110,20 @@ class Group:
 
     def gather_rows(self, part: torch.Tensor, n: int) -> torch.Tensor:
         """The whole [n, ...] tensor on every rank, from each rank's share(n) of its rows
-        (`part`, this rank's), carried byte for byte whatever its dtype."""
+        (`part`, this rank's), carried as bytes whatever its dtype (gloo and NCCL know few)."""
         if self.alone:
             return part
         sizes = [Group(r, self.world).share(n) for r in range(self.world)]
         longest = max(s.stop - s.start for s in sizes)
         here = part.device if self.device == "cpu" and part.device.type == "cpu" else torch.device(self.device)
-        carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[part.element_size()]
-        padded = torch.zeros((longest, *part.shape[1:]), dtype=carrier, device=here)
-        padded[: part.shape[0]] = part.contiguous().view(carrier).to(here)
+        row_bytes = math.prod(part.shape[1:]) * part.element_size()
+        padded = torch.zeros(longest, row_bytes, dtype=torch.uint8, device=here)
+        padded[: part.shape[0]] = part.contiguous().view(torch.uint8).reshape(part.shape[0], row_bytes).to(here)
         pieces = [torch.empty_like(padded) for _ in range(self.world)]
-        with self._timed(padded.numel() * padded.element_size() * self.world):
+        with self._timed(padded.numel() * self.world):
             torch.distributed.all_gather(pieces, padded)
         whole = torch.cat([p[: s.stop - s.start] for p, s in zip(pieces, sizes)])
-        return whole.view(part.dtype).to(part.device)
+        return whole.view(part.dtype).reshape(n, *part.shape[1:]).to(part.device)
 
     def broadcast(self, obj, src: int):
         """`src`'s obj on every rank (pickled; tensors travel through the CPU)."""
