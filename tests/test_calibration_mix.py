@@ -269,3 +269,27 @@ def test_calibration_transfer_scores_each_calibration_against_the_targets_own(ti
     assert set(score) == {a, "generated", "rtn"} and len(result["linears"]) == 14  # 2 blocks x 7 linears
     assert score[a][a] == pytest.approx(1.0, rel=1e-9)
     assert all(0 < score[r][t] < float("inf") for r in score for t in (a, b))
+
+
+def test_calibration_transfer_leaves_each_domain_out_of_a_mix(tiny_model_dir, texts, tmp_path, monkeypatch):
+    """A mix is its parts' Hessians weighted; leaving a domain out of a two-part mix leaves the other
+    part alone, so that column equals the other part's own score there; a grid row with the same
+    shares as a named mix scores as it does; a domain alone has nothing left when it is left out."""
+    import math
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "calibration_transfer.py"
+    out = tmp_path / "t.json"
+    a, b = str(texts / "a.txt"), str(texts / "b.txt")
+    mix = f"{a}@1,{b}@1"
+    monkeypatch.setattr(sys, "argv", [str(script), "--model", str(tiny_model_dir), "--sources", b, mix,
+                                      "--targets", a, "--leave-out", a, b, "--grid", "2", "--windows", "2",
+                                      "--seqlen", "32", "--blocks", "2", "--group-size", "32", "--json-out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    score = json.loads(out.read_text())["score"]
+    assert score[mix][f"without {a}, on {a}"] == score[b][a]
+    assert math.isnan(score[b][f"without {b}, on {b}"]) and math.isnan(score[b]["worst left out"])
+    assert score[f"{a}@0.5,{b}@0.5"] == pytest.approx(score[mix], rel=1e-12)
+    assert score[mix]["worst left out"] == max(score[mix][f"without {d}, on {d}"] for d in (a, b)) > 1.0
