@@ -25,9 +25,10 @@ Every rank walks the same blocks (quantkit.pipeline) with the same weights:
                                            journal, each rank keeps its own share
                                            of the calibration streams for resume.
 
-The held-out check travels on rank 0 only. The result equals one process's up to
-the order of float additions in the reduced statistics (a Hessian summed in two
-halves rounds differently in its last bits).
+The held-out check's windows are shared out like the calibration batches, and their
+summed log-likelihoods added up. The result equals one process's up to the order of
+float additions in the reduced statistics (a Hessian summed in two halves rounds
+differently in its last bits).
 
 Launch: `quantkit quantize ... --devices N` spawns N processes on this machine
 (NCCL on GPUs, one GPU each; gloo on the CPU), or run quantkit under torchrun,

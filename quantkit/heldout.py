@@ -46,11 +46,12 @@ class HeldOutResult:
 
 
 @torch.inference_mode()
-def perplexity_of_hidden(loaded: LoadedModel, hidden: list[torch.Tensor], ids: torch.Tensor, device) -> float:
-    """exp(mean next-token NLL) of `ids` [n, seq] from the last block's outputs
+def nll_of_hidden(loaded: LoadedModel, hidden: list[torch.Tensor], ids: torch.Tensor, device) -> tuple[float, int]:
+    """(summed next-token NLL, predicted tokens) of `ids` [n, seq] from the last block's outputs
     `hidden` (batches of [b, seq, d], in order), through the final norm and the
     output head (and the soft-capping the config asks for, as the model's own
-    forward does: Gemma 2 / 3); one window at a time, so the logits stay [seq, vocab]."""
+    forward does: Gemma 2 / 3); one window at a time, so the logits stay [seq, vocab].
+    Sums, so that processes holding shares of the windows can add theirs up."""
     model, family = loaded.model, loaded.family
     norm, head = model.get_submodule(family.final_norm), model.get_submodule(family.lm_head)
     cap = final_logit_softcap(model.config)
@@ -69,5 +70,15 @@ def perplexity_of_hidden(loaded: LoadedModel, hidden: list[torch.Tensor], ids: t
                 row += 1
     finally:
         norm.to("cpu"), head.to("cpu")
+    return total, count
+
+
+def perplexity_from(total: float, count: int) -> float:
+    """exp(mean NLL); inf past what a float holds, NaN from NaN."""
     mean = total / max(count, 1)
     return math.exp(mean) if mean < 700 else (math.nan if math.isnan(mean) else math.inf)  # nan < 700 is False
+
+
+def perplexity_of_hidden(loaded: LoadedModel, hidden: list[torch.Tensor], ids: torch.Tensor, device) -> float:
+    """exp(mean next-token NLL) of `ids` from the last block's outputs `hidden` (nll_of_hidden)."""
+    return perplexity_from(*nll_of_hidden(loaded, hidden, ids, device))

@@ -49,7 +49,7 @@ from quantkit.distributed import ALONE, Group, assign, rows_beat_jobs
 from quantkit.devices import calibration_dtype, gpu_peak_bytes, rss_bytes, start_gpu_peak
 from quantkit.experts import FALLBACK, LayerExperts, experts_of, split_stages
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, QuantizedWeight, quantize_rtn
-from quantkit.heldout import HeldOutResult, perplexity_of_hidden
+from quantkit.heldout import HeldOutResult, nll_of_hidden, perplexity_from
 from quantkit.models import LoadedModel
 from quantkit.models.families import block_family, layer_types, sparse_layers
 from quantkit.models.moe import watching
@@ -164,7 +164,7 @@ def quantize_model(
     and a lazy model's block (LoadedModel.weights) gives its memory back.
     resume: continue an interrupted run at resume.block with what flowed into it.
     comm: this process among several (quantkit.distributed): it runs its share of the
-    calibration batches (the held-out windows on rank 0), the statistics are combined after
+    calibration batches and of the held-out windows, the statistics are combined after
     each pass, and each stage's rounding is shared out (_quantize_stage).
     """
     chain = chain if chain is not None else build_all(recipe)
@@ -204,8 +204,9 @@ def quantize_model(
         inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if needs_data else []
         # the held-out windows: one stream through the float blocks, one through the quantized ones
         held_float = held_quant = []
-        if held_out_ids is not None and comm.rank == 0:
-            held_float = held_quant = capture_block_inputs(loaded, held_out_ids, device, batch, fwd_dtype)
+        if held_out_ids is not None and len(held_out_ids[comm.share(held_out_ids.shape[0])]):  # this rank's windows
+            held_float = held_quant = capture_block_inputs(loaded, held_out_ids[comm.share(held_out_ids.shape[0])],
+                                                           device, batch, fwd_dtype)
         loaded.release(family.embed)
     seconds["capture"] = clock() - t0
     per_block: list[dict] = []
@@ -305,13 +306,15 @@ def quantize_model(
     held = None
     if held_out_ids is not None:
         t = clock()
-        if comm.rank == 0:
+        sums = [(0.0, 0), (0.0, 0)]
+        if held_float:  # this rank's share of the windows; the NLL sums added up over the ranks
+            mine = held_out_ids[comm.share(held_out_ids.shape[0])]
             loaded.materialize(family.final_norm), loaded.materialize(family.lm_head)
-            held = HeldOutResult(*held_out_ids.shape, held_out_disjoint,
-                                 perplexity_of_hidden(loaded, [h.hidden for h in held_float], held_out_ids, device),
-                                 perplexity_of_hidden(loaded, [h.hidden for h in held_quant], held_out_ids, device))
+            sums = [nll_of_hidden(loaded, [h.hidden for h in stream], mine, device) for stream in (held_float, held_quant)]
             loaded.release(family.final_norm), loaded.release(family.lm_head)
-        held = comm.broadcast(held, 0)
+        every = comm.gather(sums)
+        held = HeldOutResult(*held_out_ids.shape, held_out_disjoint,
+                             *(perplexity_from(sum(r[k][0] for r in every), sum(r[k][1] for r in every)) for k in (0, 1)))
         seconds["held_out"] = seconds.get("held_out", 0.0) + clock() - t
     weights = {r.name: r.weight for r in linears}
     return QuantizationResult(weights, linears, seconds, rounding.actorder(), act, input_scales, held, per_block)
