@@ -463,8 +463,13 @@ def _round_group(group: list[Target], chain: Chain, fallback: bool = False,
     t = clock()
     rounding = chain.rounding
     weights, specs = [t.linear.weight.data for t in group], [t.spec for t in group]
-    qws = ([quantize_rtn(w, spec) for w, spec in zip(weights, specs)] if fallback
-           else rounding.round_group([t.name for t in group], weights, specs, share))
+    names = [t.name for t in group]
+    if fallback:
+        qws = [quantize_rtn(w, spec) for w, spec in zip(weights, specs)]
+    elif share.alone:  # a rounding that does not split rows need not take `share` at all
+        qws = rounding.round_group(names, weights, specs)
+    else:
+        qws = rounding.round_group(names, weights, specs, share=share)
     seconds = (clock() - t) / len(group)  # a joint solve's time, shared out
     results = []
     for target, qw in zip(group, qws):
