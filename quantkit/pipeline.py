@@ -194,6 +194,8 @@ def quantize_model(
     t0 = clock()
     batch = recipe.calibration.batch_size
     start = resume.block if resume is not None else 0
+    # this rank's share of the held-out windows (all of them alone)
+    held_mine = held_out_ids[comm.share(held_out_ids.shape[0])] if held_out_ids is not None else None
     if resume is not None:
         inputs, held_float, held_quant = resume.streams.inputs, resume.streams.held_float, resume.streams.held_quant
     else:
@@ -204,9 +206,8 @@ def quantize_model(
         inputs = capture_block_inputs(loaded, calibration_ids, device, batch, fwd_dtype) if needs_data else []
         # the held-out windows: one stream through the float blocks, one through the quantized ones
         held_float = held_quant = []
-        if held_out_ids is not None and len(held_out_ids[comm.share(held_out_ids.shape[0])]):  # this rank's windows
-            held_float = held_quant = capture_block_inputs(loaded, held_out_ids[comm.share(held_out_ids.shape[0])],
-                                                           device, batch, fwd_dtype)
+        if held_mine is not None and len(held_mine):
+            held_float = held_quant = capture_block_inputs(loaded, held_mine, device, batch, fwd_dtype)
         loaded.release(family.embed)
     seconds["capture"] = clock() - t0
     per_block: list[dict] = []
@@ -308,9 +309,8 @@ def quantize_model(
         t = clock()
         sums = [(0.0, 0), (0.0, 0)]
         if held_float:  # this rank's share of the windows; the NLL sums added up over the ranks
-            mine = held_out_ids[comm.share(held_out_ids.shape[0])]
             loaded.materialize(family.final_norm), loaded.materialize(family.lm_head)
-            sums = [nll_of_hidden(loaded, [h.hidden for h in stream], mine, device) for stream in (held_float, held_quant)]
+            sums = [nll_of_hidden(loaded, [h.hidden for h in stream], held_mine, device) for stream in (held_float, held_quant)]
             loaded.release(family.final_norm), loaded.release(family.lm_head)
         every = comm.gather(sums)
         held = HeldOutResult(*held_out_ids.shape, held_out_disjoint,

@@ -81,15 +81,15 @@ class GPTQ(Rounding):
                 key += (name,)  # one scale per linear: stacked rows would share it
             batches.setdefault(key, []).append(i)
         for members in batches.values():
-            spec = specs[members[0]]
-            self._solve([names[i] for i in members], [weights[i] for i in members], spec,
-                        ALONE if per_tensor(spec) or weights[0].shape[0] < share.world else share, out)
+            self._solve([names[i] for i in members], [weights[i] for i in members], specs[members[0]], share, out)
         return [out[name] for name in names]
 
     def _solve(self, names: list[str], weights: list[torch.Tensor], spec: IntSpec, share: Group, out: dict) -> None:
         H = self._stats[names[0]].hessian
         o = self.options
         W = torch.cat(weights) if len(weights) > 1 else weights[0]
+        if per_tensor(spec) or W.shape[0] < share.world:  # one scale from every row; fewer rows than processes
+            share = ALONE
         mine = share.share(W.shape[0])
         try:
             result = gptq_quantize(W[mine], H, spec, o.dampening, o.block_size, o.actorder, o.static_groups)
