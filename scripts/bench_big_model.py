@@ -346,9 +346,10 @@ def summarize(result: dict, weights: int) -> dict:
                                               if smi and s["gpu_used_baseline_bytes"] else None),
         "resumed_from": r.get("resumed_from"),
         "capture_s": seconds.get("quantize.capture"),  # block 0's inputs: the embeddings of every batch
-        "held_out_s": seconds.get("quantize.held_out"),  # the held-back check (one process only)
-        # the phases several processes split between them (each runs its share of the batches)
-        "parallel_fraction": ((seconds.get("quantize.capture") or 0) + seconds["quantize.forward"]) / result["wall_s"]
+        "held_out_s": seconds.get("quantize.held_out"),  # the held-back check (its windows shared over the ranks)
+        # the phases several processes split between them (each runs its share of the batches and windows)
+        "parallel_fraction": ((seconds.get("quantize.capture") or 0) + seconds["quantize.forward"]
+                              + (seconds.get("quantize.held_out") or 0)) / result["wall_s"]
         if isinstance(seconds.get("quantize.forward"), (int, float)) and result["wall_s"] else None,
         "processes": [{"rank": q.get("rank"), "seconds": q.get("seconds"), "collective_s": q.get("collective_s"),
                        "collective_bytes": q.get("collective_bytes")} for q in r.get("processes") or []] or None,
@@ -577,8 +578,9 @@ def project(args) -> None:
         # solves split by rows: only each solve's factorization stays serial (every rank repeats it)
         factor = json.loads(Path(args.solve_from).read_text())["factor_per_block"]
         factor_s = min(factor.values()) * layers  # the backend the run used is the faster one
-        p = ((s.get("capture_s") or 0) + (s.get("forward_s") or 0) + max(s["solve_s"] - factor_s, 0.0)) / s["wall_s"]
-        p_from = (f"capture + forwards + the solves less their factorizations ({factor_s:.1f} s: {layers} x the "
+        p = ((s.get("capture_s") or 0) + (s.get("forward_s") or 0) + (s.get("held_out_s") or 0)
+             + max(s["solve_s"] - factor_s, 0.0)) / s["wall_s"]
+        p_from = (f"capture + forwards + held-back check + the solves less their factorizations ({factor_s:.1f} s: {layers} x the "
                   f"--solve-from benchmark's per-block figure), over the wall time")
     if p is None:
         p = record.get("parallel_fraction", s.get("parallel_fraction"))
@@ -639,8 +641,9 @@ def project(args) -> None:
         "  1 GPU    = blocks x s/block + (measured seconds outside the blocks) x weights / measured weights\n"
         "  N GPUs   = (1 GPU) x ((1 - p) + p / N) + blocks x (2 (N - 1) / N x comm + (N - 1) / N x ship)\n"
         "             (Amdahl; p = the measured share of the wall time in the phases that split: capture and\n"
-        "             calibration forwards by batches, and with --solve-from the solves by rows less their\n"
-        "             factorizations, which every rank repeats; without it the solves count as serial)\n"
+        "             calibration forwards by batches, the held-back check by windows, and with --solve-from\n"
+        "             the solves by rows less their factorizations, which every rank repeats; without it the\n"
+        "             solves count as serial)\n"
         "  comm     = measured all-reduced bytes per block / bus bandwidth, scaled by the Hessians' bytes\n"
         "  ship     = the block's weights at 1 byte each / bus bandwidth (each solve's rows, gathered)")
 
