@@ -301,7 +301,10 @@ class BudgetConfig:
     bits_per_weight bits per weight on average.
 
     candidates: "wBgG" (B bits, groups of G; the recipe's symmetry), "wB" (B bits, one scale per
-    output channel), "16" (left in 16 bits).
+    output channel), "16" (left in 16 bits). The default ladder steps finely around 4 bits (W4 per
+    channel, g128, g64, g32) so that an upgrade of one linear can be paid for by a small step down
+    of others, not only by W3 (BENCHMARKS.md: at uniform W4's size, gradient sensitivity, the choice
+    from W3 g64 / W4 g128 / W4 g64 / W8 lost to uniform W4 in perplexity; the ladder's won).
 
     sensitivity: "output" scores a candidate by the squared error it adds to its linear's own
     output; "gradient" weighs each output channel's error by the mean squared gradient of the
@@ -310,7 +313,7 @@ class BudgetConfig:
     the model's next-token loss, downstream layers included."""
 
     bits_per_weight: float
-    candidates: tuple[str, ...] = ("w3g64", "w4g128", "w4g64", "w8", "16")
+    candidates: tuple[str, ...] = ("w3g64", "w4", "w4g128", "w4g64", "w4g32", "w8", "16")
     sensitivity: typing.Literal["output", "gradient"] = "output"
     gradient_samples: int = 32
 
