@@ -580,8 +580,8 @@ def project(args) -> None:
         factor_s = min(factor.values()) * layers  # the backend the run used is the faster one
         p = ((s.get("capture_s") or 0) + (s.get("forward_s") or 0) + (s.get("held_out_s") or 0)
              + max(s["solve_s"] - factor_s, 0.0)) / s["wall_s"]
-        p_from = (f"capture + forwards + held-back check + the solves less their factorizations ({factor_s:.1f} s: {layers} x the "
-                  f"--solve-from benchmark's per-block figure), over the wall time")
+        p_from = (f"capture + forwards + held-back check + the solves less their factorizations "
+                  f"({factor_s:.1f} s: {layers} x the --solve-from benchmark's per-block figure), over the wall time")
     if p is None:
         p = record.get("parallel_fraction", s.get("parallel_fraction"))
         p_from = "the run's JSON" if p is not None else "default"
