@@ -100,6 +100,9 @@ class BlockSink(Protocol):
     def block_done(self, index: int, block: torch.nn.Module, results: list[LinearResult],
                    input_scales: dict[str, torch.Tensor], streams: Streams, figures: dict) -> None: ...
 
+    def flush(self) -> None:
+        """Every block handed over is stored (called once after the last block, on every rank)."""
+
 
 @dataclass
 class QuantizationResult:
@@ -182,7 +185,7 @@ def quantize_model(
     blocks = blocks_of(loaded)
     kinds = layer_types(config)  # each block's attention type: its mask and rotary cos/sin
     sparse = sparse_layers(config, family)
-    seconds = {"capture": 0.0, "forward": 0.0, "transform": 0.0, "quantize": 0.0}
+    seconds = {"capture": 0.0, "forward": 0.0, "transform": 0.0, "quantize": 0.0, "journal": 0.0}
     if needs_data and calibration_ids is None:
         users = [s.name for s in chain if isinstance(s, Transform) or s.observes]
         raise ValueError(f"recipe {recipe.name!r} needs calibration data "
@@ -224,6 +227,8 @@ def quantize_model(
         t_block, done_before = clock(), len(linears)
         start_gpu_peak(torch.device(device))
         loaded.materialize(f"{family.blocks}.{i}")
+        if i + 1 < len(blocks):
+            loaded.prefetch(f"{family.blocks}.{i + 1}")  # read from the files while this block is worked on
         fam = block_family(family, config, i)  # a sparse layer's: one set of linears per expert
         targets = _targets(block, f"{family.blocks}.{i}", fam.linears, recipe)
         book = LayerExperts(fam, recipe.calibration.moe, rounding.observes) if sparse[i] else None
@@ -300,10 +305,16 @@ def quantize_model(
         if sink is not None:
             done = linears[done_before:]
             scales = {r.name: input_scales.pop(r.name) for r in done if r.name in input_scales}
+            t = clock()
             sink.block_done(i, block, done, scales, Streams(inputs, held_float, held_quant), figures)
+            seconds["journal"] += clock() - t
             del linears[done_before:]  # written: the quantized weights are not held to the end
             loaded.release(f"{family.blocks}.{i}")
         progress.block_done()
+    if sink is not None:
+        t = clock()
+        sink.flush()
+        seconds["journal"] += clock() - t
     held = None
     if held_out_ids is not None:
         t = clock()

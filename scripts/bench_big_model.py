@@ -347,6 +347,7 @@ def summarize(result: dict, weights: int) -> dict:
         "resumed_from": r.get("resumed_from"),
         "capture_s": seconds.get("quantize.capture"),  # block 0's inputs: the embeddings of every batch
         "held_out_s": seconds.get("quantize.held_out"),  # the held-back check (its windows shared over the ranks)
+        "journal_s": seconds.get("quantize.journal"),  # waiting for the writer thread (parts, streams, journal)
         # the phases several processes split between them (each runs its share of the batches and windows)
         "parallel_fraction": ((seconds.get("quantize.capture") or 0) + seconds["quantize.forward"]
                               + (seconds.get("quantize.held_out") or 0)) / result["wall_s"]
@@ -571,21 +572,29 @@ def project(args) -> None:
         block_s, how = s["quantize_s"] / layers, f"quantize seconds / {layers} blocks (the report has no blocks)"
     if block_s is None:
         sys.exit("error: the run's JSON has neither per-block nor quantize seconds")
-    other_s = s["wall_s"] - (s.get("block_sum_s") or block_s * layers)  # load, capture, held-out check, write
-    p = args.parallel_fraction
-    p_from = "--parallel-fraction"
-    if p is None and args.solve_from and isinstance(s.get("solve_s"), (int, float)) and s.get("wall_s"):
+    block_sum = s.get("block_sum_s") or block_s * layers
+    secs = (record.get("report") or {}).get("seconds") or {}
+    capture_s = s.get("capture_s") or 0.0
+    # outside the blocks: what grows with the weights (reading the embeddings, writing, the last steps of the
+    # walk) and what does not (process start, CUDA, the calibration text); the capture splits over the ranks
+    io_s = (secs.get("load") or 0.0) + (secs.get("write") or 0.0) \
+        + max((s.get("quantize_s") or block_sum) - block_sum - capture_s, 0.0)
+    fixed_s = max(s["wall_s"] - block_sum - capture_s - io_s, 0.0)
+    # q: the share of a block's time that several processes divide
+    q = args.parallel_fraction
+    q_from = "--parallel-fraction"
+    shared = (s.get("forward_s") or 0.0) + (s.get("held_out_s") or 0.0)
+    if q is None and args.solve_from and isinstance(s.get("solve_s"), (int, float)):
         # solves split by rows: only each solve's factorization stays serial (every rank repeats it)
         factor = json.loads(Path(args.solve_from).read_text())["factor_per_block"]
         factor_s = min(factor.values()) * layers  # the backend the run used is the faster one
-        p = ((s.get("capture_s") or 0) + (s.get("forward_s") or 0) + (s.get("held_out_s") or 0)
-             + max(s["solve_s"] - factor_s, 0.0)) / s["wall_s"]
-        p_from = (f"capture + forwards + held-back check + the solves less their factorizations "
-                  f"({factor_s:.1f} s: {layers} x the --solve-from benchmark's per-block figure), over the wall time")
-    if p is None:
-        p = record.get("parallel_fraction", s.get("parallel_fraction"))
-        p_from = "the run's JSON" if p is not None else "default"
-        p = 0.8 if p is None else p
+        q = min(1.0, (shared + max(s["solve_s"] - factor_s, 0.0)) / block_sum)
+        q_from = (f"forwards + held-back check + the solves less their factorizations ({factor_s:.1f} s: "
+                  f"{layers} x the --solve-from benchmark's per-block figure), over the blocks' {block_sum:.1f} s")
+    if q is None:
+        q = min(1.0, shared / block_sum) if shared else 0.8
+        q_from = ("forwards + held-back check over the blocks' time; the solves counted serial (no --solve-from)"
+                  if shared else "default")
     cpu_meas = s.get("peak_cpu_rss_reported") or s.get("peak_cpu_rss_child_hwm") or s.get("peak_cpu_rss_sampled")
     gpu_meas = s.get("peak_gpu_reported") or s.get("peak_gpu_nvidia_smi_over_baseline")
     cpu_extra = max(0, cpu_meas - cpu_formula(cfg)) if cpu_meas else 0
@@ -608,26 +617,36 @@ def project(args) -> None:
 
     out.print(f"measured: {record['model']} ({layers} blocks, hidden {cfg['hidden_size']}, MLP {cfg['intermediate_size']}), "
               f"{record.get('recipe')} on {record.get('device')}, {record['num_samples']} x {record['seqlen']} tokens; "
-              f"{block_s:.2f} s a block ({how}), {other_s:.1f} s outside the blocks", markup=False, highlight=False)
+              f"{block_s:.2f} s a block ({how}); outside the blocks: {fixed_s:.1f} s fixed, {io_s:.1f} s that grows "
+              f"with the weights, {capture_s:.1f} s capture", markup=False, highlight=False)
     out.print(f"measured vs formula on that model: GPU {_gib(gpu_meas)} vs {_gib(gpu_formula(cfg, tokens))}, "
               f"CPU RSS {_gib(cpu_meas)} vs {_gib(cpu_formula(cfg))}")
     out.print(f"solve share of a block's time f = {f:.2f} ({f_from})", markup=False, highlight=False)
-    out.print(f"parallel fraction p = {p:.3f} ({p_from})", markup=False, highlight=False)
-    t = Table(title=f"PROJECTION (not measured): parallel fraction p = {p:.3f}, solve exponent alpha = {a:g}")
-    for col in ("model", "blocks", "weights", "GPU mem / GPU", "CPU RSS", "s / block", "1 GPU", "2 GPUs", "8 GPUs"):
+    out.print(f"block parallel fraction q = {q:.3f} ({q_from})", markup=False, highlight=False)
+    t = Table(title=f"PROJECTION (not measured): block parallel fraction q = {q:.3f}, solve exponent alpha = {a:g}")
+    for col in ("model", "blocks", "weights", "GPU mem / GPU", "CPU RSS", "s / block", "1 GPU", "2 GPUs", "8 GPUs",
+                "2 GPUs, x"):
         t.add_column(col, justify="left" if col == "model" else "right")
+    rows = {}
     for name, target in {"measured (check)": cfg, **TARGETS}.items():
         tb = block_s * ((1 - f) * solve_cost(target, 0) / solve_cost(cfg, 0) + f * solve_cost(target, a) / solve_cost(cfg, a))
-        t1 = target["num_hidden_layers"] * tb + other_s * model_bytes(target) / model_bytes(cfg)
+        serial = fixed_s + io_s * model_bytes(target) / model_bytes(cfg)
+        capture = capture_s * target["hidden_size"] / cfg["hidden_size"]
         comm = comm_s * hessian_bytes(target) / hessian_bytes(cfg)
         ship = sum(i * o for i, o in block_linears(target)) / (args.link_gbps * 1e9) if args.comm_from else 0.0
-        times = [_duration(t1 * ((1 - p) + p / n)
-                           + target["num_hidden_layers"] * (comm * 2 * (n - 1) / n + ship * (n - 1) / n))
+        times = [serial + capture / n + target["num_hidden_layers"] * (
+                     tb * ((1 - q) + q / n) + comm * 2 * (n - 1) / n + ship * (n - 1) / n)
                  for n in (1, 2, 8)]
+        rows[name] = {"blocks": target["num_hidden_layers"], "s_per_block": tb, "seconds": dict(zip((1, 2, 8), times))}
         t.add_row(name, str(target["num_hidden_layers"]), _gib(model_bytes(target)),
                   _gib(gpu_formula(target, tokens) + gpu_extra * target["intermediate_size"] / cfg["intermediate_size"]),
-                  _gib(cpu_formula(target) + cpu_extra), _duration(tb), *times)
+                  _gib(cpu_formula(target) + cpu_extra), _duration(tb), *map(_duration, times),
+                  f"{times[0] / times[1]:.2f}x")
     out.print(t)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"projection": True, "block_parallel_fraction": q, "q_from": q_from,
+                                                   "fixed_s": fixed_s, "io_s": io_s, "capture_s": capture_s,
+                                                   "rows": rows}, indent=1))
     out.print(comm_note, markup=False, highlight=False)
     out.print(
         "formulas (bf16 weights, 2-byte activations, T = num_samples x seqlen tokens, the same as measured):\n"
@@ -638,12 +657,13 @@ def project(args) -> None:
         "  s/block  = measured s/block x ((1 - f) x R(0) + f x R(alpha)),  R(e) = sum(out x in^(1+e)) on the target block /\n"
         "             the same on the measured block, summed over q,k,v,o,gate,up,down: the forwards and Hessians scale as\n"
         "             the matmul FLOPs (out x in), GPTQ's column-by-column solve as out x in^2 (alpha 1)\n"
-        "  1 GPU    = blocks x s/block + (measured seconds outside the blocks) x weights / measured weights\n"
-        "  N GPUs   = (1 GPU) x ((1 - p) + p / N) + blocks x (2 (N - 1) / N x comm + (N - 1) / N x ship)\n"
-        "             (Amdahl; p = the measured share of the wall time in the phases that split: capture and\n"
-        "             calibration forwards by batches, the held-back check by windows, and with --solve-from\n"
-        "             the solves by rows less their factorizations, which every rank repeats; without it the\n"
-        "             solves count as serial)\n"
+        "  N GPUs   = fixed + io x weights / measured weights + capture / N\n"
+        "             + blocks x (s/block x ((1 - q) + q / N) + 2 (N - 1) / N x comm + (N - 1) / N x ship)\n"
+        "             (fixed: process start, CUDA, the calibration text; io: loading, writing and the walk's steps\n"
+        "             outside the blocks, which grow with the weights; capture: block 0's inputs, by batches;\n"
+        "             q = the measured share of a block's time in the phases that split: calibration forwards\n"
+        "             by batches, the held-back check by windows, and with --solve-from the solves by rows less\n"
+        "             their factorizations, which every rank repeats; without it the solves count as serial)\n"
         "  comm     = measured all-reduced bytes per block / bus bandwidth, scaled by the Hessians' bytes\n"
         "  ship     = the block's weights at 1 byte each / bus bandwidth (each solve's rows, gathered)")
 
@@ -693,7 +713,9 @@ def main() -> None:
 
     p = sub.add_parser("project", help="project a run's figures to Llama-3-70B and Llama-3.1-405B")
     p.add_argument("--from", dest="from_", required=True, help="a `run --json-out` file")
-    p.add_argument("--parallel-fraction", type=float, help="Amdahl p (default: the JSON's parallel_fraction, else 0.8)")
+    p.add_argument("--parallel-fraction", type=float,
+                   help="Amdahl's q for a block's time (default: from the run's phases, see the formulas)")
+    p.add_argument("--json-out", help="write the projected rows here")
     p.add_argument("--solve-exponent", type=float, default=1.0, help="alpha in the s/block scaling (see the formulas)")
     p.add_argument("--solve-from", help="a `bench_gptq_solve.py --json-out` file from the same GPU: the solves' "
                    "factorizations, the part of a row-split solve every rank repeats")

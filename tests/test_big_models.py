@@ -21,6 +21,7 @@ from quantkit import api
 from quantkit.checkpoint import write_checkpoint
 from quantkit.checkpoint.output import JOURNAL_DIR
 from quantkit.distributed import ALONE, Group, assign, from_environment, rows_beat_jobs, spawn
+from quantkit.errors import ModelLoadError
 from quantkit.formats import FloatSpec, IntSpec
 from quantkit.models import load_lazily, load_model
 from quantkit.models.lazy import LazyWeights, lazy_model
@@ -60,6 +61,35 @@ def test_a_lazy_model_computes_what_the_loaded_one_does(family, tmp_path):
     ids = torch.randint(0, whole.model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(whole.model(ids).logits, lazy.model(ids).logits)
+
+
+def test_a_block_read_ahead_is_the_block_read_then(four_blocks, tmp_path):
+    """prefetch reads a block in a background thread; materialize installs those very tensors, and a
+    NaN in a block read ahead is refused when that block is reached, with the same message."""
+    direct, _ = load_lazily(str(four_blocks))
+    ahead, _ = load_lazily(str(four_blocks))
+    ahead.prefetch("model.layers.2")
+    assert all(p.device.type == "meta" for p in ahead.model.model.layers[2].parameters())  # nothing installed yet
+    got = dict(ahead.materialize("model.layers.2").named_parameters())
+    want = dict(direct.materialize("model.layers.2").named_parameters())
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    ahead.prefetch("model.layers.3")
+    ahead.release("model.layers.3")  # read ahead, then given back unused: nothing stays
+    assert all(p.device.type == "meta" for p in ahead.model.model.layers[3].parameters())
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    bad.mkdir()
+    for f in four_blocks.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    state = load_file(bad / "model.safetensors")
+    state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
+    nan, _ = load_lazily(str(bad))
+    nan.prefetch("model.layers.1")
+    with pytest.raises(ModelLoadError, match="model.layers.1.mlp.up_proj.weight .*NaN or Inf"):
+        nan.materialize("model.layers.1")
 
 
 def test_lazy_loading_says_why_not(tmp_path, tiny_model_dir):
@@ -156,9 +186,9 @@ def _held_after_block(model: Path, out: Path, block: int, recipe: str = "w4a16-g
         import sys, time
         from quantkit.checkpoint import stream
         real = stream.StreamingCheckpoint.block_done
-        def block_done(self, index, *args):
+        def block_done(self, index, *args):  # the journal names a block once its files are written
             real(self, index, *args)
-            if index == {block}:
+            if self.journal["done"] and self.journal["done"][-1]["block"] == {block}:
                 print("DONE", index, flush=True)
                 time.sleep(120)
         stream.StreamingCheckpoint.block_done = block_done
@@ -225,7 +255,9 @@ def test_sigterm_keeps_the_finished_blocks_for_a_rerun(four_blocks, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in stderr, stderr
     assert not (tmp_path / "o").exists() and "run the same command again to resume" in stderr
     resumed = api.quantize(str(four_blocks), "w4a16-gptq", out=tmp_path / "o", **SMALL)
-    assert resumed["resumed_from"] == 3
+    # block 3 was in the writer's hands when the signal came (the journal named block 2): it is
+    # finished and kept too
+    assert resumed["resumed_from"] == 4 and [b["block"] for b in resumed["blocks"]] == [0, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------- several processes

@@ -1,17 +1,19 @@
 """A checkpoint written block by block, with a journal a rerun resumes from.
 
 The driver (quantkit.pipeline) hands each finished decoder block to
-StreamingCheckpoint.block_done, which at once
+StreamingCheckpoint.block_done, whose writer thread, while the driver goes on
+with the next block,
 
     writes the block's tensors (packed quantized linears, float norms and
     biases) as one safetensors part in the temporary folder,
     saves what flows into the next block (the calibration batches and the
-    held-out streams: quantkit.pipeline.Streams) as quantkit_journal/streams.pt,
-    records the block in quantkit_journal/journal.json: its report rows, its
-    time and memory, and the run's fingerprint;
+    held-out streams: quantkit.pipeline.Streams) as quantkit_journal/streams-*.pt;
 
-each file written beside its final name and renamed over it, the journal last,
-so a kill at any moment leaves the journal naming only complete files. The
+then (at the next block_done, or at flush) the block is recorded in
+quantkit_journal/journal.json: its report rows, its time and memory, and the
+run's fingerprint. Each file is written beside its final name and renamed over
+it, the journal last, so a kill at any moment leaves the journal naming only
+complete files (and loses at most the block being written). The
 quantized weights are not held to the end, and a lazy model's block is
 released (quantkit.models.lazy).
 
@@ -40,6 +42,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -127,6 +130,8 @@ class StreamingCheckpoint:
         self.resume: ResumePoint | None = None
         self.note: str | None = None
         self.barrier = barrier or (lambda: None)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-writer")
+        self._pending: tuple[Future, dict] | None = None  # the block being written, and its journal entry
         adopt = self._find_resumable() if rank == 0 else None
         self.tmp = new_temporary(self.out, adopt) if rank == 0 else None
         if rank == 0:
@@ -179,8 +184,11 @@ class StreamingCheckpoint:
 
     def block_done(self, index: int, block: torch.nn.Module, results: list[LinearResult],
                    input_scales: dict[str, torch.Tensor], streams: Streams, figures: dict) -> None:
+        """Hand block `index`'s files to the writer thread; the journal names the block once they are
+        on disk (at the next block_done, or at flush), so writing overlaps the next block's work."""
         prefix = f"{self.family.blocks}.{index}"
         rows = [linear_row(r, unpacked=self.activations is not None) for r in results]
+        state, part = None, None
         if self.rank == 0:
             quantized = {r.name for r in results}
             state = {}
@@ -193,16 +201,34 @@ class StreamingCheckpoint:
             state = {checkpoint_name(self.family, k): t for k, t in state.items()}
             check_finite_state(state)
             part = f"part-{index:05d}.safetensors"
+        # the streams are not changed in place by the next block (its outputs are new tensors), so the
+        # writer may read them while the pipeline goes on
+        plain = {"inputs": _to_plain(streams.inputs), "held_float": _to_plain(streams.held_float),
+                 "held_quant": _to_plain(streams.held_quant)}
+        entry = {"block": index, "part": part, "rows": rows, "figures": figures,
+                 "g_idx": any(r.weight.g_idx is not None for r in results)}
+        self.flush()  # the block before: on disk and journaled (at most one block is in the writer's hands)
+        self._pending = (self._writer.submit(self._write_block, index, state, part, plain), entry)
+
+    def _write_block(self, index: int, state: dict | None, part: str | None, plain: dict) -> None:
+        if state is not None:
             save_part(state, self.tmp / f"{part}.new")
             os.replace(self.tmp / f"{part}.new", self.tmp / part)
         path = self.streams_path(index)
-        torch.save({"inputs": _to_plain(streams.inputs), "held_float": _to_plain(streams.held_float),
-                    "held_quant": _to_plain(streams.held_quant)}, path.with_name(path.name + ".new"))
+        torch.save(plain, path.with_name(path.name + ".new"))
         os.replace(path.with_name(path.name + ".new"), path)
+
+    def flush(self) -> None:
+        """Wait for the block in the writer's hands and name it in the journal (every rank calls
+        this at the same points: it waits for the others)."""
+        if self._pending is None:
+            return
+        future, entry = self._pending
+        self._pending = None
+        future.result()  # the writer's error, if any, is raised here
         self.barrier()  # every rank's streams are saved before the journal names the block
         previous = self.journal["done"][-1]["block"] if self.journal["done"] else None
-        self.journal["done"].append({"block": index, "part": part if self.rank == 0 else None, "rows": rows,
-                                     "figures": figures, "g_idx": any(r.weight.g_idx is not None for r in results)})
+        self.journal["done"].append(entry)
         if self.rank == 0:
             _atomic_json(self.tmp / JOURNAL_DIR / JOURNAL, self.journal)
         self.barrier()
@@ -251,6 +277,9 @@ class StreamingCheckpoint:
         """Write what is left, name the shards and swap the folder into place (rank 0). The
         journal and the block parts stay until everything else is written, so an interruption
         in here still leaves a run to resume."""
+        if self._pending is not None:
+            raise RuntimeError("internal: StreamingCheckpoint.finish before flush (every rank flushes)")
+        self._writer.shutdown(wait=True)
         parts = [d["part"] for d in self.journal["done"]] + self._outer_parts()
         total = sum((self.tmp / p).stat().st_size for p in parts)
         if total <= ONE_FILE_BYTES or len(parts) == 1:
@@ -290,6 +319,13 @@ class StreamingCheckpoint:
     def abandon(self, keep: bool) -> None:
         """The run failed: keep the partial folder for a rerun to resume (`keep`, and a block is
         finished), saying where; else remove it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:  # let the writer finish before anything is kept or removed
+            done = pending[0].exception() is None
+            if done and keep and self.world == 1 and self.rank == 0:  # alone: no other rank's streams to wait for
+                self.journal["done"].append(pending[1])
+                _atomic_json(self.tmp / JOURNAL_DIR / JOURNAL, self.journal)
+        self._writer.shutdown(wait=True)
         if self.rank != 0 or self.tmp is None or not self.tmp.exists():
             return
         if keep and self.journal["done"]:

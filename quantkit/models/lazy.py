@@ -127,19 +127,31 @@ class LazyWeights:
 
     def materialize(self, module: torch.nn.Module, prefix: str) -> None:
         """Read every parameter of `module` (named `prefix` in the model) that is on the meta device."""
+        self.install(module, self.read(module, prefix))
+
+    def read(self, module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        """The tensors of `module`'s parameters still on the meta device, by parameter name, read
+        from the files and checked; nothing in `module` changes (so another thread may read ahead)."""
         wanted = {name: self.key(f"{prefix}.{name}" if prefix else name)
                   for name, p in module.named_parameters() if p.device.type == "meta"}
+        dtypes = {name: p.dtype for name, p in module.named_parameters()}
         tensors = self.files.read(list(wanted.values()))
-        for name, p in list(module.named_parameters()):
-            if name not in wanted:
-                continue
-            key = wanted[name]
-            t = tensors.pop(key).to(p.dtype)
+        out = {}
+        for name, key in wanted.items():
+            t = tensors.pop(key).to(dtypes[name])
             if not all_finite(t):
                 raise ModelLoadError(f"{key} in {self.files.folder} contains NaN or Inf; refusing to quantize")
-            owner, _, leaf = name.rpartition(".")
-            sub = module.get_submodule(owner) if owner else module
-            sub._parameters[leaf] = torch.nn.Parameter(t, requires_grad=False)
+            out[name] = t
+        return out
+
+    @staticmethod
+    def install(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Put read tensors in place of `module`'s meta parameters (those read already stay)."""
+        for name, p in list(module.named_parameters()):
+            if name in tensors and p.device.type == "meta":
+                owner, _, leaf = name.rpartition(".")
+                sub = module.get_submodule(owner) if owner else module
+                sub._parameters[leaf] = torch.nn.Parameter(tensors[name], requires_grad=False)
 
     def release(self, module: torch.nn.Module) -> None:
         """Every parameter of `module` back on the meta device: its memory is freed, and handed back

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -43,13 +44,27 @@ class LoadedModel:
     # a lazy model's rewrites of each module as it is read (a rotation: quantkit.algorithms.rotation)
     on_materialize: list = field(default_factory=list)
     _rewritten: set = field(default_factory=set)
+    _ahead: dict = field(default_factory=dict)  # module name -> Future of its tensors, read by prefetch
+    _reader: ThreadPoolExecutor | None = None
+
+    def prefetch(self, name: str) -> None:
+        """Start reading a lazy model's module `name` from its files in a background thread, so
+        that the next materialize(name) finds it read (a no-op when the model is not lazy)."""
+        if self.weights is None or name in self._ahead:
+            return
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantkit-reader")
+        self._ahead[name] = self._reader.submit(self.weights.read, self.model.get_submodule(name), name)
 
     def materialize(self, name: str) -> torch.nn.Module:
         """The module `name`, its parameters read from the files first when the model is lazy
         (and rewritten by on_materialize's functions, once while it is held)."""
         module = self.model.get_submodule(name)
         if self.weights is not None:
-            self.weights.materialize(module, name)
+            ahead = self._ahead.pop(name, None)
+            if ahead is not None:
+                self.weights.install(module, ahead.result())  # a read error is raised here
+            self.weights.materialize(module, name)  # whatever is still on the meta device
             if name not in self._rewritten:
                 for rewrite in self.on_materialize:
                     rewrite(name, module)
@@ -59,6 +74,9 @@ class LoadedModel:
     def release(self, name: str) -> None:
         """A lazy model's module `name` gives its parameters' memory back (a no-op otherwise)."""
         if self.weights is not None:
+            ahead = self._ahead.pop(name, None)
+            if ahead is not None:
+                ahead.cancel()
             self.weights.release(self.model.get_submodule(name))
             self._rewritten.discard(name)
 
