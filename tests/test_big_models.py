@@ -244,6 +244,22 @@ def test_a_different_recipe_starts_over_and_says_why(four_blocks, tmp_path, capl
         Path(api.quantize(str(four_blocks), "w4a16-rtn", out=tmp_path / "fresh", **SMALL)["out"]))
 
 
+def test_a_write_that_fails_in_the_writer_thread_fails_the_run_and_leaves_nothing(four_blocks, tmp_path, monkeypatch):
+    from quantkit.checkpoint import stream
+
+    real = stream.save_part
+
+    def save_part(state, path):
+        if "part-00002" in str(path):
+            raise OSError(28, "No space left on device", str(path))
+        real(state, path)
+
+    monkeypatch.setattr(stream, "save_part", save_part)
+    with pytest.raises(OSError, match="No space left on device"):
+        api.quantize(str(four_blocks), "w4a16-rtn", out=tmp_path / "o", **SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary folder
+
+
 def test_sigterm_keeps_the_finished_blocks_for_a_rerun(four_blocks, tmp_path):
     proc = _held_after_block(four_blocks, tmp_path / "o", 2)
     try:
