@@ -348,10 +348,6 @@ def summarize(result: dict, weights: int) -> dict:
         "capture_s": seconds.get("quantize.capture"),  # block 0's inputs: the embeddings of every batch
         "held_out_s": seconds.get("quantize.held_out"),  # the held-back check (its windows shared over the ranks)
         "journal_s": seconds.get("quantize.journal"),  # waiting for the writer thread (parts, streams, journal)
-        # the phases several processes split between them (each runs its share of the batches and windows)
-        "parallel_fraction": ((seconds.get("quantize.capture") or 0) + seconds["quantize.forward"]
-                              + (seconds.get("quantize.held_out") or 0)) / result["wall_s"]
-        if isinstance(seconds.get("quantize.forward"), (int, float)) and result["wall_s"] else None,
         "processes": [{"rank": q.get("rank"), "seconds": q.get("seconds"), "collective_s": q.get("collective_s"),
                        "collective_bytes": q.get("collective_bytes")} for q in r.get("processes") or []] or None,
     }
