@@ -6,8 +6,9 @@ scripts/bench_kernels.py: CUDA-graph replays over separately allocated weight se
 the library picks, this forces each one, for the figures of csrc/NOTES.md:
 
     python scripts/profile_int_weight.py paths [--shapes 28672x8192 ...] [--ms 1 2 4 8 16 64 256 1024]
-        fp16 cuBLAS, then the decode kernel (M <= 16), the batch kernel (M >= 2) and
-        dequantize + cuBLAS (M >= 64): us, speedup over fp16, relative error
+        fp16 cuBLAS, then the decode kernel (M <= 16), the batch kernel (M >= 2),
+        dequantize + cuBLAS (M >= 64) and, on Hopper, the wgmma GEMM with each A operand
+        (rs, ss) and token tile BN where BN / 4 < M <= 4 BN: us, speedup over fp16, relative error
     python scripts/profile_int_weight.py variants [--shapes 12288x4096 4096x4096 22016x4096 4096x11008]
         M = 1, every instantiated decode-kernel variant, alone and right after the small op that
         precedes it in the engine (RMSNorm before q/k/v, o and gate/up; SiLU * up before down),
@@ -28,6 +29,8 @@ from bench_kernels import copy_bandwidth_gbs, time_us  # scripts/ is on sys.path
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import engine_ops, int_weight_matmul, prepare_int_weight
 from quantkit.kernels import int_weight_cuda as iwc
+from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
+from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
 
 SPEC = IntSpec(4, True, 128)
 ROTATE_BYTES = 200e6
@@ -64,9 +67,13 @@ def paths(shapes: list[tuple[int, int]], ms: list[int], iters: int) -> None:
             ref = int_weight_matmul(xs[0], reference)
             runs = ([("decode", "gemv")] if m <= iwc.GEMV_MAX_M else []) + ([("batch", "mma")] if m > 1 else [])
             runs += [("dense", "dense")] if m >= 64 else []
-            for label, path in runs:
-                err = rel_err(iwc._matmul(xs[0], w, None, path=path), ref)
-                t, *_ = time_us(lambda x, ws, path=path: iwc._matmul(x, ws, None, path=path), xs, sets, iters)
+            runs = [(label, path, None, None) for label, path in runs]
+            runs += [(f"{kind}{bn}", "wgmma", bn, kind) for kind in WGMMA_KINDS for bn in WGMMA_TILES
+                     if iwc.wgmma_ok(w) and bn // 4 < m <= 4 * bn]
+            for label, path, bn, kind in runs:
+                err = rel_err(iwc._matmul(xs[0], w, None, path=path, bn=bn, kind=kind), ref)
+                t, *_ = time_us(lambda x, ws, path=path, bn=bn, kind=kind: iwc._matmul(x, ws, None, path=path, bn=bn,
+                                                                                      kind=kind), xs, sets, iters)
                 row += f" | {label} {t:7.1f} ({t16 / t:4.2f}x, err {err:.0e})"
             print(row, flush=True)
         del sets, dense
@@ -116,7 +123,7 @@ def main() -> None:
     p.add_argument("mode", choices=["paths", "variants", "ncu"])
     p.add_argument("--shapes", nargs="+", default=None, help="NxK (out x in features)")
     p.add_argument("--ms", type=int, nargs="+", default=None, help="tokens per call (paths, ncu)")
-    p.add_argument("--path", choices=["gemv", "mma", "dense"], default=None, help="ncu: force this path")
+    p.add_argument("--path", choices=["gemv", "mma", "dense", "wgmma"], default=None, help="ncu: force this path")
     p.add_argument("--iters", type=int, default=15, help="timed replays per kernel")
     args = p.parse_args()
     default = {"paths": ["28672x8192", "8192x28672", "11008x4096", "4096x4096"],

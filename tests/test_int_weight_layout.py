@@ -169,3 +169,29 @@ def test_layout_is_byte_for_byte_the_one_the_kernels_were_given(case):
         if zeros is not None:
             tensors[f"zeros_{key}"] = zeros
     assert _digest(tensors) == GOLDEN[case]
+
+
+@pytest.mark.parametrize("n,k", [(32, 32), (64, 128), (50, 300)])
+def test_rs_kernel_k_order_matches_its_permuted_x(n, k):
+    """csrc/int_weight_wgmma.cu's register-operand kernel feeds lane (g, t)'s word rt * 2 + h of a unit
+    straight to wgmma as the A fragment of k16 step h (register r: row 16 rt + g + 8 (r & 1), fragment
+    columns 16 h + 8 (r >> 1) + 2 t + c), and reads x through fragment_order: the two K orders agree, so
+    the product is q @ x^T."""
+    from quantkit.kernels.launch_int_weight_wgmma import fragment_order
+
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    words = repack(q, 4).to(torch.int64) & 0xFFFFFFFF
+    rb, ks = words.shape[:2]
+    a = torch.zeros(rb * 32, ks * 32, dtype=torch.float64)
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for rt in range(2):
+            for h in range(2):
+                for r in range(4):
+                    word = words[:, :, 0, lane, rt * 2 + h] >> (4 * r)
+                    row = 16 * rt + g + 8 * (r & 1)
+                    for c, value in enumerate((word & 0xF, (word >> 16) & 0xF)):
+                        a.view(rb, 32, ks, 32)[:, row, :, 16 * h + 8 * (r >> 1) + 2 * t + c] = (value - 8).double()
+    x = torch.randn(5, ks * 32, dtype=torch.float64)
+    x[:, k:] = 0
+    torch.testing.assert_close((a @ fragment_order(x).T)[:n], q.double() @ x[:, :k].T)

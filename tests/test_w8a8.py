@@ -15,6 +15,7 @@ from quantkit.errors import CheckpointError
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, quantize_rtn
 from quantkit.formats.activation import fake_quantize as fake_quantize_input
 from quantkit.kernels import prepare_w8a8, w8a8_matmul
+from quantkit.kernels.w8a8 import w8a8_matmul_quantized
 from quantkit.nn import W8A8Linear
 from quantkit.recipe import Recipe, RecipeError, load_recipe
 
@@ -88,6 +89,39 @@ def test_reference_kernel_is_quantized_input_times_dequantized_weight(key, m):
     assert (y - (x @ w.T + bias)).abs().max() > 1e-3
 
 
+def _quantized_input(x2: torch.Tensor, act: ActSpec, input_scale: torch.Tensor | None):
+    """x2 quantized as the engine's quantizing ops write it: (q, s [M, 1])."""
+    from quantkit.formats.activation import dynamic_scales, quantize
+
+    s = dynamic_scales(x2, act) if act.dynamic else input_scale.to(x2.device).reshape(1, 1).expand(x2.shape[0], 1)
+    s = s.float().contiguous()
+    return quantize(x2, s, act), s
+
+
+@pytest.mark.parametrize("key", SCHEMES)
+@pytest.mark.parametrize("m", [1, 5, 33])
+def test_prequantized_matmul_is_the_matmul_after_its_own_quantization(key, m):
+    """w8a8_matmul_quantized on the input w8a8_matmul would quantize: the same bits."""
+    g = torch.Generator().manual_seed(m)
+    w, x, bias = torch.randn(48, 64, generator=g), torch.randn(m, 64, generator=g), torch.randn(48, generator=g)
+    _, act, input_scale, prepared = _prepared(w, key, x)
+    xq, sx = _quantized_input(x, act, input_scale)
+    for b in (bias, None):
+        assert torch.equal(w8a8_matmul_quantized(xq, sx, prepared, b, x.dtype), w8a8_matmul(x, prepared, b))
+    assert w8a8_matmul_quantized(xq, sx, prepared, None, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_prequantized_matmul_refuses_inputs_of_another_shape_or_type():
+    _, act, _, prepared = _prepared(torch.randn(16, 32), "fp8-dynamic")
+    xq, sx = _quantized_input(torch.randn(3, 32), act, None)
+    with pytest.raises(ValueError, match=r"float8_e4m3fn input \[M, 32\], got torch.int8"):
+        w8a8_matmul_quantized(xq.view(torch.int8), sx, prepared)
+    with pytest.raises(ValueError, match=r"got .* \(3, 31\)"):
+        w8a8_matmul_quantized(xq[:, :31], sx, prepared)
+    with pytest.raises(ValueError, match=r"sx must be float32 \[3, 1\]"):
+        w8a8_matmul_quantized(xq, sx[:2], prepared)
+
+
 def test_int8_reference_accumulates_exact_integers():
     g = torch.Generator().manual_seed(1)
     w, x = torch.randn(16, 256, generator=g), torch.randn(4, 256, generator=g)
@@ -158,6 +192,29 @@ def test_torch_tensor_core_backend_matches_the_reference(key, m):
     y_ref = w8a8_matmul(xb, ref).float()
     y = w8a8_matmul(xb, fast).float()
     torch.testing.assert_close(y, y_ref, rtol=1e-2, atol=1e-2)  # bf16 outputs, FP8 sums in another order
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("key", ["int8-dynamic", "fp8-dynamic", "fp8-static-tensor", "int8-static"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 40])
+def test_torch_backend_prequantized_matmul_is_its_own_matmul(key, dtype, m):
+    """On the tensor cores too, w8a8_matmul_quantized on the input w8a8_matmul quantizes gives its
+    bits (float16 outputs included: where torch's row-wise FP8 kernel refuses them, the fallback)."""
+    if key.startswith("fp8") and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    g = torch.Generator().manual_seed(m)
+    w, x, bias = torch.randn(96, 128, generator=g), torch.randn(m, 128, generator=g), torch.randn(96, generator=g)
+    qw, act, input_scale, _ = _prepared(w, key, x)
+    cuda = lambda t: None if t is None else t.cuda()  # noqa: E731
+    fast = prepare_w8a8(cuda(qw.q), cuda(qw.scale), cuda(input_scale), qw.spec, act, backend="torch")
+    xd = x.cuda().to(dtype)
+    xq, sx = _quantized_input(xd, act, cuda(input_scale))
+    for b in (None, bias.cuda().to(dtype)):
+        y = w8a8_matmul_quantized(xq, sx, fast, b, dtype)
+        assert y.dtype == dtype and torch.equal(y, w8a8_matmul(xd, fast, b))
+    ref = prepare_w8a8(cuda(qw.q), cuda(qw.scale), cuda(input_scale), qw.spec, act, backend="reference")
+    torch.testing.assert_close(y.float(), w8a8_matmul_quantized(xq, sx, ref, b, dtype).float(), rtol=1e-2, atol=1e-2)
 
 
 # ----------------------------------------------------------------- recipes
@@ -375,10 +432,14 @@ def test_cli_quantize_inspect_and_eval_a_static_w8a8_checkpoint(tiny_model_dir, 
 # ----------------------------------------------------------------- CUDA sources
 
 def test_every_cuda_source_compiles_to_ptx(tmp_path):
-    """A kernel that does not compile cannot land (runs where nvcc exists)."""
+    """A kernel that does not compile cannot land (runs where nvcc exists): each csrc/*.cu as
+    quantkit.kernels.cuda hands it to the compiler (local includes pasted in), for sm_90, or sm_90a
+    where the module uses Hopper's architecture-specific instructions."""
     import shutil
     import subprocess
     from pathlib import Path
+
+    from quantkit.kernels import cuda
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -386,8 +447,11 @@ def test_every_cuda_source_compiles_to_ptx(tmp_path):
     sources = sorted((Path(__file__).resolve().parents[1] / "csrc").glob("*.cu"))
     assert sources
     for src in sources:
-        out = tmp_path / f"{src.stem}.ptx"
-        r = subprocess.run([nvcc, "--ptx", "-std=c++17", "-arch=sm_90", str(src), "-o", str(out)], capture_output=True, text=True)
+        text, out = tmp_path / src.name, tmp_path / f"{src.stem}.ptx"
+        text.write_text(cuda.source(src.stem))
+        arch = "sm_90a" if src.stem in cuda.ARCH_SPECIFIC else "sm_90"
+        r = subprocess.run([nvcc, "--ptx", "-std=c++17", f"-arch={arch}", str(text), "-o", str(out)],
+                           capture_output=True, text=True)
         assert r.returncode == 0, f"{src.name}:\n{r.stderr}"
         assert out.stat().st_size > 0
 

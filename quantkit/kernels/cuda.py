@@ -22,6 +22,7 @@ import ctypes
 import functools
 import importlib.util
 import os
+import re
 import struct
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 from quantkit.resources import csrc_dir
 
 CSRC = csrc_dir()
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$')
 
 
 @functools.cache
@@ -37,14 +39,43 @@ def available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
 
 
+# Modules that use Hopper's architecture-specific instructions (wgmma): compiled for sm_90a, and only
+# on a GPU of compute capability 9.0 (quantkit.kernels.cuda.arch_specific_ok says whether this one is).
+ARCH_SPECIFIC = {"int_weight_wgmma"}
+
+
+def source(name: str) -> str:
+    """csrc/<name>.cu with each `#include "file"` of csrc/ pasted in place (once per file), so that
+    the text CuPy compiles, and keys its binary cache on, holds every line the kernels depend on."""
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
+        lines = []
+        for line in text.split("\n"):
+            match = _LOCAL_INCLUDE.match(line)
+            if match is None:
+                lines.append(line)
+            elif match.group(1) not in seen:
+                seen.add(match.group(1))
+                lines.append(expand((CSRC / match.group(1)).read_text()))
+        return "\n".join(lines)
+
+    return expand((CSRC / f"{name}.cu").read_text())
+
+
+def arch_specific_ok() -> bool:
+    """Whether the modules of ARCH_SPECIFIC run here: a GPU of compute capability 9.0 (Hopper)."""
+    return available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 @functools.cache
 def module(name: str):
     """The compiled RawModule of csrc/<name>.cu (cached per process)."""
     import cupy
 
-    source = (CSRC / f"{name}.cu").read_text()
     major, minor = torch.cuda.get_device_capability()
-    return cupy.RawModule(code=source, options=("--std=c++17", f"--gpu-architecture=sm_{major}{minor}"),
+    arch = f"sm_{major}{minor}" + ("a" if name in ARCH_SPECIFIC else "")
+    return cupy.RawModule(code=source(name), options=("--std=c++17", f"--gpu-architecture={arch}"),
                           name_expressions=None)
 
 
@@ -53,16 +84,32 @@ def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tup
     """Launch `kernel_name` of csrc/<module_name>.cu on PyTorch's current stream.
     Tensor arguments are passed as device pointers; ints as 64-bit (long) or
     32-bit (int) per the kernel's signature, given here as numpy scalars;
-    `shared_mem`: bytes of dynamic shared memory (at most 48 KB). `dependent`:
+    `shared_mem`: bytes of dynamic shared memory (past 48 KB the kernel is allowed that much
+    first, up to what the GPU gives a block). `dependent`:
     the kernel waits for its predecessor itself (pdl_wait), so it may be launched
     early (programmatic dependent launch, where the GPU has it)."""
     kernel = _function(module_name, kernel_name)
+    if shared_mem > _DEFAULT_SHARED:
+        _allow_shared(module_name, kernel_name, shared_mem)
     stream = torch.cuda.current_stream().cuda_stream
     if dependent and _pdl():
         _launch_ex(kernel.kernel.ptr, grid, block, args, shared_mem, stream)
         return
     with _stream(stream):
         kernel(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
+
+
+_DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a kernel may take without opting in
+_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+
+
+@functools.cache
+def _allow_shared(module_name: str, kernel_name: str, shared_mem: int) -> None:
+    """Lets the kernel launch with `shared_mem` bytes of dynamic shared memory (the opt-in past 48 KB)."""
+    function = _function(module_name, kernel_name).kernel.ptr
+    err = _driver().cuFuncSetAttribute(ctypes.c_void_p(function), _MAX_DYNAMIC_SHARED_SIZE_BYTES, shared_mem)
+    if err:
+        raise RuntimeError(f"{kernel_name} cannot take {shared_mem} bytes of shared memory (CUresult {err})")
 
 
 # ---- programmatic dependent launch through the driver's cuLaunchKernelEx ----------------------------
@@ -89,6 +136,8 @@ def _driver():
     lib = ctypes.CDLL("libcuda.so.1")
     lib.cuLaunchKernelEx.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.cuLaunchKernelEx.restype = ctypes.c_int
+    lib.cuFuncSetAttribute.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.cuFuncSetAttribute.restype = ctypes.c_int
     return lib
 
 
@@ -157,6 +206,8 @@ def resident_blocks(kernel_name: str, module_name: str, threads: int, shared_mem
     from cupy_backends.cuda.api import driver
 
     kernel = _function(module_name, kernel_name)  # a cupy RawKernel; its CUDA function is .kernel
+    if shared_mem > _DEFAULT_SHARED:
+        _allow_shared(module_name, kernel_name, shared_mem)
     return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, threads, shared_mem))
 
 

@@ -30,8 +30,19 @@ from quantkit.kernels.int_weight import PreparedIntWeight
 from quantkit.kernels.int_weight_layout import U, layout, scale_tables
 from quantkit.kernels.launch_int_weight_mma import (MODULE, GemvVariant, dequant_kernel, gemv_kernel,
                                                    int_weight_dequant, int_weight_gemv, int_weight_mma, mma_kernel)
+from quantkit.kernels.launch_int_weight_wgmma import BM as WGMMA_BM
+from quantkit.kernels.launch_int_weight_wgmma import MODULE as WGMMA_MODULE
+from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
+from quantkit.kernels.launch_int_weight_wgmma import THREADS as WGMMA_THREADS
+from quantkit.kernels.launch_int_weight_wgmma import fragment_order, int_weight_wgmma, shared_bytes, wgmma_kernel
 from quantkit.kernels.registry import register_backend
 
+WGMMA_DISPATCH = False  # the dispatcher picks the wgmma GEMM (path "wgmma" is there either way): off until it has
+#                         been checked and timed on a Hopper GPU
+WGMMA_KIND = "rs"  # wgmma's A operand from registers ("rs") or shared memory ("ss"): see csrc/NOTES.md
+WGMMA_MIN_K_TILES = 8  # a K split of the Hopper GEMM keeps at least this many 64-column k-tiles
+WGMMA_TILE_COST = 64  # token-tile choice: a tile costs its BN tokens plus this many (the weights' dequantization
+#                      and the x tile's fill, repeated per tile): the tile minimizing tiles x (BN + this) wins
 DENSE_MIN_M = 256  # from this many tokens on, dequantize + cuBLAS (scripts/bench_kernels.py measures the crossover)
 GEMV_MAX_M = 16  # up to this many tokens, the decode (gemv) kernel ...
 GEMV_MIN_STEPS_5_16 = 8  # ... for 5-16 tokens only where each warp gets this many steps: with fewer, its fix-up
@@ -183,7 +194,20 @@ def _gemv_variant(w: PreparedIntWeight, m: int) -> GemvVariant:
     return GEMV
 
 
+def wgmma_ok(w: PreparedIntWeight) -> bool:
+    """Whether the Hopper GEMM (csrc/int_weight_wgmma.cu) takes this weight here: 4-bit, on a GPU
+    of compute capability 9.0."""
+    return w.spec.bits == 4 and cuda.arch_specific_ok()
+
+
+def wgmma_tile(m: int) -> int:
+    """The token tile BN for m tokens (WGMMA_TILE_COST; ties go to the larger tile)."""
+    return min(WGMMA_TILES, key=lambda bn: (-(-m // bn) * (bn + WGMMA_TILE_COST), -bn))
+
+
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
+    if m > GEMV_MAX_M and WGMMA_DISPATCH and wgmma_ok(w):
+        return "wgmma"
     if m >= DENSE_MIN_M:
         return "dense"
     if m > GEMV_MAX_M:
@@ -225,11 +249,13 @@ def _rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
 
 @register_backend("int_weight", "cuda", available=_available, prepare=_prepare)
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
-           variant: GemvVariant | None = None, norm: tuple | None = None) -> torch.Tensor:
-    """path: "gemv" (M <= 16), "mma" or "dense"; None picks by M. variant: the decode kernel's,
+           variant: GemvVariant | None = None, norm: tuple | None = None, bn: int | None = None,
+           kind: str | None = None) -> torch.Tensor:
+    """path: "gemv" (M <= 16), "mma", "wgmma" (4-bit, Hopper) or "dense"; None picks by M. variant: the decode kernel's,
     for benchmarks and tests of the instantiated alternatives (None: the production choice,
     _gemv_variant). norm: (residual or None, norm weight in x's dtype, eps, h out), the decode
-    kernel's fused RMSNorm (fused_rms_norm_matmul)."""
+    kernel's fused RMSNorm (fused_rms_norm_matmul). bn, kind: the wgmma kernel's token tile and A
+    operand (None: wgmma_tile, WGMMA_KIND), for benchmarks and tests."""
     if x.dtype not in _KEY:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
@@ -282,6 +308,13 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         w.state[settled] = True
         return y.reshape(*lead, n)
 
+    if path == "wgmma":
+        if not wgmma_ok(w):
+            raise ValueError(f"the wgmma kernel takes 4-bit weights on a compute capability 9.0 GPU, got "
+                             f"{w.spec.bits}-bit on {torch.cuda.get_device_name(x.device)}")
+        _wgmma(x2, w, b, y, scales, zeros, bn, kind or WGMMA_KIND)
+        return y.reshape(*lead, n)
+
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
     name = mma_kernel(x.dtype, w.spec.bits, _asym(w), nt)
     smem = _ring_bytes(w.spec.bits, zeros is not None)
@@ -295,3 +328,32 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
                    ws=ws, counters=cuda.counters("int_weight", x.device, tiles), M=m, N=n, K=x2.shape[1], NS=ks // U,
                    ldx=x2.stride(0), ldy=n, tr=tr, sshift=sshift, sps=sps, steps_per_split=per_split, shared_mem=smem)
     return y.reshape(*lead, n)
+
+
+def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y: torch.Tensor, scales: torch.Tensor,
+           zeros: torch.Tensor | None, bn: int | None, kind: str) -> None:
+    """y = x2 @ dequant(w)^T (+ bias) on the Hopper GEMM: tiles of 128 rows x bn tokens, K split
+    (_splits) where the tiles alone would leave the GPU's block slots part-empty. x2: as
+    _rows_in_place gives it."""
+    words = w.tensors["words"]
+    rb, ks = words.shape[:2]
+    m, n = y.shape
+    bn = bn or wgmma_tile(m)
+    if bn not in WGMMA_TILES:
+        raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_TILES}, got {bn}")
+    if kind == "rs":
+        x2 = fragment_order(_gather_pad(x2, None, ks * 32))
+    name = wgmma_kernel(kind, x2.dtype, zeros is not None, bn)
+    smem = shared_bytes(kind, bn, zeros is not None)
+    row_tiles, token_tiles = -(-rb * 32 // WGMMA_BM), -(-m // bn)
+    k_tiles = ks // 2
+    slots = torch.cuda.get_device_properties(x2.device).multi_processor_count * cuda.resident_blocks(
+        name, WGMMA_MODULE, WGMMA_THREADS, smem)
+    per_split = -(-k_tiles // _splits(row_tiles * token_tiles, k_tiles, slots, WGMMA_MIN_K_TILES))
+    splits = -(-k_tiles // per_split)
+    ws = torch.empty(splits, m, row_tiles * WGMMA_BM, dtype=torch.float32, device=x2.device) if splits > 1 else None
+    tr, sshift, sps = _table_args(w)
+    int_weight_wgmma(name, (row_tiles, splits, token_tiles), x=x2, w=words, scales=scales, zeros=zeros, bias=bias,
+                     y=y, ws=ws, counters=cuda.counters("int_weight", x2.device, row_tiles * token_tiles), M=m, N=n,
+                     K=x2.shape[1], RB=rb, KS=ks, ldx=x2.stride(0), ldy=n, tr=tr, sshift=sshift, sps=sps,
+                     kt_per_split=per_split, shared_mem=smem)

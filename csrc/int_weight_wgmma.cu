@@ -1,0 +1,447 @@
+// y[M, N] = x[M, K] @ dequant(W)^T (+ bias) for 4-bit weights and many tokens (M >= 17), on
+// Hopper's warpgroup MMA (wgmma, sm_90a only: quantkit.kernels.cuda.ARCH_SPECIFIC).
+//
+// Same weight layout, scale tables and product orientation as csrc/int_weight_mma.cu (its
+// header describes them): y^T = W x^T, 64 weight rows per warpgroup as wgmma's A operand and up
+// to 256 tokens as its N dimension, so the decode kernel and this one read one repacked weight.
+//
+// A block is two warpgroups (256 threads) and a tile of 128 weight rows (4 row blocks of 32)
+// x BN tokens. K advances in k-tiles of 64 columns (2 units). Per k-tile:
+//   - every thread cp.asyncs its own 16 bytes of packed weights (one lane of one 32 x 32 unit)
+//     and 8 bytes of scales (and zeros) into a ring of STAGES slots, and BN x 64 x columns of x
+//     in 16-byte chunks (zero past M and past K): the ring runs STAGES - 2 k-tiles ahead;
+//   - each warp dequantizes its unit, (q - z) * s rounded once in T (the batch kernel's
+//     rounding, Unit<T, 4, true>), into its warpgroup's A buffer in shared memory;
+//   - each warpgroup issues 4 wgmma k16 steps, A and B (x) both from shared memory, and lets
+//     them run while it dequantizes the next k-tile. Two A buffers per warpgroup: buffer kt % 2
+//     is rewritten only after wgmma.wait_group 1 has retired the k-tile that read it (kt - 2),
+//     and a ring slot only after the block-wide barrier that follows that wait in every thread.
+//     Nothing a wgmma still reads lives in registers: the race that broke the register-operand
+//     attempt (csrc/NOTES.md, v5) cannot happen.
+// Shared-memory tiles are wgmma's K-major layout without swizzling: 8 x 8 core matrices of
+// 128 contiguous bytes, core (r, c) of a [rows][64] tile at (r * 8 + c) * 128 bytes, so the
+// descriptors' leading (K) stride is 128 bytes and the stride (row) offset 1024. The x chunk a
+// thread copies lands at 16 * its chunk index (conflict-free), and a warp's dequantized unit
+// is four 512-byte runs.
+//
+// K splits: blockIdx.y takes `kt_per_split` k-tiles; with gridDim.y > 1 each block writes its
+// float32 partial tile to ws [S, M, 128 gridDim.x] and the last block of the tile to arrive (a
+// counter per tile, reset by it) adds the S partials in split order: deterministic.
+#include "int_weight_common.cuh"
+
+typedef unsigned long long u64;
+
+constexpr int BM = 128;  // weight rows per block (two warpgroups of 64)
+constexpr int BK = 64;   // columns per k-tile (two 32-column units)
+
+template <typename T, int N> __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db, int acc);
+template <typename T, int N> __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 db, int acc);
+template <> __device__ __forceinline__ void wgmma<__half, 64>(float* d, u64 da, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma<__nv_bfloat16, 64>(float* d, u64 da, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma<__half, 128>(float* d, u64 da, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma<__nv_bfloat16, 128>(float* d, u64 da, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma<__half, 256>(float* d, u64 da, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma<__nv_bfloat16, 256>(float* d, u64 da, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "l"(da), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<__half, 64>(float* d, const u32* a, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 64>(float* d, const u32* a, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<__half, 128>(float* d, const u32* a, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 128>(float* d, const u32* a, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<__half, 256>(float* d, const u32* a, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+template <> __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 256>(float* d, const u32* a, u64 db, int acc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
+}
+
+// A shared-memory matrix descriptor: K-major, no swizzle, leading (K) byte offset lbo, stride
+// (M / N) byte offset sbo.
+__device__ __forceinline__ u64 smem_desc(const void* p, u32 lbo, u32 sbo) {
+    const u32 a = (u32)__cvta_generic_to_shared(p);
+    return (u64)((a & 0x3ffffu) >> 4) | ((u64)((lbo & 0x3ffffu) >> 4) << 16) | ((u64)((sbo & 0x3ffffu) >> 4) << 32);
+}
+__device__ __forceinline__ u64 tile_desc(const void* p) { return smem_desc(p, 128, 1024); }  // [rows][64] tiles
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Generic-proxy writes to shared memory (stores, cp.async) made visible to wgmma's async proxy.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Keeps the compiler from moving accumulator accesses across the asynchronous wgmma.
+template <int R> __device__ __forceinline__ void fence_acc(float* d) {
+#pragma unroll
+    for (int i = 0; i < R; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// 16 bytes from global to shared, zeros where !ok (src-size 0 reads nothing).
+__device__ __forceinline__ void cp_async16_or_zero(void* smem, const void* gmem, bool ok) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"((u32)__cvta_generic_to_shared(smem)),
+                 "l"(gmem), "r"(ok ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem));
+}
+
+// BN tokens x 64 columns of x, k-tile kt, into a ring slot: thread chunk c (16 bytes) at 16 c, which is token
+// 8 (c >> 6) + (c & 7), core column (c >> 3) & 7 of the K-major layout; zeros past M and K.
+template <typename T, int BN>
+__device__ __forceinline__ void load_x_tile(unsigned char* xs, const T* __restrict__ x, int kt, int m0, int M, int K,
+                                            int ldx) {
+#pragma unroll
+    for (int j = 0; j < BN / 32; ++j) {
+        const int c = threadIdx.x + j * 256;
+        const int m = m0 + (c >> 6) * 8 + (c & 7), col = kt * BK + ((c >> 3) & 7) * 8;
+        const bool ok = m < M && col < K;
+        cp_async16_or_zero(xs + c * 16, x + (size_t)(ok ? m : 0) * ldx + (ok ? col : 0), ok);
+    }
+}
+
+// The block's tile of y from the accumulators (accumulator i: weight row 16 w4 + g + 8 ((i >> 1) & 1) of the
+// warpgroup's 64, token 8 (i >> 2) + 2 t + (i & 1)), plus bias; with K splits, the float32 partials go to ws
+// and the last block of the tile to arrive adds them in split order.
+template <typename T, int BN>
+__device__ __forceinline__ void store_tile(const float* acc, const T* __restrict__ bias, T* __restrict__ y,
+                                           float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int ldy,
+                                           int m0) {
+    const int tid = threadIdx.x, wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int n_base = blockIdx.x * BM + wg * 64 + 16 * w4 + g;
+    const int splits = gridDim.y, Np = gridDim.x * BM;
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) {
+        const int n = n_base + 8 * ((i >> 1) & 1), m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
+        if (m >= M) continue;
+        if (splits == 1) {
+            if (n < N) y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? acc[i] + to_float<T>(bias[n]) : acc[i]);
+        } else {
+            ws[((size_t)blockIdx.y * M + m) * Np + n] = acc[i];
+        }
+    }
+    if (splits == 1) return;
+
+    __shared__ u32 is_last;
+    __threadfence();
+    __syncthreads();
+    u32* counter = counters + (size_t)blockIdx.z * gridDim.x + blockIdx.x;
+    if (tid == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    const int rows = min(BN, M - m0);
+    for (int item = tid; item < rows * BM; item += 256) {
+        const int m = m0 + item / BM, n = blockIdx.x * BM + item % BM;
+        if (n >= N) continue;
+        float v = 0.0f;
+        for (int s = 0; s < splits; ++s) v += __ldcg(ws + ((size_t)s * M + m) * Np + n);
+        y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
+    }
+    if (tid == 0) *counter = 0u;
+}
+
+// ---- SS: A (the dequantized weights) and B (x) both from shared memory ---------------------------------
+template <int BN, bool ASYM> struct SmemSS {
+    static constexpr int A = 2 * 2 * 64 * BK * 2;  // [warpgroup][buffer][64 rows][64] in 2-byte T
+    static constexpr int X = BN * BK * 2;          // one stage of x
+    static constexpr int W = 256 * 16;             // one stage of weights: 16 bytes a thread
+    static constexpr int S = 256 * 8;              // one stage of scales (and as much of zeros)
+    static constexpr int STAGE = X + W + S * (ASYM ? 2 : 1);
+};
+
+template <typename T, bool ASYM, int BN, int STAGES>
+__device__ void int_weight_wgmma_ss(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
+                                    const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                                    float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int RB,
+                                    int KS, int ldx, int ldy, int tr, int sshift, int sps, int kt_per_split) {
+    typedef typename Pair<T>::type T2;
+    typedef SmemSS<BN, ASYM> L;
+    constexpr int ACC = BN / 2;  // float accumulators per thread
+    static_assert(STAGES >= 3, "the ring runs STAGES - 2 k-tiles ahead");
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int tid = threadIdx.x, wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int KT = KS / 2;
+    const int kt_begin = blockIdx.y * kt_per_split, nkt = min(KT, kt_begin + kt_per_split) - kt_begin;
+    const int m0 = blockIdx.z * BN;
+
+    // this thread's unit in each k-tile: row block rb (clamped: rows past N are computed and dropped), unit u
+    const int u = w4 & 1;
+    const int rb = min((int)blockIdx.x * 4 + 2 * wg + (w4 >> 1), RB - 1);
+    const uint4* wp = w + (size_t)rb * KS * 32 + lane;  // + ks * 32
+    const size_t trow = (size_t)rb * tr * sps * 32 + g * 4;
+
+    unsigned char* a_base = smem + wg * (2 * 64 * BK * 2);  // this warpgroup's two A buffers
+    unsigned char* ring = smem + L::A;
+    auto slot_at = [&](int slot, int off) { return ring + slot * L::STAGE + off; };
+
+    auto issue = [&](int i) {  // k-tile kt_begin + i into slot i % STAGES
+        if (i < nkt) {
+            const int kt = kt_begin + i, slot = i % STAGES, ks = 2 * kt + u;
+            cp_async16(reinterpret_cast<uint4*>(slot_at(slot, L::X)) + tid, wp + (size_t)ks * 32);
+            const size_t sidx = trow + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
+            cp_async8(reinterpret_cast<uint2*>(slot_at(slot, L::X + L::W)) + tid, scales + sidx);
+            if (ASYM) cp_async8(reinterpret_cast<uint2*>(slot_at(slot, L::X + L::W + L::S)) + tid, zeros + sidx);
+            load_x_tile<T, BN>(slot_at(slot, 0), x, kt, m0, M, K, ldx);
+        }
+        cp_async_commit();  // an empty group keeps the wait count uniform
+    };
+
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.0f;
+    const T sym_zero = from_float<T>(Magic<T, 4>::base + 8.0f);
+
+    pdl_wait();
+#pragma unroll
+    for (int i = 0; i < STAGES - 2; ++i) issue(i);
+    for (int i = 0; i < nkt; ++i) {
+        cp_async_wait<STAGES - 3>();  // k-tile i has landed (this thread's copies)
+        fence_async_smem();
+        __syncthreads();  // everyone's copies of k-tile i; every wgmma of k-tile i - 2 retired
+        issue(i + STAGES - 2);
+        const int slot = i % STAGES;
+        // dequantize this warp's unit into A buffer i % 2: rows 32 (w4 >> 1) + 16 rt + 8 hr + g, columns 32 u + 8 t ..
+        const uint4 q = reinterpret_cast<const uint4*>(slot_at(slot, L::X))[tid];
+        const uint2 sc = reinterpret_cast<const uint2*>(slot_at(slot, L::X + L::W))[tid];
+        const uint2 zp = ASYM ? reinterpret_cast<const uint2*>(slot_at(slot, L::X + L::W + L::S))[tid] : make_uint2(0u, 0u);
+        T2 z2[4], s2[4];
+        lane_pairs<T, ASYM>(reinterpret_cast<const T*>(&sc), reinterpret_cast<const T*>(&zp), sym_zero, s2, z2);
+        u32 a[2][2][4];
+        Unit<T, 4, true>::dequant(&q, a, z2, s2);
+        unsigned char* ab = a_base + (i & 1) * (64 * BK * 2);
+#pragma unroll
+        for (int rt = 0; rt < 2; ++rt)
+#pragma unroll
+            for (int hr = 0; hr < 2; ++hr) {
+                const int rg = 4 * (w4 >> 1) + 2 * rt + hr, kg = 4 * u + t;
+                *reinterpret_cast<uint4*>(ab + (rg * 8 + kg) * 128 + g * 16) =
+                    make_uint4(a[rt][0][hr], a[rt][0][2 + hr], a[rt][1][hr], a[rt][1][2 + hr]);
+            }
+        fence_async_smem();
+        bar_sync(1 + wg, 128);  // the warpgroup's whole A tile is written
+        const unsigned char* xs = slot_at(slot, 0);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma<T, BN>(acc, tile_desc(ab + kk * 256), tile_desc(xs + kk * 256), 1);
+        wgmma_commit();
+        fence_acc<ACC>(acc);
+        wgmma_wait<1>();  // k-tile i - 1's wgmma retired (k-tile i's may still run)
+        fence_acc<ACC>(acc);
+    }
+    wgmma_wait<0>();
+    fence_acc<ACC>(acc);
+    cp_async_wait<0>();
+    pdl_trigger();
+    store_tile<T, BN>(acc, bias, y, ws, counters, M, N, ldy, m0);
+}
+
+// ---- RS: A (the dequantized weights) from registers, B (x, its columns permuted) from shared memory --------
+// Warp w4 of a warpgroup holds rows 16 w4 .. 16 w4 + 15 of its 64: row half rt = w4 & 1 of row block
+// 2 wg + (w4 >> 1). In a unit's layout, lane (g, t)'s word rt * 2 + h is then exactly wgmma's A fragment of
+// k16 step h (rows g, g + 8; fragment columns 2t, 2t + 1, 2t + 8, 2t + 9): the A operand needs no shuffle,
+// but its K order is the fragment order, so x comes pre-permuted (xf, quantkit.kernels.int_weight_cuda):
+// column 16 h + 8 hc + 2 t + c of a unit in xf is column 8 t + 4 h + 2 hc + c of x.
+// Registers: k-tile i's 16 A registers are read by its wgmma until wgmma.wait_group retires it; the next
+// k-tile is dequantized into the other set only after the wait that retired the k-tile before (two sets,
+// the loop unrolled by two so that each set is fixed registers).
+template <typename T> struct Tile16 {  // one word -> the 4 A registers (rows g, g + 8), (q - z) * s in T
+    typedef typename Pair<T>::type T2;
+    __device__ static __forceinline__ u32 fin(u32 v, T2 z, T2 s) { return as_u32<T>(__hmul2(__hsub2(as_pair<T>(v), z), s)); }
+    __device__ static __forceinline__ void dequant(u32 w, u32* a, T2 z0, T2 z1, T2 s0, T2 s1) {
+        typedef Magic<T, 4> C;
+        a[0] = fin(C::template pair<0x000f000fu>(w), z0, s0);
+        a[1] = fin(C::template pair<0x000f000fu>(w >> 4), z1, s1);
+        a[2] = fin(C::template pair<0x000f000fu>(w >> 8), z0, s0);
+        a[3] = fin(C::template pair<0x000f000fu>(w >> 12), z1, s1);
+    }
+};
+template <> struct Tile16<__half> {  // the odd nibbles in place, as Unit<__half, 4> does
+    __device__ static __forceinline__ void dequant(u32 w, u32* a, __half2 z0, __half2 z1, __half2 s0, __half2 s1) {
+        const __half2 sixteenth = __float2half2_rn(0.0625f), nz1 = __hsub2(__float2half2_rn(960.0f), z1);
+#pragma unroll
+        for (int hc = 0; hc < 2; ++hc) {
+            const u32 v = w >> (8 * hc);
+            const __half2 lo = __hsub2(as_pair<__half>(and_or<0x000f000fu, 0x64006400u>(v)), z0);
+            const __half2 hi = __hfma2(as_pair<__half>(and_or<0x00f000f0u, 0x64006400u>(v)), sixteenth, nz1);
+            a[2 * hc] = as_u32<__half>(__hmul2(lo, s0));
+            a[2 * hc + 1] = as_u32<__half>(__hmul2(hi, s1));
+        }
+    }
+};
+
+template <int BN, bool ASYM> struct SmemRS {
+    static constexpr int X = BN * BK * 2;  // one stage of x
+    static constexpr int W = 256 * 16;     // one stage of weights: two 8-byte halves of units a thread
+    static constexpr int S = 256 * 8;      // one stage of scales (and as much of zeros): two 4-byte pairs a thread
+    static constexpr int STAGE = X + W + S * (ASYM ? 2 : 1);
+};
+
+template <typename T, bool ASYM, int BN, int STAGES>
+__device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
+                                    const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                                    float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int RB,
+                                    int KS, int ldx, int ldy, int tr, int sshift, int sps, int kt_per_split) {
+    typedef typename Pair<T>::type T2;
+    typedef SmemRS<BN, ASYM> L;
+    constexpr int ACC = BN / 2;
+    static_assert(STAGES >= 3, "the ring runs STAGES - 1 k-tiles ahead of the wgmma");
+
+    extern __shared__ __align__(128) unsigned char smem[];
+    const int tid = threadIdx.x, wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2;
+    const int KT = KS / 2;
+    const int kt_begin = blockIdx.y * kt_per_split, nkt = min(KT, kt_begin + kt_per_split) - kt_begin;
+    const int m0 = blockIdx.z * BN;
+    const int rt = w4 & 1;
+    const int rb = min((int)blockIdx.x * 4 + 2 * wg + (w4 >> 1), RB - 1);
+    const uint2* wq = reinterpret_cast<const uint2*>(w) + ((size_t)rb * KS * 32 + lane) * 2 + rt;  // + ks * 64
+    const size_t trow = (size_t)rb * tr * sps * 32 + g * 4 + 2 * rt;  // rows g + 16 rt, g + 8 + 16 rt
+    auto slot_at = [&](int slot, int off) { return smem + slot * L::STAGE + off; };
+
+    auto issue = [&](int i) {
+        if (i < nkt) {
+            const int kt = kt_begin + i, slot = i % STAGES;
+#pragma unroll
+            for (int u = 0; u < 2; ++u) {
+                const int ks = 2 * kt + u;
+                cp_async8(reinterpret_cast<uint2*>(slot_at(slot, L::X)) + 2 * tid + u, wq + (size_t)ks * 64);
+                const size_t sidx = trow + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
+                cp_async4(reinterpret_cast<u32*>(slot_at(slot, L::X + L::W)) + 2 * tid + u, scales + sidx);
+                if (ASYM) cp_async4(reinterpret_cast<u32*>(slot_at(slot, L::X + L::W + L::S)) + 2 * tid + u, zeros + sidx);
+            }
+            load_x_tile<T, BN>(slot_at(slot, 0), x, kt, m0, M, K, ldx);
+        }
+        cp_async_commit();
+    };
+    const T2 sym_zero = splat<T>(from_float<T>(Magic<T, 4>::base + 8.0f));
+    auto dequant = [&](int i, u32 (&a)[16]) {  // k-tile i's A registers: [unit][h][4]
+        const int slot = i % STAGES;
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const uint2 q = reinterpret_cast<const uint2*>(slot_at(slot, L::X))[2 * tid + u];
+            const T2 s = as_pair<T>(reinterpret_cast<const u32*>(slot_at(slot, L::X + L::W))[2 * tid + u]);
+            T2 z0 = sym_zero, z1 = sym_zero;
+            if (ASYM) {
+                const T2 z = as_pair<T>(reinterpret_cast<const u32*>(slot_at(slot, L::X + L::W + L::S))[2 * tid + u]);
+                z0 = splat<T>(z.x);
+                z1 = splat<T>(z.y);
+            }
+            const T2 s0 = splat<T>(s.x), s1 = splat<T>(s.y);
+            Tile16<T>::dequant(q.x, a + 8 * u, z0, z1, s0, s1);
+            Tile16<T>::dequant(q.y, a + 8 * u + 4, z0, z1, s0, s1);
+        }
+    };
+
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.0f;
+    auto step = [&](int i, u32 (&cur)[16], u32 (&nxt)[16]) {
+        const unsigned char* xs = slot_at(i % STAGES, 0);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<T, BN>(acc, cur + 4 * kk, tile_desc(xs + kk * 256), 1);
+        wgmma_commit();
+        fence_acc<ACC>(acc);
+        wgmma_wait<1>();  // k-tile i - 1 retired: its registers (nxt) and its ring slot are free
+        fence_acc<ACC>(acc);
+        if (i + 1 < nkt) {
+            cp_async_wait<STAGES - 3>();  // k-tile i + 1 has landed (this thread's copies)
+            fence_async_smem();
+            __syncthreads();  // everyone's copies; both warpgroups retired k-tile i - 1
+            issue(i + STAGES - 1);
+            dequant(i + 1, nxt);
+        }
+    };
+
+    pdl_wait();
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+    u32 a0[16], a1[16];
+    if (nkt > 0) {
+        cp_async_wait<STAGES - 2>();
+        fence_async_smem();
+        __syncthreads();
+        dequant(0, a0);
+    }
+    for (int i = 0; i < nkt; i += 2) {
+        step(i, a0, a1);
+        if (i + 1 < nkt) step(i + 1, a1, a0);
+    }
+    wgmma_wait<0>();
+    fence_acc<ACC>(acc);
+    cp_async_wait<0>();
+    pdl_trigger();
+    store_tile<T, BN>(acc, bias, y, ws, counters, M, N, ldy, m0);
+}
+
+#define WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, BN, STAGES)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256, 1) int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES(         \
+        const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,       \
+        int M, int N, int K, int RB, int KS, int ldx, int ldy, int tr, int sshift, int sps, int kt_per_split) {           \
+        int_weight_wgmma_##KIND<T, ASYM, BN, STAGES>(x, w, scales, zeros, bias, y, ws, counters, M, N, K, RB, KS, ldx,   \
+                                                     ldy, tr, sshift, sps, kt_per_split);                                 \
+    }
+#define WGMMA_TILES(KIND, SUFFIX, T, ASYM)                                               \
+    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 4) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 4) \
+    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
+#define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(ss, SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM)
+
+WGMMA_ALL(f16_b4_sym, __half, false)
+WGMMA_ALL(f16_b4_asym, __half, true)
+WGMMA_ALL(bf16_b4_sym, __nv_bfloat16, false)
+WGMMA_ALL(bf16_b4_asym, __nv_bfloat16, true)

@@ -1,0 +1,73 @@
+"""Launches of csrc/int_weight_wgmma.cu: the Hopper (sm_90a) GEMM for 4-bit weights and many tokens.
+
+Names as in quantkit.kernels.launch_int_weight_mma (T, N, K, RB, KS, TR, SPS); a k-tile is 64
+columns (two 32-column units), a block tile 128 weight rows x BN tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from quantkit.kernels import cuda
+
+MODULE = "int_weight_wgmma"
+BM = 128  # weight rows per block, as in the .cu
+BK = 64  # columns per k-tile
+THREADS = 256  # two warpgroups
+TILES = (64, 128, 256)  # the token tiles (BN) the .cu instantiates, each with STAGES = 4
+STAGES = 4
+KINDS = ("rs", "ss")  # where wgmma's A operand (the dequantized weights) comes from: registers or shared memory
+_T = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def wgmma_kernel(kind: str, dtype: torch.dtype, asym: bool, bn: int) -> str:
+    return f"int_weight_wgmma_{kind}_{_T[dtype]}_b4_{'asym' if asym else 'sym'}_bn{bn}_s{STAGES}"
+
+
+def shared_bytes(kind: str, bn: int, asym: bool) -> int:
+    """Dynamic shared memory of one block (SmemSS / SmemRS in the .cu): a ring of STAGES slots of x,
+    packed weights and scales (and zeros); "ss" also two A buffers per warpgroup."""
+    a = 2 * 2 * 64 * BK * 2 if kind == "ss" else 0
+    stage = bn * BK * 2 + THREADS * 16 + THREADS * 8 * (2 if asym else 1)
+    return a + STAGES * stage
+
+
+def _ptr(t: torch.Tensor | None):
+    return np.uint64(0) if t is None else t
+
+
+def int_weight_wgmma(kernel: str, grid: tuple[int, int, int], *, x: torch.Tensor, w: torch.Tensor,
+                     scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None, y: torch.Tensor,
+                     ws: torch.Tensor | None, counters: torch.Tensor, M: int, N: int, K: int, RB: int, KS: int,
+                     ldx: int, ldy: int, tr: int, sshift: int, sps: int, kt_per_split: int, shared_mem: int) -> None:
+    """y [M, N] = x [M, K] @ dequant(W)^T (+ bias), 4-bit W, on wgmma.
+
+    kernel     wgmma_kernel(...)
+    grid       (ceil(RB / 4), splits, ceil(M / BN)): row tile of 128, K split, token tile
+    x          T [M, ldx], rows 16-byte aligned, unit column stride, K a multiple of 8 (act-order:
+               columns already in the weight's sorted order; "rs": also permuted within each 32-column
+               unit into the A fragment's order, fragment_order); columns past K read as zeros
+    w          int32 [RB, KS, 1, 32, 4], the repacked words (quantkit.kernels.int_weight_layout)
+    scales     T [RB, TR, SPS, 8, 4]; zeros: the same (asymmetric) or None
+    bias       T [N] or None
+    y          T [M, ldy], written
+    ws         float32 [splits, M, 128 * grid[0]]: the splits' partial sums, None with one split
+    counters   int32 [>= grid[0] * grid[2]], zero (the last block of a tile resets its own)
+    KS         32-column units per row (a multiple of 4)
+    kt_per_split  k-tiles per split
+    shared_mem shared_bytes(kind, BN, asym)
+    """
+    cuda.launch(kernel, MODULE, grid, (THREADS,),
+                (x, w, scales, _ptr(zeros), _ptr(bias), y, _ptr(ws), counters, np.int32(M), np.int32(N), np.int32(K),
+                 np.int32(RB), np.int32(KS), np.int32(ldx), np.int32(ldy), np.int32(tr), np.int32(sshift),
+                 np.int32(sps), np.int32(kt_per_split)),
+                shared_mem=shared_mem)
+
+
+def fragment_order(x2: torch.Tensor) -> torch.Tensor:
+    """x [M, 32 KS] with each 32-column unit's columns in the order the "rs" kernel's K runs: column
+    16 h + 8 hc + 2 t + c of a unit is column 8 t + 4 h + 2 hc + c of x (the repacked words' A
+    fragments, quantkit.kernels.int_weight_layout). One copy."""
+    m, kp = x2.shape
+    return x2.view(m, kp // 32, 4, 2, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, kp)
