@@ -16,8 +16,13 @@
 //                  [rows, (Hq + 2 Hk) D] buffer
 //   paged_attention_window  paged_attention over the keys pos[r] - window + 1 .. pos[r] only (window
 //                  0: all), with scores soft-capped, softcap * tanh(s / softcap) (softcap 0: none)
+// and, in front of a W8A8 linear, the ops that write its input quantized per token (Q: int8 or FP8
+// E4M3), so that the linear's own quantization kernel (csrc/quantize_rows.cu) does not run:
+//   add_rms_norm_quant  add_rms_norm's out (either rounding), quantized: q = Q(out / s), s per row
+//   silu_mul_quant      silu_mul's out, quantized the same way
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 template <typename T> __device__ __forceinline__ float f(T v);
 template <> __device__ __forceinline__ float f<float>(float v) { return v; }
@@ -47,31 +52,29 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // One block of 1024 threads per row, H <= 8192: every element is loaded into registers up front
-// (one memory latency, not H / blockDim of them). x, r, out, r_out rows of H with row strides;
-// r may be null (first layer).
+// (one memory latency, not H / blockDim of them). x, r, r_out rows of H with row strides; r may be
+// null (first layer). y: the thread's elements i = threadIdx.x + e * NORM_THREADS of the normalized
+// row, each rounded to T (0 past H).
 // OFFSET: Gemma's norm, (h / rms) * (offset + w) in float and rounded once; else Llama's, w * T(h / rms).
 constexpr int NORM_THREADS = 1024, NORM_MAXE = 8;
 template <typename T, bool OFFSET>
-__device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, float offset, T* out,
-                             int ldo, T* res_out, int ldro, int H) {
-    pdl_start();
+__device__ __forceinline__ void norm_row(const T* x, int ldx, const T* res, int ldr, const T* w, float eps,
+                                         float offset, T* res_out, int ldro, int H, float (&y)[NORM_MAXE]) {
     __shared__ float part[32];
     const int row = blockIdx.x;
     x += (size_t)row * ldx;
-    out += (size_t)row * ldo;
-    float h[NORM_MAXE];
 #pragma unroll
     for (int e = 0; e < NORM_MAXE; ++e) {
         const int i = threadIdx.x + e * NORM_THREADS;
-        h[e] = i < H ? f<T>(x[i]) : 0.0f;
-        if (res != nullptr && i < H) h[e] = r<T>(h[e] + f<T>(res[(size_t)row * ldr + i]));
+        y[e] = i < H ? f<T>(x[i]) : 0.0f;
+        if (res != nullptr && i < H) y[e] = r<T>(y[e] + f<T>(res[(size_t)row * ldr + i]));
     }
     float ss = 0.0f;
 #pragma unroll
     for (int e = 0; e < NORM_MAXE; ++e) {
         const int i = threadIdx.x + e * NORM_THREADS;
-        if (i < H && res != nullptr) res_out[(size_t)row * ldro + i] = to<T>(h[e]);
-        ss += h[e] * h[e];
+        if (i < H && res != nullptr) res_out[(size_t)row * ldro + i] = to<T>(y[e]);
+        ss += y[e] * y[e];
     }
     ss = warp_sum(ss);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
@@ -86,11 +89,26 @@ __device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T
 #pragma unroll
     for (int e = 0; e < NORM_MAXE; ++e) {
         const int i = threadIdx.x + e * NORM_THREADS;
+        if (i >= H) continue;
         if constexpr (OFFSET) {
-            if (i < H) out[i] = to<T>(h[e] * inv * (offset + f<T>(w[i])));
+            y[e] = r<T>(y[e] * inv * (offset + f<T>(w[i])));
         } else {
-            if (i < H) out[i] = to<T>(f<T>(w[i]) * r<T>(h[e] * inv));
+            y[e] = r<T>(f<T>(w[i]) * r<T>(y[e] * inv));
         }
+    }
+}
+
+template <typename T, bool OFFSET>
+__device__ void add_rms_norm(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, float offset, T* out,
+                             int ldo, T* res_out, int ldro, int H) {
+    pdl_start();
+    float y[NORM_MAXE];
+    norm_row<T, OFFSET>(x, ldx, res, ldr, w, eps, offset, res_out, ldro, H, y);
+    out += (size_t)blockIdx.x * ldo;
+#pragma unroll
+    for (int e = 0; e < NORM_MAXE; ++e) {
+        const int i = threadIdx.x + e * NORM_THREADS;
+        if (i < H) out[i] = to<T>(y[e]);
     }
 }
 
@@ -341,6 +359,117 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
+// ---- per-token quantization of a row the block holds (W8A8's dynamic inputs) ------------------------
+// The arithmetic of csrc/quantize_rows.cu, which is bit for bit formats.activation's on the same GPU:
+//   s = max(absmax(row) * (1 / R), FLT_EPS), R = 448 (fp8) or 127.5 (int8), the reciprocal's
+//       product as PyTorch's CUDA division by a scalar computes it; or a given (static) s
+//   q = fp8:  e4m3(clamp(v / s, -448, 448))   (round to nearest even)
+//       int8: clamp(rint(v / s), -128, 127)
+// A row holding NaN gets a NaN scale (no device sync to check it), which carries into its output row.
+template <typename Q> struct Quant;
+template <> struct Quant<__nv_fp8_e4m3> {
+    static constexpr float inv_range = 1.0f / 448.0f;
+    static __device__ __forceinline__ __nv_fp8_e4m3 of(float v, float s) {
+        return __nv_fp8_e4m3(fminf(fmaxf(v / s, -448.0f), 448.0f));
+    }
+};
+template <> struct Quant<signed char> {
+    static constexpr float inv_range = 1.0f / 127.5f;
+    static __device__ __forceinline__ signed char of(float v, float s) {
+        return (signed char)fminf(fmaxf(rintf(v / s), -128.0f), 127.0f);
+    }
+};
+
+__device__ __forceinline__ float nan_max(float m, float v) { return (v != v || v > m) ? v : m; }  // NaN wins
+
+// The largest of every thread's m, for every thread of the block (blockDim.x a multiple of 32).
+__device__ float block_max(float m) {
+    __shared__ float part[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) part[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0f;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
+        if (lane == 0) part[0] = m;
+    }
+    __syncthreads();
+    return part[0];
+}
+
+// y: the thread's elements i = threadIdx.x + e * blockDim.x of a row of n values (0 past n), already
+// rounded to the activations' type; q: the row's n outputs; scale: its one scale, written.
+// given: the static per-tensor scale, or null: the row's own.
+template <typename Q, int E>
+__device__ __forceinline__ void quantize_row(const float (&y)[E], const float* given, Q* q, float* scale, int n) {
+    float s;
+    if (given != nullptr) {
+        s = *given;
+    } else {
+        float m = 0.0f;
+#pragma unroll
+        for (int e = 0; e < E; ++e) m = nan_max(m, fabsf(y[e]));
+        s = block_max(m) * Quant<Q>::inv_range;
+        s = s < 1.1920928955078125e-07f ? 1.1920928955078125e-07f : s;  // NaN stays NaN (fmaxf would drop it)
+    }
+    if (threadIdx.x == 0) *scale = s;
+#pragma unroll
+    for (int e = 0; e < E; ++e) {
+        const int i = threadIdx.x + e * blockDim.x;
+        if (i < n) q[i] = Quant<Q>::of(y[e], s);
+    }
+}
+
+// add_rms_norm with its output quantized: the same row in the same registers, so the values
+// quantized are those add_rms_norm writes. One block of NORM_THREADS per row; q [rows, H]
+// contiguous, scale [rows]. offset 0: Llama's rounding, else Gemma's.
+template <typename T, typename Q>
+__device__ void add_rms_norm_quant(const T* x, int ldx, const T* res, int ldr, const T* w, float eps, float offset,
+                                   const float* given, Q* q, float* scale, T* res_out, int ldro, int H) {
+    pdl_start();
+    float y[NORM_MAXE];
+    if (offset != 0.0f) {
+        norm_row<T, true>(x, ldx, res, ldr, w, eps, offset, res_out, ldro, H, y);
+    } else {
+        norm_row<T, false>(x, ldx, res, ldr, w, eps, offset, res_out, ldro, H, y);
+    }
+    quantize_row<Q, NORM_MAXE>(y, given, q + (size_t)blockIdx.x * H, scale + blockIdx.x, H);
+}
+
+// silu_mul with its output quantized: one block per row (the scale needs the whole row), the row
+// in registers, I <= blockDim.x * ACT_QUANT_MAXE; q [rows, I] contiguous, scale [rows].
+constexpr int ACT_QUANT_MAXE = 16;
+template <typename T, typename Q>
+__device__ void silu_mul_quant(const T* g, const T* u, int ld_in, const float* given, Q* q, float* scale, int I) {
+    pdl_start();
+    const size_t t = blockIdx.x;
+    float y[ACT_QUANT_MAXE];
+#pragma unroll
+    for (int e = 0; e < ACT_QUANT_MAXE; ++e) {
+        const int i = threadIdx.x + e * blockDim.x;
+        y[e] = 0.0f;
+        if (i < I) {  // silu_mul's arithmetic
+            const float gv = f<T>(g[t * ld_in + i]);
+            y[e] = r<T>(r<T>(gv / (1.0f + expf(-gv))) * f<T>(u[t * ld_in + i]));
+        }
+    }
+    quantize_row<Q, ACT_QUANT_MAXE>(y, given, q + t * I, scale + t, I);
+}
+
+#define QUANT_OPS(QN, Q, SUFFIX, T)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_quant_##QN##_##SUFFIX(                          \
+        const T* x, int ldx, const T* res, int ldr, const T* w, float eps, float offset, const float* given, Q* q,  \
+        float* scale, T* res_out, int ldro, int H) {                                                                \
+        add_rms_norm_quant<T, Q>(x, ldx, res, ldr, w, eps, offset, given, q, scale, res_out, ldro, H);             \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(1024) silu_mul_quant_##QN##_##SUFFIX(                              \
+        const T* g, const T* u, int ld_in, const float* given, Q* q, float* scale, int I) {                        \
+        silu_mul_quant<T, Q>(g, u, ld_in, given, q, scale, I);                                                      \
+    }
+
 #define ATTENTION(SUFFIX, T, E)                                                                                     \
     extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX##_e##E(                             \
         const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out,        \
@@ -384,3 +513,7 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
 OPS(f16, __half)
 OPS(bf16, __nv_bfloat16)
 OPS(f32, float)
+QUANT_OPS(fp8, __nv_fp8_e4m3, f16, __half)
+QUANT_OPS(fp8, __nv_fp8_e4m3, bf16, __nv_bfloat16)
+QUANT_OPS(int8, signed char, f16, __half)
+QUANT_OPS(int8, signed char, bf16, __nv_bfloat16)

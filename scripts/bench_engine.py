@@ -11,11 +11,16 @@ spec      speculative decoding on SmolLM2 with Austen prompts: prompt lookup and
           the model drafting for the float16 one; acceptance, tokens per verification, batch-1
           speedup, greedy outputs against plain greedy; and the projection for the 7B shape from
           the measured acceptance and the measured 7B-shaped step times (labelled as such).
+batch     (not run by default) the Llama-2-7B shape in float16, W4A16 g128 and W8A8 FP8 (per-channel
+          weights, per-token dynamic inputs written quantized by the norm / SiLU kernels): decode
+          tokens/s at batch 1 .. 256 (--batches), 128 + 128 tokens, against float16 in the same
+          process; beside it, computed, the bytes a decode step reads: weights against KV cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 from pathlib import Path
@@ -29,11 +34,12 @@ from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
 from quantkit.eval.speed import Case, hf_generate_tokens_per_s, measure, prompts_from_text
-from quantkit.formats import IntSpec, pack_int32
+from quantkit.engine.runner import Shape
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, pack_int32
 from quantkit.formats.qparams import quantize_rtn
 from quantkit.models.families import LLAMA
 from quantkit.models.loader import LoadedModel, load_model
-from quantkit.nn.quant_linear import IntWeightLinear
+from quantkit.nn.quant_linear import IntWeightLinear, W8A8Linear
 
 console = Console()
 
@@ -55,7 +61,8 @@ def smol(model: LoadedModel, tokens: list[int], out: dict) -> None:
 
 
 def llama7b(which: str) -> LoadedModel:
-    """Random Llama-2-7B-shaped weights on the GPU, float16 or W4A16 g128 (RTN of the same draw)."""
+    """Random Llama-2-7B-shaped weights on the GPU, float16, W4A16 g128 or W8A8 FP8 ("w8a8-fp8"; both
+    RTN of the same draw)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -69,8 +76,8 @@ def llama7b(which: str) -> LoadedModel:
     finally:
         torch.set_default_dtype(default)
     loaded = LoadedModel(model=model, tokenizer=None, family=LLAMA, source=f"llama-2-7b-shape-random-{which}")
-    if which == "w4a16":
-        w4a16_copy(loaded)
+    if which in QUANTIZED_COPIES:
+        QUANTIZED_COPIES[which](loaded)
         torch.cuda.empty_cache()
     return loaded
 
@@ -164,20 +171,99 @@ def spec_part(model: LoadedModel, draft: LoadedModel, tokens: list[int], out: di
                           f"(measured) -> {p['ms_per_token']:.2f} ms/token, {p['speedup']:.2f}x over plain fp16 decode")
 
 
-def w4a16_copy(loaded: LoadedModel) -> LoadedModel:
-    """The model with every block linear replaced by its W4A16 g128 RTN quantization (the draft)."""
-    spec = IntSpec(4, True, 128)
+def _replace_block_linears(loaded: LoadedModel, quantized) -> LoadedModel:
+    """Every block linear of `loaded` replaced by quantized(linear)."""
     for block in loaded.model.model.layers:
         for name in LLAMA.linears:
             parent, attr = name.rsplit(".", 1)
             owner = block.get_submodule(parent)
-            lin = getattr(owner, attr)
-            qw = quantize_rtn(lin.weight.float(), spec)
-            q = IntWeightLinear(lin.in_features, lin.out_features, spec, dtype=lin.weight.dtype, device=lin.weight.device)
-            q.weight_packed.copy_(pack_int32(qw.q, 4, 1))
-            q.weight_scale.copy_(qw.scale)
-            setattr(owner, attr, q)
+            setattr(owner, attr, quantized(getattr(owner, attr)))
     return loaded
+
+
+def w4a16_copy(loaded: LoadedModel) -> LoadedModel:
+    """The model with every block linear replaced by its W4A16 g128 RTN quantization (the draft)."""
+    spec = IntSpec(4, True, 128)
+
+    def quantized(lin: torch.nn.Linear) -> IntWeightLinear:
+        qw = quantize_rtn(lin.weight.float(), spec)
+        q = IntWeightLinear(lin.in_features, lin.out_features, spec, dtype=lin.weight.dtype, device=lin.weight.device)
+        q.weight_packed.copy_(pack_int32(qw.q, 4, 1))
+        q.weight_scale.copy_(qw.scale)
+        return q
+    return _replace_block_linears(loaded, quantized)
+
+
+def w8a8_fp8_copy(loaded: LoadedModel) -> LoadedModel:
+    """The model with every block linear replaced by its W8A8 FP8 RTN quantization: E4M3 weights with
+    one scale per output channel (s = amax / 448 of the row), inputs quantized per token at run time."""
+    spec, act = FloatSpec("channel"), ActSpec("fp8", dynamic=True)
+
+    def quantized(lin: torch.nn.Linear) -> W8A8Linear:
+        qw = quantize_rtn(lin.weight, spec)  # the scale in the weight's dtype, q from the stored scale
+        q = W8A8Linear(lin.in_features, lin.out_features, spec, act, dtype=lin.weight.dtype, device=lin.weight.device)
+        q.weight.copy_(qw.q)
+        q.weight_scale.copy_(qw.scale)
+        return q
+    return _replace_block_linears(loaded, quantized)
+
+
+QUANTIZED_COPIES = {"w4a16": w4a16_copy, "w8a8-fp8": w8a8_fp8_copy}
+BATCHES = (1, 8, 16, 32, 64, 128, 256)
+BATCH_MODELS = ("float16", "w4a16", "w8a8-fp8")
+
+
+def step_bytes(model: LoadedModel, batch: int, positions: int) -> dict:
+    """Computed, not measured: the bytes one decode step reads at `batch` sequences of `positions`
+    cached positions each: every block's weights and the LM head once (the embedding gathers rows
+    only), and each sequence's K and V of every layer."""
+    m = model.model
+    weights = sum(t.numel() * t.element_size() for t in [*m.model.layers.parameters(), *m.model.layers.buffers()])
+    weights += m.lm_head.weight.numel() * m.lm_head.weight.element_size()
+    kv = batch * positions * Shape.of(m.config).kv_bytes_per_slot(m.model.embed_tokens.weight.dtype)
+    return {"weight_bytes": weights, "kv_bytes": kv}
+
+
+def batch_part(out: dict, batches: tuple[int, ...]) -> None:
+    prompt, output = 128, 128
+    # one prefill step for the whole batch, so that the decode window holds decode steps only; measure
+    # sizes each case's KV pool and max_num_seqs for its batch (256 x 258 positions: 36 GB at batch 256)
+    config = EngineConfig(max_batched_tokens=max(batches) * prompt)
+    res: dict = {"prompt": prompt, "output": output, "batches": list(batches), "models": {}}
+    for which in BATCH_MODELS:
+        model = llama7b(which)
+        rows = measure(model, list(range(100, 20000)), [Case(b, prompt, output) for b in batches], config)
+        res["models"][which] = {"engine": rows, "bytes": [step_bytes(model, b, prompt + output) for b in batches]}
+        del model, rows
+        gc.collect()
+        torch.cuda.empty_cache()
+    f16 = [r["decode_tokens_per_s"] for r in res["models"]["float16"]["engine"]]
+    for which in BATCH_MODELS:
+        tps = [r["decode_tokens_per_s"] for r in res["models"][which]["engine"]]
+        res["models"][which]["vs_float16"] = [a / b for a, b in zip(tps, f16)]
+    out["batch"] = res
+    _batch_table(res)
+
+
+def _batch_table(res: dict) -> None:
+    models = res["models"]
+    weights = {w: models[w]["bytes"][0]["weight_bytes"] for w in BATCH_MODELS}
+    t = Table(title=f"Llama-2-7B shape, random weights, decode tokens/s, {res['prompt']} + {res['output']} tokens, "
+                    f"{torch.cuda.get_device_name()}",
+              caption="* COMPUTED, not measured: the bytes one decode step reads. Weights (read once a step): "
+                      + ", ".join(f"{w} {b / 1e9:.2f} GB" for w, b in weights.items())
+                      + f"; KV: K and V of {res['prompt'] + res['output']} positions per sequence (the last step's). "
+                      "fp8 cap: float16's step over FP8's if a step were only those reads, (W16 + KV) / (W8 + KV)")
+    for c in ("batch", "float16", "w4a16", "vs fp16", "w8a8-fp8", "vs fp16", "KV GB*", "KV / W16*", "fp8 cap*"):
+        t.add_column(c, justify="right")
+    w16, w8 = weights["float16"], weights["w8a8-fp8"]
+    for i, b in enumerate(res["batches"]):
+        kv = models["float16"]["bytes"][i]["kv_bytes"]
+        tps = {w: models[w]["engine"][i]["decode_tokens_per_s"] for w in BATCH_MODELS}
+        t.add_row(str(b), f"{tps['float16']:.0f}", f"{tps['w4a16']:.0f}", f"{models['w4a16']['vs_float16'][i]:.2f}x",
+                  f"{tps['w8a8-fp8']:.0f}", f"{models['w8a8-fp8']['vs_float16'][i]:.2f}x", f"{kv / 1e9:.2f}",
+                  f"{kv / w16:.2f}", f"{(w16 + kv) / (w8 + kv):.2f}x")
+    console.print(t)
 
 
 def identity(model: LoadedModel, draft: LoadedModel, tokens: list[int], out: dict) -> None:
@@ -198,7 +284,9 @@ def identity(model: LoadedModel, draft: LoadedModel, tokens: list[int], out: dic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="SmolLM2 (default: the bundled GGUF)")
-    p.add_argument("--parts", nargs="+", default=["smol", "llama7b", "spec"])
+    p.add_argument("--parts", nargs="+", default=["smol", "llama7b", "spec"],
+                   choices=["smol", "llama7b", "spec", "batch"])
+    p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="the batch part's batch sizes")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -211,6 +299,8 @@ def main() -> None:
         smol(model, tokens, out)
     if "llama7b" in args.parts:
         llama_part(out)
+    if "batch" in args.parts:
+        batch_part(out, tuple(args.batches))
     if "spec" in args.parts:
         draft = w4a16_copy(load_model(args.model))
         draft.model.to("cuda", torch.float16)

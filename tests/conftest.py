@@ -173,3 +173,34 @@ def assert_rotation_refused(why: str, quantize, out: Path) -> None:
     with pytest.raises(UnsupportedModelError, match=why):
         quantize()
     assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+def w8a8_copy(loaded, spec, act):
+    """`loaded` (a Llama) with every block linear replaced by its W8A8 round to nearest under (spec, act)."""
+    from quantkit.formats import quantize_rtn
+    from quantkit.models.families import LLAMA
+    from quantkit.nn import W8A8Linear
+
+    for block in loaded.model.model.layers:
+        for name in LLAMA.linears:
+            parent, attr = name.rsplit(".", 1)
+            owner = block.get_submodule(parent)
+            lin = getattr(owner, attr)
+            qw = quantize_rtn(lin.weight.detach(), spec)
+            q = W8A8Linear(lin.in_features, lin.out_features, spec, act, dtype=lin.weight.dtype, device=lin.weight.device)
+            q.weight.copy_(qw.q)
+            q.weight_scale.copy_(qw.scale.reshape(q.weight_scale.shape))
+            setattr(owner, attr, q)
+    return loaded
+
+
+def engine_runs(loaded, prompts: list[list[int]], params, config):
+    """The engine's outputs of `prompts` (SamplingParams `params`, EngineConfig `config`) and its prefill
+    logits of the first prompt."""
+    from quantkit.engine.engine import Engine
+    from quantkit.engine.runner import PrefillChunk
+
+    engine = Engine(loaded, config)
+    outputs = [s.output_ids for s in engine.generate(prompts, params)]
+    logits = engine.runner.prefill([PrefillChunk(prompts[0], 0, list(range(len(prompts[0]))))])
+    return outputs, logits

@@ -217,6 +217,32 @@ def test_engine_op_wrappers_pass_the_positional_bytes(driver, dtype):
                                         scale=0.125))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("qdtype", [torch.float8_e4m3fn, torch.int8])
+def test_quantizing_engine_op_wrappers_pass_the_signatures_bytes(driver, dtype, qdtype):
+    from quantkit.kernels import launch_engine_ops as e
+
+    sfx, qn = {torch.float16: "f16", torch.bfloat16: "bf16"}[dtype], {torch.int8: "int8"}.get(qdtype, "fp8")
+    t, h = 3, 576
+    x, res_out, weight = _t(t, 2 * h, dtype=dtype)[:, :h], _t(t, h, dtype=dtype), _t(h, dtype=dtype)
+    q, scale, given = torch.zeros(t, h, dtype=qdtype), _t(t, 1, dtype=torch.float32), _t(1, dtype=torch.float32)
+    for r, g in ((_t(t, h, dtype=dtype), None), (None, given)):
+        _same(driver,
+              lambda: cuda.launch(f"add_rms_norm_quant_{qn}_{sfx}", "engine_ops", (t,), (1024,),
+                                  (x, np.int32(x.stride(0)), _null(r), np.int32(r.stride(0) if r is not None else 0),
+                                   weight, np.float32(1e-5), np.float32(1.0), _null(g), q, scale, res_out, np.int32(h),
+                                   np.int32(h)), dependent=True),
+              lambda: e.add_rms_norm_quant((t,), (1024,), x=x, ldx=x.stride(0), res=r,
+                                           ldr=r.stride(0) if r is not None else 0, w=weight, eps=1e-5, offset=1.0,
+                                           given=g, q=q, scale=scale, res_out=res_out, ldro=h, H=h))
+    gu, i = _t(t, 2 * 1536, dtype=dtype), 1536
+    gate, up, qa = gu[:, :i], gu[:, i:], torch.zeros(t, i, dtype=qdtype)
+    _same(driver,
+          lambda: cuda.launch(f"silu_mul_quant_{qn}_{sfx}", "engine_ops", (t,), (384,),
+                              (gate, up, np.int32(gate.stride(0)), np.uint64(0), qa, scale, np.int32(i)), dependent=True),
+          lambda: e.silu_mul_quant((t,), (384,), g=gate, u=up, ld_in=gate.stride(0), given=None, q=qa, scale=scale, I=i))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_w8a8_wrappers_pass_the_positional_bytes(driver, dtype):
     from quantkit.kernels.launch_quantize_rows import quantize_rows
@@ -257,6 +283,8 @@ def _cu_parameters(source: str, head: str) -> list[str]:
     ("engine_ops", "silu_mul_##SUFFIX", "engine_ops.silu_mul"),
     ("engine_ops", "rope_cache_##SUFFIX", "engine_ops.rope_cache"),
     ("engine_ops", "paged_attention_##SUFFIX##_e##E", "engine_ops.paged_attention"),
+    ("engine_ops", "add_rms_norm_quant_##QN##_##SUFFIX", "engine_ops.add_rms_norm_quant"),
+    ("engine_ops", "silu_mul_quant_##QN##_##SUFFIX", "engine_ops.silu_mul_quant"),
     ("quantize_rows", "quantize_rows_int8_##NAME", "quantize_rows.quantize_rows"),
     ("scale_epilogue", "scale_epilogue_##NAME", "scale_epilogue.scale_epilogue"),
     ("gptq_columns", "__global__ void gptq_columns", "gptq_columns.gptq_columns"),

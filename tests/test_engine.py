@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import engine_runs, w8a8_copy
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, per_tensor
 from quantkit.models.loader import load_model
 
 PROMPTS = ["It is a truth universally acknowledged, that a single man",
@@ -182,3 +184,28 @@ def test_speed_keeps_fp8_weights_fp8_in_half_precision(tiny_model_dir, tmp_path)
     api.quantize(str(tiny_model_dir), "w8a8-fp8-dynamic", tmp_path / "fp8", num_samples=4, seqlen=64, show_progress=False)
     rows = api.speed(tmp_path / "fp8", batch_sizes=(2,), prompt_len=8, output_len=4, device="cpu", dtype="bfloat16")
     assert rows[0]["output_tokens"] == 8 and rows[0]["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("spec,act", [(FloatSpec("channel"), ActSpec("fp8")), (FloatSpec("tensor"), ActSpec("fp8")),
+                                      (IntSpec(8, True, None), ActSpec("int8"))],
+                         ids=["fp8-channel", "fp8-tensor", "int8-channel"])
+def test_w8a8_inputs_quantized_by_the_op_in_front_change_nothing(tiny_model_dir, monkeypatch, spec, act):
+    """W8A8 linears with per-token inputs: the norms (fused q/k/v and gate/up) and SiLU * up (down_proj)
+    write their inputs quantized, and the outputs and logits are bit for bit those of each linear
+    quantizing its own input. Per-tensor weights do not fuse: only down_proj's input is written so."""
+    from quantkit.engine import runner
+    from quantkit.kernels import engine_ops as ops
+
+    loaded = w8a8_copy(load_model(tiny_model_dir), spec, act)
+    prompts = _prompts(loaded)
+    params, config = _greedy(24, loaded.model.config.eos_token_id), EngineConfig(block_size=4)
+    calls = []
+    for name in ("add_rms_norm_quant", "silu_mul_quant"):
+        op = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *args, _op=op: calls.append(_op.__name__) or _op(*args))
+    fused = engine_runs(loaded, prompts, params, config)
+    assert "silu_mul_quant" in calls and ("add_rms_norm_quant" in calls) == (not per_tensor(spec))
+    monkeypatch.setattr(runner, "_quantized_input", lambda module: None)  # each linear quantizes its input
+    plain = engine_runs(loaded, prompts, params, config)
+    assert fused[0] == plain[0] and all(len(o) > 0 for o in fused[0])
+    assert torch.equal(fused[1], plain[1])

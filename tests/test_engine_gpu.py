@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import verification_distributions
+from conftest import engine_runs, verification_distributions, w8a8_copy
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
+from quantkit.formats import ActSpec, FloatSpec, IntSpec
 from quantkit.models.loader import load_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -92,6 +93,33 @@ def test_quantized_decode_step_matches_transformers_forward(tiny_model_dir, tmp_
         with torch.no_grad():
             logits = loaded.model(torch.tensor([seq.token_ids], device="cuda")).logits[0, -1].float()
         assert float((p[0, 0] - torch.softmax(logits, -1)).abs().sum()) < 2e-2
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_w8a8_inputs_quantized_by_the_op_in_front_change_nothing(tiny_model_dir, monkeypatch, kind, dtype, graphs):
+    """W8A8 linears with per-token inputs in 16 bits: the fused kernels (the norm, or SiLU * up,
+    writing the quantized input) and the tensor-core matmul on it give the bits of the unfused path
+    (the norm's or SiLU's kernel, then the linear's quantize_rows.cu): the same greedy tokens and
+    the same logits, through CUDA graphs too."""
+    from quantkit.engine import runner
+    from quantkit.nn.quant_linear import W8A8Linear
+
+    if kind == "fp8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    spec, act = (FloatSpec("channel"), ActSpec("fp8")) if kind == "fp8" else (IntSpec(8, True, None), ActSpec("int8"))
+    loaded = load_model(tiny_model_dir)
+    loaded.model.to("cuda", dtype)  # before the copy: .to(dtype) would cast FP8 weights too
+    w8a8_copy(loaded, spec, act)
+    prompts = _prompts(loaded)
+    params, config = SamplingParams(max_tokens=24), EngineConfig(cuda_graphs=graphs, block_size=8)
+    fused = engine_runs(loaded, prompts, params, config)
+    assert {m.prepared().backend for m in loaded.model.modules() if type(m) is W8A8Linear} == {"torch"}
+    monkeypatch.setattr(runner, "_quantized_input", lambda module: None)  # each linear quantizes its input
+    plain = engine_runs(loaded, prompts, params, config)
+    assert fused[0] == plain[0]
+    assert torch.equal(fused[1], plain[1])
 
 
 # ---- the families beyond Llama on the GPU (the models of test_engine_families) ------------------------

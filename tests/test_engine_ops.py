@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantkit.engine.fusion import fuse
-from quantkit.formats import IntSpec, pack_int32
+from quantkit.formats import ActSpec, FloatSpec, IntSpec, pack_int32
+from quantkit.formats.activation import dynamic_scales, quantize
 from quantkit.formats.qparams import quantize_rtn
 from quantkit.kernels import cuda, registry
 from quantkit.kernels import engine_ops as ops
 from quantkit.kernels import engine_ops_cuda
-from quantkit.nn.quant_linear import IntWeightLinear
+from quantkit.nn.quant_linear import IntWeightLinear, W8A8Linear
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -110,6 +111,90 @@ def test_silu_mul_twin_is_the_transformers_activation():
     assert torch.equal(ops.silu_mul_reference(gate, up), F.silu(gate) * up)
 
 
+ACTS = [ActSpec("fp8"), ActSpec("int8"), ActSpec("fp8", dynamic=False), ActSpec("int8", dynamic=False)]
+
+
+def _static_scale(act: ActSpec) -> torch.Tensor | None:
+    return None if act.dynamic else torch.tensor([0.5 / act.half_range])  # |x| > 0.5 saturates
+
+
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_quant_twin_quantizes_the_norms_output(act, offset):
+    """The quantizing norm's twin is add_rms_norm, then formats.activation's per-token (or static)
+    quantization of its output: what a W8A8 linear does to its input."""
+    torch.manual_seed(0)
+    x, res, w = torch.randn(5, 96), torch.randn(5, 96), torch.randn(96)
+    x[2] = 0.0  # with res: an ordinary row; without: a row of zeros gets the eps scale
+    for r in (res, None):
+        q, s, h = ops.add_rms_norm_quant(x, r, w, 1e-5, act, offset, _static_scale(act))
+        normed, h_ref = ops.add_rms_norm(x, r, w, 1e-5, offset)
+        s_ref = dynamic_scales(normed, act) if act.dynamic else _static_scale(act).expand(5, 1)
+        assert torch.equal(h, h_ref) and s.shape == (5, 1) and s.dtype == torch.float32
+        assert torch.equal(s, s_ref)
+        assert torch.equal(q.view(torch.int8), quantize(normed, s_ref, act).view(torch.int8))
+    if act.dynamic:
+        assert float(s[2]) == torch.finfo(torch.float32).eps
+
+
+@pytest.mark.parametrize("act", ACTS, ids=str)
+def test_silu_mul_quant_twin_quantizes_silu_mul(act):
+    gu = torch.randn(4, 80)
+    g, u = gu.split([40, 40], -1)  # views of one gate/up output
+    q, s = ops.silu_mul_quant(g, u, act, _static_scale(act))
+    y = F.silu(g) * u
+    s_ref = dynamic_scales(y, act) if act.dynamic else _static_scale(act).expand(4, 1)
+    assert torch.equal(s, s_ref)
+    assert torch.equal(q.view(torch.int8), quantize(y, s_ref, act).view(torch.int8))
+
+
+def test_quantizing_ops_refuse_scales_that_do_not_fit_the_spec():
+    x, w = torch.randn(2, 32), torch.ones(32)
+    with pytest.raises(ValueError, match="dynamic.*no input_scale"):
+        ops.add_rms_norm_quant(x, None, w, 1e-5, ActSpec("fp8"), input_scale=torch.ones(1))
+    with pytest.raises(ValueError, match="static ones need it"):
+        ops.silu_mul_quant(x, x, ActSpec("int8", dynamic=False))
+    with pytest.raises(ValueError, match=r"one value.*\(2,\)"):
+        ops.silu_mul_quant(x, x, ActSpec("int8", dynamic=False), torch.ones(2))
+
+
+def _w8a8_linear(n: int, k: int, spec, act: ActSpec, bias: bool = False, input_scale: float = 0.01) -> W8A8Linear:
+    qw = quantize_rtn(torch.randn(n, k), spec)
+    m = W8A8Linear(k, n, spec, act, bias=bias)
+    m.weight.copy_(qw.q)
+    m.weight_scale.copy_(qw.scale.reshape(m.weight_scale.shape))
+    if m.input_scale is not None:
+        m.input_scale.fill_(input_scale)
+    if bias:
+        m.bias.data.copy_(torch.randn(n))
+    return m
+
+
+@pytest.mark.parametrize("spec,act", [(FloatSpec("channel"), ActSpec("fp8")), (IntSpec(8, True, None), ActSpec("int8")),
+                                      (IntSpec(4, True, 32), ActSpec("int8")),
+                                      (IntSpec(8, True, None), ActSpec("int8", dynamic=False))], ids=str)
+def test_fused_w8a8_linears_equal_their_parts_and_parts_still_work(spec, act):
+    torch.manual_seed(2)
+    parts = [_w8a8_linear(n, 96, spec, act, bias=b) for n, b in ((64, True), (32, False), (32, True))]
+    x = torch.randn(5, 96)
+    before = [p(x) for p in parts]
+    fused = fuse(parts)
+    assert type(fused) is W8A8Linear and fused.weight.shape == (128, 96)
+    assert torch.equal(fused(x), torch.cat(before, -1))
+    assert all(torch.equal(p(x), y) for p, y in zip(parts, before))
+    assert parts[1].weight.data_ptr() == fused.weight.data_ptr() + 64 * 96, "the parts are views, not copies"
+
+
+def test_w8a8_parts_with_per_tensor_or_different_input_scales_are_left_alone():
+    tensor = [_w8a8_linear(32, 64, FloatSpec("tensor"), ActSpec("fp8")) for _ in range(2)]
+    assert fuse(tensor) is None
+    static = [_w8a8_linear(32, 64, IntSpec(8, True, None), ActSpec("int8", dynamic=False), input_scale=s)
+              for s in (0.01, 0.02)]
+    assert fuse(static) is None
+    mixed = [_w8a8_linear(32, 64, FloatSpec(), ActSpec("fp8", dynamic)) for dynamic in (True, False)]
+    assert fuse(mixed) is None
+
+
 def test_every_op_the_runner_calls_is_an_entry_point_with_a_twin():
     """The runner's kernels (quantkit.engine.runner: ops.<name>) each select a registered backend,
     and "reference" (the torch twin) is registered for every one of them."""
@@ -120,7 +205,8 @@ def test_every_op_the_runner_calls_is_an_entry_point_with_a_twin():
 
     called = {node.attr for node in ast.walk(ast.parse(inspect.getsource(runner)))
               if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ops"}
-    assert called == {"add_rms_norm", "rms_norm_matmul", "rope_cache", "silu_mul", "paged_attention"}
+    assert called == {"add_rms_norm", "rms_norm_matmul", "rope_cache", "silu_mul", "paged_attention",
+                      "add_rms_norm_quant", "silu_mul_quant"}
     for op in called:
         assert callable(getattr(ops, op))
         assert registry.backends(op)["reference"].run is getattr(ops, f"{op}_reference"), op
@@ -339,3 +425,55 @@ def test_windowed_capped_paged_attention_matches_its_twin(dtype, window, softcap
     if c > 8 and (window or c) < c:  # the window matters: attention over every key differs
         full = ops.paged_attention_reference(q, kc, vc, context, pos, 128 ** -0.5, None, softcap)
         assert float((full.float() - ref.float()).norm() / ref.float().norm()) > 0.05
+
+
+# ---- the quantizing ops in front of a W8A8 linear, bit for bit --------------------------------------
+def _bits(q: torch.Tensor) -> torch.Tensor:
+    return q.view(torch.int8)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+@pytest.mark.parametrize("t,h", [(1, 4096), (7, 576), (33, 100), (256, 8192), (3, 8200)])
+def test_fused_rms_norm_quant_is_its_twin_bit_for_bit(dtype, act, offset, t, h):
+    """The fused kernel quantizes the very values add_rms_norm's kernel writes (the same block, the
+    same sums), as formats.activation does on the GPU: equal scales and equal bytes. H 8200: past
+    the kernel's rows, the twin."""
+    torch.manual_seed(t)
+    x, res = (torch.randn(t, h, device="cuda", dtype=dtype) for _ in range(2))
+    x[0, h // 3] = 300.0  # an outlier: the row's scale follows it
+    w = torch.randn(h, device="cuda", dtype=dtype)
+    given = None if act.dynamic else torch.tensor([0.5 / act.half_range], device="cuda")
+    for r in (res, None):
+        q, s, hh = ops.add_rms_norm_quant(x, r, w, 1e-5, act, offset, given)
+        q_ref, s_ref, h_ref = ops.add_rms_norm_quant_reference(x, r, w, 1e-5, act, offset, given)
+        assert torch.equal(hh, h_ref) and torch.equal(s, s_ref)
+        assert torch.equal(_bits(q), _bits(q_ref))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize("t,i", [(1, 11008), (5, 1536), (17, 100), (256, 14336), (2, 16384 + 32)])
+def test_fused_silu_mul_quant_is_its_twin_bit_for_bit(dtype, act, t, i):
+    # gate and up as views of one gate/up output (the engine's case); I past the kernel's 16384: the twin
+    torch.manual_seed(i)
+    gu = 3 * torch.randn(t, 2 * i, device="cuda", dtype=dtype)
+    g, u = gu.split([i, i], -1)
+    given = None if act.dynamic else torch.tensor([0.5 / act.half_range], device="cuda")
+    q, s = ops.silu_mul_quant(g, u, act, given)
+    q_ref, s_ref = ops.silu_mul_quant_reference(g, u, act, given)
+    assert torch.equal(s, s_ref) and torch.equal(_bits(q), _bits(q_ref))
+
+
+@gpu
+@pytest.mark.parametrize("act", ACTS[:2], ids=str)
+def test_fused_quant_ops_carry_a_nan_row_into_its_scale(act):
+    x = torch.randn(3, 256, device="cuda", dtype=torch.float16)
+    x[1, 7] = float("nan")
+    _, s, _ = ops.add_rms_norm_quant(x, None, torch.ones(256, device="cuda", dtype=torch.float16), 1e-5, act)
+    assert torch.isnan(s[1]).all() and torch.isfinite(s[[0, 2]]).all()
+    _, s = ops.silu_mul_quant(x, x, act)
+    assert torch.isnan(s[1]).all() and torch.isfinite(s[[0, 2]]).all()

@@ -9,16 +9,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantkit.nn.quant_linear import IntWeightLinear
+from quantkit.formats import per_tensor
+from quantkit.nn.quant_linear import IntWeightLinear, W8A8Linear
 
 
 def fuse(parts: list[nn.Module]) -> nn.Module | None:
     """A module computing torch.cat([p(x) for p in parts], -1), or None where they cannot be fused
-    (different kinds, formats or inputs, act-order with different orders, unsupported types)."""
+    (different kinds, formats or inputs, act-order with different orders, per-tensor W8A8 weight scales,
+    unsupported types)."""
     if all(type(p) is nn.Linear for p in parts):
         return _fuse_float(parts)
     if all(type(p) is IntWeightLinear for p in parts):
         return _fuse_int(parts)
+    if all(type(p) is W8A8Linear for p in parts):
+        return _fuse_w8a8(parts)
     return None
 
 
@@ -76,4 +80,31 @@ def _fuse_int(parts: list[IntWeightLinear]) -> IntWeightLinear | None:
     if not spec.symmetric:
         for p, z in zip(parts, _views(fused.weight_zero_point, [n // per_word for n in sizes])):
             p.weight_zero_point = z
+    return fused
+
+
+def _fuse_w8a8(parts: list[W8A8Linear]) -> W8A8Linear | None:
+    """Per-channel (or grouped) weight scales are rows: they concatenate. A per-tensor one is the
+    whole part's, which one fused scale cannot hold for every part; static input scales must agree
+    (calibration gives linears that read one input one scale)."""
+    first = parts[0]
+    same = all(p.spec == first.spec and p.act == first.act and p.in_features == first.in_features
+               and p.weight_scale.dtype == first.weight_scale.dtype for p in parts)
+    if not same or per_tensor(first.spec):
+        return None
+    if not first.act.dynamic and any(not torch.equal(p.input_scale, first.input_scale) for p in parts):
+        return None
+    sizes = [p.out_features for p in parts]
+    fused = W8A8Linear(first.in_features, sum(sizes), first.spec, first.act,
+                       bias=any(p.bias is not None for p in parts), dtype=first.weight_scale.dtype,
+                       device=first.weight.device)
+    fused.weight = torch.cat([p.weight for p in parts])
+    fused.weight_scale = torch.cat([p.weight_scale for p in parts])
+    if not first.act.dynamic:
+        fused.input_scale = first.input_scale.clone()
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else p.weight_scale.new_zeros(p.out_features)
+                                             for p in parts]), requires_grad=False)
+    for p, w, sc in zip(parts, _views(fused.weight, sizes), _views(fused.weight_scale, sizes)):
+        p.weight, p.weight_scale, p._prepared = w, sc, None
     return fused

@@ -38,8 +38,9 @@ from quantkit.engine import layers
 from quantkit.engine.layers import BlockParts, block_parts, model_facts, norm_eps
 from quantkit.engine.moe import PATH as MOE_PATH, moe_mlp
 from quantkit.errors import UnsupportedModelError
-from quantkit.nn.quant_linear import IntWeightLinear
+from quantkit.nn.quant_linear import IntWeightLinear, W8A8Linear
 from quantkit.kernels import engine_ops as ops
+from quantkit.kernels.w8a8 import PreparedW8A8, w8a8_matmul_quantized
 from quantkit.models.families import Family, block_family
 
 
@@ -80,11 +81,37 @@ def _norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.
                  offset: float) -> tuple[torch.Tensor, torch.Tensor]:
     """module(RMSNorm(x + residual)) and x + residual: through a quantized linear, one entry point
     (for one token on the CUDA kernel one launch: the decode kernel normalizes its input itself,
-    with Llama's norm: Gemma's (offset + w) runs unfused)."""
+    with Llama's norm: Gemma's (offset + w) runs unfused); into a W8A8 linear with per-token
+    inputs, the norm writes them quantized (_quantized_input)."""
     if type(module) is IntWeightLinear and not offset:
         return ops.rms_norm_matmul(x, residual, norm.weight, norm_eps(norm), module.prepared(), module.bias)
+    w = _quantized_input(module)
+    if w is not None:
+        xq, sx, residual = ops.add_rms_norm_quant(x, residual, norm.weight, norm_eps(norm), w.act, offset)
+        return w8a8_matmul_quantized(xq, sx, w, module.bias, x.dtype), residual
     h, residual = ops.add_rms_norm(x, residual, norm.weight, norm_eps(norm), offset)
     return module(h), residual
+
+
+def _act_linear(act_mul, gate: torch.Tensor, up: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """module(act_mul(gate, up)) (the MLP's down projection); into a W8A8 linear with per-token
+    inputs, SiLU * up writes them quantized (_quantized_input)."""
+    w = _quantized_input(module) if act_mul is ops.silu_mul else None
+    if w is not None:
+        xq, sx = ops.silu_mul_quant(gate, up, w.act)
+        return w8a8_matmul_quantized(xq, sx, w, module.bias, gate.dtype)
+    return module(act_mul(gate, up))
+
+
+def _quantized_input(module: torch.nn.Module) -> PreparedW8A8 | None:
+    """The weight of a W8A8 linear that quantizes its input per token (dynamic, one scale per row:
+    not in groups), which the op in front of it can then write quantized (engine_ops'
+    add_rms_norm_quant, silu_mul_quant) for w8a8_matmul_quantized: the values and the matmul are
+    the linear's own, one kernel and one pass over the activations fewer. None for any other module."""
+    if type(module) is not W8A8Linear or not module.act.dynamic:
+        return None
+    w = module.prepared()
+    return None if w.grouped else w
 
 
 class ModelRunner:
@@ -164,10 +191,13 @@ class ModelRunner:
             elif self.act_mul is not None and p.gate_up is not None:
                 module, sizes = p.gate_up
                 gate_up, residual = _norm_linear(x, residual, p.mlp_norm, module, offset)
-                x = mlp.down_proj(self.act_mul(*gate_up.split(sizes, dim=-1)))
+                x = _act_linear(self.act_mul, *gate_up.split(sizes, dim=-1), mlp.down_proj)
             else:
                 h, residual = ops.add_rms_norm(x, residual, p.mlp_norm.weight, norm_eps(p.mlp_norm), offset)
-                x = mlp.down_proj(self.act_mul(mlp.gate_proj(h), mlp.up_proj(h))) if self.act_mul is not None else mlp(h)
+                if self.act_mul is not None:
+                    x = _act_linear(self.act_mul, mlp.gate_proj(h), mlp.up_proj(h), mlp.down_proj)
+                else:
+                    x = mlp(h)
             if p.mlp_out_norm is not None:
                 x = layers.out_norm(x, p.mlp_out_norm, offset)
         return ops.add_rms_norm(x, residual, self.norm.weight, norm_eps(self.norm), offset)[0]

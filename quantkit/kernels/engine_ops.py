@@ -10,6 +10,12 @@ rms_norm_matmul is the residual add and RMSNorm in front of an integer-weight li
 token the decode kernel runs them in its prologue (quantkit.kernels.int_weight_cuda); its twin is
 the two ops it fuses.
 
+add_rms_norm_quant and silu_mul_quant are add_rms_norm and silu_mul in front of a W8A8 linear:
+they write their output quantized for it (int8 or FP8, a scale per token), so that the linear's
+matmul starts from there (kernels.w8a8.w8a8_matmul_quantized) and its own quantization kernel
+does not run. Their twins are the ops they fuse, each through its entry point, then the
+quantization of formats.activation (what the W8A8 linear does to its input).
+
 Shapes: T tokens (rows), H hidden, Hq / Hk query / KV heads of D dims, cache [slots, Hk, D].
 """
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quantkit.formats.activation import ActSpec, dynamic_scales, quantize
 from quantkit.kernels import registry
 from quantkit.kernels.int_weight import PreparedIntWeight, int_weight_matmul
 from quantkit.kernels.registry import register_backend
@@ -90,6 +97,58 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @register_backend("silu_mul", "reference")
 def silu_mul_reference(gate, up):
     return F.silu(gate) * up
+
+
+# ---- the same two ops writing a W8A8 linear's input: quantized per token ---------------------------
+def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                       act: ActSpec, offset: float = 0.0, input_scale: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """add_rms_norm with its output quantized as a W8A8 linear quantizes its input: returns (q, s, h),
+    q [T, H] int8 or float8_e4m3fn (act.type), s float32 [T, 1], h = x + residual. Scales per token
+    when act.dynamic (a row holding NaN gets a NaN scale: no device sync checks it), else every row
+    takes the static `input_scale` (float32, one value)."""
+    _check_scales(act, input_scale)
+    return registry.select_backend("add_rms_norm_quant", x.device, x.dtype).run(x, residual, weight, eps, act, offset,
+                                                                                input_scale)
+
+
+@register_backend("add_rms_norm_quant", "reference")
+def add_rms_norm_quant_reference(x, residual, weight, eps, act, offset=0.0, input_scale=None):
+    """The twin: add_rms_norm through its entry point, then formats.activation's quantization of its
+    output: on a GPU the unfused engine's ops, bit for bit."""
+    normed, h = add_rms_norm(x, residual, weight, eps, offset)
+    return (*_quantize_rows(normed, act, input_scale), h)
+
+
+def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor, act: ActSpec,
+                   input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_mul with its output quantized as add_rms_norm_quant's: returns (q [T, I], s [T, 1])."""
+    _check_scales(act, input_scale)
+    return registry.select_backend("silu_mul_quant", gate.device, gate.dtype).run(gate, up, act, input_scale)
+
+
+@register_backend("silu_mul_quant", "reference")
+def silu_mul_quant_reference(gate, up, act, input_scale=None):
+    """The twin: silu_mul through its entry point, then formats.activation's quantization."""
+    return _quantize_rows(silu_mul(gate, up), act, input_scale)
+
+
+def _quantize_rows(x: torch.Tensor, act: ActSpec, input_scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, K] -> (q [T, K], s float32 [T, 1]) by formats.activation: per-token scales (unchecked for
+    NaN) when act.dynamic, else input_scale for every row."""
+    if act.dynamic:
+        s = dynamic_scales(x, act, check=False)
+    else:
+        s = input_scale.to(device=x.device, dtype=torch.float32).reshape(1, 1).expand(x.shape[0], 1).contiguous()
+    return quantize(x, s, act), s
+
+
+def _check_scales(act: ActSpec, input_scale: torch.Tensor | None) -> None:
+    if act.dynamic != (input_scale is None):
+        raise ValueError("per-token (dynamic) activations take no input_scale; static ones need it")
+    if input_scale is not None and input_scale.numel() != 1:
+        raise ValueError(f"input_scale must hold one value (per tensor), got shape {tuple(input_scale.shape)}")
 
 
 # ---- GELU-tanh(gate) * up (Gemma's gelu_pytorch_tanh) ----------------------------------------------

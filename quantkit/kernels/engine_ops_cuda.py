@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import torch
 
+from quantkit.formats.activation import ActSpec
 from quantkit.kernels import cuda
 from quantkit.kernels import engine_ops as ops
 from quantkit.kernels import launch_engine_ops as launch
 from quantkit.kernels.registry import register_backend
 
 NORM_MAX_HIDDEN = 8192  # as in the .cu: 1024 threads x 8 registers
+ACT_QUANT_MAX = 1024 * 16  # silu_mul_quant's widest row, as in the .cu: 1024 threads x 16 registers
+_QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 ATTN_KEYS_PER_SPLIT = 64  # as in the .cu: the keys of one attention block
 ATTN_MAX_CONTEXT = ATTN_KEYS_PER_SPLIT * 65535  # the splits are the grid's y dimension (at most 65535)
 
@@ -71,6 +74,43 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = t * i
     launch.silu_mul((-(-n // 256),), (256,), g=gate, u=up, ld_in=gate.stride(0), out=out, I=i, rows=t)
     return out
+
+
+@register_backend("add_rms_norm_quant", "cuda", available=half_on_gpu)
+def _add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                        act: ActSpec, offset: float = 0.0, input_scale: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.shape[-1] > NORM_MAX_HIDDEN:
+        return ops.add_rms_norm_quant_reference(x, residual, weight, eps, act, offset, input_scale)
+    x = _rows(x)
+    t, h = x.shape
+    q = torch.empty(t, h, dtype=_QDTYPE[act.type], device=x.device)
+    scales = torch.empty(t, 1, dtype=torch.float32, device=x.device)
+    res_out = torch.empty_like(x) if residual is not None else x
+    r = _rows(residual) if residual is not None else None
+    launch.add_rms_norm_quant((t,), (1024,), x=x, ldx=x.stride(0), res=r, ldr=r.stride(0) if r is not None else 0,
+                              w=weight.to(x.dtype).contiguous(), eps=eps, offset=offset, given=_given(input_scale),
+                              q=q, scale=scales, res_out=res_out, ldro=h, H=h)
+    return q, scales, res_out
+
+
+@register_backend("silu_mul_quant", "cuda", available=half_on_gpu)
+def _silu_mul_quant(gate: torch.Tensor, up: torch.Tensor, act: ActSpec,
+                    input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    t, i = gate.shape
+    if gate.stride() != up.stride() or gate.stride(-1) != 1 or i > ACT_QUANT_MAX:
+        return ops.silu_mul_quant_reference(gate, up, act, input_scale)
+    q = torch.empty(t, i, dtype=_QDTYPE[act.type], device=gate.device)
+    scales = torch.empty(t, 1, dtype=torch.float32, device=gate.device)
+    threads = min(1024, 32 * -(-i // 128))  # ~4 values a thread (at most 16: i <= ACT_QUANT_MAX)
+    launch.silu_mul_quant((t,), (threads,), g=gate, u=up, ld_in=gate.stride(0), given=_given(input_scale), q=q,
+                          scale=scales, I=i)
+    return q, scales
+
+
+def _given(input_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """A static scale as the kernels read it: float32, one value, contiguous."""
+    return None if input_scale is None else input_scale.to(torch.float32).reshape(1).contiguous()
 
 
 @register_backend("gelu_tanh_mul", "cuda", available=half_on_gpu)

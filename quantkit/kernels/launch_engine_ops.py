@@ -12,6 +12,7 @@ from quantkit.kernels import cuda
 
 MODULE = "engine_ops"
 _T = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
+_Q = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
 
 
 def _ptr(t: torch.Tensor | None):
@@ -144,3 +145,37 @@ def paged_attention_window(grid: tuple[int, ...], block: tuple[int, ...], *, E: 
     cuda.launch(f"paged_attention_window_{_T[q.dtype]}_e{E}", MODULE, grid, block,
                 (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
                  np.int32(Hk), np.int32(D), np.float32(scale), np.int32(window), np.float32(softcap)), dependent=True)
+
+
+# ---- the ops in front of a W8A8 linear, writing its input quantized per token ----------------------
+def add_rms_norm_quant(grid: tuple[int, ...], block: tuple[int, ...], *, x: torch.Tensor, ldx: int,
+                       res: torch.Tensor | None, ldr: int, w: torch.Tensor, eps: float, offset: float,
+                       given: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, res_out: torch.Tensor,
+                       ldro: int, H: int) -> None:
+    """add_rms_norm's output (offset 0: Llama's rounding; else add_rms_norm_offset's) quantized per row,
+    as csrc/quantize_rows.cu computes it: s = absmax / 448 (fp8) or / 127.5 (int8), q = the row over s.
+    The kernel: add_rms_norm_quant_<q type>_<T>, T = x's dtype (float16 / bfloat16).
+
+    grid, block, x, ldx, res, ldr, w, eps, res_out, ldro, H: as add_rms_norm's
+    offset     0: Llama's norm; else Gemma's (offset + w)
+    given      float32 [1]: a static per-tensor scale used for every row, or None: each row's own
+    q          float8_e4m3fn or int8 [rows, H], contiguous, written
+    scale      float32 [rows, 1], contiguous, written: each row's scale
+    """
+    cuda.launch(f"add_rms_norm_quant_{_Q[q.dtype]}_{_T[x.dtype]}", MODULE, grid, block,
+                (x, np.int32(ldx), _ptr(res), np.int32(ldr), w, np.float32(eps), np.float32(offset), _ptr(given), q,
+                 scale, res_out, np.int32(ldro), np.int32(H)), dependent=True)
+
+
+def silu_mul_quant(grid: tuple[int, ...], block: tuple[int, ...], *, g: torch.Tensor, u: torch.Tensor, ld_in: int,
+                   given: torch.Tensor | None, q: torch.Tensor, scale: torch.Tensor, I: int) -> None:  # noqa: E741
+    """silu_mul's output quantized per row, as add_rms_norm_quant quantizes. The kernel:
+    silu_mul_quant_<q type>_<T>, T = g's dtype (float16 / bfloat16).
+
+    grid       (rows,): one block per row
+    block      (threads,): a multiple of 32, at most 1024, with threads * 16 >= I (the row in registers)
+    g, u, ld_in, I: as silu_mul's
+    given, q, scale: as add_rms_norm_quant's (q [rows, I])
+    """
+    cuda.launch(f"silu_mul_quant_{_Q[q.dtype]}_{_T[g.dtype]}", MODULE, grid, block,
+                (g, u, np.int32(ld_in), _ptr(given), q, scale, np.int32(I)), dependent=True)

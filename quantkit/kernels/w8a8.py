@@ -2,7 +2,9 @@
 (integer weights of fewer bits in int8, one scale per group of inputs).
 
 One entry point, `w8a8_matmul`, over the backends of op "w8a8" in quantkit.kernels.registry,
-as for the integer-weight kernel (kernels.int_weight):
+as for the integer-weight kernel (kernels.int_weight); and `w8a8_matmul_quantized` (op
+"w8a8_quantized", the same backends) for an input that arrives quantized: the engine's ops in
+front of a W8A8 linear write it so (engine_ops.add_rms_norm_quant, silu_mul_quant):
 
     reference   torch, any device (here): quantizes x exactly as compressed-tensors
                 does (formats.activation), multiplies the integer / FP8 values
@@ -72,12 +74,18 @@ def input_scales(x2: torch.Tensor, w: PreparedW8A8, check: bool = True) -> torch
 
 @register_backend("w8a8", "reference", prepare=lambda w: w)  # the reference layout is the backend's
 def w8a8_matmul_reference(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None) -> torch.Tensor:
-    t = w.tensors
     x2 = x.reshape(-1, w.shape[1])
     if not w.act.dynamic and x2.numel() and not torch.isfinite(x2.abs().amax()):
         raise ValueError(f"input {tuple(x.shape)} has NaN or Inf values")
     sx = input_scales(x2, w)
-    xq = quantize(x2, sx, w.act)
+    y = w8a8_matmul_quantized_reference(quantize(x2, sx, w.act), sx, w, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@register_backend("w8a8_quantized", "reference")
+def w8a8_matmul_quantized_reference(xq: torch.Tensor, sx: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None,
+                                    dtype: torch.dtype) -> torch.Tensor:
+    t = w.tensors
     if w.grouped:  # W' = q * s_w per group, then the float product
         zero = t["scale"].new_zeros(t["scale"].shape, dtype=torch.int8)  # symmetric
         y = (xq.to(torch.float32) @ dequantize(t["q"], t["scale"], zero, w.weights).T) * sx
@@ -86,7 +94,7 @@ def w8a8_matmul_reference(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor |
         y = acc * sx * t["scale"].T
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    return y.to(dtype)
 
 
 def prepare_w8a8(
@@ -136,3 +144,21 @@ def w8a8_matmul(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None = No
     if x.shape[-1] != w.shape[1]:
         raise ValueError(f"input has {x.shape[-1]} features, the weight expects {w.shape[1]}")
     return registry.backend("w8a8", w.backend).run(x, w, bias)
+
+
+def w8a8_matmul_quantized(xq: torch.Tensor, sx: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None = None,
+                          dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """y [M, N] = (xq @ Q(W)^T) * sx * s_w (+ bias) in `dtype`: w8a8_matmul on an input quantized
+    already, as w8a8_matmul would have quantized it (engine_ops.add_rms_norm_quant, silu_mul_quant).
+
+    xq     int8 | float8_e4m3fn (w.act.type's) [M, K], contiguous
+    sx     float32 [M, 1], contiguous: each row's scale (per token, or the static one repeated)
+    bias   [N] or None
+    dtype  the output's: the dtype of the activations xq was quantized from
+    """
+    want = torch.float8_e4m3fn if w.act.type == "fp8" else torch.int8
+    if xq.ndim != 2 or xq.shape[1] != w.shape[1] or xq.dtype != want:
+        raise ValueError(f"the weight expects a {want} input [M, {w.shape[1]}], got {xq.dtype} {tuple(xq.shape)}")
+    if tuple(sx.shape) != (xq.shape[0], 1) or sx.dtype != torch.float32:
+        raise ValueError(f"sx must be float32 [{xq.shape[0]}, 1], got {sx.dtype} {tuple(sx.shape)}")
+    return registry.backend("w8a8_quantized", w.backend).run(xq, sx, w, bias, dtype)

@@ -7,6 +7,8 @@ each instead of several torch ops), bit for bit as the torch ops compute them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from quantkit.formats.activation import ActSpec, quantize
@@ -39,34 +41,65 @@ def _torch_available(device: torch.device, dtype: torch.dtype | None, w: Prepare
 
 @register_backend("w8a8", "torch", available=_torch_available, prepare=_prepare_torch)
 def _matmul_torch(x: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None) -> torch.Tensor:
-    t = w.tensors
     n, k = w.shape
     x2 = x.reshape(-1, k)
-    m = x2.shape[0]
     if w.act.dynamic and cuda.available() and x2.dtype in _SUFFIX:  # one fused kernel instead of ~8 torch ops
         xq, sx = quantize_rows_cuda(x2 if x2.stride(1) == 1 else x2.contiguous(), w.act)
     else:
         sx = input_scales(x2, w, check=False)  # no device sync: a NaN token gets a NaN output row
         xq = quantize(x2, sx, w.act)
+    return _quantized_torch(xq, sx, w, bias, x.dtype).reshape(*x.shape[:-1], n)
+
+
+@register_backend("w8a8_quantized", "torch", available=_torch_available)
+def _quantized_torch(xq: torch.Tensor, sx: torch.Tensor, w: PreparedW8A8, bias: torch.Tensor | None,
+                     dtype: torch.dtype) -> torch.Tensor:
+    t = w.tensors
+    m, k = xq.shape
     if w.act.type == "int8":
         if m <= 16:  # _int_mm takes more than 16 rows: pad with zero rows
             xq = torch.cat([xq, xq.new_zeros(17 - m, k)])
         acc = torch._int_mm(xq, t["q_t"])[:m]
-        if cuda.available() and x.dtype in _SUFFIX:  # one pass over the output instead of four
-            y = scale_epilogue_cuda(acc, sx.expand(m, 1), t["scale"], bias, x.dtype)
-        else:
-            y = acc.to(torch.float32) * sx * t["scale"]
-            if bias is not None:
-                y = y + bias.to(torch.float32)
-            y = y.to(x.dtype)
-    else:
-        sa = sx.expand(m, 1).contiguous() if sx.numel() == 1 else sx
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        y = torch._scaled_mm(xq, t["q_t"], scale_a=sa.to(torch.float32), scale_b=t["scale"], out_dtype=out_dtype)
+        if cuda.available() and dtype in _SUFFIX:  # one pass over the output instead of four
+            return scale_epilogue_cuda(acc, sx.expand(m, 1), t["scale"], bias, dtype)
+        y = acc.to(torch.float32) * sx * t["scale"]
         if bias is not None:
-            y = y + bias.to(out_dtype)
-        y = y.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n)
+            y = y + bias.to(torch.float32)
+        return y.to(dtype)
+    sa = sx.expand(m, 1).contiguous() if sx.numel() == 1 else sx
+    out_dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    y = _scaled_mm_rowwise(xq, t["q_t"], sa.to(torch.float32), t["scale"], out_dtype)
+    if bias is not None:
+        y = y + bias.to(out_dtype)
+    return y.to(dtype)
+
+
+def _scaled_mm_rowwise(xq: torch.Tensor, wq_t: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """dtype((xq @ wq_t) * sa * sb): FP8 [M, K] x [K, N] column-major, sa [M, 1], sb [1, N] float32.
+    Where torch's row-wise kernel refuses dtype (aten's _scaled_mm takes only bfloat16 outputs for
+    row-wise scales on builds where CUTLASS's kernel runs them: "Only bf16 high precision output
+    types are supported for row-wise scaling"), the sums come out in float32 with unit per-tensor
+    scales and the row-wise ones follow, in the reference's order."""
+    if _rowwise_takes(xq.device, dtype):
+        return torch._scaled_mm(xq, wq_t, scale_a=sa, scale_b=sb, out_dtype=dtype)
+    one = torch.ones((), dtype=torch.float32, device=xq.device)
+    acc = torch._scaled_mm(xq, wq_t, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return (acc * sa * sb).to(dtype)
+
+
+@functools.cache
+def _rowwise_takes(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch._scaled_mm with row-wise scales writes `dtype` on `device` (one 16 x 16 try)."""
+    x = torch.zeros(16, 16, dtype=torch.float8_e4m3fn, device=device)
+    ones = torch.ones(16, 1, dtype=torch.float32, device=device)
+    try:
+        torch._scaled_mm(x, x.T, scale_a=ones, scale_b=ones.T.contiguous(), out_dtype=dtype)
+    except (RuntimeError, ValueError) as e:
+        if "output types are supported for row-wise" not in str(e):
+            raise
+        return False
+    return True
 
 
 def quantize_rows_cuda(x2: torch.Tensor, act: ActSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -128,14 +128,18 @@ class W8A8Linear(nn.Module):
         self._prepared = None
         return super()._apply(fn, recurse)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepared(self) -> PreparedW8A8:
+        """The weight in the kernel's layout, prepared on first use."""
         if self._prepared is None:
             self.prepare()
+        return self._prepared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.track_saturation and self.input_scale is not None:
             limit = self.input_scale.float() * (FP8_E4M3_MAX if self.act.type == "fp8" else 127.0)  # the largest value kept
             self.saturated = self.saturated + (x.abs() > limit).sum()
             self.seen += x.numel()
-        return w8a8_matmul(x, self._prepared, self.bias)
+        return w8a8_matmul(x, self.prepared(), self.bias)
 
     def extra_repr(self) -> str:
         s = self.spec
