@@ -279,6 +279,7 @@ def _cu_parameters(source: str, head: str) -> list[str]:
      "int_weight_mma.int_weight_gemv"),
     ("int_weight_mma", "__launch_bounds__(256) NAME", "int_weight_mma.int_weight_mma"),
     ("int_weight_mma", "int_weight_dequant_##SUFFIX", "int_weight_mma.int_weight_dequant"),
+    ("int_weight_wgmma", "int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES", "int_weight_wgmma.int_weight_wgmma"),
     ("engine_ops", "add_rms_norm_##SUFFIX", "engine_ops.add_rms_norm"),
     ("engine_ops", "silu_mul_##SUFFIX", "engine_ops.silu_mul"),
     ("engine_ops", "rope_cache_##SUFFIX", "engine_ops.rope_cache"),
@@ -299,3 +300,20 @@ def test_wrappers_name_the_kernels_parameters_in_order(cu, head, wrapper):
     named = [p.name for p in inspect.signature(fn).parameters.values()
              if p.kind is p.KEYWORD_ONLY and p.name not in ("shared_mem", "dependent", "E")]
     assert named == _cu_parameters((cuda.CSRC / f"{cu}.cu").read_text(), head)
+
+
+def test_local_includes_are_pasted_once_into_the_compiled_text(tmp_path, monkeypatch):
+    """cuda.source() gives CuPy the text with csrc/ headers in place (its cache key then covers
+    them), each header once however often it is included."""
+    (tmp_path / "a.cuh").write_text("int a;")
+    (tmp_path / "b.cuh").write_text('#include "a.cuh"\nint b;')
+    (tmp_path / "k.cu").write_text('#include <cuda_fp16.h>\n#include "a.cuh"\n  #include "b.cuh"\nint k;')
+    monkeypatch.setattr(cuda, "CSRC", tmp_path)
+    assert cuda.source("k") == "#include <cuda_fp16.h>\nint a;\nint b;\nint k;"
+
+
+def test_shipped_sources_hold_no_local_include_after_pasting():
+    for cu in sorted(cuda.CSRC.glob("*.cu")):
+        text = cuda.source(cu.stem)
+        assert not [line for line in text.splitlines() if cuda._LOCAL_INCLUDE.match(line)], cu.name
+    assert "struct Magic" in cuda.source("int_weight_wgmma") and "struct Magic" in cuda.source("int_weight_mma")
