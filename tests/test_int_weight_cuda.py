@@ -266,3 +266,21 @@ def test_wgmma_is_the_path_for_4_bit_batches_and_refuses_8_bit():
     assert _path(64, cu8, torch.float16, torch.device("cuda")) != "wgmma"
     with pytest.raises(ValueError, match="4-bit"):
         _matmul(torch.randn(64, 512, device="cuda", dtype=torch.float16), cu8, None, path="wgmma")
+
+
+def test_measured_dispatch_takes_the_nearest_shape_and_the_largest_measured_m(tmp_path, monkeypatch):
+    """The table scripts/tune_int_weight.py writes: per GPU name, shape -> [[from M, choice]]."""
+    table = {"Card A": {"shapes": {"4096x4096": [[17, "mma"], [64, "wgmma:rs:64"], [256, "wgmma:ss:256"]],
+                                   "28672x8192": [[17, "wgmma:rs:64"], [1024, "dense"]]}}}
+    (tmp_path / "int_weight_dispatch.json").write_text(__import__("json").dumps(table))
+    monkeypatch.setattr(iwc, "csrc_dir", lambda: tmp_path)
+    iwc.dispatch_table.cache_clear()
+    try:
+        assert iwc.measured_choice(40, 4096, 4096, "Card B") is None
+        assert iwc.measured_choice(40, 4096, 4096, "Card A") == "mma"
+        assert iwc.measured_choice(64, 4000, 4200, "Card A") == "wgmma:rs:64"
+        assert iwc.measured_choice(5000, 4096, 4096, "Card A") == "wgmma:ss:256"
+        assert iwc.measured_choice(20, 14336, 8192, "Card A") == "wgmma:rs:64"  # nearer 28672x8192 in log N + log K
+        assert iwc.measured_choice(2048, 30000, 8000, "Card A") == "dense"
+    finally:
+        iwc.dispatch_table.cache_clear()

@@ -37,7 +37,7 @@ def _pyproject() -> dict:
 def _data_files() -> list[str]:
     """The files that must ship as package data, as paths inside the wheel."""
     out = [f"quantkit/recipes/{p.relative_to(REPO / 'recipes').as_posix()}" for p in (REPO / "recipes").rglob("*.yaml")]
-    out += [f"quantkit/csrc/{p.name}" for p in (REPO / "csrc").iterdir() if p.suffix in (".cu", ".cuh")]
+    out += [f"quantkit/csrc/{p.name}" for p in (REPO / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".json")]
     corpora = json.loads((REPO / "calibration" / "datasets.json").read_text("utf-8"))
     out += [f"quantkit/data/calibration/{name}" for name in
             ["datasets.json", "README.md", "LICENSES.txt", *(entry["file"] for entry in corpora.values() if "file" in entry)]]

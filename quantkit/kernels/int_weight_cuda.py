@@ -19,6 +19,8 @@ launches are quantkit.kernels.launch_int_weight_mma.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import torch
@@ -36,6 +38,7 @@ from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
 from quantkit.kernels.launch_int_weight_wgmma import THREADS as WGMMA_THREADS
 from quantkit.kernels.launch_int_weight_wgmma import fragment_order, int_weight_wgmma, shared_bytes, wgmma_kernel
 from quantkit.kernels.registry import register_backend
+from quantkit.resources import csrc_dir
 
 WGMMA_DISPATCH = False  # the dispatcher picks the wgmma GEMM (path "wgmma" is there either way): off until it has
 #                         been checked and timed on a Hopper GPU
@@ -205,9 +208,41 @@ def wgmma_tile(m: int) -> int:
     return min(WGMMA_TILES, key=lambda bn: (-(-m // bn) * (bn + WGMMA_TILE_COST), -bn))
 
 
+@functools.cache
+def _gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+@functools.cache
+def dispatch_table(gpu: str) -> dict[tuple[int, int], list[tuple[int, str]]]:
+    """The measured choices above GEMV_MAX_M tokens for this GPU (csrc/int_weight_dispatch.json,
+    written by scripts/tune_int_weight.py): shape (N, K) -> [(from M, choice)], choice "mma",
+    "dense" or "wgmma:<kind>:<BN>". Empty where this GPU was not measured."""
+    path = csrc_dir() / "int_weight_dispatch.json"
+    entry = json.loads(path.read_text()).get(gpu) if path.exists() else None
+    if not entry:
+        return {}
+    return {tuple(map(int, shape.split("x"))): [(int(m), c) for m, c in rows] for shape, rows in entry["shapes"].items()}
+
+
+def measured_choice(m: int, n: int, k: int, gpu: str) -> str | None:
+    """The table's choice for m tokens on the measured shape nearest (N, K) (in log N + log K):
+    the entry of the largest measured M <= m. None: no table for the GPU named `gpu`."""
+    table = dispatch_table(gpu)
+    if not table:
+        return None
+    shape = min(table, key=lambda s: (abs(math.log(s[0] / n)) + abs(math.log(s[1] / k)), s))
+    rows = table[shape]
+    return next((c for start, c in reversed(rows) if start <= m), rows[0][1])
+
+
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
-    if m > GEMV_MAX_M and WGMMA_DISPATCH and wgmma_ok(w):
-        return "wgmma"
+    if m > GEMV_MAX_M:
+        choice = measured_choice(m, *w.shape, _gpu_name(device))
+        if choice is not None and (not choice.startswith("wgmma") or wgmma_ok(w)):
+            return choice.split(":")[0]
+        if WGMMA_DISPATCH and wgmma_ok(w):
+            return "wgmma"
     if m >= DENSE_MIN_M:
         return "dense"
     if m > GEMV_MAX_M:
@@ -312,7 +347,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         if not wgmma_ok(w):
             raise ValueError(f"the wgmma kernel takes 4-bit weights on a compute capability 9.0 GPU, got "
                              f"{w.spec.bits}-bit on {torch.cuda.get_device_name(x.device)}")
-        _wgmma(x2, w, b, y, scales, zeros, bn, kind or WGMMA_KIND)
+        _wgmma(x2, w, b, y, scales, zeros, bn, kind)
         return y.reshape(*lead, n)
 
     nt = 1 if m <= 8 else 2 if m <= 16 else 4 if m <= 32 else 8
@@ -331,14 +366,18 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
 
 
 def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y: torch.Tensor, scales: torch.Tensor,
-           zeros: torch.Tensor | None, bn: int | None, kind: str) -> None:
+           zeros: torch.Tensor | None, bn: int | None, kind: str | None) -> None:
     """y = x2 @ dequant(w)^T (+ bias) on the Hopper GEMM: tiles of 128 rows x bn tokens, K split
     (_splits) where the tiles alone would leave the GPU's block slots part-empty. x2: as
     _rows_in_place gives it."""
     words = w.tensors["words"]
     rb, ks = words.shape[:2]
     m, n = y.shape
-    bn = bn or wgmma_tile(m)
+    if kind is None or bn is None:  # the measured choice, else the fixed rule
+        choice = measured_choice(m, n, w.shape[1], _gpu_name(x2.device))
+        _, table_kind, table_bn = choice.split(":") if choice and choice.startswith("wgmma") else (None, None, None)
+        kind = kind or table_kind or WGMMA_KIND
+        bn = bn or (int(table_bn) if table_bn else wgmma_tile(m))
     if bn not in WGMMA_TILES:
         raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_TILES}, got {bn}")
     if kind == "rs":

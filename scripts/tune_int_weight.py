@@ -1,0 +1,108 @@
+"""Measures which kernel the 4-bit integer-weight matmul should use above GEMV_MAX_M tokens, per
+GPU and shape family, and writes the table the dispatcher reads (csrc/int_weight_dispatch.json).
+
+For each shape NxK and token count M it times, as scripts/bench_kernels.py does (CUDA-graph
+replays over weight sets that L2 cannot hold), every path that takes that M: the batch kernel
+("mma"), dequantize + cuBLAS ("dense"), and on Hopper the wgmma GEMM with each A operand and
+token tile ("wgmma:rs:128", ...), W4A16 g128 symmetric float16 weights; the fastest becomes the
+table's entry for [M, next measured M). quantkit.kernels.int_weight_cuda then looks up the
+nearest measured shape (in log N + log K) for this GPU's name; a GPU without an entry keeps the
+fixed rules.
+
+    python scripts/tune_int_weight.py [--shapes 4096x4096 ...] [--ms 17 32 64 ...] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bench_kernels import time_us  # scripts/ is on sys.path when run as a script
+from quantkit.formats import IntSpec, pack_int32
+from quantkit.kernels import int_weight_cuda as iwc
+from quantkit.kernels import prepare_int_weight
+from quantkit.kernels.launch_int_weight_wgmma import KINDS, TILES
+from quantkit.resources import csrc_dir
+
+SPEC = IntSpec(4, True, 128)
+SHAPES = ["4096x4096", "12288x4096", "4096x11008", "22016x4096", "28672x8192", "8192x28672"]
+MS = [17, 32, 64, 128, 256, 512, 1024, 2048]
+ROTATE_BYTES = 200e6
+DEV = torch.device("cuda")
+
+
+def weight(n: int, k: int):
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV)
+    scale = (torch.rand(n, k // SPEC.group_size, device=DEV) * 0.01 + 0.001).half()
+    return prepare_int_weight(pack_int32(q, 4, 1), scale, None, None, SPEC, (n, k), backend="cuda")
+
+
+def candidates(m: int, hopper: bool) -> list[str]:
+    paths = ["mma"] + (["dense"] if m >= 64 else [])
+    if hopper:
+        paths += [f"wgmma:{kind}:{bn}" for kind in KINDS for bn in TILES if bn // 4 < m <= 4 * bn]
+    return paths
+
+
+def run(choice: str, x: torch.Tensor, w) -> torch.Tensor:
+    path, *rest = choice.split(":")
+    kind, bn = (rest[0], int(rest[1])) if rest else (None, None)
+    return iwc._matmul(x, w, None, path=path, bn=bn, kind=kind)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=SHAPES)
+    p.add_argument("--ms", type=int, nargs="+", default=MS)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--write", action="store_true", help="merge this GPU's table into csrc/int_weight_dispatch.json")
+    p.add_argument("--json-out", default=None, help="every timing, as JSON")
+    args = p.parse_args()
+    gpu = torch.cuda.get_device_name()
+    hopper = iwc.wgmma_ok(weight(128, 128))
+    console = Console()
+    table, timings = {}, []
+    for shape in args.shapes:
+        n, k = map(int, shape.split("x"))
+        sets = [weight(n, k) for _ in range(max(3, int(-(-ROTATE_BYTES // (n * k / 2)))))]
+        dense = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02 for _ in range(len(sets))]
+        rows = []
+        for m in sorted(args.ms):
+            xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in sets]
+            t16, *_ = time_us(lambda x, wd: torch.nn.functional.linear(x, wd), xs, dense, args.iters)
+            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0] for c in candidates(m, hopper)}
+            best = min(times, key=times.get)
+            rows.append([m, best])
+            timings.append({"shape": shape, "M": m, "fp16_us": t16, "us": times, "best": best})
+            console.print(f"{shape} M={m}: fp16 {t16:.1f} us; " + ", ".join(
+                f"{c} {t:.1f} ({t16 / t:.2f}x)" for c, t in sorted(times.items(), key=lambda kv: kv[1])), highlight=False)
+        # consecutive Ms with one choice become one entry
+        table[shape] = [r for i, r in enumerate(rows) if i == 0 or r[1] != rows[i - 1][1]]
+        del sets, dense
+        torch.cuda.empty_cache()
+
+    out = Table(title=f"int_weight dispatch above {iwc.GEMV_MAX_M} tokens, {gpu} (W4A16 g128 fp16)")
+    out.add_column("shape")
+    out.add_column("from M: path")
+    for shape, entries in table.items():
+        out.add_row(shape, ", ".join(f"{m}: {c}" for m, c in entries))
+    console.print(out)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump({"gpu": gpu, "torch": torch.__version__, "timings": timings, "table": table}, f, indent=1)
+    if args.write:
+        path = csrc_dir() / "int_weight_dispatch.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[gpu] = {"measured": time.strftime("%Y-%m-%d"), "command": "python scripts/tune_int_weight.py --write",
+                     "shapes": table}
+        path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        console.print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
