@@ -234,7 +234,7 @@ def test_wgmma_kernel_matches_the_reference(kind, spec, n, k, m):
 
 @hopper
 @pytest.mark.parametrize("kind", ["rs", "ss"])
-@pytest.mark.parametrize("bn", [64, 128, 256])
+@pytest.mark.parametrize("bn", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", [3, 16, 77, 129, 300, 513])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_every_wgmma_token_tile_matches_the_reference(kind, bn, m, dtype):

@@ -15,7 +15,7 @@ MODULE = "int_weight_wgmma"
 BM = 128  # weight rows per block, as in the .cu
 BK = 64  # columns per k-tile
 THREADS = 256  # two warpgroups
-TILES = (64, 128, 256)  # the token tiles (BN) the .cu instantiates, each with STAGES = 4
+TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates, each with STAGES = 4
 STAGES = 4
 KINDS = ("rs", "ss")  # where wgmma's A operand (the dequantized weights) comes from: registers or shared memory
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
