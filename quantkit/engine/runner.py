@@ -107,9 +107,10 @@ def _quantized_input(module: torch.nn.Module) -> PreparedW8A8 | None:
     """The weight of a W8A8 linear that quantizes its input per token (dynamic, one scale per row:
     not in groups), which the op in front of it can then write quantized (engine_ops'
     add_rms_norm_quant, silu_mul_quant) for w8a8_matmul_quantized: the values and the matmul are
-    the linear's own, one kernel and one pass over the activations fewer. None for any other module."""
-    if type(module) is not W8A8Linear or not module.act.dynamic:
-        return None
+    the linear's own, one kernel and one pass over the activations fewer. None for any other module,
+    and for one with forward hooks."""
+    if type(module) is not W8A8Linear or not module.act.dynamic or module._forward_pre_hooks or module._forward_hooks:
+        return None  # a hook (an online rotation of the input) must see the module called
     w = module.prepared()
     return None if w.grouped else w
 
