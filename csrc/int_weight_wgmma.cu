@@ -139,7 +139,18 @@ __device__ __forceinline__ u64 smem_desc(const void* p, u32 lbo, u32 sbo) {
     const u32 a = (u32)__cvta_generic_to_shared(p);
     return (u64)((a & 0x3ffffu) >> 4) | ((u64)((lbo & 0x3ffffu) >> 4) << 16) | ((u64)((sbo & 0x3ffffu) >> 4) << 32);
 }
-__device__ __forceinline__ u64 tile_desc(const void* p) { return smem_desc(p, 128, 1024); }  // [rows][64] tiles
+// A [rows][64] tile of 2-byte T in the 128-byte swizzle (rows of 128 bytes, 16-byte chunk c of row r at
+// chunk c ^ (r & 7); 1024-byte aligned): stride 1024 bytes per 8 rows; a k16 step starts 32 bytes further.
+__device__ __forceinline__ u64 tile_desc(const void* p) {
+    const u32 a = (u32)__cvta_generic_to_shared(p);
+    return (u64)((a & 0x3ffffu) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ u32 swizzled(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
+// The dynamic shared memory, 1024-byte aligned for the swizzle (the launch asks for 1 KB more).
+__device__ __forceinline__ unsigned char* aligned_smem(unsigned char* raw) {
+    const u32 a = (u32)__cvta_generic_to_shared(raw);
+    return raw + (((a + 1023u) & ~1023u) - a);
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> __device__ __forceinline__ void wgmma_wait() {
@@ -164,17 +175,17 @@ __device__ __forceinline__ void cp_async4(void* smem, const void* gmem) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem));
 }
 
-// BN tokens x 64 columns of x, k-tile kt, into a ring slot: thread chunk c (16 bytes) at 16 c, which is token
-// 8 (c >> 6) + (c & 7), core column (c >> 3) & 7 of the K-major layout; zeros past M and K.
+// BN tokens x 64 columns of x, k-tile kt, into a ring slot (swizzled rows of 128 bytes): thread chunk c is
+// token c >> 3, 16-byte chunk c & 7 (8 threads read one token's 128 bytes); zeros past M and K.
 template <typename T, int BN>
 __device__ __forceinline__ void load_x_tile(unsigned char* xs, const T* __restrict__ x, int kt, int m0, int M, int K,
                                             int ldx) {
 #pragma unroll
     for (int j = 0; j < BN / 32; ++j) {
         const int c = threadIdx.x + j * 256;
-        const int m = m0 + (c >> 6) * 8 + (c & 7), col = kt * BK + ((c >> 3) & 7) * 8;
+        const int n = c >> 3, m = m0 + n, col = kt * BK + (c & 7) * 8;
         const bool ok = m < M && col < K;
-        cp_async16_or_zero(xs + c * 16, x + (size_t)(ok ? m : 0) * ldx + (ok ? col : 0), ok);
+        cp_async16_or_zero(xs + swizzled(n, c & 7), x + (size_t)(ok ? m : 0) * ldx + (ok ? col : 0), ok);
     }
 }
 
@@ -238,7 +249,8 @@ __device__ void int_weight_wgmma_ss(const T* __restrict__ x, const uint4* __rest
     constexpr int ACC = BN / 2;  // float accumulators per thread
     static_assert(STAGES >= 3, "the ring runs STAGES - 2 k-tiles ahead");
 
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* smem = aligned_smem(smem_raw);
     const int tid = threadIdx.x, wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int KT = KS / 2;
     const int kt_begin = blockIdx.y * kt_per_split, nkt = min(KT, kt_begin + kt_per_split) - kt_begin;
@@ -293,8 +305,8 @@ __device__ void int_weight_wgmma_ss(const T* __restrict__ x, const uint4* __rest
         for (int rt = 0; rt < 2; ++rt)
 #pragma unroll
             for (int hr = 0; hr < 2; ++hr) {
-                const int rg = 4 * (w4 >> 1) + 2 * rt + hr, kg = 4 * u + t;
-                *reinterpret_cast<uint4*>(ab + (rg * 8 + kg) * 128 + g * 16) =
+                const int row = 32 * (w4 >> 1) + 16 * rt + 8 * hr + g;
+                *reinterpret_cast<uint4*>(ab + swizzled(row, 4 * u + t)) =
                     make_uint4(a[rt][0][hr], a[rt][0][2 + hr], a[rt][1][hr], a[rt][1][2 + hr]);
             }
         fence_async_smem();
@@ -302,7 +314,7 @@ __device__ void int_weight_wgmma_ss(const T* __restrict__ x, const uint4* __rest
         const unsigned char* xs = slot_at(slot, 0);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) wgmma<T, BN>(acc, tile_desc(ab + kk * 256), tile_desc(xs + kk * 256), 1);
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma<T, BN>(acc, tile_desc(ab + kk * 32), tile_desc(xs + kk * 32), 1);
         wgmma_commit();
         fence_acc<ACC>(acc);
         wgmma_wait<1>();  // k-tile i - 1's wgmma retired (k-tile i's may still run)
@@ -366,7 +378,8 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
     constexpr int ACC = BN / 2;
     static_assert(STAGES >= 3, "the ring runs STAGES - 1 k-tiles ahead of the wgmma");
 
-    extern __shared__ __align__(128) unsigned char smem[];
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* smem = aligned_smem(smem_raw);
     const int tid = threadIdx.x, wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2;
     const int KT = KS / 2;
     const int kt_begin = blockIdx.y * kt_per_split, nkt = min(KT, kt_begin + kt_per_split) - kt_begin;
@@ -418,7 +431,7 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
         const unsigned char* xs = slot_at(i % STAGES, 0);
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<T, BN>(acc, cur + 4 * kk, tile_desc(xs + kk * 256), 1);
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<T, BN>(acc, cur + 4 * kk, tile_desc(xs + kk * 32), 1);
         wgmma_commit();
         fence_acc<ACC>(acc);
         wgmma_wait<1>();  // k-tile i - 1 retired: its registers (nxt) and its ring slot are free
@@ -460,9 +473,11 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
         int_weight_wgmma_##KIND<T, ASYM, BN, STAGES>(x, w, scales, zeros, bias, y, ws, counters, M, N, K, RB, KS, ldx,   \
                                                      ldy, tr, sshift, sps, kt_per_split);                                 \
     }
+// Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES): as deep as two blocks per
+// multiprocessor allow for the small tiles (memory latency), what fits one block for BN = 256.
 #define WGMMA_TILES(KIND, SUFFIX, T, ASYM)                                                \
-    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 32, 4) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 4)   \
-    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 4) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
+    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 32, 8) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 8)   \
+    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 5) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
 #define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(ss, SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM)
 
 WGMMA_ALL(f16_b4_sym, __half, false)

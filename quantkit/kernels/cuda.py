@@ -89,7 +89,7 @@ def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tup
     the kernel waits for its predecessor itself (pdl_wait), so it may be launched
     early (programmatic dependent launch, where the GPU has it)."""
     kernel = _function(module_name, kernel_name)
-    if shared_mem > _DEFAULT_SHARED:
+    if shared_mem > _DEFAULT_SHARED - _STATIC_SHARED_MARGIN:
         _allow_shared(module_name, kernel_name, shared_mem)
     stream = torch.cuda.current_stream().cuda_stream
     if dependent and _pdl():
@@ -99,7 +99,8 @@ def launch(kernel_name: str, module_name: str, grid: tuple[int, ...], block: tup
         kernel(grid, block, tuple(_arg(a) for a in args), shared_mem=shared_mem)
 
 
-_DEFAULT_SHARED = 48 * 1024  # dynamic shared memory a kernel may take without opting in
+_DEFAULT_SHARED = 48 * 1024  # shared memory (static + dynamic) a kernel may take without opting in
+_STATIC_SHARED_MARGIN = 1024  # past _DEFAULT_SHARED less this much dynamic memory, opt in (static variables count too)
 _MAX_DYNAMIC_SHARED_SIZE_BYTES = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
 
 
@@ -206,7 +207,7 @@ def resident_blocks(kernel_name: str, module_name: str, threads: int, shared_mem
     from cupy_backends.cuda.api import driver
 
     kernel = _function(module_name, kernel_name)  # a cupy RawKernel; its CUDA function is .kernel
-    if shared_mem > _DEFAULT_SHARED:
+    if shared_mem > _DEFAULT_SHARED - _STATIC_SHARED_MARGIN:
         _allow_shared(module_name, kernel_name, shared_mem)
     return max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(kernel.kernel.ptr, threads, shared_mem))
 

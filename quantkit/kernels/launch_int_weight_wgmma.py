@@ -15,22 +15,23 @@ MODULE = "int_weight_wgmma"
 BM = 128  # weight rows per block, as in the .cu
 BK = 64  # columns per k-tile
 THREADS = 256  # two warpgroups
-TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates, each with STAGES = 4
-STAGES = 4
+TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates
+STAGES = {32: 8, 64: 8, 128: 5, 256: 4}  # the ring's depth for each (WGMMA_TILES in the .cu)
 KINDS = ("rs", "ss")  # where wgmma's A operand (the dequantized weights) comes from: registers or shared memory
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def wgmma_kernel(kind: str, dtype: torch.dtype, asym: bool, bn: int) -> str:
-    return f"int_weight_wgmma_{kind}_{_T[dtype]}_b4_{'asym' if asym else 'sym'}_bn{bn}_s{STAGES}"
+    return f"int_weight_wgmma_{kind}_{_T[dtype]}_b4_{'asym' if asym else 'sym'}_bn{bn}_s{STAGES[bn]}"
 
 
 def shared_bytes(kind: str, bn: int, asym: bool) -> int:
     """Dynamic shared memory of one block (SmemSS / SmemRS in the .cu): a ring of STAGES slots of x,
-    packed weights and scales (and zeros); "ss" also two A buffers per warpgroup."""
+    packed weights and scales (and zeros); "ss" also two A buffers per warpgroup; 1 KB to align
+    the swizzled tiles."""
     a = 2 * 2 * 64 * BK * 2 if kind == "ss" else 0
     stage = bn * BK * 2 + THREADS * 16 + THREADS * 8 * (2 if asym else 1)
-    return a + STAGES * stage
+    return 1024 + a + STAGES[bn] * stage
 
 
 def _ptr(t: torch.Tensor | None):
