@@ -467,17 +467,19 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
 }
 
 #define WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, BN, STAGES)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256, 1) int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES(         \
+    extern "C" __global__ void __launch_bounds__(256, BN > 128 ? 1 : 2)                                                  \
+        int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES(                                                         \
         const T* x, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,       \
         int M, int N, int K, int RB, int KS, int ldx, int ldy, int tr, int sshift, int sps, int kt_per_split) {           \
         int_weight_wgmma_##KIND<T, ASYM, BN, STAGES>(x, w, scales, zeros, bias, y, ws, counters, M, N, K, RB, KS, ldx,   \
                                                      ldy, tr, sshift, sps, kt_per_split);                                 \
     }
-// Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES): as deep as two blocks per
-// multiprocessor allow for the small tiles (memory latency), what fits one block for BN = 256.
+// Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES): as deep as keeps two blocks
+// on a multiprocessor for BN <= 128 (one block of two warpgroups alone stalls on its per-k-tile barrier:
+// ncu, csrc/NOTES.md v6), what fits one block for BN = 256.
 #define WGMMA_TILES(KIND, SUFFIX, T, ASYM)                                                \
-    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 32, 8) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 8)   \
-    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 5) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
+    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 32, 6) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 6)   \
+    WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 4) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
 #define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(ss, SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM)
 
 WGMMA_ALL(f16_b4_sym, __half, false)

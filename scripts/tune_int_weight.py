@@ -42,10 +42,10 @@ def weight(n: int, k: int):
     return prepare_int_weight(pack_int32(q, 4, 1), scale, None, None, SPEC, (n, k), backend="cuda")
 
 
-def candidates(m: int, hopper: bool) -> list[str]:
+def candidates(m: int, hopper: bool, kinds: list[str]) -> list[str]:
     paths = ["mma"] + (["dense"] if m >= 64 else [])
     if hopper:
-        paths += [f"wgmma:{kind}:{bn}" for kind in KINDS for bn in TILES if bn // 4 < m <= 4 * bn]
+        paths += [f"wgmma:{kind}:{bn}" for kind in kinds for bn in TILES if bn // 4 < m <= 4 * bn]
     return paths
 
 
@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=SHAPES)
     p.add_argument("--ms", type=int, nargs="+", default=MS)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=["rs"],
+                   help="wgmma variants to try (ss lost to rs at every shape and M measured: csrc/NOTES.md)")
     p.add_argument("--write", action="store_true", help="merge this GPU's table into csrc/int_weight_dispatch.json")
     p.add_argument("--json-out", default=None, help="every timing, as JSON")
     args = p.parse_args()
@@ -75,7 +77,7 @@ def main() -> None:
         for m in sorted(args.ms):
             xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in sets]
             t16, *_ = time_us(lambda x, wd: torch.nn.functional.linear(x, wd), xs, dense, args.iters)
-            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0] for c in candidates(m, hopper)}
+            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0] for c in candidates(m, hopper, args.kinds)}
             best = min(times, key=times.get)
             rows.append([m, best])
             timings.append({"shape": shape, "M": m, "fp16_us": t16, "us": times, "best": best})

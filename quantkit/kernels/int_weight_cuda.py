@@ -368,8 +368,8 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
 def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y: torch.Tensor, scales: torch.Tensor,
            zeros: torch.Tensor | None, bn: int | None, kind: str | None) -> None:
     """y = x2 @ dequant(w)^T (+ bias) on the Hopper GEMM: tiles of 128 rows x bn tokens, K split
-    (_splits) where the tiles alone would leave the GPU's block slots part-empty. x2: as
-    _rows_in_place gives it."""
+    where the tiles alone would leave most of the GPU's block slots empty. x2: as _rows_in_place
+    gives it."""
     words = w.tensors["words"]
     rb, ks = words.shape[:2]
     m, n = y.shape
@@ -388,11 +388,15 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     k_tiles = ks // 2
     slots = torch.cuda.get_device_properties(x2.device).multi_processor_count * cuda.resident_blocks(
         name, WGMMA_MODULE, WGMMA_THREADS, smem)
-    per_split = -(-k_tiles // _splits(row_tiles * token_tiles, k_tiles, slots, WGMMA_MIN_K_TILES))
+    tiles = row_tiles * token_tiles
+    # K splits only where the tiles leave more than half the GPU's block slots empty: a split's float32
+    # partials cost more than a part-filled last wave (28672x8192 at M=64: 224 tiles on 264 slots)
+    split = max(1, min(slots // tiles, k_tiles // WGMMA_MIN_K_TILES)) if 2 * tiles <= slots else 1
+    per_split = -(-k_tiles // split)
     splits = -(-k_tiles // per_split)
     ws = torch.empty(splits, m, row_tiles * WGMMA_BM, dtype=torch.float32, device=x2.device) if splits > 1 else None
     tr, sshift, sps = _table_args(w)
     int_weight_wgmma(name, (row_tiles, splits, token_tiles), x=x2, w=words, scales=scales, zeros=zeros, bias=bias,
-                     y=y, ws=ws, counters=cuda.counters("int_weight", x2.device, row_tiles * token_tiles), M=m, N=n,
+                     y=y, ws=ws, counters=cuda.counters("int_weight", x2.device, tiles), M=m, N=n,
                      K=x2.shape[1], RB=rb, KS=ks, ldx=x2.stride(0), ldy=n, tr=tr, sshift=sshift, sps=sps,
                      kt_per_split=per_split, shared_mem=smem)

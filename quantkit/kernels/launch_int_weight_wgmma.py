@@ -16,7 +16,7 @@ BM = 128  # weight rows per block, as in the .cu
 BK = 64  # columns per k-tile
 THREADS = 256  # two warpgroups
 TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates
-STAGES = {32: 8, 64: 8, 128: 5, 256: 4}  # the ring's depth for each (WGMMA_TILES in the .cu)
+STAGES = {32: 6, 64: 6, 128: 4, 256: 4}  # the ring's depth for each (WGMMA_TILES in the .cu)
 KINDS = ("rs", "ss")  # where wgmma's A operand (the dequantized weights) comes from: registers or shared memory
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
