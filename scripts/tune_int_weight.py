@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -100,10 +101,26 @@ def main() -> None:
     if args.write:
         path = csrc_dir() / "int_weight_dispatch.json"
         data = json.loads(path.read_text()) if path.exists() else {}
-        data[gpu] = {"measured": time.strftime("%Y-%m-%d"), "command": "python scripts/tune_int_weight.py --write",
-                     "shapes": table}
-        path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        major, minor = torch.cuda.get_device_capability()
+        data[gpu] = {"capability": f"{major}.{minor}", "command": "python scripts/tune_int_weight.py " + " ".join(
+            sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"), "shapes": table}
+        path.write_text(dump_table(data))
         console.print(f"wrote {path}")
+
+
+def dump_table(data: dict) -> str:
+    """The table as JSON with one line per shape."""
+    lines = ["{"]
+    for gi, gpu in enumerate(sorted(data)):
+        entry = data[gpu]
+        lines.append(f" {json.dumps(gpu)}: {{")
+        lines += [f"  {json.dumps(key)}: {json.dumps(entry[key])}," for key in ("capability", "command", "measured")]
+        lines.append('  "shapes": {')
+        shapes = sorted(entry["shapes"])
+        lines += [f"   {json.dumps(s)}: {json.dumps(entry['shapes'][s])}" + ("," if i < len(shapes) - 1 else "")
+                  for i, s in enumerate(shapes)]
+        lines += ["  }", " }" + ("," if gi < len(data) - 1 else "")]
+    return "\n".join(lines + ["}"]) + "\n"
 
 
 if __name__ == "__main__":

@@ -259,10 +259,12 @@ def test_wgmma_kernel_takes_act_order_strided_inputs_and_is_deterministic(kind, 
 
 
 @hopper
-def test_wgmma_is_the_path_for_4_bit_batches_and_refuses_8_bit():
+def test_the_dispatcher_follows_the_measured_table_and_wgmma_refuses_8_bit():
     cu4, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16)
     cu8, _ = _weights(256, 512, IntSpec(8, True, 128), torch.float16)
-    assert _path(64, cu4, torch.float16, torch.device("cuda")) == ("wgmma" if iwc.WGMMA_DISPATCH else "mma")
+    choice = iwc.measured_choice(64, 256, 512, *iwc._gpu(torch.device("cuda")))
+    expected = choice.split(":")[0] if choice else "wgmma" if iwc.WGMMA_DISPATCH else "mma"
+    assert _path(64, cu4, torch.float16, torch.device("cuda")) == expected
     assert _path(64, cu8, torch.float16, torch.device("cuda")) != "wgmma"
     with pytest.raises(ValueError, match="4-bit"):
         _matmul(torch.randn(64, 512, device="cuda", dtype=torch.float16), cu8, None, path="wgmma")
@@ -282,5 +284,10 @@ def test_measured_dispatch_takes_the_nearest_shape_and_the_largest_measured_m(tm
         assert iwc.measured_choice(5000, 4096, 4096, "Card A") == "wgmma:ss:256"
         assert iwc.measured_choice(20, 14336, 8192, "Card A") == "wgmma:rs:64"  # nearer 28672x8192 in log N + log K
         assert iwc.measured_choice(2048, 30000, 8000, "Card A") == "dense"
+        table["Card A"]["capability"] = "9.0"
+        (tmp_path / "int_weight_dispatch.json").write_text(__import__("json").dumps(table))
+        iwc.dispatch_table.cache_clear()
+        assert iwc.measured_choice(64, 4096, 4096, "Card B", "9.0") == "wgmma:rs:64"  # the same capability's table
+        assert iwc.measured_choice(64, 4096, 4096, "Card B", "10.0") is None
     finally:
         iwc.dispatch_table.cache_clear()

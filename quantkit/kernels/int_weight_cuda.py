@@ -209,26 +209,30 @@ def wgmma_tile(m: int) -> int:
 
 
 @functools.cache
-def _gpu_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device)
+def _gpu(device: torch.device) -> tuple[str, str]:
+    """(name, compute capability "major.minor") of a CUDA device, as dispatch_table takes them."""
+    return torch.cuda.get_device_name(device), "{}.{}".format(*torch.cuda.get_device_capability(device))
 
 
 @functools.cache
-def dispatch_table(gpu: str) -> dict[tuple[int, int], list[tuple[int, str]]]:
-    """The measured choices above GEMV_MAX_M tokens for this GPU (csrc/int_weight_dispatch.json,
-    written by scripts/tune_int_weight.py): shape (N, K) -> [(from M, choice)], choice "mma",
-    "dense" or "wgmma:<kind>:<BN>". Empty where this GPU was not measured."""
+def dispatch_table(gpu: str, capability: str | None = None) -> dict[tuple[int, int], list[tuple[int, str]]]:
+    """The measured choices above GEMV_MAX_M tokens for the GPU named `gpu` (csrc/int_weight_dispatch.json,
+    written by scripts/tune_int_weight.py), else for a measured GPU of the same compute capability
+    ("9.0"): shape (N, K) -> [(from M, choice)], choice "mma", "dense" or "wgmma:<kind>:<BN>".
+    Empty where neither was measured."""
     path = csrc_dir() / "int_weight_dispatch.json"
-    entry = json.loads(path.read_text()).get(gpu) if path.exists() else None
+    data = json.loads(path.read_text()) if path.exists() else {}
+    entry = data.get(gpu) or next((e for _, e in sorted(data.items()) if capability and e.get("capability") == capability),
+                                  None)
     if not entry:
         return {}
     return {tuple(map(int, shape.split("x"))): [(int(m), c) for m, c in rows] for shape, rows in entry["shapes"].items()}
 
 
-def measured_choice(m: int, n: int, k: int, gpu: str) -> str | None:
+def measured_choice(m: int, n: int, k: int, gpu: str, capability: str | None = None) -> str | None:
     """The table's choice for m tokens on the measured shape nearest (N, K) (in log N + log K):
-    the entry of the largest measured M <= m. None: no table for the GPU named `gpu`."""
-    table = dispatch_table(gpu)
+    the entry of the largest measured M <= m. None: no table for this GPU (dispatch_table)."""
+    table = dispatch_table(gpu, capability)
     if not table:
         return None
     shape = min(table, key=lambda s: (abs(math.log(s[0] / n)) + abs(math.log(s[1] / k)), s))
@@ -238,7 +242,7 @@ def measured_choice(m: int, n: int, k: int, gpu: str) -> str | None:
 
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
     if m > GEMV_MAX_M:
-        choice = measured_choice(m, *w.shape, _gpu_name(device))
+        choice = measured_choice(m, *w.shape, *_gpu(device))
         if choice is not None and (not choice.startswith("wgmma") or wgmma_ok(w)):
             return choice.split(":")[0]
         if WGMMA_DISPATCH and wgmma_ok(w):
@@ -374,7 +378,7 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     rb, ks = words.shape[:2]
     m, n = y.shape
     if kind is None or bn is None:  # the measured choice, else the fixed rule
-        choice = measured_choice(m, n, w.shape[1], _gpu_name(x2.device))
+        choice = measured_choice(m, n, w.shape[1], *_gpu(x2.device))
         _, table_kind, table_bn = choice.split(":") if choice and choice.startswith("wgmma") else (None, None, None)
         kind = kind or table_kind or WGMMA_KIND
         bn = bn or (int(table_bn) if table_bn else wgmma_tile(m))
