@@ -6,23 +6,24 @@
 // to 256 tokens as its N dimension, so the decode kernel and this one read one repacked weight.
 //
 // A block is two warpgroups (256 threads) and a tile of 128 weight rows (4 row blocks of 32)
-// x BN tokens. K advances in k-tiles of 64 columns (2 units). Per k-tile:
-//   - every thread cp.asyncs its own 16 bytes of packed weights (one lane of one 32 x 32 unit)
-//     and 8 bytes of scales (and zeros) into a ring of STAGES slots, and BN x 64 x columns of x
-//     in 16-byte chunks (zero past M and past K): the ring runs STAGES - 2 k-tiles ahead;
-//   - each warp dequantizes its unit, (q - z) * s rounded once in T (the batch kernel's
-//     rounding, Unit<T, 4, true>), into its warpgroup's A buffer in shared memory;
-//   - each warpgroup issues 4 wgmma k16 steps, A and B (x) both from shared memory, and lets
-//     them run while it dequantizes the next k-tile. Two A buffers per warpgroup: buffer kt % 2
-//     is rewritten only after wgmma.wait_group 1 has retired the k-tile that read it (kt - 2),
-//     and a ring slot only after the block-wide barrier that follows that wait in every thread.
-//     Nothing a wgmma still reads lives in registers: the race that broke the register-operand
-//     attempt (csrc/NOTES.md, v5) cannot happen.
-// Shared-memory tiles are wgmma's K-major layout without swizzling: 8 x 8 core matrices of
-// 128 contiguous bytes, core (r, c) of a [rows][64] tile at (r * 8 + c) * 128 bytes, so the
-// descriptors' leading (K) stride is 128 bytes and the stride (row) offset 1024. The x chunk a
-// thread copies lands at 16 * its chunk index (conflict-free), and a warp's dequantized unit
-// is four 512-byte runs.
+// x BN tokens (32, 64, 128, 256). K advances in k-tiles of 64 columns (2 units). Per k-tile:
+//   - each thread cp.asyncs the two 8-byte halves of units its A fragments need and their scales
+//     (and zeros) into a ring of STAGES slots, and the block BN x 64 columns of x in 16-byte
+//     chunks (zero past M and past K); the ring runs STAGES - 1 k-tiles ahead of the wgmma;
+//   - warp w4 of a warpgroup holds rows 16 w4 .. 16 w4 + 15 of its 64: the lane's word of a unit
+//     already is wgmma's A fragment of a k16 step, so it is dequantized in registers,
+//     (q - z) * s rounded once in T (the batch kernel's rounding), and handed to wgmma as is;
+//     its K order is the fragment's, so x comes permuted within each unit (fragment_order in
+//     quantkit/kernels/launch_int_weight_wgmma.py);
+//   - the warpgroup issues 4 wgmma k16 steps on k-tile i, waits until k-tile i - 1's have retired
+//     (wgmma.wait_group 1), and only then rewrites k-tile i - 1's registers with k-tile i + 1
+//     (two register sets, the loop unrolled by two): the order that makes the register operands
+//     safe (the race of the register-operand attempt in csrc/NOTES.md, v5), with no pins that
+//     would make ptxas serialize the wgmmas.
+// x tiles are in wgmma's 128-byte swizzle, K-major: token n's 128 bytes of a k-tile at n * 128,
+// 16-byte chunk c at chunk c ^ (n & 7); descriptors step 1024 bytes per 8 tokens, and a k16 step
+// starts 32 bytes further. A variant with A in shared memory ("ss") lost at every shape and M
+// measured (csrc/NOTES.md, v6); it is kept under the git tag wgmma-ss-variant.
 //
 // K splits: blockIdx.y takes `kt_per_split` k-tiles; with gridDim.y > 1 each block writes its
 // float32 partial tile to ws [S, M, 128 gridDim.x] and the last block of the tile to arrive (a
@@ -34,56 +35,7 @@ typedef unsigned long long u64;
 constexpr int BM = 128;  // weight rows per block (two warpgroups of 64)
 constexpr int BK = 64;   // columns per k-tile (two 32-column units)
 
-template <typename T, int N> __device__ __forceinline__ void wgmma(float* d, u64 da, u64 db, int acc);
 template <typename T, int N> __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 db, int acc);
-template <> __device__ __forceinline__ void wgmma<__half, 32>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-                 : "l"(da), "l"(db), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma<__nv_bfloat16, 32>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-                 : "l"(da), "l"(db), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma<__half, 64>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(da), "l"(db), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma<__nv_bfloat16, 64>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-                 : "l"(da), "l"(db), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma<__half, 128>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "l"(da), "l"(db), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma<__nv_bfloat16, 128>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "l"(da), "l"(db), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma<__half, 256>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-                 : "l"(da), "l"(db), "r"(acc));
-}
-template <> __device__ __forceinline__ void wgmma<__nv_bfloat16, 256>(float* d, u64 da, u64 db, int acc) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, %128, %129, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
-                 : "l"(da), "l"(db), "r"(acc));
-}
 template <> __device__ __forceinline__ void wgmma_rs<__half, 32>(float* d, const u32* a, u64 db, int acc) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
@@ -133,12 +85,6 @@ template <> __device__ __forceinline__ void wgmma_rs<__nv_bfloat16, 256>(float* 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(acc));
 }
 
-// A shared-memory matrix descriptor: K-major, no swizzle, leading (K) byte offset lbo, stride
-// (M / N) byte offset sbo.
-__device__ __forceinline__ u64 smem_desc(const void* p, u32 lbo, u32 sbo) {
-    const u32 a = (u32)__cvta_generic_to_shared(p);
-    return (u64)((a & 0x3ffffu) >> 4) | ((u64)((lbo & 0x3ffffu) >> 4) << 16) | ((u64)((sbo & 0x3ffffu) >> 4) << 32);
-}
 // A [rows][64] tile of 2-byte T in the 128-byte swizzle (rows of 128 bytes, 16-byte chunk c of row r at
 // chunk c ^ (r & 7); 1024-byte aligned): stride 1024 bytes per 8 rows; a k16 step starts 32 bytes further.
 __device__ __forceinline__ u64 tile_desc(const void* p) {
@@ -158,9 +104,6 @@ template <int N> __device__ __forceinline__ void wgmma_wait() {
 }
 // Generic-proxy writes to shared memory (stores, cp.async) made visible to wgmma's async proxy.
 __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void bar_sync(int id, int threads) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
 // Keeps the compiler from moving accumulator accesses across the asynchronous wgmma.
 template <int R> __device__ __forceinline__ void fence_acc(float* d) {
 #pragma unroll
@@ -228,103 +171,6 @@ __device__ __forceinline__ void store_tile(const float* acc, const T* __restrict
         y[(size_t)m * ldy + n] = from_float<T>(bias != nullptr ? v + to_float<T>(bias[n]) : v);
     }
     if (tid == 0) *counter = 0u;
-}
-
-// ---- SS: A (the dequantized weights) and B (x) both from shared memory ---------------------------------
-template <int BN, bool ASYM> struct SmemSS {
-    static constexpr int A = 2 * 2 * 64 * BK * 2;  // [warpgroup][buffer][64 rows][64] in 2-byte T
-    static constexpr int X = BN * BK * 2;          // one stage of x
-    static constexpr int W = 256 * 16;             // one stage of weights: 16 bytes a thread
-    static constexpr int S = 256 * 8;              // one stage of scales (and as much of zeros)
-    static constexpr int STAGE = X + W + S * (ASYM ? 2 : 1);
-};
-
-template <typename T, bool ASYM, int BN, int STAGES>
-__device__ void int_weight_wgmma_ss(const T* __restrict__ x, const uint4* __restrict__ w, const T* __restrict__ scales,
-                                    const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
-                                    float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int K, int RB,
-                                    int KS, int ldx, int ldy, int tr, int sshift, int sps, int kt_per_split) {
-    typedef typename Pair<T>::type T2;
-    typedef SmemSS<BN, ASYM> L;
-    constexpr int ACC = BN / 2;  // float accumulators per thread
-    static_assert(STAGES >= 3, "the ring runs STAGES - 2 k-tiles ahead");
-
-    extern __shared__ __align__(128) unsigned char smem_raw[];
-    unsigned char* smem = aligned_smem(smem_raw);
-    const int tid = threadIdx.x, wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int KT = KS / 2;
-    const int kt_begin = blockIdx.y * kt_per_split, nkt = min(KT, kt_begin + kt_per_split) - kt_begin;
-    const int m0 = blockIdx.z * BN;
-
-    // this thread's unit in each k-tile: row block rb (clamped: rows past N are computed and dropped), unit u
-    const int u = w4 & 1;
-    const int rb = min((int)blockIdx.x * 4 + 2 * wg + (w4 >> 1), RB - 1);
-    const uint4* wp = w + (size_t)rb * KS * 32 + lane;  // + ks * 32
-    const size_t trow = (size_t)rb * tr * sps * 32 + g * 4;
-
-    unsigned char* a_base = smem + wg * (2 * 64 * BK * 2);  // this warpgroup's two A buffers
-    unsigned char* ring = smem + L::A;
-    auto slot_at = [&](int slot, int off) { return ring + slot * L::STAGE + off; };
-
-    auto issue = [&](int i) {  // k-tile kt_begin + i into slot i % STAGES
-        if (i < nkt) {
-            const int kt = kt_begin + i, slot = i % STAGES, ks = 2 * kt + u;
-            cp_async16(reinterpret_cast<uint4*>(slot_at(slot, L::X)) + tid, wp + (size_t)ks * 32);
-            const size_t sidx = trow + ((size_t)((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
-            cp_async8(reinterpret_cast<uint2*>(slot_at(slot, L::X + L::W)) + tid, scales + sidx);
-            if (ASYM) cp_async8(reinterpret_cast<uint2*>(slot_at(slot, L::X + L::W + L::S)) + tid, zeros + sidx);
-            load_x_tile<T, BN>(slot_at(slot, 0), x, kt, m0, M, K, ldx);
-        }
-        cp_async_commit();  // an empty group keeps the wait count uniform
-    };
-
-    float acc[ACC];
-#pragma unroll
-    for (int i = 0; i < ACC; ++i) acc[i] = 0.0f;
-    const T sym_zero = from_float<T>(Magic<T, 4>::base + 8.0f);
-
-    pdl_wait();
-#pragma unroll
-    for (int i = 0; i < STAGES - 2; ++i) issue(i);
-    for (int i = 0; i < nkt; ++i) {
-        cp_async_wait<STAGES - 3>();  // k-tile i has landed (this thread's copies)
-        fence_async_smem();
-        __syncthreads();  // everyone's copies of k-tile i; every wgmma of k-tile i - 2 retired
-        issue(i + STAGES - 2);
-        const int slot = i % STAGES;
-        // dequantize this warp's unit into A buffer i % 2: rows 32 (w4 >> 1) + 16 rt + 8 hr + g, columns 32 u + 8 t ..
-        const uint4 q = reinterpret_cast<const uint4*>(slot_at(slot, L::X))[tid];
-        const uint2 sc = reinterpret_cast<const uint2*>(slot_at(slot, L::X + L::W))[tid];
-        const uint2 zp = ASYM ? reinterpret_cast<const uint2*>(slot_at(slot, L::X + L::W + L::S))[tid] : make_uint2(0u, 0u);
-        T2 z2[4], s2[4];
-        lane_pairs<T, ASYM>(reinterpret_cast<const T*>(&sc), reinterpret_cast<const T*>(&zp), sym_zero, s2, z2);
-        u32 a[2][2][4];
-        Unit<T, 4, true>::dequant(&q, a, z2, s2);
-        unsigned char* ab = a_base + (i & 1) * (64 * BK * 2);
-#pragma unroll
-        for (int rt = 0; rt < 2; ++rt)
-#pragma unroll
-            for (int hr = 0; hr < 2; ++hr) {
-                const int row = 32 * (w4 >> 1) + 16 * rt + 8 * hr + g;
-                *reinterpret_cast<uint4*>(ab + swizzled(row, 4 * u + t)) =
-                    make_uint4(a[rt][0][hr], a[rt][0][2 + hr], a[rt][1][hr], a[rt][1][2 + hr]);
-            }
-        fence_async_smem();
-        bar_sync(1 + wg, 128);  // the warpgroup's whole A tile is written
-        const unsigned char* xs = slot_at(slot, 0);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) wgmma<T, BN>(acc, tile_desc(ab + kk * 32), tile_desc(xs + kk * 32), 1);
-        wgmma_commit();
-        fence_acc<ACC>(acc);
-        wgmma_wait<1>();  // k-tile i - 1's wgmma retired (k-tile i's may still run)
-        fence_acc<ACC>(acc);
-    }
-    wgmma_wait<0>();
-    fence_acc<ACC>(acc);
-    cp_async_wait<0>();
-    pdl_trigger();
-    store_tile<T, BN>(acc, bias, y, ws, counters, M, N, ldy, m0);
 }
 
 // ---- RS: A (the dequantized weights) from registers, B (x, its columns permuted) from shared memory --------
@@ -480,7 +326,7 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
 #define WGMMA_TILES(KIND, SUFFIX, T, ASYM)                                                \
     WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 32, 6) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 6)   \
     WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 4) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
-#define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(ss, SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM)
+#define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM)
 
 WGMMA_ALL(f16_b4_sym, __half, false)
 WGMMA_ALL(f16_b4_asym, __half, true)

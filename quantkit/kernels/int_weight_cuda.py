@@ -33,6 +33,7 @@ from quantkit.kernels.int_weight_layout import U, layout, scale_tables
 from quantkit.kernels.launch_int_weight_mma import (MODULE, GemvVariant, dequant_kernel, gemv_kernel,
                                                    int_weight_dequant, int_weight_gemv, int_weight_mma, mma_kernel)
 from quantkit.kernels.launch_int_weight_wgmma import BM as WGMMA_BM
+from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
 from quantkit.kernels.launch_int_weight_wgmma import MODULE as WGMMA_MODULE
 from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
 from quantkit.kernels.launch_int_weight_wgmma import THREADS as WGMMA_THREADS
@@ -42,7 +43,7 @@ from quantkit.resources import csrc_dir
 
 WGMMA_DISPATCH = False  # the dispatcher picks the wgmma GEMM (path "wgmma" is there either way): off until it has
 #                         been checked and timed on a Hopper GPU
-WGMMA_KIND = "rs"  # wgmma's A operand from registers ("rs") or shared memory ("ss"): see csrc/NOTES.md
+WGMMA_KIND = "rs"  # wgmma's A operand from registers (the one variant kept: csrc/NOTES.md, v6)
 WGMMA_MIN_K_TILES = 8  # a K split of the Hopper GEMM keeps at least this many 64-column k-tiles
 WGMMA_TILE_COST = 64  # token-tile choice: a tile costs its BN tokens plus this many (the weights' dequantization
 #                      and the x tile's fill, repeated per tile): the tile minimizing tiles x (BN + this) wins
@@ -384,8 +385,9 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
         bn = bn or (int(table_bn) if table_bn else wgmma_tile(m))
     if bn not in WGMMA_TILES:
         raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_TILES}, got {bn}")
-    if kind == "rs":
-        x2 = fragment_order(_gather_pad(x2, None, ks * 32))
+    if kind not in WGMMA_KINDS:
+        raise ValueError(f"the wgmma kernel's variants are {WGMMA_KINDS}, got {kind!r}")
+    x2 = fragment_order(_gather_pad(x2, None, ks * 32))
     name = wgmma_kernel(kind, x2.dtype, zeros is not None, bn)
     smem = shared_bytes(kind, bn, zeros is not None)
     row_tiles, token_tiles = -(-rb * 32 // WGMMA_BM), -(-m // bn)

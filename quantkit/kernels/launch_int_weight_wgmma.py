@@ -17,7 +17,8 @@ BK = 64  # columns per k-tile
 THREADS = 256  # two warpgroups
 TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates
 STAGES = {32: 6, 64: 6, 128: 4, 256: 4}  # the ring's depth for each (WGMMA_TILES in the .cu)
-KINDS = ("rs", "ss")  # where wgmma's A operand (the dequantized weights) comes from: registers or shared memory
+KINDS = ("rs",)  # where wgmma's A operand (the dequantized weights) comes from: registers (shared memory, "ss",
+#                 lost everywhere measured: git tag wgmma-ss-variant)
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -26,12 +27,10 @@ def wgmma_kernel(kind: str, dtype: torch.dtype, asym: bool, bn: int) -> str:
 
 
 def shared_bytes(kind: str, bn: int, asym: bool) -> int:
-    """Dynamic shared memory of one block (SmemSS / SmemRS in the .cu): a ring of STAGES slots of x,
-    packed weights and scales (and zeros); "ss" also two A buffers per warpgroup; 1 KB to align
-    the swizzled tiles."""
-    a = 2 * 2 * 64 * BK * 2 if kind == "ss" else 0
+    """Dynamic shared memory of one block (SmemRS in the .cu): a ring of STAGES slots of x, packed
+    weights and scales (and zeros), and 1 KB to align the swizzled tiles."""
     stage = bn * BK * 2 + THREADS * 16 + THREADS * 8 * (2 if asym else 1)
-    return 1024 + a + STAGES[bn] * stage
+    return 1024 + STAGES[bn] * stage
 
 
 def _ptr(t: torch.Tensor | None):
@@ -47,8 +46,8 @@ def int_weight_wgmma(kernel: str, grid: tuple[int, int, int], *, x: torch.Tensor
     kernel     wgmma_kernel(...)
     grid       (ceil(RB / 4), splits, ceil(M / BN)): row tile of 128, K split, token tile
     x          T [M, ldx], rows 16-byte aligned, unit column stride, K a multiple of 8 (act-order:
-               columns already in the weight's sorted order; "rs": also permuted within each 32-column
-               unit into the A fragment's order, fragment_order); columns past K read as zeros
+               columns already in the weight's sorted order), permuted within each 32-column unit into
+               the A fragment's order (fragment_order); columns past K read as zeros
     w          int32 [RB, KS, 1, 32, 4], the repacked words (quantkit.kernels.int_weight_layout)
     scales     T [RB, TR, SPS, 8, 4]; zeros: the same (asymmetric) or None
     bias       T [N] or None
