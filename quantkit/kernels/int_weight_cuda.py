@@ -242,7 +242,7 @@ def measured_choice(m: int, n: int, k: int, gpu: str, capability: str | None = N
 
 
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
-    if m > GEMV_MAX_M:
+    if m > GEMV_MAX_M and w.spec.bits == 4:  # the table measures 4-bit weights; 8-bit ones keep the fixed rules
         choice = measured_choice(m, *w.shape, *_gpu(device))
         if choice is not None and (not choice.startswith("wgmma") or wgmma_ok(w)):
             return choice.split(":")[0]
