@@ -3,14 +3,19 @@ variant, how many blocks.
 
 y [M, N] = x [M, K] @ dequant(W)^T (+ bias) for 4- and 8-bit weights, symmetric or asymmetric,
 any group size that is a multiple of 32 (or one group per row), act-order (`g_idx`) included, x in
-float16 or bfloat16 on a CUDA GPU. Three paths, by the number of tokens M:
+float16 or bfloat16 on a CUDA GPU. Four paths, by the number of tokens M:
   M <= GEMV_MAX_M:   the decode kernel: weights stream straight into registers, dequantized to
                      exact q - z, the tensor cores sum 128 columns at a time and the scale
                      multiplies those float32 sums (the bound is reading the packed weights once).
-  M < DENSE_MIN_M:   the batch kernel: a cp.async ring per warp, weights dequantized to
+  "mma":             the batch kernel: a cp.async ring per warp, weights dequantized to
                      (q - z) * s in half precision.
-  M >= DENSE_MIN_M:  the weight dequantized to a dense [N, K] matrix by one kernel and multiplied
+  "wgmma":           4-bit weights on Hopper (csrc/int_weight_wgmma.cu): the dequantized words are
+                     wgmma's register operand, x tiles in shared memory, 32-256 tokens a tile.
+  "dense":           the weight dequantized to a dense [N, K] matrix by one kernel and multiplied
                      by cuBLAS (large batches are compute-bound; cuBLAS's Hopper matmul is faster).
+Above GEMV_MAX_M, 4-bit weights take the path (and wgmma tile) measured fastest for this GPU
+(csrc/int_weight_dispatch.json, scripts/tune_int_weight.py); without a measurement, the batch
+kernel below DENSE_MIN_M and dense from it.
 
 Also backend "cuda" of rms_norm_matmul: one token's residual add and RMSNorm in the decode
 kernel's prologue. The layout (built once, at load) is quantkit.kernels.int_weight_layout; the
