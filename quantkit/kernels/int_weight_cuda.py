@@ -46,8 +46,6 @@ from quantkit.kernels.launch_int_weight_wgmma import fragment_order, int_weight_
 from quantkit.kernels.registry import register_backend
 from quantkit.resources import csrc_dir
 
-WGMMA_DISPATCH = False  # the dispatcher picks the wgmma GEMM (path "wgmma" is there either way): off until it has
-#                         been checked and timed on a Hopper GPU
 WGMMA_KIND = "rs"  # wgmma's A operand from registers (the one variant kept: csrc/NOTES.md, v6)
 WGMMA_MIN_K_TILES = 8  # a K split of the Hopper GEMM keeps at least this many 64-column k-tiles
 WGMMA_TILE_COST = 64  # token-tile choice: a tile costs its BN tokens plus this many (the weights' dequantization
@@ -251,8 +249,6 @@ def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device
         choice = measured_choice(m, *w.shape, *_gpu(device))
         if choice is not None and (not choice.startswith("wgmma") or wgmma_ok(w)):
             return choice.split(":")[0]
-        if WGMMA_DISPATCH and wgmma_ok(w):
-            return "wgmma"
     if m >= DENSE_MIN_M:
         return "dense"
     if m > GEMV_MAX_M:
