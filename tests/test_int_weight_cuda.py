@@ -263,8 +263,13 @@ def test_the_dispatcher_follows_the_measured_table_and_wgmma_refuses_8_bit():
     expected = choice.split(":")[0] if choice else "mma"
     assert _path(64, cu4, torch.float16, torch.device("cuda")) == expected
     assert _path(64, cu8, torch.float16, torch.device("cuda")) != "wgmma"
+    x = torch.randn(64, 512, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="4-bit"):
-        _matmul(torch.randn(64, 512, device="cuda", dtype=torch.float16), cu8, None, path="wgmma")
+        _matmul(x, cu8, None, path="wgmma")
+    with pytest.raises(ValueError, match="token tile"):
+        _matmul(x, cu4, None, path="wgmma", bn=48)
+    with pytest.raises(ValueError, match="variants"):
+        _matmul(x, cu4, None, path="wgmma", kind="ss")
 
 
 def test_measured_dispatch_takes_the_nearest_shape_and_the_largest_measured_m(tmp_path, monkeypatch):

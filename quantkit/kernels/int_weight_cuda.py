@@ -226,11 +226,12 @@ def dispatch_table(gpu: str, capability: str | None = None) -> dict[tuple[int, i
     Empty where neither was measured."""
     path = csrc_dir() / "int_weight_dispatch.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    entry = data.get(gpu) or next((e for _, e in sorted(data.items()) if capability and e.get("capability") == capability),
-                                  None)
+    same_kind = (e for _, e in sorted(data.items()) if capability and e.get("capability") == capability)
+    entry = data.get(gpu) or next(same_kind, None)
     if not entry:
         return {}
-    return {tuple(map(int, shape.split("x"))): [(int(m), c) for m, c in rows] for shape, rows in entry["shapes"].items()}
+    return {tuple(map(int, shape.split("x"))): [(int(m), c) for m, c in rows]
+            for shape, rows in entry["shapes"].items()}
 
 
 def measured_choice(m: int, n: int, k: int, gpu: str, capability: str | None = None) -> str | None:
@@ -292,8 +293,8 @@ def _rms_norm_matmul(x: torch.Tensor, residual: torch.Tensor | None, norm_weight
 def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, path: str | None = None,
            variant: GemvVariant | None = None, norm: tuple | None = None, bn: int | None = None,
            kind: str | None = None) -> torch.Tensor:
-    """path: "gemv" (M <= 16), "mma", "wgmma" (4-bit, Hopper) or "dense"; None picks by M. variant: the decode kernel's,
-    for benchmarks and tests of the instantiated alternatives (None: the production choice,
+    """path: "gemv" (M <= 16), "mma", "wgmma" (4-bit, Hopper) or "dense"; None picks by M. variant:
+    the decode kernel's, for benchmarks and tests of the instantiated alternatives (None: the production choice,
     _gemv_variant). norm: (residual or None, norm weight in x's dtype, eps, h out), the decode
     kernel's fused RMSNorm (fused_rms_norm_matmul). bn, kind: the wgmma kernel's token tile and A
     operand (None: wgmma_tile, WGMMA_KIND), for benchmarks and tests."""
