@@ -246,10 +246,11 @@ def measured_choice(m: int, n: int, k: int, gpu: str, capability: str | None = N
 
 
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
+    """"gemv", "mma", "dense", or the measured "wgmma:<kind>:<BN>" (its variant and token tile too)."""
     if m > GEMV_MAX_M and w.spec.bits == 4:  # the table measures 4-bit weights; 8-bit ones keep the fixed rules
         choice = measured_choice(m, *w.shape, *_gpu(device))
         if choice is not None and (not choice.startswith("wgmma") or wgmma_ok(w)):
-            return choice.split(":")[0]
+            return choice
     if m >= DENSE_MIN_M:
         return "dense"
     if m > GEMV_MAX_M:
@@ -297,7 +298,8 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     the decode kernel's, for benchmarks and tests of the instantiated alternatives (None: the production choice,
     _gemv_variant). norm: (residual or None, norm weight in x's dtype, eps, h out), the decode
     kernel's fused RMSNorm (fused_rms_norm_matmul). bn, kind: the wgmma kernel's token tile and A
-    operand (None: wgmma_tile, WGMMA_KIND), for benchmarks and tests."""
+    operand (None: the measured ones when the table picked wgmma, else wgmma_tile, WGMMA_KIND), for
+    benchmarks and tests."""
     if x.dtype not in _KEY:
         raise ValueError(f"the CUDA kernel computes in float16 or bfloat16, got a {x.dtype} input; "
                          "load the model in half precision or use the reference backend")
@@ -313,7 +315,9 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
     rb, ks = words.shape[:2]
     perm = w.tensors.get("perm")
     b = None if bias is None else bias.to(x.dtype).contiguous()
-    path = path or _path(m, w, x.dtype, x.device)
+    path, *tile = (path or _path(m, w, x.dtype, x.device)).split(":")
+    if tile:  # the measured wgmma variant and token tile, where the caller named none
+        kind, bn = kind or tile[0], bn or int(tile[1])
     if path == "dense":
         weight = dequantize_dense(w, x.dtype)[:n]
         x2 = _gather_pad(x2, perm, ks * 32)
@@ -380,11 +384,7 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     words = w.tensors["words"]
     rb, ks = words.shape[:2]
     m, n = y.shape
-    if kind is None or bn is None:  # the measured choice, else the fixed rule
-        choice = measured_choice(m, n, w.shape[1], *_gpu(x2.device))
-        _, table_kind, table_bn = choice.split(":") if choice and choice.startswith("wgmma") else (None, None, None)
-        kind = kind or table_kind or WGMMA_KIND
-        bn = bn or (int(table_bn) if table_bn else wgmma_tile(m))
+    kind, bn = kind or WGMMA_KIND, bn or wgmma_tile(m)
     if bn not in WGMMA_TILES:
         raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_TILES}, got {bn}")
     if kind not in WGMMA_KINDS:
