@@ -152,7 +152,7 @@ def test_quantizing_ops_refuse_scales_that_do_not_fit_the_spec():
     x, w = torch.randn(2, 32), torch.ones(32)
     with pytest.raises(ValueError, match="dynamic.*no input_scale"):
         ops.add_rms_norm_quant(x, None, w, 1e-5, ActSpec("fp8"), input_scale=torch.ones(1))
-    with pytest.raises(ValueError, match="static ones need it"):
+    with pytest.raises(ValueError, match="static activation scheme needs input_scale"):
         ops.silu_mul_quant(x, x, ActSpec("int8", dynamic=False))
     with pytest.raises(ValueError, match=r"one value.*\(2,\)"):
         ops.silu_mul_quant(x, x, ActSpec("int8", dynamic=False), torch.ones(2))

@@ -59,6 +59,14 @@ def _check_finite(x: torch.Tensor) -> None:
                          f"{int(torch.isinf(x).sum())} Inf values")
 
 
+def check_input_scale(spec: ActSpec, input_scale: torch.Tensor | None) -> None:
+    """A static scheme takes one calibrated input scale (per tensor), a dynamic one none: ValueError otherwise."""
+    if spec.dynamic != (input_scale is None):
+        raise ValueError("a static activation scheme needs input_scale; a dynamic (per-token) one takes no input_scale")
+    if input_scale is not None and input_scale.numel() != 1:
+        raise ValueError(f"input_scale must hold one value (per tensor), got shape {tuple(input_scale.shape)}")
+
+
 def scale_for(absmax: torch.Tensor, spec: ActSpec) -> torch.Tensor:
     """float32 scale(s) from absolute maxima (any shape)."""
     s = absmax.to(torch.float32) / spec.half_range

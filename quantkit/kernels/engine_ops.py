@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantkit.formats.activation import ActSpec, dynamic_scales, quantize
+from quantkit.formats.activation import ActSpec, check_input_scale, dynamic_scales, quantize
 from quantkit.kernels import registry
 from quantkit.kernels.int_weight import PreparedIntWeight, int_weight_matmul
 from quantkit.kernels.registry import register_backend
@@ -107,7 +107,7 @@ def add_rms_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: t
     q [T, H] int8 or float8_e4m3fn (act.type), s float32 [T, 1], h = x + residual. Scales per token
     when act.dynamic (a row holding NaN gets a NaN scale: no device sync checks it), else every row
     takes the static `input_scale` (float32, one value)."""
-    _check_scales(act, input_scale)
+    check_input_scale(act, input_scale)
     return registry.select_backend("add_rms_norm_quant", x.device, x.dtype).run(x, residual, weight, eps, act, offset,
                                                                                 input_scale)
 
@@ -123,7 +123,7 @@ def add_rms_norm_quant_reference(x, residual, weight, eps, act, offset=0.0, inpu
 def silu_mul_quant(gate: torch.Tensor, up: torch.Tensor, act: ActSpec,
                    input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu_mul with its output quantized as add_rms_norm_quant's: returns (q [T, I], s [T, 1])."""
-    _check_scales(act, input_scale)
+    check_input_scale(act, input_scale)
     return registry.select_backend("silu_mul_quant", gate.device, gate.dtype).run(gate, up, act, input_scale)
 
 
@@ -143,12 +143,6 @@ def _quantize_rows(x: torch.Tensor, act: ActSpec, input_scale: torch.Tensor | No
         s = input_scale.to(device=x.device, dtype=torch.float32).reshape(1, 1).expand(x.shape[0], 1).contiguous()
     return quantize(x, s, act), s
 
-
-def _check_scales(act: ActSpec, input_scale: torch.Tensor | None) -> None:
-    if act.dynamic != (input_scale is None):
-        raise ValueError("per-token (dynamic) activations take no input_scale; static ones need it")
-    if input_scale is not None and input_scale.numel() != 1:
-        raise ValueError(f"input_scale must hold one value (per tensor), got shape {tuple(input_scale.shape)}")
 
 
 # ---- GELU-tanh(gate) * up (Gemma's gelu_pytorch_tanh) ----------------------------------------------

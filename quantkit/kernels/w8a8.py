@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from quantkit.formats.activation import ActSpec, dynamic_scales, quantize
+from quantkit.formats.activation import ActSpec, check_input_scale, dynamic_scales, quantize
 from quantkit.formats.grouped import dequantize
 from quantkit.formats.spec import FloatSpec, IntSpec
 from quantkit.kernels import registry
@@ -126,10 +126,7 @@ def prepare_w8a8(
                              f"(group size {weights.group_size} on {k} inputs)")
     elif weight_scale.numel() not in (1, n) or (weight_scale.numel() == n and weight_scale.shape[0] != n):
         raise ValueError(f"weight_scale has shape {tuple(weight_scale.shape)}, expected ({n}, 1) or (1,)")
-    if act.dynamic != (input_scale is None):
-        raise ValueError("a static activation scheme needs input_scale; a dynamic one takes none")
-    if input_scale is not None and input_scale.numel() != 1:
-        raise ValueError(f"input_scale must hold one value (per tensor), got shape {tuple(input_scale.shape)}")
+    check_input_scale(act, input_scale)
     scale = weight_scale.to(torch.float32)
     scale = scale.contiguous() if weights.group_size is not None else scale.reshape(-1, 1).expand(n, 1).contiguous()
     tensors = {"q": weight, "scale": scale}
