@@ -132,6 +132,9 @@ __device__ __forceinline__ void load_x_tile(unsigned char* xs, const T* __restri
     }
 }
 
+// The two warpgroups that hold the accumulators (threads 0-255), without the ws kernel's producer warp.
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+
 // The block's tile of y from the accumulators (accumulator i: weight row 16 w4 + g + 8 ((i >> 1) & 1) of the
 // warpgroup's 64, token 8 (i >> 2) + 2 t + (i & 1)), plus bias; with K splits, the float32 partials go to ws
 // and the last block of the tile to arrive adds them in split order.
@@ -156,10 +159,10 @@ __device__ __forceinline__ void store_tile(const float* acc, const T* __restrict
 
     __shared__ u32 is_last;
     __threadfence();
-    __syncthreads();
+    consumers_sync();
     u32* counter = counters + (size_t)blockIdx.z * gridDim.x + blockIdx.x;
     if (tid == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
-    __syncthreads();
+    consumers_sync();
     if (!is_last) return;
     __threadfence();
     const int rows = min(BN, M - m0);
@@ -312,6 +315,213 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
     store_tile<T, BN>(acc, bias, y, ws, counters, M, N, ldy, m0);
 }
 
+// ---- WS: warp-specialized, the ring fed by the copy engine (TMA bulk copies) -------------------------------
+// The rs kernel's consumers (the two warpgroups, the same registers and wgmma order), fed by a producer
+// warp (threads 256-287 of a producer warpgroup) instead of their own cp.async: per k-tile its lanes issue bulk copies
+// (cp.async.bulk, the async proxy: no proxy fence) of the 4 row blocks' 1 KB of words, their 64-byte
+// scale (and zero) rows, and the x tile, which wgmma_x_tiles has laid out beforehand exactly as the slot
+// holds it (fragment order, 128-byte swizzle, zeros past M and K: one contiguous BN x 128-byte copy).
+// full[s] completes when a slot's bytes have landed (the producer's expect_tx), empty[s] when the 8
+// consumer warps have retired the wgmma that read it: the warpgroups never meet at a block-wide barrier,
+// and the producer runs STAGES k-tiles ahead.
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+// Waits for the phase of `parity` to complete. A wait past 2^32 cycles (seconds: no copy or wgmma takes
+// that long) traps, so that a broken pipeline is a launch error, not a hung GPU.
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    const u32 a = smem_u32(bar);
+    u32 done;
+    long long start = 0;
+    for (;;) {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(a), "r"(parity) : "memory");
+        if (done) return;
+        if (start == 0) start = clock64();
+        else if (clock64() - start > (1ll << 32)) __trap();
+    }
+}
+__device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, u32 bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n"
+                 ::"r"(smem_u32(smem)), "l"(gmem), "r"(bytes), "r"(smem_u32(bar)) : "memory");
+}
+
+// x [M, ldx] -> xt [ceil(M / BN)][KS / 2][BN][64]: each k-tile of a token tile as the ws kernel's slot holds
+// it. Thread (m, unit) reads the unit's 32 columns (16 words) and writes its 4 chunks: chunk q of the unit
+// in fragment order is words q, 4 + q, 8 + q, 12 + q (fragment_order), at chunk c ^ (m & 7) of the row.
+template <typename T, int BN>
+__device__ __forceinline__ void wgmma_x_tiles(const T* __restrict__ x, T* __restrict__ xt, int M, int K, int KS,
+                                              int ldx, int Mp) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= Mp * KS) return;
+    const int m = idx / KS, unit = idx - m * KS;
+    u32 v[16];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int col = unit * 32 + q * 8;
+        uint4 c = make_uint4(0u, 0u, 0u, 0u);
+        if (m < M && col < K) c = *reinterpret_cast<const uint4*>(x + (size_t)m * ldx + col);
+        v[4 * q] = c.x, v[4 * q + 1] = c.y, v[4 * q + 2] = c.z, v[4 * q + 3] = c.w;
+    }
+    const int n = m % BN;
+    T* row = xt + (((size_t)(m / BN) * (KS / 2) + (unit >> 1)) * BN + n) * BK;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const int c = (unit & 1) * 4 + q;
+        *reinterpret_cast<uint4*>(row + ((c ^ (n & 7)) << 3)) = make_uint4(v[q], v[4 + q], v[8 + q], v[12 + q]);
+    }
+}
+#define X_TILES_KERNEL(SUFFIX, T, BN)                                                                                \
+    extern "C" __global__ void __launch_bounds__(256) wgmma_x_tiles_##SUFFIX##_bn##BN(                                \
+        const T* x, T* xt, int M, int K, int KS, int ldx, int Mp) {                                                   \
+        wgmma_x_tiles<T, BN>(x, xt, M, K, KS, ldx, Mp);                                                               \
+    }
+#define X_TILES(SUFFIX, T) \
+    X_TILES_KERNEL(SUFFIX, T, 32) X_TILES_KERNEL(SUFFIX, T, 64) X_TILES_KERNEL(SUFFIX, T, 128) X_TILES_KERNEL(SUFFIX, T, 256)
+X_TILES(f16, __half)
+X_TILES(bf16, __nv_bfloat16)
+
+template <int BN, bool ASYM, int STAGES> struct SmemWS {
+    static constexpr int X = BN * BK * 2;  // x tile: BN rows of 128 bytes (1024-byte multiple: the swizzle)
+    static constexpr int W = 4 * 1024;     // 4 row blocks x 2 units x 32 lanes x 16 bytes
+    static constexpr int S = 4 * 2 * 64;   // 4 row blocks x 2 units x 32 rows of scales
+    static constexpr int W_AT = STAGES * X, S_AT = W_AT + STAGES * W, Z_AT = S_AT + STAGES * S;
+    static constexpr int BYTES = Z_AT + (ASYM ? STAGES * S : 0);
+    static constexpr u32 TX = X + W + S * (ASYM ? 2 : 1);  // bytes a slot's copies bring
+};
+
+// Registers: a 9-warp block would cap every thread at what 3 warps of a quarter SM can hold (168 at one
+// block per SM: the BN = 256 consumers need ~200), so the producer is a whole warpgroup (warps 8-11, only
+// warp 8 copies) that gives its registers back (setmaxnreg) to the consumers.
+template <int MINB> struct WsRegs {
+    static constexpr int PRODUCER = MINB == 1 ? 40 : 24;
+    static constexpr int CONSUMER = MINB == 1 ? 232 : 112;  // (65536 / MINB - 128 PRODUCER) / 256, to 8
+};
+template <int R> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
+template <int R> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R)); }
+
+template <typename T, bool ASYM, int BN, int STAGES, int MINB>
+__device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __restrict__ w, const T* __restrict__ scales,
+                                    const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
+                                    float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int RB, int KS,
+                                    int ldy, int tr, int sshift, int sps, int kt_per_split) {
+    typedef typename Pair<T>::type T2;
+    typedef SmemWS<BN, ASYM, STAGES> L;
+    constexpr int ACC = BN / 2;
+    static_assert(STAGES >= 3, "the producer refills k-tile i - 1's slot while the consumers read i and i + 1");
+
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* smem = aligned_smem(smem_raw);
+    __shared__ __align__(8) u64 full[STAGES], empty[STAGES];
+    const int tid = threadIdx.x;
+    const int KT = KS / 2;
+    const int kt_begin = blockIdx.y * kt_per_split, nkt = min(KT, kt_begin + kt_per_split) - kt_begin;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    pdl_wait();
+
+    if (tid >= 256) {  // the producer: warp 8's lane 0-3 a row block's words, 4-11 scales, 12-19 zeros, 20 x
+        regs_dec<WsRegs<MINB>::PRODUCER>();
+        if (tid >= 288) return;
+        const int lane = tid & 31, j = (lane - 4) & 7;
+        const int rb = min((int)blockIdx.x * 4 + (lane < 4 ? lane : j >> 1), RB - 1);
+        const T* table = lane < 12 ? scales : zeros;
+        const T* xsrc = xt + (size_t)blockIdx.z * KT * BN * BK;
+        for (int i = 0; i < nkt; ++i) {
+            const int slot = i % STAGES, kt = kt_begin + i;
+            if (i >= STAGES) mbar_wait(&empty[slot], ((i / STAGES) - 1) & 1);
+            if (lane == 0) mbar_expect_tx(&full[slot], L::TX);
+            __syncwarp();
+            if (lane < 4) {
+                bulk_copy(smem + L::W_AT + slot * L::W + lane * 1024, w + ((size_t)rb * KS + 2 * kt) * 32, 1024, &full[slot]);
+            } else if (lane < (ASYM ? 20 : 12)) {
+                const int ks = 2 * kt + (j & 1);
+                const size_t at = ((size_t)rb * tr * sps + ((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
+                bulk_copy(smem + (lane < 12 ? L::S_AT : L::Z_AT) + slot * L::S + j * 64, table + at, 64, &full[slot]);
+            } else if (lane == 20) {
+                bulk_copy(smem + slot * L::X, xsrc + (size_t)kt * BN * BK, L::X, &full[slot]);
+            }
+        }
+        return;
+    }
+
+    regs_inc<WsRegs<MINB>::CONSUMER>();
+    const int wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, rt = w4 & 1;
+    const int j = 2 * wg + (w4 >> 1);  // the block's row block this warp's rows lie in
+    const int m0 = blockIdx.z * BN;
+    const T2 sym_zero = splat<T>(from_float<T>(Magic<T, 4>::base + 8.0f));
+    auto dequant = [&](int i, u32 (&a)[16]) {  // k-tile i's A registers: [unit][h][4]
+        const int slot = i % STAGES;
+        mbar_wait(&full[slot], (i / STAGES) & 1);
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            const uint2 q = *reinterpret_cast<const uint2*>(smem + L::W_AT + slot * L::W + j * 1024 + u * 512 + (2 * lane + rt) * 8);
+            const int at = slot * L::S + (2 * j + u) * 64 + (g * 4 + 2 * rt) * 2;
+            const T2 s = as_pair<T>(*reinterpret_cast<const u32*>(smem + L::S_AT + at));
+            T2 z0 = sym_zero, z1 = sym_zero;
+            if (ASYM) {
+                const T2 z = as_pair<T>(*reinterpret_cast<const u32*>(smem + L::Z_AT + at));
+                z0 = splat<T>(z.x);
+                z1 = splat<T>(z.y);
+            }
+            const T2 s0 = splat<T>(s.x), s1 = splat<T>(s.y);
+            Tile16<T>::dequant(q.x, a + 8 * u, z0, z1, s0, s1);
+            Tile16<T>::dequant(q.y, a + 8 * u + 4, z0, z1, s0, s1);
+        }
+    };
+
+    float acc[ACC];
+#pragma unroll
+    for (int i = 0; i < ACC; ++i) acc[i] = 0.0f;
+    auto step = [&](int i, u32 (&cur)[16], u32 (&nxt)[16]) {
+        const unsigned char* xs = smem + (i % STAGES) * L::X;
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<T, BN>(acc, cur + 4 * kk, tile_desc(xs + kk * 32), 1);
+        wgmma_commit();
+        fence_acc<ACC>(acc);
+        wgmma_wait<1>();  // k-tile i - 1 retired: its registers (nxt) and its slot are free
+        fence_acc<ACC>(acc);
+        if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % STAGES]);
+        if (i + 1 < nkt) dequant(i + 1, nxt);
+    };
+    u32 a0[16], a1[16];
+    if (nkt > 0) dequant(0, a0);
+    for (int i = 0; i < nkt; i += 2) {
+        step(i, a0, a1);
+        if (i + 1 < nkt) step(i + 1, a1, a0);
+    }
+    wgmma_wait<0>();
+    fence_acc<ACC>(acc);
+    pdl_trigger();
+    store_tile<T, BN>(acc, bias, y, ws, counters, M, N, ldy, m0);
+}
+
+#define WS_KERNEL(SUFFIX, T, ASYM, BN, STAGES, MINB)                                                                     \
+    extern "C" __global__ void __launch_bounds__(384, MINB) int_weight_wgmma_ws_##SUFFIX##_bn##BN##_s##STAGES(          \
+        const T* xt, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,      \
+        int M, int N, int RB, int KS, int ldy, int tr, int sshift, int sps, int kt_per_split) {                           \
+        int_weight_wgmma_ws<T, ASYM, BN, STAGES, MINB>(xt, w, scales, zeros, bias, y, ws, counters, M, N, RB, KS, ldy, tr,     \
+                                                 sshift, sps, kt_per_split);                                             \
+    }
+// Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES["ws"]) and blocks per
+// multiprocessor: two for BN <= 64 (80 registers at entry), one for BN >= 128 (the m64n128 wgmma alone
+// needs 94: ptxas allocates within the launch bound, whatever setmaxnreg later grants).
+#define WS_TILES(SUFFIX, T, ASYM)                                                                        \
+    WS_KERNEL(SUFFIX, T, ASYM, 32, 8, 2) WS_KERNEL(SUFFIX, T, ASYM, 64, 8, 2) WS_KERNEL(SUFFIX, T, ASYM, 128, 8, 1) \
+    WS_KERNEL(SUFFIX, T, ASYM, 256, 5, 1)
+
 #define WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, BN, STAGES)                                                                  \
     extern "C" __global__ void __launch_bounds__(256, BN > 128 ? 1 : 2)                                                  \
         int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES(                                                         \
@@ -326,7 +536,7 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
 #define WGMMA_TILES(KIND, SUFFIX, T, ASYM)                                                \
     WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 32, 6) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 6)   \
     WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 4) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
-#define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM)
+#define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM) WS_TILES(SUFFIX, T, ASYM)
 
 WGMMA_ALL(f16_b4_sym, __half, false)
 WGMMA_ALL(f16_b4_asym, __half, true)

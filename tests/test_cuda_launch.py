@@ -280,6 +280,7 @@ def _cu_parameters(source: str, head: str) -> list[str]:
     ("int_weight_mma", "__launch_bounds__(256) NAME", "int_weight_mma.int_weight_mma"),
     ("int_weight_mma", "int_weight_dequant_##SUFFIX", "int_weight_mma.int_weight_dequant"),
     ("int_weight_wgmma", "int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES", "int_weight_wgmma.int_weight_wgmma"),
+    ("int_weight_wgmma", "int_weight_wgmma_ws_##SUFFIX##_bn##BN##_s##STAGES", "int_weight_wgmma.int_weight_wgmma_ws"),
     ("engine_ops", "add_rms_norm_##SUFFIX", "engine_ops.add_rms_norm"),
     ("engine_ops", "silu_mul_##SUFFIX", "engine_ops.silu_mul"),
     ("engine_ops", "rope_cache_##SUFFIX", "engine_ops.rope_cache"),

@@ -12,6 +12,7 @@ import torch
 from quantkit.formats import IntSpec, pack_int32, quantize_rtn
 from quantkit.kernels import cuda, engine_ops, int_weight_matmul, prepare_int_weight, rms_norm_matmul, select_backend
 from quantkit.kernels import int_weight_cuda as iwc
+from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
 from quantkit.kernels.int_weight_cuda import (GEMV, ROW_BLOCK_GEMV, _gemv_variant, _matmul, _path, fused_rms_norm_matmul,
                                               unsupported)
 
@@ -224,35 +225,48 @@ WGMMA_SPECS = [IntSpec(4, True, 128), IntSpec(4, False, 128), IntSpec(4, True, 3
 @pytest.mark.parametrize("spec", WGMMA_SPECS, ids=str)
 @pytest.mark.parametrize("n,k", [(4096, 4096), (200, 4160), (33, 96), (1000, 1000), (8192, 1024)])
 @pytest.mark.parametrize("m", [1, 17, 31, 64, 65, 100, 257, 1024])
-def test_wgmma_kernel_matches_the_reference(spec, n, k, m):
+@pytest.mark.parametrize("kind", WGMMA_KINDS)
+def test_wgmma_kernel_matches_the_reference(spec, n, k, m, kind):
     cu, ref = _weights(n, k, spec, torch.float16, seed=n + k + m)
     x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     bias = torch.randn(n, device="cuda", dtype=torch.float16)
-    assert _rel_err(_matmul(x, cu, bias, path="wgmma"), int_weight_matmul(x, ref, bias)) < 2e-3
+    assert _rel_err(_matmul(x, cu, bias, path="wgmma", kind=kind), int_weight_matmul(x, ref, bias)) < 2e-3
 
 
 @hopper
 @pytest.mark.parametrize("bn", [32, 64, 128, 256])
 @pytest.mark.parametrize("m", [3, 16, 77, 129, 300, 513])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_every_wgmma_token_tile_matches_the_reference(bn, m, dtype):
+@pytest.mark.parametrize("kind", WGMMA_KINDS)
+def test_every_wgmma_token_tile_matches_the_reference(bn, m, dtype, kind):
     cu, ref = _weights(1056, 4096, IntSpec(4, False, 128), dtype, seed=m)
     x = torch.randn(m, 4096, device="cuda", dtype=dtype)
-    y = _matmul(x, cu, None, path="wgmma", bn=bn)
+    y = _matmul(x, cu, None, path="wgmma", bn=bn, kind=kind)
     assert y.shape == (m, 1056) and y.dtype == dtype
     assert _rel_err(y, int_weight_matmul(x, ref)) < (2e-3 if dtype == torch.float16 else 1e-2)
 
 
 @hopper
 @pytest.mark.parametrize("spec", [IntSpec(4, True, 128), IntSpec(4, False, 32)], ids=str)
-def test_wgmma_kernel_takes_act_order_strided_inputs_and_is_deterministic(spec):
+@pytest.mark.parametrize("kind", WGMMA_KINDS)
+def test_wgmma_kernel_takes_act_order_strided_inputs_and_is_deterministic(spec, kind):
     cu, ref = _weights(512, 1024, spec, torch.bfloat16, act_order=True, seed=5)
     base = torch.randn(3, 40, 1100, device="cuda", dtype=torch.bfloat16)
     x = base[..., 3:1027]  # leading dims, strided, misaligned start
-    y1, y2 = _matmul(x, cu, None, path="wgmma"), _matmul(x, cu, None, path="wgmma")
+    y1, y2 = _matmul(x, cu, None, path="wgmma", kind=kind), _matmul(x, cu, None, path="wgmma", kind=kind)
     assert y1.shape == (3, 40, 512)
     assert torch.equal(y1, y2), "the split-K sum must be deterministic"
     assert _rel_err(y1, int_weight_matmul(x.contiguous(), ref)) < 1e-2
+
+
+@hopper
+@pytest.mark.parametrize("bn", [32, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ws_x_tiles_kernel_matches_its_twin(bn, dtype):
+    from quantkit.kernels.launch_int_weight_wgmma import x_tiles, x_tiles_reference
+
+    x = torch.randn(77, 1000, device="cuda", dtype=dtype)[:, :992]  # strided rows, K a multiple of 8
+    assert torch.equal(x_tiles(x, 992, 32, bn), x_tiles_reference(x, 992, 32, bn))
 
 
 @hopper

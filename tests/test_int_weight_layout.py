@@ -195,3 +195,22 @@ def test_rs_kernel_k_order_matches_its_permuted_x(n, k):
     x = torch.randn(5, ks * 32, dtype=torch.float64)
     x[:, k:] = 0
     torch.testing.assert_close((a @ fragment_order(x).T)[:n], q.double() @ x[:, :k].T)
+
+
+@pytest.mark.parametrize("m,k,bn", [(5, 96, 32), (70, 256, 64), (33, 1000, 128)])
+def test_ws_kernel_x_tiles_hold_x_where_the_wgmma_descriptors_read_it(m, k, bn):
+    """The "ws" kernel's slot of k-tile kt for token tile i is x_tiles(...)[i, kt], read by wgmma through
+    a 128-byte-swizzled descriptor: token n's 16-byte chunk c at chunk c ^ (n & 7) of its 128-byte row.
+    Unswizzled, each row is the k-tile's 64 columns of fragment_order(x), zeros past M and K."""
+    from quantkit.kernels.launch_int_weight_wgmma import fragment_order, x_tiles_reference
+
+    ks = -(-k // 64) * 2
+    x = torch.randn(m, k, dtype=torch.float64)
+    xt = x_tiles_reference(x, k, ks, bn)
+    assert xt.shape == (-(-m // bn), ks // 2, bn, 64)
+    xf = fragment_order(torch.nn.functional.pad(x, (0, ks * 32 - k)))
+    for token in range(xt.shape[0] * bn):
+        rows = xt[token // bn, :, token % bn].reshape(ks // 2, 8, 8)  # [k-tile, physical chunk, 8]
+        logical = rows[:, [c ^ (token % bn & 7) for c in range(8)]].reshape(-1)
+        expected = xf[token] if token < m else torch.zeros(ks * 32, dtype=x.dtype)
+        assert torch.equal(logical, expected)

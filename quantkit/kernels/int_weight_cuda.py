@@ -42,7 +42,8 @@ from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
 from quantkit.kernels.launch_int_weight_wgmma import MODULE as WGMMA_MODULE
 from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
 from quantkit.kernels.launch_int_weight_wgmma import THREADS as WGMMA_THREADS
-from quantkit.kernels.launch_int_weight_wgmma import fragment_order, int_weight_wgmma, shared_bytes, wgmma_kernel
+from quantkit.kernels.launch_int_weight_wgmma import (fragment_order, int_weight_wgmma, int_weight_wgmma_ws, shared_bytes,
+                                                      wgmma_kernel, x_tiles)
 from quantkit.kernels.registry import register_backend
 from quantkit.resources import csrc_dir
 
@@ -389,13 +390,12 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
         raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_TILES}, got {bn}")
     if kind not in WGMMA_KINDS:
         raise ValueError(f"the wgmma kernel's variants are {WGMMA_KINDS}, got {kind!r}")
-    x2 = fragment_order(_gather_pad(x2, None, ks * 32))
     name = wgmma_kernel(kind, x2.dtype, zeros is not None, bn)
     smem = shared_bytes(kind, bn, zeros is not None)
     row_tiles, token_tiles = -(-rb * 32 // WGMMA_BM), -(-m // bn)
     k_tiles = ks // 2
     slots = torch.cuda.get_device_properties(x2.device).multi_processor_count * cuda.resident_blocks(
-        name, WGMMA_MODULE, WGMMA_THREADS, smem)
+        name, WGMMA_MODULE, WGMMA_THREADS[kind], smem)
     tiles = row_tiles * token_tiles
     # K splits only where the tiles leave more than half the GPU's block slots empty: a split's float32
     # partials cost more than a part-filled last wave (28672x8192 at M=64: 224 tiles on 264 slots)
@@ -404,7 +404,14 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     splits = -(-k_tiles // per_split)
     ws = torch.empty(splits, m, row_tiles * WGMMA_BM, dtype=torch.float32, device=x2.device) if splits > 1 else None
     tr, sshift, sps = _table_args(w)
+    counters = cuda.counters("int_weight", x2.device, tiles)
+    if kind == "ws":
+        int_weight_wgmma_ws(name, (row_tiles, splits, token_tiles), xt=x_tiles(x2, x2.shape[1], ks, bn), w=words,
+                            scales=scales, zeros=zeros, bias=bias, y=y, ws=ws, counters=counters, M=m, N=n, RB=rb,
+                            KS=ks, ldy=n, tr=tr, sshift=sshift, sps=sps, kt_per_split=per_split, shared_mem=smem)
+        return
+    x2 = fragment_order(_gather_pad(x2, None, ks * 32))
     int_weight_wgmma(name, (row_tiles, splits, token_tiles), x=x2, w=words, scales=scales, zeros=zeros, bias=bias,
-                     y=y, ws=ws, counters=cuda.counters("int_weight", x2.device, tiles), M=m, N=n,
+                     y=y, ws=ws, counters=counters, M=m, N=n,
                      K=x2.shape[1], RB=rb, KS=ks, ldx=x2.stride(0), ldy=n, tr=tr, sshift=sshift, sps=sps,
                      kt_per_split=per_split, shared_mem=smem)

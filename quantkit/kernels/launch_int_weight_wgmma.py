@@ -14,23 +14,32 @@ from quantkit.kernels import cuda
 MODULE = "int_weight_wgmma"
 BM = 128  # weight rows per block, as in the .cu
 BK = 64  # columns per k-tile
-THREADS = 256  # two warpgroups
 TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates
-STAGES = {32: 6, 64: 6, 128: 4, 256: 4}  # the ring's depth for each (WGMMA_TILES in the .cu)
-KINDS = ("rs",)  # where wgmma's A operand (the dequantized weights) comes from: registers (shared memory, "ss",
-#                 lost everywhere measured: git tag wgmma-ss-variant)
+# The variants, both with the dequantized weights as wgmma's register A operand (A in shared memory,
+# "ss", lost everywhere measured: git tag wgmma-ss-variant):
+#   "rs"  two warpgroups that cp.async their own ring and meet at a block barrier every k-tile;
+#   "ws"  the same two warpgroups fed by a producer warp's bulk copies (TMA) through mbarriers, x laid
+#         out beforehand in the slots' order (x_tiles).
+KINDS = ("rs", "ws")
+THREADS = {"rs": 256, "ws": 384}
+STAGES = {"rs": {32: 6, 64: 6, 128: 4, 256: 4},  # the ring's depth per token tile (WGMMA_TILES, WS_TILES in the .cu)
+          "ws": {32: 8, 64: 8, 128: 8, 256: 5}}
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
 def wgmma_kernel(kind: str, dtype: torch.dtype, asym: bool, bn: int) -> str:
-    return f"int_weight_wgmma_{kind}_{_T[dtype]}_b4_{'asym' if asym else 'sym'}_bn{bn}_s{STAGES[bn]}"
+    return f"int_weight_wgmma_{kind}_{_T[dtype]}_b4_{'asym' if asym else 'sym'}_bn{bn}_s{STAGES[kind][bn]}"
 
 
 def shared_bytes(kind: str, bn: int, asym: bool) -> int:
-    """Dynamic shared memory of one block (SmemRS in the .cu): a ring of STAGES slots of x, packed
-    weights and scales (and zeros), and 1 KB to align the swizzled tiles."""
-    stage = bn * BK * 2 + THREADS * 16 + THREADS * 8 * (2 if asym else 1)
-    return 1024 + STAGES[bn] * stage
+    """Dynamic shared memory of one block (SmemRS / SmemWS in the .cu): a ring of STAGES slots of x,
+    packed weights and scales (and zeros), and 1 KB to align the swizzled tiles."""
+    tables = 2 if asym else 1
+    if kind == "ws":
+        stage = bn * BK * 2 + 4 * 1024 + 4 * 2 * 64 * tables
+    else:
+        stage = bn * BK * 2 + 256 * 16 + 256 * 8 * tables
+    return 1024 + STAGES[kind][bn] * stage
 
 
 def _ptr(t: torch.Tensor | None):
@@ -58,7 +67,7 @@ def int_weight_wgmma(kernel: str, grid: tuple[int, int, int], *, x: torch.Tensor
     kt_per_split  k-tiles per split
     shared_mem shared_bytes(kind, BN, asym)
     """
-    cuda.launch(kernel, MODULE, grid, (THREADS,),
+    cuda.launch(kernel, MODULE, grid, (THREADS["rs"],),
                 (x, w, scales, _ptr(zeros), _ptr(bias), y, _ptr(ws), counters, np.int32(M), np.int32(N), np.int32(K),
                  np.int32(RB), np.int32(KS), np.int32(ldx), np.int32(ldy), np.int32(tr), np.int32(sshift),
                  np.int32(sps), np.int32(kt_per_split)),
@@ -71,3 +80,41 @@ def fragment_order(x2: torch.Tensor) -> torch.Tensor:
     fragments, quantkit.kernels.int_weight_layout). One copy."""
     m, kp = x2.shape
     return x2.view(m, kp // 32, 4, 2, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, kp)
+
+
+def x_tiles(x: torch.Tensor, K: int, KS: int, bn: int) -> torch.Tensor:
+    """x [M, ldx] (rows 16-byte aligned, unit column stride, K a multiple of 8) as the "ws" kernel's
+    slots take it: T [ceil(M / bn), KS / 2, bn, 64], each k-tile of a token tile in fragment order and
+    the 128-byte swizzle, zeros past M and K (csrc/int_weight_wgmma.cu, wgmma_x_tiles). One kernel."""
+    m = x.shape[0]
+    mp = -(-m // bn) * bn
+    xt = torch.empty(mp // bn, KS // 2, bn, BK, dtype=x.dtype, device=x.device)
+    threads = mp * KS
+    cuda.launch(f"wgmma_x_tiles_{_T[x.dtype]}_bn{bn}", MODULE, (-(-threads // 256),), (256,),
+                (x, xt, np.int32(m), np.int32(K), np.int32(KS), np.int32(x.stride(0)), np.int32(mp)))
+    return xt
+
+
+def x_tiles_reference(x: torch.Tensor, K: int, KS: int, bn: int) -> torch.Tensor:
+    """x_tiles in torch ops (any device): the same layout, for tests."""
+    m = x.shape[0]
+    mp, kt = -(-m // bn) * bn, KS // 2
+    xp = torch.zeros(mp, KS * 32, dtype=x.dtype, device=x.device)
+    xp[:m, :K] = x[:, :K]
+    chunks = fragment_order(xp).view(mp // bn, bn, kt, 8, 8).transpose(1, 2)  # [tile, k-tile, token, chunk, 8]
+    n = torch.arange(bn, device=x.device)[:, None]
+    swizzle = torch.arange(8, device=x.device)[None, :] ^ (n & 7)  # physical chunk p holds chunk p ^ (n & 7)
+    return chunks[:, :, n, swizzle].reshape(mp // bn, kt, bn, BK)
+
+
+def int_weight_wgmma_ws(kernel: str, grid: tuple[int, int, int], *, xt: torch.Tensor, w: torch.Tensor,
+                        scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None, y: torch.Tensor,
+                        ws: torch.Tensor | None, counters: torch.Tensor, M: int, N: int, RB: int, KS: int, ldy: int,
+                        tr: int, sshift: int, sps: int, kt_per_split: int, shared_mem: int) -> None:
+    """The "ws" variant of int_weight_wgmma: the same grid, weights, tables and outputs; x as x_tiles
+    lays it out (xt)."""
+    cuda.launch(kernel, MODULE, grid, (THREADS["ws"],),
+                (xt, w, scales, _ptr(zeros), _ptr(bias), y, _ptr(ws), counters, np.int32(M), np.int32(N),
+                 np.int32(RB), np.int32(KS), np.int32(ldy), np.int32(tr), np.int32(sshift), np.int32(sps),
+                 np.int32(kt_per_split)),
+                shared_mem=shared_mem)
