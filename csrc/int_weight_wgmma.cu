@@ -397,9 +397,9 @@ template <int BN, bool ASYM, int STAGES> struct SmemWS {
     static constexpr u32 TX = X + W + S * (ASYM ? 2 : 1);  // bytes a slot's copies bring
 };
 
-// Registers: a 9-warp block would cap every thread at what 3 warps of a quarter SM can hold (168 at one
-// block per SM: the BN = 256 consumers need ~200), so the producer is a whole warpgroup (warps 8-11, only
-// warp 8 copies) that gives its registers back (setmaxnreg) to the consumers.
+// Registers: ptxas caps a 9-warp block at 168 a thread (one block per SM), where the BN = 256 consumers
+// spill; so the producer is a whole warpgroup (warps 8-11, only warp 8 copies) that gives its registers
+// back (setmaxnreg) to the consumers, as warp-specialized Hopper GEMMs do.
 template <int MINB> struct WsRegs {
     static constexpr int PRODUCER = MINB == 1 ? 40 : 24;
     static constexpr int CONSUMER = MINB == 1 ? 232 : 112;  // (65536 / MINB - 128 PRODUCER) / 256, to 8
@@ -516,8 +516,9 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
                                                  sshift, sps, kt_per_split);                                             \
     }
 // Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES["ws"]) and blocks per
-// multiprocessor: two for BN <= 64 (80 registers at entry), one for BN >= 128 (the m64n128 wgmma alone
-// needs 94: ptxas allocates within the launch bound, whatever setmaxnreg later grants).
+// multiprocessor: two for BN <= 64 (80 registers at entry), one for BN >= 128. ptxas (CUDA 13.0) compiles
+// the consumers within what setmaxnreg grants at one block (BN = 256: no spills; 144 bytes spilled
+// without it), but at two blocks it refused BN = 128's m64n128 wgmma at the 80-register entry bound (C7602).
 #define WS_TILES(SUFFIX, T, ASYM)                                                                        \
     WS_KERNEL(SUFFIX, T, ASYM, 32, 8, 2) WS_KERNEL(SUFFIX, T, ASYM, 64, 8, 2) WS_KERNEL(SUFFIX, T, ASYM, 128, 8, 1) \
     WS_KERNEL(SUFFIX, T, ASYM, 256, 5, 1)

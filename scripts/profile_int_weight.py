@@ -108,13 +108,13 @@ def variants(shapes: list[tuple[int, int]], iters: int) -> None:
         torch.cuda.empty_cache()
 
 
-def ncu(shapes: list[tuple[int, int]], ms: list[int], path: str | None) -> None:
+def ncu(shapes: list[tuple[int, int]], ms: list[int], path: str | None, kind: str | None) -> None:
     for n, k in shapes:
         w = weight(n, k)[0]
         for m in ms:
             x = torch.randn(m, k, device=DEV, dtype=DTYPE)
             for _ in range(3):
-                iwc._matmul(x, w, None, path=path)
+                iwc._matmul(x, w, None, path=path, kind=kind)
         torch.cuda.synchronize()
 
 
@@ -124,6 +124,7 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=None, help="NxK (out x in features)")
     p.add_argument("--ms", type=int, nargs="+", default=None, help="tokens per call (paths, ncu)")
     p.add_argument("--path", choices=["gemv", "mma", "dense", "wgmma"], default=None, help="ncu: force this path")
+    p.add_argument("--kind", choices=WGMMA_KINDS, default=None, help="ncu with --path wgmma: this variant")
     p.add_argument("--iters", type=int, default=15, help="timed replays per kernel")
     args = p.parse_args()
     default = {"paths": ["28672x8192", "8192x28672", "11008x4096", "4096x4096"],
@@ -134,7 +135,7 @@ def main() -> None:
     elif args.mode == "variants":
         variants(shapes, args.iters)
     else:
-        ncu(shapes, args.ms or [1], args.path)
+        ncu(shapes, args.ms or [1], args.path, args.kind)
 
 
 if __name__ == "__main__":

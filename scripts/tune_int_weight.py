@@ -102,8 +102,10 @@ def main() -> None:
         path = csrc_dir() / "int_weight_dispatch.json"
         data = json.loads(path.read_text()) if path.exists() else {}
         major, minor = torch.cuda.get_device_capability()
+        # shapes measured before and not now are kept (a long sweep may run in parts)
+        shapes = {**data.get(gpu, {}).get("shapes", {}), **table}
         data[gpu] = {"capability": f"{major}.{minor}", "command": "python scripts/tune_int_weight.py " + " ".join(
-            sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"), "shapes": table}
+            sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"), "shapes": shapes}
         path.write_text(dump_table(data))
         console.print(f"wrote {path}")
 
