@@ -210,6 +210,21 @@ template <> struct Tile16<__half> {  // the odd nibbles in place, as Unit<__half
     }
 };
 
+// 8-bit weights (the "ws" kernel): part rt of a unit holds words h * 2 + hc with byte c * 2 + hr at row
+// g + 8 hr, column 8 t + 4 h + 2 hc + c; bytes (hr, 2 + hr) of word h * 2 + hc are register hc * 2 + hr of
+// k16 step h's A fragment (the mma kernel's Unit<T, 8> reads them the same way).
+template <typename T> struct Tile16x8 {
+    typedef typename Pair<T>::type T2;
+    __device__ static __forceinline__ u32 fin(u32 v, T2 z, T2 s) { return as_u32<T>(__hmul2(__hsub2(as_pair<T>(v), z), s)); }
+    __device__ static __forceinline__ void dequant(u32 w0, u32 w1, u32* a, T2 z0, T2 z1, T2 s0, T2 s1) {
+        typedef Magic<T, 8> C;
+        a[0] = fin(C::template pair<0x00ff00ffu>(w0), z0, s0);
+        a[1] = fin(C::template pair<0x00ff00ffu>(w0 >> 8), z1, s1);
+        a[2] = fin(C::template pair<0x00ff00ffu>(w1), z0, s0);
+        a[3] = fin(C::template pair<0x00ff00ffu>(w1 >> 8), z1, s1);
+    }
+};
+
 template <int BN, bool ASYM> struct SmemRS {
     static constexpr int X = BN * BK * 2;  // one stage of x
     static constexpr int W = 256 * 16;     // one stage of weights: two 8-byte halves of units a thread
@@ -388,9 +403,10 @@ __device__ __forceinline__ void wgmma_x_tiles(const T* __restrict__ x, T* __rest
 X_TILES(f16, __half)
 X_TILES(bf16, __nv_bfloat16)
 
-template <int BN, bool ASYM, int STAGES> struct SmemWS {
+template <int BN, bool ASYM, int STAGES, int BITS> struct SmemWS {
     static constexpr int X = BN * BK * 2;  // x tile: BN rows of 128 bytes (1024-byte multiple: the swizzle)
-    static constexpr int W = 4 * 1024;     // 4 row blocks x 2 units x 32 lanes x 16 bytes
+    static constexpr int UNIT = BITS / 4 * 512;  // one unit of a row block: BITS / 4 parts x 32 lanes x 16 bytes
+    static constexpr int W = 4 * 2 * UNIT;       // 4 row blocks x 2 units
     static constexpr int S = 4 * 2 * 64;   // 4 row blocks x 2 units x 32 rows of scales
     static constexpr int W_AT = STAGES * X, S_AT = W_AT + STAGES * W, Z_AT = S_AT + STAGES * S;
     static constexpr int BYTES = Z_AT + (ASYM ? STAGES * S : 0);
@@ -407,13 +423,13 @@ template <int MINB> struct WsRegs {
 template <int R> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
 template <int R> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R)); }
 
-template <typename T, bool ASYM, int BN, int STAGES, int MINB>
+template <typename T, int BITS, bool ASYM, int BN, int STAGES, int MINB>
 __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __restrict__ w, const T* __restrict__ scales,
                                     const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                                     float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int RB, int KS,
                                     int ldy, int tr, int sshift, int sps, int kt_per_split) {
     typedef typename Pair<T>::type T2;
-    typedef SmemWS<BN, ASYM, STAGES> L;
+    typedef SmemWS<BN, ASYM, STAGES, BITS> L;
     constexpr int ACC = BN / 2;
     static_assert(STAGES >= 3, "the producer refills k-tile i - 1's slot while the consumers read i and i + 1");
 
@@ -443,8 +459,9 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
             if (i >= STAGES) mbar_wait(&empty[slot], ((i / STAGES) - 1) & 1);
             if (lane == 0) mbar_expect_tx(&full[slot], L::TX);
             __syncwarp();
-            if (lane < 4) {
-                bulk_copy(smem + L::W_AT + slot * L::W + lane * 1024, w + ((size_t)rb * KS + 2 * kt) * 32, 1024, &full[slot]);
+            if (lane < 4) {  // uint4 index ((rb KS + ks) parts + part) 32 + lane: the k-tile's 2 units in a row
+                bulk_copy(smem + L::W_AT + slot * L::W + lane * 2 * L::UNIT, w + ((size_t)rb * KS + 2 * kt) * (BITS / 4) * 32,
+                          2 * L::UNIT, &full[slot]);
             } else if (lane < (ASYM ? 20 : 12)) {
                 const int ks = 2 * kt + (j & 1);
                 const size_t at = ((size_t)rb * tr * sps + ((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
@@ -460,13 +477,13 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
     const int wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, rt = w4 & 1;
     const int j = 2 * wg + (w4 >> 1);  // the block's row block this warp's rows lie in
     const int m0 = blockIdx.z * BN;
-    const T2 sym_zero = splat<T>(from_float<T>(Magic<T, 4>::base + 8.0f));
+    const T2 sym_zero = splat<T>(from_float<T>(Magic<T, BITS>::base + (float)(1 << (BITS - 1))));
     auto dequant = [&](int i, u32 (&a)[16]) {  // k-tile i's A registers: [unit][h][4]
         const int slot = i % STAGES;
         mbar_wait(&full[slot], (i / STAGES) & 1);
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
-            const uint2 q = *reinterpret_cast<const uint2*>(smem + L::W_AT + slot * L::W + j * 1024 + u * 512 + (2 * lane + rt) * 8);
+            const unsigned char* unit = smem + L::W_AT + slot * L::W + (2 * j + u) * L::UNIT;
             const int at = slot * L::S + (2 * j + u) * 64 + (g * 4 + 2 * rt) * 2;
             const T2 s = as_pair<T>(*reinterpret_cast<const u32*>(smem + L::S_AT + at));
             T2 z0 = sym_zero, z1 = sym_zero;
@@ -476,8 +493,15 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
                 z1 = splat<T>(z.y);
             }
             const T2 s0 = splat<T>(s.x), s1 = splat<T>(s.y);
-            Tile16<T>::dequant(q.x, a + 8 * u, z0, z1, s0, s1);
-            Tile16<T>::dequant(q.y, a + 8 * u + 4, z0, z1, s0, s1);
+            if (BITS == 4) {  // the lane's words rt * 2 + h
+                const uint2 q = *reinterpret_cast<const uint2*>(unit + (2 * lane + rt) * 8);
+                Tile16<T>::dequant(q.x, a + 8 * u, z0, z1, s0, s1);
+                Tile16<T>::dequant(q.y, a + 8 * u + 4, z0, z1, s0, s1);
+            } else {  // part rt's 4 words h * 2 + hc
+                const uint4 q = *reinterpret_cast<const uint4*>(unit + rt * 512 + lane * 16);
+                Tile16x8<T>::dequant(q.x, q.y, a + 8 * u, z0, z1, s0, s1);
+                Tile16x8<T>::dequant(q.z, q.w, a + 8 * u + 4, z0, z1, s0, s1);
+            }
         }
     };
 
@@ -508,20 +532,20 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
     store_tile<T, BN>(acc, bias, y, ws, counters, M, N, ldy, m0);
 }
 
-#define WS_KERNEL(SUFFIX, T, ASYM, BN, STAGES, MINB)                                                                     \
+#define WS_KERNEL(SUFFIX, T, BITS, ASYM, BN, STAGES, MINB)                                                               \
     extern "C" __global__ void __launch_bounds__(384, MINB) int_weight_wgmma_ws_##SUFFIX##_bn##BN##_s##STAGES(          \
         const T* xt, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,      \
         int M, int N, int RB, int KS, int ldy, int tr, int sshift, int sps, int kt_per_split) {                           \
-        int_weight_wgmma_ws<T, ASYM, BN, STAGES, MINB>(xt, w, scales, zeros, bias, y, ws, counters, M, N, RB, KS, ldy, tr,     \
+        int_weight_wgmma_ws<T, BITS, ASYM, BN, STAGES, MINB>(xt, w, scales, zeros, bias, y, ws, counters, M, N, RB, KS, ldy, tr,     \
                                                  sshift, sps, kt_per_split);                                             \
     }
 // Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES["ws"]) and blocks per
 // multiprocessor: two for BN <= 64 (80 registers at entry), one for BN >= 128. ptxas (CUDA 13.0) compiles
 // the consumers within what setmaxnreg grants at one block (BN = 256: no spills; 144 bytes spilled
 // without it), but at two blocks it refused BN = 128's m64n128 wgmma at the 80-register entry bound (C7602).
-#define WS_TILES(SUFFIX, T, ASYM)                                                                        \
-    WS_KERNEL(SUFFIX, T, ASYM, 32, 8, 2) WS_KERNEL(SUFFIX, T, ASYM, 64, 8, 2) WS_KERNEL(SUFFIX, T, ASYM, 128, 8, 1) \
-    WS_KERNEL(SUFFIX, T, ASYM, 256, 5, 1)
+#define WS_TILES(SUFFIX, T, BITS, ASYM, S64)                                                                   \
+    WS_KERNEL(SUFFIX, T, BITS, ASYM, 32, 8, 2) WS_KERNEL(SUFFIX, T, BITS, ASYM, 64, S64, 2)                          \
+    WS_KERNEL(SUFFIX, T, BITS, ASYM, 128, 8, 1) WS_KERNEL(SUFFIX, T, BITS, ASYM, 256, 5, 1)
 
 #define WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, BN, STAGES)                                                                  \
     extern "C" __global__ void __launch_bounds__(256, BN > 128 ? 1 : 2)                                                  \
@@ -537,9 +561,14 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
 #define WGMMA_TILES(KIND, SUFFIX, T, ASYM)                                                \
     WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 32, 6) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 64, 6)   \
     WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 128, 4) WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, 256, 4)
-#define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM) WS_TILES(SUFFIX, T, ASYM)
+#define WGMMA_ALL(SUFFIX, T, ASYM) WGMMA_TILES(rs, SUFFIX, T, ASYM) WS_TILES(SUFFIX, T, 4, ASYM, 8)
 
 WGMMA_ALL(f16_b4_sym, __half, false)
 WGMMA_ALL(f16_b4_asym, __half, true)
 WGMMA_ALL(bf16_b4_sym, __nv_bfloat16, false)
 WGMMA_ALL(bf16_b4_asym, __nv_bfloat16, true)
+// 8-bit weights: the ws kernel only (BN = 64: 6 stages, so that two blocks still fit)
+WS_TILES(f16_b8_sym, __half, 8, false, 6)
+WS_TILES(f16_b8_asym, __half, 8, true, 6)
+WS_TILES(bf16_b8_sym, __nv_bfloat16, 8, false, 6)
+WS_TILES(bf16_b8_asym, __nv_bfloat16, 8, true, 6)

@@ -260,6 +260,19 @@ def test_wgmma_kernel_takes_act_order_strided_inputs_and_is_deterministic(spec, 
 
 
 @hopper
+@pytest.mark.parametrize("spec", [IntSpec(8, True, 128), IntSpec(8, False, 32), IntSpec(8, True, None)], ids=str)
+@pytest.mark.parametrize("bn", [32, 64, 128, 256])
+@pytest.mark.parametrize("m", [17, 100, 513])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_ws_kernel_takes_8_bit_weights(spec, bn, m, dtype):
+    cu, ref = _weights(1000, 1000, spec, dtype, seed=m + bn)
+    x = torch.randn(m, 1000, device="cuda", dtype=dtype)
+    bias = torch.randn(1000, device="cuda", dtype=dtype)
+    y = _matmul(x, cu, bias, path="wgmma", bn=bn)  # 8-bit: the ws variant
+    assert _rel_err(y, int_weight_matmul(x, ref, bias)) < (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+@hopper
 @pytest.mark.parametrize("bn", [32, 256])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ws_x_tiles_kernel_matches_its_twin(bn, dtype):
@@ -270,7 +283,7 @@ def test_ws_x_tiles_kernel_matches_its_twin(bn, dtype):
 
 
 @hopper
-def test_the_dispatcher_follows_the_measured_table_and_wgmma_refuses_8_bit():
+def test_the_dispatcher_follows_the_measured_table_and_rs_refuses_8_bit():
     cu4, _ = _weights(256, 512, IntSpec(4, True, 128), torch.float16)
     cu8, _ = _weights(256, 512, IntSpec(8, True, 128), torch.float16)
     choice = iwc.measured_choice(64, 256, 512, *iwc._gpu(torch.device("cuda")))
@@ -278,7 +291,7 @@ def test_the_dispatcher_follows_the_measured_table_and_wgmma_refuses_8_bit():
     assert not _path(64, cu8, torch.float16, torch.device("cuda")).startswith("wgmma")
     x = torch.randn(64, 512, device="cuda", dtype=torch.float16)
     with pytest.raises(ValueError, match="4-bit"):
-        _matmul(x, cu8, None, path="wgmma")
+        _matmul(x, cu8, None, path="wgmma", kind="rs")
     with pytest.raises(ValueError, match="token tile"):
         _matmul(x, cu4, None, path="wgmma", bn=48)
     with pytest.raises(ValueError, match="variants"):

@@ -9,8 +9,9 @@ float16 or bfloat16 on a CUDA GPU. Four paths, by the number of tokens M:
                      multiplies those float32 sums (the bound is reading the packed weights once).
   "mma":             the batch kernel: a cp.async ring per warp, weights dequantized to
                      (q - z) * s in half precision.
-  "wgmma":           4-bit weights on Hopper (csrc/int_weight_wgmma.cu): the dequantized words are
-                     wgmma's register operand, x tiles in shared memory, 32-256 tokens a tile.
+  "wgmma":           Hopper (csrc/int_weight_wgmma.cu): the dequantized words are wgmma's register
+                     operand, x tiles in shared memory, 32-256 tokens a tile; 4-bit weights in both
+                     variants (rs, ws), 8-bit ones in ws.
   "dense":           the weight dequantized to a dense [N, K] matrix by one kernel and multiplied
                      by cuBLAS (large batches are compute-bound; cuBLAS's Hopper matmul is faster).
 Above GEMV_MAX_M, 4-bit weights take the path (and wgmma tile) measured fastest for this GPU
@@ -37,6 +38,7 @@ from quantkit.kernels.int_weight import PreparedIntWeight
 from quantkit.kernels.int_weight_layout import U, layout, scale_tables
 from quantkit.kernels.launch_int_weight_mma import (MODULE, GemvVariant, dequant_kernel, gemv_kernel,
                                                    int_weight_dequant, int_weight_gemv, int_weight_mma, mma_kernel)
+from quantkit.kernels.launch_int_weight_wgmma import BITS as WGMMA_BITS
 from quantkit.kernels.launch_int_weight_wgmma import BM as WGMMA_BM
 from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
 from quantkit.kernels.launch_int_weight_wgmma import MODULE as WGMMA_MODULE
@@ -202,10 +204,12 @@ def _gemv_variant(w: PreparedIntWeight, m: int) -> GemvVariant:
     return GEMV
 
 
-def wgmma_ok(w: PreparedIntWeight) -> bool:
-    """Whether the Hopper GEMM (csrc/int_weight_wgmma.cu) takes this weight here: 4-bit, on a GPU
-    of compute capability 9.0."""
-    return w.spec.bits == 4 and cuda.arch_specific_ok()
+def wgmma_ok(w: PreparedIntWeight, kind: str | None = None) -> bool:
+    """Whether the Hopper GEMM (csrc/int_weight_wgmma.cu) takes this weight here (in variant `kind`,
+    None: in some variant): 4-bit weights in either, 8-bit ones in "ws", on a GPU of compute
+    capability 9.0."""
+    kinds = [kind] if kind is not None else WGMMA_KINDS
+    return any(w.spec.bits in WGMMA_BITS.get(k, ()) for k in kinds) and cuda.arch_specific_ok()
 
 
 def wgmma_tile(m: int) -> int:
@@ -356,9 +360,12 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         return y.reshape(*lead, n)
 
     if path == "wgmma":
-        if not wgmma_ok(w):
-            raise ValueError(f"the wgmma kernel takes 4-bit weights on a compute capability 9.0 GPU, got "
-                             f"{w.spec.bits}-bit on {torch.cuda.get_device_name(x.device)}")
+        if kind is not None and kind not in WGMMA_KINDS:
+            raise ValueError(f"the wgmma kernel's variants are {WGMMA_KINDS}, got {kind!r}")
+        if not wgmma_ok(w, kind):
+            raise ValueError(f"the wgmma kernel takes 4-bit weights (8-bit ones in its ws variant) on a compute "
+                             f"capability 9.0 GPU, got {w.spec.bits}-bit" + (f" for {kind}" if kind else "")
+                             + f" on {torch.cuda.get_device_name(x.device)}")
         _wgmma(x2, w, b, y, scales, zeros, bn, kind)
         return y.reshape(*lead, n)
 
@@ -385,13 +392,14 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     words = w.tensors["words"]
     rb, ks = words.shape[:2]
     m, n = y.shape
-    kind, bn = kind or WGMMA_KIND, bn or wgmma_tile(m)
+    bits = w.spec.bits
+    kind, bn = kind or (WGMMA_KIND if bits in WGMMA_BITS[WGMMA_KIND] else "ws"), bn or wgmma_tile(m)
     if bn not in WGMMA_TILES:
         raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_TILES}, got {bn}")
     if kind not in WGMMA_KINDS:
         raise ValueError(f"the wgmma kernel's variants are {WGMMA_KINDS}, got {kind!r}")
-    name = wgmma_kernel(kind, x2.dtype, zeros is not None, bn)
-    smem = shared_bytes(kind, bn, zeros is not None)
+    name = wgmma_kernel(kind, x2.dtype, zeros is not None, bn, bits)
+    smem = shared_bytes(kind, bn, zeros is not None, bits)
     row_tiles, token_tiles = -(-rb * 32 // WGMMA_BM), -(-m // bn)
     k_tiles = ks // 2
     slots = torch.cuda.get_device_properties(x2.device).multi_processor_count * cuda.resident_blocks(

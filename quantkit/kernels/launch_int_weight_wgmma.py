@@ -22,24 +22,28 @@ TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates
 #         out beforehand in the slots' order (x_tiles).
 KINDS = ("rs", "ws")
 THREADS = {"rs": 256, "ws": 384}
-STAGES = {"rs": {32: 6, 64: 6, 128: 4, 256: 4},  # the ring's depth per token tile (WGMMA_TILES, WS_TILES in the .cu)
-          "ws": {32: 8, 64: 8, 128: 8, 256: 5}}
+BITS = {"rs": (4,), "ws": (4, 8)}  # the weight widths each variant instantiates
+# the ring's depth per token tile (WGMMA_TILES, WS_TILES in the .cu), per variant and weight width
+STAGES = {("rs", 4): {32: 6, 64: 6, 128: 4, 256: 4},
+          ("ws", 4): {32: 8, 64: 8, 128: 8, 256: 5},
+          ("ws", 8): {32: 8, 64: 6, 128: 8, 256: 5}}
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-def wgmma_kernel(kind: str, dtype: torch.dtype, asym: bool, bn: int) -> str:
-    return f"int_weight_wgmma_{kind}_{_T[dtype]}_b4_{'asym' if asym else 'sym'}_bn{bn}_s{STAGES[kind][bn]}"
+def wgmma_kernel(kind: str, dtype: torch.dtype, asym: bool, bn: int, bits: int = 4) -> str:
+    stages = STAGES[kind, bits][bn]
+    return f"int_weight_wgmma_{kind}_{_T[dtype]}_b{bits}_{'asym' if asym else 'sym'}_bn{bn}_s{stages}"
 
 
-def shared_bytes(kind: str, bn: int, asym: bool) -> int:
+def shared_bytes(kind: str, bn: int, asym: bool, bits: int = 4) -> int:
     """Dynamic shared memory of one block (SmemRS / SmemWS in the .cu): a ring of STAGES slots of x,
     packed weights and scales (and zeros), and 1 KB to align the swizzled tiles."""
     tables = 2 if asym else 1
     if kind == "ws":
-        stage = bn * BK * 2 + 4 * 1024 + 4 * 2 * 64 * tables
+        stage = bn * BK * 2 + 4 * 2 * bits // 4 * 512 + 4 * 2 * 64 * tables
     else:
         stage = bn * BK * 2 + 256 * 16 + 256 * 8 * tables
-    return 1024 + STAGES[kind][bn] * stage
+    return 1024 + STAGES[kind, bits][bn] * stage
 
 
 def _ptr(t: torch.Tensor | None):
