@@ -3,13 +3,13 @@ GPU and shape family, and writes the table the dispatcher reads (csrc/int_weight
 
 For each shape NxK and token count M it times, as scripts/bench_kernels.py does (CUDA-graph
 replays over weight sets that L2 cannot hold), every path that takes that M: the batch kernel
-("mma"), dequantize + cuBLAS ("dense"), and on Hopper the wgmma GEMM with each A operand and
-token tile ("wgmma:rs:128", ...), W4A16 g128 symmetric float16 weights; the fastest becomes the
+("mma"), dequantize + cuBLAS ("dense"), and on Hopper the wgmma GEMM in each variant and
+token tile ("wgmma:rs:128", ...), W4A16 (--bits 8: W8A16) g128 symmetric float16 weights; the fastest becomes the
 table's entry for [M, next measured M). quantkit.kernels.int_weight_cuda then looks up the
 nearest measured shape (in log N + log K) for this GPU's name; a GPU without an entry keeps the
 fixed rules.
 
-    python scripts/tune_int_weight.py [--shapes 4096x4096 ...] [--ms 17 32 64 ...] [--write]
+    python scripts/tune_int_weight.py [--shapes 4096x4096 ...] [--ms 17 32 64 ...] [--bits 4|8] [--write]
 """
 
 from __future__ import annotations
@@ -27,26 +27,27 @@ from bench_kernels import time_us  # scripts/ is on sys.path when run as a scrip
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import int_weight_cuda as iwc
 from quantkit.kernels import prepare_int_weight
-from quantkit.kernels.launch_int_weight_wgmma import KINDS, TILES
+from quantkit.kernels.launch_int_weight_wgmma import BITS, KINDS, TILES
 from quantkit.resources import csrc_dir
 
-SPEC = IntSpec(4, True, 128)
 SHAPES = ["4096x4096", "12288x4096", "4096x11008", "22016x4096", "28672x8192", "8192x28672"]
 MS = [17, 32, 64, 128, 256, 512, 1024, 2048]
 ROTATE_BYTES = 200e6
 DEV = torch.device("cuda")
 
 
-def weight(n: int, k: int):
-    q = torch.randint(-8, 8, (n, k), dtype=torch.int8, device=DEV)
-    scale = (torch.rand(n, k // SPEC.group_size, device=DEV) * 0.01 + 0.001).half()
-    return prepare_int_weight(pack_int32(q, 4, 1), scale, None, None, SPEC, (n, k), backend="cuda")
+def weight(n: int, k: int, bits: int = 4):
+    spec = IntSpec(bits, True, 128)
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (n, k), dtype=torch.int8, device=DEV)
+    scale = (torch.rand(n, k // spec.group_size, device=DEV) * 0.01 + 0.001).half()
+    return prepare_int_weight(pack_int32(q, bits, 1), scale, None, None, spec, (n, k), backend="cuda")
 
 
-def candidates(m: int, hopper: bool, kinds: list[str]) -> list[str]:
+def candidates(m: int, hopper: bool, kinds: list[str], bits: int = 4) -> list[str]:
     paths = ["mma"] + (["dense"] if m >= 64 else [])
     if hopper:
-        paths += [f"wgmma:{kind}:{bn}" for kind in kinds for bn in TILES if bn // 4 < m <= 4 * bn]
+        paths += [f"wgmma:{kind}:{bn}" for kind in kinds if bits in BITS[kind] for bn in TILES if bn // 4 < m <= 4 * bn]
     return paths
 
 
@@ -63,22 +64,23 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=["rs"],
                    help="wgmma variants to try (ss lost to rs at every shape and M measured: csrc/NOTES.md)")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="weight width (each has its own table)")
     p.add_argument("--write", action="store_true", help="merge this GPU's table into csrc/int_weight_dispatch.json")
     p.add_argument("--json-out", default=None, help="every timing, as JSON")
     args = p.parse_args()
     gpu = torch.cuda.get_device_name()
-    hopper = iwc.wgmma_ok(weight(128, 128))
+    hopper = iwc.wgmma_ok(weight(128, 128, args.bits))
     console = Console()
     table, timings = {}, []
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
-        sets = [weight(n, k) for _ in range(max(3, int(-(-ROTATE_BYTES // (n * k / 2)))))]
+        sets = [weight(n, k, args.bits) for _ in range(max(3, int(-(-ROTATE_BYTES // (n * k * args.bits / 8)))))]
         dense = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02 for _ in range(len(sets))]
         rows = []
         for m in sorted(args.ms):
             xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in sets]
             t16, *_ = time_us(lambda x, wd: torch.nn.functional.linear(x, wd), xs, dense, args.iters)
-            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0] for c in candidates(m, hopper, args.kinds)}
+            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0] for c in candidates(m, hopper, args.kinds, args.bits)}
             best = min(times, key=times.get)
             rows.append([m, best])
             timings.append({"shape": shape, "M": m, "fp16_us": t16, "us": times, "best": best})
@@ -89,7 +91,7 @@ def main() -> None:
         del sets, dense
         torch.cuda.empty_cache()
 
-    out = Table(title=f"int_weight dispatch above {iwc.GEMV_MAX_M} tokens, {gpu} (W4A16 g128 fp16)")
+    out = Table(title=f"int_weight dispatch above {iwc.GEMV_MAX_M} tokens, {gpu} (W{args.bits}A16 g128 fp16)")
     out.add_column("shape")
     out.add_column("from M: path")
     for shape, entries in table.items():
@@ -97,15 +99,18 @@ def main() -> None:
     console.print(out)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"gpu": gpu, "torch": torch.__version__, "timings": timings, "table": table}, f, indent=1)
+            json.dump({"gpu": gpu, "torch": torch.__version__, "bits": args.bits, "timings": timings, "table": table}, f,
+                      indent=1)
     if args.write:
         path = csrc_dir() / "int_weight_dispatch.json"
         data = json.loads(path.read_text()) if path.exists() else {}
         major, minor = torch.cuda.get_device_capability()
-        # shapes measured before and not now are kept (a long sweep may run in parts)
-        shapes = {**data.get(gpu, {}).get("shapes", {}), **table}
-        data[gpu] = {"capability": f"{major}.{minor}", "command": "python scripts/tune_int_weight.py " + " ".join(
-            sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"), "shapes": shapes}
+        # shapes measured before and not now are kept (a long sweep may run in parts), and the other width's table
+        key = iwc.table_key(args.bits)
+        entry = data.get(gpu, {})
+        entry.update({"capability": f"{major}.{minor}", "command": "python scripts/tune_int_weight.py " + " ".join(
+            sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"), key: {**entry.get(key, {}), **table}})
+        data[gpu] = entry
         path.write_text(dump_table(data))
         console.print(f"wrote {path}")
 
@@ -117,11 +122,14 @@ def dump_table(data: dict) -> str:
         entry = data[gpu]
         lines.append(f" {json.dumps(gpu)}: {{")
         lines += [f"  {json.dumps(key)}: {json.dumps(entry[key])}," for key in ("capability", "command", "measured")]
-        lines.append('  "shapes": {')
-        shapes = sorted(entry["shapes"])
-        lines += [f"   {json.dumps(s)}: {json.dumps(entry['shapes'][s])}" + ("," if i < len(shapes) - 1 else "")
-                  for i, s in enumerate(shapes)]
-        lines += ["  }", " }" + ("," if gi < len(data) - 1 else "")]
+        tables = sorted(key for key in entry if key.startswith("shapes"))
+        for ti, key in enumerate(tables):
+            lines.append(f"  {json.dumps(key)}: {{")
+            shapes = sorted(entry[key])
+            lines += [f"   {json.dumps(s)}: {json.dumps(entry[key][s])}" + ("," if i < len(shapes) - 1 else "")
+                      for i, s in enumerate(shapes)]
+            lines.append("  }" + ("," if ti < len(tables) - 1 else ""))
+        lines.append(" }" + ("," if gi < len(data) - 1 else ""))
     return "\n".join(lines + ["}"]) + "\n"
 
 

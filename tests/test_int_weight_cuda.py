@@ -317,5 +317,32 @@ def test_measured_dispatch_takes_the_nearest_shape_and_the_largest_measured_m(tm
         iwc.dispatch_table.cache_clear()
         assert iwc.measured_choice(64, 4096, 4096, "Card B", "9.0") == "wgmma:rs:64"  # the same capability's table
         assert iwc.measured_choice(64, 4096, 4096, "Card B", "10.0") is None
+        # 8-bit weights have a table of their own; a GPU without one takes a same-capability GPU's
+        assert iwc.measured_choice(64, 4096, 4096, "Card A", bits=8) is None
+        table["Card C"] = {"capability": "9.0", "shapes": {}, "shapes_b8": {"4096x4096": [[17, "mma"], [128, "wgmma:ws:128"]]}}
+        (tmp_path / "int_weight_dispatch.json").write_text(__import__("json").dumps(table))
+        iwc.dispatch_table.cache_clear()
+        assert iwc.measured_choice(200, 4096, 4096, "Card C", bits=8) == "wgmma:ws:128"
+        assert iwc.measured_choice(200, 4096, 4096, "Card A", "9.0", bits=8) == "wgmma:ws:128"
+        assert iwc.measured_choice(200, 4096, 4096, "Card A", "9.0") == "wgmma:rs:64"  # 4-bit: its own table
     finally:
         iwc.dispatch_table.cache_clear()
+
+
+def test_the_tuners_table_file_keeps_each_widths_shapes_and_round_trips(monkeypatch):
+    """scripts/tune_int_weight.py writes one line per shape, each width's table under its own key, and
+    rewrites the shipped table byte for byte."""
+    import importlib.util
+    import json
+    import pathlib
+
+    scripts = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))  # it imports bench_kernels from there
+    spec = importlib.util.spec_from_file_location("tune_int_weight_script", scripts / "tune_int_weight.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    data = {"Card": {"capability": "9.0", "command": "c", "measured": "d", "shapes": {"1x2": [[17, "mma"]]},
+                     "shapes_b8": {"3x4": [[17, "dense"], [64, "wgmma:ws:64"]]}}}
+    assert json.loads(tune.dump_table(data)) == data
+    shipped = (scripts.parent / "csrc" / "int_weight_dispatch.json").read_text()
+    assert tune.dump_table(json.loads(shipped)) == shipped

@@ -14,9 +14,9 @@ float16 or bfloat16 on a CUDA GPU. Four paths, by the number of tokens M:
                      variants (rs, ws), 8-bit ones in ws.
   "dense":           the weight dequantized to a dense [N, K] matrix by one kernel and multiplied
                      by cuBLAS (large batches are compute-bound; cuBLAS's Hopper matmul is faster).
-Above GEMV_MAX_M, 4-bit weights take the path (and wgmma tile) measured fastest for this GPU
-(csrc/int_weight_dispatch.json, scripts/tune_int_weight.py); without a measurement, the batch
-kernel below DENSE_MIN_M and dense from it.
+Above GEMV_MAX_M, 4- and 8-bit weights take the path (and wgmma variant and tile) measured fastest
+for this GPU and width (csrc/int_weight_dispatch.json, scripts/tune_int_weight.py); without a
+measurement, the batch kernel below DENSE_MIN_M and dense from it.
 
 Also backend "cuda" of rms_norm_matmul: one token's residual add and RMSNorm in the decode
 kernel's prologue. The layout (built once, at load) is quantkit.kernels.int_weight_layout; the
@@ -223,26 +223,32 @@ def _gpu(device: torch.device) -> tuple[str, str]:
     return torch.cuda.get_device_name(device), "{}.{}".format(*torch.cuda.get_device_capability(device))
 
 
+def table_key(bits: int) -> str:
+    """Where a GPU's entry in csrc/int_weight_dispatch.json keeps the choices for `bits`-bit weights."""
+    return "shapes" if bits == 4 else f"shapes_b{bits}"
+
+
 @functools.cache
-def dispatch_table(gpu: str, capability: str | None = None) -> dict[tuple[int, int], list[tuple[int, str]]]:
-    """The measured choices above GEMV_MAX_M tokens for the GPU named `gpu` (csrc/int_weight_dispatch.json,
-    written by scripts/tune_int_weight.py), else for a measured GPU of the same compute capability
-    ("9.0"): shape (N, K) -> [(from M, choice)], choice "mma", "dense" or "wgmma:<kind>:<BN>".
-    Empty where neither was measured."""
+def dispatch_table(gpu: str, capability: str | None = None, bits: int = 4) -> dict[tuple[int, int], list[tuple[int, str]]]:
+    """The measured choices above GEMV_MAX_M tokens for `bits`-bit weights on the GPU named `gpu`
+    (csrc/int_weight_dispatch.json, written by scripts/tune_int_weight.py), else on a measured GPU of
+    the same compute capability ("9.0"): shape (N, K) -> [(from M, choice)], choice "mma", "dense" or
+    "wgmma:<kind>:<BN>". Empty where neither was measured."""
     path = csrc_dir() / "int_weight_dispatch.json"
     data = json.loads(path.read_text()) if path.exists() else {}
-    same_kind = (e for _, e in sorted(data.items()) if capability and e.get("capability") == capability)
-    entry = data.get(gpu) or next(same_kind, None)
+    key = table_key(bits)
+    same_kind = (e for _, e in sorted(data.items()) if capability and e.get("capability") == capability and key in e)
+    entry = data.get(gpu) if key in data.get(gpu, {}) else next(same_kind, None)
     if not entry:
         return {}
     return {tuple(map(int, shape.split("x"))): [(int(m), c) for m, c in rows]
-            for shape, rows in entry["shapes"].items()}
+            for shape, rows in entry[key].items()}
 
 
-def measured_choice(m: int, n: int, k: int, gpu: str, capability: str | None = None) -> str | None:
-    """The table's choice for m tokens on the measured shape nearest (N, K) (in log N + log K):
-    the entry of the largest measured M <= m. None: no table for this GPU (dispatch_table)."""
-    table = dispatch_table(gpu, capability)
+def measured_choice(m: int, n: int, k: int, gpu: str, capability: str | None = None, bits: int = 4) -> str | None:
+    """The table's choice for m tokens of `bits`-bit weights on the measured shape nearest (N, K) (in
+    log N + log K): the entry of the largest measured M <= m. None: no table for this GPU (dispatch_table)."""
+    table = dispatch_table(gpu, capability, bits)
     if not table:
         return None
     shape = min(table, key=lambda s: (abs(math.log(s[0] / n)) + abs(math.log(s[1] / k)), s))
@@ -252,9 +258,9 @@ def measured_choice(m: int, n: int, k: int, gpu: str, capability: str | None = N
 
 def _path(m: int, w: PreparedIntWeight, dtype: torch.dtype, device: torch.device) -> str:
     """"gemv", "mma", "dense", or the measured "wgmma:<kind>:<BN>" (its variant and token tile too)."""
-    if m > GEMV_MAX_M and w.spec.bits == 4:  # the table measures 4-bit weights; 8-bit ones keep the fixed rules
-        choice = measured_choice(m, *w.shape, *_gpu(device))
-        if choice is not None and (not choice.startswith("wgmma") or wgmma_ok(w)):
+    if m > GEMV_MAX_M:  # the table measures 4- and 8-bit weights apart; a width it lacks keeps the fixed rules
+        choice = measured_choice(m, *w.shape, *_gpu(device), bits=w.spec.bits)
+        if choice is not None and (not choice.startswith("wgmma") or wgmma_ok(w, choice.split(":")[1])):
             return choice
     if m >= DENSE_MIN_M:
         return "dense"
