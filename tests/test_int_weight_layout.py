@@ -171,58 +171,37 @@ def test_layout_is_byte_for_byte_the_one_the_kernels_were_given(case):
     assert _digest(tensors) == GOLDEN[case]
 
 
-@pytest.mark.parametrize("n,k", [(32, 32), (64, 128), (50, 300)])
-def test_rs_kernel_k_order_matches_its_permuted_x(n, k):
-    """csrc/int_weight_wgmma.cu's register-operand kernel feeds lane (g, t)'s word rt * 2 + h of a unit
-    straight to wgmma as the A fragment of k16 step h (register r: row 16 rt + g + 8 (r & 1), fragment
-    columns 16 h + 8 (r >> 1) + 2 t + c), and reads x through fragment_order: the two K orders agree, so
-    the product is q @ x^T."""
+@pytest.mark.parametrize("bits,n,k", [(4, 32, 32), (4, 64, 128), (4, 50, 300), (8, 32, 128), (8, 70, 300)])
+def test_wgmma_kernels_k_order_matches_their_permuted_x(bits, n, k):
+    """csrc/int_weight_wgmma.cu feeds each warp's dequantized words straight to wgmma as the A fragments
+    of k16 step h (register r: row 16 rt + g + 8 (r & 1), fragment columns 16 h + 8 (r >> 1) + 2 t + c)
+    and reads x through fragment_order: the two K orders agree, so the product is q @ x^T.
+    4 bits (Tile16): nibbles 4 r and 16 + 4 r of lane (g, t)'s word rt * 2 + h.
+    8 bits (Tile16x8, the ws kernel): bytes r & 1 and 2 + (r & 1) of part rt's word h * 2 + (r >> 1)."""
     from quantkit.kernels.launch_int_weight_wgmma import fragment_order
 
-    q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
-    words = repack(q, 4).to(torch.int64) & 0xFFFFFFFF
+    half = 1 << (bits - 1)
+    q = torch.randint(-half, half, (n, k), dtype=torch.int8)
+    words = repack(q, bits).to(torch.int64) & 0xFFFFFFFF
     rb, ks = words.shape[:2]
+    mask = (1 << bits) - 1
     a = torch.zeros(rb * 32, ks * 32, dtype=torch.float64)
     for lane in range(32):
         g, t = lane // 4, lane % 4
         for rt in range(2):
             for h in range(2):
                 for r in range(4):
-                    word = words[:, :, 0, lane, rt * 2 + h] >> (4 * r)
+                    if bits == 4:
+                        word = words[:, :, 0, lane, rt * 2 + h] >> (4 * r)
+                    else:
+                        word = words[:, :, rt, lane, h * 2 + (r >> 1)] >> (8 * (r & 1))
                     row = 16 * rt + g + 8 * (r & 1)
-                    for c, value in enumerate((word & 0xF, (word >> 16) & 0xF)):
-                        a.view(rb, 32, ks, 32)[:, row, :, 16 * h + 8 * (r >> 1) + 2 * t + c] = (value - 8).double()
+                    for c, value in enumerate((word & mask, (word >> 16) & mask)):
+                        a.view(rb, 32, ks, 32)[:, row, :, 16 * h + 8 * (r >> 1) + 2 * t + c] = (value - half).double()
     x = torch.randn(5, ks * 32, dtype=torch.float64)
     x[:, k:] = 0
     torch.testing.assert_close((a @ fragment_order(x).T)[:n], q.double() @ x[:, :k].T)
 
-
-
-@pytest.mark.parametrize("n,k", [(32, 128), (70, 300)])
-def test_ws_kernel_8_bit_k_order_matches_its_permuted_x(n, k):
-    """The "ws" kernel's 8-bit weights (Tile16x8 in csrc/int_weight_wgmma.cu): warp rows half rt reads
-    part rt of a unit; bytes (hr, 2 + hr) of word h * 2 + hc (a pair at 0x00ff00ff after a shift of
-    8 hr) are register r = 2 hc + hr of k16 step h, row 16 rt + g + 8 hr, fragment columns
-    16 h + 8 hc + 2 t + c. With x in fragment_order's K order the product is q @ x^T, as for 4 bits."""
-    from quantkit.kernels.launch_int_weight_wgmma import fragment_order
-
-    q = torch.randint(-128, 128, (n, k), dtype=torch.int8)
-    words = repack(q, 8).to(torch.int64) & 0xFFFFFFFF
-    rb, ks = words.shape[:2]
-    a = torch.zeros(rb * 32, ks * 32, dtype=torch.float64)
-    for lane in range(32):
-        g, t = lane // 4, lane % 4
-        for rt in range(2):
-            for h in range(2):
-                for r in range(4):
-                    hc, hr = r >> 1, r & 1
-                    word = words[:, :, rt, lane, h * 2 + hc] >> (8 * hr)
-                    row = 16 * rt + g + 8 * hr
-                    for c, value in enumerate((word & 0xFF, (word >> 16) & 0xFF)):
-                        a.view(rb, 32, ks, 32)[:, row, :, 16 * h + 8 * hc + 2 * t + c] = (value - 128).double()
-    x = torch.randn(5, ks * 32, dtype=torch.float64)
-    x[:, k:] = 0
-    torch.testing.assert_close((a @ fragment_order(x).T)[:n], q.double() @ x[:, :k].T)
 
 @pytest.mark.parametrize("m,k,bn", [(5, 96, 32), (70, 256, 64), (33, 1000, 128)])
 def test_ws_kernel_x_tiles_hold_x_where_the_wgmma_descriptors_read_it(m, k, bn):
