@@ -62,8 +62,9 @@ def main() -> None:
     p.add_argument("--shapes", nargs="+", default=SHAPES)
     p.add_argument("--ms", type=int, nargs="+", default=MS)
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=["rs"],
-                   help="wgmma variants to try (ss lost to rs at every shape and M measured: csrc/NOTES.md)")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
+                   help="wgmma variants to try (default: all; ss, dropped, lost to rs at every shape and M measured: "
+                        "csrc/NOTES.md)")
     p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="weight width (each has its own table)")
     p.add_argument("--write", action="store_true", help="merge this GPU's table into csrc/int_weight_dispatch.json")
     p.add_argument("--json-out", default=None, help="every timing, as JSON")
