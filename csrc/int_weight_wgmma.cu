@@ -132,19 +132,23 @@ __device__ __forceinline__ void load_x_tile(unsigned char* xs, const T* __restri
     }
 }
 
-// The two warpgroups that hold the accumulators (threads 0-255), without the ws kernel's producer warp.
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }
+// The WGS warpgroups that hold the accumulators (threads 0 .. 128 WGS - 1), without the ws kernel's producer.
+template <int WGS> __device__ __forceinline__ void consumers_sync() {
+    asm volatile("bar.sync 1, %0;\n" ::"n"(128 * WGS) : "memory");
+}
 
-// The block's tile of y from the accumulators (accumulator i: weight row 16 w4 + g + 8 ((i >> 1) & 1) of the
-// warpgroup's 64, token 8 (i >> 2) + 2 t + (i & 1)), plus bias; with K splits, the float32 partials go to ws
-// and the last block of the tile to arrive adds them in split order.
-template <typename T, int BN>
+// The block's tile of y from the accumulators of its WGS warpgroups (64 WGS weight rows; accumulator i:
+// weight row 16 w4 + g + 8 ((i >> 1) & 1) of the warpgroup's 64, token 8 (i >> 2) + 2 t + (i & 1)), plus
+// bias; with K splits, the float32 partials go to ws and the last block of the tile to arrive adds them in
+// split order.
+template <typename T, int BN, int WGS = 2>
 __device__ __forceinline__ void store_tile(const float* acc, const T* __restrict__ bias, T* __restrict__ y,
                                            float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int ldy,
                                            int m0) {
+    constexpr int ROWS = 64 * WGS, THREADS = 128 * WGS;
     const int tid = threadIdx.x, wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t = lane & 3;
-    const int n_base = blockIdx.x * BM + wg * 64 + 16 * w4 + g;
-    const int splits = gridDim.y, Np = gridDim.x * BM;
+    const int n_base = blockIdx.x * ROWS + wg * 64 + 16 * w4 + g;
+    const int splits = gridDim.y, Np = gridDim.x * ROWS;
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) {
         const int n = n_base + 8 * ((i >> 1) & 1), m = m0 + 8 * (i >> 2) + 2 * t + (i & 1);
@@ -159,15 +163,15 @@ __device__ __forceinline__ void store_tile(const float* acc, const T* __restrict
 
     __shared__ u32 is_last;
     __threadfence();
-    consumers_sync();
+    consumers_sync<WGS>();
     u32* counter = counters + (size_t)blockIdx.z * gridDim.x + blockIdx.x;
     if (tid == 0) is_last = atomicAdd(counter, 1u) == (u32)(splits - 1);
-    consumers_sync();
+    consumers_sync<WGS>();
     if (!is_last) return;
     __threadfence();
     const int rows = min(BN, M - m0);
-    for (int item = tid; item < rows * BM; item += 256) {
-        const int m = m0 + item / BM, n = blockIdx.x * BM + item % BM;
+    for (int item = tid; item < rows * ROWS; item += THREADS) {
+        const int m = m0 + item / ROWS, n = blockIdx.x * ROWS + item % ROWS;
         if (n >= N) continue;
         float v = 0.0f;
         for (int s = 0; s < splits; ++s) v += __ldcg(ws + ((size_t)s * M + m) * Np + n);
@@ -403,11 +407,12 @@ __device__ __forceinline__ void wgmma_x_tiles(const T* __restrict__ x, T* __rest
 X_TILES(f16, __half)
 X_TILES(bf16, __nv_bfloat16)
 
-template <int BN, bool ASYM, int STAGES, int BITS> struct SmemWS {
+template <int BN, bool ASYM, int STAGES, int BITS, int WGS> struct SmemWS {
+    static constexpr int RB = 2 * WGS;     // row blocks of 32 per block
     static constexpr int X = BN * BK * 2;  // x tile: BN rows of 128 bytes (1024-byte multiple: the swizzle)
     static constexpr int UNIT = BITS / 4 * 512;  // one unit of a row block: BITS / 4 parts x 32 lanes x 16 bytes
-    static constexpr int W = 4 * 2 * UNIT;       // 4 row blocks x 2 units
-    static constexpr int S = 4 * 2 * 64;   // 4 row blocks x 2 units x 32 rows of scales
+    static constexpr int W = RB * 2 * UNIT;      // RB row blocks x 2 units
+    static constexpr int S = RB * 2 * 64;  // RB row blocks x 2 units x 32 rows of scales
     static constexpr int W_AT = STAGES * X, S_AT = W_AT + STAGES * W, Z_AT = S_AT + STAGES * S;
     static constexpr int BYTES = Z_AT + (ASYM ? STAGES * S : 0);
     static constexpr u32 TX = X + W + S * (ASYM ? 2 : 1);  // bytes a slot's copies bring
@@ -416,20 +421,27 @@ template <int BN, bool ASYM, int STAGES, int BITS> struct SmemWS {
 // Registers: ptxas caps a 9-warp block at 168 a thread (one block per SM), where the BN = 256 consumers
 // spill; so the producer is a whole warpgroup (warps 8-11, only warp 8 copies) that gives its registers
 // back (setmaxnreg) to the consumers, as warp-specialized Hopper GEMMs do.
-template <int MINB> struct WsRegs {
-    static constexpr int PRODUCER = MINB == 1 ? 40 : 24;
-    static constexpr int CONSUMER = MINB == 1 ? 232 : 112;  // (65536 / MINB - 128 PRODUCER) / 256, to 8
+// setmaxnreg moves registers within what the block was launched with: ptxas gives a kernel that uses it the
+// launch bound's cap (CAP: 168 for 384 threads, 80 for 384 x 2 blocks, 96 for 640), so the producer's and
+// consumers' counts must add up to no more than CAP x threads, or setmaxnreg.inc waits forever.
+template <int MINB, int WGS> struct WsRegs {
+    static constexpr int THREADS = 128 * WGS + 128;
+    static constexpr int CAP = 65536 / (THREADS * MINB) / 8 * 8;
+    static constexpr int PRODUCER = MINB == 1 && WGS == 2 ? 40 : 24;
+    static constexpr int CONSUMER = (CAP * THREADS - 128 * PRODUCER) / (128 * WGS) / 8 * 8;  // 232, 104; 4 WGs: 112
+    static_assert(CONSUMER >= CAP && 128 * PRODUCER + 128 * WGS * CONSUMER <= CAP * THREADS, "register budget");
 };
 template <int R> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
 template <int R> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R)); }
 
-template <typename T, int BITS, bool ASYM, int BN, int STAGES, int MINB>
+template <typename T, int BITS, bool ASYM, int BN, int STAGES, int MINB, int WGS>
 __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __restrict__ w, const T* __restrict__ scales,
                                     const T* __restrict__ zeros, const T* __restrict__ bias, T* __restrict__ y,
                                     float* __restrict__ ws, u32* __restrict__ counters, int M, int N, int RB, int KS,
                                     int ldy, int tr, int sshift, int sps, int kt_per_split) {
     typedef typename Pair<T>::type T2;
-    typedef SmemWS<BN, ASYM, STAGES, BITS> L;
+    typedef SmemWS<BN, ASYM, STAGES, BITS, WGS> L;
+    constexpr int CONSUMERS = 128 * WGS;
     constexpr int ACC = BN / 2;
     static_assert(STAGES >= 3, "the producer refills k-tile i - 1's slot while the consumers read i and i + 1");
 
@@ -441,39 +453,47 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
     const int kt_begin = blockIdx.y * kt_per_split, nkt = min(KT, kt_begin + kt_per_split) - kt_begin;
     if (tid == 0) {
 #pragma unroll
-        for (int s = 0; s < STAGES; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], 8);
+        for (int s = 0; s < STAGES; ++s) mbar_init(&full[s], 1), mbar_init(&empty[s], 4 * WGS);
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
     pdl_wait();
 
-    if (tid >= 256) {  // the producer: warp 8's lane 0-3 a row block's words, 4-11 scales, 12-19 zeros, 20 x
-        regs_dec<WsRegs<MINB>::PRODUCER>();
-        if (tid >= 288) return;
-        const int lane = tid & 31, j = (lane - 4) & 7;
-        const int rb = min((int)blockIdx.x * 4 + (lane < 4 ? lane : j >> 1), RB - 1);
-        const T* table = lane < 12 ? scales : zeros;
+    if (tid >= CONSUMERS) {  // the producer: warp 4 WGS's lanes issue the copies, lane c copies c, c + 32, ...
+        regs_dec<WsRegs<MINB, WGS>::PRODUCER>();
+        if (tid >= CONSUMERS + 32) return;
+        // copy c: [0, RB) a row block's words; [RB, 3 RB) scales of (row block, unit) c - RB; then as many
+        // zeros (asymmetric); last, the x tile
+        constexpr int W_END = L::RB, S_END = 3 * L::RB, Z_END = S_END + (ASYM ? 2 * L::RB : 0), COPIES = Z_END + 1;
+        const int lane = tid & 31;
         const T* xsrc = xt + (size_t)blockIdx.z * KT * BN * BK;
         for (int i = 0; i < nkt; ++i) {
             const int slot = i % STAGES, kt = kt_begin + i;
             if (i >= STAGES) mbar_wait(&empty[slot], ((i / STAGES) - 1) & 1);
             if (lane == 0) mbar_expect_tx(&full[slot], L::TX);
             __syncwarp();
-            if (lane < 4) {  // uint4 index ((rb KS + ks) parts + part) 32 + lane: the k-tile's 2 units in a row
-                bulk_copy(smem + L::W_AT + slot * L::W + lane * 2 * L::UNIT, w + ((size_t)rb * KS + 2 * kt) * (BITS / 4) * 32,
-                          2 * L::UNIT, &full[slot]);
-            } else if (lane < (ASYM ? 20 : 12)) {
-                const int ks = 2 * kt + (j & 1);
-                const size_t at = ((size_t)rb * tr * sps + ((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
-                bulk_copy(smem + (lane < 12 ? L::S_AT : L::Z_AT) + slot * L::S + j * 64, table + at, 64, &full[slot]);
-            } else if (lane == 20) {
-                bulk_copy(smem + slot * L::X, xsrc + (size_t)kt * BN * BK, L::X, &full[slot]);
+#pragma unroll
+            for (int c = lane; c < COPIES; c += 32) {
+                if (c < W_END) {  // uint4 index ((rb KS + ks) parts + part) 32 + lane: the k-tile's 2 units in a row
+                    const int rb = min((int)blockIdx.x * L::RB + c, RB - 1);
+                    bulk_copy(smem + L::W_AT + slot * L::W + c * 2 * L::UNIT,
+                              w + ((size_t)rb * KS + 2 * kt) * (BITS / 4) * 32, 2 * L::UNIT, &full[slot]);
+                } else if (c < Z_END) {
+                    const int jj = (c - W_END) % (2 * L::RB), ks = 2 * kt + (jj & 1);
+                    const int rb = min((int)blockIdx.x * L::RB + (jj >> 1), RB - 1);
+                    const size_t at = ((size_t)rb * tr * sps + ((ks >> 2) >> sshift) * sps + ((ks & 3) & (sps - 1))) * 32;
+                    const bool z = c >= S_END;
+                    bulk_copy(smem + (z ? L::Z_AT : L::S_AT) + slot * L::S + jj * 64, (z ? zeros : scales) + at, 64,
+                              &full[slot]);
+                } else {
+                    bulk_copy(smem + slot * L::X, xsrc + (size_t)kt * BN * BK, L::X, &full[slot]);
+                }
             }
         }
         return;
     }
 
-    regs_inc<WsRegs<MINB>::CONSUMER>();
+    regs_inc<WsRegs<MINB, WGS>::CONSUMER>();
     const int wg = tid >> 7, w4 = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, rt = w4 & 1;
     const int j = 2 * wg + (w4 >> 1);  // the block's row block this warp's rows lie in
     const int m0 = blockIdx.z * BN;
@@ -529,23 +549,29 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
     wgmma_wait<0>();
     fence_acc<ACC>(acc);
     pdl_trigger();
-    store_tile<T, BN>(acc, bias, y, ws, counters, M, N, ldy, m0);
+    store_tile<T, BN, WGS>(acc, bias, y, ws, counters, M, N, ldy, m0);
 }
 
-#define WS_KERNEL(SUFFIX, T, BITS, ASYM, BN, STAGES, MINB)                                                               \
-    extern "C" __global__ void __launch_bounds__(384, MINB) int_weight_wgmma_ws_##SUFFIX##_bn##BN##_s##STAGES(          \
+#define WS_KERNEL(KIND, WGS, SUFFIX, T, BITS, ASYM, BN, STAGES, MINB)                                                   \
+    extern "C" __global__ void __launch_bounds__(128 * WGS + 128, MINB)                                                 \
+        int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES(                                                         \
         const T* xt, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,      \
         int M, int N, int RB, int KS, int ldy, int tr, int sshift, int sps, int kt_per_split) {                           \
-        int_weight_wgmma_ws<T, BITS, ASYM, BN, STAGES, MINB>(xt, w, scales, zeros, bias, y, ws, counters, M, N, RB, KS, ldy, tr,     \
+        int_weight_wgmma_ws<T, BITS, ASYM, BN, STAGES, MINB, WGS>(xt, w, scales, zeros, bias, y, ws, counters, M, N, RB, KS, ldy, tr,     \
                                                  sshift, sps, kt_per_split);                                             \
     }
-// Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES["ws"]) and blocks per
-// multiprocessor: two for BN <= 64 (80 registers at entry), one for BN >= 128. ptxas (CUDA 13.0) compiles
-// the consumers within what setmaxnreg grants at one block (BN = 256: no spills; 144 bytes spilled
-// without it), but at two blocks it refused BN = 128's m64n128 wgmma at the 80-register entry bound (C7602).
+// Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES) and blocks per multiprocessor:
+// "ws" (two consumer warpgroups, 128 weight rows): two blocks for BN <= 64 (80 registers at entry), one
+// for BN >= 128. ptxas (CUDA 13.0) compiles the consumers within what setmaxnreg grants at one block (BN = 256:
+// no spills; 144 bytes spilled without it), but at two blocks it refused BN = 128's m64n128 wgmma at the
+// 80-register entry bound (C7602).
+// "ws4" (four consumer warpgroups, 256 weight rows, one block): each x tile serves twice the weight rows,
+// which halves the x tiles read from L2 (at M = 64 on 28672 x 8192: 224 MB of x against 117 MB of weights
+// with 128 rows a block). BN <= 64 only: at BN = 128 its 112 registers serialize the wgmmas (C7512).
 #define WS_TILES(SUFFIX, T, BITS, ASYM, S64)                                                                   \
-    WS_KERNEL(SUFFIX, T, BITS, ASYM, 32, 8, 2) WS_KERNEL(SUFFIX, T, BITS, ASYM, 64, S64, 2)                          \
-    WS_KERNEL(SUFFIX, T, BITS, ASYM, 128, 8, 1) WS_KERNEL(SUFFIX, T, BITS, ASYM, 256, 5, 1)
+    WS_KERNEL(ws, 2, SUFFIX, T, BITS, ASYM, 32, 8, 2) WS_KERNEL(ws, 2, SUFFIX, T, BITS, ASYM, 64, S64, 2)              \
+    WS_KERNEL(ws, 2, SUFFIX, T, BITS, ASYM, 128, 8, 1) WS_KERNEL(ws, 2, SUFFIX, T, BITS, ASYM, 256, 5, 1)              \
+    WS_KERNEL(ws4, 4, SUFFIX, T, BITS, ASYM, 32, 8, 1) WS_KERNEL(ws4, 4, SUFFIX, T, BITS, ASYM, 64, 8, 1)
 
 #define WGMMA_KERNEL(KIND, SUFFIX, T, ASYM, BN, STAGES)                                                                  \
     extern "C" __global__ void __launch_bounds__(256, BN > 128 ? 1 : 2)                                                  \

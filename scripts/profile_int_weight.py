@@ -30,7 +30,7 @@ from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import engine_ops, int_weight_matmul, prepare_int_weight
 from quantkit.kernels import int_weight_cuda as iwc
 from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
-from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
+from quantkit.kernels.launch_int_weight_wgmma import KIND_TILES as WGMMA_KIND_TILES
 
 SPEC = IntSpec(4, True, 128)
 ROTATE_BYTES = 200e6
@@ -68,7 +68,7 @@ def paths(shapes: list[tuple[int, int]], ms: list[int], iters: int) -> None:
             runs = ([("decode", "gemv")] if m <= iwc.GEMV_MAX_M else []) + ([("batch", "mma")] if m > 1 else [])
             runs += [("dense", "dense")] if m >= 64 else []
             runs = [(label, path, None, None) for label, path in runs]
-            runs += [(f"{kind}{bn}", "wgmma", bn, kind) for kind in WGMMA_KINDS for bn in WGMMA_TILES
+            runs += [(f"{kind}{bn}", "wgmma", bn, kind) for kind in WGMMA_KINDS for bn in WGMMA_KIND_TILES[kind]
                      if iwc.wgmma_ok(w) and bn // 4 < m <= 4 * bn]
             for label, path, bn, kind in runs:
                 err = rel_err(iwc._matmul(xs[0], w, None, path=path, bn=bn, kind=kind), ref)

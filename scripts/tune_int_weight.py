@@ -27,7 +27,7 @@ from bench_kernels import time_us  # scripts/ is on sys.path when run as a scrip
 from quantkit.formats import IntSpec, pack_int32
 from quantkit.kernels import int_weight_cuda as iwc
 from quantkit.kernels import prepare_int_weight
-from quantkit.kernels.launch_int_weight_wgmma import BITS, KINDS, TILES
+from quantkit.kernels.launch_int_weight_wgmma import BITS, KIND_TILES, KINDS
 from quantkit.resources import csrc_dir
 
 SHAPES = ["4096x4096", "12288x4096", "4096x11008", "22016x4096", "28672x8192", "8192x28672"]
@@ -47,7 +47,8 @@ def weight(n: int, k: int, bits: int = 4):
 def candidates(m: int, hopper: bool, kinds: list[str], bits: int = 4) -> list[str]:
     paths = ["mma"] + (["dense"] if m >= 64 else [])
     if hopper:
-        paths += [f"wgmma:{kind}:{bn}" for kind in kinds if bits in BITS[kind] for bn in TILES if bn // 4 < m <= 4 * bn]
+        paths += [f"wgmma:{kind}:{bn}" for kind in kinds if bits in BITS[kind] for bn in KIND_TILES[kind]
+                  if bn // 4 < m <= 4 * bn]
     return paths
 
 

@@ -12,6 +12,8 @@ import torch
 from quantkit.formats import IntSpec, pack_int32, quantize_rtn
 from quantkit.kernels import cuda, engine_ops, int_weight_matmul, prepare_int_weight, rms_norm_matmul, select_backend
 from quantkit.kernels import int_weight_cuda as iwc
+from quantkit.kernels.launch_int_weight_wgmma import BITS as WGMMA_BITS
+from quantkit.kernels.launch_int_weight_wgmma import KIND_TILES as WGMMA_KIND_TILES
 from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
 from quantkit.kernels.int_weight_cuda import (GEMV, ROW_BLOCK_GEMV, _gemv_variant, _matmul, _path, fused_rms_norm_matmul,
                                               unsupported)
@@ -234,11 +236,10 @@ def test_wgmma_kernel_matches_the_reference(spec, n, k, m, kind):
 
 
 @hopper
-@pytest.mark.parametrize("bn", [32, 64, 128, 256])
+@pytest.mark.parametrize("kind,bn", [(kind, bn) for kind in WGMMA_KINDS for bn in WGMMA_KIND_TILES[kind]])
 @pytest.mark.parametrize("m", [3, 16, 77, 129, 300, 513])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("kind", WGMMA_KINDS)
-def test_every_wgmma_token_tile_matches_the_reference(bn, m, dtype, kind):
+def test_every_wgmma_token_tile_matches_the_reference(kind, bn, m, dtype):
     cu, ref = _weights(1056, 4096, IntSpec(4, False, 128), dtype, seed=m)
     x = torch.randn(m, 4096, device="cuda", dtype=dtype)
     y = _matmul(x, cu, None, path="wgmma", bn=bn, kind=kind)
@@ -261,14 +262,15 @@ def test_wgmma_kernel_takes_act_order_strided_inputs_and_is_deterministic(spec, 
 
 @hopper
 @pytest.mark.parametrize("spec", [IntSpec(8, True, 128), IntSpec(8, False, 32), IntSpec(8, True, None)], ids=str)
-@pytest.mark.parametrize("bn", [32, 64, 128, 256])
+@pytest.mark.parametrize("kind,bn", [(kind, bn) for kind in WGMMA_KINDS for bn in WGMMA_KIND_TILES[kind]
+                                     if 8 in WGMMA_BITS[kind]])
 @pytest.mark.parametrize("m", [17, 100, 513])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_ws_kernel_takes_8_bit_weights(spec, bn, m, dtype):
+def test_ws_kernels_take_8_bit_weights(spec, kind, bn, m, dtype):
     cu, ref = _weights(1000, 1000, spec, dtype, seed=m + bn)
     x = torch.randn(m, 1000, device="cuda", dtype=dtype)
     bias = torch.randn(1000, device="cuda", dtype=dtype)
-    y = _matmul(x, cu, bias, path="wgmma", bn=bn)  # 8-bit: the ws variant
+    y = _matmul(x, cu, bias, path="wgmma", bn=bn, kind=kind)
     assert _rel_err(y, int_weight_matmul(x, ref, bias)) < (2e-3 if dtype == torch.float16 else 1e-2)
 
 

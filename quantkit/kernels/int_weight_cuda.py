@@ -40,6 +40,7 @@ from quantkit.kernels.launch_int_weight_mma import (MODULE, GemvVariant, dequant
                                                    int_weight_dequant, int_weight_gemv, int_weight_mma, mma_kernel)
 from quantkit.kernels.launch_int_weight_wgmma import BITS as WGMMA_BITS
 from quantkit.kernels.launch_int_weight_wgmma import BM as WGMMA_BM
+from quantkit.kernels.launch_int_weight_wgmma import KIND_TILES as WGMMA_KIND_TILES
 from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
 from quantkit.kernels.launch_int_weight_wgmma import MODULE as WGMMA_MODULE
 from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
@@ -212,9 +213,9 @@ def wgmma_ok(w: PreparedIntWeight, kind: str | None = None) -> bool:
     return any(w.spec.bits in WGMMA_BITS.get(k, ()) for k in kinds) and cuda.arch_specific_ok()
 
 
-def wgmma_tile(m: int) -> int:
-    """The token tile BN for m tokens (WGMMA_TILE_COST; ties go to the larger tile)."""
-    return min(WGMMA_TILES, key=lambda bn: (-(-m // bn) * (bn + WGMMA_TILE_COST), -bn))
+def wgmma_tile(m: int, tiles: tuple[int, ...] = WGMMA_TILES) -> int:
+    """The token tile BN (of `tiles`) for m tokens (WGMMA_TILE_COST; ties go to the larger tile)."""
+    return min(tiles, key=lambda bn: (-(-m // bn) * (bn + WGMMA_TILE_COST), -bn))
 
 
 @functools.cache
@@ -399,14 +400,15 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     rb, ks = words.shape[:2]
     m, n = y.shape
     bits = w.spec.bits
-    kind, bn = kind or (WGMMA_KIND if bits in WGMMA_BITS[WGMMA_KIND] else "ws"), bn or wgmma_tile(m)
-    if bn not in WGMMA_TILES:
-        raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_TILES}, got {bn}")
+    kind = kind or (WGMMA_KIND if bits in WGMMA_BITS[WGMMA_KIND] else "ws")
     if kind not in WGMMA_KINDS:
         raise ValueError(f"the wgmma kernel's variants are {WGMMA_KINDS}, got {kind!r}")
+    bn = bn or wgmma_tile(m, WGMMA_KIND_TILES[kind])
+    if bn not in WGMMA_KIND_TILES[kind]:
+        raise ValueError(f"the wgmma kernel's token tile is one of {WGMMA_KIND_TILES[kind]} in {kind}, got {bn}")
     name = wgmma_kernel(kind, x2.dtype, zeros is not None, bn, bits)
     smem = shared_bytes(kind, bn, zeros is not None, bits)
-    row_tiles, token_tiles = -(-rb * 32 // WGMMA_BM), -(-m // bn)
+    row_tiles, token_tiles = -(-rb * 32 // WGMMA_BM[kind]), -(-m // bn)
     k_tiles = ks // 2
     slots = torch.cuda.get_device_properties(x2.device).multi_processor_count * cuda.resident_blocks(
         name, WGMMA_MODULE, WGMMA_THREADS[kind], smem)
@@ -416,10 +418,10 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     split = max(1, min(slots // tiles, k_tiles // WGMMA_MIN_K_TILES)) if 2 * tiles <= slots else 1
     per_split = -(-k_tiles // split)
     splits = -(-k_tiles // per_split)
-    ws = torch.empty(splits, m, row_tiles * WGMMA_BM, dtype=torch.float32, device=x2.device) if splits > 1 else None
+    ws = torch.empty(splits, m, row_tiles * WGMMA_BM[kind], dtype=torch.float32, device=x2.device) if splits > 1 else None
     tr, sshift, sps = _table_args(w)
     counters = cuda.counters("int_weight", x2.device, tiles)
-    if kind == "ws":
+    if kind != "rs":
         int_weight_wgmma_ws(name, (row_tiles, splits, token_tiles), xt=x_tiles(x2, x2.shape[1], ks, bn), w=words,
                             scales=scales, zeros=zeros, bias=bias, y=y, ws=ws, counters=counters, M=m, N=n, RB=rb,
                             KS=ks, ldy=n, tr=tr, sshift=sshift, sps=sps, kt_per_split=per_split, shared_mem=smem)

@@ -12,21 +12,27 @@ import torch
 from quantkit.kernels import cuda
 
 MODULE = "int_weight_wgmma"
-BM = 128  # weight rows per block, as in the .cu
 BK = 64  # columns per k-tile
 TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates
-# The variants, both with the dequantized weights as wgmma's register A operand (A in shared memory,
+# The variants, all with the dequantized weights as wgmma's register A operand (A in shared memory,
 # "ss", lost everywhere measured: git tag wgmma-ss-variant):
-#   "rs"  two warpgroups that cp.async their own ring and meet at a block barrier every k-tile;
-#   "ws"  the same two warpgroups fed by a producer warp's bulk copies (TMA) through mbarriers, x laid
-#         out beforehand in the slots' order (x_tiles).
-KINDS = ("rs", "ws")
-THREADS = {"rs": 256, "ws": 384}
-BITS = {"rs": (4,), "ws": (4, 8)}  # the weight widths each variant instantiates
+#   "rs"   two warpgroups (128 weight rows) that cp.async their own ring and meet at a block barrier
+#          every k-tile;
+#   "ws"   the same two warpgroups fed by a producer warpgroup's bulk copies (TMA) through mbarriers,
+#          x laid out beforehand in the slots' order (x_tiles);
+#   "ws4"  ws with four consumer warpgroups (256 weight rows): each x tile read from L2 serves twice the
+#          rows; token tiles of 32 and 64 only.
+KINDS = ("rs", "ws", "ws4")
+BM = {"rs": 128, "ws": 128, "ws4": 256}  # weight rows per block
+THREADS = {"rs": 256, "ws": 384, "ws4": 640}
+BITS = {"rs": (4,), "ws": (4, 8), "ws4": (4, 8)}  # the weight widths each variant instantiates
+KIND_TILES = {"rs": TILES, "ws": TILES, "ws4": (32, 64)}
 # the ring's depth per token tile (WGMMA_TILES, WS_TILES in the .cu), per variant and weight width
 STAGES = {("rs", 4): {32: 6, 64: 6, 128: 4, 256: 4},
           ("ws", 4): {32: 8, 64: 8, 128: 8, 256: 5},
-          ("ws", 8): {32: 8, 64: 6, 128: 8, 256: 5}}
+          ("ws", 8): {32: 8, 64: 6, 128: 8, 256: 5},
+          ("ws4", 4): {32: 8, 64: 8},
+          ("ws4", 8): {32: 8, 64: 8}}
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
@@ -39,8 +45,9 @@ def shared_bytes(kind: str, bn: int, asym: bool, bits: int = 4) -> int:
     """Dynamic shared memory of one block (SmemRS / SmemWS in the .cu): a ring of STAGES slots of x,
     packed weights and scales (and zeros), and 1 KB to align the swizzled tiles."""
     tables = 2 if asym else 1
-    if kind == "ws":
-        stage = bn * BK * 2 + 4 * 2 * bits // 4 * 512 + 4 * 2 * 64 * tables
+    if kind != "rs":
+        row_blocks = BM[kind] // 32
+        stage = bn * BK * 2 + row_blocks * 2 * bits // 4 * 512 + row_blocks * 2 * 64 * tables
     else:
         stage = bn * BK * 2 + 256 * 16 + 256 * 8 * tables
     return 1024 + STAGES[kind, bits][bn] * stage
@@ -115,9 +122,9 @@ def int_weight_wgmma_ws(kernel: str, grid: tuple[int, int, int], *, xt: torch.Te
                         scales: torch.Tensor, zeros: torch.Tensor | None, bias: torch.Tensor | None, y: torch.Tensor,
                         ws: torch.Tensor | None, counters: torch.Tensor, M: int, N: int, RB: int, KS: int, ldy: int,
                         tr: int, sshift: int, sps: int, kt_per_split: int, shared_mem: int) -> None:
-    """The "ws" variant of int_weight_wgmma: the same grid, weights, tables and outputs; x as x_tiles
-    lays it out (xt)."""
-    cuda.launch(kernel, MODULE, grid, (THREADS["ws"],),
+    """The "ws" and "ws4" variants of int_weight_wgmma: the same weights, tables and outputs, the grid's
+    row tiles of BM[kind] rows; x as x_tiles lays it out (xt)."""
+    cuda.launch(kernel, MODULE, grid, (THREADS[kernel.split("_")[3]],),
                 (xt, w, scales, _ptr(zeros), _ptr(bias), y, _ptr(ws), counters, np.int32(M), np.int32(N),
                  np.int32(RB), np.int32(KS), np.int32(ldy), np.int32(tr), np.int32(sshift), np.int32(sps),
                  np.int32(kt_per_split)),
