@@ -280,7 +280,7 @@ def _cu_parameters(source: str, head: str) -> list[str]:
     ("int_weight_mma", "__launch_bounds__(256) NAME", "int_weight_mma.int_weight_mma"),
     ("int_weight_mma", "int_weight_dequant_##SUFFIX", "int_weight_mma.int_weight_dequant"),
     ("int_weight_wgmma", "(256, BN > 128 ? 1 : 2)", "int_weight_wgmma.int_weight_wgmma"),
-    ("int_weight_wgmma", "(128 * WGS + 128, MINB)", "int_weight_wgmma.int_weight_wgmma_ws"),
+    ("int_weight_wgmma_ws", "(128 * WGS + 128, MINB)", "int_weight_wgmma.int_weight_wgmma_ws"),
     ("engine_ops", "add_rms_norm_##SUFFIX", "engine_ops.add_rms_norm"),
     ("engine_ops", "silu_mul_##SUFFIX", "engine_ops.silu_mul"),
     ("engine_ops", "rope_cache_##SUFFIX", "engine_ops.rope_cache"),

@@ -41,7 +41,7 @@ def available() -> bool:
 
 # Modules that use Hopper's architecture-specific instructions (wgmma): compiled for sm_90a, and only
 # on a GPU of compute capability 9.0 (quantkit.kernels.cuda.arch_specific_ok says whether this one is).
-ARCH_SPECIFIC = {"int_weight_wgmma"}
+ARCH_SPECIFIC = {"int_weight_wgmma", "int_weight_wgmma_ws"}
 
 
 def source(name: str) -> str:

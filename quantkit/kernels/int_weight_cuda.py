@@ -42,9 +42,9 @@ from quantkit.kernels.launch_int_weight_wgmma import BITS as WGMMA_BITS
 from quantkit.kernels.launch_int_weight_wgmma import BM as WGMMA_BM
 from quantkit.kernels.launch_int_weight_wgmma import KIND_TILES as WGMMA_KIND_TILES
 from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
-from quantkit.kernels.launch_int_weight_wgmma import MODULE as WGMMA_MODULE
 from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
 from quantkit.kernels.launch_int_weight_wgmma import THREADS as WGMMA_THREADS
+from quantkit.kernels.launch_int_weight_wgmma import module_of as wgmma_module_of
 from quantkit.kernels.launch_int_weight_wgmma import (fragment_order, int_weight_wgmma, int_weight_wgmma_ws, shared_bytes,
                                                       wgmma_kernel, x_tiles)
 from quantkit.kernels.registry import register_backend
@@ -411,7 +411,7 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     row_tiles, token_tiles = -(-rb * 32 // WGMMA_BM[kind]), -(-m // bn)
     k_tiles = ks // 2
     slots = torch.cuda.get_device_properties(x2.device).multi_processor_count * cuda.resident_blocks(
-        name, WGMMA_MODULE, WGMMA_THREADS[kind], smem)
+        name, wgmma_module_of(kind), WGMMA_THREADS[kind], smem)
     tiles = row_tiles * token_tiles
     # K splits only where the tiles leave more than half the GPU's block slots empty: a split's float32
     # partials cost more than a part-filled last wave (28672x8192 at M=64: 224 tiles on 264 slots)

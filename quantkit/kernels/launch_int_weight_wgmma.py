@@ -1,4 +1,5 @@
-"""Launches of csrc/int_weight_wgmma.cu: the Hopper (sm_90a) GEMM for 4-bit weights and many tokens.
+"""Launches of csrc/int_weight_wgmma.cu and csrc/int_weight_wgmma_ws.cu: the Hopper (sm_90a) GEMMs for
+4-bit (and, warp-specialized, 8-bit) weights and many tokens.
 
 Names as in quantkit.kernels.launch_int_weight_mma (T, N, K, RB, KS, TR, SPS); a k-tile is 64
 columns (two 32-column units), a block tile 128 weight rows x BN tokens.
@@ -11,7 +12,8 @@ import torch
 
 from quantkit.kernels import cuda
 
-MODULE = "int_weight_wgmma"
+MODULE = "int_weight_wgmma"  # rs
+MODULE_WS = "int_weight_wgmma_ws"  # ws, ws4, and x_tiles
 BK = 64  # columns per k-tile
 TILES = (32, 64, 128, 256)  # the token tiles (BN) the .cu instantiates
 # The variants, all with the dequantized weights as wgmma's register A operand (A in shared memory,
@@ -34,6 +36,10 @@ STAGES = {("rs", 4): {32: 6, 64: 6, 128: 4, 256: 4},
           ("ws4", 4): {32: 8, 64: 8},
           ("ws4", 8): {32: 8, 64: 8}}
 _T = {torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def module_of(kind: str) -> str:
+    return MODULE if kind == "rs" else MODULE_WS
 
 
 def wgmma_kernel(kind: str, dtype: torch.dtype, asym: bool, bn: int, bits: int = 4) -> str:
@@ -101,7 +107,7 @@ def x_tiles(x: torch.Tensor, K: int, KS: int, bn: int) -> torch.Tensor:
     mp = -(-m // bn) * bn
     xt = torch.empty(mp // bn, KS // 2, bn, BK, dtype=x.dtype, device=x.device)
     threads = mp * KS
-    cuda.launch(f"wgmma_x_tiles_{_T[x.dtype]}_bn{bn}", MODULE, (-(-threads // 256),), (256,),
+    cuda.launch(f"wgmma_x_tiles_{_T[x.dtype]}_bn{bn}", MODULE_WS, (-(-threads // 256),), (256,),
                 (x, xt, np.int32(m), np.int32(K), np.int32(KS), np.int32(x.stride(0)), np.int32(mp)))
     return xt
 
@@ -124,7 +130,7 @@ def int_weight_wgmma_ws(kernel: str, grid: tuple[int, int, int], *, xt: torch.Te
                         tr: int, sshift: int, sps: int, kt_per_split: int, shared_mem: int) -> None:
     """The "ws" and "ws4" variants of int_weight_wgmma: the same weights, tables and outputs, the grid's
     row tiles of BM[kind] rows; x as x_tiles lays it out (xt)."""
-    cuda.launch(kernel, MODULE, grid, (THREADS[kernel.split("_")[3]],),
+    cuda.launch(kernel, MODULE_WS, grid, (THREADS[kernel.split("_")[3]],),
                 (xt, w, scales, _ptr(zeros), _ptr(bias), y, _ptr(ws), counters, np.int32(M), np.int32(N),
                  np.int32(RB), np.int32(KS), np.int32(ldy), np.int32(tr), np.int32(sshift), np.int32(sps),
                  np.int32(kt_per_split)),
