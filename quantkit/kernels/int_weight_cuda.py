@@ -11,7 +11,7 @@ float16 or bfloat16 on a CUDA GPU. Four paths, by the number of tokens M:
                      (q - z) * s in half precision.
   "wgmma":           Hopper (csrc/int_weight_wgmma.cu): the dequantized words are wgmma's register
                      operand, x tiles in shared memory, 32-256 tokens a tile; 4-bit weights in both
-                     variants (rs, ws), 8-bit ones in ws.
+                     variants (rs, ws, ws4), 8-bit ones in ws and ws4.
   "dense":           the weight dequantized to a dense [N, K] matrix by one kernel and multiplied
                      by cuBLAS (large batches are compute-bound; cuBLAS's Hopper matmul is faster).
 Above GEMV_MAX_M, 4- and 8-bit weights take the path (and wgmma variant and tile) measured fastest
@@ -207,7 +207,7 @@ def _gemv_variant(w: PreparedIntWeight, m: int) -> GemvVariant:
 
 def wgmma_ok(w: PreparedIntWeight, kind: str | None = None) -> bool:
     """Whether the Hopper GEMM (csrc/int_weight_wgmma.cu) takes this weight here (in variant `kind`,
-    None: in some variant): 4-bit weights in either, 8-bit ones in "ws", on a GPU of compute
+    None: in some variant): 4-bit weights in every one, 8-bit ones in "ws" and "ws4", on a GPU of compute
     capability 9.0."""
     kinds = [kind] if kind is not None else WGMMA_KINDS
     return any(w.spec.bits in WGMMA_BITS.get(k, ()) for k in kinds) and cuda.arch_specific_ok()
@@ -370,7 +370,7 @@ def _matmul(x: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, pa
         if kind is not None and kind not in WGMMA_KINDS:
             raise ValueError(f"the wgmma kernel's variants are {WGMMA_KINDS}, got {kind!r}")
         if not wgmma_ok(w, kind):
-            raise ValueError(f"the wgmma kernel takes 4-bit weights (8-bit ones in its ws variant) on a compute "
+            raise ValueError(f"the wgmma kernel takes 4-bit weights (8-bit ones in its ws variants) on a compute "
                              f"capability 9.0 GPU, got {w.spec.bits}-bit" + (f" for {kind}" if kind else "")
                              + f" on {torch.cuda.get_device_name(x.device)}")
         _wgmma(x2, w, b, y, scales, zeros, bn, kind)
