@@ -4,10 +4,10 @@ GPU and shape family, and writes the table the dispatcher reads (csrc/int_weight
 For each shape NxK and token count M it times, as scripts/bench_kernels.py does (CUDA-graph
 replays over weight sets that L2 cannot hold), every path that takes that M: the batch kernel
 ("mma"), dequantize + cuBLAS ("dense"), and on Hopper the wgmma GEMM in each variant and
-token tile ("wgmma:rs:128", ...), W4A16 (--bits 8: W8A16) g128 symmetric float16 weights; the fastest becomes the
-table's entry for [M, next measured M). quantkit.kernels.int_weight_cuda then looks up the
-nearest measured shape (in log N + log K) for this GPU's name; a GPU without an entry keeps the
-fixed rules.
+token tile ("wgmma:rs:128", ...), W4A16 (--bits 8: W8A16) g128 symmetric float16 weights; the
+fastest becomes the table's entry for [M, next measured M). quantkit.kernels.int_weight_cuda then
+looks up the nearest measured shape (in log N + log K) for this GPU's name; a GPU without an entry
+keeps the fixed rules.
 
     python scripts/tune_int_weight.py [--shapes 4096x4096 ...] [--ms 17 32 64 ...] [--bits 4|8] [--write]
 """
@@ -82,7 +82,8 @@ def main() -> None:
         for m in sorted(args.ms):
             xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in sets]
             t16, *_ = time_us(lambda x, wd: torch.nn.functional.linear(x, wd), xs, dense, args.iters)
-            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0] for c in candidates(m, hopper, args.kinds, args.bits)}
+            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0]
+                     for c in candidates(m, hopper, args.kinds, args.bits)}
             best = min(times, key=times.get)
             rows.append([m, best])
             timings.append({"shape": shape, "M": m, "fp16_us": t16, "us": times, "best": best})
@@ -101,8 +102,8 @@ def main() -> None:
     console.print(out)
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"gpu": gpu, "torch": torch.__version__, "bits": args.bits, "timings": timings, "table": table}, f,
-                      indent=1)
+            json.dump({"gpu": gpu, "torch": torch.__version__, "bits": args.bits, "timings": timings,
+                       "table": table}, f, indent=1)
     if args.write:
         path = csrc_dir() / "int_weight_dispatch.json"
         data = json.loads(path.read_text()) if path.exists() else {}

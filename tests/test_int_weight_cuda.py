@@ -321,7 +321,8 @@ def test_measured_dispatch_takes_the_nearest_shape_and_the_largest_measured_m(tm
         assert iwc.measured_choice(64, 4096, 4096, "Card B", "10.0") is None
         # 8-bit weights have a table of their own; a GPU without one takes a same-capability GPU's
         assert iwc.measured_choice(64, 4096, 4096, "Card A", bits=8) is None
-        table["Card C"] = {"capability": "9.0", "shapes": {}, "shapes_b8": {"4096x4096": [[17, "mma"], [128, "wgmma:ws:128"]]}}
+        table["Card C"] = {"capability": "9.0", "shapes": {},
+                           "shapes_b8": {"4096x4096": [[17, "mma"], [128, "wgmma:ws:128"]]}}
         (tmp_path / "int_weight_dispatch.json").write_text(__import__("json").dumps(table))
         iwc.dispatch_table.cache_clear()
         assert iwc.measured_choice(200, 4096, 4096, "Card C", bits=8) == "wgmma:ws:128"

@@ -45,8 +45,8 @@ from quantkit.kernels.launch_int_weight_wgmma import KINDS as WGMMA_KINDS
 from quantkit.kernels.launch_int_weight_wgmma import TILES as WGMMA_TILES
 from quantkit.kernels.launch_int_weight_wgmma import THREADS as WGMMA_THREADS
 from quantkit.kernels.launch_int_weight_wgmma import module_of as wgmma_module_of
-from quantkit.kernels.launch_int_weight_wgmma import (fragment_order, int_weight_wgmma, int_weight_wgmma_ws, shared_bytes,
-                                                      wgmma_kernel, x_tiles)
+from quantkit.kernels.launch_int_weight_wgmma import (fragment_order, int_weight_wgmma, int_weight_wgmma_ws,
+                                                      shared_bytes, wgmma_kernel, x_tiles)
 from quantkit.kernels.registry import register_backend
 from quantkit.resources import csrc_dir
 
@@ -230,7 +230,8 @@ def table_key(bits: int) -> str:
 
 
 @functools.cache
-def dispatch_table(gpu: str, capability: str | None = None, bits: int = 4) -> dict[tuple[int, int], list[tuple[int, str]]]:
+def dispatch_table(gpu: str, capability: str | None = None,
+                   bits: int = 4) -> dict[tuple[int, int], list[tuple[int, str]]]:
     """The measured choices above GEMV_MAX_M tokens for `bits`-bit weights on the GPU named `gpu`
     (csrc/int_weight_dispatch.json, written by scripts/tune_int_weight.py), else on a measured GPU of
     the same compute capability ("9.0"): shape (N, K) -> [(from M, choice)], choice "mma", "dense" or
@@ -418,7 +419,8 @@ def _wgmma(x2: torch.Tensor, w: PreparedIntWeight, bias: torch.Tensor | None, y:
     split = max(1, min(slots // tiles, k_tiles // WGMMA_MIN_K_TILES)) if 2 * tiles <= slots else 1
     per_split = -(-k_tiles // split)
     splits = -(-k_tiles // per_split)
-    ws = torch.empty(splits, m, row_tiles * WGMMA_BM[kind], dtype=torch.float32, device=x2.device) if splits > 1 else None
+    ws = (torch.empty(splits, m, row_tiles * WGMMA_BM[kind], dtype=torch.float32, device=x2.device)
+          if splits > 1 else None)
     tr, sshift, sps = _table_args(w)
     counters = cuda.counters("int_weight", x2.device, tiles)
     if kind != "rs":

@@ -2,7 +2,7 @@
 4-bit (and, warp-specialized, 8-bit) weights and many tokens.
 
 Names as in quantkit.kernels.launch_int_weight_mma (T, N, K, RB, KS, TR, SPS); a k-tile is 64
-columns (two 32-column units), a block tile 128 weight rows x BN tokens.
+columns (two 32-column units), a block tile BM[kind] weight rows x BN tokens.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def fragment_order(x2: torch.Tensor) -> torch.Tensor:
 def x_tiles(x: torch.Tensor, K: int, KS: int, bn: int) -> torch.Tensor:
     """x [M, ldx] (rows 16-byte aligned, unit column stride, K a multiple of 8) as the "ws" kernel's
     slots take it: T [ceil(M / bn), KS / 2, bn, 64], each k-tile of a token tile in fragment order and
-    the 128-byte swizzle, zeros past M and K (csrc/int_weight_wgmma.cu, wgmma_x_tiles). One kernel."""
+    the 128-byte swizzle, zeros past M and K (csrc/int_weight_wgmma_ws.cu, wgmma_x_tiles). One kernel."""
     m = x.shape[0]
     mp = -(-m // bn) * bn
     xt = torch.empty(mp // bn, KS // 2, bn, BK, dtype=x.dtype, device=x.device)
@@ -130,7 +130,8 @@ def int_weight_wgmma_ws(kernel: str, grid: tuple[int, int, int], *, xt: torch.Te
                         tr: int, sshift: int, sps: int, kt_per_split: int, shared_mem: int) -> None:
     """The "ws" and "ws4" variants of int_weight_wgmma: the same weights, tables and outputs, the grid's
     row tiles of BM[kind] rows; x as x_tiles lays it out (xt)."""
-    cuda.launch(kernel, MODULE_WS, grid, (THREADS[kernel.split("_")[3]],),
+    kind = kernel.split("_")[3]  # int_weight_wgmma_<kind>_... (wgmma_kernel)
+    cuda.launch(kernel, MODULE_WS, grid, (THREADS[kind],),
                 (xt, w, scales, _ptr(zeros), _ptr(bias), y, _ptr(ws), counters, np.int32(M), np.int32(N),
                  np.int32(RB), np.int32(KS), np.int32(ldy), np.int32(tr), np.int32(sshift), np.int32(sps),
                  np.int32(kt_per_split)),
