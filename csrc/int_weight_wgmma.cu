@@ -95,16 +95,11 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
 #pragma unroll
         for (int u = 0; u < 2; ++u) {
             const uint2 q = reinterpret_cast<const uint2*>(slot_at(slot, L::X))[2 * tid + u];
-            const T2 s = as_pair<T>(reinterpret_cast<const u32*>(slot_at(slot, L::X + L::W))[2 * tid + u]);
-            T2 z0 = sym_zero, z1 = sym_zero;
-            if (ASYM) {
-                const T2 z = as_pair<T>(reinterpret_cast<const u32*>(slot_at(slot, L::X + L::W + L::S))[2 * tid + u]);
-                z0 = splat<T>(z.x);
-                z1 = splat<T>(z.y);
-            }
-            const T2 s0 = splat<T>(s.x), s1 = splat<T>(s.y);
-            Tile16<T>::dequant(q.x, a + 8 * u, z0, z1, s0, s1);
-            Tile16<T>::dequant(q.y, a + 8 * u + 4, z0, z1, s0, s1);
+            const u32 s = reinterpret_cast<const u32*>(slot_at(slot, L::X + L::W))[2 * tid + u];
+            const u32 z = ASYM ? reinterpret_cast<const u32*>(slot_at(slot, L::X + L::W + L::S))[2 * tid + u] : 0u;
+            const RowParams<T, ASYM> p(s, z, sym_zero);
+            Tile16<T>::dequant(q.x, a + 8 * u, p.z0, p.z1, p.s0, p.s1);
+            Tile16<T>::dequant(q.y, a + 8 * u + 4, p.z0, p.z1, p.s0, p.s1);
         }
     };
 
@@ -112,14 +107,8 @@ __device__ void int_weight_wgmma_rs(const T* __restrict__ x, const uint4* __rest
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.0f;
     auto step = [&](int i, u32 (&cur)[16], u32 (&nxt)[16]) {
-        const unsigned char* xs = slot_at(i % STAGES, 0);
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<T, BN>(acc, cur + 4 * kk, tile_desc(xs + kk * 32), 1);
-        wgmma_commit();
-        fence_acc<ACC>(acc);
-        wgmma_wait<1>();  // k-tile i - 1 retired: its registers (nxt) and its ring slot are free
-        fence_acc<ACC>(acc);
+        mma_ktile_retire_previous<T, BN>(acc, cur, slot_at(i % STAGES, 0));  // k-tile i - 1's registers (nxt),
+        //                                                                       and its ring slot, are free
         if (i + 1 < nkt) {
             cp_async_wait<STAGES - 3>();  // k-tile i + 1 has landed (this thread's copies)
             fence_async_smem();

@@ -6,7 +6,6 @@
 
 typedef unsigned long long u64;
 
-constexpr int BM = 128;  // weight rows per block (two warpgroups of 64)
 constexpr int BK = 64;   // columns per k-tile (two 32-column units)
 
 template <typename T, int N> __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 db, int acc);
@@ -188,3 +187,33 @@ template <typename T> struct Tile16x8 {
         a[3] = fin(C::template pair<0x00ff00ffu>(w1 >> 8), z1, s1);
     }
 };
+
+// The scale and zero of a lane's rows g and g + 8 (a pair each in the tables), splat for the Tile16 ops;
+// symmetric weights take sym_zero.
+template <typename T, bool ASYM> struct RowParams {
+    typedef typename Pair<T>::type T2;
+    T2 s0, s1, z0, z1;
+    __device__ __forceinline__ RowParams(u32 s, u32 z, T2 sym_zero) : z0(sym_zero), z1(sym_zero) {
+        if (ASYM) {
+            const T2 zz = as_pair<T>(z);
+            z0 = splat<T>(zz.x);
+            z1 = splat<T>(zz.y);
+        }
+        const T2 ss = as_pair<T>(s);
+        s0 = splat<T>(ss.x);
+        s1 = splat<T>(ss.y);
+    }
+};
+
+// One k-tile's 4 k16 wgmmas (A: the registers `a`, B: the swizzled x tile xs), then the wait that retires
+// the k-tile before: after it, that k-tile's A registers and x tile may be rewritten.
+template <typename T, int BN>
+__device__ __forceinline__ void mma_ktile_retire_previous(float* acc, const u32* a, const unsigned char* xs) {
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<T, BN>(acc, a + 4 * kk, tile_desc(xs + kk * 32), 1);
+    wgmma_commit();
+    fence_acc<BN / 2>(acc);
+    wgmma_wait<1>();
+    fence_acc<BN / 2>(acc);
+}

@@ -5,12 +5,12 @@
 #include "int_weight_wgmma_common.cuh"
 
 // ---- WS: warp-specialized, the ring fed by the copy engine (TMA bulk copies) -------------------------------
-// The rs kernel's consumers (the two warpgroups, the same registers and wgmma order), fed by a producer
-// warp (threads 256-287 of a producer warpgroup) instead of their own cp.async: per k-tile its lanes issue bulk copies
-// (cp.async.bulk, the async proxy: no proxy fence) of the 4 row blocks' 1 KB of words, their 64-byte
+// The rs kernel's consumers (WGS warpgroups of 64 weight rows, the same registers and wgmma order), fed by
+// the first warp of a producer warpgroup instead of their own cp.async: per k-tile its lanes issue bulk
+// copies (cp.async.bulk, the async proxy: no proxy fence) of the 2 WGS row blocks' words, their 64-byte
 // scale (and zero) rows, and the x tile, which wgmma_x_tiles has laid out beforehand exactly as the slot
 // holds it (fragment order, 128-byte swizzle, zeros past M and K: one contiguous BN x 128-byte copy).
-// full[s] completes when a slot's bytes have landed (the producer's expect_tx), empty[s] when the 8
+// full[s] completes when a slot's bytes have landed (the producer's expect_tx), empty[s] when the 4 WGS
 // consumer warps have retired the wgmma that read it: the warpgroups never meet at a block-wide barrier,
 // and the producer runs STAGES k-tiles ahead.
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -175,22 +175,17 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
         for (int u = 0; u < 2; ++u) {
             const unsigned char* unit = smem + L::W_AT + slot * L::W + (2 * j + u) * L::UNIT;
             const int at = slot * L::S + (2 * j + u) * 64 + (g * 4 + 2 * rt) * 2;
-            const T2 s = as_pair<T>(*reinterpret_cast<const u32*>(smem + L::S_AT + at));
-            T2 z0 = sym_zero, z1 = sym_zero;
-            if (ASYM) {
-                const T2 z = as_pair<T>(*reinterpret_cast<const u32*>(smem + L::Z_AT + at));
-                z0 = splat<T>(z.x);
-                z1 = splat<T>(z.y);
-            }
-            const T2 s0 = splat<T>(s.x), s1 = splat<T>(s.y);
+            const u32 s = *reinterpret_cast<const u32*>(smem + L::S_AT + at);
+            const u32 z = ASYM ? *reinterpret_cast<const u32*>(smem + L::Z_AT + at) : 0u;
+            const RowParams<T, ASYM> p(s, z, sym_zero);
             if (BITS == 4) {  // the lane's words rt * 2 + h
                 const uint2 q = *reinterpret_cast<const uint2*>(unit + (2 * lane + rt) * 8);
-                Tile16<T>::dequant(q.x, a + 8 * u, z0, z1, s0, s1);
-                Tile16<T>::dequant(q.y, a + 8 * u + 4, z0, z1, s0, s1);
+                Tile16<T>::dequant(q.x, a + 8 * u, p.z0, p.z1, p.s0, p.s1);
+                Tile16<T>::dequant(q.y, a + 8 * u + 4, p.z0, p.z1, p.s0, p.s1);
             } else {  // part rt's 4 words h * 2 + hc
                 const uint4 q = *reinterpret_cast<const uint4*>(unit + rt * 512 + lane * 16);
-                Tile16x8<T>::dequant(q.x, q.y, a + 8 * u, z0, z1, s0, s1);
-                Tile16x8<T>::dequant(q.z, q.w, a + 8 * u + 4, z0, z1, s0, s1);
+                Tile16x8<T>::dequant(q.x, q.y, a + 8 * u, p.z0, p.z1, p.s0, p.s1);
+                Tile16x8<T>::dequant(q.z, q.w, a + 8 * u + 4, p.z0, p.z1, p.s0, p.s1);
             }
         }
     };
@@ -199,14 +194,8 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
 #pragma unroll
     for (int i = 0; i < ACC; ++i) acc[i] = 0.0f;
     auto step = [&](int i, u32 (&cur)[16], u32 (&nxt)[16]) {
-        const unsigned char* xs = smem + (i % STAGES) * L::X;
-        wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; ++kk) wgmma_rs<T, BN>(acc, cur + 4 * kk, tile_desc(xs + kk * 32), 1);
-        wgmma_commit();
-        fence_acc<ACC>(acc);
-        wgmma_wait<1>();  // k-tile i - 1 retired: its registers (nxt) and its slot are free
-        fence_acc<ACC>(acc);
+        mma_ktile_retire_previous<T, BN>(acc, cur, smem + (i % STAGES) * L::X);  // k-tile i - 1's registers
+        //                                                                          (nxt) and slot are free
         if (i > 0 && lane == 0) mbar_arrive(&empty[(i - 1) % STAGES]);
         if (i + 1 < nkt) dequant(i + 1, nxt);
     };
@@ -227,8 +216,8 @@ __device__ void int_weight_wgmma_ws(const T* __restrict__ xt, const uint4* __res
         int_weight_wgmma_##KIND##_##SUFFIX##_bn##BN##_s##STAGES(                                                         \
         const T* xt, const uint4* w, const T* scales, const T* zeros, const T* bias, T* y, float* ws, u32* counters,      \
         int M, int N, int RB, int KS, int ldy, int tr, int sshift, int sps, int kt_per_split) {                           \
-        int_weight_wgmma_ws<T, BITS, ASYM, BN, STAGES, MINB, WGS>(xt, w, scales, zeros, bias, y, ws, counters, M, N, RB, KS, ldy, tr,     \
-                                                 sshift, sps, kt_per_split);                                             \
+        int_weight_wgmma_ws<T, BITS, ASYM, BN, STAGES, MINB, WGS>(xt, w, scales, zeros, bias, y, ws, counters, M, N, \
+                                                                 RB, KS, ldy, tr, sshift, sps, kt_per_split);   \
     }
 // Ring depth per token tile (quantkit.kernels.launch_int_weight_wgmma.STAGES) and blocks per multiprocessor:
 // "ws" (two consumer warpgroups, 128 weight rows): two blocks for BN <= 64 (80 registers at entry), one
