@@ -7,8 +7,10 @@
 //   add_rms_norm   h = x (+ r), rounded to T; out = w * T(h * rsqrt(mean(h^2) + eps))
 //   silu_mul       out = T(T(silu(g)) * u)
 //   rope_cache     q' = T(T(q cos) + T(rot(q) sin)), same for k; k', v written to cache slots
+//                  (the _kv8 kernels: a cache of FP8 E4M3, k' and v rounded to it, saturating)
 //   paged_attention  out[r, h] = softmax(q k^T * scale) v over the keys 0 .. pos[r] of row r's
-//                  sequence, read through its slot list (the paged KV cache); GQA by head groups.
+//                  sequence, read through its slot list (the paged KV cache, of T or, _kv8, FP8
+//                  E4M3 read exactly into float); GQA by head groups.
 // and for the families beyond Llama (Gemma's roundings where Gemma's code differs from Llama's):
 //   add_rms_norm_offset  out = T(h * rsqrt(mean(h^2) + eps) * (offset + w)), all in float (Gemma)
 //   gelu_tanh_mul  out = T(T(gelu_tanh(g)) * u)
@@ -28,10 +30,13 @@ template <typename T> __device__ __forceinline__ float f(T v);
 template <> __device__ __forceinline__ float f<float>(float v) { return v; }
 template <> __device__ __forceinline__ float f<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <> __device__ __forceinline__ float f<__nv_fp8_e4m3>(__nv_fp8_e4m3 v) { return float(v); }
 template <typename T> __device__ __forceinline__ T to(float v);
 template <> __device__ __forceinline__ float to<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half to<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 to<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+// an FP8 KV cache's entries: round to nearest even, saturating at +-448 (as torch's cast)
+template <> __device__ __forceinline__ __nv_fp8_e4m3 to<__nv_fp8_e4m3>(float v) { return __nv_fp8_e4m3(v); }
 template <typename T> __device__ __forceinline__ float r(float v) { return f<T>(to<T>(v)); }  // round through T
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }  // NVRTC has no INFINITY
@@ -186,10 +191,11 @@ __device__ void qk_rms_norm(const T* q, int ldq, const T* k, int ldk, const T* v
 }
 
 // One thread per (token, head, i < D / 2): rotates the pair (i, i + D / 2) of q (heads < Hq) or k
-// (the next Hk heads), writes q' to q_out [T, Hq, D], k' and v to the cache at the token's slot.
-template <typename T>
+// (the next Hk heads), writes q' to q_out [T, Hq, D], k' and v to the cache (of C: T, or FP8) at the
+// token's slot.
+template <typename T, typename C>
 __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const T* cos, const T* sin, int ld_cs,
-                           const long long* slots, T* q_out, T* kc, T* vc, int rows, int Hq, int Hk, int D) {
+                           const long long* slots, T* q_out, C* kc, C* vc, int rows, int Hq, int Hk, int D) {
     pdl_start();
     const int half = D / 2;
     const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -210,11 +216,11 @@ __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const 
         o[i + half] = hi;
     } else {
         const size_t base = ((size_t)slots[t] * Hk + hh) * D;
-        kc[base + i] = lo;
-        kc[base + i + half] = hi;
+        kc[base + i] = to<C>(f<T>(lo));
+        kc[base + i + half] = to<C>(f<T>(hi));
         const T* vs = v + t * ld_in + (size_t)hh * D;
-        vc[base + i] = vs[i];
-        vc[base + i + half] = vs[i + half];
+        vc[base + i] = to<C>(f<T>(vs[i]));
+        vc[base + i + half] = to<C>(f<T>(vs[i + half]));
     }
 }
 
@@ -231,9 +237,10 @@ __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const 
 // row / S); pos[row] = the row's position: it sees keys 0 .. pos[row]. LIMITED (the _window
 // kernels): with window > 0 only keys pos[row] - window + 1 .. pos[row] (a split wholly before them is
 // empty), and with softcap > 0 each score s (scale included) becomes softcap * tanh(s / softcap).
+// KV: the cache's element type (T, or FP8 E4M3: half the bytes a key, converted exactly to float).
 constexpr int ATTN_KEYS_PER_SPLIT = 64;  // 8 warps x 8 keys: one memory latency per block
-template <typename T, int NW, int MAXE, bool LIMITED>
-__device__ void paged_attention(const T* q, const T* kc, const T* vc, const long long* context, int C,
+template <typename T, typename KV, int NW, int MAXE, bool LIMITED>
+__device__ void paged_attention(const T* q, const KV* kc, const KV* vc, const long long* context, int C,
                                 const long long* pos, T* out, float* ws, int* counters, int S, int Hq, int Hk, int D,
                                 float scale, int window, float softcap) {
     pdl_start();
@@ -275,8 +282,8 @@ __device__ void paged_attention(const T* q, const T* kc, const T* vc, const long
 #pragma unroll
             for (int e = 0; e < MAXE; ++e) {
                 const int d = lane + 32 * e;
-                kv[u][e] = d < D ? f<T>(kc[base + d]) : 0.0f;
-                vv[u][e] = d < D ? f<T>(vc[base + d]) : 0.0f;
+                kv[u][e] = d < D ? f<KV>(kc[base + d]) : 0.0f;
+                vv[u][e] = d < D ? f<KV>(vc[base + d]) : 0.0f;
             }
         }
 #pragma unroll
@@ -470,18 +477,29 @@ __device__ void silu_mul_quant(const T* g, const T* u, int ld_in, const float* g
         silu_mul_quant<T, Q>(g, u, ld_in, given, q, scale, I);                                                      \
     }
 
-#define ATTENTION(SUFFIX, T, E)                                                                                     \
+#define ATTENTION(SUFFIX, T, KV, E)                                                                                 \
     extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX##_e##E(                             \
-        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out,        \
+        const T* q, const KV* kc, const KV* vc, const long long* context, int C, const long long* pos, T* out,      \
         float* ws, int* counters, int S, int Hq, int Hk, int D, float scale) {                                      \
-        paged_attention<T, 8, E, false>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale, 0, 0.0f); \
+        paged_attention<T, KV, 8, E, false>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale, 0,  \
+                                            0.0f);                                                                  \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(256) paged_attention_window_##SUFFIX##_e##E(                      \
-        const T* q, const T* kc, const T* vc, const long long* context, int C, const long long* pos, T* out,        \
+        const T* q, const KV* kc, const KV* vc, const long long* context, int C, const long long* pos, T* out,      \
         float* ws, int* counters, int S, int Hq, int Hk, int D, float scale, int window, float softcap) {           \
-        paged_attention<T, 8, E, true>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale, window,  \
-                                       softcap);                                                                    \
+        paged_attention<T, KV, 8, E, true>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale,      \
+                                           window, softcap);                                                        \
     }
+// the cache written and read in FP8 E4M3 (EngineConfig.kv_cache_dtype = "fp8"), for T = f16 / bf16
+#define KV8_OPS(SUFFIX, T)                                                                                          \
+    extern "C" __global__ void rope_cache_##SUFFIX##_kv8(const T* q, const T* k, const T* v, int ld_in,             \
+                                                         const T* cos, const T* sin, int ld_cs,                     \
+                                                         const long long* slots, T* q_out, __nv_fp8_e4m3* kc,       \
+                                                         __nv_fp8_e4m3* vc, int rows, int Hq, int Hk, int D) {      \
+        rope_cache<T, __nv_fp8_e4m3>(q, k, v, ld_in, cos, sin, ld_cs, slots, q_out, kc, vc, rows, Hq, Hk, D);      \
+    }                                                                                                               \
+    ATTENTION(SUFFIX##_kv8, T, __nv_fp8_e4m3, 2)                                                                    \
+    ATTENTION(SUFFIX##_kv8, T, __nv_fp8_e4m3, 4) ATTENTION(SUFFIX##_kv8, T, __nv_fp8_e4m3, 8)
 #define OPS(SUFFIX, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##SUFFIX(const T* x, int ldx, const T* res, int ldr, const T* w,       \
                                                      float eps, T* out, int ldo, T* res_out, int ldro, int H) {     \
@@ -506,13 +524,15 @@ __device__ void silu_mul_quant(const T* g, const T* u, int ld_in, const float* g
     extern "C" __global__ void rope_cache_##SUFFIX(const T* q, const T* k, const T* v, int ld_in, const T* cos,    \
                                                    const T* sin, int ld_cs, const long long* slots, T* q_out, T* kc, \
                                                    T* vc, int rows, int Hq, int Hk, int D) {                        \
-        rope_cache<T>(q, k, v, ld_in, cos, sin, ld_cs, slots, q_out, kc, vc, rows, Hq, Hk, D);                      \
+        rope_cache<T, T>(q, k, v, ld_in, cos, sin, ld_cs, slots, q_out, kc, vc, rows, Hq, Hk, D);                   \
     }                                                                                                               \
-    ATTENTION(SUFFIX, T, 2) ATTENTION(SUFFIX, T, 4) ATTENTION(SUFFIX, T, 8)
+    ATTENTION(SUFFIX, T, T, 2) ATTENTION(SUFFIX, T, T, 4) ATTENTION(SUFFIX, T, T, 8)
 
 OPS(f16, __half)
 OPS(bf16, __nv_bfloat16)
 OPS(f32, float)
+KV8_OPS(f16, __half)
+KV8_OPS(bf16, __nv_bfloat16)
 QUANT_OPS(fp8, __nv_fp8_e4m3, f16, __half)
 QUANT_OPS(fp8, __nv_fp8_e4m3, bf16, __nv_bfloat16)
 QUANT_OPS(int8, signed char, f16, __half)

@@ -362,11 +362,13 @@ def speed(
     text: str = DEFAULT_EVALUATION,
     progress=None,
     async_decode: bool = True,
+    kv_cache_dtype: str = "auto",
 ) -> list[dict]:
     """Latency and throughput through quantkit's engine (quantkit.engine.speed), one row per
     (batch size, prompt length, output length).
     device None: the GPU when there is one. dtype: the activations' (and float weights') dtype, default
-    float16 on a GPU and float32 on the CPU. async_decode: see quantkit.engine.config.EngineConfig."""
+    float16 on a GPU and float32 on the CPU. async_decode, kv_cache_dtype: see
+    quantkit.engine.config.EngineConfig."""
     from quantkit.engine.config import EngineConfig
     from quantkit.eval.speed import Case, measure
     from quantkit.models.loader import DTYPES
@@ -379,7 +381,7 @@ def speed(
     outputs = (output_len,) if isinstance(output_len, int) else tuple(output_len)
     cases = [Case(b, p, o) for p in prompts for o in outputs for b in batch_sizes]  # validates before loading anything
     config = EngineConfig(speculative=speculative, num_draft=num_draft, cuda_graphs=cuda_graphs,
-                          async_decode=async_decode)
+                          async_decode=async_decode, kv_cache_dtype=kv_cache_dtype)
     if speculative == "draft" and draft is None:
         raise ValueError("--speculative draft needs --draft MODEL")
 

@@ -168,13 +168,14 @@ def eval_(
     device: Annotated[Optional[str], typer.Option("--device", help="--speed: cuda or cpu (default: cuda when present)")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="--speed: float16, bfloat16 or float32 (default: float16 on a GPU)")] = None,
     async_decode: Annotated[bool, typer.Option("--async-decode/--sync-decode", help="--speed: launch each decode step before the previous step's tokens are read back")] = True,
+    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="--speed: auto (the model's dtype) or fp8 (E4M3, no scales: half the cache bytes)")] = "auto",
 ) -> None:
     """Perplexity of a model or quantized checkpoint on held-out texts (or, with --speed, its speed)."""
     from quantkit import api
 
     if speed:
         _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json,
-               async_decode)
+               async_decode, kv_cache_dtype)
         return
 
     datasets = tuple(data) if data else api.DEFAULT_EVAL_DATA
@@ -222,7 +223,7 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
 
 
 def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json,
-           async_decode=True) -> None:
+           async_decode=True, kv_cache_dtype="auto") -> None:
     from quantkit import api
 
     sizes, prompts, outputs = (_ints("--batch-sizes", batch_sizes), _ints("--prompt-len", prompt_len),
@@ -230,12 +231,13 @@ def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_d
     with err.status("measuring speed") as status:
         rows = _run(api.speed, None if model == "default" else model, sizes, prompts, outputs, speculative,
                     num_draft, draft, device, dtype, progress=lambda c: status.update(f"batch {c.batch}, {c.prompt} + {c.output} tokens"),
-                    async_decode=async_decode)
+                    async_decode=async_decode, kv_cache_dtype=kv_cache_dtype)
     if as_json:
         _emit_json({"model": rows[0]["model"], "device": rows[0]["device"], "results": rows})
         return
     spec = speculative != "none"
-    table = Table(title=_t(f"{Path(rows[0]['model']).name} on {rows[0]['device']} ({rows[0]['dtype']})"
+    table = Table(title=_t(f"{Path(rows[0]['model']).name} on {rows[0]['device']} ({rows[0]['dtype']}"
+                           + (", FP8 KV cache" if kv_cache_dtype == "fp8" else "") + ")"
                            + (f", speculative {speculative} k={num_draft}" if spec else "")))
     cols = ["batch", "prompt + output", "tokens/s", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "TPOT ms"]
     cols += ["accepted", "tokens/verify"] if spec else []

@@ -15,6 +15,7 @@ batch     (not run by default) the Llama-2-7B shape in float16, W4A16 g128 and W
           weights, per-token dynamic inputs written quantized by the norm / SiLU kernels): decode
           tokens/s at batch 1 .. 256 (--batches), 128 + 128 tokens, against float16 in the same
           process; beside it, computed, the bytes a decode step reads: weights against KV cache.
+          --batch-models picks the rows; "+kv8" runs one with an FP8 KV cache (w8a8-fp8+kv8).
 """
 
 from __future__ import annotations
@@ -210,59 +211,70 @@ def w8a8_fp8_copy(loaded: LoadedModel) -> LoadedModel:
 
 QUANTIZED_COPIES = {"w4a16": w4a16_copy, "w8a8-fp8": w8a8_fp8_copy}
 BATCHES = (1, 8, 16, 32, 64, 128, 256)
+# the batch part's rows: a weight format, "+kv8" for an FP8 KV cache (EngineConfig.kv_cache_dtype)
 BATCH_MODELS = ("float16", "w4a16", "w8a8-fp8")
+KV8 = "+kv8"
+BATCH_CHOICES = BATCH_MODELS + tuple(m + KV8 for m in BATCH_MODELS)
 
 
-def step_bytes(model: LoadedModel, batch: int, positions: int) -> dict:
+def step_bytes(model: LoadedModel, batch: int, positions: int, kv_dtype: torch.dtype) -> dict:
     """Computed, not measured: the bytes one decode step reads at `batch` sequences of `positions`
     cached positions each: every block's weights and the LM head once (the embedding gathers rows
-    only), and each sequence's K and V of every layer."""
+    only), and each sequence's K and V of every layer, in kv_dtype."""
     m = model.model
     weights = sum(t.numel() * t.element_size() for t in [*m.model.layers.parameters(), *m.model.layers.buffers()])
     weights += m.lm_head.weight.numel() * m.lm_head.weight.element_size()
-    kv = batch * positions * Shape.of(m.config).kv_bytes_per_slot(m.model.embed_tokens.weight.dtype)
+    kv = batch * positions * Shape.of(m.config).kv_bytes_per_slot(kv_dtype)
     return {"weight_bytes": weights, "kv_bytes": kv}
 
 
-def batch_part(out: dict, batches: tuple[int, ...]) -> None:
+def batch_part(out: dict, batches: tuple[int, ...], which_models: tuple[str, ...] = BATCH_MODELS) -> None:
     prompt, output = 128, 128
-    # one prefill step for the whole batch, so that the decode window holds decode steps only; measure
-    # sizes each case's KV pool and max_num_seqs for its batch (256 x 258 positions: 36 GB at batch 256)
-    config = EngineConfig(max_batched_tokens=max(batches) * prompt)
     res: dict = {"prompt": prompt, "output": output, "batches": list(batches), "models": {}}
-    for which in BATCH_MODELS:
-        model = llama7b(which)
+    for which in dict.fromkeys(("float16",) + tuple(which_models)):  # float16 is every ratio's baseline
+        weights, kv8 = which.removesuffix(KV8), which.endswith(KV8)
+        # one prefill step for the whole batch, so that the decode window holds decode steps only; measure
+        # sizes each case's KV pool and max_num_seqs for its batch (256 x 258 positions: 36 GB at batch 256)
+        config = EngineConfig(max_batched_tokens=max(batches) * prompt, kv_cache_dtype="fp8" if kv8 else "auto")
+        model = llama7b(weights)
         rows = measure(model, list(range(100, 20000)), [Case(b, prompt, output) for b in batches], config)
-        res["models"][which] = {"engine": rows, "bytes": [step_bytes(model, b, prompt + output) for b in batches]}
+        kv_dtype = config.kv_dtype(torch.float16)
+        res["models"][which] = {"engine": rows, "bytes": [step_bytes(model, b, prompt + output, kv_dtype) for b in batches]}
         del model, rows
         gc.collect()
         torch.cuda.empty_cache()
     f16 = [r["decode_tokens_per_s"] for r in res["models"]["float16"]["engine"]]
-    for which in BATCH_MODELS:
-        tps = [r["decode_tokens_per_s"] for r in res["models"][which]["engine"]]
-        res["models"][which]["vs_float16"] = [a / b for a, b in zip(tps, f16)]
+    for which, m in res["models"].items():
+        m["vs_float16"] = [r["decode_tokens_per_s"] / b for r, b in zip(m["engine"], f16)]
     out["batch"] = res
     _batch_table(res)
 
 
 def _batch_table(res: dict) -> None:
     models = res["models"]
-    weights = {w: models[w]["bytes"][0]["weight_bytes"] for w in BATCH_MODELS}
     t = Table(title=f"Llama-2-7B shape, random weights, decode tokens/s, {res['prompt']} + {res['output']} tokens, "
-                    f"{torch.cuda.get_device_name()}",
-              caption="* COMPUTED, not measured: the bytes one decode step reads. Weights (read once a step): "
-                      + ", ".join(f"{w} {b / 1e9:.2f} GB" for w, b in weights.items())
-                      + f"; KV: K and V of {res['prompt'] + res['output']} positions per sequence (the last step's). "
-                      "fp8 cap: float16's step over FP8's if a step were only those reads, (W16 + KV) / (W8 + KV)")
-    for c in ("batch", "float16", "w4a16", "vs fp16", "w8a8-fp8", "vs fp16", "KV GB*", "KV / W16*", "fp8 cap*"):
-        t.add_column(c, justify="right")
-    w16, w8 = weights["float16"], weights["w8a8-fp8"]
+                    f"{torch.cuda.get_device_name()}; +kv8: an FP8 KV cache",
+              caption="* COMPUTED, not measured: the bytes one decode step reads, weights (once a step) + K and V of "
+                      f"{res['prompt'] + res['output']} positions per sequence (the last step's), and the cap on the "
+                      "ratio to float16 if a step were only those reads: float16's bytes over the row's")
+    t.add_column("batch", justify="right")
+    for which in models:
+        t.add_column(which, justify="right")
+        if which != "float16":
+            t.add_column("vs fp16", justify="right")
+            t.add_column("cap*", justify="right")
+    t.add_column("KV GB fp16*", justify="right")
     for i, b in enumerate(res["batches"]):
-        kv = models["float16"]["bytes"][i]["kv_bytes"]
-        tps = {w: models[w]["engine"][i]["decode_tokens_per_s"] for w in BATCH_MODELS}
-        t.add_row(str(b), f"{tps['float16']:.0f}", f"{tps['w4a16']:.0f}", f"{models['w4a16']['vs_float16'][i]:.2f}x",
-                  f"{tps['w8a8-fp8']:.0f}", f"{models['w8a8-fp8']['vs_float16'][i]:.2f}x", f"{kv / 1e9:.2f}",
-                  f"{kv / w16:.2f}", f"{(w16 + kv) / (w8 + kv):.2f}x")
+        base = models["float16"]["bytes"][i]
+        cells = [str(b)]
+        for which, m in models.items():
+            cells.append(f"{m['engine'][i]['decode_tokens_per_s']:.0f}")
+            if which != "float16":
+                mine = m["bytes"][i]
+                cap = (base["weight_bytes"] + base["kv_bytes"]) / (mine["weight_bytes"] + mine["kv_bytes"])
+                cells += [f"{m['vs_float16'][i]:.2f}x", f"{cap:.2f}x"]
+        cells.append(f"{base['kv_bytes'] / 1e9:.2f}")
+        t.add_row(*cells)
     console.print(t)
 
 
@@ -287,6 +299,8 @@ def main() -> None:
     p.add_argument("--parts", nargs="+", default=["smol", "llama7b", "spec"],
                    choices=["smol", "llama7b", "spec", "batch"])
     p.add_argument("--batches", nargs="+", type=int, default=list(BATCHES), help="the batch part's batch sizes")
+    p.add_argument("--batch-models", nargs="+", default=list(BATCH_MODELS), choices=BATCH_CHOICES,
+                   help="the batch part's rows (float16 always runs: the baseline); +kv8: with an FP8 KV cache")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     out: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -300,7 +314,7 @@ def main() -> None:
     if "llama7b" in args.parts:
         llama_part(out)
     if "batch" in args.parts:
-        batch_part(out, tuple(args.batches))
+        batch_part(out, tuple(args.batches), tuple(args.batch_models))
     if "spec" in args.parts:
         draft = w4a16_copy(load_model(args.model))
         draft.model.to("cuda", torch.float16)

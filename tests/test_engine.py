@@ -177,6 +177,57 @@ def test_real_model_greedy_equals_transformers_generate():
     assert [s.output_ids for s in seqs] == expected
 
 
+def test_an_fp8_kv_cache_is_attention_over_fp8_rounded_keys_and_values(tiny):
+    """kv_cache_dtype="fp8": greedy equals transformers' generate with an attention that rounds its
+    keys (after RoPE) and values to FP8 E4M3 first (saturating), which is all the FP8 cache changes."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    def fp8_kv(module, query, key, value, *args, **kwargs):
+        def rounded(t):
+            return t.to(torch.float8_e4m3fn).to(t.dtype)
+        return sdpa_attention_forward(module, query, rounded(key), rounded(value), *args, **kwargs)
+
+    AttentionInterface.register("quantkit_fp8_kv", fp8_kv)
+    prompts = _prompts(tiny)
+    stop = tiny.model.config.eos_token_id
+    engine = Engine(tiny, EngineConfig(block_size=4, kv_cache_dtype="fp8"))
+    assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in engine.runner.cache)
+    seqs = engine.generate(prompts, _greedy(32, stop))
+    attn = tiny.model.config._attn_implementation
+    tiny.model.set_attn_implementation("quantkit_fp8_kv")
+    try:
+        expected = [_hf_greedy(tiny, p, 32) for p in prompts]
+    finally:
+        tiny.model.set_attn_implementation(attn)
+    assert [s.output_ids for s in seqs] == expected
+    # the tiny model's greedy tokens hardly move: its logits show the rounding is the one transformers did
+    from quantkit.engine.runner import PrefillChunk
+
+    ids = prompts[0]
+    ours = Engine(tiny, EngineConfig(kv_cache_dtype="fp8")).runner.prefill([PrefillChunk(ids, 0, list(range(len(ids))))])[0]
+    with torch.inference_mode():
+        plain = tiny.model(torch.tensor([ids])).logits[0, -1]
+        tiny.model.set_attn_implementation("quantkit_fp8_kv")
+        try:
+            rounded = tiny.model(torch.tensor([ids])).logits[0, -1]
+        finally:
+            tiny.model.set_attn_implementation(attn)
+    assert torch.allclose(ours, rounded, atol=1e-5, rtol=0)
+    assert (plain - rounded).abs().max() > 1e-3
+
+
+def test_kv_cache_dtype_is_checked_and_sizes_the_pool():
+    from quantkit.engine.runner import Shape
+
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="int4")
+    shape = Shape(layers=2, heads=4, kv_heads=2, head_dim=8)
+    assert shape.kv_bytes_per_slot(torch.float8_e4m3fn) * 2 == shape.kv_bytes_per_slot(torch.float16)
+    assert EngineConfig(kv_cache_dtype="fp8").kv_dtype(torch.bfloat16) == torch.float8_e4m3fn
+    assert EngineConfig().kv_dtype(torch.bfloat16) == torch.bfloat16
+
+
 def test_speed_keeps_fp8_weights_fp8_in_half_precision(tiny_model_dir, tmp_path):
     """api.speed casts the model to the activations' dtype without touching FP8 weights."""
     from quantkit import api

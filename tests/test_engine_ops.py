@@ -68,6 +68,33 @@ def test_paged_attention_twin_equals_dense_causal_attention():
                 assert torch.allclose(out[bi * s + si, h * d:(h + 1) * d], w @ vals[:, h // 2], atol=1e-5)
 
 
+def test_rope_twin_rounds_into_an_fp8_cache_saturating():
+    t, hq, hk, d = 4, 2, 2, 8
+    q, k, v = torch.randn(t, hq * d), torch.randn(t, hk * d) * 300, torch.randn(t, hk * d) * 300  # some past 448
+    ang = torch.randn(t, d // 2).repeat(1, 2)
+    cos, sin = ang.cos(), ang.sin()
+    slots = torch.tensor([1, 5, 6, 2])
+    wide = [torch.zeros(8, hk, d) for _ in range(2)]
+    fp8 = [torch.zeros(8, hk, d, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    q_wide = ops.rope_cache(q, k, v, cos, sin, *wide, slots)
+    q_fp8 = ops.rope_cache(q, k, v, cos, sin, *fp8, slots)
+    assert torch.equal(q_wide, q_fp8), "q does not go through the cache"
+    for w, f in zip(wide, fp8):
+        assert w.abs().max() > 448 and torch.isfinite(f.float()).all() and f.float().abs().max() == 448
+        assert torch.equal(f.float(), w.clamp(-448, 448).to(torch.float8_e4m3fn).float())
+
+
+def test_paged_attention_twin_reads_an_fp8_cache_exactly():
+    torch.manual_seed(1)
+    b, s, hq, hk, d, c = 2, 2, 4, 2, 16, 9
+    kc, vc = (torch.randn(30, hk, d).to(torch.float8_e4m3fn) for _ in range(2))
+    context = torch.stack([torch.randperm(30)[:c] for _ in range(b)])
+    positions = torch.tensor([3, 4, 7, 8])
+    q = torch.randn(b * s, hq, d)
+    out = ops.paged_attention(q, kc, vc, context, positions, d ** -0.5)
+    assert torch.equal(out, ops.paged_attention(q, kc.float(), vc.float(), context, positions, d ** -0.5))
+
+
 def _int_linear(spec: IntSpec, n: int, k: int, dtype: torch.dtype = torch.float32, bias: bool = True):
     qw = quantize_rtn(torch.randn(n, k), spec)
     m = IntWeightLinear(k, n, spec, bias=bias, dtype=dtype)
@@ -296,6 +323,38 @@ def test_fused_paged_attention_matches_its_twin(dtype, b, s, hq, hk, d, c):
     q = torch.randn(b * s, hq, d, device="cuda", dtype=dtype)
     out = ops.paged_attention(q, kc, vc, context, positions, d ** -0.5)
     ref = ops.paged_attention_reference(q, kc, vc, context, positions, d ** -0.5)
+    err = float((out.float() - ref.float()).norm() / ref.float().norm())
+    assert err < (3e-3 if dtype == torch.float16 else 2e-2)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d,c,window,softcap", [(64, 77, None, None), (128, 300, None, None), (256, 65, None, None),
+                                                (128, 1000, 100, None), (80, 63, None, 5.0)])
+def test_fp8_kv_cache_kernels_match_their_twins(dtype, d, c, window, softcap):
+    # rope_cache writes the same FP8 bytes as its twin (values past 448 saturate), and paged
+    # attention over that cache matches its twin reading the same bytes (one split and several)
+    torch.manual_seed(d + c)
+    t, hq, hk = 5, 12, 4
+    qkv = torch.randn(t, (hq + 2 * hk) * d, device="cuda", dtype=dtype) * 200
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+    ang = torch.randn(t, d // 2, device="cuda").repeat(1, 2)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    slots = torch.tensor([9, 2, 30, 31, 0], device="cuda")
+    caches = [torch.zeros(32, hk, d, device="cuda", dtype=torch.float8_e4m3fn) for _ in range(4)]
+    q1 = ops.rope_cache(q, k, v, cos, sin, caches[0], caches[1], slots)
+    q2 = ops.rope_cache_reference(q, k, v, cos, sin, caches[2], caches[3], slots)
+    assert torch.equal(q1, q2)
+    for mine, twin in ((caches[0], caches[2]), (caches[1], caches[3])):
+        assert torch.equal(mine.view(torch.uint8), twin.view(torch.uint8))
+        assert float(mine.float().abs().max()) == 448.0
+    b, s = 3, 2
+    positions = [[c - 2, c - 1], [0, 1], [c // 2, c // 2 + 1]]
+    q, kc, vc, context, pos = _attention_case(dtype, b, s, hq, hk, d, c, positions)
+    kc, vc = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
+    out = ops.paged_attention(q, kc, vc, context, pos, d ** -0.5, window, softcap)
+    ref = ops.paged_attention_reference(q, kc, vc, context, pos, d ** -0.5, window, softcap)
+    assert torch.isfinite(out).all()
     err = float((out.float() - ref.float()).norm() / ref.float().norm())
     assert err < (3e-3 if dtype == torch.float16 else 2e-2)
 

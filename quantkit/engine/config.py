@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 SPECULATIVE = ("none", "ngram", "draft")
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass(frozen=True)
@@ -17,7 +20,11 @@ class EngineConfig:
     those tokens on the device, so that the host's bookkeeping overlaps the GPU (quantkit.engine.
     engine.Engine._advance, Scheduler.defer_tokens). On by default: at the batch sizes where a decode
     step takes about a millisecond, the host's share of a synchronous step is a large part of it, and
-    the outputs are the same either way (BENCHMARKS.md has the figures)."""
+    the outputs are the same either way (BENCHMARKS.md has the figures). kv_cache_dtype: "auto" keeps
+    K and V in the model's dtype; "fp8" in FP8 E4M3 (half the bytes of float16: twice the sequences
+    in the same memory, half the cache traffic of a decode step), each entry rounded to nearest and
+    saturating at +-448, with no scale (as vLLM's fp8 cache without calibrated scales): outputs then
+    differ slightly from the model's own (BENCHMARKS.md measures how much)."""
 
     block_size: int = 16
     kv_blocks: int | None = None
@@ -30,6 +37,7 @@ class EngineConfig:
     num_draft: int = 4
     seed: int = 0
     async_decode: bool = True
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batched_tokens", "max_model_len", "num_draft"):
@@ -39,8 +47,14 @@ class EngineConfig:
             raise ValueError(f"kv_blocks must be at least 1, got {self.kv_blocks}")
         if not 0.0 < self.kv_memory_fraction <= 0.95:
             raise ValueError(f"kv_memory_fraction must be in (0, 0.95], got {self.kv_memory_fraction}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"unknown kv_cache_dtype {self.kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
         if self.speculative not in SPECULATIVE:
             raise ValueError(f"unknown speculative mode {self.speculative!r}; valid: {', '.join(SPECULATIVE)}")
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's element type for a model computing in `model_dtype`."""
+        return torch.float8_e4m3fn if self.kv_cache_dtype == "fp8" else model_dtype
 
     @property
     def lookahead(self) -> int:

@@ -114,7 +114,8 @@ class Engine:
         self.vocab = target.model.config.vocab_size
         device = target.model.get_submodule(target.family.embed).weight.device
         dtype = target.model.get_submodule(target.family.embed).weight.dtype
-        blocks = kv_blocks_for(config, [Shape.of(m.model.config) for m in models], dtype, device)
+        kv_dtype = config.kv_dtype(dtype)
+        blocks = kv_blocks_for(config, [Shape.of(m.model.config) for m in models], kv_dtype, device)
         slots = (blocks + 1) * config.block_size  # one spare block: the scratch slot padding rows write to
         self.blocks = BlockManager(blocks, config.block_size)
         # KV blocks out of every layer's window can go only when every model sharing the block tables slides
@@ -123,7 +124,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_batched_tokens, config.lookahead,
                                    kv_window)
         positions = config.max_model_len + config.lookahead  # the rotary rows: draft tokens sit past the sequence
-        self.runner = ModelRunner(target.model, target.family, slots, positions)
+        self.runner = ModelRunner(target.model, target.family, slots, positions, kv_dtype)
         self.device = device
         self.scratch = blocks * config.block_size
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -140,7 +141,10 @@ class Engine:
         self.target_step = make(self.runner)
         self.speculator: Speculator | None = None
         if config.speculative != "none":
-            runner = ModelRunner(draft.model, draft.family, slots, positions) if config.speculative == "draft" else None
+            runner = None
+            if config.speculative == "draft":
+                draft_dtype = draft.model.get_submodule(draft.family.embed).weight.dtype
+                runner = ModelRunner(draft.model, draft.family, slots, positions, config.kv_dtype(draft_dtype))
             self.speculator = Speculator(config.num_draft, config.block_size, self.generator, device,
                                          runner, make(runner) if runner is not None else None)
 

@@ -116,7 +116,10 @@ def _quantized_input(module: torch.nn.Module) -> PreparedW8A8 | None:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, max_positions: int):
+    def __init__(self, model: torch.nn.Module, family: Family, num_slots: int, max_positions: int,
+                 kv_dtype: torch.dtype | None = None):
+        """kv_dtype: the KV cache's element type; None: the model's (torch.float8_e4m3fn: an FP8 cache,
+        written rounded and saturating, read exactly, see EngineConfig.kv_cache_dtype)."""
         rotated = [n for n, m in model.named_modules() if getattr(m, "_quantkit_online_block", None)
                    and ".experts." in n]
         if rotated:  # the grouped expert path calls the experts' weights itself, past their pre-hooks
@@ -133,8 +136,9 @@ class ModelRunner:
         self.device, self.dtype = weight.device, weight.dtype
         s = self.shape
         # cache[layer] = (K, V), each [num_slots, kv_heads, head_dim]
-        self.cache = [(torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype),
-                       torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.dtype))
+        self.kv_dtype = kv_dtype or self.dtype
+        self.cache = [(torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.kv_dtype),
+                       torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.kv_dtype))
                       for _ in range(s.layers)]
         self.facts = model_facts(model, family)
         # act(gate) * up: Llama's SiLU, another family's activation op, or None: the model's MLP module runs
@@ -232,7 +236,8 @@ class ModelRunner:
                                                    positions[bounds[j]:bounds[j + 1]], scale, window, cap))
                     continue
                 qj = q[bounds[j]:bounds[j + 1]].transpose(0, 1)[None]  # [1, heads, Lq, D]
-                kj, vj = kc[ctx[j]].transpose(0, 1)[None], vc[ctx[j]].transpose(0, 1)[None]  # [1, kv_heads, Lk, D]
+                # [1, kv_heads, Lk, D], an FP8 cache read exactly into the model's dtype
+                kj, vj = (c[ctx[j]].to(q.dtype).transpose(0, 1)[None] for c in (kc, vc))
                 o = F.scaled_dot_product_attention(qj, kj, vj, attn_mask=masks[window][j], scale=scale, enable_gqa=True)
                 out.append(o[0].transpose(0, 1).reshape(-1, self.shape.heads * self.shape.head_dim))
             return torch.cat(out)

@@ -174,7 +174,8 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     """q [T, Hq * D], k / v [T, Hk * D] (views of one fused qkv output may share a row stride),
     cos / sin [T, R], R <= D (R < D: partial rotary, as Phi-3's partial_rotary_factor: the first R
     elements of each head rotate, the rest pass), slots [T] int64. Writes RoPE(k) and v to the
-    cache at the slots; returns RoPE(q) [T, Hq, D]."""
+    cache at the slots (a cache of float8_e4m3fn: rounded to nearest even, saturating at +-448);
+    returns RoPE(q) [T, Hq, D]."""
     return registry.select_backend("rope_cache", q.device, q.dtype).run(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
@@ -192,12 +193,13 @@ def rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     cos, sin = cos[:, None, :], sin[:, None, :]
     if r < d:  # partial rotary: transformers' Phi-3 rotates x[..., :r] and concatenates the rest
         q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
-        k_cache[slots] = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
-        v_cache[slots] = v
+        k_rot = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
+        k_cache[slots] = k_rot.to(k_cache.dtype)
+        v_cache[slots] = v.to(v_cache.dtype)
         return q
     q = q * cos + _rotate_half(q) * sin
-    k_cache[slots] = k * cos + _rotate_half(k) * sin
-    v_cache[slots] = v
+    k_cache[slots] = (k * cos + _rotate_half(k) * sin).to(k_cache.dtype)  # torch's cast to FP8 saturates
+    v_cache[slots] = v.to(v_cache.dtype)
     return q
 
 
@@ -211,7 +213,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (transformers' sliding_window: a key at distance < window). softcap: scores (q.k * scale) go
     through softcap * tanh(scores / softcap) before the mask and the softmax (Gemma 2). Returns
     [B * S, Hq * D]. The fused kernel splits the context into blocks of 64 keys (flash-decoding), so
-    C is bounded only by engine_ops_cuda.ATTN_MAX_CONTEXT."""
+    C is bounded only by engine_ops_cuda.ATTN_MAX_CONTEXT. The cache may be float8_e4m3fn (an FP8 KV
+    cache); its entries are read exactly into q's dtype."""
     rows, b = q.shape[0], context.shape[0]
     if rows % b:
         raise ValueError(f"{rows} query rows do not split over {b} sequences")
@@ -231,8 +234,8 @@ def paged_attention_reference(q, k_cache, v_cache, context, positions, scale, wi
     mask = keys <= pos  # [B, S, C]
     if window is not None:
         mask = mask & (keys > pos - window)
-    kb = k_cache[context].transpose(1, 2)  # [B, Hk, C, D]
-    vb = v_cache[context].transpose(1, 2)
+    kb = k_cache[context].to(q.dtype).transpose(1, 2)  # [B, Hk, C, D]
+    vb = v_cache[context].to(q.dtype).transpose(1, 2)
     qb = q.view(b, s, hq, d).transpose(1, 2)  # [B, Hq, S, D]
     if softcap is not None:
         o = capped_attention(qb, kb, vb, mask[:, None], scale, softcap)

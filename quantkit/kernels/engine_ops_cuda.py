@@ -124,12 +124,18 @@ def _gelu_tanh_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _cache_fits(q: torch.Tensor, cache: torch.Tensor) -> bool:
+    """Whether a kernel is instantiated for this cache: of q's dtype, or FP8 E4M3 beside float16 / bfloat16."""
+    return cache.dtype == q.dtype or (cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.float16, torch.bfloat16))
+
+
 @register_backend("rope_cache", "cuda", available=half_on_gpu)
 def _rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     hk, d = k_cache.shape[1:]
     hq = q.shape[1] // d
-    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and cos.dtype == q.dtype) or cos.shape[1] != d:
+    if (not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1 and cos.dtype == q.dtype) or cos.shape[1] != d
+            or not _cache_fits(q, k_cache)):
         # (cos narrower than the head: partial rotary, which the kernel does not take)
         return ops.rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots)
     t = q.shape[0]
@@ -148,7 +154,7 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      softcap: float | None = None) -> torch.Tensor:
     rows, hq, d = q.shape
     b, c = context.shape
-    if d > 256 or hq % k_cache.shape[1] or c > ATTN_MAX_CONTEXT:
+    if d > 256 or hq % k_cache.shape[1] or c > ATTN_MAX_CONTEXT or not _cache_fits(q, k_cache):
         return ops.paged_attention_reference(q, k_cache, v_cache, context, positions, scale, window, softcap)
     out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
     per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu

@@ -1,5 +1,6 @@
 """Launches of csrc/engine_ops.cu, instantiated per T = float16 / bfloat16 / float32 (the kernel's
-name ends in T's: _f16, _bf16, _f32, taken from the first tensor's dtype). Every kernel here waits
+name ends in T's: _f16, _bf16, _f32, taken from the first tensor's dtype; the cache kernels of an FP8
+KV cache add _kv8, taken from the cache's dtype). Every kernel here waits
 for the previous one itself (pdl_start in the .cu), so all are launched as dependent (early, where
 the GPU has programmatic dependent launch)."""
 
@@ -13,6 +14,11 @@ from quantkit.kernels import cuda
 MODULE = "engine_ops"
 _T = {torch.float16: "f16", torch.bfloat16: "bf16", torch.float32: "f32"}
 _Q = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}
+
+
+def _kv(cache: torch.Tensor) -> str:
+    """The kernel name's cache part: "" for a cache of T, "_kv8" for one of FP8 E4M3 (f16 / bf16 T only)."""
+    return "_kv8" if cache.dtype == torch.float8_e4m3fn else ""
 
 
 def _ptr(t: torch.Tensor | None):
@@ -64,10 +70,11 @@ def rope_cache(grid: tuple[int, ...], block: tuple[int, ...], *, q: torch.Tensor
     cos, sin   T [rows, D] with row stride ld_cs, unit column stride
     slots      int64 [rows], contiguous: the cache slot of each token
     q_out      T [rows, Hq, D], contiguous, written
-    kc, vc     T [slots, Hk, D], contiguous: the layer's cache, written at the slots
+    kc, vc     T or float8_e4m3fn [slots, Hk, D], contiguous: the layer's cache, written at the slots
+               (FP8: k' and v rounded to nearest even, saturating at +-448)
     rows, Hq, Hk, D: tokens, query heads, KV heads, head size
     """
-    cuda.launch(f"rope_cache_{_T[q.dtype]}", MODULE, grid, block,
+    cuda.launch(f"rope_cache_{_T[q.dtype]}{_kv(kc)}", MODULE, grid, block,
                 (q, k, v, np.int32(ld_in), cos, sin, np.int32(ld_cs), slots, q_out, kc, vc, np.int32(rows),
                  np.int32(Hq), np.int32(Hk), np.int32(D)), dependent=True)
 
@@ -82,7 +89,7 @@ def paged_attention(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q:
     grid       (rows * Hq, splits): one block per (row, head) and split of 64 keys; block (256,)
     E          head elements per lane (template parameter): 2 (D <= 64), 4 (D <= 128), 8 (D <= 256)
     q          T [rows, Hq, D], contiguous; row b * S + s is token s of sequence b
-    kc, vc     T [slots, Hk, D], contiguous: the layer's cache (Hq a multiple of Hk: GQA)
+    kc, vc     T or float8_e4m3fn [slots, Hk, D], contiguous: the layer's cache (Hq a multiple of Hk: GQA)
     context    int64 [B, C], contiguous: the cache slots of positions 0 .. C - 1 of each sequence
     C          the context length (columns of context)
     pos        int64 [rows], contiguous: row r attends to keys 0 .. pos[r]
@@ -94,7 +101,7 @@ def paged_attention(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q:
     S, Hq, Hk, D: tokens per sequence, query heads, KV heads, head size
     scale      the softmax scale
     """
-    cuda.launch(f"paged_attention_{_T[q.dtype]}_e{E}", MODULE, grid, block,
+    cuda.launch(f"paged_attention_{_T[q.dtype]}{_kv(kc)}_e{E}", MODULE, grid, block,
                 (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
                  np.int32(Hk), np.int32(D), np.float32(scale)), dependent=True)
 
@@ -142,7 +149,7 @@ def paged_attention_window(grid: tuple[int, ...], block: tuple[int, ...], *, E: 
     """paged_attention (the same arguments, grid and workspace) over the keys pos[r] - window + 1 ..
     pos[r] only (window 0: all of 0 .. pos[r]), each score s (scale included) soft-capped to
     softcap * tanh(s / softcap) (softcap 0: none)."""
-    cuda.launch(f"paged_attention_window_{_T[q.dtype]}_e{E}", MODULE, grid, block,
+    cuda.launch(f"paged_attention_window_{_T[q.dtype]}{_kv(kc)}_e{E}", MODULE, grid, block,
                 (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
                  np.int32(Hk), np.int32(D), np.float32(scale), np.int32(window), np.float32(softcap)), dependent=True)
 
