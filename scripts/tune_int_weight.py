@@ -36,12 +36,29 @@ ROTATE_BYTES = 200e6
 DEV = torch.device("cuda")
 
 
-def weight(n: int, k: int, bits: int = 4):
+def weight(n: int, k: int, bits: int = 4, dense: bool = False):
     spec = IntSpec(bits, True, 128)
     half = 1 << (bits - 1)
     q = torch.randint(-half, half, (n, k), dtype=torch.int8, device=DEV)
     scale = (torch.rand(n, k // spec.group_size, device=DEV) * 0.01 + 0.001).half()
-    return prepare_int_weight(pack_int32(q, bits, 1), scale, None, None, spec, (n, k), backend="cuda")
+    prepared = prepare_int_weight(pack_int32(q, bits, 1), scale, None, None, spec, (n, k), backend="cuda")
+    if not dense:
+        return prepared
+    return prepared, q.float() * scale.float().repeat_interleave(spec.group_size, dim=1)  # the float32 weight it holds
+
+
+CHECK_TOLERANCE = 1e-2  # relative error (Frobenius) against the float32 product; a correct kernel is ~1e-4
+
+
+def wrong(choice: str, x: torch.Tensor, w, w_float: torch.Tensor) -> str | None:
+    """Why `choice` may not be timed: its output is not the product (or it failed); None when it is."""
+    try:
+        y = run(choice, x, w).float()
+    except Exception as e:  # a variant that cannot launch here is reported, not chosen
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    ref = x.float() @ w_float.T
+    err = float((y - ref).norm() / ref.norm())
+    return None if err < CHECK_TOLERANCE else f"relative error {err:.1e}"
 
 
 def candidates(m: int, hopper: bool, kinds: list[str], bits: int = 4) -> list[str]:
@@ -76,22 +93,27 @@ def main() -> None:
     table, timings = {}, []
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
-        sets = [weight(n, k, args.bits) for _ in range(max(3, int(-(-ROTATE_BYTES // (n * k * args.bits / 8)))))]
+        first, w_float = weight(n, k, args.bits, dense=True)
+        sets = [first] + [weight(n, k, args.bits) for _ in range(max(3, int(-(-ROTATE_BYTES // (n * k * args.bits / 8)))) - 1)]
         dense = [torch.randn(n, k, device=DEV, dtype=torch.float16) * 0.02 for _ in range(len(sets))]
         rows = []
         for m in sorted(args.ms):
             xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in sets]
             t16, *_ = time_us(lambda x, wd: torch.nn.functional.linear(x, wd), xs, dense, args.iters)
+            # every candidate checked against the weight it holds before it is timed: a wrong one is never chosen
+            bad = {c: why for c in candidates(m, hopper, args.kinds, args.bits) if (why := wrong(c, xs[0], first, w_float))}
+            for c, why in bad.items():
+                console.print(f"[red]{shape} M={m}: {c} left out: {why}[/red]")
             times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0]
-                     for c in candidates(m, hopper, args.kinds, args.bits)}
+                     for c in candidates(m, hopper, args.kinds, args.bits) if c not in bad}
             best = min(times, key=times.get)
             rows.append([m, best])
-            timings.append({"shape": shape, "M": m, "fp16_us": t16, "us": times, "best": best})
+            timings.append({"shape": shape, "M": m, "fp16_us": t16, "us": times, "best": best, "wrong": bad})
             console.print(f"{shape} M={m}: fp16 {t16:.1f} us; " + ", ".join(
                 f"{c} {t:.1f} ({t16 / t:.2f}x)" for c, t in sorted(times.items(), key=lambda kv: kv[1])), highlight=False)
         # consecutive Ms with one choice become one entry
         table[shape] = [r for i, r in enumerate(rows) if i == 0 or r[1] != rows[i - 1][1]]
-        del sets, dense
+        del sets, dense, first, w_float
         torch.cuda.empty_cache()
 
     out = Table(title=f"int_weight dispatch above {iwc.GEMV_MAX_M} tokens, {gpu} (W{args.bits}A16 g128 fp16)")
