@@ -347,7 +347,12 @@ STATIC_MSE = Recipe.from_dict({"name": "int8-static-mse", "scheme": "W8A8-INT8",
                                 "activations": {"dynamic": False, "observer": "mse"}})  # histograms summed over ranks
 
 
-@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w8a8-int8-smoothquant", pytest.param(STATIC_MSE, id="int8-static-mse")])
+SAMPLED_SQ = Recipe.from_dict({"name": "sq-sampled", "scheme": "W8A8-INT8",  # fewer sample rows than tokens
+                                "algorithms": [{"smoothquant": {"alpha": "search", "sample_tokens": 64}}, "rtn"]})
+
+
+@pytest.mark.parametrize("recipe", ["w4a16-gptq", "w8a8-int8-smoothquant", pytest.param(STATIC_MSE, id="int8-static-mse"),
+                                    pytest.param(SAMPLED_SQ, id="smoothquant-sampled")])
 def test_two_processes_write_the_checkpoint_one_process_writes(recipe, four_blocks, tmp_path):
     one = api.quantize(str(four_blocks), recipe, out=tmp_path / "one", **SMALL)
     two = api.quantize(str(four_blocks), recipe, out=tmp_path / "two", devices=2, **SMALL)
