@@ -204,25 +204,3 @@ def test_alpha_search_in_a_recipe(tiny_model_dir, tmp_path):
     for bad in ("best", 2.0):
         with pytest.raises(RecipeError, match="alpha"):
             build_all(Recipe.from_dict({"name": "x", "algorithms": [{"smoothquant": {"alpha": bad}}, "rtn"]}))
-
-
-def test_the_search_sample_is_uniform_over_every_batch_and_independent_of_how_they_came():
-    from quantkit.algorithms.statistics import InputStatistics
-
-    torch.manual_seed(0)
-    x = torch.randn(6000, 32)
-    x[3000:] += 5.0  # the second half is another "domain": a sample from the first batches alone would miss it
-
-    def sample(batches):
-        stats = InputStatistics("test", sample_tokens=400)
-        for b in batches:
-            stats.observe(("a",), b)
-        return stats["a"].samples
-
-    in_order = sample(x.split(500))
-    assert in_order.shape == (400, 32)
-    late = int((in_order.mean(dim=1) > 2.5).sum())
-    assert 150 < late < 250, late  # about half the sample from the second half of the rows
-    assert torch.equal(sample(reversed(x.split(700))), in_order)  # other batches, another order: the same rows
-    repeated = sample([x[:100].repeat(3, 1)])  # equal rows count once
-    assert repeated.shape[0] == 100 and torch.unique(repeated, dim=0).shape[0] == 100

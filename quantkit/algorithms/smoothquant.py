@@ -139,7 +139,7 @@ class SmoothQuant(Transform):
         absmax = group.absmax
         extra = {}
         if self.options.alpha == "search":
-            alpha, s, err, plain = search_alpha(group.samples, absmax, weights, specs, self.activations,
+            alpha, s, err, plain = search_alpha(torch.cat(group.samples), absmax, weights, specs, self.activations,
                                                 self.options.grid, self.options.equalize_tokens)
             extra = {"smooth_error": err, "smooth_error_unsmoothed": plain}
         else:
