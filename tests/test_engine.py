@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import engine_runs, w8a8_copy
+from conftest import engine_runs, register_fp8_kv_attention, w8a8_copy
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
@@ -180,22 +180,14 @@ def test_real_model_greedy_equals_transformers_generate():
 def test_an_fp8_kv_cache_is_attention_over_fp8_rounded_keys_and_values(tiny):
     """kv_cache_dtype="fp8": greedy equals transformers' generate with an attention that rounds its
     keys (after RoPE) and values to FP8 E4M3 first (saturating), which is all the FP8 cache changes."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def fp8_kv(module, query, key, value, *args, **kwargs):
-        def rounded(t):
-            return t.to(torch.float8_e4m3fn).to(t.dtype)
-        return sdpa_attention_forward(module, query, rounded(key), rounded(value), *args, **kwargs)
-
-    AttentionInterface.register("quantkit_fp8_kv", fp8_kv)
+    fp8_kv = register_fp8_kv_attention()
     prompts = _prompts(tiny)
     stop = tiny.model.config.eos_token_id
     engine = Engine(tiny, EngineConfig(block_size=4, kv_cache_dtype="fp8"))
     assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in engine.runner.cache)
     seqs = engine.generate(prompts, _greedy(32, stop))
     attn = tiny.model.config._attn_implementation
-    tiny.model.set_attn_implementation("quantkit_fp8_kv")
+    tiny.model.set_attn_implementation(fp8_kv)
     try:
         expected = [_hf_greedy(tiny, p, 32) for p in prompts]
     finally:
@@ -208,7 +200,7 @@ def test_an_fp8_kv_cache_is_attention_over_fp8_rounded_keys_and_values(tiny):
     ours = Engine(tiny, EngineConfig(kv_cache_dtype="fp8")).runner.prefill([PrefillChunk(ids, 0, list(range(len(ids))))])[0]
     with torch.inference_mode():
         plain = tiny.model(torch.tensor([ids])).logits[0, -1]
-        tiny.model.set_attn_implementation("quantkit_fp8_kv")
+        tiny.model.set_attn_implementation(fp8_kv)
         try:
             rounded = tiny.model(torch.tensor([ids])).logits[0, -1]
         finally:
