@@ -24,7 +24,8 @@ class EngineConfig:
     K and V in the model's dtype; "fp8" in FP8 E4M3 (half the bytes of float16: twice the sequences
     in the same memory, half the cache traffic of a decode step), each entry rounded to nearest and
     saturating at +-448, with no scale (as vLLM's fp8 cache without calibrated scales): outputs then
-    differ slightly from the model's own (BENCHMARKS.md measures how much)."""
+    differ slightly from the model's own (the tests check that they are exactly attention over
+    FP8-rounded keys and values; the effect on quality is not measured yet)."""
 
     block_size: int = 16
     kv_blocks: int | None = None

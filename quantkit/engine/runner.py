@@ -136,9 +136,9 @@ class ModelRunner:
         self.device, self.dtype = weight.device, weight.dtype
         s = self.shape
         # cache[layer] = (K, V), each [num_slots, kv_heads, head_dim]
-        self.kv_dtype = kv_dtype or self.dtype
-        self.cache = [(torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.kv_dtype),
-                       torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=self.kv_dtype))
+        kv_dtype = kv_dtype or self.dtype
+        self.cache = [(torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=kv_dtype),
+                       torch.zeros(num_slots, s.kv_heads, s.head_dim, device=self.device, dtype=kv_dtype))
                       for _ in range(s.layers)]
         self.facts = model_facts(model, family)
         # act(gate) * up: Llama's SiLU, another family's activation op, or None: the model's MLP module runs
