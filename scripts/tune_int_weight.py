@@ -101,11 +101,11 @@ def main() -> None:
             xs = [torch.randn(m, k, device=DEV, dtype=torch.float16) for _ in sets]
             t16, *_ = time_us(lambda x, wd: torch.nn.functional.linear(x, wd), xs, dense, args.iters)
             # every candidate checked against the weight it holds before it is timed: a wrong one is never chosen
-            bad = {c: why for c in candidates(m, hopper, args.kinds, args.bits) if (why := wrong(c, xs[0], first, w_float))}
+            paths = candidates(m, hopper, args.kinds, args.bits)
+            bad = {c: why for c in paths if (why := wrong(c, xs[0], first, w_float))}
             for c, why in bad.items():
                 console.print(f"[red]{shape} M={m}: {c} left out: {why}[/red]")
-            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0]
-                     for c in candidates(m, hopper, args.kinds, args.bits) if c not in bad}
+            times = {c: time_us(lambda x, w, c=c: run(c, x, w), xs, sets, args.iters)[0] for c in paths if c not in bad}
             best = min(times, key=times.get)
             rows.append([m, best])
             timings.append({"shape": shape, "M": m, "fp16_us": t16, "us": times, "best": best, "wrong": bad})
