@@ -217,7 +217,7 @@ def register_fp8_kv_attention() -> str:
 
     def fp8_kv(module, query, key, value, *args, **kwargs):
         def rounded(t):
-            return t.to(torch.float8_e4m3fn).to(t.dtype)
+            return t.clamp(-448, 448).to(torch.float8_e4m3fn).to(t.dtype)
         return sdpa_attention_forward(module, query, rounded(key), rounded(value), *args, **kwargs)
 
     AttentionInterface.register(FP8_KV_ATTENTION, fp8_kv)

@@ -179,6 +179,14 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     return registry.select_backend("rope_cache", q.device, q.dtype).run(q, k, v, cos, sin, k_cache, v_cache, slots)
 
 
+def _to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x in the cache's dtype; an FP8 cache saturates at +-448 (torch's own cast gives NaN past it on
+    some builds and devices, so the clamp is explicit)."""
+    if cache.dtype == torch.float8_e4m3fn:
+        x = x.clamp(-448, 448)
+    return x.to(cache.dtype)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -194,12 +202,12 @@ def rope_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slots):
     if r < d:  # partial rotary: transformers' Phi-3 rotates x[..., :r] and concatenates the rest
         q = torch.cat([q[..., :r] * cos + _rotate_half(q[..., :r]) * sin, q[..., r:]], dim=-1)
         k_rot = torch.cat([k[..., :r] * cos + _rotate_half(k[..., :r]) * sin, k[..., r:]], dim=-1)
-        k_cache[slots] = k_rot.to(k_cache.dtype)
-        v_cache[slots] = v.to(v_cache.dtype)
+        k_cache[slots] = _to_cache(k_rot, k_cache)
+        v_cache[slots] = _to_cache(v, v_cache)
         return q
     q = q * cos + _rotate_half(q) * sin
-    k_cache[slots] = (k * cos + _rotate_half(k) * sin).to(k_cache.dtype)  # torch's cast to FP8 saturates
-    v_cache[slots] = v.to(v_cache.dtype)
+    k_cache[slots] = _to_cache(k * cos + _rotate_half(k) * sin, k_cache)
+    v_cache[slots] = _to_cache(v, v_cache)
     return q
 
 
@@ -212,9 +220,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     0 .. positions[row], or with a sliding `window` only positions[row] - window + 1 .. positions[row]
     (transformers' sliding_window: a key at distance < window). softcap: scores (q.k * scale) go
     through softcap * tanh(scores / softcap) before the mask and the softmax (Gemma 2). Returns
-    [B * S, Hq * D]. The fused kernel splits the context into blocks of 64 keys (flash-decoding), so
-    C is bounded only by engine_ops_cuda.ATTN_MAX_CONTEXT. The cache may be float8_e4m3fn (an FP8 KV
-    cache); its entries are read exactly into q's dtype."""
+    [B * S, Hq * D]. The fused kernel splits the context over as many blocks as fill the GPU
+    (flash-decoding; engine_ops_cuda.keys_per_split), so C has no bound of its own. The cache may be
+    float8_e4m3fn (an FP8 KV cache); its entries are read exactly into q's dtype."""
     rows, b = q.shape[0], context.shape[0]
     if rows % b:
         raise ValueError(f"{rows} query rows do not split over {b} sequences")
