@@ -224,119 +224,190 @@ __device__ void rope_cache(const T* q, const T* k, const T* v, int ld_in, const 
     }
 }
 
-// One block of NW warps per (row, q head, split of KPS keys): a batch-1 decode step is Hq * splits
-// blocks, not Hq blocks each over the whole context (flash-decoding). Split sp takes the keys
-// sp KPS .. min((sp + 1) KPS, pos[row] + 1) - 1 (none when it starts past the row's position);
-// warp w takes the split's keys w KB .. w KB + KB - 1 (KB NW = KPS) with an online softmax (lane l
-// holds elements l, l + 32, ... of the head, D <= 256), then the warps merge. One split (C <= KPS): the
-// block writes out. Several: each block writes its partial (m, l, acc[D], unnormalised) to
-// ws [rows * Hq, splits, D + 2], and the last of a (row, head)'s blocks to finish merges them in
-// split order (the same bits whatever order the blocks ran in) and writes out; counters
-// [rows * Hq] count the finished blocks and are zero between launches (the last block resets its
-// own). q [rows, Hq, D] contiguous; cache [slots, Hk, D]; context [B, C] slots (row's sequence =
+// 16 bytes of a cached head at a time, converted exactly to float: 4 elements of f32, 8 of f16 /
+// bf16, 16 of FP8 E4M3.
+template <typename KV> struct Vec16;
+template <> struct Vec16<float> {
+    static constexpr int N = 4;
+    static __device__ __forceinline__ void cvt(const uint4& r, float* o) {
+        o[0] = __uint_as_float(r.x), o[1] = __uint_as_float(r.y), o[2] = __uint_as_float(r.z), o[3] = __uint_as_float(r.w);
+    }
+};
+template <> struct Vec16<__half> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void cvt(const uint4& r, float* o) {
+        const __half2* h = reinterpret_cast<const __half2*>(&r);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 v = __half22float2(h[i]);
+            o[2 * i] = v.x, o[2 * i + 1] = v.y;
+        }
+    }
+};
+template <> struct Vec16<__nv_bfloat16> {
+    static constexpr int N = 8;
+    static __device__ __forceinline__ void cvt(const uint4& r, float* o) {
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 v = __bfloat1622float2(h[i]);
+            o[2 * i] = v.x, o[2 * i + 1] = v.y;
+        }
+    }
+};
+template <> struct Vec16<__nv_fp8_e4m3> {
+    static constexpr int N = 16;
+    static __device__ __forceinline__ void cvt(const uint4& r, float* o) {
+        const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&r);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {  // E4M3 pairs to half pairs (exact, one instruction on sm_89+)
+            const float2 v = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(p[i], __NV_E4M3)));
+            o[2 * i] = v.x, o[2 * i + 1] = v.y;
+        }
+    }
+};
+
+// One block of ATTN_WARPS warps per (row, q head, split of kps keys): the launcher picks kps so that
+// the grid fills the GPU (a large batch: one split of the whole context per block, no merge; a
+// small one: flash-decoding over many splits). Split sp takes the keys sp kps .. min((sp + 1) kps,
+// pos[row] + 1) - 1 (none when it starts past the row's position). A key is read by G lanes, 16
+// bytes each (Vec16: lane g of the group holds head elements g N .. g N + N - 1, D <= G N), so a
+// warp reads 32 / G keys a round and ATTN_ROUNDS rounds at once: every load of an iteration is in
+// flight before any is used, and the next iteration's slots are loaded while this one computes.
+// Each group keeps its own online softmax (one rescale per iteration, not per key); the groups of
+// a warp, then the warps, merge at the end. One split (C <= kps): the block writes out. Several:
+// each block writes its partial (m, l, acc[D], unnormalised) to ws [rows * Hq, splits, D + 2], and
+// the last of a (row, head)'s blocks to finish merges them in split order (the same bits whatever
+// order the blocks ran in) and writes out; counters [rows * Hq] count the finished blocks and are
+// zero between launches (the last block resets its own). q [rows, Hq, D] contiguous; cache [slots,
+// Hk, D] with 16-byte aligned rows (D a multiple of N); context [B, C] slots (row's sequence =
 // row / S); pos[row] = the row's position: it sees keys 0 .. pos[row]. LIMITED (the _window
-// kernels): with window > 0 only keys pos[row] - window + 1 .. pos[row] (a split wholly before them is
-// empty), and with softcap > 0 each score s (scale included) becomes softcap * tanh(s / softcap).
-// KV: the cache's element type (T, or FP8 E4M3: half the bytes a key, converted exactly to float).
-constexpr int ATTN_KEYS_PER_SPLIT = 64;  // 8 warps x 8 keys: one memory latency per block
-template <typename T, typename KV, int NW, int MAXE, bool LIMITED>
+// kernels): with window > 0 only keys pos[row] - window + 1 .. pos[row] (a split wholly before them
+// is empty), and with softcap > 0 each score s (scale included) becomes softcap * tanh(s / softcap).
+// KV: the cache's element type (T, or FP8 E4M3: half the bytes a key).
+constexpr int ATTN_WARPS = 4;
+constexpr int ATTN_ROUNDS = 4;
+template <typename T, typename KV, int G, bool LIMITED>
 __device__ void paged_attention(const T* q, const KV* kc, const KV* vc, const long long* context, int C,
                                 const long long* pos, T* out, float* ws, int* counters, int S, int Hq, int Hk, int D,
-                                float scale, int window, float softcap) {
+                                int kps, float scale, int window, float softcap) {
     pdl_start();
-    // MAXE: elements per lane, D <= 32 MAXE
-    constexpr int KPS = ATTN_KEYS_PER_SPLIT;
+    constexpr int NW = ATTN_WARPS, U = ATTN_ROUNDS, N = Vec16<KV>::N, KR = 32 / G;
+    constexpr unsigned FULL = 0xffffffffu;
     __shared__ float sm_m[NW], sm_l[NW], sm_acc[NW][256];
-    __shared__ int sm_slot[KPS];  // the split's slot list, so a key costs one dependent load, not two
     __shared__ int is_last;
     const int row = blockIdx.x / Hq, h = blockIdx.x % Hq, kvh = h / (Hq / Hk);
     const int split = blockIdx.y, splits = gridDim.y;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, grp = lane / G, d0 = (lane % G) * N;
+    const bool holds = d0 < D;  // lanes past the head (D < G N) load nothing and add zeros
     const long long* ctx = context + (size_t)(row / S) * C;
     // the split's keys first .. last: none (last < first) past the row's position, none past C (a
     // position >= C sees the whole context, as in the torch twin)
-    int first = split * KPS;
-    const int last = min(min(first + KPS, C) - 1, (int)pos[row]);
+    int first = split * kps;
+    const int last = min(min(first + kps, C) - 1, (int)pos[row]);
     if constexpr (LIMITED) {
         if (window > 0) first = max(first, (int)pos[row] - window + 1);
     }
-    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) sm_slot[j - first] = (int)ctx[j];
-    __syncthreads();
-    float qv[MAXE], acc[MAXE];
+    float qv[N], acc[N];
 #pragma unroll
-    for (int e = 0; e < MAXE; ++e) {
-        const int d = lane + 32 * e;
-        qv[e] = d < D ? f<T>(q[((size_t)row * Hq + h) * D + d]) * scale : 0.0f;
+    for (int e = 0; e < N; ++e) {
+        qv[e] = holds ? f<T>(q[((size_t)row * Hq + h) * D + d0 + e]) * scale : 0.0f;
         acc[e] = 0.0f;
     }
     float m = neg_inf(), l = 0.0f;
-    // KB keys per iteration, their loads issued before any is used: one memory latency per KB keys
-    constexpr int KB = 8;
-    static_assert(KB * NW == KPS, "one iteration per warp: the split's loads all in flight at once");
-    for (int j0 = first + warp * KB; j0 <= last; j0 += NW * KB) {
-        float kv[KB][MAXE], vv[KB][MAXE], dot[KB];
+    // a warp's iteration: keys j0 + u KR + grp, u < U (a key past last reads last's slot and weighs 0)
+    constexpr int PER_WARP = KR * U;
+    int j0 = first + warp * PER_WARP;
+    long long slot[U];
 #pragma unroll
-        for (int u = 0; u < KB; ++u) {
-            const int j = min(j0 + u, last);
-            const size_t base = ((size_t)sm_slot[j - first] * Hk + kvh) * D;
+    for (int u = 0; u < U; ++u) slot[u] = j0 <= last ? ctx[min(j0 + u * KR + grp, last)] : 0;
+    for (; j0 <= last; j0 += NW * PER_WARP) {
+        uint4 kr[U], vr[U];
 #pragma unroll
-            for (int e = 0; e < MAXE; ++e) {
-                const int d = lane + 32 * e;
-                kv[u][e] = d < D ? f<KV>(kc[base + d]) : 0.0f;
-                vv[u][e] = d < D ? f<KV>(vc[base + d]) : 0.0f;
-            }
+        for (int u = 0; u < U; ++u) {
+            const size_t base = ((size_t)slot[u] * Hk + kvh) * D + d0;
+            kr[u] = holds ? __ldg(reinterpret_cast<const uint4*>(kc + base)) : make_uint4(0, 0, 0, 0);
+            vr[u] = holds ? __ldg(reinterpret_cast<const uint4*>(vc + base)) : make_uint4(0, 0, 0, 0);
         }
+        const int jn = j0 + NW * PER_WARP;
+        if (jn <= last) {
 #pragma unroll
-        for (int u = 0; u < KB; ++u) {
-            float s = 0.0f;
+            for (int u = 0; u < U; ++u) slot[u] = ctx[min(jn + u * KR + grp, last)];
+        }
+        float sc[U];
+        float mt = m;
 #pragma unroll
-            for (int e = 0; e < MAXE; ++e) s += qv[e] * kv[u][e];
-            dot[u] = j0 + u <= last ? warp_sum(s) : neg_inf();
+        for (int u = 0; u < U; ++u) {
+            float kf[N], a = 0.0f;
+            Vec16<KV>::cvt(kr[u], kf);
+#pragma unroll
+            for (int e = 0; e < N; ++e) a += qv[e] * kf[e];
+#pragma unroll
+            for (int o = G / 2; o > 0; o >>= 1) a += __shfl_xor_sync(FULL, a, o);
             if constexpr (LIMITED) {
-                if (softcap > 0.0f && j0 + u <= last) dot[u] = softcap * tanhf(dot[u] / softcap);
+                if (softcap > 0.0f) a = softcap * tanhf(a / softcap);
             }
+            sc[u] = j0 + u * KR + grp <= last ? a : neg_inf();
+            mt = fmaxf(mt, sc[u]);
         }
+        if (mt == neg_inf()) continue;  // this group's keys all lie past last
+        const float corr = __expf(m - mt);
+        l *= corr;
 #pragma unroll
-        for (int u = 0; u < KB; ++u) {
-            if (j0 + u > last) break;
-            const float m_new = fmaxf(m, dot[u]), corr = __expf(m - m_new), p = __expf(dot[u] - m_new);
-            l = l * corr + p;
+        for (int e = 0; e < N; ++e) acc[e] *= corr;
 #pragma unroll
-            for (int e = 0; e < MAXE; ++e) acc[e] = acc[e] * corr + p * vv[u][e];
-            m = m_new;
+        for (int u = 0; u < U; ++u) {
+            const float p = __expf(sc[u] - mt);
+            float vf[N];
+            Vec16<KV>::cvt(vr[u], vf);
+            l += p;
+#pragma unroll
+            for (int e = 0; e < N; ++e) acc[e] += p * vf[e];
         }
+        m = mt;
+    }
+    // the warp's groups merge (lane g of each group holds the same elements)
+#pragma unroll
+    for (int o = G; o < 32; o <<= 1) {
+        const float mo = __shfl_xor_sync(FULL, m, o), lo = __shfl_xor_sync(FULL, l, o);
+        const float mn = fmaxf(m, mo);
+        const float ca = mn == neg_inf() ? 0.0f : __expf(m - mn), cb = mn == neg_inf() ? 0.0f : __expf(mo - mn);
+        l = l * ca + lo * cb;
+#pragma unroll
+        for (int e = 0; e < N; ++e) acc[e] = acc[e] * ca + __shfl_xor_sync(FULL, acc[e], o) * cb;
+        m = mn;
     }
     if (lane == 0) {
         sm_m[warp] = m;
         sm_l[warp] = l;
     }
+    if (lane < G && holds) {
 #pragma unroll
-    for (int e = 0; e < MAXE; ++e) {
-        const int d = lane + 32 * e;
-        if (d < D) sm_acc[warp][d] = acc[e];
+        for (int e = 0; e < N; ++e) sm_acc[warp][d0 + e] = acc[e];
     }
     __syncthreads();
-    // the warps' merge, thread d taking element d of the head (a warp with no keys: m = -inf)
-    const int d = threadIdx.x;
+    // the warps' merge, thread t taking elements t, t + blockDim.x, ... (a warp with no keys: m = -inf)
     float gm = neg_inf();
     for (int w = 0; w < NW; ++w) gm = fmaxf(gm, sm_m[w]);
     float gl = 0.0f;
     for (int w = 0; w < NW; ++w) gl += sm_m[w] == neg_inf() ? 0.0f : sm_l[w] * __expf(sm_m[w] - gm);
-    float v = 0.0f;
-    if (d < D)
-        for (int w = 0; w < NW; ++w) v += sm_m[w] == neg_inf() ? 0.0f : sm_acc[w][d] * __expf(sm_m[w] - gm);
     T* o = out + (size_t)blockIdx.x * D;
-    if (splits == 1) {
-        if (d < D) o[d] = to<T>(v / gl);
-        return;
+    const size_t stride = D + 2;
+    float* part = ws + (size_t)blockIdx.x * splits * stride;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float v = 0.0f;
+        for (int w = 0; w < NW; ++w) v += sm_m[w] == neg_inf() ? 0.0f : sm_acc[w][d] * __expf(sm_m[w] - gm);
+        if (splits == 1) {
+            o[d] = to<T>(v / gl);
+        } else {
+            part[(size_t)split * stride + 2 + d] = v;
+        }
     }
+    if (splits == 1) return;
 
     // the split's partial (an empty split's: m = -inf, l = 0, acc = 0), then the last block to
     // finish merges them all
-    const size_t stride = D + 2;
-    float* part = ws + (size_t)blockIdx.x * splits * stride;
-    if (d < D) part[(size_t)split * stride + 2 + d] = v;
-    if (d == 0) {
+    if (threadIdx.x == 0) {
         part[(size_t)split * stride] = gm;
         part[(size_t)split * stride + 1] = gl;
     }
@@ -348,21 +419,21 @@ __device__ void paged_attention(const T* q, const KV* kc, const KV* vc, const lo
     __threadfence();
     // every thread merges the same m, l in split order (L2 reads: the other blocks wrote them), in
     // one online pass without branches, so that the loads of 8 splits are in flight at once
-    gm = neg_inf();
-    gl = 0.0f;
-    v = 0.0f;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float mm = neg_inf(), ll = 0.0f, v = 0.0f;
 #pragma unroll 8
-    for (int s = 0; s < splits; ++s) {
-        const float ms = __ldcg(part + s * stride), ls = __ldcg(part + s * stride + 1);
-        const float as = d < D ? __ldcg(part + s * stride + 2 + d) : 0.0f;
-        const float m_new = fmaxf(gm, ms);
-        const float shift = m_new == neg_inf() ? 0.0f : m_new;  // both empty so far: everything stays 0
-        const float c_old = __expf(gm - shift), c_new = __expf(ms - shift);
-        gl = gl * c_old + ls * c_new;
-        v = v * c_old + as * c_new;
-        gm = m_new;
+        for (int s = 0; s < splits; ++s) {
+            const float ms = __ldcg(part + s * stride), ls = __ldcg(part + s * stride + 1);
+            const float as = __ldcg(part + s * stride + 2 + d);
+            const float m_new = fmaxf(mm, ms);
+            const float shift = m_new == neg_inf() ? 0.0f : m_new;  // both empty so far: everything stays 0
+            const float c_old = __expf(mm - shift), c_new = __expf(ms - shift);
+            ll = ll * c_old + ls * c_new;
+            v = v * c_old + as * c_new;
+            mm = m_new;
+        }
+        o[d] = to<T>(v / ll);
     }
-    if (d < D) o[d] = to<T>(v / gl);
     if (threadIdx.x == 0) counters[blockIdx.x] = 0;  // ready for the next launch
 }
 
@@ -477,19 +548,22 @@ __device__ void silu_mul_quant(const T* g, const T* u, int ld_in, const float* g
         silu_mul_quant<T, Q>(g, u, ld_in, given, q, scale, I);                                                      \
     }
 
-#define ATTENTION(SUFFIX, T, KV, E)                                                                                 \
-    extern "C" __global__ void __launch_bounds__(256) paged_attention_##SUFFIX##_e##E(                             \
+#define ATTENTION(SUFFIX, T, KV, G)                                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) paged_attention_##SUFFIX##_g##G(                  \
         const T* q, const KV* kc, const KV* vc, const long long* context, int C, const long long* pos, T* out,      \
-        float* ws, int* counters, int S, int Hq, int Hk, int D, float scale) {                                      \
-        paged_attention<T, KV, 8, E, false>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale, 0,  \
-                                            0.0f);                                                                  \
+        float* ws, int* counters, int S, int Hq, int Hk, int D, int kps, float scale) {                             \
+        paged_attention<T, KV, G, false>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, kps, scale,   \
+                                         0, 0.0f);                                                                  \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(256) paged_attention_window_##SUFFIX##_e##E(                      \
+    extern "C" __global__ void __launch_bounds__(32 * ATTN_WARPS) paged_attention_window_##SUFFIX##_g##G(           \
         const T* q, const KV* kc, const KV* vc, const long long* context, int C, const long long* pos, T* out,      \
-        float* ws, int* counters, int S, int Hq, int Hk, int D, float scale, int window, float softcap) {           \
-        paged_attention<T, KV, 8, E, true>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, scale,      \
-                                           window, softcap);                                                        \
+        float* ws, int* counters, int S, int Hq, int Hk, int D, int kps, float scale, int window, float softcap) {  \
+        paged_attention<T, KV, G, true>(q, kc, vc, context, C, pos, out, ws, counters, S, Hq, Hk, D, kps, scale,    \
+                                        window, softcap);                                                           \
     }
+// G lanes per key: their 16-byte reads cover a head of D <= G * Vec16<KV>::N
+#define ATTENTIONS(SUFFIX, T, KV) ATTENTION(SUFFIX, T, KV, 4) ATTENTION(SUFFIX, T, KV, 8) ATTENTION(SUFFIX, T, KV, 16) \
+    ATTENTION(SUFFIX, T, KV, 32)
 // the cache written and read in FP8 E4M3 (EngineConfig.kv_cache_dtype = "fp8"), for T = f16 / bf16
 #define KV8_OPS(SUFFIX, T)                                                                                          \
     extern "C" __global__ void rope_cache_##SUFFIX##_kv8(const T* q, const T* k, const T* v, int ld_in,             \
@@ -498,8 +572,7 @@ __device__ void silu_mul_quant(const T* g, const T* u, int ld_in, const float* g
                                                          __nv_fp8_e4m3* vc, int rows, int Hq, int Hk, int D) {      \
         rope_cache<T, __nv_fp8_e4m3>(q, k, v, ld_in, cos, sin, ld_cs, slots, q_out, kc, vc, rows, Hq, Hk, D);      \
     }                                                                                                               \
-    ATTENTION(SUFFIX##_kv8, T, __nv_fp8_e4m3, 2)                                                                    \
-    ATTENTION(SUFFIX##_kv8, T, __nv_fp8_e4m3, 4) ATTENTION(SUFFIX##_kv8, T, __nv_fp8_e4m3, 8)
+    ATTENTIONS(SUFFIX##_kv8, T, __nv_fp8_e4m3)
 #define OPS(SUFFIX, T)                                                                                              \
     extern "C" __global__ void __launch_bounds__(1024) add_rms_norm_##SUFFIX(const T* x, int ldx, const T* res, int ldr, const T* w,       \
                                                      float eps, T* out, int ldo, T* res_out, int ldro, int H) {     \
@@ -526,7 +599,7 @@ __device__ void silu_mul_quant(const T* g, const T* u, int ld_in, const float* g
                                                    T* vc, int rows, int Hq, int Hk, int D) {                        \
         rope_cache<T, T>(q, k, v, ld_in, cos, sin, ld_cs, slots, q_out, kc, vc, rows, Hq, Hk, D);                   \
     }                                                                                                               \
-    ATTENTION(SUFFIX, T, T, 2) ATTENTION(SUFFIX, T, T, 4) ATTENTION(SUFFIX, T, T, 8)
+    ATTENTIONS(SUFFIX, T, T)
 
 OPS(f16, __half)
 OPS(bf16, __nv_bfloat16)

@@ -208,13 +208,14 @@ def test_engine_op_wrappers_pass_the_positional_bytes(driver, dtype):
         if splits > 1:
             ws, counters = _t(rows * hq, splits, d + 2, dtype=torch.float32), _t(4096, dtype=torch.int32)
         _same(driver,
-              lambda: cuda.launch(f"paged_attention_{sfx}_e2", "engine_ops", (rows * hq, splits), (256,),
+              lambda: cuda.launch(f"paged_attention_{sfx}_g8", "engine_ops", (rows * hq, splits), (128,),
                                   (qa, kc, vc, ctx, np.int32(c), pos, aout, ws, counters, np.int32(rows // b),
-                                   np.int32(hq), np.int32(hk), np.int32(d), np.float32(0.125)), dependent=True),
-              lambda: e.paged_attention((rows * hq, splits), (256,), E=2, q=qa, kc=kc, vc=vc, context=ctx, C=c, pos=pos,
+                                   np.int32(hq), np.int32(hk), np.int32(d), np.int32(64), np.float32(0.125)),
+                                  dependent=True),
+              lambda: e.paged_attention((rows * hq, splits), (128,), G=8, q=qa, kc=kc, vc=vc, context=ctx, C=c, pos=pos,
                                         out=aout, ws=ws if splits > 1 else None,
                                         counters=counters if splits > 1 else None, S=rows // b, Hq=hq, Hk=hk, D=d,
-                                        scale=0.125))
+                                        kps=64, scale=0.125))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -284,7 +285,8 @@ def _cu_parameters(source: str, head: str) -> list[str]:
     ("engine_ops", "add_rms_norm_##SUFFIX", "engine_ops.add_rms_norm"),
     ("engine_ops", "silu_mul_##SUFFIX", "engine_ops.silu_mul"),
     ("engine_ops", "rope_cache_##SUFFIX", "engine_ops.rope_cache"),
-    ("engine_ops", "paged_attention_##SUFFIX##_e##E", "engine_ops.paged_attention"),
+    ("engine_ops", "paged_attention_##SUFFIX##_g##G", "engine_ops.paged_attention"),
+    ("engine_ops", "paged_attention_window_##SUFFIX##_g##G", "engine_ops.paged_attention_window"),
     ("engine_ops", "add_rms_norm_quant_##QN##_##SUFFIX", "engine_ops.add_rms_norm_quant"),
     ("engine_ops", "silu_mul_quant_##QN##_##SUFFIX", "engine_ops.silu_mul_quant"),
     ("quantize_rows", "quantize_rows_int8_##NAME", "quantize_rows.quantize_rows"),
@@ -299,7 +301,7 @@ def test_wrappers_name_the_kernels_parameters_in_order(cu, head, wrapper):
     module, name = wrapper.split(".")
     fn = getattr(importlib.import_module(f"quantkit.kernels.launch_{module}"), name)
     named = [p.name for p in inspect.signature(fn).parameters.values()
-             if p.kind is p.KEYWORD_ONLY and p.name not in ("shared_mem", "dependent", "E")]
+             if p.kind is p.KEYWORD_ONLY and p.name not in ("shared_mem", "dependent", "E", "G")]
     assert named == _cu_parameters((cuda.CSRC / f"{cu}.cu").read_text(), head)
 
 

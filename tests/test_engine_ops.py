@@ -368,10 +368,36 @@ def _attention_case(dtype, b, s, hq, hk, d, c, positions):
     return q, kc, vc, context, torch.as_tensor(positions, device="cuda").reshape(-1)
 
 
-def test_the_split_size_is_the_kernels():
+def test_the_attention_block_shape_is_the_kernels():
     from quantkit.kernels.cuda import CSRC
 
-    assert f"ATTN_KEYS_PER_SPLIT = {engine_ops_cuda.ATTN_KEYS_PER_SPLIT};" in (CSRC / "engine_ops.cu").read_text()
+    text = (CSRC / "engine_ops.cu").read_text()
+    assert f"ATTN_WARPS = {engine_ops_cuda.ATTN_WARPS};" in text
+    assert f"ATTN_ROUNDS = {engine_ops_cuda.ATTN_ROUNDS};" in text
+
+
+@pytest.mark.parametrize("d,dtype,g", [(64, torch.float16, 8), (128, torch.bfloat16, 16), (256, torch.float16, 32),
+                                       (80, torch.float16, 16), (96, torch.float8_e4m3fn, 8),
+                                       (128, torch.float8_e4m3fn, 8), (32, torch.float8_e4m3fn, 4),
+                                       (72, torch.float8_e4m3fn, None), (60, torch.float16, None),
+                                       (512, torch.float16, None)])
+def test_attention_lanes_cover_the_head_in_16_byte_reads(d, dtype, g):
+    assert engine_ops_cuda.attention_lanes(d, dtype) == g
+
+
+@pytest.mark.parametrize("pairs,c,g", [(32, 257, 16), (2048, 257, 16), (8192, 300, 8), (24, 4000, 16),
+                                       (1, 10 ** 7, 16), (300, 1, 16)])
+def test_keys_per_split_fill_the_gpu_and_no_more(pairs, c, g):
+    wave = 132 * 6
+    kps = engine_ops_cuda.keys_per_split(pairs, c, g, wave)
+    first = engine_ops_cuda.ATTN_WARPS * engine_ops_cuda.ATTN_ROUNDS * 32 // g  # one block iteration's keys
+    splits = -(-c // kps)
+    assert kps % first == 0 and (kps // first).bit_count() == 1 and splits <= engine_ops_cuda.ATTN_MAX_SPLITS
+    if splits > 1 and c <= first * engine_ops_cuda.ATTN_MAX_SPLITS:
+        # one doubling more would have left part of the GPU idle (or it is at its smallest)
+        assert kps == first or pairs * -(-c // (2 * kps)) < wave or pairs * splits < wave
+    if pairs * -(-c // first) >= 2 * wave:  # enough (row, head) pairs: fewer, longer blocks
+        assert kps > first or c <= first
 
 
 @gpu

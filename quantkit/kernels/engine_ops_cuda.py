@@ -15,8 +15,9 @@ from quantkit.kernels.registry import register_backend
 NORM_MAX_HIDDEN = 8192  # as in the .cu: 1024 threads x 8 registers
 ACT_QUANT_MAX = 1024 * 16  # silu_mul_quant's widest row, as in the .cu: 1024 threads x 16 registers
 _QDTYPE = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
-ATTN_KEYS_PER_SPLIT = 64  # as in the .cu: the keys of one attention block
-ATTN_MAX_CONTEXT = ATTN_KEYS_PER_SPLIT * 65535  # the splits are the grid's y dimension (at most 65535)
+ATTN_WARPS = 4  # as in the .cu: the warps of an attention block
+ATTN_ROUNDS = 4  # as in the .cu: the 16-byte reads of K (and of V) each lane has in flight
+ATTN_MAX_SPLITS = 65535  # the splits are the grid's y dimension
 
 
 def half_on_gpu(device: torch.device, dtype: torch.dtype | None, spec: object = None) -> bool:
@@ -148,30 +149,60 @@ def _rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Te
     return q_out
 
 
+def attention_lanes(d: int, cache_dtype: torch.dtype) -> int | None:
+    """G, the lanes that read one cached key of head size d, 16 bytes each (the kernel's template
+    parameter: 4, 8, 16 or 32); None where the kernel cannot take the head (d not a multiple of the
+    elements in 16 bytes, or wider than 32 lanes' reads)."""
+    per_lane = 16 // cache_dtype.itemsize
+    if d % per_lane:
+        return None
+    g = 4
+    while g * per_lane < d:
+        g *= 2
+    return g if g <= 32 else None
+
+
+def keys_per_split(pairs: int, c: int, g: int, wave: int) -> int:
+    """The keys one attention block takes, for `pairs` (row, head) blocks per split and a context of c:
+    from one block iteration's keys (ATTN_WARPS warps x ATTN_ROUNDS rounds x 32 / G keys), doubled while
+    the context needs more than one split and the grid keeps at least `wave` blocks (all the GPU
+    holds at once). A large batch gets one split (no merge); batch 1, many short ones (flash-decoding)."""
+    kps = ATTN_WARPS * ATTN_ROUNDS * 32 // g
+    while kps < c and pairs * -(-c // (2 * kps)) >= wave:
+        kps *= 2
+    while -(-c // kps) > ATTN_MAX_SPLITS:
+        kps *= 2
+    return kps
+
+
 @register_backend("paged_attention", "cuda", available=half_on_gpu)
 def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context: torch.Tensor,
                      positions: torch.Tensor, scale: float, window: int | None = None,
                      softcap: float | None = None) -> torch.Tensor:
     rows, hq, d = q.shape
     b, c = context.shape
-    if d > 256 or hq % k_cache.shape[1] or c > ATTN_MAX_CONTEXT or not _cache_fits(q, k_cache):
+    g = attention_lanes(d, k_cache.dtype)
+    if (g is None or hq % k_cache.shape[1] or not _cache_fits(q, k_cache)
+            or not all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (k_cache, v_cache))):
         return ops.paged_attention_reference(q, k_cache, v_cache, context, positions, scale, window, softcap)
     out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
-    per_lane = 2 if d <= 64 else 4 if d <= 128 else 8  # head elements per lane, as instantiated in the .cu
+    limited = window is not None or softcap is not None  # the same kernel with its key range and scores limited
+    name = f"paged_attention{'_window' if limited else ''}_{launch._T[q.dtype]}{launch._kv(k_cache)}_g{g}"
+    wave = (torch.cuda.get_device_properties(q.device).multi_processor_count
+            * cuda.resident_blocks(name, launch.MODULE, 32 * ATTN_WARPS, 0))
     # from C, not from the positions: the same grid for every replay of a context bucket's CUDA graph
-    splits = max(-(-c // ATTN_KEYS_PER_SPLIT), 1)
+    kps = keys_per_split(rows * hq, c, g, wave)
+    splits = max(-(-c // kps), 1)
     ws = counters = None  # one split writes out directly
     if splits > 1:
         ws = torch.empty(rows * hq, splits, d + 2, dtype=torch.float32, device=q.device)  # (m, l, acc[D]) per split
         counters = cuda.counters("paged_attention", q.device, rows * hq)
-    if window is not None or softcap is not None:  # the same kernel with its key range and scores limited
-        launch.paged_attention_window((rows * hq, splits), (256,), E=per_lane, q=q.contiguous(), kc=k_cache,
-                                      vc=v_cache, context=context.contiguous(), C=c, pos=positions.contiguous(),
-                                      out=out, ws=ws, counters=counters, S=rows // b, Hq=hq, Hk=k_cache.shape[1], D=d,
-                                      scale=scale, window=window or 0, softcap=softcap or 0.0)
-        return out.view(rows, hq * d)
-    launch.paged_attention((rows * hq, splits), (256,), E=per_lane, q=q.contiguous(), kc=k_cache, vc=v_cache,
-                           context=context.contiguous(), C=c, pos=positions.contiguous(), out=out, ws=ws,
-                           counters=counters, S=rows // b, Hq=hq, Hk=k_cache.shape[1], D=d, scale=scale)
+    common = dict(G=g, q=q.contiguous(), kc=k_cache, vc=v_cache, context=context.contiguous(), C=c,
+                  pos=positions.contiguous(), out=out, ws=ws, counters=counters, S=rows // b, Hq=hq,
+                  Hk=k_cache.shape[1], D=d, kps=kps, scale=scale)
+    if limited:
+        launch.paged_attention_window((rows * hq, splits), (32 * ATTN_WARPS,), **common, window=window or 0,
+                                      softcap=softcap or 0.0)
+    else:
+        launch.paged_attention((rows * hq, splits), (32 * ATTN_WARPS,), **common)
     return out.view(rows, hq * d)
-

@@ -79,17 +79,19 @@ def rope_cache(grid: tuple[int, ...], block: tuple[int, ...], *, q: torch.Tensor
                  np.int32(Hq), np.int32(Hk), np.int32(D)), dependent=True)
 
 
-def paged_attention(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q: torch.Tensor, kc: torch.Tensor,
+def paged_attention(grid: tuple[int, ...], block: tuple[int, ...], *, G: int, q: torch.Tensor, kc: torch.Tensor,
                     vc: torch.Tensor, context: torch.Tensor, C: int, pos: torch.Tensor, out: torch.Tensor,
                     ws: torch.Tensor | None, counters: torch.Tensor | None, S: int, Hq: int, Hk: int, D: int,
-                    scale: float) -> None:
+                    kps: int, scale: float) -> None:
     """out[r, h] = softmax(q k^T * scale) v over keys 0 .. pos[r] of row r's sequence, read through
-    its slot list; split over blocks of 64 keys (flash-decoding) and merged in split order.
+    its slot list; split over blocks of kps keys (flash-decoding) and merged in split order.
 
-    grid       (rows * Hq, splits): one block per (row, head) and split of 64 keys; block (256,)
-    E          head elements per lane (template parameter): 2 (D <= 64), 4 (D <= 128), 8 (D <= 256)
+    grid       (rows * Hq, splits): one block per (row, head) and split of kps keys; block (32 * ATTN_WARPS,)
+    G          lanes per key (template parameter: 4, 8, 16 or 32), each reading 16 bytes of the head:
+               D <= G * (8 for a cache of f16 / bf16, 16 of FP8, 4 of f32), D a multiple of that
     q          T [rows, Hq, D], contiguous; row b * S + s is token s of sequence b
-    kc, vc     T or float8_e4m3fn [slots, Hk, D], contiguous: the layer's cache (Hq a multiple of Hk: GQA)
+    kc, vc     T or float8_e4m3fn [slots, Hk, D], contiguous, 16-byte aligned: the layer's cache (Hq a
+               multiple of Hk: GQA)
     context    int64 [B, C], contiguous: the cache slots of positions 0 .. C - 1 of each sequence
     C          the context length (columns of context)
     pos        int64 [rows], contiguous: row r attends to keys 0 .. pos[r]
@@ -99,11 +101,12 @@ def paged_attention(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q:
     counters   int32 [>= rows * Hq], zero: per (row, head), the splits done (the last resets it);
                None with one split
     S, Hq, Hk, D: tokens per sequence, query heads, KV heads, head size
+    kps        keys per split (splits = ceil(C / kps))
     scale      the softmax scale
     """
-    cuda.launch(f"paged_attention_{_T[q.dtype]}{_kv(kc)}_e{E}", MODULE, grid, block,
+    cuda.launch(f"paged_attention_{_T[q.dtype]}{_kv(kc)}_g{G}", MODULE, grid, block,
                 (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
-                 np.int32(Hk), np.int32(D), np.float32(scale)), dependent=True)
+                 np.int32(Hk), np.int32(D), np.int32(kps), np.float32(scale)), dependent=True)
 
 
 # ---- the kernels of the families beyond Llama ------------------------------------------------------
@@ -142,16 +145,17 @@ def qk_rms_norm(grid: tuple[int, ...], block: tuple[int, ...], *, q: torch.Tenso
                  out, np.int32(rows), np.int32(Hq), np.int32(Hk), np.int32(D)), dependent=True)
 
 
-def paged_attention_window(grid: tuple[int, ...], block: tuple[int, ...], *, E: int, q: torch.Tensor,
+def paged_attention_window(grid: tuple[int, ...], block: tuple[int, ...], *, G: int, q: torch.Tensor,
                            kc: torch.Tensor, vc: torch.Tensor, context: torch.Tensor, C: int, pos: torch.Tensor,
                            out: torch.Tensor, ws: torch.Tensor | None, counters: torch.Tensor | None, S: int, Hq: int,
-                           Hk: int, D: int, scale: float, window: int, softcap: float) -> None:
+                           Hk: int, D: int, kps: int, scale: float, window: int, softcap: float) -> None:
     """paged_attention (the same arguments, grid and workspace) over the keys pos[r] - window + 1 ..
     pos[r] only (window 0: all of 0 .. pos[r]), each score s (scale included) soft-capped to
     softcap * tanh(s / softcap) (softcap 0: none)."""
-    cuda.launch(f"paged_attention_window_{_T[q.dtype]}{_kv(kc)}_e{E}", MODULE, grid, block,
+    cuda.launch(f"paged_attention_window_{_T[q.dtype]}{_kv(kc)}_g{G}", MODULE, grid, block,
                 (q, kc, vc, context, np.int32(C), pos, out, _ptr(ws), _ptr(counters), np.int32(S), np.int32(Hq),
-                 np.int32(Hk), np.int32(D), np.float32(scale), np.int32(window), np.float32(softcap)), dependent=True)
+                 np.int32(Hk), np.int32(D), np.int32(kps), np.float32(scale), np.int32(window), np.float32(softcap)),
+                dependent=True)
 
 
 # ---- the ops in front of a W8A8 linear, writing its input quantized per token ----------------------
