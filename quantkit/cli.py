@@ -168,7 +168,7 @@ def eval_(
     device: Annotated[Optional[str], typer.Option("--device", help="--speed: cuda or cpu (default: cuda when present)")] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="--speed: float16, bfloat16 or float32 (default: float16 on a GPU)")] = None,
     async_decode: Annotated[bool, typer.Option("--async-decode/--sync-decode", help="--speed: launch each decode step before the previous step's tokens are read back")] = True,
-    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="--speed: auto (the model's dtype) or fp8 (E4M3, no scales: half the cache bytes)")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option("--kv-cache-dtype", help="auto (the model's dtype) or fp8 (E4M3, no scales: half the cache bytes); --speed runs the engine with it, perplexity rounds keys and values as it stores them")] = "auto",
 ) -> None:
     """Perplexity of a model or quantized checkpoint on held-out texts (or, with --speed, its speed)."""
     from quantkit import api
@@ -189,7 +189,8 @@ def eval_(
     for source in ([baseline] if baseline else []) + [model]:
         src = None if source == "default" else source
         rows += _run(api.evaluate, src, datasets, seqlen, n_windows, batch_size,
-                     kld=reference if source == model else None)
+                     kld=reference if source == model else None,
+                     kv_cache_dtype=kv_cache_dtype if source == model else "auto")
     main = [r for r in rows if r["model"] == rows[-1]["model"]]
     if as_json:
         first = main[0]
@@ -197,7 +198,8 @@ def eval_(
         _emit_json({"model": first["model"], "data": first["data"], "perplexity": first["perplexity"], "tokens": first["tokens"],
                     "windows": first["windows"], "seconds": first["seconds"], **extra, "results": rows})
         return
-    table = Table(title=f"perplexity ({seqlen}-token windows)")  # every cell below is plain Text: names are user text
+    table = Table(title=f"perplexity ({seqlen}-token windows"
+                        + (f"; {Path(model or 'default').name}: FP8 KV cache" if kv_cache_dtype == "fp8" else "") + ")")  # every cell below is plain Text: names are user text
     columns = ["model", "data", "perplexity", "vs baseline"] + (["KLD mean", "KLD p99", "top-1 changed"] if kld else [])
     for col in columns + ["windows", "tokens", "seconds"]:
         table.add_column(col, justify="left" if col in ("model", "data") else "right")
@@ -301,8 +303,8 @@ def inspect(
     budget = report.get("budget")
     if budget:
         formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
-        table.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
-                                            f"{budget['bits_per_weight_asked']:g}): {formats}"))
+        head.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
+                                           f"{budget['bits_per_weight_asked']:g}): {formats}"))
     held = _held_out_text(report.get("held_out"))
     if held:
         head.add_row("held-out check", _t(held))

@@ -149,3 +149,11 @@ def test_a_gradient_weighted_budget_writes_a_checkpoint_within_it(tiny_model_dir
     b = report["budget"]
     assert b["bits_per_weight"] <= 4.6 and b["predicted_error"] > 0
     assert len(b["linears_per_format"]) >= 2  # the weights moved bytes between layers
+    # inspect shows the mix (it once named an undefined table for budget checkpoints)
+    from typer.testing import CliRunner
+
+    from quantkit.cli import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "out")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    assert "mixed precision" in shown.output and f"{b['bits_per_weight']:.3f} bits per weight" in shown.output
