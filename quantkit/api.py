@@ -23,7 +23,9 @@ from quantkit.calibration import (DEFAULT_EVALUATION, EVALUATION_TEXTS, calibrat
                                   evaluation_tokens, held_out_batch, parse_mix)
 from quantkit.checkpoint import check_output, checkpoint_summary, is_quantized_checkpoint, load_checkpoint
 from quantkit.checkpoint.stream import StreamingCheckpoint, source_fingerprint, tensor_digest
+from quantkit.engine.config import KV_CACHE_DTYPES
 from quantkit.eval import perplexity
+from quantkit.eval.kv_cache import use_fp8_kv_cache
 from quantkit.eval.plots import layer_error_png
 from quantkit.errors import NumericalError
 from quantkit.models import LoadedModel, context_length, empty_model, family_for, load_config, load_lazily, load_model, resolve_source
@@ -284,6 +286,7 @@ def evaluate(
     batch_size: int = 4,
     show_progress: bool = True,
     kld: bool | str | os.PathLike | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> list[dict]:
     """Perplexity of one model on each of `data`; one row per data set.
     windows None: every window of each text. The settings are checked against
@@ -291,7 +294,12 @@ def evaluate(
     kld: also the KL divergence of the next-token distributions from a reference
     model, and how often the top-1 token changes (quantkit.eval.perplexity): True
     takes the float model a quantized checkpoint was made from (its report names
-    it), a path or name takes that model."""
+    it), a path or name takes that model.
+    kv_cache_dtype "fp8": the model attends over keys and values rounded as the engine's FP8 KV cache
+    stores them (quantkit.eval.kv_cache), so the rows show what that cache costs; the KLD reference
+    keeps its own attention."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; valid: {', '.join(KV_CACHE_DTYPES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if windows is not None and windows < 1:
@@ -301,6 +309,8 @@ def evaluate(
     _check_seqlen(seqlen, load_config(source), "seqlen")
     reference_source = kld_reference(source) if kld is True else (None if kld in (None, False) else str(kld))
     loaded = load(source)
+    if kv_cache_dtype == "fp8":
+        use_fp8_kv_cache(loaded.model)
     reference = None
     if reference_source is not None:
         reference = load(None if reference_source == "default" else reference_source)
@@ -316,7 +326,7 @@ def evaluate(
         tokens = evaluation_tokens(loaded.tokenizer, name)
         r = perplexity(loaded.model, tokens, seqlen, windows, batch_size, show_progress=show_progress,
                        label=f"{Path(loaded.source).name} on {name}", reference=reference and reference.model)
-        row = {"model": loaded.source, "data": name, **dataclasses.asdict(r)}
+        row = {"model": loaded.source, "data": name, **dataclasses.asdict(r), "kv_cache_dtype": kv_cache_dtype}
         if reference is None:
             for key in ("kld_mean", "kld_median", "kld_p99", "top1_changed"):
                 row.pop(key)

@@ -204,21 +204,3 @@ def engine_runs(loaded, prompts: list[list[int]], params, config):
     outputs = [s.output_ids for s in engine.generate(prompts, params)]
     logits = engine.runner.prefill([PrefillChunk(prompts[0], 0, list(range(len(prompts[0]))))])
     return outputs, logits
-
-
-FP8_KV_ATTENTION = "quantkit_fp8_kv"
-
-
-def register_fp8_kv_attention() -> str:
-    """An attention for transformers that rounds its keys (after RoPE) and values to FP8 E4M3 first
-    (saturating), which is all an FP8 KV cache changes; returns its name for set_attn_implementation."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    def fp8_kv(module, query, key, value, *args, **kwargs):
-        def rounded(t):
-            return t.clamp(-448, 448).to(torch.float8_e4m3fn).to(t.dtype)
-        return sdpa_attention_forward(module, query, rounded(key), rounded(value), *args, **kwargs)
-
-    AttentionInterface.register(FP8_KV_ATTENTION, fp8_kv)
-    return FP8_KV_ATTENTION

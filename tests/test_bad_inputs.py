@@ -379,6 +379,18 @@ def test_eval_zero_batch_size(tiny_model_dir):
     assert_clean_error(result, text, "batch_size", "0")
 
 
+def test_eval_unknown_kv_cache_dtype(tiny_model_dir):
+    result, text = cli("eval", tiny_model_dir, "--kv-cache-dtype", "int4", "--seqlen", 32, "--windows", 1)
+    assert_clean_error(result, text, "kv_cache_dtype", "int4")
+
+
+def test_eval_with_an_fp8_kv_cache_says_so(tiny_model_dir):
+    result, text = cli("eval", tiny_model_dir, "--kv-cache-dtype", "fp8", "--data", "austen-eval", "--seqlen", 32,
+                       "--windows", 2, "--json")
+    assert result.exit_code == 0, text
+    assert json.loads(result.stdout)["results"][0]["kv_cache_dtype"] == "fp8"
+
+
 # --------------------------------------------------------------------------- 10. inspect
 
 def test_inspect_missing_folder(tmp_path):

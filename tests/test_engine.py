@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import engine_runs, register_fp8_kv_attention, w8a8_copy
+from conftest import engine_runs, w8a8_copy
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
+from quantkit.eval.kv_cache import use_fp8_kv_cache
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, per_tensor
 from quantkit.models.loader import load_model
 
@@ -180,14 +181,12 @@ def test_real_model_greedy_equals_transformers_generate():
 def test_an_fp8_kv_cache_is_attention_over_fp8_rounded_keys_and_values(tiny):
     """kv_cache_dtype="fp8": greedy equals transformers' generate with an attention that rounds its
     keys (after RoPE) and values to FP8 E4M3 first (saturating), which is all the FP8 cache changes."""
-    fp8_kv = register_fp8_kv_attention()
     prompts = _prompts(tiny)
     stop = tiny.model.config.eos_token_id
     engine = Engine(tiny, EngineConfig(block_size=4, kv_cache_dtype="fp8"))
     assert all(k.dtype == v.dtype == torch.float8_e4m3fn for k, v in engine.runner.cache)
     seqs = engine.generate(prompts, _greedy(32, stop))
-    attn = tiny.model.config._attn_implementation
-    tiny.model.set_attn_implementation(fp8_kv)
+    attn = use_fp8_kv_cache(tiny.model)
     try:
         expected = [_hf_greedy(tiny, p, 32) for p in prompts]
     finally:
@@ -200,13 +199,41 @@ def test_an_fp8_kv_cache_is_attention_over_fp8_rounded_keys_and_values(tiny):
     ours = Engine(tiny, EngineConfig(kv_cache_dtype="fp8")).runner.prefill([PrefillChunk(ids, 0, list(range(len(ids))))])[0]
     with torch.inference_mode():
         plain = tiny.model(torch.tensor([ids])).logits[0, -1]
-        tiny.model.set_attn_implementation(fp8_kv)
+        use_fp8_kv_cache(tiny.model)
         try:
             rounded = tiny.model(torch.tensor([ids])).logits[0, -1]
         finally:
             tiny.model.set_attn_implementation(attn)
     assert torch.allclose(ours, rounded, atol=1e-5, rtol=0)
     assert (plain - rounded).abs().max() > 1e-3
+
+
+def test_fp8_kv_rounding_works_under_eager_and_sdpa_attention(tiny_model_dir):
+    # use_fp8_kv_cache wraps whichever attention the model has; eager and SDPA round the same keys
+    # and values, so they agree with each other and both differ from the unrounded model
+    ids = torch.tensor([_prompts(load_model(tiny_model_dir))[0]])
+    logits = {}
+    for impl in ("eager", "sdpa"):
+        loaded = load_model(tiny_model_dir)
+        loaded.model.set_attn_implementation(impl)
+        with torch.inference_mode():
+            plain = loaded.model(ids).logits[0]
+            assert use_fp8_kv_cache(loaded.model) == impl
+            assert use_fp8_kv_cache(loaded.model) == impl  # twice: still one rounding
+            logits[impl] = loaded.model(ids).logits[0]
+        assert (plain - logits[impl]).abs().max() > 1e-3
+    assert torch.allclose(logits["eager"], logits["sdpa"], atol=1e-5, rtol=0)
+
+
+def test_perplexity_with_an_fp8_kv_cache(tiny_model_dir):
+    from quantkit import api
+
+    common = dict(data=("austen-eval",), seqlen=32, windows=3, batch_size=2, show_progress=False)
+    auto, fp8 = (api.evaluate(str(tiny_model_dir), kv_cache_dtype=d, **common)[0] for d in ("auto", "fp8"))
+    assert (auto["kv_cache_dtype"], fp8["kv_cache_dtype"]) == ("auto", "fp8")
+    assert fp8["perplexity"] != auto["perplexity"] and abs(fp8["perplexity"] / auto["perplexity"] - 1) < 0.05
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        api.evaluate(str(tiny_model_dir), kv_cache_dtype="int4", **common)
 
 
 def test_kv_cache_dtype_is_checked_and_sizes_the_pool():

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import engine_runs, register_fp8_kv_attention, verification_distributions, w8a8_copy
+from conftest import engine_runs, verification_distributions, w8a8_copy
 from quantkit.engine.config import EngineConfig
 from quantkit.engine.engine import Engine
 from quantkit.engine.sequence import SamplingParams
+from quantkit.eval.kv_cache import use_fp8_kv_cache
 from quantkit.formats import ActSpec, FloatSpec, IntSpec
 from quantkit.models.loader import load_model
 
@@ -74,7 +75,6 @@ def test_half_precision_runs_and_batches_agree(tiny_model_dir):
 def test_fp8_kv_cache_graphed_equals_eager_and_starts_as_transformers(tiny_model_dir):
     # the cache kernels (f16 with an E4M3 cache) in graphs and eagerly give the same tokens, and the
     # first token is transformers' with its keys and values rounded to FP8 as the cache holds them
-    fp8_kv = register_fp8_kv_attention()
     loaded = load_model(tiny_model_dir)
     loaded.model.to("cuda", torch.float16)
     prompts = _prompts(loaded)
@@ -82,7 +82,7 @@ def test_fp8_kv_cache_graphed_equals_eager_and_starts_as_transformers(tiny_model
     runs = [[s.output_ids for s in Engine(loaded, EngineConfig(cuda_graphs=g, block_size=8, kv_cache_dtype="fp8")
                                          ).generate(prompts, params)] for g in (False, True)]
     assert runs[0] == runs[1]
-    loaded.model.set_attn_implementation(fp8_kv)
+    use_fp8_kv_cache(loaded.model)
     for p, out in zip(prompts, runs[0]):
         with torch.inference_mode():
             first = int(loaded.model(torch.tensor([p], device="cuda")).logits[0, -1].argmax())

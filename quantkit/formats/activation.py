@@ -27,6 +27,12 @@ FP8_E4M3_MAX = 448.0
 INT8_HALF_RANGE = 127.5  # (qmax - qmin) / 2, as the weights' symmetric convention
 
 
+def fp8_saturate(x: torch.Tensor) -> torch.Tensor:
+    """x in float8_e4m3fn without a scale: rounded to nearest even, saturating at +-448 (an FP8 KV
+    cache's entries). The clamp is explicit: torch's CUDA cast gives NaN from 480 on (2.11)."""
+    return x.clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+
+
 @dataclass(frozen=True)
 class ActSpec:
     """How a linear's input is quantized: int8 or fp8 (E4M3), per-token dynamic or per-tensor static."""

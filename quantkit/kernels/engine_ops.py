@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quantkit.formats.activation import ActSpec, check_input_scale, dynamic_scales, quantize
+from quantkit.formats.activation import ActSpec, check_input_scale, dynamic_scales, fp8_saturate, quantize
 from quantkit.kernels import registry
 from quantkit.kernels.int_weight import PreparedIntWeight, int_weight_matmul
 from quantkit.kernels.registry import register_backend
@@ -180,11 +180,8 @@ def rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
 
 
 def _to_cache(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """x in the cache's dtype; an FP8 cache saturates at +-448 (torch's own cast gives NaN past it on
-    some builds and devices, so the clamp is explicit)."""
-    if cache.dtype == torch.float8_e4m3fn:
-        x = x.clamp(-448, 448)
-    return x.to(cache.dtype)
+    """x in the cache's dtype (an FP8 cache: rounded and saturating, formats.activation.fp8_saturate)."""
+    return fp8_saturate(x) if cache.dtype == torch.float8_e4m3fn else x.to(cache.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
