@@ -55,16 +55,20 @@ for which in args.models:
     prev_end = ks[0][0]
     for start, end, name in ks:
         kind = next(k for pat, k in KINDS if pat in name)
-        d, g, cnt = busy.get(kind, (0.0, 0.0, 0))
-        busy[kind] = (d + (end - start), g + max(0.0, start - prev_end), cnt + 1)
+        d, g, crit, cnt = busy.get(kind, (0.0, 0.0, 0.0, 0))
+        # critical: the part of the kernel after everything before it ended (under PDL a kernel starts early
+        # and waits inside, so its duration includes the previous kernel's tail)
+        busy[kind] = (d + (end - start), g + max(0.0, start - prev_end), crit + max(0.0, end - max(start, prev_end)),
+                      cnt + 1)
         prev_end = max(prev_end, end)
     print(f"== {which}, batch {b}, context {c}: {n} kernels, first start to last end {span / 1e3:.3f} ms")
-    print(f"{'kind':14s} {'count':>5s} {'kernel ms':>9s} {'gap before ms':>13s} {'us/call':>8s}")
-    for kind, (d, g, cnt) in sorted(busy.items(), key=lambda kv: -kv[1][0]):
-        print(f"{kind:14s} {cnt:5d} {d / 1e3:9.3f} {g / 1e3:13.3f} {d / cnt:8.2f}")
-    print("one layer (the 10th kernel on), start offset / duration us:")
-    base = ks[10][0]
+    print(f"{'kind':14s} {'count':>5s} {'kernel ms':>9s} {'critical ms':>11s} {'gap before ms':>13s} {'us/call':>8s}")
+    for kind, (d, g, crit, cnt) in sorted(busy.items(), key=lambda kv: -kv[1][2]):
+        print(f"{kind:14s} {cnt:5d} {d / 1e3:9.3f} {crit / 1e3:11.3f} {g / 1e3:13.3f} {d / cnt:8.2f}")
+    print("one layer (the 10th kernel on), start offset / duration / critical us:")
+    base, prev_end = ks[10][0], ks[9][1]
     for start, end, name in ks[10:22]:
-        print(f"  {start - base:8.1f} {end - start:7.1f}  {name[:70]}")
+        print(f"  {start - base:8.1f} {end - start:7.1f} {max(0.0, end - max(start, prev_end)):7.1f}  {name[:70]}")
+        prev_end = max(prev_end, end)
     del engine, model, graph
     torch.cuda.empty_cache()
