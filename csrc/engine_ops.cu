@@ -233,28 +233,21 @@ template <> struct Vec16<float> {
         o[0] = __uint_as_float(r.x), o[1] = __uint_as_float(r.y), o[2] = __uint_as_float(r.z), o[3] = __uint_as_float(r.w);
     }
 };
-template <> struct Vec16<__half> {
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+template <typename P> struct Pairs16 {  // 16 bytes of 2-element vectors P (half2, bfloat162)
     static constexpr int N = 8;
     static __device__ __forceinline__ void cvt(const uint4& r, float* o) {
-        const __half2* h = reinterpret_cast<const __half2*>(&r);
+        const P* h = reinterpret_cast<const P*>(&r);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float2 v = __half22float2(h[i]);
+            const float2 v = to_float2(h[i]);
             o[2 * i] = v.x, o[2 * i + 1] = v.y;
         }
     }
 };
-template <> struct Vec16<__nv_bfloat16> {
-    static constexpr int N = 8;
-    static __device__ __forceinline__ void cvt(const uint4& r, float* o) {
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float2 v = __bfloat1622float2(h[i]);
-            o[2 * i] = v.x, o[2 * i + 1] = v.y;
-        }
-    }
-};
+template <> struct Vec16<__half> : Pairs16<__half2> {};
+template <> struct Vec16<__nv_bfloat16> : Pairs16<__nv_bfloat162> {};
 template <> struct Vec16<__nv_fp8_e4m3> {
     static constexpr int N = 16;
     static __device__ __forceinline__ void cvt(const uint4& r, float* o) {
