@@ -130,14 +130,26 @@ def main() -> None:
         path = csrc_dir() / "int_weight_dispatch.json"
         data = json.loads(path.read_text()) if path.exists() else {}
         major, minor = torch.cuda.get_device_capability()
-        # shapes measured before and not now are kept (a long sweep may run in parts), and the other width's table
+        # what was measured before and not now is kept (a long sweep may run in parts): other shapes, the
+        # other width's table, and a shape's entries at other Ms (merge_rows)
         key = iwc.table_key(args.bits)
         entry = data.get(gpu, {})
+        old = entry.get(key, {})
+        merged = {**old, **{shape: merge_rows(old.get(shape, []), rows) for shape, rows in table.items()}}
         entry.update({"capability": f"{major}.{minor}", "command": "python scripts/tune_int_weight.py " + " ".join(
-            sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"), key: {**entry.get(key, {}), **table}})
+            sys.argv[1:]), "measured": time.strftime("%Y-%m-%d"), key: merged})
         data[gpu] = entry
         path.write_text(dump_table(data))
         console.print(f"wrote {path}")
+
+
+def merge_rows(old: list, new: list) -> list:
+    """A shape's [from M, choice] entries: the new ones, measured now, and the old ones at other Ms (a
+    run over a few Ms leaves the rest of the table as it was), in M order, consecutive equal choices as
+    one entry."""
+    at = {m: c for m, c in old} | {m: c for m, c in new}
+    rows = [[m, at[m]] for m in sorted(at)]
+    return [r for i, r in enumerate(rows) if i == 0 or r[1] != rows[i - 1][1]]
 
 
 def dump_table(data: dict) -> str:

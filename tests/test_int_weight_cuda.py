@@ -349,3 +349,9 @@ def test_the_tuners_table_file_keeps_each_widths_shapes_and_round_trips(monkeypa
     assert json.loads(tune.dump_table(data)) == data
     shipped = (scripts.parent / "csrc" / "int_weight_dispatch.json").read_text()
     assert tune.dump_table(json.loads(shipped)) == shipped
+    # a run over a few Ms changes the table at those Ms only
+    old = [[17, "wgmma:rs:32"], [64, "wgmma:rs:64"], [128, "wgmma:rs:128"], [256, "wgmma:rs:256"], [512, "dense"]]
+    assert tune.merge_rows(old, [[64, "wgmma:rs:64"], [256, "wgmma:ws:256"], [1024, "dense"]]) == [
+        [17, "wgmma:rs:32"], [64, "wgmma:rs:64"], [128, "wgmma:rs:128"], [256, "wgmma:ws:256"], [512, "dense"]]
+    assert tune.merge_rows([], [[17, "mma"], [64, "mma"]]) == [[17, "mma"]]
+    assert tune.merge_rows([[17, "mma"]], [[17, "dense"]]) == [[17, "dense"]]
