@@ -126,6 +126,23 @@ def test_step_distributions_equal_transformers_forward(model_dir, name):
     torch.testing.assert_close(p, reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_fp8_kv_cache_distributions_equal_transformers_over_fp8_rounded_keys_and_values(model_dir, name):
+    """The engine with an FP8 cache against transformers with use_fp8_kv_cache (what `quantkit eval
+    --kv-cache-dtype fp8` measures): the same distributions past the sliding window, with soft-capping,
+    partial rotary and every family's own eager attention in one process."""
+    from quantkit.eval.kv_cache import use_fp8_kv_cache
+
+    loaded = load_model(model_dir(name))
+    prompt = _prompts(loaded.model.config.vocab_size)[4]  # 30 tokens: past the window
+    plain, _ = verification_distributions(loaded, EngineConfig(block_size=4, max_model_len=64), prompt)
+    use_fp8_kv_cache(loaded.model)
+    p, reference = verification_distributions(loaded, EngineConfig(block_size=4, max_model_len=64,
+                                                                   kv_cache_dtype="fp8"), prompt)
+    torch.testing.assert_close(p, reference, rtol=1e-5, atol=1e-6)
+    assert (p - plain).abs().max() > 1e-4  # the rounding shows
+
+
 def test_the_features_are_on():
     """The models above exercise what they are meant to (a guard against a config that silently
     drops a field): windows where the family has them, the capping, Gemma 3's two rotary bases."""

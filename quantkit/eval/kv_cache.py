@@ -13,7 +13,7 @@ import torch
 
 from quantkit.formats.activation import fp8_saturate
 
-_PREFIX = "quantkit_fp8_kv_"
+_WRAPPED: dict[str, str] = {}  # registered attention name -> the implementation it wraps
 
 
 def _rounded(t: torch.Tensor) -> torch.Tensor:
@@ -29,22 +29,26 @@ def use_fp8_kv_cache(model: torch.nn.Module) -> str:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     current = model.config._attn_implementation or "eager"
-    if current.startswith(_PREFIX):
-        return current.removeprefix(_PREFIX)
+    if current in _WRAPPED:
+        return _WRAPPED[current]
+    name = f"quantkit_fp8_kv_{current}"
     if current == "eager":  # not in the registry: each model file has its own eager attention
-        inner = getattr(sys.modules[type(model).__module__], "eager_attention_forward", None)
+        module_name = type(model).__module__
+        inner = getattr(sys.modules[module_name], "eager_attention_forward", None)
         if inner is None:
             raise ValueError(f"{type(model).__name__} has no eager_attention_forward to round the KV cache in; "
                              "load it with attn_implementation='sdpa'")
+        name += "_" + module_name.rsplit(".", 1)[-1]  # the registry is global: one name per model file
     else:
         inner = ALL_ATTENTION_FUNCTIONS[current]
 
     def attention(module, query, key, value, *args, **kwargs):
         return inner(module, query, _rounded(key), _rounded(value), *args, **kwargs)
 
-    AttentionInterface.register(_PREFIX + current, attention)
+    AttentionInterface.register(name, attention)
     # the same masks as before (causal, sliding windows, padding): transformers builds none for an
     # attention name it has no mask function for
-    AttentionMaskInterface.register(_PREFIX + current, ALL_MASK_ATTENTION_FUNCTIONS[current])
-    model.set_attn_implementation(_PREFIX + current)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[current])
+    _WRAPPED[name] = current
+    model.set_attn_implementation(name)
     return current
