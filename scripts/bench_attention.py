@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from bench_kernels import capture, copy_bandwidth_gbs, median_ms  # scripts/ is on sys.path when run as a script
 from quantkit.kernels import engine_ops as ops
 
 DEV = "cuda"
@@ -31,41 +31,12 @@ console = Console()
 
 
 def graphed_us(fn, calls: int = 20, replays: int = 10) -> float:
+    """us per call: `calls` calls captured in one CUDA graph, median of `replays` replays."""
     fn()  # compile, allocate
-    torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        fn()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            for _ in range(calls):
-                fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs() -> float:
-    """Device-to-device copy of 1 GiB: bytes read + written per second (median of 10)."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEV)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.nbytes / statistics.median(times) / 1e6
+    graph, why = capture(lambda: [fn() for _ in range(calls)])
+    if graph is None:
+        raise RuntimeError(f"attention did not capture in a CUDA graph: {why}")
+    return median_ms(graph.replay, replays) * 1e3 / calls
 
 
 def case(b: int, c: int, copy_gbs: float) -> dict:
