@@ -4,6 +4,8 @@ kernel reads and falls back to the op's torch twin for the rest."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from quantkit.formats.activation import ActSpec
@@ -162,6 +164,13 @@ def attention_lanes(d: int, cache_dtype: torch.dtype) -> int | None:
     return g if g <= 32 else None
 
 
+@functools.cache
+def _wave(name: str, device: torch.device) -> int:
+    """The attention blocks the GPU holds at once: multiprocessors x resident blocks of this kernel."""
+    return (torch.cuda.get_device_properties(device).multi_processor_count
+            * cuda.resident_blocks(name, launch.MODULE, 32 * ATTN_WARPS, 0))
+
+
 def keys_per_split(pairs: int, c: int, g: int, wave: int) -> int:
     """The keys one attention block takes, for `pairs` (row, head) blocks per split and a context of c:
     from one block iteration's keys (ATTN_WARPS warps x ATTN_ROUNDS rounds x 32 / G keys), doubled while
@@ -188,8 +197,7 @@ def _paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(rows, hq, d, dtype=q.dtype, device=q.device)
     limited = window is not None or softcap is not None  # the same kernel with its key range and scores limited
     name = f"paged_attention{'_window' if limited else ''}_{launch._T[q.dtype]}{launch._kv(k_cache)}_g{g}"
-    wave = (torch.cuda.get_device_properties(q.device).multi_processor_count
-            * cuda.resident_blocks(name, launch.MODULE, 32 * ATTN_WARPS, 0))
+    wave = _wave(name, q.device)
     # from C, not from the positions: the same grid for every replay of a context bucket's CUDA graph
     kps = keys_per_split(rows * hq, c, g, wave)
     splits = max(-(-c // kps), 1)
