@@ -105,13 +105,14 @@ def test_smoothing_keeps_the_float_block_and_flattens_an_injected_outlier(tiny_m
     targets = _targets(block, "model.layers.0", loaded.family.linears, recipe)
     sq = SmoothQuant(SmoothQuantOptions(alpha=0.5), recipe.activations)
     observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [sq], None, set())
-    apply_transforms(block, targets, loaded.family, [sq], None)
+    apply_transforms(block, targets, loaded.family, [sq], None, config=loaded.model.config)
     after, x_after = _qkv_input(block, inputs)
 
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
     report = sq.report("model.layers.0.self_attn.q_proj")
     assert report["act_outlier_ratio"] > 20 > report["act_outlier_ratio_smoothed"]
-    assert "grouped-query" in sq.report("model.layers.0.self_attn.o_proj")["smooth_skipped"]
+    # v -> o folds under grouped-query attention too, the query heads of a group sharing one scale
+    assert sq.report("model.layers.0.self_attn.o_proj")["smooth_alpha"] == 0.5
 
     def int8_output_error(x, W):  # what per-token int8 inputs do to the q projection
         return float(((fake_quantize(x, ActSpec("int8")) - x) @ W.T).norm() / (x @ W.T).norm())
@@ -119,6 +120,62 @@ def test_smoothing_keeps_the_float_block_and_flattens_an_injected_outlier(tiny_m
     W_after = block.self_attn.q_proj.weight.detach()
     s = (x_before[0] / x_after[0]).nan_to_num(1.0)  # the smoothing the driver folded, per channel
     assert int8_output_error(x_after, W_after) < 0.5 * int8_output_error(x_before, W_after / s)
+
+
+def test_grouped_query_attention_ties_the_query_heads_scales_and_keeps_the_block(tiny_model_dir):
+    """v -> o under grouped-query attention (4 query heads on 2 value heads): inject an outlier in one
+    value dimension (v's row x 40, o's columns / 40 for every query head reading it), smooth: o_proj's
+    input scale is equal across the query heads of a group, the float block is unchanged, and the
+    injected channel is divided back down. AWQ, which does not tie, reports the mapping as skipped."""
+    from quantkit.algorithms.awq import AWQ, AWQOptions
+    from quantkit.algorithms.folding import grouped_heads
+
+    loaded = load_model(tiny_model_dir)
+    config = loaded.model.config
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    hd = config.hidden_size // heads
+    assert kv < heads
+    ids = torch.randint(0, 250, (4, 24), generator=torch.Generator().manual_seed(1))
+    inputs = capture_block_inputs(loaded, ids, "cpu", 4)
+    block = loaded.model.model.layers[0]
+    row = 1 * hd + 3  # value head 1, dimension 3: read by query heads 2 and 3
+    with torch.no_grad():
+        block.self_attn.v_proj.weight[row] *= 40
+        for h in (2, 3):
+            block.self_attn.o_proj.weight[:, h * hd + 3] /= 40
+    before, _ = _qkv_input(block, inputs)
+    tied = grouped_heads(config, heads * hd, kv * hd)
+    assert tied.tolist()[2 * hd + 3] == tied.tolist()[3 * hd + 3] == row and tied.tolist()[3] == 3
+
+    recipe = Recipe.from_dict({"name": "t", "scheme": "W8A8-INT8", "algorithms": ["smoothquant", "rtn"]})
+    targets = _targets(block, "model.layers.0", loaded.family.linears, recipe)
+    o_in = {}
+    handle = block.self_attn.o_proj.register_forward_pre_hook(lambda _m, a: o_in.setdefault("x", a[0].detach()))
+    _qkv_input(block, inputs)
+    handle.remove()
+    sq = SmoothQuant(SmoothQuantOptions(alpha=0.5), recipe.activations)
+    observe(block, inputs, _input_groups(targets, loaded.family.shared_inputs), [sq], None, set())
+    o_before = block.self_attn.o_proj.weight.detach().clone()
+    apply_transforms(block, targets, loaded.family, [sq], None, config=config)
+    after, _ = _qkv_input(block, inputs)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert sq.report("model.layers.0.self_attn.o_proj")["smooth_alpha"] == 0.5
+    s = block.self_attn.o_proj.weight.detach()[0] / o_before[0]  # the scale folded into o_proj's columns
+    for c in range(heads * hd):  # one scale per value channel, whichever query head reads it
+        assert torch.allclose(s[c], s[(tied == tied[c]).nonzero()[0, 0]], rtol=1e-5)
+    assert float(s[2 * hd + 3]) > 3 * float(s.median())  # the injected channel is divided down the most
+    x = o_in["x"].flatten(0, -2).abs().amax(dim=0)
+    assert outlier_ratio(x / s) < outlier_ratio(x) / 3
+
+    awq = AWQ(AWQOptions())
+    loaded2 = load_model(tiny_model_dir)
+    block2 = loaded2.model.model.layers[0]
+    targets2 = _targets(block2, "model.layers.0", loaded2.family.linears, Recipe.from_dict(
+        {"name": "a", "scheme": "W4A16", "algorithms": ["awq", "rtn"]}))
+    observe(block2, capture_block_inputs(loaded2, ids, "cpu", 4), _input_groups(targets2, loaded2.family.shared_inputs),
+            [awq], None, set())
+    apply_transforms(block2, targets2, loaded2.family, [awq], None, config=config)
+    assert "does not tie" in awq.report("model.layers.0.self_attn.o_proj")["awq_skipped"]
 
 
 def test_smoothquant_then_rounding_writes_a_checkpoint(tiny_model_dir, tmp_path):
@@ -204,3 +261,46 @@ def test_alpha_search_in_a_recipe(tiny_model_dir, tmp_path):
     for bad in ("best", 2.0):
         with pytest.raises(RecipeError, match="alpha"):
             build_all(Recipe.from_dict({"name": "x", "algorithms": [{"smoothquant": {"alpha": bad}}, "rtn"]}))
+
+
+def test_statistics_keep_the_maxima_of_the_rows_they_did_not_sample():
+    from quantkit.algorithms.statistics import InputStatistics
+
+    stats = InputStatistics("t", absmax=True, sample_tokens=16)  # 16 / 8 = 2 rows from each of the first 8 batches
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 10, 6, generator=g) for _ in range(12)]
+    for b in batches:
+        stats.observe(("a",), b.flatten(0, 1))
+    group = stats["a"]
+    rows = [b.flatten(0, 1) for b in batches]
+    sampled = torch.cat([r[::10][:2] for r in rows[:8]])
+    assert torch.equal(torch.cat(group.samples), sampled)
+    rest = torch.cat([torch.cat([r[:0], r[1:10], r[11:]]) for r in rows[:8]] + rows[8:])  # rows 0 and 10 sampled
+    assert torch.equal(group.absmax, torch.cat(rows).abs().amax(0))
+    assert torch.equal(group.absmax_unsampled, rest.abs().amax(0))
+    s = torch.linspace(1, 2, 6)
+    stats.fold("a", s)
+    torch.testing.assert_close(group.absmax_unsampled, rest.abs().amax(0) / s)
+
+
+def test_the_static_search_scores_its_sample_against_ranges_the_sample_did_not_set():
+    from quantkit.algorithms.smoothquant import search_alpha
+    from quantkit.formats import IntSpec
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 64, generator=g) * torch.logspace(-1, 1, 64)
+    W = torch.randn(32, 64, generator=g)
+    full = x.abs().amax(0)
+    act, spec = ActSpec("int8", dynamic=False), IntSpec(8, True, None)
+    plain = search_alpha(x, full, [W], [spec], act)
+    same = search_alpha(x, full, [W], [spec], act, held_absmax=full)  # the same ranges: the same search
+    assert same[0] == plain[0] and torch.equal(same[1], plain[1]) and same[2] == plain[2]
+    alpha, s, err, _ = search_alpha(x, full, [W], [spec], act, held_absmax=full * 0.6)
+    assert err > 2 * plain[2]  # the sample now saturates: its tokens are scored as unseen text
+    # the scales returned are the chosen alpha's from every calibration token's maxima
+    expected = torch.ones(64) if alpha is None else smoothing_scales(full, [W], alpha)
+    assert torch.equal(s, expected)
+    # a dynamic (per-token) scheme has no ranges to hold out
+    dyn = ActSpec("int8", dynamic=True)
+    a, b = search_alpha(x, full, [W], [spec], dyn, held_absmax=full * 0.6), search_alpha(x, full, [W], [spec], dyn)
+    assert a[0] == b[0] and torch.equal(a[1], b[1]) and a[2] == b[2]

@@ -60,7 +60,7 @@ class AWQ(Transform):
         self._stats.observe(names, x)
 
     def propose_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec],
-                       rounder: Rounder | None) -> Scales:
+                       rounder: Rounder | None, tied: torch.Tensor | None = None) -> Scales:
         group = self._stats[names[0]]
         found = search_scales(weights, group.hessian, group.abs_mean, specs, self.options.grid, self.options.duo_scaling,
                               rounder)

@@ -107,8 +107,24 @@ class Step(ABC):
         return []
 
 
+def tie(values: torch.Tensor, tied: torch.Tensor | None, reduce: str) -> torch.Tensor:
+    """values [in] reduced ("amax" or "mean") over the channels that share a scale and expanded back:
+    channel c gets the reduction over every channel d with tied[d] == tied[c] (tied None: values)."""
+    if tied is None:
+        return values
+    tied = tied.to(values.device)
+    width = int(tied.max()) + 1
+    out = torch.zeros(width, dtype=values.dtype, device=values.device)
+    out = out.scatter_reduce(0, tied, values, reduce=reduce, include_self=False)
+    return out[tied]
+
+
 class Transform(Step):
     """Observes the float block, proposes per-channel scales per mapping, may clip weights."""
+
+    # proposes scales shared by tied channels (propose_scales' `tied`): under grouped-query
+    # attention, the query heads of a group read one value head, so v -> o folds only so
+    ties_channels: ClassVar[bool] = False
 
     @abstractmethod
     def observe(self, names: tuple[str, ...], x: torch.Tensor) -> None:
@@ -116,8 +132,10 @@ class Transform(Step):
 
     @abstractmethod
     def propose_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[WeightSpec],
-                       rounder: Rounder | None) -> Scales:
-        """Scales for linears sharing one input; rounder: the rounding's trial round, when it has one."""
+                       rounder: Rounder | None, tied: torch.Tensor | None = None) -> Scales:
+        """Scales for linears sharing one input; rounder: the rounding's trial round, when it has one.
+        tied [in] (only for a transform that ties_channels): channels c and d must get one scale
+        when tied[c] == tied[d] (they are one channel of the op before)."""
 
     def folded(self, names: list[str], s: torch.Tensor) -> None:
         """The driver folded s in: these linears' input is now x / s."""

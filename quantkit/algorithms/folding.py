@@ -24,7 +24,7 @@ import torch
 
 from quantkit.algorithms.base import Rounder, Transform, WeightSpec
 from quantkit.models import Family, Mapping
-from quantkit.models.families import part_rows
+from quantkit.models.families import head_dim, part_rows
 
 
 @dataclass
@@ -86,6 +86,24 @@ class _Previous:
     weight: torch.Tensor  # a norm's [in], or the rows of a linear [in, k] that feed the mapping
     bias: torch.Tensor | None
     offset: float = 0.0  # a norm computing (offset + w)
+    # grouped-query attention, v -> o: the linears' input channel c is row tied[c] of the op before
+    # (query head h reads value head h // (heads / kv_heads)); None: one row per channel
+    tied: torch.Tensor | None = None
+
+
+def grouped_heads(config, width: int, rows: int) -> torch.Tensor | None:
+    """Under grouped-query attention, o_proj's input channel c = h * head_dim + d holds query head h's
+    share of value head h // (heads / kv_heads), dimension d: [width] those value rows, or None when
+    `width` and `rows` are not a GQA model's o_proj input and v_proj output."""
+    if config is None:
+        return None
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = head_dim(config)
+    if width != heads * hd or rows != kv * hd or kv >= heads or heads % kv:
+        return None
+    c = torch.arange(width)
+    return (c // hd) // (heads // kv) * hd + c % hd
 
 
 def _previous_op(block: torch.nn.Module, mapping: Mapping, width: int, family: Family, config) -> _Previous | str:
@@ -101,7 +119,10 @@ def _previous_op(block: torch.nn.Module, mapping: Mapping, width: int, family: F
             weight, bias = weight[start:end], None if bias is None else bias[start:end]
             what = f"{mapping.prev_part} of {mapping.prev}"
         if weight.shape[0] != width:
-            return f"{what} has {weight.shape[0]} outputs, its linears take {width} inputs (grouped-query attention)"
+            tied = grouped_heads(config, width, weight.shape[0])
+            if tied is None:
+                return f"{what} has {weight.shape[0]} outputs, its linears take {width} inputs (grouped-query attention)"
+            return _Previous(weight, bias, tied=tied)
         return _Previous(weight, bias)
     weight, bias = getattr(prev, "weight", None), getattr(prev, "bias", None)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
@@ -124,10 +145,26 @@ def _scale_mapping(block: torch.nn.Module, mapping: Mapping, by_rel: dict[str, T
     if isinstance(prev, str):
         transform.skipped(names, prev)
         return
-    found = transform.propose_scales(names, [m.linear.weight.data for m in members], [m.spec for m in members], rounder)
+    if prev.tied is not None and not transform.ties_channels:
+        transform.skipped(names, f"{mapping.prev} has {prev.weight.shape[0]} outputs, its linears take "
+                                 f"{len(prev.tied)} inputs (grouped-query attention: {transform.name} does not "
+                                 f"tie the query heads' scales)")
+        return
+    weights = [m.linear.weight.data for m in members]
+    if prev.tied is None:
+        found = transform.propose_scales(names, weights, [m.spec for m in members], rounder)
+    else:
+        found = transform.propose_scales(names, weights, [m.spec for m in members], rounder, tied=prev.tied)
     if found.alpha is None:
         return  # the unscaled weights rounded best: nothing to fold
-    fold_into_previous(prev.weight, prev.bias, found.scales, prev.offset)
+    s_prev = found.scales
+    if prev.tied is not None:  # one scale per row of the op before
+        tied = prev.tied.to(found.scales.device)
+        s_prev = torch.ones(prev.weight.shape[0], dtype=found.scales.dtype, device=found.scales.device)
+        s_prev[tied] = found.scales
+        if not torch.equal(s_prev[tied], found.scales):
+            raise RuntimeError(f"{transform.name} proposed different scales for channels that share a value head")
+    fold_into_previous(prev.weight, prev.bias, s_prev, prev.offset)
     for m in members:
         scale_columns(m.linear.weight.data, found.scales)
     for rel in mapping.compensate:  # float readers of the same input (an MoE router): outputs unchanged

@@ -24,7 +24,7 @@ from typing import Literal
 
 import torch
 
-from quantkit.algorithms.base import Rounder, Scales, Transform, register
+from quantkit.algorithms.base import Rounder, Scales, Transform, register, tie
 from quantkit.algorithms.statistics import InputStatistics
 from quantkit.formats import FloatSpec, IntSpec
 from quantkit.formats.activation import ActSpec, fake_quantize, scale_for
@@ -36,10 +36,13 @@ MAX_GRID = 1000  # grid points are searched one by one: beyond this a run never 
 MAX_SAMPLE_TOKENS = 2**31 - 1
 
 
-def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s [in] for linears sharing one input; act_absmax [in] from calibration."""
-    a = act_absmax.to(torch.float32)
-    w = torch.stack([W.detach().abs().amax(dim=0).to(torch.float32) for W in weights]).amax(dim=0)
+def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float,
+                     tied: torch.Tensor | None = None) -> torch.Tensor:
+    """s [in] for linears sharing one input; act_absmax [in] from calibration. tied: channels with
+    one tied[c] share a scale, computed from their joint maxima (a channel of the op before that
+    feeds several, as a value head feeds its query heads)."""
+    a = tie(act_absmax.to(torch.float32), tied, "amax")
+    w = tie(torch.stack([W.detach().abs().amax(dim=0).to(torch.float32) for W in weights]).amax(dim=0), tied, "amax")
     if not (torch.isfinite(a).all() and torch.isfinite(w).all()):
         raise ValueError("SmoothQuant: activation or weight maxima are not finite")
     live = (a > 0) & (w > 0)
@@ -57,7 +60,8 @@ def outlier_ratio(absmax: torch.Tensor) -> float:
 
 
 def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.Tensor], specs: list[IntSpec | FloatSpec],
-                 act: ActSpec, grid: int = 10, equalize: bool = True) -> tuple[float | None, torch.Tensor, float, float]:
+                 act: ActSpec, grid: int = 10, equalize: bool = True, tied: torch.Tensor | None = None,
+                 held_absmax: torch.Tensor | None = None) -> tuple[float | None, torch.Tensor, float, float]:
     """The alpha in {0, 1/grid, ..., 1} (or None: no smoothing) whose smoothing gives the smallest output error
     of the quantized product Q(x / s) Q(W diag(s))^T against x W^T, on the sample
     tokens x [n, in]: activations per `act` (dynamic: per token; static: one scale
@@ -65,6 +69,13 @@ def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.
     it), weights per their spec. equalize: each token's error counts relative to
     its own output norm (every token has the same say, as GPTQ's equalize_tokens;
     otherwise the few attention-sink tokens with massive activations decide).
+    tied: as smoothing_scales.
+
+    held_absmax [in] (static inputs): the per-channel maxima of every calibration token but the
+    sample's. The sample tokens are then scored as tokens the calibration never saw: each grid
+    point's scales and static range come from held_absmax, so a range that fits the calibration
+    tokens exactly (alpha near 1 flattens every channel to its own maximum) shows the saturation
+    that unseen text meets. The scales returned are the chosen alpha's from act_absmax.
     Returns (alpha, s, its relative error, the error without smoothing)."""
     x = x.to(torch.float32)
     Ws = [W.detach().to(torch.float32) for W in weights]
@@ -74,22 +85,24 @@ def search_alpha(x: torch.Tensor, act_absmax: torch.Tensor, weights: list[torch.
     weight = weight * (norms > 0)
     total = float((norms * weight).sum()) or 1.0
 
+    held = act_absmax if held_absmax is None or act.dynamic else held_absmax
+
     def error(s: torch.Tensor) -> float:
-        static = None if act.dynamic else scale_for((act_absmax.to(torch.float32) / s).amax(), act)
+        static = None if act.dynamic else scale_for((held.to(torch.float32) / s).amax(), act)
         xq = fake_quantize(x / s, act, static)
         return sum(float(((xq @ fake_quantize_grouped(W * s, spec).T - r).pow(2).sum(dim=1) * weight).sum())
                    for W, spec, r in zip(Ws, specs, refs)) / total
 
     ones = torch.ones_like(act_absmax, dtype=torch.float32)
     plain = error(ones)
-    best = (None, ones, plain)  # no smoothing is a candidate too: the search never does worse
+    best = (None, plain)  # no smoothing is a candidate too: the search never does worse
     for k in range(grid + 1):
         alpha = k / grid
-        s = smoothing_scales(act_absmax, Ws, alpha)
-        e = error(s)
-        if e < best[2]:
-            best = (alpha, s, e)
-    return best[0], best[1], best[2] ** 0.5, plain ** 0.5
+        e = error(smoothing_scales(held, Ws, alpha, tied))
+        if e < best[1]:
+            best = (alpha, e)
+    s = ones if best[0] is None else smoothing_scales(act_absmax, Ws, best[0], tied)
+    return best[0], s, best[1] ** 0.5, plain ** 0.5
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,9 @@ class SmoothQuantOptions:
     sample_tokens: int = 1024  # calibration tokens kept per input for the search
     grid: int = 10
     equalize_tokens: bool = True  # the search weighs every token's error by its own output norm
+    # static inputs: the search scores its sample against ranges the sample did not set (search_alpha's
+    # held_absmax), as text the calibration never saw will meet them
+    held_out_ranges: bool = True
 
     def __post_init__(self) -> None:
         if self.alpha != "search" and (isinstance(self.alpha, (bool, str)) or not 0.0 <= self.alpha <= 1.0):
@@ -115,6 +131,7 @@ class SmoothQuant(Transform):
     name = "smoothquant"
     Options = SmoothQuantOptions
     weight_specs = (IntSpec, FloatSpec)
+    ties_channels = True
 
     def __init__(self, options: SmoothQuantOptions, activations: ActSpec | None = None) -> None:
         super().__init__(options, activations)
@@ -134,16 +151,17 @@ class SmoothQuant(Transform):
         self._stats.observe(names, x)
 
     def propose_scales(self, names: list[str], weights: list[torch.Tensor], specs: list[IntSpec | FloatSpec],
-                       rounder: Rounder | None) -> Scales:
+                       rounder: Rounder | None, tied: torch.Tensor | None = None) -> Scales:
         group = self._stats[names[0]]
         absmax = group.absmax
         extra = {}
         if self.options.alpha == "search":
             alpha, s, err, plain = search_alpha(torch.cat(group.samples), absmax, weights, specs, self.activations,
-                                                self.options.grid, self.options.equalize_tokens)
+                                                self.options.grid, self.options.equalize_tokens, tied,
+                                                group.absmax_unsampled if self.options.held_out_ranges else None)
             extra = {"smooth_error": err, "smooth_error_unsmoothed": plain}
         else:
-            alpha, s = self.options.alpha, smoothing_scales(absmax, weights, self.options.alpha)
+            alpha, s = self.options.alpha, smoothing_scales(absmax, weights, self.options.alpha, tied)
         for name in names:
             self._reports.setdefault(name, {}).update({
                 "smooth_alpha": alpha, **extra,

@@ -68,6 +68,9 @@ class GroupStatistics:
     abs_sum: torch.Tensor | None = None  # [in] float64: sum over tokens of |x| per channel
     absmax: torch.Tensor | None = None  # [in] float32: max over tokens of |x| per channel
     samples: list[torch.Tensor] = field(default_factory=list)  # [t, in] float32 token rows of the first batches
+    # [in] float32, absmax and sample_tokens both asked for: the max over every token but the sampled rows,
+    # a range those rows did not set (SmoothQuant validates a static scale on them against it)
+    absmax_unsampled: torch.Tensor | None = None
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -103,16 +106,21 @@ class InputStatistics:
             group = GroupStatistics()
             for name in names:
                 self._groups[name] = group
+        taken = self._sample(group, x) if self.sample_tokens else None
         if self.absmax:
-            batch_max = x.detach().abs().amax(dim=0).to(torch.float32)
+            a = x.detach().abs().flatten(0, -2)
+            batch_max = a.amax(dim=0).to(torch.float32)
             if not torch.isfinite(batch_max).all():
                 raise ValueError(f"{self.owner}: the calibration input of {names[0]} is not finite")
-            if group.absmax is None:
-                group.absmax = batch_max
-            else:
-                torch.maximum(group.absmax, batch_max, out=group.absmax)
-        if self.sample_tokens:
-            self._sample(group, x)
+            group.absmax = batch_max if group.absmax is None else torch.maximum(group.absmax, batch_max)
+            if self.sample_tokens:
+                if taken is not None:
+                    keep = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
+                    keep[taken] = False
+                    a = a[keep]
+                if a.shape[0]:
+                    rest = a.amax(dim=0).to(torch.float32)
+                    group.absmax_unsampled = rest if group.absmax_unsampled is None else torch.maximum(group.absmax_unsampled, rest)
         if self.abs_mean:
             # float32 within a batch, float64 across batches
             rows = equalize_tokens(x) if self.equalize_abs_mean else x.to(torch.float32)
@@ -126,12 +134,16 @@ class InputStatistics:
         else:
             group.tokens += x.shape[0]
 
-    def _sample(self, group: GroupStatistics, x: torch.Tensor) -> None:
+    def _sample(self, group: GroupStatistics, x: torch.Tensor) -> slice | None:
+        """Keep this batch's share of the sample; the rows taken (None: none)."""
         have = sum(t.shape[0] for t in group.samples)
-        if have < self.sample_tokens:  # evenly spaced rows of each batch, up to the budget
-            rows = x.detach().flatten(0, -2)
-            step = max(1, rows.shape[0] // max(1, self.sample_tokens // 8))
-            group.samples.append(rows[::step][: self.sample_tokens - have].to(torch.float32).clone())
+        if have >= self.sample_tokens:
+            return None
+        rows = x.detach().flatten(0, -2)  # evenly spaced rows of each batch, up to the budget
+        step = max(1, rows.shape[0] // max(1, self.sample_tokens // 8))
+        taken = slice(0, step * (self.sample_tokens - have), step)
+        group.samples.append(rows[taken].to(torch.float32).clone())
+        return taken
 
     def sync(self, groups: list[tuple[tuple[str, ...], int]], comm, device) -> None:
         """Combine what every rank observed of these input groups ((names, input width), in the
@@ -154,6 +166,10 @@ class InputStatistics:
             if self.absmax:
                 m = group.absmax if group.absmax is not None else torch.zeros(width, dtype=torch.float32, device=device)
                 group.absmax = comm.max_(m.clone())
+                if self.sample_tokens:  # rows another rank sampled were never in this rank's maxima
+                    m = group.absmax_unsampled
+                    m = m if m is not None else torch.zeros(width, dtype=torch.float32, device=device)
+                    group.absmax_unsampled = comm.max_(m.clone())
             if self.sample_tokens:
                 rows = [t for ranks in comm.gather([t.cpu() for t in group.samples]) for t in ranks]
                 group.samples, have = [], 0
@@ -185,6 +201,8 @@ class InputStatistics:
             group.hessian = scale_hessian(group.hessian, s)
         if group.absmax is not None:
             group.absmax = group.absmax / s.to(group.absmax.device)
+        if group.absmax_unsampled is not None:
+            group.absmax_unsampled = group.absmax_unsampled / s.to(group.absmax_unsampled.device)
         if group.abs_sum is not None:
             group.abs_sum = group.abs_sum / s.to(group.abs_sum.device)
         group.samples[:] = [t / s.to(t.device) for t in group.samples]
