@@ -36,6 +36,21 @@ their mean squared loss gradient G_i = mean_t (dL/dy_ti)^2, and a candidate's er
 
 as K-FAC factors the curvature (Martens & Grosse 2015), with H in place of the input factor.
 That pass holds the whole model on the device, unlike the rest of the walk.
+
+With `sensitivity: measured` the scale of each linear is measured instead of estimated: the
+float model runs over `measured_samples` calibration windows; then, one linear at a time, that
+linear alone is rounded to the reference candidate (round-to-nearest) and the model runs again.
+The mean KL divergence of its next-token distributions from the float model's, divided by the
+mean squared error the rounding added to that linear's output on the same tokens, is the
+linear's sensitivity c, and a candidate's cost becomes
+
+    c * mean_t |dW x_t|^2                        (the KL divergence it is predicted to add)
+
+The rounding error's size per candidate still comes from the calibration Hessian (and GPTQ's
+trial rounding); only how much the model's output moves per unit of it is measured. No
+second-order approximation stands between the rounding and the model's output: layers whose
+errors the rest of the network amplifies (or absorbs) are seen as such. It costs one forward of
+the windows per targeted linear, the whole model on the device.
 """
 
 from __future__ import annotations
@@ -54,7 +69,7 @@ from quantkit.checkpoint.report import packed_nbytes
 from quantkit.formats import IntSpec, quantize_rtn
 from quantkit.forwards import blocks_of, capture_block_inputs, observe, propagate
 from quantkit.models import LoadedModel
-from quantkit.models.families import block_family, layer_types
+from quantkit.models.families import block_family, final_logit_softcap, layer_types
 from quantkit.pipeline import _input_groups
 from quantkit.progress import QuantizeProgress
 from quantkit.recipe import LayerOverride, Recipe
@@ -90,11 +105,16 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
         rotation.prepare(loaded)
     rounder = chain.rounding.trial_rounder()
     equalize = getattr(chain.rounding.options, "equalize_tokens", True)
-    weights = None
+    weights, measured = None, None
     if recipe.budget.sensitivity == "gradient":
         n = min(recipe.budget.gradient_samples, calibration_ids.shape[0])
         weights = output_sensitivities(loaded, calibration_ids[:n], device, recipe)
         typical = float(torch.cat([g.flatten() for g in weights.values()]).mean()) if weights else 1.0
+    elif recipe.budget.sensitivity == "measured":
+        n = min(recipe.budget.measured_samples, calibration_ids.shape[0])
+        reference = recipe.budget.reference_candidate()
+        measured = measured_sensitivities(loaded, calibration_ids[:n], device, recipe, reference, progress)
+        typical = sum(measured.values()) / len(measured) if measured else 1.0
     loaded.materialize(family.embed)
     inputs = capture_block_inputs(loaded, calibration_ids, device, recipe.calibration.batch_size, dtype)
     loaded.release(family.embed)
@@ -136,7 +156,10 @@ def measure(loaded: LoadedModel, recipe: Recipe, chain: Chain, calibration_ids: 
                     rows = ((dw @ H) * dw).sum(dim=1)  # per output channel: mean over tokens of 2 (dW x)_i^2
                     if weights is not None:  # an expert no token reached in that pass: a typical channel's weight
                         rows = rows * (weights[t.name].to(rows) if t.name in weights else typical)
-                    error = float(rows.sum()) * plain[t.name].tokens / 2 if t.name in plain else 0.0
+                    if measured is not None:  # the KL divergence it is predicted to add (module docstring)
+                        error = float(rows.sum()) / 2 * measured.get(t.name, typical) if t.name in plain else 0.0
+                    else:
+                        error = float(rows.sum()) * plain[t.name].tokens / 2 if t.name in plain else 0.0
                     options[cname] = (max(error, 0.0), packed_nbytes(quantize_rtn(t.linear.weight.data, spec)))
                 costs.append(Costs(t.name, w.numel(), options))
         for t in targets:
@@ -207,6 +230,101 @@ def output_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recipe:
         for part in parts:
             loaded.release(part)
     return {name: g / max(tokens, 1) for name, g in found.items()}
+
+
+def _whole_model(loaded: LoadedModel, device) -> list[str]:
+    """Read every part of the model and move it to `device` (a lazy model's parts as the walk
+    reads them: a rotation rewrites each as it is read); the parts, for _give_back."""
+    family = loaded.family
+    parts = [family.embed, *(f"{family.blocks}.{i}" for i in range(len(blocks_of(loaded)))), family.final_norm,
+             family.lm_head]
+    for part in parts:
+        loaded.materialize(part)
+    loaded.model.to(device)
+    return parts
+
+
+def _give_back(loaded: LoadedModel, parts: list[str]) -> None:
+    loaded.model.to("cpu")
+    for part in parts:
+        loaded.release(part)
+
+
+@torch.inference_mode()
+def measured_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recipe: Recipe, reference: str,
+                           progress: QuantizeProgress | None = None) -> dict[str, float]:
+    """Linear name -> KL divergence per unit of mean squared output error (module docstring), for
+    every linear the recipe targets, each rounded alone to candidate `reference` (round-to-nearest)."""
+    progress = progress or QuantizeProgress()
+    model, family = loaded.model, loaded.family
+    spec = recipe.budget.specs(recipe.weights)[reference]
+    parts = _whole_model(loaded, device)
+    head = model.get_submodule(family.lm_head)
+    # the float model's last hidden states, from which its logits are computed again for each KL (far
+    # smaller than the logits); where the model's logits are not its head's (a scaling this module does
+    # not know), the float logits themselves, in bfloat16
+    finals: list[torch.Tensor] = []
+    grab = head.register_forward_pre_hook(lambda _m, args: finals.append(args[0][:, :-1].detach().clone()))
+    batches = ids.split(max(1, min(recipe.calibration.batch_size, 4)))
+    try:
+        kept = []
+        try:
+            for batch in batches:
+                logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].to(torch.float32)
+                kept.append(logits.to(torch.bfloat16))
+                if len(kept) == 1:
+                    own_head = torch.allclose(_logits(loaded, head, finals[0]), logits, rtol=1e-3, atol=1e-3)
+                if own_head:
+                    kept.clear()
+                del logits
+        finally:
+            grab.remove()
+        if not own_head:
+            finals = kept
+        targets = [(name, m) for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.startswith(f"{family.blocks}.")
+                   and recipe.spec_for(name, m.in_features) is not None]
+        found: dict[str, float] = {}
+        progress.start(len(targets), f"measure sensitivities ({len(targets)} linears rounded to {reference} one at a time)")
+        for name, linear in targets:
+            w = linear.weight.data.clone()
+            w_hat = quantize_rtn(w, _candidate_spec(recipe, spec, name, linear.in_features)).dequantize(w.dtype)
+            dw = (w - w_hat).to(torch.float32)
+            err = [0.0, 0]
+
+            def added(_m, args, dw=dw, err=err):
+                x = args[0].detach().flatten(0, -2).to(torch.float32)
+                err[0] += float((x @ dw.T).pow(2).sum())
+                err[1] += x.shape[0]
+
+            hook = linear.register_forward_pre_hook(added)
+            linear.weight.data.copy_(w_hat)
+            kl, tokens = 0.0, 0
+            try:
+                for batch, final in zip(batches, finals):
+                    logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].to(torch.float32)
+                    ours = torch.log_softmax(logits, dim=-1)
+                    ref = torch.log_softmax(_logits(loaded, head, final) if own_head else final.to(torch.float32), dim=-1)
+                    kl += float((ref.exp() * (ref - ours)).sum())
+                    tokens += ref.shape[0] * ref.shape[1]
+                    del logits, ours, ref
+            finally:
+                hook.remove()
+                linear.weight.data.copy_(w)
+            mean_err = err[0] / max(err[1], 1)
+            if err[1]:  # an expert no token reached has nothing measured: the typical value stands in
+                found[name] = max(kl / max(tokens, 1), 0.0) / mean_err if mean_err > 0 else 0.0
+            progress.block_done()
+    finally:
+        _give_back(loaded, parts)
+    return found
+
+
+def _logits(loaded: LoadedModel, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its last hidden states (its final soft-capping, where it has one)."""
+    logits = head(hidden).to(torch.float32)
+    cap = final_logit_softcap(loaded.model.config)
+    return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 def choose(costs: list[Costs], bits_per_weight: float) -> dict[str, str]:

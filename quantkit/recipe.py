@@ -310,28 +310,53 @@ class BudgetConfig:
     output; "gradient" weighs each output channel's error by the mean squared gradient of the
     model's loss with respect to that channel (one backward pass over gradient_samples
     calibration windows, the whole model in memory), so an error is scored by what it does to
-    the model's next-token loss, downstream layers included."""
+    the model's next-token loss, downstream layers included; "measured" scales each linear's
+    output error by what rounding that linear alone (round-to-nearest, the `reference` candidate)
+    does to the model's output, measured: the KL divergence of its next-token distribution from the
+    float model's over measured_samples calibration windows, per unit of the output error the
+    rounding added there (one forward of those windows per targeted linear, the whole model in
+    memory). reference: a candidate name; empty: the one whose nominal bits per weight (bits plus
+    16 / group size) are nearest bits_per_weight."""
 
     bits_per_weight: float
     candidates: tuple[str, ...] = ("w3g64", "w4", "w4g128", "w4g64", "w4g32", "w8", "16")
-    sensitivity: typing.Literal["output", "gradient"] = "output"
+    sensitivity: typing.Literal["output", "gradient", "measured"] = "output"
     gradient_samples: int = 32
+    measured_samples: int = 16
+    reference: str = ""
 
     def __post_init__(self):
         if not 1.0 <= self.bits_per_weight <= 32.0:  # NaN fails too
             raise ValueError(f"bits_per_weight must be in 1..32, got {shown(self.bits_per_weight)}")
         if not self.candidates:
             raise ValueError("candidates must list at least one format, e.g. [w4g128, w8]")
-        if self.sensitivity not in ("output", "gradient"):
-            raise ValueError(f"sensitivity must be output or gradient, got {shown(self.sensitivity)}")
-        if not 1 <= self.gradient_samples <= MAX_COUNT:
-            raise ValueError(f"gradient_samples must be in 1..{MAX_COUNT}, got {shown(self.gradient_samples)}")
+        if self.sensitivity not in ("output", "gradient", "measured"):
+            raise ValueError(f"sensitivity must be output, gradient or measured, got {shown(self.sensitivity)}")
+        for key in ("gradient_samples", "measured_samples"):
+            if not 1 <= getattr(self, key) <= MAX_COUNT:
+                raise ValueError(f"{key} must be in 1..{MAX_COUNT}, got {shown(getattr(self, key))}")
+        if self.reference and (self.reference not in self.candidates or self.reference == "16"):
+            raise ValueError(f"reference {shown(self.reference)} must be one of the quantized candidates "
+                             f"({', '.join(c for c in self.candidates if c != '16')})")
+        if self.sensitivity == "measured" and all(c == "16" for c in self.candidates):
+            raise ValueError("sensitivity measured needs a quantized candidate to measure with")
         for c in self.candidates:
             m = _CANDIDATE.fullmatch(c) if isinstance(c, str) else None
             if m is None or (m.group(1) is not None and int(m.group(1)) not in (2, 3, 4, 8)) or \
                     (m.group(2) is not None and int(m.group(2)) < 1):
                 raise ValueError(f"candidate {shown(c)}: expected wB (B in 2, 3, 4, 8: one scale per output "
                                  f"channel), wBgG (groups of G) or 16")
+
+    def reference_candidate(self) -> str:
+        """The candidate sensitivity "measured" rounds with (the class docstring)."""
+        if self.reference:
+            return self.reference
+
+        def nominal(c: str) -> float:
+            m = _CANDIDATE.fullmatch(c)
+            return int(m.group(1)) + (16 / int(m.group(2)) if m.group(2) else 0.0)
+
+        return min((c for c in self.candidates if c != "16"), key=lambda c: abs(nominal(c) - self.bits_per_weight))
 
     def specs(self, base: IntSpec) -> dict[str, IntSpec | None]:
         """Candidate name -> its weight spec (the recipe's symmetry), None for 16 bits."""

@@ -157,3 +157,52 @@ def test_a_gradient_weighted_budget_writes_a_checkpoint_within_it(tiny_model_dir
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "out")], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.output
     assert "mixed precision" in shown.output and f"{b['bits_per_weight']:.3f} bits per weight" in shown.output
+
+
+def test_measured_sensitivities_are_each_linears_kl_per_unit_of_output_error(tiny_model_dir):
+    """One linear rounded alone to the reference candidate: the model's mean KL divergence from the float
+    model over the windows, divided by the mean squared error the rounding added to that linear's output,
+    computed here by hand from full forwards."""
+    from quantkit.budget import measured_sensitivities
+    from quantkit.formats import quantize_rtn
+    from quantkit.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    recipe = Recipe.from_yaml("name: x\nweights: {bits: 4, group_size: 32}\n"
+                              "budget: {bits_per_weight: 3.2, sensitivity: measured, candidates: [w2g32, w3g32, w4g32]}\n")
+    assert recipe.budget.reference_candidate() == "w3g32"  # nominal 3.5 bits, nearest 3.2
+    ids = torch.randint(0, loaded.model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    got = measured_sensitivities(loaded, ids, "cpu", recipe, "w3g32")
+    names = [n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    assert sorted(got) == sorted(names) and all(v > 0 for v in got.values())
+    model = loaded.model
+    with torch.inference_mode():
+        ref = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    for name in (names[0], names[-1]):
+        linear = model.get_submodule(name)
+        w = linear.weight.data.clone()
+        w_hat = quantize_rtn(w, recipe.budget.specs(recipe.weights)["w3g32"]).dequantize(w.dtype)
+        seen = []
+        h = linear.register_forward_pre_hook(lambda _m, a: seen.append(a[0].flatten(0, -2)))
+        linear.weight.data.copy_(w_hat)
+        with torch.inference_mode():
+            ours = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+        linear.weight.data.copy_(w)
+        h.remove()
+        kl = float((ref.exp() * (ref - ours)).sum(-1).mean())
+        x = torch.cat(seen)
+        err = float((x @ (w - w_hat).T).pow(2).sum(-1).mean())
+        assert got[name] == pytest.approx(kl / err, rel=1e-3)
+
+
+def test_a_measured_budget_writes_a_checkpoint_within_it(tiny_model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: kl-budget\nscheme: W4A16\nweights: {bits: 4, group_size: 32}\nalgorithms: [rtn]\n"
+                      "budget: {bits_per_weight: 4.6, sensitivity: measured, measured_samples: 2}\n"
+                      "calibration: {data: austen, num_samples: 4, seqlen: 32}\ncheck: {windows: 0}\n")
+    report = api.quantize(str(tiny_model_dir), str(recipe), tmp_path / "out", device="cpu", show_progress=False)
+    b = report["budget"]
+    assert b["bits_per_weight"] <= 4.6 and b["predicted_error"] > 0
+    assert len(b["linears_per_format"]) >= 2
+    with pytest.raises(RecipeError, match="reference"):
+        Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 4.5, sensitivity: measured, reference: w5g7}\n")
