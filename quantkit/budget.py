@@ -271,16 +271,15 @@ def measured_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recip
         try:
             for batch in batches:
                 logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].to(torch.float32)
-                kept.append(logits.to(torch.bfloat16))
-                if len(kept) == 1:
-                    own_head = torch.allclose(_logits(loaded, head, finals[0]), logits, rtol=1e-3, atol=1e-3)
-                if own_head:
-                    kept.clear()
+                kept.append(logits if not kept else logits.to(torch.bfloat16))
                 del logits
         finally:
             grab.remove()
-        if not own_head:
-            finals = kept
+        own_head = torch.allclose(_logits(loaded, head, finals[0]), kept[0], rtol=1e-3, atol=1e-3)
+        if own_head:
+            kept.clear()
+        else:
+            finals = [k.to(torch.bfloat16) for k in kept]
         targets = [(name, m) for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and name.startswith(f"{family.blocks}.")
                    and recipe.spec_for(name, m.in_features) is not None]

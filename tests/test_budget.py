@@ -171,7 +171,8 @@ def test_measured_sensitivities_are_each_linears_kl_per_unit_of_output_error(tin
     recipe = Recipe.from_yaml("name: x\nweights: {bits: 4, group_size: 32}\n"
                               "budget: {bits_per_weight: 3.2, sensitivity: measured, candidates: [w2g32, w3g32, w4g32]}\n")
     assert recipe.budget.reference_candidate() == "w3g32"  # nominal 3.5 bits, nearest 3.2
-    ids = torch.randint(0, loaded.model.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    # 9 windows: three batches of up to 4 (each compared with its own float logits)
+    ids = torch.randint(0, loaded.model.config.vocab_size, (9, 24), generator=torch.Generator().manual_seed(0))
     got = measured_sensitivities(loaded, ids, "cpu", recipe, "w3g32")
     names = [n for n, m in loaded.model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
     assert sorted(got) == sorted(names) and all(v > 0 for v in got.values())
