@@ -116,6 +116,9 @@ class SmoothQuantOptions:
     # static inputs: the search scores its sample against ranges the sample did not set (search_alpha's
     # held_absmax), as text the calibration never saw will meet them
     held_out_ranges: bool = True
+    # under grouped-query attention, v -> o is smoothed with one scale per value channel, shared by the
+    # query heads that read it (false: that mapping is skipped, as before)
+    tie_heads: bool = True
 
     def __post_init__(self) -> None:
         if self.alpha != "search" and (isinstance(self.alpha, (bool, str)) or not 0.0 <= self.alpha <= 1.0):
@@ -131,7 +134,10 @@ class SmoothQuant(Transform):
     name = "smoothquant"
     Options = SmoothQuantOptions
     weight_specs = (IntSpec, FloatSpec)
-    ties_channels = True
+
+    @property
+    def ties_channels(self) -> bool:
+        return self.options.tie_heads
 
     def __init__(self, options: SmoothQuantOptions, activations: ActSpec | None = None) -> None:
         super().__init__(options, activations)
