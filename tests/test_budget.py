@@ -140,10 +140,11 @@ def test_gradient_sensitivities_are_each_output_channels_mean_squared_loss_gradi
     assert all((g >= 0).all() and g.shape == (loaded.model.get_submodule(n).out_features,) for n, g in got.items())
 
 
-def test_a_gradient_weighted_budget_writes_a_checkpoint_within_it(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("sensitivity", ["gradient", "measured"])
+def test_a_weighted_budget_writes_a_checkpoint_within_it(tiny_model_dir, tmp_path, sensitivity):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: grad-budget\nscheme: W4A16\nweights: {bits: 4, group_size: 32}\nalgorithms: [rtn]\n"
-                      "budget: {bits_per_weight: 4.6, sensitivity: gradient, gradient_samples: 2}\n"
+    recipe.write_text("name: weighted-budget\nscheme: W4A16\nweights: {bits: 4, group_size: 32}\nalgorithms: [rtn]\n"
+                      f"budget: {{bits_per_weight: 4.6, sensitivity: {sensitivity}, {sensitivity}_samples: 2}}\n"
                       "calibration: {data: austen, num_samples: 4, seqlen: 32}\ncheck: {windows: 0}\n")
     report = api.quantize(str(tiny_model_dir), str(recipe), tmp_path / "out", device="cpu", show_progress=False)
     b = report["budget"]
@@ -196,14 +197,8 @@ def test_measured_sensitivities_are_each_linears_kl_per_unit_of_output_error(tin
         assert got[name] == pytest.approx(kl / err, rel=1e-3)
 
 
-def test_a_measured_budget_writes_a_checkpoint_within_it(tiny_model_dir, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("name: kl-budget\nscheme: W4A16\nweights: {bits: 4, group_size: 32}\nalgorithms: [rtn]\n"
-                      "budget: {bits_per_weight: 4.6, sensitivity: measured, measured_samples: 2}\n"
-                      "calibration: {data: austen, num_samples: 4, seqlen: 32}\ncheck: {windows: 0}\n")
-    report = api.quantize(str(tiny_model_dir), str(recipe), tmp_path / "out", device="cpu", show_progress=False)
-    b = report["budget"]
-    assert b["bits_per_weight"] <= 4.6 and b["predicted_error"] > 0
-    assert len(b["linears_per_format"]) >= 2
+@pytest.mark.parametrize("reference", ["w2g64", "16"])  # not among the default candidates; not quantized
+def test_a_reference_must_be_a_quantized_candidate(reference):
     with pytest.raises(RecipeError, match="reference"):
-        Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 4.5, sensitivity: measured, reference: w5g7}\n")
+        Recipe.from_yaml(f"name: x\nbudget: {{bits_per_weight: 4.5, sensitivity: measured, reference: '{reference}'}}\n")
+    assert Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 4.5, sensitivity: measured}\n").budget.reference_candidate() == "w4g32"
