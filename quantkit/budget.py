@@ -181,12 +181,8 @@ def output_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recipe:
     linear the recipe targets, in the model's own dtype. The whole model is read and moved to
     `device` for the pass (and put back on the CPU, and a lazy model's weights given back, after it)."""
     model, family = loaded.model, loaded.family
-    parts = [family.embed, *(f"{family.blocks}.{i}" for i in range(len(blocks_of(loaded)))), family.final_norm,
-             family.lm_head]  # as the walk reads them (a rotation rewrites each as it is read)
     with torch.inference_mode(False):  # read outside inference mode: autograd saves these tensors
-        for part in parts:
-            loaded.materialize(part)
-        model.to(device)
+        parts = _whole_model(loaded, device)
         for m in model.modules():  # tensors made in inference mode (a model loaded in it) as normal ones
             for key, t in list(m._parameters.items()):
                 if t is not None and t.is_inference():
@@ -226,9 +222,7 @@ def output_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recipe:
     finally:
         for h in hooks:
             h.remove()
-        model.to("cpu")
-        for part in parts:
-            loaded.release(part)
+        _give_back(loaded, parts)
     return {name: g / max(tokens, 1) for name, g in found.items()}
 
 
