@@ -114,12 +114,12 @@ class InputStatistics:
                 raise ValueError(f"{self.owner}: the calibration input of {names[0]} is not finite")
             group.absmax = batch_max if group.absmax is None else torch.maximum(group.absmax, batch_max)
             if self.sample_tokens:
+                rest = batch_max  # a batch that gave no sample rows: all of it
                 if taken is not None:
                     keep = torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
                     keep[taken] = False
-                    a = a[keep]
-                if a.shape[0]:
-                    rest = a.amax(dim=0).to(torch.float32)
+                    rest = a[keep].amax(dim=0).to(torch.float32) if bool(keep.any()) else None
+                if rest is not None:
                     group.absmax_unsampled = rest if group.absmax_unsampled is None else torch.maximum(group.absmax_unsampled, rest)
         if self.abs_mean:
             # float32 within a batch, float64 across batches
