@@ -261,19 +261,19 @@ def measured_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recip
     grab = head.register_forward_pre_hook(lambda _m, args: finals.append(args[0][:, :-1].detach().clone()))
     batches = ids.split(max(1, min(recipe.calibration.batch_size, 4)))
     try:
-        kept = []
+        kept, own_head = [], None
         try:
             for batch in batches:
                 logits = model(input_ids=batch.to(device), use_cache=False).logits[:, :-1].to(torch.float32)
-                kept.append(logits if not kept else logits.to(torch.bfloat16))
+                if own_head is None:  # asked of the first batch, the head called directly (not through the hook)
+                    own_head = torch.allclose(_logits(loaded, head.forward, finals[0]), logits, rtol=1e-3, atol=1e-3)
+                if not own_head:
+                    kept.append(logits.to(torch.bfloat16))
                 del logits
         finally:
             grab.remove()
-        own_head = torch.allclose(_logits(loaded, head, finals[0]), kept[0], rtol=1e-3, atol=1e-3)
-        if own_head:
-            kept.clear()
-        else:
-            finals = [k.to(torch.bfloat16) for k in kept]
+        if not own_head:
+            finals = kept
         targets = [(name, m) for name, m in model.named_modules()
                    if isinstance(m, torch.nn.Linear) and name.startswith(f"{family.blocks}.")
                    and recipe.spec_for(name, m.in_features) is not None]
@@ -313,8 +313,9 @@ def measured_sensitivities(loaded: LoadedModel, ids: torch.Tensor, device, recip
     return found
 
 
-def _logits(loaded: LoadedModel, head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's logits from its last hidden states (its final soft-capping, where it has one)."""
+def _logits(loaded: LoadedModel, head, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its last hidden states through `head` (the output head, or its forward:
+    no hooks), with its final soft-capping where it has one."""
     logits = head(hidden).to(torch.float32)
     cap = final_logit_softcap(loaded.model.config)
     return logits if not cap else torch.tanh(logits / cap) * cap
