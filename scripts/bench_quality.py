@@ -85,6 +85,9 @@ def hf_check(folder: Path, ours, ids: torch.Tensor, tokens: torch.Tensor, seqlen
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="default: the bundled SmolLM2-135M-Instruct")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="load the model in this dtype (default: as stored; the bundled GGUF is float32). The "
+                        "float reference runs in it too, and the scales are stored in it, as for a 16-bit hub checkpoint")
     p.add_argument("--recipes", nargs="+", default=["w4a16-rtn-g64"])
     p.add_argument("--data", nargs="+", default=list(EVALUATION_TEXTS), help="evaluation texts (default: the three bundled ones)")
     p.add_argument("--calib-data", default=None, help="calibration data for every recipe instead of its own (a name, path or mix)")
@@ -99,7 +102,7 @@ def main() -> None:
     args = p.parse_args()
 
     t0 = time.perf_counter()
-    base = load_model(args.model)
+    base = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     tokens = {d: evaluation_tokens(base.tokenizer, d) for d in args.data}
     probe = base.tokenizer("It is a truth universally acknowledged, that a single man", return_tensors="pt").input_ids
@@ -111,7 +114,7 @@ def main() -> None:
         if args.json_out:
             meta = {"date": datetime.date.today().isoformat(), "machine": (torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} {platform.processor()}")
                     + f" torch {torch.__version__}, {torch.get_num_threads()} threads", "device": args.device,
-                    "model": base.source, "model_load_s": load_s, "windows": args.windows, "seqlen": args.seqlen}
+                    "model": base.source, "dtype": str(next(base.model.parameters()).dtype), "model_load_s": load_s, "windows": args.windows, "seqlen": args.seqlen}
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
