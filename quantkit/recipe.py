@@ -442,6 +442,9 @@ class Recipe:
                               f"tensor-core matmuls take, one weight scale per output row): set "
                               f"weights.group_size: null and weights.symmetric: true; for weights in groups "
                               f"use scheme W4A8-INT8")
+        if isinstance(self.weights, IntSpec) and self.weights.scale_dtype is not None:
+            raise RecipeError(f"scheme {self.scheme!r}: weights.scale_dtype is for weight-only schemes (the int8 "
+                              f"kernels take their scales in the model's dtype); remove it")
         if isinstance(self.weights, IntSpec) and not self.weights.symmetric:
             # int-quantized would store a zero point per group, which no int8-input kernel here subtracts
             raise RecipeError(f"scheme {self.scheme!r} takes symmetric weights with quantized activations: "

@@ -31,6 +31,7 @@ SPECS = {
     "3bit-asym": dict(bits=3, group_size=32, symmetric=False),
     "g64-partial-sym": dict(bits=4, group_size=64, symmetric=True),
     "g32-asym": dict(bits=4, group_size=32, symmetric=False),
+    "g32-sym-f16-scales": dict(bits=4, group_size=32, symmetric=True, scale_dtype="float16"),
 }
 
 
@@ -87,7 +88,7 @@ def test_quantization_config_is_valid_compressed_tensors(tiny_model_dir, tmp_pat
 # zero point unpacked while the format packs it along the output dimension
 # (llm-compressor issue #1618). They are checked against compressed-tensors'
 # own decompressor below instead.
-@pytest.mark.parametrize("spec", ["g32-sym", "channel-8bit"])
+@pytest.mark.parametrize("spec", ["g32-sym", "channel-8bit", "g32-sym-f16-scales"])
 def test_transformers_loads_our_checkpoint_with_the_same_logits(tiny_model_dir, tmp_path, spec):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
@@ -115,6 +116,43 @@ def test_shrunk_groups_load_in_transformers(tiny_model_dir, tmp_path):
     with torch.inference_mode():
         a, b = theirs(IDS).logits, load_checkpoint(out).model(IDS).logits
     assert (a - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "gptq"])
+def test_16_bit_scales_for_a_float32_model(tiny_model_dir, tmp_path, algorithm):
+    """weights.scale_dtype: float16 stores half the scale bytes of a float32 model, says so in the
+    config, and the reader computes in the model's float32 with exactly the scales it stored."""
+    from safetensors.torch import load_file
+
+    def recipe(**extra):
+        return Recipe.from_dict({"name": "s", "weights": {"group_size": 32, **extra}, "algorithms": [algorithm],
+                                 "calibration": {"num_samples": 4, "seqlen": 32}})
+
+    wide, narrow = tmp_path / "f32", tmp_path / "f16"
+    rw = api.quantize(tiny_model_dir, recipe(), wide, show_progress=False)
+    rn = api.quantize(tiny_model_dir, recipe(scale_dtype="float16"), narrow, show_progress=False)
+    state, state32 = load_file(narrow / "model.safetensors"), load_file(wide / "model.safetensors")
+    scales = [k for k in state if k.endswith(".weight_scale")]
+    assert len(scales) == 14
+    assert {state[k].dtype for k in scales} == {torch.float16} and {state32[k].dtype for k in scales} == {torch.float32}
+    bytes_of = lambda report: sum(r["bytes_quantized"] for r in report["layers"])  # noqa: E731
+    assert bytes_of(rw) - bytes_of(rn) == sum(state[k].numel() * 2 for k in scales)
+    qc = json.loads((narrow / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["scale_dtype"] for g in qc["config_groups"].values()} == {"torch.float16"}
+    assert all("scale_dtype" not in g["weights"] for g in
+               json.loads((wide / "config.json").read_text())["quantization_config"]["config_groups"].values())
+    ours = load_checkpoint(narrow)
+    assert {p.dtype for p in ours.model.parameters()} == {torch.float32}
+    down = ours.model.get_submodule("model.layers.0.mlp.down_proj")
+    assert down.spec.scale_dtype == "float16" and down.weight_scale.dtype == torch.float32
+    torch.testing.assert_close(down.weight_scale, state["model.layers.0.mlp.down_proj.weight_scale"].float(), rtol=0, atol=0)
+    if algorithm != "rtn":
+        return
+    # the function the driver left behind (rounded with the same 16-bit scales) is what the reader computes
+    fake = load_model(tiny_model_dir)
+    quantize_model(fake, recipe(scale_dtype="float16"))
+    with torch.inference_mode():
+        torch.testing.assert_close(ours.model(IDS).logits, fake.model(IDS).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_untied_lm_head_kept_in_float(tmp_path):

@@ -172,6 +172,9 @@ def test_nan_in_a_norm(sym_dir, tmp_path):
     (lambda c: c.update(quantization_config="compressed-tensors"), 'quantization_config: expected an object, got "compressed-tensors"'),
     (lambda c: group0(c).update(targets="Linear"), 'group_0.targets: expected a list, got "Linear"'),
     (lambda c: group0(c)["weights"].update(symmetric="yes"), 'weights.symmetric: expected true or false, got "yes"'),
+    (lambda c: group0(c)["weights"].update(scale_dtype=16), "weights.scale_dtype: expected a string, got 16"),
+    (lambda c: group0(c)["weights"].update(scale_dtype="torch.float8_e4m3fn"),
+     'weights.scale_dtype: scales stored as "torch.float8_e4m3fn" are not supported (float16, bfloat16, float32)'),
     (lambda c: c.update(hidden_size="96"), 'hidden_size: expected an integer, got "96"'),
     (lambda c: c.update(num_attention_heads=0), "num_attention_heads: expected a positive integer, got 0"),
     (lambda c: c.update(hidden_act="swiglu"), "hidden_act: unknown activation 'swiglu'"),
@@ -181,6 +184,7 @@ def test_nan_in_a_norm(sym_dir, tmp_path):
     (lambda c: c.pop("vocab_size"), "vocab_size: missing (expected an integer)"),
     (lambda c: c.update(num_hidden_layers=10**9), "num_hidden_layers is 1000000000, but the weight files hold tensors of 2 blocks"),
 ], ids=["num-bits-string", "groups-list", "ignore-number", "qconfig-string", "targets-string", "symmetric-string",
+        "scale-dtype-number", "scale-dtype-fp8",
         "hidden-size-string", "zero-heads", "activation", "eps", "tie-string", "pad-id", "no-vocab", "huge-layer-count"])
 def test_mistyped_config_fields(sym_dir, tmp_path, edit, fragment):
     folder = copy(sym_dir, tmp_path)

@@ -115,13 +115,13 @@ def test_unknown_top_level_key(tmp_path):
 def test_unknown_weights_key_typo(tmp_path):
     msg = error_of(tmp_path, "weights: {grup_size: 64}\n")
     assert "unknown key 'grup_size'" in msg and "weights" in msg
-    assert "valid keys: bits, group_size, symmetric" in msg
+    assert "valid keys: bits, group_size, scale_dtype, symmetric" in msg
 
 
 def test_unknown_override_key(tmp_path):
     msg = error_of(tmp_path, "overrides: [{pattern: x, weights: {bitz: 8}}]\n")
     assert "unknown key 'bitz'" in msg and "overrides[0]" in msg
-    assert "valid keys: bits, group_size, symmetric" in msg
+    assert "valid keys: bits, group_size, scale_dtype, symmetric" in msg
 
 
 def test_bad_bits(tmp_path):
@@ -308,3 +308,16 @@ def test_layer_override_direct():
     assert override.apply(IntSpec()) == IntSpec(4, True, None)
     with pytest.raises(RecipeError, match="unknown key 'grup'.*valid keys: bits, group_size"):
         LayerOverride("x", {"grup": 1})
+
+
+def test_scale_dtype_is_checked_and_kept_by_budget_candidates():
+    recipe = Recipe.from_dict({"name": "s", "weights": {"scale_dtype": "bfloat16"},
+                               "budget": {"bits_per_weight": 3.5, "candidates": ["w3g64", "w4g128"]}})
+    assert recipe.weights.scale_dtype == "bfloat16"
+    assert {s.scale_dtype for s in recipe.budget.specs(recipe.weights).values()} == {"bfloat16"}
+    assert Recipe.from_yaml(recipe.to_yaml()).weights == recipe.weights
+    with pytest.raises(RecipeError, match="scale_dtype must be one of float16, bfloat16, float32"):
+        Recipe.from_dict({"name": "s", "weights": {"scale_dtype": "float8"}})
+    with pytest.raises(RecipeError, match="scale_dtype is for weight-only schemes"):
+        Recipe.from_dict({"name": "s", "scheme": "W8A8-INT8", "activations": {"dynamic": True},
+                          "weights": {"scale_dtype": "float16"}})

@@ -26,6 +26,7 @@ which makes each grid point one [out, in] x [in, in] product.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -120,7 +121,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, spec: IntSpec, grid: int = 20,
     gs = spec.group_size or in_f
     Wf = W.to(torch.float32)
     H = H.to(torch.float32)
-    one_group = IntSpec(spec.bits, spec.symmetric, None)
+    one_group = dataclasses.replace(spec, group_size=None)
     ratios = [1 - max_shrink * k / grid for k in range(grid)]  # 1.0 down to (1 - max_shrink)
     full = in_f // gs
     spans = ([(0, full * gs, full)] if full else []) + ([(full * gs, in_f, 1)] if in_f % gs else [])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, compute_qparams, group_minmax, per_tensor
+from quantkit.formats import FloatSpec, IntSpec, QuantizedWeight, compute_qparams, group_minmax, per_tensor, stored_scale_dtype
 from quantkit.formats.fp8 import fp8_scale
 from quantkit.kernels.gptq_columns import gptq_columns
 
@@ -108,7 +108,7 @@ def gptq_quantize(
     U, damp = inverse_cholesky(H, dampening)
 
     n_groups = spec.num_groups(in_f)
-    scales = torch.zeros(out_f, n_groups, dtype=store_dtype, device=W.device)
+    scales = torch.zeros(out_f, n_groups, dtype=stored_scale_dtype(spec, store_dtype), device=W.device)
     zps = torch.zeros(out_f, n_groups, dtype=torch.int8, device=W.device)
     # group of each processed column: natural group of the original column when
     # qparams are fixed up front, else its position in processing order // gs

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from quantkit.errors import CheckpointError
 from quantkit.formats import ActSpec, FloatSpec, IntSpec, packed_shape, per_tensor
+from quantkit.formats.spec import SCALE_DTYPES
 
 FORMAT = "pack-quantized"
 FORMATS = {None: FORMAT, "int8": "int-quantized", "fp8": "float-quantized"}  # by activation type
@@ -90,7 +91,7 @@ def weight_args(spec: IntSpec | FloatSpec, actorder: str | None = None) -> dict:
     if isinstance(spec, FloatSpec):
         return {"num_bits": 8, "type": "float", "symmetric": True, "strategy": spec.strategy, "group_size": None,
                 "dynamic": False, "actorder": None, "observer": "minmax"}
-    return {
+    args = {
         "num_bits": spec.bits,
         "type": "int",
         "symmetric": spec.symmetric,
@@ -100,6 +101,9 @@ def weight_args(spec: IntSpec | FloatSpec, actorder: str | None = None) -> dict:
         "actorder": actorder,
         "observer": "minmax",
     }
+    if spec.scale_dtype is not None:  # written only when asked for: older readers do not know the key
+        args["scale_dtype"] = f"torch.{spec.scale_dtype}"
+    return args
 
 
 def input_args(act: ActSpec) -> dict:
@@ -239,7 +243,14 @@ def spec_from_args(args: dict, path: str) -> IntSpec | FloatSpec:
         raise CheckpointError(f"{path}.num_bits: {bits}-bit integer weights are not supported (2..8)")
     if strategy == "group" and (group_size is None or group_size <= 0):
         raise CheckpointError(f"{path}.group_size: strategy 'group' needs a positive group size, got {show(group_size)}")
-    return IntSpec(bits=bits, symmetric=symmetric, group_size=group_size if strategy == "group" else None)
+    scale_dtype = field(args, "scale_dtype", "string", path)
+    if scale_dtype is not None:
+        scale_dtype = scale_dtype.removeprefix("torch.")
+        if scale_dtype not in SCALE_DTYPES:
+            raise CheckpointError(f"{path}.scale_dtype: scales stored as {show(args['scale_dtype'])} are not supported "
+                                  f"({', '.join(SCALE_DTYPES)})")
+    return IntSpec(bits=bits, symmetric=symmetric, group_size=group_size if strategy == "group" else None,
+                   scale_dtype=scale_dtype)
 
 
 def _scheme(group: dict, top: str | None, path: str) -> LinearScheme:

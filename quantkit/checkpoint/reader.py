@@ -113,6 +113,14 @@ def _empty_model(config, dtype: torch.dtype, family) -> torch.nn.Module:
         raise CheckpointError(f"transformers cannot build the model: {described(e)}") from e
 
 
+def _config_dtype(config) -> torch.dtype:
+    """The float dtype a model config names (float32 where it names none or no float type)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def _quantized_module(lin: QuantLinear, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     dtype = state[f"{lin.name}.weight_scale"].dtype
     if lin.scheme.activations is not None:
@@ -152,6 +160,11 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
     if ck.awq_group_size is not None:
         state = awq_to_compressed(state, list(ck.linears))
     _check_values(state, ck)
+    if any(getattr(lin.scheme.weights, "scale_dtype", None) for lin in ck.linears.values()):
+        # scales stored narrower than the model (IntSpec.scale_dtype): the model computes in its config's dtype
+        dtype = _config_dtype(ck.config)
+        for n in ck.linears:
+            state[f"{n}.weight_scale"] = state[f"{n}.weight_scale"].to(dtype)
     scale_dtypes = {state[f"{n}.weight_scale"].dtype for n in ck.linears}
     model = _empty_model(ck.config, next(iter(scale_dtypes)) if len(scale_dtypes) == 1 else torch.float32, ck.family)
     for name, lin in ck.linears.items():

@@ -12,6 +12,7 @@ from quantkit.formats.qparams import (
     group_minmax,
     quantize,
     quantize_rtn,
+    stored_scale_dtype,
 )
 from quantkit.formats.spec import FloatSpec, IntSpec, WeightSpec, per_tensor
 from quantkit.formats.weight import QuantizedWeight
@@ -31,6 +32,7 @@ __all__ = [
     "per_tensor",
     "quantize",
     "quantize_rtn",
+    "stored_scale_dtype",
     "unpack_int32",
     "WeightSpec",
 ]

@@ -13,7 +13,7 @@ max M, first widened so that m <= 0 <= M (0.0 must be representable):
 
 An all-zero group would give s = 0; it gets s = finfo(dtype).eps instead, so q = z
 there and w' = 0 exactly. Arithmetic runs in float32 (or wider) whatever the
-weight dtype; s is returned in the weight's dtype, z is computed from that stored
+weight dtype; s is returned in the weight's dtype (or IntSpec.scale_dtype), z is computed from that stored
 s, and `quantize` divides by s as stored, so quantize -> save -> load -> dequantize
 is reproducible bit for bit.
 
@@ -36,7 +36,8 @@ from quantkit.formats.spec import FloatSpec, IntSpec
 from quantkit.formats.weight import QuantizedWeight
 
 # quantize and dequantize live in formats.grouped (below the QuantizedWeight record); named here too
-__all__ = ["compute_qparams", "default_g_idx", "dequantize", "fake_quantize", "group_minmax", "quantize", "quantize_rtn"]
+__all__ = ["compute_qparams", "default_g_idx", "dequantize", "fake_quantize", "group_minmax", "quantize", "quantize_rtn",
+           "stored_scale_dtype"]
 
 
 def default_g_idx(
@@ -75,12 +76,18 @@ def group_minmax(w: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor,
     return torch.cat(mins, dim=1), torch.cat(maxs, dim=1)
 
 
+def stored_scale_dtype(spec: IntSpec | FloatSpec, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a weight of `weight_dtype` stores its scales in under `spec`."""
+    name = getattr(spec, "scale_dtype", None)
+    return weight_dtype if name is None else getattr(torch, name)
+
+
 def compute_qparams(
     w_min: torch.Tensor, w_max: torch.Tensor, spec: IntSpec
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) from group mins/maxs; see the module docstring for the math.
 
-    w_min, w_max [out, n_groups] float -> scale [out, n_groups] in w_min's dtype,
+    w_min, w_max [out, n_groups] float -> scale [out, n_groups] in spec.scale_dtype (None: w_min's dtype),
     zero_point [out, n_groups] int8 (all zeros when spec.symmetric).
     """
     if w_min.shape != w_max.shape:
@@ -89,7 +96,7 @@ def compute_qparams(
         raise ValueError(f"w_min/w_max must be float, got {w_min.dtype}")
     check_finite(w_min, "w_min")
     check_finite(w_max, "w_max")
-    out_dtype = w_min.dtype
+    out_dtype = stored_scale_dtype(spec, w_min.dtype)
     cdt = compute_dtype(out_dtype)
     m = w_min.to(cdt).clamp(max=0)
     M = w_max.to(cdt).clamp(min=0)
@@ -115,7 +122,7 @@ def compute_qparams(
 def quantize_rtn(w: torch.Tensor, spec: IntSpec | FloatSpec) -> QuantizedWeight:
     """Round-to-nearest: qparams from each group's min/max, then `quantize`.
 
-    w [out, in] float -> QuantizedWeight (scale in w's dtype, g_idx None).
+    w [out, in] float -> QuantizedWeight (scale in w's dtype or spec.scale_dtype, g_idx None).
     A FloatSpec rounds to FP8 (quantkit.formats.fp8).
     """
     if isinstance(spec, FloatSpec):

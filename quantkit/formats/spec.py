@@ -20,6 +20,9 @@ import math
 from dataclasses import dataclass
 
 
+SCALE_DTYPES = ("float16", "bfloat16", "float32")  # what IntSpec.scale_dtype may name
+
+
 @dataclass(frozen=True)
 class IntSpec:
     """Integer weight quantization format.
@@ -30,11 +33,15 @@ class IntSpec:
                 0.0 is exactly representable.
     group_size: columns sharing one (s, z) per row; None => one group spanning the
                 whole row (per-output-channel). A partial last group is allowed.
+    scale_dtype: the dtype s is stored in ("float16", "bfloat16", "float32"); None => the
+                weight's own (compressed-tensors' QuantizationArgs.scale_dtype). A float32
+                model stores 4 bytes a group unless it asks for 16-bit scales here.
     """
 
     bits: int = 4
     symmetric: bool = True
     group_size: int | None = 128
+    scale_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
@@ -44,6 +51,8 @@ class IntSpec:
         gs = self.group_size
         if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
             raise ValueError(f"IntSpec.group_size must be a positive int or None, got {gs!r}")
+        if self.scale_dtype is not None and self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"IntSpec.scale_dtype must be one of {', '.join(SCALE_DTYPES)} or None, got {self.scale_dtype!r}")
 
     @property
     def qmin(self) -> int:

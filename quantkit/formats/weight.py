@@ -18,7 +18,7 @@ class QuantizedWeight:
     zero point is all zeros (the dequantized weight is q * s).
 
     q:          int8 [out, in], values in [spec.qmin, spec.qmax]
-    scale:      float [out, n_groups], in the original weight's dtype
+    scale:      float [out, n_groups], in the original weight's dtype (or spec.scale_dtype)
     zero_point: int8 [out, n_groups], signed; all zeros when symmetric
     g_idx:      int32 [in], group of each input column (act-order), or None for
                 the default column // group_size (all zeros when per-channel)
