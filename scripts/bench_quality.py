@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import platform
@@ -34,6 +35,7 @@ from quantkit.calibration import EVALUATION_TEXTS, calibration_batch, evaluation
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
 from quantkit.checkpoint.report import layer_rows
 from quantkit.eval import perplexity
+from quantkit.formats import IntSpec
 from quantkit.models import load_model
 from quantkit.models.families import checkpoint_name
 from quantkit.devices import calibration_dtype
@@ -90,6 +92,8 @@ def main() -> None:
                         "float reference runs in it too, and the scales are stored in it, as for a 16-bit hub checkpoint")
     p.add_argument("--recipes", nargs="+", default=["w4a16-rtn-g64"])
     p.add_argument("--data", nargs="+", default=list(EVALUATION_TEXTS), help="evaluation texts (default: the three bundled ones)")
+    p.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16", "float32"],
+                   help="weights.scale_dtype for every weight-only integer recipe (default: each recipe's own)")
     p.add_argument("--calib-data", default=None, help="calibration data for every recipe instead of its own (a name, path or mix)")
     p.add_argument("--no-kld", action="store_true", help="perplexity only: skip the float reference pass (half the evaluation time)")
     p.add_argument("--windows", type=int, default=100)
@@ -126,6 +130,8 @@ def main() -> None:
 
     for name in args.recipes:
         recipe = resolve_recipe(name, args.calib_data)
+        if args.scale_dtype and isinstance(recipe.weights, IntSpec) and recipe.activations is None:
+            recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, scale_dtype=args.scale_dtype))
         work = copy.deepcopy(base)
         calib, budget = None, None
         if needs_calibration(recipe, build_all(recipe)) or recipe.budget is not None:
