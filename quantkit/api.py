@@ -15,7 +15,7 @@ import torch
 from quantkit import __version__
 from quantkit.algorithms import build_all
 from quantkit.algorithms.rotation import transform_config
-from quantkit.budget import budget_recipe, choose as choose_budget, measure as measure_budget, summary as budget_summary
+from quantkit.budget import budget_recipe, choose as choose_budget, measure as measure_budget, summary as budget_summary, target_bits
 from quantkit.checkpoint.report import layer_rows, summary_lines
 from quantkit.devices import calibration_dtype, check_device, memory_of, peak_rss_bytes
 from quantkit.distributed import ALONE, BACKEND_VARIABLE, device_for, from_environment, spawn
@@ -177,8 +177,9 @@ def quantize(
         t0 = time.perf_counter()
         with RichProgress() if show_progress and comm.rank == 0 else QuantizeProgress() as progress:
             costs = measure_budget(loaded, recipe, chain, calib, dev, fwd_dtype, progress)
-        choice = choose_budget(costs, recipe.budget.bits_per_weight)
-        budget = {"bits_per_weight_asked": recipe.budget.bits_per_weight, "seconds": time.perf_counter() - t0,
+        asked = target_bits(costs, recipe.budget)
+        choice = choose_budget(costs, asked)
+        budget = {"bits_per_weight_asked": asked, "size_of": recipe.budget.size_of or None, "seconds": time.perf_counter() - t0,
                   **budget_summary(costs, choice)}
         recipe = budget_recipe(recipe, choice)
         chain = build_all(recipe)

@@ -72,7 +72,7 @@ from quantkit.models import LoadedModel
 from quantkit.models.families import block_family, final_logit_softcap, layer_types
 from quantkit.pipeline import _input_groups
 from quantkit.progress import QuantizeProgress
-from quantkit.recipe import LayerOverride, Recipe
+from quantkit.recipe import BudgetConfig, LayerOverride, Recipe
 
 
 @dataclass
@@ -319,6 +319,13 @@ def _logits(loaded: LoadedModel, head, hidden: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).to(torch.float32)
     cap = final_logit_softcap(loaded.model.config)
     return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def target_bits(costs: list[Costs], budget: BudgetConfig) -> float:
+    """The budget in bits per weight: as given, or (size_of) what that candidate takes on every linear."""
+    if budget.bits_per_weight is not None:
+        return budget.bits_per_weight
+    return 8 * sum(c.options[budget.size_of][1] for c in costs) / sum(c.numel for c in costs)
 
 
 def choose(costs: list[Costs], bits_per_weight: float) -> dict[str, str]:

@@ -126,7 +126,7 @@ def quantize(
     if budget:
         formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
         table.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
-                                            f"{budget['bits_per_weight_asked']:g}): {formats}"))
+                                            f"{budget['bits_per_weight_asked']:g}{_size_of(budget)}): {formats}"))
     held = _held_out_text(report.get("held_out"))
     if held:
         table.add_row("held-out check", _t(held))
@@ -224,6 +224,11 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
         _fail(f"{option} must be comma-separated integers, got {text!r}")
 
 
+def _size_of(budget: dict) -> str:
+    """', the size of uniform F' for a budget given as a format's size (reports written before size_of: '')."""
+    return f", the size of uniform {budget['size_of']}" if budget.get("size_of") else ""
+
+
 def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json,
            async_decode=True, kv_cache_dtype="auto") -> None:
     from quantkit import api
@@ -304,7 +309,7 @@ def inspect(
     if budget:
         formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
         head.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
-                                           f"{budget['bits_per_weight_asked']:g}): {formats}"))
+                                           f"{budget['bits_per_weight_asked']:g}{_size_of(budget)}): {formats}"))
     held = _held_out_text(report.get("held_out"))
     if held:
         head.add_row("held-out check", _t(held))

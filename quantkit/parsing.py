@@ -231,6 +231,9 @@ def convert_value(value, tp, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        shapes = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, Mapping) and len(shapes) == 1:  # a mapping for the one dataclass: its own errors
+            return convert_value(value, shapes[0], where)
         for alt in (a for a in args if a is not type(None)):
             try:
                 return convert_value(value, alt, where)

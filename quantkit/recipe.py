@@ -315,10 +315,15 @@ class BudgetConfig:
     does to the model's output, measured: the KL divergence of its next-token distribution from the
     float model's over measured_samples calibration windows, per unit of the output error the
     rounding added there (one forward of those windows per targeted linear, the whole model in
-    memory). reference: a candidate name; empty: the one whose nominal bits per weight (bits plus
-    16 / group size) are nearest bits_per_weight."""
+    memory). reference: a candidate name; empty: size_of, or the one whose nominal bits per weight
+    (bits plus 16 / group size) are nearest bits_per_weight.
 
-    bits_per_weight: float
+    size_of: a candidate instead of bits_per_weight: the budget is the bytes that format would take
+    on every targeted linear (the uniform recipe's size, whatever the model's shapes and the
+    scales' dtype), so "as small as uniform W4 g128" needs no arithmetic."""
+
+    bits_per_weight: float | None = None
+    size_of: str = ""
     candidates: tuple[str, ...] = ("w3g64", "w4", "w4g128", "w4g64", "w4g32", "w8", "16")
     sensitivity: typing.Literal["output", "gradient", "measured"] = "output"
     gradient_samples: int = 32
@@ -326,8 +331,13 @@ class BudgetConfig:
     reference: str = ""
 
     def __post_init__(self):
-        if not 1.0 <= self.bits_per_weight <= 32.0:  # NaN fails too
+        if (self.bits_per_weight is None) == (not self.size_of):
+            raise ValueError("give the budget as bits_per_weight (a number) or as size_of (a candidate), one of the two")
+        if self.bits_per_weight is not None and not 1.0 <= self.bits_per_weight <= 32.0:  # NaN fails too
             raise ValueError(f"bits_per_weight must be in 1..32, got {shown(self.bits_per_weight)}")
+        if self.size_of and (self.size_of not in self.candidates or self.size_of == "16"):
+            raise ValueError(f"size_of {shown(self.size_of)} must be one of the quantized candidates "
+                             f"({', '.join(c for c in self.candidates if c != '16')})")
         if not self.candidates:
             raise ValueError("candidates must list at least one format, e.g. [w4g128, w8]")
         if self.sensitivity not in ("output", "gradient", "measured"):
@@ -349,8 +359,8 @@ class BudgetConfig:
 
     def reference_candidate(self) -> str:
         """The candidate sensitivity "measured" rounds with (the class docstring)."""
-        if self.reference:
-            return self.reference
+        if self.reference or self.size_of:
+            return self.reference or self.size_of
 
         def nominal(c: str) -> float:
             m = _CANDIDATE.fullmatch(c)

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from quantkit.algorithms import build_all
 from quantkit.algorithms.rotation import transform_config
-from quantkit.budget import budget_recipe, choose as choose_budget, measure as measure_budget, summary as budget_summary
+from quantkit.budget import budget_recipe, choose as choose_budget, measure as measure_budget, summary as budget_summary, target_bits
 from quantkit.calibration import EVALUATION_TEXTS, calibration_batch, evaluation_tokens
 from quantkit.checkpoint import load_checkpoint, write_checkpoint
 from quantkit.checkpoint.report import layer_rows
@@ -141,7 +141,7 @@ def main() -> None:
         if recipe.budget is not None:  # mixed precision, as api.quantize does it: measure, choose, quantize the choice
             dtype = calibration_dtype(recipe.calibration.dtype, next(work.model.parameters()).dtype, torch.device(args.device))
             costs = measure_budget(work, recipe, build_all(recipe), calib, torch.device(args.device), dtype, QuantizeProgress())
-            choice = choose_budget(costs, recipe.budget.bits_per_weight)
+            choice = choose_budget(costs, target_bits(costs, recipe.budget))
             budget = budget_summary(costs, choice)
             recipe, work = budget_recipe(recipe, choice), copy.deepcopy(base)  # measuring may rotate: a fresh copy
         chain = build_all(recipe)

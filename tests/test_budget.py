@@ -54,6 +54,31 @@ def test_budget_keys_are_checked():
         Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 5, candidates: [w5]}\n")
     r = Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 4.5}\n")
     assert Recipe.from_yaml(r.to_yaml()) == r
+    r = Recipe.from_yaml("name: x\nbudget: {size_of: w4g64}\n")
+    assert Recipe.from_yaml(r.to_yaml()) == r and r.budget.reference_candidate() == "w4g64"
+    with pytest.raises(RecipeError, match="bits_per_weight .* or as size_of .*, one of the two"):
+        Recipe.from_yaml("name: x\nbudget: {bits_per_weight: 4.5, size_of: w4g128}\n")
+    with pytest.raises(RecipeError, match="one of the two"):
+        Recipe.from_yaml("name: x\nbudget: {candidates: [w4g128, w8]}\n")
+    with pytest.raises(RecipeError, match="size_of 'w3g128' must be one of the quantized candidates"):
+        Recipe.from_yaml("name: x\nbudget: {size_of: w3g128}\n")
+
+
+def test_size_of_is_the_uniform_recipes_size_with_its_scales(tiny_model_dir, tmp_path):
+    """budget: {size_of: w4g128} asks for exactly the bytes uniform W4 g128 writes, counted with the
+    recipe's scales (here float16 on a float32 model), and the mixed checkpoint stays within them."""
+    head = ("scheme: W4A16\nweights: {group_size: 128, scale_dtype: float16}\nalgorithms: [rtn]\nignore: [lm_head]\n"
+            "calibration: {num_samples: 8, seqlen: 64}\n")
+    (tmp_path / "u.yaml").write_text("name: u\n" + head)
+    (tmp_path / "m.yaml").write_text("name: m\n" + head + "budget: {size_of: w4g128}\n")
+    uniform = api.quantize(str(tiny_model_dir), str(tmp_path / "u.yaml"), out=tmp_path / "u", show_progress=False)
+    mixed = api.quantize(str(tiny_model_dir), str(tmp_path / "m.yaml"), out=tmp_path / "m", show_progress=False)
+    numel = sum(r["shape"][0] * r["shape"][1] for r in uniform["layers"])
+    assert mixed["budget"]["bits_per_weight_asked"] == pytest.approx(8 * uniform["bytes_quantized"] / numel, rel=1e-12)
+    assert mixed["budget"]["size_of"] == "w4g128"
+    assert mixed["budget"]["bits_per_weight"] <= mixed["budget"]["bits_per_weight_asked"]
+    assert mixed["budget"]["predicted_error"] <= sum(c["candidates"]["w4g128"]["error"]
+                                                     for c in mixed["budget"]["choice"].values())
 
 
 @pytest.fixture(scope="module")
