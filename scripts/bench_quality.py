@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--data", nargs="+", default=list(EVALUATION_TEXTS), help="evaluation texts (default: the three bundled ones)")
     p.add_argument("--scale-dtype", default=None, choices=["float16", "bfloat16", "float32"],
                    help="weights.scale_dtype for every weight-only integer recipe (default: each recipe's own)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="run each recipe once per calibration seed (default: the recipe's own), with a table of the spread")
     p.add_argument("--calib-data", default=None, help="calibration data for every recipe instead of its own (a name, path or mix)")
     p.add_argument("--no-kld", action="store_true", help="perplexity only: skip the float reference pass (half the evaluation time)")
     p.add_argument("--windows", type=int, default=100)
@@ -128,8 +130,11 @@ def main() -> None:
         base.model.to("cpu")
         rows.append({"model": "float", "data": d, "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds})
 
-    for name in args.recipes:
+    for name, seed in [(n, s) for n in args.recipes for s in (args.seeds or [None])]:
         recipe = resolve_recipe(name, args.calib_data)
+        label = name if seed is None else f"{name} [seed {seed}]"
+        if seed is not None:
+            recipe = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, seed=seed))
         if args.scale_dtype and isinstance(recipe.weights, IntSpec) and recipe.activations is None:
             recipe = dataclasses.replace(recipe, weights=dataclasses.replace(recipe.weights, scale_dtype=args.scale_dtype))
         work = copy.deepcopy(base)
@@ -167,7 +172,8 @@ def main() -> None:
                     r = perplexity(ours.model, tokens[d], args.seqlen, args.windows, label=f"{name} on {d}", device=args.device,
                                    reference=None if args.no_kld else base.model)
                     rows.append({
-                        "model": name if len(args.backends) == 1 else f"{name} [{backend}]", "backend": used, "data": d,
+                        "model": label if len(args.backends) == 1 else f"{label} [{backend}]", "backend": used, "data": d,
+                        "recipe": name, "seed": recipe.calibration.seed,
                         "calibration": recipe.calibration.data if calib is not None else None,
                         "budget": budget and {k: budget[k] for k in ("bits_per_weight", "linears_per_format")},
                         "perplexity": r.perplexity, "windows": r.windows, "tokens": r.tokens, "eval_s": r.seconds,
@@ -194,7 +200,28 @@ def main() -> None:
                       ("no load" if "error" in hf else f"{hf['max_layer_rel_diff']:.1e}") if (hf := r.get("transformers")) else "",
                       f"{hf['ppl_transformers']:.3f} ({hf['ppl_ours']:.3f})" if hf and "error" not in hf else "")
     Console().print(table)
+    if args.seeds and len(args.seeds) > 1:
+        Console().print(spread_table(rows, floats))
     save()
+
+
+def spread_table(rows: list[dict], floats: dict[str, float]) -> Table:
+    """Each recipe's perplexity and KL over the calibration seeds: mean, lowest and highest."""
+    table = Table(title="over calibration seeds (mean, lowest - highest)")
+    for col in ("recipe", "data", "seeds", "ppl mean", "ppl range", "vs float", "KLD mean", "KLD range"):
+        table.add_column(col, justify="left" if col in ("recipe", "data") else "right")
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["model"] != "float":
+            groups.setdefault((r["recipe"], r["data"]), []).append(r)
+    for (recipe, data), rs in groups.items():
+        ppl = [r["perplexity"] for r in rs]
+        kl = [r["kld_mean"] for r in rs if r["kld_mean"] is not None]
+        mean = sum(ppl) / len(ppl)
+        table.add_row(recipe, data, str(len(rs)), f"{mean:.2f}", f"{min(ppl):.2f} - {max(ppl):.2f}",
+                      f"{100 * (mean / floats[data] - 1):+.1f}%",
+                      f"{sum(kl) / len(kl):.4f}" if kl else "", f"{min(kl):.4f} - {max(kl):.4f}" if kl else "")
+    return table
 
 
 if __name__ == "__main__":
