@@ -30,6 +30,7 @@ from quantkit.formats.finite import all_finite
 from quantkit.formats.hadamard import online_hook
 from quantkit.models import LoadedModel
 from quantkit.models.families import attention_implementation, module_name
+from quantkit.models.lazy import config_dtype
 from quantkit.models.moe import unfuse_experts
 from quantkit.nn import IntWeightLinear, W8A8Linear
 
@@ -113,14 +114,6 @@ def _empty_model(config, dtype: torch.dtype, family) -> torch.nn.Module:
         raise CheckpointError(f"transformers cannot build the model: {described(e)}") from e
 
 
-def _config_dtype(config) -> torch.dtype:
-    """The float dtype a model config names (float32 where it names none or no float type)."""
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
 def _quantized_module(lin: QuantLinear, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     dtype = state[f"{lin.name}.weight_scale"].dtype
     if lin.scheme.activations is not None:
@@ -161,8 +154,8 @@ def load_checkpoint(path: str | os.PathLike, backend: str | None = None, device:
         state = awq_to_compressed(state, list(ck.linears))
     _check_values(state, ck)
     if any(getattr(lin.scheme.weights, "scale_dtype", None) for lin in ck.linears.values()):
-        # scales stored narrower than the model (IntSpec.scale_dtype): the model computes in its config's dtype
-        dtype = _config_dtype(ck.config)
+        # scales stored in a dtype of their own (IntSpec.scale_dtype): the model computes in its config's
+        dtype = config_dtype(ck.config) or torch.float32
         for n in ck.linears:
             state[f"{n}.weight_scale"] = state[f"{n}.weight_scale"].to(dtype)
     scale_dtypes = {state[f"{n}.weight_scale"].dtype for n in ck.linears}

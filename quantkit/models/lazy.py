@@ -195,6 +195,19 @@ def why_not_lazy(source: str) -> str | None:
     return None
 
 
+def _named_dtype(config):
+    return getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+
+
+def config_dtype(config) -> torch.dtype | None:
+    """The float dtype a model config names (its dtype or torch_dtype field, "torch." prefix or
+    not; float32 when it names none), None when what it names is not a float type."""
+    dtype = _named_dtype(config) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
 def lazy_model(source: str, config) -> tuple[torch.nn.Module, LazyWeights] | str:
     """(skeleton, its weights) for a local safetensors folder, or the reason it must be loaded whole.
     The skeleton is transformers' model class for `config`, in the folder's dtype, eval mode, every
@@ -206,11 +219,9 @@ def lazy_model(source: str, config) -> tuple[torch.nn.Module, LazyWeights] | str
     if why is not None:
         return why
     family = family_for(config)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        return f"its config's dtype {dtype!r} is not a float type"
+    dtype = config_dtype(config)
+    if dtype is None:
+        return f"its config's dtype {_named_dtype(config)!r} is not a float type"
     try:
         files = WeightFiles(Path(source))
     except Exception as e:  # a broken header: the whole-model loader names it
