@@ -124,9 +124,7 @@ def quantize(
         table.add_row(_t(label), _t(text))
     budget = report.get("budget")
     if budget:
-        formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
-        table.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
-                                            f"{budget['bits_per_weight_asked']:g}{_size_of(budget)}): {formats}"))
+        table.add_row("mixed precision", _t(_budget_text(budget)))
     held = _held_out_text(report.get("held_out"))
     if held:
         table.add_row("held-out check", _t(held))
@@ -224,9 +222,11 @@ def _ints(option: str, text: str) -> tuple[int, ...]:
         _fail(f"{option} must be comma-separated integers, got {text!r}")
 
 
-def _size_of(budget: dict) -> str:
-    """', the size of uniform F' for a budget given as a format's size (reports written before size_of: '')."""
-    return f", the size of uniform {budget['size_of']}" if budget.get("size_of") else ""
+def _budget_text(budget: dict) -> str:
+    """A report's mixed-precision choice in one line: bits per weight, what was asked, formats."""
+    formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
+    size_of = f", the size of uniform {budget['size_of']}" if budget.get("size_of") else ""  # absent in older reports
+    return f"{budget['bits_per_weight']:.3f} bits per weight (asked {budget['bits_per_weight_asked']:g}{size_of}): {formats}"
 
 
 def _speed(model, batch_sizes, prompt_len, output_len, speculative, draft, num_draft, device, dtype, as_json,
@@ -307,9 +307,7 @@ def inspect(
     head.add_row("ignored", _t(", ".join(qc.get("ignore") or qc.get("modules_to_not_convert") or []) or "-"))
     budget = report.get("budget")
     if budget:
-        formats = ", ".join(f"{k} x{v}" for k, v in sorted(budget["linears_per_format"].items()))
-        head.add_row("mixed precision", _t(f"{budget['bits_per_weight']:.3f} bits per weight (asked "
-                                           f"{budget['bits_per_weight_asked']:g}{_size_of(budget)}): {formats}"))
+        head.add_row("mixed precision", _t(_budget_text(budget)))
     held = _held_out_text(report.get("held_out"))
     if held:
         head.add_row("held-out check", _t(held))
