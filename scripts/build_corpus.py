@@ -755,6 +755,20 @@ def build(chatterbot_wheel: Path | None = None) -> dict[str, str]:
     return files
 
 
+def source_changes(built_index: str, shipped_index: str) -> dict[str, tuple[str, str]]:
+    """File name -> (shipped version, this build's version) of each shipped file whose source
+    package this machine has at another version: only the same versions promise the same bytes."""
+    built, shipped = json.loads(built_index), json.loads(shipped_index)
+    out = {}
+    for name, entry in shipped.items():
+        if "file" not in entry or name not in built:
+            continue
+        was, now = entry["source"].get("version"), built[name]["source"].get("version")
+        if was != now:
+            out[entry["file"]] = (was, now)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -776,8 +790,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = [n for n, text in files.items() if not (args.out / n).exists()
                  or (args.out / n).read_text("utf-8") != text]  # fmt: skip
+        index = args.out / "datasets.json"
+        changed = source_changes(files["datasets.json"], index.read_text("utf-8")) if index.exists() else {}
         for name in stale:
-            print(f"differs: {args.out / name}", file=sys.stderr)
+            why = (f" (built from version {changed[name][1]} of its source package; the shipped file came from "
+                   f"{changed[name][0]}: install that version to reproduce it byte for byte)") if name in changed else ""
+            print(f"differs: {args.out / name}{why}", file=sys.stderr)
         print("up to date" if not stale else f"{len(stale)} file(s) differ", file=sys.stderr)
         return 1 if stale else 0
 

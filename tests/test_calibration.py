@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import warnings
+
 import pytest
 import torch
 
@@ -311,6 +313,17 @@ def test_build_script_reproduces_shipped_texts():
     if importlib.util.find_spec("chatterbot_corpus") is None:
         pytest.skip(f"PyPI package {build_corpus.CHATTERBOT_DIST}=={build_corpus.CHATTERBOT_VERSION} not installed")
     built = build_corpus.build()
+    # byte identity is promised for the same source package versions (datasets.json records them)
+    changed = build_corpus.source_changes(built["datasets.json"], (cal.BUNDLED_DIR / "datasets.json").read_text("utf-8"))
+    compared = []
     for entry in cal.bundled_datasets().values():
-        if "file" in entry:
-            assert built[entry["file"]] == (cal.BUNDLED_DIR / entry["file"]).read_text("utf-8")
+        if "file" in entry and entry["file"] not in changed:
+            assert built[entry["file"]] == (cal.BUNDLED_DIR / entry["file"]).read_text("utf-8"), entry["file"]
+            compared.append(entry["file"])
+    if changed:
+        warnings.warn(f"not compared, their source packages are at other versions here: {changed}")
+    if not compared:
+        pytest.skip(f"every source package is at another version than the shipped files': {changed}")
+    if not changed:
+        assert built["datasets.json"] == (cal.BUNDLED_DIR / "datasets.json").read_text("utf-8")
+        assert built["LICENSES.txt"] == (cal.BUNDLED_DIR / "LICENSES.txt").read_text("utf-8")
